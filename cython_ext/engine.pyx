@@ -1,0 +1,862 @@
+# cython: language_level=3
+"""The poll-mode engine: workers (lcores) that own rings and move packets
+between net devices through the in-engine switch, without the GIL.
+
+Python decides (which ring on which worker, when a ring starts and stops);
+the nogil loop below does.  Control operations "stop the world": they take
+every worker's lock, which a worker holds for exactly one poll iteration, so
+when a control op runs no burst is in flight anywhere.  That is what makes
+GET_VRING_BASE exact and lets memory tables change under running rings.
+
+Lock order: worker locks (ascending index) before ring locks.  A worker
+holds only its own lock plus, briefly, one destination RX ring lock.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+from libc.errno cimport errno
+from atomics cimport *
+from linux cimport *
+from vring cimport *
+from netpath cimport *
+
+import os
+import threading
+
+ENGINE_ABI = VFE_ENGINE_ABI
+cdef uint32_t STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
+
+# Numba kernels, set once at start-up (vfe.kernels); NULL = slow path drops.
+cdef csum_fn_t g_csum = NULL
+cdef gso_fn_t g_gso = NULL
+
+ERROR_NAMES = {
+    -E_HEAD: "descriptor head index out of range",
+    -E_NEXT: "descriptor next index out of range",
+    -E_LOOP: "descriptor chain loops or is longer than its table",
+    -E_ADDR: "descriptor address outside guest memory",
+    -E_INDIRECT: "bad indirect descriptor table",
+    -E_NESTED: "nested indirect descriptor table",
+    -E_DIR: "descriptor has the wrong direction",
+    -E_IOV: "descriptor chain has too many pieces",
+    -E_LEN: "zero or oversized descriptor chain",
+    -E_AVAIL: "avail index moved by more than the queue size",
+    -E_RING: "ring addresses are not in guest memory",
+}
+
+
+def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
+    """Install the Numba cfunc pointers for software checksum and GSO."""
+    global g_csum, g_gso
+    g_csum = <csum_fn_t><void *>csum_addr
+    g_gso = <gso_fn_t><void *>gso_addr
+
+
+# ---------------------------------------------------------------- switch
+
+cdef inline uint64_t mac48(uint8_t *p) noexcept nogil:
+    return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
+            (<uint64_t>p[3] << 16) | (<uint64_t>p[4] << 8) | <uint64_t>p[5])
+
+
+cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
+    mac ^= mac >> 23
+    mac *= 0x2127599bf4325c37ULL
+    mac ^= mac >> 47
+    return <uint32_t>mac & (SW_TABLE - 1)
+
+
+cdef void sw_learn(Switch *sw, uint64_t mac, int port) noexcept nogil:
+    """Lock-free: a slot is one 64-bit word (mac, port+1), written by CAS."""
+    cdef uint32_t h = mac_hash(mac)
+    cdef uint64_t want = (mac << 16) | <uint64_t>(port + 1)
+    cdef uint64_t v
+    cdef uint64_t *slot
+    cdef int k
+    for k in range(SW_PROBE):
+        slot = &sw.table[(h + k) & (SW_TABLE - 1)]
+        v = vfe_load_acquire_u64(slot)
+        if v == 0:
+            if vfe_cas_u64(slot, 0, want):
+                return
+            v = vfe_load_acquire_u64(slot)
+        if (v >> 16) == mac:
+            if v != want:
+                vfe_store_release_u64(slot, want)
+            return
+    vfe_store_release_u64(&sw.table[h], want)   # window full: evict
+
+
+cdef int sw_lookup(Switch *sw, uint64_t mac) noexcept nogil:
+    cdef uint32_t h = mac_hash(mac)
+    cdef uint64_t v
+    cdef int k
+    for k in range(SW_PROBE):
+        v = vfe_load_acquire_u64(&sw.table[(h + k) & (SW_TABLE - 1)])
+        if v == 0:
+            return -1
+        if (v >> 16) == mac:
+            return <int>(v & 0xFFFF) - 1
+    return -1
+
+
+cdef void sw_forget_port(Switch *sw, int port) noexcept nogil:
+    cdef int i
+    cdef uint64_t v
+    for i in range(SW_TABLE):
+        v = sw.table[i]
+        if v != 0 and <int>(v & 0xFFFF) == port + 1:
+            vfe_store_release_u64(&sw.table[i], v & ~<uint64_t>0xFFFF)
+
+
+# ---------------------------------------------------------------- rings
+
+cdef void break_ring(Worker *w, Vring *vq, int code) noexcept nogil:
+    """A guest error: stop this ring only, and tell Python to log it."""
+    cdef uint64_t one = 1
+    vq.broken = -code
+    vq.errors += 1
+    if w.event_fd >= 0:
+        write(w.event_fd, &one, 8)
+
+
+cdef inline int ring_usable(Vring *vq) noexcept nogil:
+    return vq.ready and vq.enabled and not vq.broken
+
+
+cdef Vring *pick_rx(NetDev *t, int pair) noexcept nogil:
+    """The destination's RX ring for traffic from the sender's queue pair `pair`:
+    the same pair index modulo the pairs the guest has enabled."""
+    cdef int npairs = t.num_vqs // 2
+    cdef int k
+    cdef Vring *vq
+    if npairs <= 0:
+        return NULL
+    for k in range(npairs):
+        vq = &t.vqs[2 * ((pair + k) % npairs)]
+        if ring_usable(vq):
+            return vq
+    return NULL
+
+
+cdef int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
+                    uint32_t skip, uint32_t frame_len) noexcept nogil:
+    """Write w.hdr_out + the frame into the destination's RX ring (mergeable
+    buffers when negotiated), publish used->idx and interrupt if wanted."""
+    cdef Vring *vq = pick_rx(t, pair)
+    cdef uint32_t need, cap = 0, remaining, l, clen = 0
+    cdef int n, nchains = 0, niov = 0, cn = 0, rc, c
+    cdef uint16_t head
+    cdef Iov h
+    if vq == NULL:
+        return R_DROP
+    vfe_spin_lock(&vq.lock)
+    if not ring_usable(vq):
+        vfe_spin_unlock(&vq.lock)
+        return R_DROP
+    need = t.hdr_len + frame_len
+    n = avail_count(vq)
+    if n < 0:
+        break_ring(w, vq, n)
+        vfe_spin_unlock(&vq.lock)
+        return R_DROP
+    while cap < need:
+        if nchains >= n:
+            vfe_spin_unlock(&vq.lock)
+            return R_NO_ROOM
+        if nchains > 0 and not t.mrg_rxbuf:
+            vq.dropped += 1          # frame larger than the guest's buffers
+            vfe_spin_unlock(&vq.lock)
+            return R_DROP
+        head = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains))
+        rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
+        if rc < 0:
+            break_ring(w, vq, rc)
+            vfe_spin_unlock(&vq.lock)
+            return R_DROP
+        w.rx_head[nchains] = head
+        w.rx_cap[nchains] = clen
+        niov += cn
+        cap += clen
+        nchains += 1
+    if t.hdr_len == 12:
+        w.hdr_out[10] = nchains & 0xFF
+        w.hdr_out[11] = (nchains >> 8) & 0xFF
+    h.base = w.hdr_out
+    h.len = t.hdr_len
+    sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
+    sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    remaining = need
+    for c in range(nchains):
+        l = w.rx_cap[c]
+        if l > remaining:
+            l = remaining
+        used_push(vq, w.rx_head[c], l)
+        remaining -= l
+    vq.last_avail_idx = <uint16_t>(vq.last_avail_idx + nchains)
+    used_publish(vq)
+    vq.packets += 1
+    vq.bytes += frame_len
+    vfe_spin_unlock(&vq.lock)
+    return R_OK
+
+
+cdef int linearize(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len) noexcept nogil:
+    cdef Iov d
+    if frame_len > LIN_CAP:
+        return -1
+    d.base = w.lin
+    d.len = LIN_CAP
+    if <uint32_t>sg_copy(&d, 1, 0, src, nsrc, skip, frame_len) != frame_len:
+        return -1
+    return 0
+
+
+cdef void count_drop(NetDev *t, int pair) noexcept nogil:
+    cdef Vring *vq = pick_rx(t, pair)
+    if vq != NULL:
+        vq.dropped += 1
+
+
+cdef int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t skip,
+                 uint32_t frame_len) noexcept nogil:
+    """Hand one frame (header in w.hdr_in) to device t.  The header passes
+    through when t negotiated the offloads it uses; otherwise the checksum is
+    finished, or the frame segmented, in software (Numba kernels)."""
+    cdef uint8_t flags = w.hdr_in[0], gso = w.hdr_in[1]
+    cdef uint8_t gso_base = gso & 0x7F
+    cdef int need_seg = 0, rc, i, nseg, r, result
+    cdef int32_t csum_start, csum_offset, gso_size, hdr_len
+    cdef Iov seg
+    if gso_base != 0:
+        if gso_base == 1:
+            need_seg = not t.guest_tso4
+        elif gso_base == 4:
+            need_seg = not t.guest_tso6
+        else:
+            need_seg = 1          # UFO is never offered
+        if (gso & 0x80) and not t.guest_ecn:
+            need_seg = 1
+    if not need_seg and not ((flags & 1) and not t.guest_csum):
+        memcpy(w.hdr_out, w.hdr_in, 10)
+        return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
+    # slow path: software checksum / segmentation into a linear copy
+    csum_start = w.hdr_in[6] | (w.hdr_in[7] << 8)
+    csum_offset = w.hdr_in[8] | (w.hdr_in[9] << 8)
+    hdr_len = w.hdr_in[2] | (w.hdr_in[3] << 8)
+    gso_size = w.hdr_in[4] | (w.hdr_in[5] << 8)
+    if linearize(w, src, nsrc, skip, frame_len) < 0:
+        count_drop(t, pair)
+        return R_DROP
+    memset(w.hdr_out, 0, 12)
+    if t.guest_csum:
+        w.hdr_out[0] = 2          # DATA_VALID: we computed every checksum
+    if not need_seg:
+        if g_csum == NULL or g_csum(w.lin, frame_len, csum_start, csum_offset) < 0:
+            count_drop(t, pair)
+            return R_DROP
+        seg.base = w.lin
+        seg.len = frame_len
+        return rx_enqueue(w, t, pair, &seg, 1, 0, frame_len)
+    if g_gso == NULL:
+        count_drop(t, pair)
+        return R_DROP
+    nseg = g_gso(w.lin, frame_len, gso, hdr_len, gso_size, csum_start, csum_offset,
+                 w.seg, SEG_CAP, w.seg_off, w.seg_len, MAX_SEGS)
+    if nseg <= 0:
+        count_drop(t, pair)
+        return R_DROP
+    result = R_OK
+    for i in range(nseg):
+        seg.base = w.seg + w.seg_off[i]
+        seg.len = w.seg_len[i]
+        r = rx_enqueue(w, t, pair, &seg, 1, 0, w.seg_len[i])
+        if r != R_OK:
+            count_drop(t, pair)
+            result = R_DROP
+    return result
+
+
+cdef int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
+                      uint32_t total) noexcept nogil:
+    """Learn the sender's MAC, then forward: unicast to a known port, flood
+    broadcast/multicast/unknown to every other port."""
+    cdef Switch *sw = w.sw
+    cdef uint32_t hl = src_dev.hdr_len
+    cdef uint32_t frame_len = total - hl
+    cdef uint8_t eth[12]
+    cdef Iov d
+    cdef uint64_t dst, srcmac
+    cdef int p, r
+    cdef NetDev *t
+    d.base = w.hdr_in
+    d.len = hl
+    memset(w.hdr_in, 0, 12)
+    sg_copy(&d, 1, 0, src, nsrc, 0, hl)
+    if frame_len < 14:
+        return R_DROP
+    d.base = eth
+    d.len = 12
+    sg_copy(&d, 1, 0, src, nsrc, hl, 12)
+    dst = mac48(eth)
+    srcmac = mac48(eth + 6)
+    if src_dev.port >= 0 and not (eth[6] & 1):
+        sw_learn(sw, srcmac, src_dev.port)
+    if not (eth[0] & 1):
+        p = sw_lookup(sw, dst)
+        if p >= 0 and p < MAX_PORTS:
+            if p == src_dev.port:
+                return R_OK           # hairpin: the destination is the sender
+            t = sw.ports[p]
+            if t != NULL:
+                return deliver(w, t, pair, src, nsrc, hl, frame_len)
+    for p in range(sw.nports):
+        t = sw.ports[p]
+        if t != NULL and t != src_dev:
+            deliver(w, t, pair, src, nsrc, hl, frame_len)
+    return R_OK
+
+
+cdef int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
+    """Take up to BURST chains from a guest TX ring and switch them."""
+    cdef NetDev *dev = <NetDev *>vq.dev
+    cdef int n = avail_count(vq)
+    cdef int k, rc, niov = 0, done = 0
+    cdef uint32_t total = 0
+    cdef uint16_t head
+    cdef int64_t t
+    if n <= 0:
+        if n < 0:
+            break_ring(w, vq, n)
+        return 0
+    if n > BURST:
+        n = BURST
+    for k in range(n):
+        head = avail_head(vq, vq.last_avail_idx)
+        rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
+        if rc == 0 and total <= <uint32_t>dev.hdr_len:
+            rc = E_LEN
+        if rc < 0:
+            break_ring(w, vq, rc)
+            break
+        rc = switch_frame(w, dev, vq.index >> 1, w.iov, niov, total)
+        if rc == R_NO_ROOM:
+            t = now_ns()
+            if vq.stall_ns == 0:
+                vq.stall_ns = t
+            if t - vq.stall_ns < STALL_NS:
+                w.blocked = 1
+                break
+            vq.dropped += 1
+        elif rc == R_DROP:
+            vq.dropped += 1
+        vq.stall_ns = 0
+        used_push(vq, head, 0)
+        vq.last_avail_idx += 1
+        vq.packets += 1
+        vq.bytes += total - dev.hdr_len
+        done += 1
+    used_publish(vq)
+    return done
+
+
+# ---------------------------------------------------------------- worker loop
+
+cdef void worker_loop(Worker *w) noexcept nogil:
+    """Poll owned TX rings; in adaptive mode sleep on their kick eventfds
+    after spin_ns without work (re-checking after re-enabling kicks)."""
+    cdef epoll_event evs[64]
+    cdef int i, n, work, pending
+    cdef int64_t idle_since = 0, t
+    cdef uint64_t val
+    cdef Vring *vq
+    while not vfe_load_acquire_int(&w.stop):
+        vfe_spin_lock(&w.lock)
+        w.blocked = 0
+        work = 0
+        for i in range(w.nrings):
+            vq = w.rings[i]
+            if ring_usable(vq):
+                work += net_tx_burst(w, vq)
+        w.iterations += 1
+        vfe_spin_unlock(&w.lock)
+        if work:
+            idle_since = 0
+            continue
+        if w.mode == 0:
+            vfe_cpu_relax()
+            continue
+        t = now_ns()
+        if idle_since == 0:
+            idle_since = t
+        if t - idle_since < w.spin_ns:
+            vfe_cpu_relax()
+            continue
+        vfe_spin_lock(&w.lock)
+        for i in range(w.nrings):
+            if ring_usable(w.rings[i]):
+                notify_enable(w.rings[i])
+        vfe_fence()
+        pending = 0
+        for i in range(w.nrings):
+            vq = w.rings[i]
+            if ring_usable(vq) and avail_count(vq) != 0:
+                pending = 1
+        vfe_spin_unlock(&w.lock)
+        if not pending:
+            w.sleeps += 1
+            n = epoll_wait(w.epfd, evs, 64, 1 if w.blocked else 1000)
+            for i in range(n if n > 0 else 0):
+                read(evs[i].data.fd, &val, 8)
+        vfe_spin_lock(&w.lock)
+        for i in range(w.nrings):
+            if w.rings[i].ready:
+                notify_disable(w.rings[i])
+        vfe_spin_unlock(&w.lock)
+        idle_since = 0
+
+
+cdef Worker *worker_new(Switch *sw, int mode, int64_t spin_ns, int event_fd) except NULL:
+    cdef Worker *w = <Worker *>calloc(1, sizeof(Worker))
+    cdef epoll_event ev
+    if w == NULL:
+        raise MemoryError()
+    w.lin = <uint8_t *>malloc(LIN_CAP)
+    w.seg = <uint8_t *>malloc(SEG_CAP)
+    w.sw = sw
+    w.mode = mode
+    w.spin_ns = spin_ns
+    w.event_fd = event_fd
+    w.epfd = epoll_create1(EPOLL_CLOEXEC)
+    w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if w.lin == NULL or w.seg == NULL or w.epfd < 0 or w.wake_fd < 0:
+        worker_free(w)
+        raise OSError(errno, "worker set-up failed")
+    ev.events = EPOLLIN
+    ev.data.fd = w.wake_fd
+    epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wake_fd, &ev)
+    return w
+
+
+cdef void worker_free(Worker *w) noexcept nogil:
+    if w.epfd > 0:
+        close(w.epfd)
+    if w.wake_fd > 0:
+        close(w.wake_fd)
+    free(w.lin)
+    free(w.seg)
+    free(w)
+
+
+cdef void worker_wake(Worker *w) noexcept nogil:
+    cdef uint64_t one = 1
+    write(w.wake_fd, &one, 8)
+
+
+# ---------------------------------------------------------------- Python API
+
+cdef class Engine:
+    """Workers plus the switch that joins the net devices.
+
+    Engine(workers=1, mode="adaptive"|"poll", spin_us=50)
+    """
+    cdef Switch *sw
+    cdef Worker **workers
+    cdef Worker *ctl          # scratch for frames injected from Python (RARP)
+    cdef readonly int nworkers
+    cdef readonly str mode
+    cdef readonly int event_fd
+    cdef object threads
+    cdef object devices
+    cdef object _lock
+    cdef int next_slot
+
+    def __cinit__(self, int workers=1, str mode="adaptive", int spin_us=50):
+        cdef int i
+        if workers < 1 or workers > 64:
+            raise ValueError("workers must be in 1..64")
+        if mode not in ("poll", "adaptive"):
+            raise ValueError("mode must be 'poll' or 'adaptive'")
+        self.mode = mode
+        self.nworkers = workers
+        self.threads = []
+        self.devices = []
+        self._lock = threading.RLock()
+        self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.sw = <Switch *>calloc(1, sizeof(Switch))
+        self.workers = <Worker **>calloc(workers, sizeof(Worker *))
+        if self.sw == NULL or self.workers == NULL:
+            raise MemoryError()
+        for i in range(workers):
+            self.workers[i] = worker_new(self.sw, 0 if mode == "poll" else 1,
+                                         <int64_t>spin_us * 1000, self.event_fd)
+        self.ctl = worker_new(self.sw, 1, 0, self.event_fd)
+
+    def __dealloc__(self):
+        cdef int i
+        self._join()
+        if self.workers != NULL:
+            for i in range(self.nworkers):
+                if self.workers[i] != NULL:
+                    worker_free(self.workers[i])
+            free(self.workers)
+        if self.ctl != NULL:
+            worker_free(self.ctl)
+        free(self.sw)
+        if self.event_fd >= 0:
+            close(self.event_fd)
+
+    def start(self):
+        """Start one thread per worker (named vfe-lcoreN)."""
+        cdef int i
+        if self.threads:
+            return
+        for i in range(self.nworkers):
+            t = threading.Thread(target=self._run, args=(i,), name=f"vfe-lcore{i}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _run(self, int i):
+        cdef Worker *w = self.workers[i]
+        with nogil:
+            worker_loop(w)
+
+    def stop(self):
+        """Stop the workers and wait for them.  Rings stay as they are."""
+        self._join()
+
+    cdef _join(self):
+        cdef int i
+        if self.workers == NULL:
+            return
+        for i in range(self.nworkers):
+            vfe_store_release_int(&self.workers[i].stop, 1)
+            worker_wake(self.workers[i])
+        for t in self.threads:
+            t.join()
+        self.threads = []
+        for i in range(self.nworkers):
+            self.workers[i].stop = 0
+
+    cdef void stop_world(self) noexcept nogil:
+        cdef int i
+        for i in range(self.nworkers):
+            vfe_spin_lock(&self.workers[i].lock)
+
+    cdef void start_world(self) noexcept nogil:
+        cdef int i
+        for i in range(self.nworkers - 1, -1, -1):
+            vfe_spin_unlock(&self.workers[i].lock)
+
+    def new_net_device(self, int num_queues):
+        """A net device with `num_queues` rings (RX 2k, TX 2k+1), on a new switch port."""
+        return NetDevice(self, num_queues)
+
+    def broken_rings(self):
+        """Rings that stopped on a guest error since the last call:
+        [(device, ring index, reason)].  Drains the engine's event fd."""
+        cdef uint64_t val
+        cdef NetDevice d
+        cdef Vring *vq
+        cdef int i
+        read(self.event_fd, &val, 8)
+        out = []
+        with self._lock:
+            for d in list(self.devices):
+                if d.d == NULL:
+                    continue
+                for i in range(d.d.num_vqs):
+                    vq = &d.d.vqs[i]
+                    if vq.broken and not vq.reported:
+                        vq.reported = 1
+                        out.append((d, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+        return out
+
+    def worker_stats(self):
+        return [{"worker": i, "rings": self.workers[i].nrings,
+                 "iterations": self.workers[i].iterations,
+                 "sleeps": self.workers[i].sleeps} for i in range(self.nworkers)]
+
+    cdef int _attach(self, NetDevice dev) except -1:
+        cdef int p
+        with self._lock:
+            for p in range(MAX_PORTS):
+                if self.sw.ports[p] == NULL:
+                    break
+            else:
+                raise RuntimeError("switch has no free port")
+            with nogil:
+                self.stop_world()
+                sw_forget_port(self.sw, p)
+                self.sw.ports[p] = dev.d
+                if p + 1 > self.sw.nports:
+                    self.sw.nports = p + 1
+                self.start_world()
+            dev.d.port = p
+            self.devices.append(dev)
+            dev.slot = self.next_slot
+            self.next_slot += 1
+        return 0
+
+    cdef _detach(self, NetDevice dev):
+        cdef int p = dev.d.port
+        with self._lock:
+            with nogil:
+                self.stop_world()
+                if p >= 0:
+                    self.sw.ports[p] = NULL
+                    sw_forget_port(self.sw, p)
+                    while self.sw.nports > 0 and self.sw.ports[self.sw.nports - 1] == NULL:
+                        self.sw.nports -= 1
+                self.start_world()
+            dev.d.port = -1
+            if dev in self.devices:
+                self.devices.remove(dev)
+
+
+cdef int translate_ring(Vring *vq) noexcept nogil:
+    cdef uint64_t sz = vq.size
+    cdef uint64_t d = uva_to_hva(vq.mem, vq.desc_uva, 16 * sz)
+    cdef uint64_t a = uva_to_hva(vq.mem, vq.avail_uva, 6 + 2 * sz)
+    cdef uint64_t u = uva_to_hva(vq.mem, vq.used_uva, 6 + 8 * sz)
+    if d == 0 or a == 0 or u == 0 or (d & 15) or (a & 1) or (u & 3):
+        return E_RING
+    vq.desc = <uint8_t *>d
+    vq.avail = <uint16_t *>a
+    vq.used = <uint8_t *>u
+    return 0
+
+
+cdef class NetDevice:
+    """The engine's side of one virtio-net device: its rings, its memory
+    table and its switch port.  Methods are called by the device adapter
+    (vfe/devices/net.py) from the daemon's control thread."""
+    cdef NetDev *d
+    cdef Engine engine
+    cdef public int slot
+    cdef public object owner
+
+    def __cinit__(self, Engine engine, int num_queues):
+        cdef int i
+        if num_queues < 2 or num_queues > 256 or num_queues % 2:
+            raise ValueError("a net device has 2..256 rings, an even number")
+        self.engine = engine
+        self.d = <NetDev *>calloc(1, sizeof(NetDev))
+        if self.d == NULL:
+            raise MemoryError()
+        self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
+        self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
+        if self.d.vqs == NULL or self.d.mem == NULL:
+            raise MemoryError()
+        self.d.num_vqs = num_queues
+        self.d.hdr_len = 12
+        self.d.port = -1
+        for i in range(num_queues):
+            self.d.vqs[i].index = i
+            self.d.vqs[i].dev = <void *>self.d
+            self.d.vqs[i].mem = self.d.mem
+            self.d.vqs[i].kick_fd = -1
+            self.d.vqs[i].call_fd = -1
+            self.d.vqs[i].worker = (engine.next_slot + i // 2) % engine.nworkers
+        engine._attach(self)
+
+    def __dealloc__(self):
+        if self.d != NULL:
+            free(self.d.vqs)
+            free(self.d.mem)
+            free(self.d)
+            self.d = NULL
+
+    cdef Vring *_ring(self, int index) except NULL:
+        if self.d == NULL:
+            raise RuntimeError("device is closed")
+        if index < 0 or index >= self.d.num_vqs:
+            raise IndexError(f"ring {index} out of range 0..{self.d.num_vqs - 1}")
+        return &self.d.vqs[index]
+
+    @property
+    def port(self):
+        return self.d.port if self.d != NULL else -1
+
+    @property
+    def num_rings(self):
+        return self.d.num_vqs
+
+    def set_features(self, uint64_t features):
+        """Apply negotiated virtio features (header length, offloads, ring features)."""
+        cdef int i
+        cdef int v1 = (features >> 32) & 1
+        cdef int mrg = (features >> 15) & 1
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.features = features
+            self.d.mrg_rxbuf = mrg
+            self.d.hdr_len = 12 if (v1 or mrg) else 10
+            self.d.guest_csum = (features >> 1) & 1
+            self.d.guest_tso4 = (features >> 7) & 1
+            self.d.guest_tso6 = (features >> 8) & 1
+            self.d.guest_ecn = (features >> 9) & 1
+            for i in range(self.d.num_vqs):
+                self.d.vqs[i].event_idx = (features >> 29) & 1
+                self.d.vqs[i].indirect = (features >> 28) & 1
+            e.start_world()
+
+    def set_memory(self, regions):
+        """Replace the memory table: [(gpa, size, uva, hva), ...].  Running
+        rings are re-translated; one that no longer maps stops (E_RING)."""
+        cdef MemTable mt
+        cdef int i = 0
+        cdef Engine e = self.engine
+        if len(regions) > MAX_REGIONS:
+            raise ValueError(f"at most {MAX_REGIONS} memory regions")
+        memset(&mt, 0, sizeof(MemTable))
+        for gpa, size, uva, hva in regions:
+            mt.r[i].gpa = gpa
+            mt.r[i].size = size
+            mt.r[i].uva = uva
+            mt.r[i].hva = hva
+            i += 1
+        mt.n = i
+        with nogil:
+            e.stop_world()
+            memcpy(self.d.mem, &mt, sizeof(MemTable))
+            for i in range(self.d.num_vqs):
+                if self.d.vqs[i].ready and translate_ring(&self.d.vqs[i]) < 0:
+                    self.d.vqs[i].broken = -E_RING
+            e.start_world()
+
+    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled):
+        """Start a ring at avail index `base`.  Raises ValueError if its
+        addresses are not inside the memory table."""
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[vq.worker]
+        cdef epoll_event ev
+        cdef Vring tmp
+        if size <= 0 or size > 32768 or (size & (size - 1)):
+            raise ValueError(f"ring size {size} is not a power of two <= 32768")
+        if vq.ready:
+            raise RuntimeError(f"ring {index} is already started")
+        with nogil:
+            e.stop_world()
+        try:
+            vq.size = size
+            vq.mask = size - 1
+            vq.desc_uva = desc_uva
+            vq.avail_uva = avail_uva
+            vq.used_uva = used_uva
+            if translate_ring(vq) < 0:
+                raise ValueError(f"ring {index}: addresses are not inside guest memory")
+            vq.last_avail_idx = base
+            vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
+            vq.flushed_used_idx = vq.last_used_idx
+            vq.kick_fd = kick_fd
+            vq.call_fd = call_fd
+            vq.enabled = enabled
+            vq.broken = 0
+            vq.reported = 0
+            vq.stall_ns = 0
+            notify_disable(vq)
+            if index & 1:
+                if w.nrings >= MAX_WORKER_RINGS:
+                    raise RuntimeError("worker has too many rings")
+                w.rings[w.nrings] = vq
+                w.nrings += 1
+                if kick_fd >= 0:
+                    ev.events = EPOLLIN
+                    ev.data.fd = kick_fd
+                    epoll_ctl(w.epfd, EPOLL_CTL_ADD, kick_fd, &ev)
+            vq.ready = 1
+        finally:
+            with nogil:
+                e.start_world()
+                worker_wake(w)
+
+    def stop_ring(self, int index):
+        """Stop a ring and return the next avail index it would process
+        (the GET_VRING_BASE answer).  No worker touches it afterwards."""
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[vq.worker]
+        cdef int i
+        cdef uint16_t base
+        with nogil:
+            e.stop_world()
+            vfe_spin_lock(&vq.lock)
+            if vq.ready:
+                vq.ready = 0
+                for i in range(w.nrings):
+                    if w.rings[i] == vq:
+                        w.rings[i] = w.rings[w.nrings - 1]
+                        w.nrings -= 1
+                        break
+                if vq.kick_fd >= 0 and (index & 1):
+                    epoll_ctl(w.epfd, EPOLL_CTL_DEL, vq.kick_fd, NULL)
+            vq.kick_fd = -1
+            vq.call_fd = -1
+            base = vq.last_avail_idx
+            vfe_spin_unlock(&vq.lock)
+            e.start_world()
+        return base
+
+    def enable_ring(self, int index, bint enabled):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vq.enabled = enabled
+            e.start_world()
+            worker_wake(e.workers[vq.worker])
+
+    def set_call_fd(self, int index, int fd):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vfe_spin_lock(&vq.lock)
+            vq.call_fd = fd
+            vfe_spin_unlock(&vq.lock)
+            e.start_world()
+
+    def ring_state(self, int index):
+        cdef Vring *vq = self._ring(index)
+        return {
+            "index": index, "size": vq.size, "ready": bool(vq.ready),
+            "enabled": bool(vq.enabled), "broken": vq.broken,
+            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
+            "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
+            "worker": vq.worker,
+        }
+
+    def ring_stats(self, int index):
+        cdef Vring *vq = self._ring(index)
+        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
+                "dropped": vq.dropped, "interrupts": vq.calls}
+
+    def inject(self, bytes frame, int pair=0):
+        """Switch one frame as if the guest had sent it on queue pair `pair`
+        (used for SEND_RARP: the switch learns the MAC and floods it)."""
+        cdef Engine e = self.engine
+        cdef Worker *w = e.ctl
+        cdef Iov src
+        cdef uint8_t buf[12 + 1518]
+        cdef uint32_t n = len(frame)
+        if n < 14 or n > 1518:
+            raise ValueError("frame must be 14..1518 bytes")
+        memset(buf, 0, 12 + n)
+        memcpy(buf + self.d.hdr_len, <char *>frame, n)
+        src.base = buf
+        src.len = self.d.hdr_len + n
+        with e._lock:
+            switch_frame(w, self.d, pair, &src, 1, src.len)
+
+    def close(self):
+        """Stop every ring and leave the switch."""
+        cdef int i
+        if self.d == NULL or self.d.port < 0:
+            return
+        for i in range(self.d.num_vqs):
+            self.stop_ring(i)
+        self.engine._detach(self)

@@ -1,0 +1,71 @@
+# The net data path's shared structures: a net device as the engine sees it,
+# the in-engine L2 switch, and the per-worker scratch state.  The functions
+# live in engine.pyx; this file is the map of what they touch.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from vring cimport Vring, MemTable, Iov, MAX_IOV
+
+cdef enum:
+    MAX_PORTS = 4096
+    SW_TABLE = 16384          # MAC table slots (power of two)
+    SW_PROBE = 16
+    MAX_WORKER_RINGS = 4096
+    LIN_CAP = 65536 + 256     # largest frame we linearize (a TSO frame + headers)
+    SEG_CAP = 1 << 20         # software GSO output
+    MAX_SEGS = 1024
+
+# Delivery results
+cdef enum:
+    R_OK = 0                  # delivered (or deliberately dropped: nothing to retry)
+    R_DROP = 1                # could not deliver; counted on the destination
+    R_NO_ROOM = 2             # destination ring full: the sender may retry later
+
+ctypedef struct NetDev:
+    int port                  # switch port; -1 when detached
+    int num_vqs
+    Vring *vqs
+    MemTable *mem
+    int hdr_len               # 10 or 12 (virtio_net_hdr[_mrg_rxbuf])
+    int mrg_rxbuf
+    int guest_csum
+    int guest_tso4
+    int guest_tso6
+    int guest_ecn
+    uint64_t features
+
+ctypedef struct Switch:
+    uint64_t table[SW_TABLE]  # (mac << 16) | (port + 1); 0 = empty; port field 0 = forgotten
+    NetDev *ports[MAX_PORTS]
+    int nports                # highest used port + 1
+
+ctypedef int32_t (*csum_fn_t)(uint8_t *frame, int32_t length, int32_t csum_start,
+                              int32_t csum_offset) noexcept nogil
+ctypedef int32_t (*gso_fn_t)(uint8_t *frame, int32_t length, int32_t gso_type,
+                             int32_t hdr_len, int32_t gso_size, int32_t csum_start,
+                             int32_t csum_offset, uint8_t *out, int32_t out_cap,
+                             int32_t *seg_offsets, int32_t *seg_lens,
+                             int32_t max_segs) noexcept nogil
+
+ctypedef struct Worker:
+    int lock                  # held for a whole poll iteration; control ops take it to stop the world
+    int stop
+    int mode                  # 0 poll, 1 adaptive
+    int epfd
+    int wake_fd
+    int event_fd              # written when a ring breaks (Python logs it)
+    int64_t spin_ns           # adaptive: idle time before sleeping
+    int blocked               # a TX ring waits for room in a destination
+    int nrings
+    Vring *rings[MAX_WORKER_RINGS]
+    Switch *sw
+    uint64_t iterations
+    uint64_t sleeps
+    uint8_t hdr_in[12]
+    uint8_t hdr_out[12]
+    Iov iov[MAX_IOV]
+    Iov rx_iov[MAX_IOV]
+    uint16_t rx_head[MAX_IOV]
+    uint32_t rx_cap[MAX_IOV]
+    uint8_t *lin
+    uint8_t *seg
+    int32_t seg_off[MAX_SEGS]
+    int32_t seg_len[MAX_SEGS]

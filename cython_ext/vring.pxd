@@ -1,0 +1,299 @@
+# Split virtqueues over guest memory: the structures the engine keeps per
+# ring and the nogil operations on them (chain walk, used push/publish,
+# notification suppression).  Every function here runs on a worker thread
+# with the ring's owner lock held, and returns a code instead of raising.
+#
+# Names: `_gpa` guest-physical, `_uva` the front-end's virtual address,
+# `_hva` ours.  `last_avail_idx`/`last_used_idx` are our cursors; the guest's
+# avail->idx is `avail_idx`.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy
+from atomics cimport *
+from linux cimport write
+
+cdef enum:
+    MAX_REGIONS = 64
+    MAX_IOV = 1024           # descriptors (or region pieces) of one chain
+    MAX_CHAIN_BYTES = 262144 # a chain longer than this is a guest bug
+    BURST = 32
+
+# Ring error codes: a negative code stops the ring (vq.broken = -code).
+cdef enum:
+    E_HEAD = -1        # head index >= queue size
+    E_NEXT = -2        # next index >= table size
+    E_LOOP = -3        # chain longer than its table: a loop
+    E_ADDR = -4        # address not inside guest memory
+    E_INDIRECT = -5    # bad indirect table (size, alignment, flags, not negotiated)
+    E_NESTED = -6      # indirect inside indirect
+    E_DIR = -7         # device-writable descriptor where readable expected, or reverse
+    E_IOV = -8         # too many pieces
+    E_LEN = -9         # zero or oversized chain
+    E_AVAIL = -10      # avail index moved by more than the queue size
+    E_RING = -11       # ring addresses not mapped
+
+cdef enum:
+    F_DESC_NEXT = 1
+    F_DESC_WRITE = 2
+    F_DESC_INDIRECT = 4
+    F_AVAIL_NO_INTERRUPT = 1
+    F_USED_NO_NOTIFY = 1
+
+ctypedef struct Region:
+    uint64_t gpa
+    uint64_t size
+    uint64_t uva
+    uint64_t hva
+
+ctypedef struct MemTable:
+    int n
+    Region r[MAX_REGIONS]
+
+ctypedef struct Iov:
+    uint8_t *base
+    uint32_t len
+
+ctypedef struct Vring:
+    # hot fields first
+    int lock                 # taken by whoever writes the ring from outside its worker (RX delivery)
+    int ready                # started: addresses translated, may be processed
+    int enabled              # SET_VRING_ENABLE
+    int broken               # 0, or -E_* of the error that stopped it
+    uint16_t size
+    uint16_t mask
+    uint16_t last_avail_idx
+    uint16_t last_used_idx
+    uint16_t flushed_used_idx  # used->idx as last published (for need_event)
+    int event_idx
+    int indirect
+    int notify_enabled       # adaptive mode: guest kicks currently wanted
+    uint8_t *desc
+    uint16_t *avail          # [flags, idx, ring[size], used_event]
+    uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
+    MemTable *mem
+    int kick_fd
+    int call_fd
+    int64_t stall_ns
+    uint64_t packets
+    uint64_t bytes
+    uint64_t errors
+    uint64_t dropped
+    uint64_t kicks
+    uint64_t calls
+    uint64_t desc_uva
+    uint64_t avail_uva
+    uint64_t used_uva
+    int index
+    int worker
+    int reported             # Python has logged `broken`
+    void *dev
+
+
+cdef inline uint64_t uva_to_hva(MemTable *mt, uint64_t uva, uint64_t length) noexcept nogil:
+    """Translate a front-end virtual range (ring addresses) that must lie in one region; 0 if not."""
+    cdef int i
+    cdef Region *r
+    for i in range(mt.n):
+        r = &mt.r[i]
+        if uva >= r.uva and uva - r.uva < r.size:
+            if length > r.size - (uva - r.uva):
+                return 0
+            return r.hva + (uva - r.uva)
+    return 0
+
+
+cdef inline uint64_t gpa_to_hva_contig(MemTable *mt, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Translate a guest-physical range that must be contiguous in one region; 0 if not."""
+    cdef int i
+    cdef Region *r
+    for i in range(mt.n):
+        r = &mt.r[i]
+        if gpa >= r.gpa and gpa - r.gpa < r.size:
+            if length > r.size - (gpa - r.gpa):
+                return 0
+            return r.hva + (gpa - r.gpa)
+    return 0
+
+
+cdef inline int map_gpa(MemTable *mt, uint64_t gpa, uint64_t length, Iov *iov,
+                        int max_iov, int *niov) noexcept nogil:
+    """Append iovecs covering [gpa, gpa+length), one per region it spans."""
+    cdef int i, found
+    cdef Region *r
+    cdef uint64_t off, chunk
+    if gpa + length < gpa:
+        return E_ADDR
+    while length > 0:
+        found = 0
+        for i in range(mt.n):
+            r = &mt.r[i]
+            if gpa >= r.gpa and gpa - r.gpa < r.size:
+                found = 1
+                break
+        if not found:
+            return E_ADDR
+        off = gpa - r.gpa
+        chunk = r.size - off
+        if chunk > length:
+            chunk = length
+        if niov[0] >= max_iov:
+            return E_IOV
+        iov[niov[0]].base = <uint8_t *>(r.hva + off)
+        iov[niov[0]].len = <uint32_t>chunk
+        niov[0] += 1
+        gpa += chunk
+        length -= chunk
+    return 0
+
+
+cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
+                           int max_iov, int *niov, uint32_t *total) noexcept nogil:
+    """Follow the descriptor chain at `head` into iovecs over our mapping.
+
+    Validates everything the guest controls: indices, flags, nesting, lengths,
+    that every byte lies inside a mapped region.  Returns 0 or an E_* code.
+    """
+    cdef uint8_t *table = vq.desc
+    cdef uint32_t table_size = vq.size
+    cdef uint32_t idx = head
+    cdef uint32_t steps = 0
+    cdef int in_indirect = 0
+    cdef uint64_t addr, tlen = 0, thva
+    cdef uint32_t dlen
+    cdef uint16_t flags, nxt
+    cdef int rc
+    niov[0] = 0
+    if head >= vq.size:
+        return E_HEAD
+    while True:
+        if idx >= table_size:
+            return E_NEXT
+        steps += 1
+        if steps > table_size:
+            return E_LOOP
+        vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
+        if flags & F_DESC_INDIRECT:
+            if in_indirect:
+                return E_NESTED
+            if not vq.indirect or (flags & F_DESC_NEXT):
+                return E_INDIRECT
+            if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
+                return E_INDIRECT
+            thva = gpa_to_hva_contig(vq.mem, addr, dlen)
+            if thva == 0 or (thva & 15):
+                return E_INDIRECT
+            table = <uint8_t *>thva
+            table_size = dlen // 16
+            idx = 0
+            steps = 0
+            in_indirect = 1
+            continue
+        if ((flags & F_DESC_WRITE) != 0) != (want_write != 0):
+            return E_DIR
+        if dlen:
+            rc = map_gpa(vq.mem, addr, dlen, iov, max_iov, niov)
+            if rc < 0:
+                return rc
+            tlen += dlen
+            if tlen > MAX_CHAIN_BYTES:
+                return E_LEN
+        if not (flags & F_DESC_NEXT):
+            break
+        idx = nxt
+    if tlen == 0:
+        return E_LEN
+    total[0] = <uint32_t>tlen
+    return 0
+
+
+cdef inline int avail_count(Vring *vq) noexcept nogil:
+    """Entries the guest made available since our cursor; E_AVAIL if impossible."""
+    cdef uint16_t avail_idx = vfe_load_acquire_u16(&vq.avail[1])
+    cdef uint16_t n = <uint16_t>(avail_idx - vq.last_avail_idx)
+    if n > vq.size:
+        return E_AVAIL
+    return n
+
+
+cdef inline uint16_t avail_head(Vring *vq, uint16_t i) noexcept nogil:
+    return vfe_load_u16(&vq.avail[2 + (i & vq.mask)])
+
+
+cdef inline void used_push(Vring *vq, uint32_t id, uint32_t length) noexcept nogil:
+    cdef uint8_t *e = vq.used + 4 + 8 * (vq.last_used_idx & vq.mask)
+    vfe_store_u32(<uint32_t *>e, id)
+    vfe_store_u32(<uint32_t *>(e + 4), length)
+    vq.last_used_idx += 1
+
+
+cdef inline bint need_event(uint16_t event, uint16_t new_idx, uint16_t old) noexcept nogil:
+    return <uint16_t>(new_idx - event - 1) < <uint16_t>(new_idx - old)
+
+
+cdef inline void used_publish(Vring *vq) noexcept nogil:
+    """Release-store used->idx, then interrupt the guest if it asked for one."""
+    cdef uint16_t old = vq.flushed_used_idx
+    cdef uint16_t new_idx = vq.last_used_idx
+    cdef uint64_t one = 1
+    if old == new_idx:
+        return
+    vfe_store_release_u16(<uint16_t *>(vq.used + 2), new_idx)
+    vq.flushed_used_idx = new_idx
+    vfe_fence()
+    if vq.event_idx:
+        if not need_event(vfe_load_u16(&vq.avail[2 + vq.size]), new_idx, old):
+            return
+    elif vfe_load_u16(&vq.avail[0]) & F_AVAIL_NO_INTERRUPT:
+        return
+    if vq.call_fd >= 0:
+        write(vq.call_fd, &one, 8)
+        vq.calls += 1
+
+
+cdef inline void notify_disable(Vring *vq) noexcept nogil:
+    """Ask the guest not to kick (we are polling).  With EVENT_IDX we just stop
+    moving avail_event: once the guest passes it, it stops kicking."""
+    if not vq.event_idx:
+        vfe_store_u16(<uint16_t *>vq.used, F_USED_NO_NOTIFY)
+    vq.notify_enabled = 0
+
+
+cdef inline void notify_enable(Vring *vq) noexcept nogil:
+    """Ask for a kick on the next avail entry.  The caller fences and re-checks
+    avail->idx afterwards: the guest may have added work before seeing this."""
+    if vq.event_idx:
+        vfe_store_u16(<uint16_t *>(vq.used + 4 + 8 * vq.size), vq.last_avail_idx)
+    else:
+        vfe_store_u16(<uint16_t *>vq.used, 0)
+    vq.notify_enabled = 1
+
+
+cdef inline int sg_copy(Iov *dst, int ndst, uint32_t dst_skip, Iov *src, int nsrc,
+                        uint32_t src_skip, uint32_t length) noexcept nogil:
+    """Copy `length` bytes from the src iovecs (after src_skip) to the dst
+    iovecs (after dst_skip).  Returns bytes copied (short if either side ends)."""
+    cdef int di = 0, si = 0
+    cdef uint32_t doff = dst_skip, soff = src_skip, n, copied = 0
+    while di < ndst and doff >= dst[di].len:
+        doff -= dst[di].len
+        di += 1
+    while si < nsrc and soff >= src[si].len:
+        soff -= src[si].len
+        si += 1
+    while length > 0 and di < ndst and si < nsrc:
+        n = dst[di].len - doff
+        if src[si].len - soff < n:
+            n = src[si].len - soff
+        if length < n:
+            n = length
+        memcpy(dst[di].base + doff, src[si].base + soff, n)
+        copied += n
+        length -= n
+        doff += n
+        soff += n
+        if doff == dst[di].len:
+            di += 1
+            doff = 0
+        if soff == src[si].len:
+            si += 1
+            soff = 0
+    return copied

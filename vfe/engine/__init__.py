@@ -1,0 +1,8 @@
+"""The poll-mode engine (compiled from cython_ext/ as vfe._engine).
+
+`Engine` owns the worker threads and the in-engine switch; `NetDevice` is a
+device's rings and memory table inside it.  See cython_ext/engine.pyx.
+"""
+from vfe._engine import ENGINE_ABI, ERROR_NAMES, Engine, NetDevice, set_kernels
+
+__all__ = ["ENGINE_ABI", "ERROR_NAMES", "Engine", "NetDevice", "set_kernels"]
