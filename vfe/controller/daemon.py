@@ -1,0 +1,186 @@
+"""The daemon's control thread: one selector loop over the devices'
+vhost-user sockets (listening or connecting), their connections, the
+engine's error events and the stop signal.  The data path runs in the
+engine's workers; nothing here is per packet."""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import time
+
+from vfe.devices.adapter import Session
+from vfe.devices.net import NetConfig, NetDeviceModel
+from vfe.vhost import transport
+from vfe.vhost.messages import ProtocolError
+
+log = logging.getLogger("vfe.controller")
+
+RECONNECT_INTERVAL = 0.2
+
+
+class Endpoint:
+    """A device's vhost-user socket, in either role, and its one connection."""
+
+    def __init__(self, daemon: "Daemon", device, socket_path: str, client: bool, name: str):
+        self.daemon = daemon
+        self.device = device
+        self.path = socket_path
+        self.client = client
+        self.name = name
+        self.listener: socket.socket | None = None
+        self.conn: transport.Connection | None = None
+        self.session: Session | None = None
+        self.next_attempt = 0.0
+        self.connections = 0
+
+    def open(self) -> None:
+        if not self.client:
+            self.listener = transport.listen(self.path)
+            self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
+            log.info("%s: listening on %s", self.name, self.path)
+        else:
+            log.info("%s: connecting to %s", self.name, self.path)
+
+    def try_connect(self, now: float) -> None:
+        if self.conn is not None or now < self.next_attempt:
+            return
+        self.next_attempt = now + RECONNECT_INTERVAL
+        sock = transport.try_connect(self.path)
+        if sock is not None:
+            self._attach(sock)
+
+    def accept(self) -> None:
+        sock, _ = self.listener.accept()
+        if self.conn is not None:
+            log.error("%s: refusing a second front-end on %s (one is connected)", self.name, self.path)
+            sock.close()
+            return
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        self.conn = transport.Connection(sock)
+        self.session = Session(self.device, self.name, self.conn.send)
+        self.connections += 1
+        self.daemon.sel.register(self.conn, selectors.EVENT_READ, ("conn", self))
+        log.info("%s: front-end connected on %s", self.name, self.path)
+
+    def readable(self) -> None:
+        try:
+            for msg in self.conn.recv_messages():
+                self.session.handle(msg)
+        except (EOFError, ConnectionError) as exc:
+            log.info("%s: front-end disconnected (%s)", self.name, exc or "EOF")
+            self.detach()
+        except ProtocolError as exc:
+            log.error("%s: protocol error, dropping the connection: %s", self.name, exc)
+            self.detach()
+        except OSError as exc:
+            log.error("%s: connection failed: %s", self.name, exc)
+            self.detach()
+
+    def detach(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.daemon.sel.unregister(self.conn)
+        except (KeyError, ValueError):
+            pass
+        try:
+            self.session.disconnect()
+        finally:
+            self.conn.close()
+            self.conn = None
+            self.session = None
+            self.next_attempt = time.monotonic() + RECONNECT_INTERVAL
+
+    def close(self) -> None:
+        self.detach()
+        if self.listener is not None:
+            self.daemon.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Daemon:
+    """Owns the engine, the devices and their endpoints."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sel = selectors.DefaultSelector()
+        self.endpoints: list[Endpoint] = []
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
+        self.sel.register(engine.event_fd, selectors.EVENT_READ, ("engine", None))
+        self.stopping = False
+
+    def add_net_device(self, config: NetConfig) -> Endpoint:
+        config.name = config.name or f"net{len(self.endpoints)}"
+        name = config.name
+        device = NetDeviceModel(self.engine, config)
+        ep = Endpoint(self, device, config.socket, config.client, name)
+        try:
+            ep.open()
+        except OSError:
+            device.close()
+            raise
+        self.endpoints.append(ep)
+        return ep
+
+    def stop(self) -> None:
+        """Ask the loop to end (callable from a signal handler or another thread)."""
+        self.stopping = True
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        self.engine.start()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                timeout = 1.0
+                for ep in self.endpoints:
+                    if ep.client and ep.conn is None:
+                        ep.try_connect(now)
+                        timeout = RECONNECT_INTERVAL
+                for key, _ in self.sel.select(timeout):
+                    kind, ep = key.data
+                    if kind == "accept":
+                        ep.accept()
+                    elif kind == "conn":
+                        if ep.conn is not None:
+                            ep.readable()
+                    elif kind == "engine":
+                        self._log_broken_rings()
+                    elif kind == "stop":
+                        os.read(self._stop_r, 64)
+        finally:
+            self.shutdown()
+
+    def _log_broken_rings(self) -> None:
+        for dev, index, reason in self.engine.broken_rings():
+            owner = dev.owner
+            name = owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
+            log.error("%s: ring %d stopped: %s (the guest must reset the device)", name, index, reason)
+
+    def shutdown(self) -> None:
+        for ep in self.endpoints:
+            ep.close()
+        self.engine.stop()
+        for ep in self.endpoints:
+            ep.device.close()
+        self.endpoints.clear()
+        self.sel.close()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        log.info("stopped")

@@ -1,0 +1,124 @@
+"""The one place that knows both sides: it executes the vhost-user
+protocol's actions (vfe/vhost/actions.py) against a device model and the
+engine.  One `Session` per connected front-end."""
+from __future__ import annotations
+
+import logging
+import os
+
+from vfe.vhost import actions as A
+from vfe.vhost.memory import GuestMemory, LogRegion
+from vfe.vhost.protocol import BackendProtocol
+
+log = logging.getLogger("vfe.device")
+
+
+class Session:
+    """A front-end connected to one device: protocol state, guest memory,
+    and the translation of actions into engine calls."""
+
+    def __init__(self, device, name: str, send):
+        self.device = device
+        self.name = name
+        self._send = send                 # send(Reply | Ack-as-Reply) -> None
+        self.protocol = BackendProtocol(device.spec())
+        self.memory = GuestMemory()
+        self.log_region: LogRegion | None = None
+        self.started: set[int] = set()
+
+    # -- entry points from the transport
+
+    def handle(self, msg) -> None:
+        self.execute(self.protocol.receive(msg))
+
+    def disconnect(self) -> None:
+        """The front-end went away: stop everything, unmap, close fds."""
+        try:
+            self.execute(self.protocol.disconnect())
+        finally:
+            self._reset()
+
+    # -- action execution
+
+    def execute(self, actions) -> None:
+        failed = False
+        for act in actions:
+            try:
+                if isinstance(act, A.Ack):
+                    ok = act.ok and not failed
+                    self._send(A.Reply(act.request, (0 if ok else 1).to_bytes(8, "little")))
+                else:
+                    self._apply(act)
+            except (OSError, ValueError, RuntimeError, IndexError) as exc:
+                failed = True
+                log.error("%s: %s failed: %s", self.name, type(act).__name__, exc)
+
+    def _apply(self, act) -> None:
+        rings = self.device.rings
+        match act:
+            case A.Reply():
+                self._send(act)
+            case A.SetFeatures(features=f):
+                rings.set_features(f)
+                log.debug("%s: features %#x", self.name, f)
+            case A.SetMemTable(regions=regions):
+                old = self.memory
+                self.memory = GuestMemory()
+                for r in regions:
+                    self.memory.add(r)
+                rings.set_memory(self.memory.engine_table())
+                old.close()
+            case A.AddMemRegion(region=r):
+                self.memory.add(r)
+                rings.set_memory(self.memory.engine_table())
+            case A.RemoveMemRegion(region=r):
+                removed = self.memory.detach(r)
+                rings.set_memory(self.memory.engine_table())
+                removed.close()
+            case A.StartRing(ring=r):
+                rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
+                                 r.base, r.kick_fd, r.call_fd, r.enabled)
+                self.started.add(r.index)
+                log.debug("%s: ring %d started (size %d, base %d)", self.name, r.index, r.size, r.base)
+            case A.StopRing(index=i):
+                base = rings.stop_ring(i)
+                self.started.discard(i)
+                self.execute(self.protocol.ring_stopped(i, base))
+            case A.EnableRing(index=i, enabled=e):
+                rings.enable_ring(i, e)
+            case A.SetCallFd(index=i, fd=fd):
+                rings.set_call_fd(i, fd)
+            case A.SetLogBase(fd=fd, size=size, offset=offset):
+                new = LogRegion(fd, size, offset)
+                if self.log_region is not None:
+                    self.log_region.close()
+                self.log_region = new
+            case A.SetStatus(status=s):
+                self.device.status = s
+            case A.SetMtu(mtu=m):
+                self.device.mtu = m
+            case A.SendRarp(mac=mac):
+                from vfe.devices.net import rarp_frame
+                rings.inject(rarp_frame(mac))
+            case A.ResetDevice():
+                self._reset()
+            case A.CloseFds(fds=fds):
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            case _:
+                raise RuntimeError(f"unknown action {act!r}")
+
+    def _reset(self) -> None:
+        rings = self.device.rings
+        for i in list(self.started):
+            rings.stop_ring(i)
+        self.started.clear()
+        rings.set_memory([])
+        self.memory.close()
+        self.memory = GuestMemory()
+        if self.log_region is not None:
+            self.log_region.close()
+            self.log_region = None

@@ -1,0 +1,82 @@
+"""The virtio-net device model: what it offers through vhost-user, and its
+rings inside the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vfe.virtio.constants import F, mask
+from vfe.vhost.actions import DeviceSpec
+from vfe.vhost.messages import ProtocolFeature
+
+# Offered to every net front-end.  QEMU passes through only the bits it knows
+# for vhost-user net (its user_feature_bits); CTRL_VQ, MQ, STATUS and MAC are
+# QEMU's own, but MQ also needs the MQ protocol feature from us.
+NET_FEATURES = mask(
+    F.NET_CSUM, F.NET_GUEST_CSUM, F.NET_MTU, F.NET_MAC,
+    F.NET_GUEST_TSO4, F.NET_GUEST_TSO6, F.NET_GUEST_ECN,
+    F.NET_HOST_TSO4, F.NET_HOST_TSO6, F.NET_HOST_ECN,
+    F.NET_MRG_RXBUF, F.NET_STATUS, F.NET_CTRL_VQ, F.NET_MQ,
+    F.NET_GUEST_ANNOUNCE,
+    F.NOTIFY_ON_EMPTY, F.ANY_LAYOUT, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX,
+    F.VERSION_1, F.VHOST_LOG_ALL, F.VHOST_USER_PROTOCOL_FEATURES,
+)
+
+NET_PROTOCOL_FEATURES = mask(
+    ProtocolFeature.MQ, ProtocolFeature.LOG_SHMFD, ProtocolFeature.RARP,
+    ProtocolFeature.REPLY_ACK, ProtocolFeature.MTU,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS,
+)
+
+
+@dataclass
+class NetConfig:
+    """A net device as declared on the command line or by the controller."""
+
+    socket: str
+    client: bool = False
+    mac: str | None = None
+    queues: int = 1            # queue pairs
+    queue_size: int = 1024     # largest ring the device accepts
+    mtu: int = 1500
+    name: str = ""
+
+
+class NetDeviceModel:
+    """One virtio-net device: its offer and its engine rings."""
+
+    def __init__(self, engine, config: NetConfig):
+        self.config = config
+        self.rings = engine.new_net_device(2 * config.queues)
+        self.rings.owner = self
+        self.features = NET_FEATURES
+        self.status = 0
+        self.mtu = config.mtu
+
+    def spec(self) -> DeviceSpec:
+        return DeviceSpec(
+            features=self.features,
+            protocol_features=NET_PROTOCOL_FEATURES,
+            queue_num=self.config.queues,
+            max_queues=2 * self.config.queues,
+            max_queue_size=self.config.queue_size,
+        )
+
+    def stats(self) -> list[dict]:
+        out = []
+        for i in range(self.rings.num_rings):
+            s = self.rings.ring_state(i) | self.rings.ring_stats(i)
+            s["kind"] = "rx" if i % 2 == 0 else "tx"
+            out.append(s)
+        return out
+
+    def close(self) -> None:
+        self.rings.close()
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP request "from" mac, as QEMU's announce sends (ethertype 0x8035)."""
+    bcast = b"\xff" * 6
+    body = (b"\x00\x01" b"\x08\x00" b"\x06\x04" b"\x00\x03"
+            + mac + b"\x00" * 4 + mac + b"\x00" * 4)
+    frame = bcast + mac + b"\x80\x35" + body
+    return frame + b"\x00" * (60 - len(frame))

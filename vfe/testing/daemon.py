@@ -1,0 +1,92 @@
+"""Run a virtio-net-controller process for tests and the demo.
+
+Started by PID and stopped by PID (SIGTERM, then SIGKILL); its stderr goes
+to a log file that tests print when they fail."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ControllerProcess:
+    def __init__(self, devices: list[str], workdir: str | os.PathLike, *, mode: str = "adaptive",
+                 workers: int = 1, extra: list[str] | None = None, name: str = "controller"):
+        self.devices = devices
+        self.workdir = Path(workdir)
+        self.mode = mode
+        self.workers = workers
+        self.extra = extra or []
+        self.log_path = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "vfe.cli.controller", "--mode", self.mode,
+                "--workers", str(self.workers)]
+        for d in self.devices:
+            argv += ["--device", d]
+        return argv + self.extra
+
+    def start(self, wait_sockets: bool = True, timeout: float = 30.0) -> "ControllerProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        logf = open(self.log_path, "a")
+        logf.write(f"--- start {self.starts}: {' '.join(self.argv())}\n")
+        logf.flush()
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT)
+        logf.close()
+        if wait_sockets:
+            self.wait_for_log("serving", timeout)
+        return self
+
+    def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"controller exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"controller log never showed {text!r}:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed.  Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
