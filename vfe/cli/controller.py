@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vfe.controller.daemon import Daemon
     from vfe.engine import Engine
-    from vfe.kernels import install_kernels
+    from vfe.engine import install_kernels
 
     install_kernels()
     engine = Engine(workers=args.workers, mode=args.mode, spin_us=args.spin_us)

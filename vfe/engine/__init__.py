@@ -5,4 +5,13 @@ device's rings and memory table inside it.  See cython_ext/engine.pyx.
 """
 from vfe._engine import ENGINE_ABI, ERROR_NAMES, Engine, NetDevice, set_kernels
 
-__all__ = ["ENGINE_ABI", "ERROR_NAMES", "Engine", "NetDevice", "set_kernels"]
+__all__ = ["ENGINE_ABI", "ERROR_NAMES", "Engine", "NetDevice", "install_kernels", "set_kernels"]
+
+
+def install_kernels() -> None:
+    """Hand the Numba kernels' C entry points to the engine (software checksum
+    and GSO for guests with different offloads).  Call once, before traffic."""
+    from vfe.kernels import kernel_addresses
+
+    addrs = kernel_addresses()
+    set_kernels(addrs["finish_csum"], addrs["gso_segment"])

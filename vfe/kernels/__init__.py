@@ -9,6 +9,10 @@ the Cython poll loop calls are built on the first ``kernel_addresses()`` call
     from vfe.kernels import kernel_addresses, E_BOUNDS
     addr = kernel_addresses()["finish_csum"]   # int, a C function pointer
 
+The @njit versions take numpy uint8 arrays (writable, C-contiguous) and
+Python ints, with the same argument order as the C functions; other argument
+types work but compile one more specialisation each.
+
 See docs/kernels.md for the C signatures and return codes.
 """
 import threading
@@ -19,8 +23,10 @@ from .codes import ERROR_NAMES, __all__ as _codes_all
 NJIT_KERNELS = ("finish_csum", "gso_segment", "ipv4_header_ok", "ipv4_fix_csum",
                 "toeplitz_hash")
 
-__all__ = list(_codes_all) + list(NJIT_KERNELS) + [
-    "ADDRESSES", "C_SIGNATURES", "ERROR_NAMES", "kernel_addresses", "kernel_cfuncs"]
+# Only the cheap names: a star-import must not import numba or build cfuncs.
+# The lazy ones (NJIT_KERNELS, ADDRESSES, C_SIGNATURES) are plain attributes.
+__all__ = list(_codes_all) + ["ERROR_NAMES", "NJIT_KERNELS", "kernel_addresses",
+                              "kernel_cfuncs"]
 
 # ADDRESSES: {"finish_csum": int, "gso_segment": int, ...}, created on first
 # access through __getattr__ below (PEP 562) or by kernel_addresses().
@@ -59,3 +65,7 @@ def __getattr__(name):
         from . import _numba
         return getattr(_numba, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(NJIT_KERNELS) | {"ADDRESSES", "C_SIGNATURES"})
