@@ -532,7 +532,7 @@ cdef class Engine:
         for i in range(self.nworkers):
             vfe_store_release_int(&self.workers[i].stop, 1)
             worker_wake(self.workers[i])
-        for t in self.threads:
+        for t in self.threads or ():
             t.join()
         self.threads = []
         for i in range(self.nworkers):

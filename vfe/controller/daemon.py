@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import socket
 import time
 
 from vfe.devices.adapter import Session
@@ -29,7 +28,7 @@ class Endpoint:
         self.path = socket_path
         self.client = client
         self.name = name
-        self.listener: socket.socket | None = None
+        self.listener: transport.Listener | None = None
         self.conn: transport.Connection | None = None
         self.session: Session | None = None
         self.next_attempt = 0.0
@@ -47,21 +46,23 @@ class Endpoint:
         if self.conn is not None or now < self.next_attempt:
             return
         self.next_attempt = now + RECONNECT_INTERVAL
-        sock = transport.try_connect(self.path)
-        if sock is not None:
-            self._attach(sock)
+        conn = transport.try_connect(self.path)
+        if conn is not None:
+            self._attach(conn)
 
     def accept(self) -> None:
-        sock, _ = self.listener.accept()
+        conn = self.listener.accept()
+        if conn is None:
+            return
         if self.conn is not None:
             log.error("%s: refusing a second front-end on %s (one is connected)", self.name, self.path)
-            sock.close()
+            conn.close()
             return
-        self._attach(sock)
+        self._attach(conn)
 
-    def _attach(self, sock: socket.socket) -> None:
-        self.conn = transport.Connection(sock)
-        self.session = Session(self.device, self.name, self.conn.send)
+    def _attach(self, conn: transport.Connection) -> None:
+        self.conn = conn
+        self.session = Session(self.device, self.name, conn.send_reply)
         self.connections += 1
         self.daemon.sel.register(self.conn, selectors.EVENT_READ, ("conn", self))
         log.info("%s: front-end connected on %s", self.name, self.path)
@@ -70,8 +71,8 @@ class Endpoint:
         try:
             for msg in self.conn.recv_messages():
                 self.session.handle(msg)
-        except (EOFError, ConnectionError) as exc:
-            log.info("%s: front-end disconnected (%s)", self.name, exc or "EOF")
+        except transport.PeerClosed as exc:
+            log.info("%s: front-end disconnected (%s)", self.name, exc)
             self.detach()
         except ProtocolError as exc:
             log.error("%s: protocol error, dropping the connection: %s", self.name, exc)
@@ -101,10 +102,6 @@ class Endpoint:
             self.daemon.sel.unregister(self.listener)
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 class Daemon:

@@ -13,6 +13,12 @@ from vfe.vhost.protocol import BackendProtocol
 log = logging.getLogger("vfe.device")
 
 
+def engine_table(memory: GuestMemory, without=None) -> list[tuple[int, int, int, int]]:
+    """The engine's view of a memory table: (gpa, size, uva, hva) per region."""
+    return [(m.gpa, m.size, m.uva, m.hva) for m in memory.regions
+            if without is None or not m.matches(without.gpa, without.size, without.uva)]
+
+
 class Session:
     """A front-end connected to one device: protocol state, guest memory,
     and the translation of actions into engine calls."""
@@ -62,19 +68,18 @@ class Session:
                 rings.set_features(f)
                 log.debug("%s: features %#x", self.name, f)
             case A.SetMemTable(regions=regions):
-                old = self.memory
-                self.memory = GuestMemory()
-                for r in regions:
-                    self.memory.add(r)
-                rings.set_memory(self.memory.engine_table())
+                # map the new table, switch the engine to it, then unmap the old:
+                # a worker never sees an address that is not mapped
+                new = GuestMemory(regions)
+                rings.set_memory(engine_table(new))
+                self.memory, old = new, self.memory
                 old.close()
             case A.AddMemRegion(region=r):
                 self.memory.add(r)
-                rings.set_memory(self.memory.engine_table())
+                rings.set_memory(engine_table(self.memory))
             case A.RemoveMemRegion(region=r):
-                removed = self.memory.detach(r)
-                rings.set_memory(self.memory.engine_table())
-                removed.close()
+                rings.set_memory(engine_table(self.memory, without=r))
+                self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
                 rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
                                  r.base, r.kick_fd, r.call_fd, r.enabled)
