@@ -68,9 +68,11 @@ class Endpoint:
         log.info("%s: front-end connected on %s", self.name, self.path)
 
     def readable(self) -> None:
+        msgs = []
         try:
-            for msg in self.conn.recv_messages():
-                self.session.handle(msg)
+            msgs = self.conn.recv_messages()
+            while msgs:
+                self.session.handle(msgs.pop(0))
         except transport.PeerClosed as exc:
             log.info("%s: front-end disconnected (%s)", self.name, exc)
             self.detach()
@@ -80,6 +82,9 @@ class Endpoint:
         except OSError as exc:
             log.error("%s: connection failed: %s", self.name, exc)
             self.detach()
+        finally:
+            for msg in msgs:            # not handled: their fds are still ours
+                transport.close_fds(msg.fds)
 
     def detach(self) -> None:
         if self.conn is None:

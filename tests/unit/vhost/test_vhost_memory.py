@@ -1,0 +1,114 @@
+"""GuestMemory / LogRegion over real memfds."""
+import ctypes
+import os
+
+import pytest
+
+from vfe.vhost.actions import MemRegion
+from vfe.vhost.memory import GuestMemory, GuestMemoryError, LogRegion, map_region
+
+MiB = 1 << 20
+UVA = 0x7F00_0000_0000
+
+
+@pytest.fixture
+def memfd():
+    made = []
+
+    def make(size):
+        fd = os.memfd_create("t", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        made.append(fd)
+        return fd
+    yield make
+    for fd in made:
+        os.close(fd)
+
+
+def test_map_with_unaligned_mmap_offset(memfd):
+    fd = memfd(2 * MiB)
+    os.pwrite(fd, b"hello", 4096 + 100)
+    with GuestMemory([MemRegion(0x10000, MiB, UVA, 4096 + 100, fd)]) as mem:
+        (r,) = mem.regions
+        assert ctypes.string_at(r.hva, 5) == b"hello"
+        hva, n = mem.gpa_to_hva(0x10000, 16)
+        assert hva == r.hva and n == 16
+        ctypes.memmove(hva + 5, b"!", 1)
+        assert os.pread(fd, 6, 4096 + 100) == b"hello!"
+        assert mem.read(0x10000, 6) == b"hello!"
+
+
+def test_translation_clips_at_region_end(memfd):
+    fd = memfd(2 * MiB)
+    with GuestMemory([MemRegion(0, MiB, UVA, 0, fd), MemRegion(MiB, MiB, UVA + 4 * MiB, MiB, fd)]) as mem:
+        hva, n = mem.gpa_to_hva(MiB - 10, 100)
+        assert n == 10
+        hva2, n2 = mem.gpa_to_hva(MiB, 90)
+        assert n2 == 90 and hva2 == mem.regions[1].hva
+        with pytest.raises(GuestMemoryError):
+            mem.gpa_to_hva(2 * MiB, 1)
+        assert mem.uva_to_gpa(UVA + 4 * MiB + 5) == MiB + 5
+        assert mem.uva_to_hva(UVA + 4 * MiB + 5, 10) == (mem.regions[1].hva + 5, 10)
+        with pytest.raises(GuestMemoryError):
+            mem.uva_to_gpa(UVA + MiB)
+        mem.write(MiB - 3, b"abcdef")              # spans both regions
+        assert mem.read(MiB - 3, 6) == b"abcdef"
+        assert os.pread(fd, 6, MiB - 3) == b"abcdef"   # same memfd, contiguous offsets
+
+
+def test_add_remove_replace(memfd):
+    fd1, fd2 = memfd(MiB), memfd(MiB)
+    mem = GuestMemory()
+    mem.add(MemRegion(0, MiB, UVA, 0, fd1))
+    with pytest.raises(GuestMemoryError, match="overlap"):
+        mem.add(MemRegion(MiB // 2, MiB // 2, UVA + 8 * MiB, 0, fd2))
+    mem.add(MemRegion(4 * MiB, MiB, UVA + 8 * MiB, 0, fd2))
+    assert [r.gpa for r in mem.regions] == [0, 4 * MiB]
+    with pytest.raises(GuestMemoryError):
+        mem.remove(0, MiB, UVA + 1)
+    mem.remove(0, MiB, UVA)
+    assert [r.gpa for r in mem.regions] == [4 * MiB]
+    old = mem.regions[0]
+    with pytest.raises(GuestMemoryError):               # bad fd: old table stays
+        mem.replace([MemRegion(0, MiB, UVA, 0, fd1), MemRegion(2 * MiB, MiB, UVA + MiB, 0, 9999)])
+    assert mem.regions == (old,)
+    mem.replace([MemRegion(0, MiB, UVA, 0, fd1)])
+    assert old.mmap.closed and len(mem) == 1
+    mem.close()
+    assert len(mem) == 0
+
+
+def test_file_shorter_than_region_is_refused(memfd):
+    fd = memfd(MiB)
+    with pytest.raises(GuestMemoryError, match="file is"):
+        map_region(MemRegion(0, MiB, UVA, 4096, fd))
+
+
+def test_mapping_survives_closing_the_fd():
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, MiB)
+    mem = GuestMemory([MemRegion(0, MiB, UVA, 0, fd)])
+    os.close(fd)
+    mem.write(10, b"xyz")
+    assert mem.read(10, 3) == b"xyz"
+    mem.close()
+
+
+def test_views_must_be_released_before_close(memfd):
+    mem = GuestMemory([MemRegion(0, MiB, UVA, 0, memfd(MiB))])
+    v = mem.regions[0].view()
+    v[0:2] = b"ok"
+    v.release()
+    mem.close()
+
+
+def test_log_region(memfd):
+    fd = memfd(8192 + 4096)
+    log = LogRegion(fd, 8192, 4096)
+    log.mark_dirty(0x5000, 0x2001)              # pages 5, 6, 7
+    assert [log.is_dirty(p * 4096) for p in range(4, 9)] == [False, True, True, True, False]
+    assert os.pread(fd, 1, 4096) == bytes([0b11100000])
+    assert ctypes.string_at(log.hva, 1) == bytes([0b11100000])
+    with pytest.raises(GuestMemoryError):
+        log.mark_dirty(8192 * 8 * 4096, 1)
+    log.close()
