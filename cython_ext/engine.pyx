@@ -616,9 +616,9 @@ cdef class Engine:
 
 cdef int translate_ring(Vring *vq) noexcept nogil:
     cdef uint64_t sz = vq.size
-    cdef uint64_t d = uva_to_hva(vq.mem, vq.desc_uva, 16 * sz)
-    cdef uint64_t a = uva_to_hva(vq.mem, vq.avail_uva, 6 + 2 * sz)
-    cdef uint64_t u = uva_to_hva(vq.mem, vq.used_uva, 6 + 8 * sz)
+    cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, 16 * sz, True)
+    cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, 6 + 2 * sz, True)
+    cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, 6 + 8 * sz, True)
     if d == 0 or a == 0 or u == 0 or (d & 15) or (a & 1) or (u & 3):
         return E_RING
     vq.desc = <uint8_t *>d

@@ -88,29 +88,20 @@ ctypedef struct Vring:
     void *dev
 
 
-cdef inline uint64_t uva_to_hva(MemTable *mt, uint64_t uva, uint64_t length) noexcept nogil:
-    """Translate a front-end virtual range (ring addresses) that must lie in one region; 0 if not."""
+cdef inline uint64_t contig_hva(MemTable *mt, uint64_t addr, uint64_t length, bint by_uva) noexcept nogil:
+    """Translate a range that must lie inside one region -- the front-end's
+    virtual addresses (ring areas, by_uva) or guest-physical ones (indirect
+    tables) -- to our address; 0 if it does not."""
     cdef int i
     cdef Region *r
+    cdef uint64_t start
     for i in range(mt.n):
         r = &mt.r[i]
-        if uva >= r.uva and uva - r.uva < r.size:
-            if length > r.size - (uva - r.uva):
+        start = r.uva if by_uva else r.gpa
+        if addr >= start and addr - start < r.size:
+            if length > r.size - (addr - start):
                 return 0
-            return r.hva + (uva - r.uva)
-    return 0
-
-
-cdef inline uint64_t gpa_to_hva_contig(MemTable *mt, uint64_t gpa, uint64_t length) noexcept nogil:
-    """Translate a guest-physical range that must be contiguous in one region; 0 if not."""
-    cdef int i
-    cdef Region *r
-    for i in range(mt.n):
-        r = &mt.r[i]
-        if gpa >= r.gpa and gpa - r.gpa < r.size:
-            if length > r.size - (gpa - r.gpa):
-                return 0
-            return r.hva + (gpa - r.gpa)
+            return r.hva + (addr - start)
     return 0
 
 
@@ -178,7 +169,7 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
                 return E_INDIRECT
             if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
                 return E_INDIRECT
-            thva = gpa_to_hva_contig(vq.mem, addr, dlen)
+            thva = contig_hva(vq.mem, addr, dlen, False)
             if thva == 0 or (thva & 15):
                 return E_INDIRECT
             table = <uint8_t *>thva
