@@ -255,6 +255,7 @@ cdef int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t sk
         if g_csum == NULL or g_csum(w.lin, frame_len, csum_start, csum_offset) < 0:
             count_drop(t, pair)
             return R_DROP
+        vfe_add_u64(&t.sw_csum, 1)
         seg.base = w.lin
         seg.len = frame_len
         return rx_enqueue(w, t, pair, &seg, 1, 0, frame_len)
@@ -266,6 +267,7 @@ cdef int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t sk
     if nseg <= 0:
         count_drop(t, pair)
         return R_DROP
+    vfe_add_u64(&t.sw_gso, 1)
     result = R_OK
     for i in range(nseg):
         seg.base = w.seg + w.seg_off[i]
@@ -829,6 +831,10 @@ cdef class NetDevice:
             "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
             "worker": vq.worker,
         }
+
+    def offload_stats(self):
+        """Frames whose offloads this device did not negotiate, finished in software."""
+        return {"sw_csum": self.d.sw_csum, "sw_gso": self.d.sw_gso}
 
     def ring_stats(self, int index):
         cdef Vring *vq = self._ring(index)

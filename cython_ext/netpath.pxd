@@ -31,6 +31,8 @@ ctypedef struct NetDev:
     int guest_tso6
     int guest_ecn
     uint64_t features
+    uint64_t sw_csum          # frames whose checksum we finished for this device
+    uint64_t sw_gso           # TSO frames we segmented for this device
 
 ctypedef struct Switch:
     uint64_t table[SW_TABLE]  # (mac << 16) | (port + 1); 0 = empty; port field 0 = forgotten

@@ -74,7 +74,7 @@ class Endpoint:
             while msgs:
                 self.session.handle(msgs.pop(0))
         except transport.PeerClosed as exc:
-            log.info("%s: front-end disconnected (%s)", self.name, exc)
+            log.info("%s: front-end disconnected (%s); %s", self.name, exc, self.device.summary())
             self.detach()
         except ProtocolError as exc:
             log.error("%s: protocol error, dropping the connection: %s", self.name, exc)

@@ -69,6 +69,19 @@ class NetDeviceModel:
             out.append(s)
         return out
 
+    def summary(self) -> str:
+        """One line of totals for the log (at disconnect and shutdown)."""
+        tot = {"rx": [0, 0, 0], "tx": [0, 0, 0]}
+        for s in self.stats():
+            t = tot[s["kind"]]
+            t[0] += s["packets"]
+            t[1] += s["bytes"]
+            t[2] += s["dropped"]
+        off = self.rings.offload_stats()
+        return (f"rx {tot['rx'][0]} packets {tot['rx'][1]} bytes {tot['rx'][2]} dropped, "
+                f"tx {tot['tx'][0]} packets {tot['tx'][1]} bytes {tot['tx'][2]} dropped, "
+                f"software csum {off['sw_csum']}, software gso {off['sw_gso']}")
+
     def close(self) -> None:
         self.rings.close()
 
