@@ -186,6 +186,10 @@ cdef int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     h.len = t.hdr_len
     sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
     sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    if t.log.active:
+        vfe_fence()
+        for c in range(niov):
+            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
     remaining = need
     for c in range(nchains):
         l = w.rx_cap[c]
@@ -617,10 +621,11 @@ cdef class Engine:
 
 
 cdef int translate_ring(Vring *vq) noexcept nogil:
-    cdef uint64_t sz = vq.size
+    # avail_event/used_event (2 bytes each) exist only with EVENT_IDX (2.7.6)
+    cdef uint64_t sz = vq.size, ev = 2 if vq.event_idx else 0
     cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, 16 * sz, True)
-    cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, 6 + 2 * sz, True)
-    cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, 6 + 8 * sz, True)
+    cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, 4 + 2 * sz + ev, True)
+    cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, 4 + 8 * sz + ev, True)
     if d == 0 or a == 0 or u == 0 or (d & 15) or (a & 1) or (u & 3):
         return E_RING
     vq.desc = <uint8_t *>d
@@ -657,6 +662,7 @@ cdef class NetDevice:
             self.d.vqs[i].index = i
             self.d.vqs[i].dev = <void *>self.d
             self.d.vqs[i].mem = self.d.mem
+            self.d.vqs[i].log = &self.d.log
             self.d.vqs[i].kick_fd = -1
             self.d.vqs[i].call_fd = -1
             self.d.vqs[i].worker = (engine.next_slot + i // 2) % engine.nworkers
@@ -699,6 +705,7 @@ cdef class NetDevice:
             self.d.guest_tso4 = (features >> 7) & 1
             self.d.guest_tso6 = (features >> 8) & 1
             self.d.guest_ecn = (features >> 9) & 1
+            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
@@ -728,8 +735,20 @@ cdef class NetDevice:
                     self.d.vqs[i].broken = -E_RING
             e.start_world()
 
+    def set_log(self, uint64_t hva, uint64_t size):
+        """Use the dirty log mapped at hva (0 to stop).  The caller unmaps the
+        previous log only after this returns."""
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.log.base = <uint8_t *>hva
+            self.d.log.size = size if hva else 0
+            self.d.log.active = ((self.d.features >> 26) & 1) and hva != 0
+            e.start_world()
+
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled):
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   bint log_used=False, uint64_t log_guest_addr=0):
         """Start a ring at avail index `base`.  Raises ValueError if its
         addresses are not inside the memory table."""
         cdef Vring *vq = self._ring(index)
@@ -757,6 +776,8 @@ cdef class NetDevice:
             vq.kick_fd = kick_fd
             vq.call_fd = call_fd
             vq.enabled = enabled
+            vq.log_used = log_used
+            vq.log_guest_addr = log_guest_addr
             vq.broken = 0
             vq.reported = 0
             vq.stall_ns = 0

@@ -2,7 +2,7 @@
 # the in-engine L2 switch, and the per-worker scratch state.  The functions
 # live in engine.pyx; this file is the map of what they touch.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from vring cimport Vring, MemTable, Iov, MAX_IOV
+from vring cimport Vring, MemTable, Iov, DirtyLog, MAX_IOV
 
 cdef enum:
     MAX_PORTS = 4096
@@ -24,6 +24,7 @@ ctypedef struct NetDev:
     int num_vqs
     Vring *vqs
     MemTable *mem
+    DirtyLog log
     int hdr_len               # 10 or 12 (virtio_net_hdr[_mrg_rxbuf])
     int mrg_rxbuf
     int guest_csum

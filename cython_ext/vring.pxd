@@ -51,6 +51,13 @@ ctypedef struct MemTable:
 ctypedef struct Iov:
     uint8_t *base
     uint32_t len
+    uint64_t gpa             # where base is in guest-physical space (for the dirty log)
+
+ctypedef struct DirtyLog:
+    # QEMU's migration bitmap (SET_LOG_BASE): one bit per 4 KiB guest page.
+    uint8_t *base
+    uint64_t size            # bytes
+    int active               # VHOST_F_LOG_ALL negotiated and a log mapped
 
 ctypedef struct Vring:
     # hot fields first
@@ -70,6 +77,9 @@ ctypedef struct Vring:
     uint16_t *avail          # [flags, idx, ring[size], used_event]
     uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
     MemTable *mem
+    DirtyLog *log
+    int log_used             # SET_VRING_ADDR asked for used-ring logging
+    uint64_t log_guest_addr  # the used ring's guest-physical address
     int kick_fd
     int call_fd
     int64_t stall_ns
@@ -130,6 +140,7 @@ cdef inline int map_gpa(MemTable *mt, uint64_t gpa, uint64_t length, Iov *iov,
             return E_IOV
         iov[niov[0]].base = <uint8_t *>(r.hva + off)
         iov[niov[0]].len = <uint32_t>chunk
+        iov[niov[0]].gpa = gpa
         niov[0] += 1
         gpa += chunk
         length -= chunk
@@ -209,6 +220,28 @@ cdef inline uint16_t avail_head(Vring *vq, uint16_t i) noexcept nogil:
     return vfe_load_u16(&vq.avail[2 + (i & vq.mask)])
 
 
+cdef inline void log_pages(DirtyLog *lg, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Mark the 4 KiB pages of [gpa, gpa+length) dirty.  The caller fenced
+    after writing the data, so QEMU never copies a page before its bit shows."""
+    cdef uint64_t page, last
+    if length == 0:
+        return
+    page = gpa >> 12
+    last = (gpa + length - 1) >> 12
+    while page <= last:
+        if (page >> 3) < lg.size:
+            vfe_fetch_or_u8(lg.base + (page >> 3), <uint8_t>(1 << (page & 7)))
+        page += 1
+
+
+cdef inline void log_used_ring(Vring *vq) noexcept nogil:
+    """Log the used ring (flags, idx, every element, avail_event): a few
+    pages at most, cheaper than tracking which elements moved."""
+    if vq.log.active and vq.log_used:
+        vfe_fence()
+        log_pages(vq.log, vq.log_guest_addr, 6 + 8 * <uint64_t>vq.size)
+
+
 cdef inline void used_push(Vring *vq, uint32_t id, uint32_t length) noexcept nogil:
     cdef uint8_t *e = vq.used + 4 + 8 * (vq.last_used_idx & vq.mask)
     vfe_store_u32(<uint32_t *>e, id)
@@ -229,6 +262,7 @@ cdef inline void used_publish(Vring *vq) noexcept nogil:
         return
     vfe_store_release_u16(<uint16_t *>(vq.used + 2), new_idx)
     vq.flushed_used_idx = new_idx
+    log_used_ring(vq)
     vfe_fence()
     if vq.event_idx:
         if not need_event(vfe_load_u16(&vq.avail[2 + vq.size]), new_idx, old):

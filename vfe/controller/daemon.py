@@ -61,6 +61,7 @@ class Endpoint:
         self._attach(conn)
 
     def _attach(self, conn: transport.Connection) -> None:
+        conn.send_timeout = 0.0
         self.conn = conn
         self.session = Session(self.device, self.name, conn.send_reply)
         self.connections += 1

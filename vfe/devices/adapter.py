@@ -9,6 +9,7 @@ import os
 from vfe.vhost import actions as A
 from vfe.vhost.memory import GuestMemory, LogRegion
 from vfe.vhost.protocol import BackendProtocol
+from vfe.vhost.transport import PeerClosed
 
 log = logging.getLogger("vfe.device")
 
@@ -55,9 +56,15 @@ class Session:
                     self._send(A.Reply(act.request, (0 if ok else 1).to_bytes(8, "little")))
                 else:
                     self._apply(act)
+            except PeerClosed:
+                raise                     # the connection is gone: the endpoint detaches
             except (OSError, ValueError, RuntimeError, IndexError) as exc:
                 failed = True
                 log.error("%s: %s failed: %s", self.name, type(act).__name__, exc)
+                if isinstance(act, (A.SetMemTable, A.AddMemRegion)):
+                    self.protocol.memory_failed(act)
+                elif isinstance(act, A.StartRing):
+                    self.protocol.ring_failed(act.ring.index)
 
     def _apply(self, act) -> None:
         rings = self.device.rings
@@ -82,7 +89,8 @@ class Session:
                 self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
                 rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
-                                 r.base, r.kick_fd, r.call_fd, r.enabled)
+                                 r.base, r.kick_fd, r.call_fd, r.enabled,
+                                 r.log_used, r.log_guest_addr)
                 self.started.add(r.index)
                 log.debug("%s: ring %d started (size %d, base %d)", self.name, r.index, r.size, r.base)
             case A.StopRing(index=i):
@@ -95,9 +103,10 @@ class Session:
                 rings.set_call_fd(i, fd)
             case A.SetLogBase(fd=fd, size=size, offset=offset):
                 new = LogRegion(fd, size, offset)
-                if self.log_region is not None:
-                    self.log_region.close()
-                self.log_region = new
+                rings.set_log(new.hva, new.size)
+                self.log_region, old = new, self.log_region
+                if old is not None:
+                    old.close()
             case A.SetStatus(status=s):
                 self.device.status = s
             case A.SetMtu(mtu=m):
@@ -125,5 +134,6 @@ class Session:
         self.memory.close()
         self.memory = GuestMemory()
         if self.log_region is not None:
+            rings.set_log(0, 0)
             self.log_region.close()
             self.log_region = None

@@ -332,6 +332,25 @@ class BackendProtocol:
         actions += self._update_rings()
         return self._account(actions)
 
+    def memory_failed(self, action: SetMemTable | AddMemRegion) -> None:
+        """The caller could not map what ``action`` carried (it nacked it):
+        forget it, so a retry of the same table is mapped afresh instead of
+        being taken for "unchanged"."""
+        if isinstance(action, SetMemTable):
+            self._regions = []
+        else:
+            key = (action.region.gpa, action.region.size, action.region.uva,
+                   action.region.mmap_offset)
+            self._regions = [r for r in self._regions if r.key() != key]
+
+    def ring_failed(self, index: int) -> None:
+        """The caller could not start ring ``index``: it is not running, so
+        GET_VRING_BASE answers from our state and a later change retries."""
+        ring = self._rings.get(index)
+        if ring is not None:
+            ring.started = False
+            ring.told_enabled = False
+
     def disconnect(self) -> list[Action]:
         """The front-end went away (or the connection was dropped after a
         ProtocolError): stop everything and close every fd held.  The protocol

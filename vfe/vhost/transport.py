@@ -78,8 +78,12 @@ class Connection:
     both.  Fds in returned messages belong to the caller.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, send_timeout: float = SEND_TIMEOUT) -> None:
         self.sock = sock
+        # How long a send may wait for a peer that does not read.  The daemon
+        # uses 0: its one control thread serves every device, and a front-end
+        # whose socket buffer is full of unread replies is dropped, not waited for.
+        self.send_timeout = send_timeout
         self._assembler = FrameAssembler()
         self._queue: list[Message] = []      # complete, not yet returned by recv_message
         self._closed = False
@@ -170,7 +174,7 @@ class Connection:
         stay the caller's (the kernel duplicates them into the peer)."""
         fds = list(fds)
         view = memoryview(data)
-        deadline = time.monotonic() + SEND_TIMEOUT
+        deadline = time.monotonic() + self.send_timeout
         while view:
             try:
                 if fds:
@@ -180,7 +184,9 @@ class Connection:
                     fds = []
                 else:
                     n = self.sock.send(view, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
+            except InterruptedError:
+                continue
+            except BlockingIOError:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerClosed("peer does not read its socket") from None
