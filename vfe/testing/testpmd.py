@@ -8,13 +8,16 @@ types one command and waits for the next ``testpmd> `` prompt.
 
 Typical use::
 
-    from vfe.testing.testpmd import TestPmd, virtio_user, vhost, measure_loop
+    from vfe.testing import testpmd as tp
 
-    with dpdk_vhost_backend(sock0, sock1):            # testpmd B, io fwd
-        with TestPmd([virtio_user(sock0), virtio_user(sock1)]) as a:
+    with tp.dpdk_vhost_backend(sock0, sock1):          # testpmd B: net_vhost, io fwd
+        with tp.TestPmd([tp.virtio_user(sock0), tp.virtio_user(sock1)],
+                        cores=[0, 1], main_lcore=0) as a:   # A: forwards on core 1
             a.wait_link_up()
-            r = measure_loop(a, seconds=5, frame_size=64, burst_first=4)
+            r = tp.measure_loop(a, seconds=5, frame_size=64, burst_first=4)
             print(r.mpps, r.gbps)
+
+    tp.check_forward_counts(sock0, sock1, frame_size=1518)  # any back-end on sock0/1
 
 Every instance gets its own EAL ``--file-prefix``; :meth:`TestPmd.close`
 quits testpmd (``quit``; then SIGTERM; then SIGKILL, all by PID) and
@@ -26,14 +29,16 @@ busy-polls its core.  On this 2-core machine a pair of testpmds is placed
 like this (measured, see docs/performance.md): the front-end (virtio_user
 ports) ``-l 0,1`` with main lcore 0, forwarding lcore 1; the back-end
 (net_vhost ports) ``-l 0,1 --main-lcore 1``, forwarding lcore 0.  Two
-forwarding lcores on the same core collapse the loop to ~0.02 Mpps (each
+forwarding lcores on the same core collapse the loop to ~0.03 Mpps (each
 process only runs for a scheduler slice at a time).
+
+Frames longer than 2176 bytes need ``args=["--mbuf-size=..."]`` (testpmd
+refuses ``set txpkts`` beyond the mbuf data size).
 """
 
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import os
 import pty
@@ -50,28 +55,12 @@ from dataclasses import dataclass, field, asdict
 from typing import Iterable, Sequence
 
 __all__ = [
-    "TESTPMD",
-    "TestPmd",
-    "TestPmdError",
-    "PortStats",
-    "FwdStats",
-    "LoopResult",
-    "CountResult",
-    "virtio_user",
-    "vhost",
-    "testpmd_available",
-    "dpdk_vhost_backend",
-    "measure_loop",
-    "send_count",
-    "drain",
-    "time_packets",
+    "TESTPMD", "CONTROLLER", "FRONTEND_CORES", "BACKEND_CORES",
+    "TestPmd", "TestPmdError", "PortStats", "FwdStats", "LoopResult", "CountResult",
+    "virtio_user", "vhost", "testpmd_available", "parse_port_stats", "parse_fwd_stats",
+    "dpdk_vhost_backend", "frontend", "vhost_daemon", "controller_argv",
+    "CpuWatch", "drain", "measure_loop", "time_packets", "send_count",
     "check_forward_counts",
-    "FRONTEND_CORES",
-    "CpuWatch",
-    "frontend",
-    "vhost_daemon",
-    "controller_argv",
-    "BACKEND_CORES",
 ]
 
 TESTPMD = "dpdk-testpmd"
@@ -349,9 +338,7 @@ class TestPmd:
         while True:
             try:
                 data = os.read(self._master, 65536)
-            except OSError as e:  # EIO once the child side is gone
-                if e.errno not in (errno.EIO, errno.EBADF):
-                    pass
+            except OSError:  # EIO once the child side is gone, EBADF after close()
                 data = b""
             if self._log and data:
                 self._log.write(data)
@@ -463,8 +450,8 @@ class TestPmd:
         if reply.strip():
             raise TestPmdError(f"set txpkts {segs}: {reply}")
         got = self.cmd("show config txpkts")
-        m = re.search(r"length=(\d+)", got)
-        if m and int(m.group(1)) != sum(segs):
+        m = re.search(r"Segment sizes:\s*([\d,]+)", got)
+        if not m or [int(x) for x in m.group(1).split(",")] != segs:
             raise TestPmdError(f"set txpkts {segs} not applied: {got}")
 
     def start(self, tx_first: int = 0) -> str:
@@ -620,11 +607,12 @@ CONTROLLER = "virtio-net-controller"
 
 
 def controller_argv(sockets: Sequence[str], mode: str = "poll", binary: str | None = None,
-                    extra: Iterable[str] = ()) -> list[str]:
-    """``virtio-net-controller --device net,socket=S0 --device net,socket=S1 --mode poll``."""
+                    extra: Iterable[str] = (), queues: int = 1) -> list[str]:
+    """``virtio-net-controller --device net,socket=S0[,queues=N] --device
+    net,socket=S1[,queues=N] --mode poll [extra...]``."""
     argv = [binary or shutil.which(CONTROLLER) or CONTROLLER]
     for s in sockets:
-        argv += ["--device", f"net,socket={s}"]
+        argv += ["--device", f"net,socket={s}" + (f",queues={int(queues)}" if queues > 1 else "")]
     return argv + ["--mode", mode, *extra]
 
 
@@ -634,7 +622,8 @@ class vhost_daemon:
 
     ``cpus`` pins it (``taskset -c``), e.g. ``[0]`` = the core where the
     reference back-end's forwarding lcore runs.  Output goes to ``log_path``
-    (or a temporary file); :meth:`tail` shows the end of it.  Stopped with
+    (or a temporary file, removed afterwards); :meth:`tail` shows the end of
+    it, and start-up errors include it.  Stopped with
     SIGTERM, then SIGKILL, by PID; the socket files are removed.
     """
 
@@ -702,8 +691,13 @@ class vhost_daemon:
             time.sleep(self.grace)  # socket file exists: let it reach listen()
         except BaseException:
             self.stop()
+            self._drop_log()
             raise
         return self
+
+    def _drop_log(self) -> None:
+        if self._own_log:
+            _unlink(self.log_path)
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -725,8 +719,7 @@ class vhost_daemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        if self._own_log and exc[0] is None:
-            _unlink(self.log_path)
+        self._drop_log()  # a temporary log; pass log_path to keep one
 
 
 def frontend(sockets: Sequence[str], queues: int = 1, queue_size: int = 256,
@@ -816,32 +809,54 @@ def _system_jiffies() -> tuple[int, int]:
     return user + nice + system + irq + softirq, steal
 
 
+def _with_descendants(pids: Iterable[int]) -> set[int]:
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out = set(pids)
+    grew = True
+    while grew:
+        new = {c for c, pp in parent.items() if pp in out and c not in out}
+        out |= new
+        grew = bool(new)
+    return out
+
+
 class CpuWatch:
     """How much CPU *other* processes used while we measured.
 
     ``foreign`` is in cores (1.0 = one core busy the whole window): the
-    machine's busy time minus the time of ``own_pids`` (our testpmds, the
-    back-end, this process).  Anything well above 0.05 means somebody else
-    ran on the machine and the numbers are not trustworthy.
+    machine's busy time minus the time of ``own_pids`` and their descendants
+    (our testpmds, the back-end, this process).  Anything well above 0.05
+    means somebody else ran on the machine and the numbers are not
+    trustworthy.
     """
 
     def __init__(self, own_pids: Iterable[int] = ()):
-        self.pids = sorted({os.getpid(), *[int(p) for p in own_pids if p]})
+        self.roots = {os.getpid(), *[int(p) for p in own_pids if p]}
 
     def __enter__(self) -> "CpuWatch":
+        self.pids = _with_descendants(self.roots)
         self.t0 = time.monotonic()
         self.sys0 = _system_jiffies()
-        self.own0 = sum(_proc_jiffies(p) for p in self.pids)
+        self.own0 = {p: _proc_jiffies(p) for p in self.pids}
         return self
 
     def __exit__(self, *exc) -> None:
         dt = time.monotonic() - self.t0
         busy1, steal1 = _system_jiffies()
-        own1 = sum(_proc_jiffies(p) for p in self.pids)
+        # processes born during the window count from zero
+        pids = self.pids | _with_descendants(self.roots)
+        own = sum(_proc_jiffies(p) - self.own0.get(p, 0) for p in pids)
         ticks = max(dt, 1e-9) * _HZ
         self.busy = (busy1 - self.sys0[0]) / ticks
         self.steal = (steal1 - self.sys0[1]) / ticks
-        self.own = (own1 - self.own0) / ticks
+        self.own = own / ticks
         self.foreign = max(0.0, self.busy - self.own)
 
 
