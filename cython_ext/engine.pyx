@@ -155,15 +155,24 @@ cdef int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         vfe_spin_unlock(&vq.lock)
         return R_DROP
     need = t.hdr_len + frame_len
-    n = avail_count(vq)
+    # re-read avail->idx on the ring's first delivery of a burst, then trust
+    # the cached value while it lasts
+    n = avail_count_cached(vq, ((need + 1499) // 1500 if t.mrg_rxbuf else 1)
+                           if in_burst(w, vq) else 0x10000)
     if n < 0:
         break_ring(w, vq, n)
         vfe_spin_unlock(&vq.lock)
         return R_DROP
     while cap < need:
         if nchains >= n:
-            vfe_spin_unlock(&vq.lock)
-            return R_NO_ROOM
+            n = avail_count_cached(vq, nchains + 1)     # re-read: the guest may have posted more
+            if n < 0:
+                break_ring(w, vq, n)
+                vfe_spin_unlock(&vq.lock)
+                return R_DROP
+            if nchains >= n:
+                vfe_spin_unlock(&vq.lock)
+                return R_NO_ROOM
         if nchains > 0 and not t.mrg_rxbuf:
             vq.dropped += 1          # frame larger than the guest's buffers
             vfe_spin_unlock(&vq.lock)
@@ -198,11 +207,45 @@ cdef int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         used_push(vq, w.rx_head[c], l)
         remaining -= l
     vq.last_avail_idx = <uint16_t>(vq.last_avail_idx + nchains)
-    used_publish(vq)
     vq.packets += 1
     vq.bytes += frame_len
+    defer_publish(w, vq)
     vfe_spin_unlock(&vq.lock)
     return R_OK
+
+
+cdef inline bint in_burst(Worker *w, Vring *vq) noexcept nogil:
+    cdef int i
+    for i in range(w.ndirty):
+        if w.dirty[i] == vq:
+            return True
+    return False
+
+
+cdef inline void defer_publish(Worker *w, Vring *vq) noexcept nogil:
+    """Publish used->idx of a filled RX ring once per burst, not per packet
+    (called with vq.lock held).  Any worker's publish covers every entry
+    pushed so far, so a ring filled by two workers is never left behind."""
+    if in_burst(w, vq):
+        return
+    if w.ndirty < 64:
+        w.dirty[w.ndirty] = vq
+        w.ndirty += 1
+    else:
+        used_publish(vq)
+
+
+cdef void flush_rx(Worker *w) noexcept nogil:
+    """End of a burst: publish the RX rings it filled and interrupt their guests."""
+    cdef int i
+    cdef Vring *vq
+    for i in range(w.ndirty):
+        vq = w.dirty[i]
+        vfe_spin_lock(&vq.lock)
+        if vq.ready:
+            used_publish(vq)
+        vfe_spin_unlock(&vq.lock)
+    w.ndirty = 0
 
 
 cdef int linearize(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len) noexcept nogil:
@@ -362,6 +405,7 @@ cdef int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         vq.packets += 1
         vq.bytes += total - dev.hdr_len
         done += 1
+    flush_rx(w)
     used_publish(vq)
     return done
 
@@ -771,6 +815,7 @@ cdef class NetDevice:
             if translate_ring(vq) < 0:
                 raise ValueError(f"ring {index}: addresses are not inside guest memory")
             vq.last_avail_idx = base
+            vq.shadow_avail_idx = base
             vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
             vq.flushed_used_idx = vq.last_used_idx
             vq.kick_fd = kick_fd
@@ -878,6 +923,7 @@ cdef class NetDevice:
         src.len = self.d.hdr_len + n
         with e._lock:
             switch_frame(w, self.d, pair, &src, 1, src.len)
+            flush_rx(w)
 
     def close(self):
         """Stop every ring and leave the switch."""

@@ -60,6 +60,8 @@ ctypedef struct Worker:
     int nrings
     Vring *rings[MAX_WORKER_RINGS]
     Switch *sw
+    int ndirty                # RX rings filled this burst, published at its end
+    Vring *dirty[64]
     uint64_t iterations
     uint64_t sleeps
     uint8_t hdr_in[12]

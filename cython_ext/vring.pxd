@@ -70,6 +70,7 @@ ctypedef struct Vring:
     uint16_t last_avail_idx
     uint16_t last_used_idx
     uint16_t flushed_used_idx  # used->idx as last published (for need_event)
+    uint16_t shadow_avail_idx  # avail->idx as last read: re-read only when we run short
     int event_idx
     int indirect
     int notify_enabled       # adaptive mode: guest kicks currently wanted
@@ -211,6 +212,20 @@ cdef inline int avail_count(Vring *vq) noexcept nogil:
     """Entries the guest made available since our cursor; E_AVAIL if impossible."""
     cdef uint16_t avail_idx = vfe_load_acquire_u16(&vq.avail[1])
     cdef uint16_t n = <uint16_t>(avail_idx - vq.last_avail_idx)
+    if n > vq.size:
+        return E_AVAIL
+    return n
+
+
+cdef inline int avail_count_cached(Vring *vq, int want) noexcept nogil:
+    """Like avail_count, but trusts the last value read while it covers `want`
+    entries: avail->idx lives on a cache line the guest keeps writing, and a
+    read per packet makes that line bounce between the cores."""
+    cdef uint16_t n = <uint16_t>(vq.shadow_avail_idx - vq.last_avail_idx)
+    if n >= want and n <= vq.size:
+        return n
+    vq.shadow_avail_idx = vfe_load_acquire_u16(&vq.avail[1])
+    n = <uint16_t>(vq.shadow_avail_idx - vq.last_avail_idx)
     if n > vq.size:
         return E_AVAIL
     return n
