@@ -24,3 +24,13 @@ def test_testpmd_counts_through_daemon(controller, sockdir, frame_size, mrg_rxbu
     for tx_port, sent, rx_port, got in res.pairs():
         assert sent == got == 32 * 4 * queues, res
     assert "stopped:" not in ctl.log()
+
+
+@pytest.mark.parametrize("mode,workers", [("poll", 1), ("adaptive", 2), ("poll", 2)])
+def test_testpmd_counts_across_modes_and_workers(controller, sockdir, mode, workers):
+    """The same counts with busy polling and with rings spread over two worker threads."""
+    sa, sb = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
+    controller([f"net,socket={sa},queues=2", f"net,socket={sb},queues=2"], mode=mode, workers=workers)
+    res = testpmd.check_forward_counts(sa, sb, frame_size=64, queues=2)
+    for tx_port, sent, rx_port, got in res.pairs():
+        assert sent == got == 32 * 4 * 2, res
