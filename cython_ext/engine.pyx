@@ -19,6 +19,7 @@ from atomics cimport *
 from linux cimport *
 from vring cimport *
 from netpath cimport *
+from switch cimport *
 
 import os
 import threading
@@ -50,63 +51,6 @@ def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
     global g_csum, g_gso
     g_csum = <csum_fn_t><void *>csum_addr
     g_gso = <gso_fn_t><void *>gso_addr
-
-
-# ---------------------------------------------------------------- switch
-
-cdef inline uint64_t mac48(uint8_t *p) noexcept nogil:
-    return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
-            (<uint64_t>p[3] << 16) | (<uint64_t>p[4] << 8) | <uint64_t>p[5])
-
-
-cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
-    mac ^= mac >> 23
-    mac *= 0x2127599bf4325c37ULL
-    mac ^= mac >> 47
-    return <uint32_t>mac & (SW_TABLE - 1)
-
-
-cdef void sw_learn(Switch *sw, uint64_t mac, int port) noexcept nogil:
-    """Lock-free: a slot is one 64-bit word (mac, port+1), written by CAS."""
-    cdef uint32_t h = mac_hash(mac)
-    cdef uint64_t want = (mac << 16) | <uint64_t>(port + 1)
-    cdef uint64_t v
-    cdef uint64_t *slot
-    cdef int k
-    for k in range(SW_PROBE):
-        slot = &sw.table[(h + k) & (SW_TABLE - 1)]
-        v = vfe_load_acquire_u64(slot)
-        if v == 0:
-            if vfe_cas_u64(slot, 0, want):
-                return
-            v = vfe_load_acquire_u64(slot)
-        if (v >> 16) == mac:
-            if v != want:
-                vfe_store_release_u64(slot, want)
-            return
-    vfe_store_release_u64(&sw.table[h], want)   # window full: evict
-
-
-cdef int sw_lookup(Switch *sw, uint64_t mac) noexcept nogil:
-    cdef uint32_t h = mac_hash(mac)
-    cdef uint64_t v
-    cdef int k
-    for k in range(SW_PROBE):
-        v = vfe_load_acquire_u64(&sw.table[(h + k) & (SW_TABLE - 1)])
-        if v == 0:
-            return -1
-        if (v >> 16) == mac:
-            return <int>(v & 0xFFFF) - 1
-    return -1
-
-
-cdef void sw_forget_port(Switch *sw, int port) noexcept nogil:
-    cdef int i
-    cdef uint64_t v
-    for i in range(SW_TABLE):
-        v = sw.table[i]
-        if v != 0 and <int>(v & 0xFFFF) == port + 1:
-            vfe_store_release_u64(&sw.table[i], v & ~<uint64_t>0xFFFF)
 
 
 # ---------------------------------------------------------------- rings
