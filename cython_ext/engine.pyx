@@ -209,65 +209,151 @@ cdef void count_drop(NetDev *t, int pair) noexcept nogil:
         vq.dropped += 1
 
 
+cdef int soft_offload(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len,
+                      int need_seg) noexcept nogil:
+    """The slow path: linearize the frame (header in w.hdr_in), then finish
+    its checksum or cut it into MSS-sized segments with the Numba kernels.
+    The results are w.seg_off/w.seg_len over w.lin (1 frame) or w.seg.
+    Returns how many frames, 1 for a checksum, or -1."""
+    cdef int32_t csum_start = w.hdr_in[6] | (w.hdr_in[7] << 8)
+    cdef int32_t csum_offset = w.hdr_in[8] | (w.hdr_in[9] << 8)
+    cdef int32_t hdr_len = w.hdr_in[2] | (w.hdr_in[3] << 8)
+    cdef int32_t gso_size = w.hdr_in[4] | (w.hdr_in[5] << 8)
+    cdef int nseg
+    if linearize(w, src, nsrc, skip, frame_len) < 0:
+        return -1
+    if not need_seg:
+        if g_csum == NULL or g_csum(w.lin, frame_len, csum_start, csum_offset) < 0:
+            return -1
+        w.seg_off[0] = -1             # marks "the frame is in w.lin"
+        w.seg_len[0] = frame_len
+        return 1
+    if g_gso == NULL:
+        return -1
+    nseg = g_gso(w.lin, frame_len, w.hdr_in[1], hdr_len, gso_size, csum_start, csum_offset,
+                 w.seg, SEG_CAP, w.seg_off, w.seg_len, MAX_SEGS)
+    return nseg if nseg > 0 else -1
+
+
+cdef inline void soft_frame(Worker *w, int i, Iov *out) noexcept nogil:
+    out.base = w.lin if w.seg_off[i] < 0 else w.seg + w.seg_off[i]
+    out.len = w.seg_len[i]
+
+
+cdef inline int needs_segmentation(uint8_t gso, int tso4, int tso6, int ecn) noexcept nogil:
+    cdef uint8_t base = gso & 0x7F
+    if base == 0:
+        return 0
+    if (gso & 0x80) and not ecn:
+        return 1
+    if base == 1:
+        return not tso4
+    if base == 4:
+        return not tso6
+    return 1                          # UFO is never offered
+
+
 cdef int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t skip,
                  uint32_t frame_len) noexcept nogil:
     """Hand one frame (header in w.hdr_in) to device t.  The header passes
     through when t negotiated the offloads it uses; otherwise the checksum is
     finished, or the frame segmented, in software (Numba kernels)."""
-    cdef uint8_t flags = w.hdr_in[0], gso = w.hdr_in[1]
-    cdef uint8_t gso_base = gso & 0x7F
-    cdef int need_seg = 0, rc, i, nseg, r, result
-    cdef int32_t csum_start, csum_offset, gso_size, hdr_len
+    cdef int need_seg = needs_segmentation(w.hdr_in[1], t.guest_tso4, t.guest_tso6, t.guest_ecn)
+    cdef int i, n, result = R_OK
     cdef Iov seg
-    if gso_base != 0:
-        if gso_base == 1:
-            need_seg = not t.guest_tso4
-        elif gso_base == 4:
-            need_seg = not t.guest_tso6
-        else:
-            need_seg = 1          # UFO is never offered
-        if (gso & 0x80) and not t.guest_ecn:
-            need_seg = 1
-    if not need_seg and not ((flags & 1) and not t.guest_csum):
+    if not need_seg and not ((w.hdr_in[0] & 1) and not t.guest_csum):
         memcpy(w.hdr_out, w.hdr_in, 10)
         return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
-    # slow path: software checksum / segmentation into a linear copy
-    csum_start = w.hdr_in[6] | (w.hdr_in[7] << 8)
-    csum_offset = w.hdr_in[8] | (w.hdr_in[9] << 8)
-    hdr_len = w.hdr_in[2] | (w.hdr_in[3] << 8)
-    gso_size = w.hdr_in[4] | (w.hdr_in[5] << 8)
-    if linearize(w, src, nsrc, skip, frame_len) < 0:
+    n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
+    if n < 0:
         count_drop(t, pair)
         return R_DROP
+    vfe_add_u64(&t.sw_gso if need_seg else &t.sw_csum, 1)
     memset(w.hdr_out, 0, 12)
     if t.guest_csum:
-        w.hdr_out[0] = 2          # DATA_VALID: we computed every checksum
-    if not need_seg:
-        if g_csum == NULL or g_csum(w.lin, frame_len, csum_start, csum_offset) < 0:
-            count_drop(t, pair)
-            return R_DROP
-        vfe_add_u64(&t.sw_csum, 1)
-        seg.base = w.lin
-        seg.len = frame_len
-        return rx_enqueue(w, t, pair, &seg, 1, 0, frame_len)
-    if g_gso == NULL:
-        count_drop(t, pair)
-        return R_DROP
-    nseg = g_gso(w.lin, frame_len, gso, hdr_len, gso_size, csum_start, csum_offset,
-                 w.seg, SEG_CAP, w.seg_off, w.seg_len, MAX_SEGS)
-    if nseg <= 0:
-        count_drop(t, pair)
-        return R_DROP
-    vfe_add_u64(&t.sw_gso, 1)
-    result = R_OK
-    for i in range(nseg):
-        seg.base = w.seg + w.seg_off[i]
-        seg.len = w.seg_len[i]
-        r = rx_enqueue(w, t, pair, &seg, 1, 0, w.seg_len[i])
-        if r != R_OK:
+        w.hdr_out[0] = 2              # DATA_VALID: we computed every checksum
+    for i in range(n):
+        soft_frame(w, i, &seg)
+        if rx_enqueue(w, t, pair, &seg, 1, 0, seg.len) != R_OK:
             count_drop(t, pair)
             result = R_DROP
     return result
+
+
+# ---------------------------------------------------------------- representor (TAP) port
+#
+# A device attached to a representor sends every guest frame to the TAP fd
+# and receives whatever the kernel (OVS, the host stack) writes to it.  The
+# TAP carries a 12-byte virtio-net header but advertises no offloads, so the
+# kernel hands us complete frames, and we finish checksums and segment TSO
+# frames before writing (userspace OVS forwards partial checksums as they
+# are, and receivers behind it drop them: facts.md).
+
+cdef int tap_write_one(Worker *w, int fd, Iov *src, int nsrc, uint32_t skip,
+                       uint32_t frame_len) noexcept nogil:
+    """writev a zero virtio-net header plus the frame, straight from guest memory."""
+    cdef iovec vec[MAX_IOV + 1]
+    cdef int n = 1, i = 0
+    cdef uint32_t left = frame_len, off = skip, l
+    memset(w.hdr_out, 0, 12)
+    vec[0].iov_base = w.hdr_out
+    vec[0].iov_len = 12
+    while i < nsrc and left > 0:
+        if off >= src[i].len:
+            off -= src[i].len
+            i += 1
+            continue
+        l = src[i].len - off
+        if l > left:
+            l = left
+        vec[n].iov_base = src[i].base + off
+        vec[n].iov_len = l
+        n += 1
+        left -= l
+        off = 0
+        i += 1
+    if writev(fd, vec, n) < 0:
+        return R_DROP
+    return R_OK
+
+
+cdef int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t skip,
+                 uint32_t frame_len) noexcept nogil:
+    """A guest frame (header in w.hdr_in) out to the device's representor."""
+    cdef int need_seg = needs_segmentation(w.hdr_in[1], 0, 0, 0)
+    cdef int i, n, result = R_OK
+    cdef Iov seg
+    if not need_seg and not (w.hdr_in[0] & 1):
+        return tap_write_one(w, dev.tap_fd, src, nsrc, skip, frame_len)
+    n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
+    if n < 0:
+        return R_DROP
+    vfe_add_u64(&dev.sw_gso if need_seg else &dev.sw_csum, 1)
+    for i in range(n):
+        soft_frame(w, i, &seg)
+        if tap_write_one(w, dev.tap_fd, &seg, 1, 0, seg.len) != R_OK:
+            result = R_DROP
+    return result
+
+
+cdef int tap_in(Worker *w, NetDev *dev) noexcept nogil:
+    """Up to BURST frames from the representor into the guest's RX ring."""
+    cdef int k, done = 0
+    cdef ssize_t n
+    cdef Iov frame
+    for k in range(BURST):
+        n = read(dev.tap_fd, w.tap_buf, LIN_CAP + 12)
+        if n <= 12:
+            break
+        memcpy(w.hdr_in, w.tap_buf, 12)
+        frame.base = w.tap_buf + 12
+        frame.len = <uint32_t>(n - 12)
+        if deliver(w, dev, 0, &frame, 1, 0, frame.len) != R_OK:
+            dev.tap_rx_dropped += 1
+        done += 1
+    if done:
+        flush_rx(w)
+    return done
 
 
 cdef int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
@@ -310,6 +396,18 @@ cdef int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
     return R_OK
 
 
+cdef int tap_send(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t total) noexcept nogil:
+    cdef Iov d
+    cdef uint32_t hl = dev.hdr_len
+    d.base = w.hdr_in
+    d.len = hl
+    memset(w.hdr_in, 0, 12)
+    sg_copy(&d, 1, 0, src, nsrc, 0, hl)
+    if total - hl < 14:
+        return R_DROP
+    return tap_out(w, dev, src, nsrc, hl, total - hl)
+
+
 cdef int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     """Take up to BURST chains from a guest TX ring and switch them."""
     cdef NetDev *dev = <NetDev *>vq.dev
@@ -332,7 +430,10 @@ cdef int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         if rc < 0:
             break_ring(w, vq, rc)
             break
-        rc = switch_frame(w, dev, vq.index >> 1, w.iov, niov, total)
+        if dev.tap_fd >= 0:
+            rc = tap_send(w, dev, w.iov, niov, total)
+        else:
+            rc = switch_frame(w, dev, vq.index >> 1, w.iov, niov, total)
         if rc == R_NO_ROOM:
             t = now_ns()
             if vq.stall_ns == 0:
@@ -372,6 +473,8 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             vq = w.rings[i]
             if ring_usable(vq):
                 work += net_tx_burst(w, vq)
+        for i in range(w.ntaps):
+            work += tap_in(w, w.taps[i])
         w.iterations += 1
         vfe_spin_unlock(&w.lock)
         if work:
@@ -401,7 +504,8 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             w.sleeps += 1
             n = epoll_wait(w.epfd, evs, 64, 1 if w.blocked else 1000)
             for i in range(n if n > 0 else 0):
-                read(evs[i].data.fd, &val, 8)
+                if evs[i].data.fd >= 0:       # kick/wake eventfds; TAP fds are read by tap_in
+                    read(evs[i].data.fd, &val, 8)
         vfe_spin_lock(&w.lock)
         for i in range(w.nrings):
             if w.rings[i].ready:
@@ -417,13 +521,14 @@ cdef Worker *worker_new(Switch *sw, int mode, int64_t spin_ns, int event_fd) exc
         raise MemoryError()
     w.lin = <uint8_t *>malloc(LIN_CAP)
     w.seg = <uint8_t *>malloc(SEG_CAP)
+    w.tap_buf = <uint8_t *>malloc(LIN_CAP + 12)
     w.sw = sw
     w.mode = mode
     w.spin_ns = spin_ns
     w.event_fd = event_fd
     w.epfd = epoll_create1(EPOLL_CLOEXEC)
     w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-    if w.lin == NULL or w.seg == NULL or w.epfd < 0 or w.wake_fd < 0:
+    if w.lin == NULL or w.seg == NULL or w.tap_buf == NULL or w.epfd < 0 or w.wake_fd < 0:
         worker_free(w)
         raise OSError(errno, "worker set-up failed")
     ev.events = EPOLLIN
@@ -439,6 +544,7 @@ cdef void worker_free(Worker *w) noexcept nogil:
         close(w.wake_fd)
     free(w.lin)
     free(w.seg)
+    free(w.tap_buf)
     free(w)
 
 
@@ -646,6 +752,7 @@ cdef class NetDevice:
         self.d.num_vqs = num_queues
         self.d.hdr_len = 12
         self.d.port = -1
+        self.d.tap_fd = -1
         for i in range(num_queues):
             self.d.vqs[i].index = i
             self.d.vqs[i].dev = <void *>self.d
@@ -722,6 +829,42 @@ cdef class NetDevice:
                 if self.d.vqs[i].ready and translate_ring(&self.d.vqs[i]) < 0:
                     self.d.vqs[i].broken = -E_RING
             e.start_world()
+
+    def set_tap(self, int fd):
+        """Connect the device to a representor TAP fd (non-blocking, with a
+        12-byte vnet header): guest frames go to it and frames read from it
+        go to the guest.  The device leaves the switch.  -1 goes back to the
+        switch.  The fd stays the caller's; detach before closing it."""
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[self.d.vqs[1].worker if self.d.num_vqs > 1 else 0]
+        cdef epoll_event ev
+        cdef int i, p = self.d.port
+        with nogil:
+            e.stop_world()
+            if self.d.tap_fd >= 0:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, self.d.tap_fd, NULL)
+                for i in range(w.ntaps):
+                    if w.taps[i] == self.d:
+                        w.taps[i] = w.taps[w.ntaps - 1]
+                        w.ntaps -= 1
+                        break
+            self.d.tap_fd = fd
+            if fd >= 0:
+                w.taps[w.ntaps] = self.d
+                w.ntaps += 1
+                ev.events = EPOLLIN
+                ev.data.fd = -1 - fd          # not drained by the wake-up loop: tap_in reads it
+                epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev)
+                if p >= 0:
+                    e.sw.ports[p] = NULL
+                    sw_forget_port(e.sw, p)
+            elif p >= 0:
+                e.sw.ports[p] = self.d
+            e.start_world()
+            worker_wake(w)
+
+    def tap_stats(self):
+        return {"tap_rx_dropped": self.d.tap_rx_dropped}
 
     def set_log(self, uint64_t hva, uint64_t size):
         """Use the dirty log mapped at hva (0 to stop).  The caller unmaps the
@@ -874,6 +1017,8 @@ cdef class NetDevice:
         cdef int i
         if self.d == NULL or self.d.port < 0:
             return
+        if self.d.tap_fd >= 0:
+            self.set_tap(-1)
         for i in range(self.d.num_vqs):
             self.stop_ring(i)
         self.engine._detach(self)

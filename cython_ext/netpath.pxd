@@ -34,6 +34,8 @@ ctypedef struct NetDev:
     uint64_t features
     uint64_t sw_csum          # frames whose checksum we finished for this device
     uint64_t sw_gso           # TSO frames we segmented for this device
+    int tap_fd                # >= 0: connected to a representor instead of the switch
+    uint64_t tap_rx_dropped   # frames from the representor the guest had no room for
 
 ctypedef struct Switch:
     uint64_t table[SW_TABLE]  # (mac << 16) | (port + 1); 0 = empty; port field 0 = forgotten
@@ -60,6 +62,9 @@ ctypedef struct Worker:
     int nrings
     Vring *rings[MAX_WORKER_RINGS]
     Switch *sw
+    int ntaps                 # representor-attached devices whose TAP this worker reads
+    NetDev *taps[MAX_WORKER_RINGS]
+    uint8_t *tap_buf
     int ndirty                # RX rings filled this burst, published at its end
     Vring *dirty[64]
     uint64_t iterations

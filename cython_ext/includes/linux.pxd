@@ -25,6 +25,12 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_CLOEXEC
     int eventfd(unsigned int initval, int flags)
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
