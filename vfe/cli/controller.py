@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -95,19 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-us", type=int, default=50,
                    help="adaptive mode: idle microseconds before a worker sleeps (default 50)")
     p.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    svc = p.add_argument_group("service mode (no --device): the emulated DPU managed with virtnet")
+    svc.add_argument("--root", help="prefix of every default path (default: $VFE_ROOT or /)")
+    svc.add_argument("--config", help="virtnet.conf (default <root>/opt/mellanox/mlnx_virtnet/virtnet.conf)")
+    svc.add_argument("--recovery-dir", help="recovery files (default <root>/opt/mellanox/mlnx_virtnet/recovery)")
+    svc.add_argument("--state-dir", help="NV config and SF pool (default <root>/var/lib/vfe)")
+    svc.add_argument("--run-dir", help="RPC and endpoint sockets (default <root>/run/virtnet)")
+    svc.add_argument("--datapath", choices=["representor", "switch"], default="representor",
+                     help="where a function's packets go: its SF representor netdev (default) "
+                          "or the in-engine switch between functions")
+    svc.add_argument("--host-qmp", metavar="PATH",
+                     help="QMP socket of a running QEMU: hot-plugged PFs appear in that VM")
     return p
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=LOG_LEVELS[level],
-        format="virtio-net-controller[%(process)d]: [%(levelname)s] %(name)s: %(message)s")
+    """journald's view of a service's stderr: `<N>` syslog priority prefixes
+    (journald strips them and records the level), then the seed's
+    `virtio-net-controller[PID]: [LEVEL] file:line:function: message` shape."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter())
+    logging.basicConfig(level=LOG_LEVELS[level], handlers=[handler])
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)   # netlink chatter at debug
+
+
+class JournalFormatter(logging.Formatter):
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self):
+        super().__init__()
+        # systemd sets JOURNAL_STREAM when stderr is the journal: only then the
+        # <N> prefix (a terminal or a log file gets the plain line)
+        self.prefix = bool(os.environ.get("JOURNAL_STREAM"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        prio = f"<{self.PRIORITY.get(record.levelno, 6)}>" if self.prefix else ""
+        return (f"{prio}virtio-net-controller[{record.process}]: [{record.levelname}] "
+                f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.device:
-        build_parser().error("at least one --device is needed")
     if not 1 <= args.workers <= 64:
         build_parser().error("--workers must be in 1..64")
     setup_logging(args.log_level)
@@ -123,14 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     try:
-        for cfg in args.device:
-            daemon.add_net_device(cfg)
+        if args.device:
+            for cfg in args.device:
+                daemon.add_net_device(cfg)
+        else:
+            from vfe.controller import service
+            from vfe.controller.paths import Paths
+            paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
+                                   run_dir=args.run_dir, state_dir=args.state_dir)
+            service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp)
     except OSError as exc:
         log.error("cannot open %s: %s", exc.filename or "socket", exc.strerror or exc)
         daemon.shutdown()
         return 1
+    except Exception as exc:
+        from vfe.controller.service import ServiceError
+        if not isinstance(exc, ServiceError):
+            raise
+        log.error("%s", exc)
+        daemon.shutdown()
+        return 1
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
-             __version__, len(args.device), args.workers, args.mode)
+             __version__, len(daemon.endpoints), args.workers, args.mode)
     daemon.run()
     return 0
 

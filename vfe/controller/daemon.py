@@ -121,19 +121,35 @@ class Daemon:
         self.sel.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
         self.sel.register(engine.event_fd, selectors.EVENT_READ, ("engine", None))
         self.stopping = False
+        self.on_shutdown: list = []       # callables run first at shutdown (service mode)
 
     def add_net_device(self, config: NetConfig) -> Endpoint:
+        """A device declared on the command line: model plus endpoint."""
         config.name = config.name or f"net{len(self.endpoints)}"
-        name = config.name
         device = NetDeviceModel(self.engine, config)
-        ep = Endpoint(self, device, config.socket, config.client, name)
         try:
-            ep.open()
+            return self.add_endpoint(device, config.socket, config.client, config.name)
         except OSError:
             device.close()
             raise
+
+    def add_endpoint(self, device, socket_path: str, client: bool, name: str) -> Endpoint:
+        """Serve `device` on a vhost-user socket (the caller owns the device)."""
+        ep = Endpoint(self, device, socket_path, client, name)
+        ep.open()
         self.endpoints.append(ep)
         return ep
+
+    def remove_endpoint(self, ep: Endpoint) -> None:
+        """Stop serving: the front-end (if any) is disconnected, the socket removed."""
+        ep.close()
+        if ep in self.endpoints:
+            self.endpoints.remove(ep)
+
+    def add_reader(self, obj, kind: str) -> None:
+        """Register another fd-owning object (RPC server, its clients) with
+        the loop; `obj.on_readable()` is called when it is readable."""
+        self.sel.register(obj, selectors.EVENT_READ, (kind, obj))
 
     def stop(self) -> None:
         """Ask the loop to end (callable from a signal handler or another thread)."""
@@ -160,6 +176,8 @@ class Daemon:
                     elif kind == "conn":
                         if ep.conn is not None:
                             ep.readable()
+                    elif kind == "rpc":
+                        ep.on_readable()          # the RPC server or one of its clients
                     elif kind == "engine":
                         self._log_broken_rings()
                     elif kind == "stop":
@@ -174,6 +192,11 @@ class Daemon:
             log.error("%s: ring %d stopped: %s (the guest must reset the device)", name, index, reason)
 
     def shutdown(self) -> None:
+        for hook in self.on_shutdown:
+            try:
+                hook()
+            except Exception:              # keep stopping the rest
+                log.exception("shutdown hook failed")
         for ep in self.endpoints:
             ep.close()
         self.engine.stop()

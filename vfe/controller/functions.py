@@ -1,0 +1,141 @@
+"""The emulated PCIe functions the controller manages: their identity
+(VUID, BDF, SF, representor) and the fields `virtnet list/query` show, in
+the seed's order.  Pure data plus formatting; creating and destroying the
+pieces behind a function is the inventory's job (inventory.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Emulated PCI topology.  Static PFs sit on bus 0x84 after the two network
+# PFs of the DPU's ports (functions 0 and 1), so static PF i is 84:00.(i+2)
+# -- the seed's VUIDs name them VNETS0D0F<fn>.  Hot-plugged PFs sit behind
+# the emulated PCIe switch, one downstream port each: port p is bus 0x85+p,
+# VUID VNETS<p+1>D0F0 (the seed's first hot-plugged device is 85:00.0,
+# VNETS1D0F0).  VFs (SR-IOV) are numbered under their PF.
+STATIC_PF_BUS = 0x84
+STATIC_PF_FIRST_FN = 2
+HOTPLUG_FIRST_BUS = 0x85
+
+STATIC, HOTPLUG, VF = "static", "hotplug", "vf"
+FUNCTION_TYPE = {STATIC: "static PF", HOTPLUG: "hotplug PF", VF: "VF"}
+
+
+def bdf_raw(bus: int, dev: int, fn: int) -> int:
+    return (bus << 8) | (dev << 3) | fn
+
+
+def bdf_str(raw: int) -> str:
+    return f"{raw >> 8:02x}:{(raw >> 3) & 0x1F:02x}.{raw & 7:x}"
+
+
+def static_pf_location(pf_index: int) -> tuple[str, int]:
+    fn = STATIC_PF_FIRST_FN + pf_index
+    # more than 6 static PFs spill into device numbers, 8 functions each
+    dev, fn = divmod(fn, 8)
+    return f"VNETS0D{dev}F{fn}", bdf_raw(STATIC_PF_BUS, dev, fn)
+
+
+def hotplug_pf_location(port: int) -> tuple[str, int]:
+    return f"VNETS{port + 1}D0F0", bdf_raw(HOTPLUG_FIRST_BUS + port, 0, 0)
+
+
+def representor_name(pf_num: int, sf_num: int) -> str:
+    """`<prefix><pf_num>sf<sf_num>`: en3f0pf0sf1001 for DPU port 0, SF 1001."""
+    return f"en3f{pf_num}pf{pf_num}sf{sf_num}"
+
+
+def queue_pairs(max_queues: int) -> int:
+    """Data queue pairs of a device with `max_queues` virtqueues (the seed's
+    -n counts virtqueues: 3 = one RX/TX pair plus the control queue)."""
+    return max(1, max_queues // 2)
+
+
+@dataclass
+class NetFunction:
+    pf_id: int
+    vf_id: int                       # -1 for a PF
+    device_type: str                 # STATIC | HOTPLUG | VF
+    vuid: str
+    bdf_raw: int
+    ib_dev: str                      # sf_parent_device / port_ib_dev
+    pf_num: int                      # DPU port (0, 1; 0 with LAG)
+    sf_num: int
+    mac: str
+    mtu: int
+    max_queues: int
+    max_queue_size: int
+    num_msix: int
+    features: int                    # virtio feature bits offered (0 = the default set)
+    legacy: bool = False
+    port: int = -1                   # hot-plug switch port
+    socket: str = ""
+    ifindex: int = 0
+    sf_index: int = 0                # position in the SF pool, for sf_rdma_device / vhca id
+    # runtime pieces (not shown, not recorded)
+    model: Any = field(default=None, repr=False)
+    endpoint: Any = field(default=None, repr=False)
+    representor: Any = field(default=None, repr=False)
+    qmp_id: str | None = None
+
+    @property
+    def bdf(self) -> str:
+        return bdf_str(self.bdf_raw)
+
+    @property
+    def is_pf(self) -> bool:
+        return self.vf_id < 0
+
+    @property
+    def rep_name(self) -> str:
+        return representor_name(self.pf_num, self.sf_num)
+
+    def bound(self) -> bool:
+        """A guest driver is using the device: its rings run."""
+        ep = self.endpoint
+        return ep is not None and ep.session is not None and bool(ep.session.started)
+
+    def list_entry(self) -> dict:
+        """The `virtnet list` fields, in the seed's order."""
+        head: dict[str, Any] = ({"pf_id": self.pf_id} if self.is_pf
+                                else {"vf_id": self.vf_id, "parent_pf_id": self.pf_id})
+        return head | {
+            "function_type": FUNCTION_TYPE[self.device_type],
+            "vuid": self.vuid,
+            "bdf": self.bdf,
+            "sf_num": self.sf_num,
+            "sf_parent_device": self.ib_dev,
+            "sf_rep_net_device": self.rep_name,
+            "sf_rep_net_ifindex": self.ifindex,
+            "sf_rdma_device": f"mlx5_{2 + self.sf_index}",
+            "sf_vhca_id": f"{0x100 + self.sf_index:#x}",
+            "msix_config_vector": "0x0",
+            "num_msix": self.num_msix,
+            "max_queues": self.max_queues,
+            "max_queues_size": self.max_queue_size,
+            "net_mac": self.mac,
+            "net_mtu": self.mtu,
+        }
+
+    def recovery_record(self) -> dict:
+        """The seed's recovery fields, then vfe's own."""
+        head: dict[str, Any] = {"port_ib_dev": self.ib_dev, "pf_id": self.pf_id}
+        if not self.is_pf:
+            head["vf_id"] = self.vf_id
+        return head | {
+            "function_type": "pf" if self.is_pf else "vf",
+            "bdf_raw": self.bdf_raw,
+            "device_type": self.device_type,
+            "mac": self.mac,
+            "pf_num": self.pf_num,
+            "sf_num": self.sf_num,
+            "mq": 1 if queue_pairs(self.max_queues) > 1 else 0,
+            "vuid": self.vuid,
+            "mtu": self.mtu,
+            "max_queues": self.max_queues,
+            "max_queue_size": self.max_queue_size,
+            "num_msix": self.num_msix,
+            "features": self.features,
+            "legacy": int(self.legacy),
+            "port": self.port,
+        }

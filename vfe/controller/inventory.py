@@ -1,0 +1,408 @@
+"""The controller's inventory: which functions exist, and the operations
+`virtnet` asks for (hotplug, unplug, list, query, modify).
+
+Every operation runs on the daemon's control thread.  Creating a function
+builds its pieces in order -- SF, representor, device model and engine
+rings, vhost-user endpoint, representor link, host hot-plug, recovery file
+-- and undoes the ones already built if a later one fails, so a failed
+command leaves nothing half created.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Callable
+
+from vfe.controller.functions import (
+    HOTPLUG, STATIC, NetFunction, hotplug_pf_location, queue_pairs, static_pf_location,
+)
+from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
+from vfe.virtio.constants import F, bit
+
+log = logging.getLogger("vfe.controller")
+
+MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
+DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
+                 "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
+
+
+class InventoryError(Exception):
+    """An operation the user asked for cannot be done; the message says why."""
+
+    def __init__(self, message: str, code: int = -22):   # -EINVAL
+        super().__init__(message)
+        self.code = code
+
+
+def mac_add(mac: str, n: int) -> str:
+    v = (int(mac.replace(":", ""), 16) + n) & 0xFFFFFFFFFFFF
+    return ":".join(f"{(v >> (8 * i)) & 0xFF:02x}" for i in range(5, -1, -1))
+
+
+def _int(v) -> int:
+    return int(v, 0) if isinstance(v, str) else int(v)
+
+
+class Undo:
+    """Steps to take back if creation fails half-way (last in, first out)."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], Any]] = []
+
+    def push(self, fn: Callable[[], Any]) -> None:
+        self.steps.append(fn)
+
+    def run(self) -> None:
+        while self.steps:
+            try:
+                self.steps.pop()()
+            except Exception:             # undo as much as possible
+                log.exception("undo step failed")
+
+
+class Inventory:
+    def __init__(self, daemon, paths, limits, conf, sf_pool, recovery_store,
+                 representors, datapath: str = "representor", host=None):
+        self.daemon = daemon
+        self.paths = paths
+        self.limits = limits          # vfe.controller.nvconfig.Limits
+        self.conf = conf              # vfe.controller.virtnet_conf.VirtnetConf
+        self.sf_pool = sf_pool
+        self.store = recovery_store   # None when recovery is disabled
+        self.representors = representors   # factory: create(name) / attach(name)
+        self.datapath = datapath      # "representor" or "switch"
+        self.host = host              # vfe.controller.hostqmp.HostQmp or None
+        self.functions: list[NetFunction] = []
+
+    # ------------------------------------------------------------------ lookup
+
+    def static_ib_dev(self) -> str:
+        return self.conf.static_pf_device
+
+    def pf_num_for(self, ib_dev: str) -> int:
+        c = self.conf
+        if c.is_lag:
+            if ib_dev != c.ib_dev_lag:
+                raise InventoryError(f"ib device {ib_dev!r} is not the LAG device {c.ib_dev_lag!r} (is_lag is 1)")
+            return 0
+        if ib_dev == c.ib_dev_p0:
+            return 0
+        if ib_dev == c.ib_dev_p1 and not c.single_port:
+            return 1
+        names = [c.ib_dev_p0] + ([] if c.single_port else [c.ib_dev_p1])
+        raise InventoryError(f"unknown ib device {ib_dev!r} (this controller has {', '.join(names)})",
+                             code=-19)
+
+    def find(self, pf: int | None = None, vf: int | None = None, vuid: str | None = None) -> NetFunction:
+        for f in self.functions:
+            if vuid is not None:
+                if f.vuid == vuid:
+                    return f
+            elif f.pf_id == pf and f.vf_id == (-1 if vf is None else vf):
+                return f
+        what = f"VUID {vuid}" if vuid is not None else (f"PF {pf}" + (f" VF {vf}" if vf is not None else ""))
+        raise InventoryError(f"no such device: {what}", code=-19)    # -ENODEV
+
+    def pick(self, params: dict) -> NetFunction:
+        if params.get("vuid"):
+            return self.find(vuid=params["vuid"])
+        if params.get("pf") is None:
+            raise InventoryError("give a device: -p PF [-v VF] or -u VUID")
+        return self.find(pf=int(params["pf"]), vf=None if params.get("vf") is None else int(params["vf"]))
+
+    # ------------------------------------------------------------------ limits
+
+    def max_queues_limit(self) -> int:
+        return min(self.limits.pf_max_queues, MAX_VIRTQ)
+
+    def check_geometry(self, max_queues: int, max_queue_size: int, mtu: int) -> None:
+        lim = self.max_queues_limit()
+        if not 1 <= max_queues <= lim:
+            raise InventoryError(
+                f"max_queues {max_queues} is out of range 1..{lim} (bound by VIRTIO_NET_EMULATION_NUM_MSIX "
+                f"and max_virtq {MAX_VIRTQ})", code=-34)                 # -ERANGE
+        if not 2 <= max_queue_size <= 32768 or max_queue_size & (max_queue_size - 1):
+            raise InventoryError(f"max_queue_size {max_queue_size} is not a power of two in 2..32768",
+                                 code=-34)
+        if not 68 <= mtu <= 9216:
+            raise InventoryError(f"mtu {mtu} is out of range 68..9216", code=-34)
+
+    @staticmethod
+    def check_mac(mac: str) -> str:
+        if not isinstance(mac, str) or not MAC_RE.match(mac):
+            raise InventoryError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
+        return mac
+
+    def free_ports(self) -> list[int]:
+        used = {f.port for f in self.functions if f.device_type == HOTPLUG}
+        return [p for p in range(self.limits.hotplug_ports) if p not in used]
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self, f: NetFunction, undo: Undo, recovered: bool) -> None:
+        """Create the pieces behind a function record (SF already reserved)."""
+        rep = None
+        if self.datapath == "representor":
+            try:
+                rep = (self.representors.attach(f.rep_name) if recovered and self.representors.exists(f.rep_name)
+                       else self.representors.create(f.rep_name, mtu=f.mtu))
+            except OSError as exc:
+                raise InventoryError(f"cannot create representor {f.rep_name}: {exc}", code=-(exc.errno or 5))
+            undo.push(rep.close if recovered else rep.destroy)
+            f.representor = rep
+            f.ifindex = rep.ifindex
+        cfg = NetConfig(socket=str(self.paths.endpoint_socket(f.vuid)), queues=queue_pairs(f.max_queues),
+                        queue_size=f.max_queue_size, mtu=f.mtu, mac=f.mac, name=f.vuid)
+        model = NetDeviceModel(self.daemon.engine, cfg)
+        undo.push(model.close)
+        if f.features:
+            # a user's feature mask narrows what the device offers; the
+            # vhost-user bits stay (QEMU needs them to talk to us at all)
+            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
+            model.features = NET_FEATURES & (f.features | keep)
+        f.model = model
+        f.socket = cfg.socket
+        ep = self.daemon.add_endpoint(model, cfg.socket, False, f.vuid)
+        undo.push(lambda: self.daemon.remove_endpoint(ep))
+        f.endpoint = ep
+        if rep is not None:
+            model.rings.set_tap(rep.fd)
+            undo.push(lambda: model.rings.set_tap(-1))
+
+    def _save(self, f: NetFunction) -> None:
+        if self.store is not None and self.store.enabled:
+            from vfe.controller.recovery import RecoveryRecord
+            self.store.save(f.vuid, RecoveryRecord.from_json(f.recovery_record(), f.vuid))
+
+    def _teardown(self, f: NetFunction, destroy: bool) -> None:
+        """Take a function's pieces apart; `destroy` also removes its
+        representor, SF and recovery file (unplug), else they stay for the
+        next start (shutdown)."""
+        if f.model is not None:
+            f.model.rings.set_tap(-1)
+        if f.endpoint is not None:
+            self.daemon.remove_endpoint(f.endpoint)
+        if f.model is not None:
+            f.model.close()
+        if f.representor is not None:
+            (f.representor.destroy if destroy else f.representor.close)()
+        if destroy:
+            self.sf_pool.release(f.sf_num)
+            if self.store is not None:
+                self.store.delete(f.vuid)
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self, recovered: list[dict]) -> None:
+        """Static PFs (taking back their recovered identity), then recovered
+        hot-plugged PFs."""
+        by_vuid = {r["vuid"]: r for r in recovered if "vuid" in r}
+        ib = self.static_ib_dev()
+        pf_num = self.pf_num_for(ib)
+        base_mac = getattr(self.conf, "pf_mac", None) or "00:11:22:33:44:55"
+        for i in range(self.limits.static_pfs):
+            vuid, raw = static_pf_location(i)
+            rec = by_vuid.pop(vuid, None)
+            if rec is not None:
+                self._restore(rec)
+                continue
+            self._create(NetFunction(
+                pf_id=i, vf_id=-1, device_type=STATIC, vuid=vuid, bdf_raw=raw, ib_dev=ib,
+                pf_num=pf_num, sf_num=0, mac=mac_add(base_mac, i), mtu=1500,
+                max_queues=self.max_queues_limit(), max_queue_size=256,
+                num_msix=self.limits.pf_msix, features=0), preferred_sf=None)
+        for rec in by_vuid.values():
+            if rec.get("device_type") == HOTPLUG:
+                self._restore(rec)
+
+    def _restore(self, rec: dict) -> None:
+        f = NetFunction(
+            pf_id=rec["pf_id"], vf_id=-1 if rec.get("vf_id") is None else rec["vf_id"], device_type=rec["device_type"],
+            vuid=rec["vuid"], bdf_raw=rec["bdf_raw"], ib_dev=rec["port_ib_dev"], pf_num=rec["pf_num"],
+            sf_num=rec["sf_num"], mac=rec["mac"], mtu=rec.get("mtu") or 1500,
+            max_queues=rec.get("max_queues") or 2, max_queue_size=rec.get("max_queue_size") or 256,
+            num_msix=rec.get("num_msix", self.limits.pf_msix), features=_int(rec.get("features") or 0),
+            legacy=bool(rec.get("legacy", 0)), port=rec.get("port", -1))
+        try:
+            self._create(f, preferred_sf=f.sf_num, recovered=True)
+            log.info("%s: recovered (%s, SF %d, MAC %s)", f.vuid, f.bdf, f.sf_num, f.mac)
+        except (InventoryError, OSError, ValueError) as exc:
+            log.error("%s: cannot recover: %s", f.vuid, exc)
+
+    def _create(self, f: NetFunction, preferred_sf: int | None, recovered: bool = False) -> NetFunction:
+        undo = Undo()
+        try:
+            try:
+                f.sf_num = self.sf_pool.reserve(preferred_sf, owner=f.vuid)
+            except RuntimeError as exc:           # SfPoolExhausted, SfInUse, SfPoolError
+                raise InventoryError(str(exc), code=-28) from None
+            f.sf_index = f.sf_num - 1000
+            undo.push(lambda: self.sf_pool.release(f.sf_num))
+            self._build(f, undo, recovered)
+            if f.device_type == HOTPLUG and self.host is not None:
+                f.qmp_id = self.host.plug(f)
+                undo.push(lambda: self.host.unplug(f))
+            self._save(f)
+        except BaseException:
+            undo.run()
+            raise
+        self.functions.append(f)
+        return f
+
+    def shutdown(self) -> None:
+        for f in list(self.functions):
+            try:
+                self._teardown(f, destroy=False)
+            except Exception:
+                log.exception("%s: teardown failed", f.vuid)
+        self.functions.clear()
+
+    # ------------------------------------------------------------------ virtnet operations
+
+    def hotplug(self, p: dict) -> dict:
+        ib_dev = p.get("ib_device")
+        if not ib_dev:
+            raise InventoryError("hotplug needs -i IB_DEVICE")
+        pf_num = self.pf_num_for(ib_dev)
+        mac = self.check_mac(p.get("mac", ""))
+        mtu = int(p.get("mtu", 1500))
+        max_queues = int(p.get("max_queues", 2))
+        max_queue_size = int(p.get("max_queue_size", 256))
+        self.check_geometry(max_queues, max_queue_size, mtu)
+        legacy = bool(p.get("legacy"))
+        if legacy:
+            if not self.limits.transitional:
+                raise InventoryError("transitional (legacy) devices are not enabled: set "
+                                     "VIRTIO_NET_EMULATION_PF_PCI_LAYOUT=1 and VIRTIO_EMULATION_HOTPLUG_TRANS=1 "
+                                     "with vfe-mlxconfig and restart the controller", code=-95)
+            n_legacy = sum(1 for f in self.functions if f.legacy)
+            if n_legacy >= self.limits.transitional_max:
+                raise InventoryError(
+                    f"no I/O port space for another transitional device ({n_legacy} of "
+                    f"{self.limits.transitional_max}: (allocated I/O space - 4K) / 4K)", code=-28)
+        free = self.free_ports()
+        if not free:
+            raise InventoryError(f"all {self.limits.hotplug_ports} hot-plug switch ports are in use "
+                                 f"(PCI_SWITCH_EMULATION_NUM_PORT)", code=-28)       # -ENOSPC
+        port = free[0]
+        vuid, raw = hotplug_pf_location(port)
+        pf_id = max([f.pf_id for f in self.functions if f.is_pf], default=-1) + 1
+        sf = p.get("sf_num")
+        f = NetFunction(
+            pf_id=pf_id, vf_id=-1, device_type=HOTPLUG, vuid=vuid, bdf_raw=raw, ib_dev=ib_dev,
+            pf_num=pf_num, sf_num=0, mac=mac, mtu=mtu, max_queues=max_queues,
+            max_queue_size=max_queue_size, num_msix=min(self.limits.pf_msix, max_queues + 1),
+            features=int(p.get("features") or 0), legacy=legacy, port=port)
+        self._create(f, preferred_sf=None if sf is None else int(sf))
+        log.info("%s: hot-plugged at %s (id %d, SF %d, representor %s)", f.vuid, f.bdf, f.pf_id,
+                 f.sf_num, f.rep_name)
+        return {"bdf": f.bdf, "vuid": f.vuid, "id": f.pf_id, "transitional": int(f.legacy),
+                "sf_rep_net_device": f.rep_name, "mac": f.mac}
+
+    def unplug(self, p: dict) -> dict:
+        f = self.pick(p)
+        if f.device_type != HOTPLUG:
+            raise InventoryError(f"{f.vuid} is a {f.device_type} function: only hot-plugged PFs can be "
+                                 f"unplugged", code=-1)                                # -EPERM
+        if self.host is not None and f.qmp_id:
+            self.host.unplug(f)
+        self._teardown(f, destroy=True)
+        self.functions.remove(f)
+        log.info("%s: unplugged", f.vuid)
+        return {"id": f.pf_id, "vuid": f.vuid, "status": "success"}
+
+    def list(self, p: dict) -> dict:
+        return {
+            "controller": {
+                "emulation_manager": self.static_ib_dev(),
+                "max_hotplug_devices": self.limits.hotplug_ports,
+                "max_virt_net_devices": self.limits.static_pfs + self.limits.hotplug_ports,
+                "max_virtq": MAX_VIRTQ,
+                "free_switch_ports": len(self.free_ports()),
+                "supported_features": f"{NET_FEATURES:#x}",
+                "datapath": self.datapath,
+            },
+            "devices": [f.list_entry() for f in self.functions],
+        }
+
+    def _query_one(self, f: NetFunction, brief: bool) -> dict:
+        out = f.list_entry()
+        model = f.model
+        sess = f.endpoint.session if f.endpoint is not None else None
+        out["status"] = "running" if f.bound() else ("connected" if sess is not None else "not connected")
+        out["socket"] = f.socket
+        out["negotiated_features"] = f"{sess.protocol.features:#x}" if sess is not None else "0x0"
+        out["device_status"] = model.status
+        if not brief:
+            out["queues"] = [
+                {"index": s["index"], "type": s["kind"], "size": s["size"],
+                 "state": ("error: " + s["error"]) if s["broken"] else
+                          ("running" if s["ready"] and s["enabled"] else ("disabled" if s["ready"] else "stopped")),
+                 "last_avail_idx": s["last_avail_idx"], "last_used_idx": s["last_used_idx"],
+                 "packets": s["packets"], "bytes": s["bytes"], "dropped": s["dropped"],
+                 "errors": s["errors"]}
+                for s in model.stats()]
+        return out
+
+    def query(self, p: dict) -> dict:
+        brief = bool(p.get("brief"))
+        targets = self.functions if p.get("all") else [self.pick(p)]
+        return {"devices": [self._query_one(f, brief) for f in targets]}
+
+    def modify(self, p: dict) -> dict:
+        f = self.pick(p)
+        changes: dict[str, Any] = {}
+        if p.get("mac") is not None:
+            changes["mac"] = self.check_mac(p["mac"])
+        if p.get("mtu") is not None:
+            changes["mtu"] = int(p["mtu"])
+        if p.get("features") is not None:
+            changes["features"] = int(p["features"])
+        if p.get("msix_num") is not None:
+            changes["num_msix"] = int(p["msix_num"])
+            if not 1 <= changes["num_msix"] <= self.limits.pf_msix:
+                raise InventoryError(f"msix_num {changes['num_msix']} is out of range 1..{self.limits.pf_msix}",
+                                     code=-34)
+        if p.get("max_queue_size") is not None:
+            changes["max_queue_size"] = int(p["max_queue_size"])
+        if not changes:
+            raise InventoryError("nothing to modify: give at least one of -m -t -f -n -q")
+        self.check_geometry(f.max_queues, changes.get("max_queue_size", f.max_queue_size),
+                            changes.get("mtu", f.mtu))
+        if f.bound():
+            raise InventoryError(DEVICE_IN_USE.format(vuid=f.vuid), code=-16)     # -EBUSY
+        old = {k: getattr(f, k) for k in changes}
+        for k, v in changes.items():
+            setattr(f, k, v)
+        try:
+            self._apply_modify(f, changes)
+            self._save(f)
+        except BaseException:
+            for k, v in old.items():
+                setattr(f, k, v)
+            raise
+        log.info("%s: modified %s", f.vuid, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return {"vuid": f.vuid, "modified": sorted(changes), "status": "success"}
+
+    def _apply_modify(self, f: NetFunction, changes: dict) -> None:
+        m = f.model
+        if "mtu" in changes:
+            m.mtu = f.mtu
+        if "max_queue_size" in changes:
+            m.config.queue_size = f.max_queue_size
+        if "features" in changes:
+            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
+            m.features = NET_FEATURES & (f.features | keep) if f.features else NET_FEATURES
+        if "mac" in changes:
+            m.config.mac = f.mac
+        if self.host is not None and f.qmp_id and ({"mac", "mtu"} & set(changes)):
+            # the guest reads MAC and MTU from the PCI function's config space,
+            # which QEMU owns: re-create the function with the new values
+            self.host.replug(f)
+
+    def version(self, p: dict) -> dict:
+        from vfe import __version__
+        from vfe.engine import ENGINE_ABI
+        return {"controller": {"version": __version__, "engine_abi": ENGINE_ABI, "pid": os.getpid()}}

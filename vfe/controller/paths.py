@@ -1,0 +1,174 @@
+"""Where the controller keeps its files.
+
+The seed's paths are the defaults, all under a prefix taken from
+``$VFE_ROOT`` (default ``/``) so that tests and unprivileged users can run a
+whole emulated DPU inside a directory:
+
+    conf          <root>/opt/mellanox/mlnx_virtnet/virtnet.conf
+    recovery dir  <root>/opt/mellanox/mlnx_virtnet/recovery/
+    state dir     <root>/var/lib/vfe/          (NV config, SF pools)
+    run dir       <root>/run/virtnet/          (virtnet.sock, <VUID>.sock)
+
+Explicit arguments (the daemon's flags) override each one; a relative
+explicit path is taken relative to the current directory, not to the root.
+
+Also here: ``atomic_write_text``/``atomic_write_json``, the one way every
+module of the controller replaces a file (temp file in the same directory,
+fsync, rename, fsync of the directory).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_ROOT = "VFE_ROOT"
+
+CONF_REL = "opt/mellanox/mlnx_virtnet/virtnet.conf"
+RECOVERY_REL = "opt/mellanox/mlnx_virtnet/recovery"
+STATE_REL = "var/lib/vfe"
+RUN_REL = "run/virtnet"
+
+RPC_SOCKET_NAME = "virtnet.sock"
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+SUN_PATH_MAX = 107
+
+
+class SocketPathTooLong(ValueError):
+    """A Unix socket path that the kernel would refuse (longer than 107 bytes)."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    conf: Path
+    recovery_dir: Path
+    state_dir: Path
+    run_dir: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike | None = None,
+                 conf: str | os.PathLike | None = None,
+                 recovery: str | os.PathLike | None = None,
+                 run_dir: str | os.PathLike | None = None,
+                 state_dir: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None) -> "Paths":
+        """The paths for this process: ``root`` (else ``$VFE_ROOT``, else
+        ``/``) prefixes every default; the other arguments override one path
+        each.  Nothing is created (see ``ensure``)."""
+        env = os.environ if env is None else env
+        if root is None:
+            root = env.get(ENV_ROOT) or "/"
+        root_p = Path(os.path.abspath(os.fspath(root)))
+
+        def pick(explicit, rel: str) -> Path:
+            if explicit is not None and os.fspath(explicit) != "":
+                return Path(os.path.abspath(os.fspath(explicit)))
+            return root_p / rel
+
+        return cls(
+            root=root_p,
+            conf=pick(conf, CONF_REL),
+            recovery_dir=pick(recovery, RECOVERY_REL),
+            state_dir=pick(state_dir, STATE_REL),
+            run_dir=pick(run_dir, RUN_REL),
+        )
+
+    # -- derived paths -------------------------------------------------------
+
+    @property
+    def rpc_socket(self) -> Path:
+        """The controller's JSON-RPC socket, where ``virtnet`` connects."""
+        return self.run_dir / RPC_SOCKET_NAME
+
+    def endpoint_socket(self, vuid: str) -> Path:
+        """A function's vhost-user socket (``<run dir>/<VUID>.sock``)."""
+        if not vuid or "/" in vuid or vuid in (".", ".."):
+            raise ValueError(f"bad VUID {vuid!r} for a socket name")
+        return self.run_dir / f"{vuid}.sock"
+
+    def nvconfig_dir(self) -> Path:
+        return self.state_dir / "nvconfig"
+
+    def display(self, path: Path) -> str:
+        """``path`` as the seed names it, with the root noted when it is not
+        ``/`` -- for messages that tell a user which files to delete."""
+        path = Path(path)
+        if self.root == Path("/"):
+            return str(path)
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return str(path)
+        return f"/{rel} (under VFE_ROOT={self.root}, i.e. {path})"
+
+    # -- creation ------------------------------------------------------------
+
+    def ensure(self) -> "Paths":
+        """Create the recovery, state and run directories (and the conf's
+        directory) if missing.  Returns self."""
+        for d in (self.conf.parent, self.recovery_dir, self.state_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def check_socket_path(self, path: Path | None = None) -> Path:
+        """Raise SocketPathTooLong if ``path`` (default: the RPC socket) does
+        not fit a sockaddr_un; the message says how to fix it."""
+        path = self.rpc_socket if path is None else Path(path)
+        n = len(os.fsencode(str(path)))
+        if n > SUN_PATH_MAX:
+            raise SocketPathTooLong(
+                f"socket path {path} is {n} bytes, longer than the {SUN_PATH_MAX} a Unix "
+                f"socket allows; choose a shorter run dir (--run-dir) or VFE_ROOT")
+        return path
+
+
+# -- atomic file replacement ----------------------------------------------------
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the
+    old content or the new, never a part: write a temp file in the same
+    directory, fsync it, rename it over ``path``, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int = 0o644) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n", mode=mode)
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the temp files ``atomic_write_text`` leaves after a crash."""
+    return name.startswith(".") and name.endswith(".tmp")

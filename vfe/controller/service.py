@@ -1,0 +1,117 @@
+"""virtio-net-controller as a service: the emulated DPU.
+
+Start-up order, as the seed describes the product: apply pending firmware
+(NV) configuration -- the "cold reboot" -- and refuse to run unless
+VIRTIO_NET_EMULATION_ENABLE is set; read virtnet.conf once; open the SF
+pool; check the recovery files against the configuration; create the static
+PFs and recover the hot-plugged ones; then serve `virtnet` on the RPC socket.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+from vfe.controller import nvconfig
+from vfe.controller.paths import Paths
+
+log = logging.getLogger("vfe.controller")
+
+
+class ServiceError(Exception):
+    """The service cannot start; the message tells the user what to do."""
+
+
+def representor_factory():
+    from vfe.ports import representor as rep
+    return types.SimpleNamespace(create=rep.Representor.create, attach=rep.Representor.attach,
+                                 exists=rep.exists)
+
+
+def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str | None = None):
+    """Everything but the loop: returns the Inventory, serving on daemon."""
+    from vfe.controller.inventory import Inventory, InventoryError
+    from vfe.controller.recovery import RecoveryStore
+    from vfe.controller.sf_pool import SfPool
+    from vfe.controller.virtnet_conf import ConfigError, load_virtnet_conf
+    from vfe.rpc.protocol import RpcError
+    from vfe.rpc.server import RpcServer
+
+    paths.ensure()
+    nv = nvconfig.NvConfig.load(paths.state_dir)
+    applied = nv.apply_pending()
+    if applied:
+        log.info("applied new firmware configuration: %s",
+                 ", ".join(f"{k}={new}" for k, (_, new) in applied.items()))
+    reason = nvconfig.service_check(nv)
+    if reason:
+        raise ServiceError(reason)
+    lim = nvconfig.limits(nv)
+    try:
+        conf = load_virtnet_conf(paths.conf)
+    except ConfigError as exc:
+        raise ServiceError(f"{paths.display(paths.conf)}: {exc}") from None
+
+    store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
+                          display_dir=paths.display(paths.recovery_dir))
+    loaded = store.load_compatible(conf, nv)
+    if loaded.problems:
+        raise ServiceError("; ".join(str(p) for p in loaded.problems))
+    records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
+
+    pool = SfPool(paths.state_dir, total=lim.pf_total_sf, percent=conf.sf_pool_percent,
+                  force_destroy=bool(conf.sf_pool_force_destroy), ib_dev=conf.emu_manager)
+    report = pool.start(keep={r["sf_num"]: r["vuid"] for r in records})
+    if any(report.values()):
+        log.info("SF pool: %s", ", ".join(f"{k} {v}" for k, v in report.items() if v))
+    host = None
+    if host_qmp:
+        from vfe.controller.hostqmp import HostQmp
+        host = HostQmp(host_qmp)
+    inv = Inventory(daemon, paths, lim, conf, pool, store, representor_factory(),
+                    datapath=datapath, host=host)
+    inv.start(records)
+
+    def handle(method: str, params: dict):
+        fn = HANDLERS.get(method)
+        if fn is None:
+            raise RpcError.method_not_found(method)
+        try:
+            return fn(inv, params or {})
+        except InventoryError as exc:
+            raise RpcError(exc.code, str(exc)) from None
+
+    rpc = RpcServer(paths.rpc_socket, handle, daemon.sel)
+
+    def stop():
+        rpc.close()
+        inv.shutdown()
+        pool.stop()
+        if host is not None:
+            host.close()
+
+    daemon.on_shutdown.append(stop)
+    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s); virtnet on %s",
+             lim.static_pfs, lim.hotplug_ports, len(records), paths.rpc_socket)
+    return inv
+
+
+def _set_log_level(inv, p: dict) -> dict:
+    from vfe.cli.controller import LOG_LEVELS
+    level = p.get("level")
+    if level not in LOG_LEVELS:
+        from vfe.controller.inventory import InventoryError
+        raise InventoryError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+    logging.getLogger().setLevel(LOG_LEVELS[level])
+    log.info("log level set to %s", level)
+    return {"level": level, "status": "success"}
+
+
+HANDLERS = {
+    "hotplug": lambda inv, p: inv.hotplug(p),
+    "unplug": lambda inv, p: inv.unplug(p),
+    "list": lambda inv, p: inv.list(p),
+    "query": lambda inv, p: inv.query(p),
+    "modify": lambda inv, p: inv.modify(p),
+    "log": _set_log_level,
+    "version": lambda inv, p: inv.version(p),
+}

@@ -1,0 +1,335 @@
+"""The controller's JSON-RPC server on a Unix stream socket.
+
+It lives in the daemon's selector loop; nothing here blocks or spawns threads:
+
+    server = RpcServer(paths.rpc_socket, handler, daemon.sel)
+    ...
+    for key, _ in sel.select(timeout):
+        kind, obj = key.data
+        if kind == "rpc":
+            obj.on_readable()
+    ...
+    server.close()
+
+The listening socket and every client connection register themselves in the
+selector with `data=("rpc", obj)`.  `obj.on_readable()` must be called for
+any event on such a key (readable or writable: a connection whose replies did
+not fit in the socket buffer waits for EVENT_WRITE and flushes from there).
+
+`handler(method, params) -> result` runs on the loop thread.  It raises
+`RpcError(code, message, data)` for expected failures (sent back as is); any
+other exception is logged with its traceback and answered with -32603
+carrying the exception's message.  A client that disconnects, sends garbage,
+sends an endless line or never reads its replies only affects itself.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+from typing import Any, Callable, Mapping
+
+from vfe.rpc.protocol import (
+    INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
+    encode_error, encode_result,
+)
+
+log = logging.getLogger("vfe.rpc")
+
+Handler = Callable[[str, dict], Any]
+
+RECV_SIZE = 65536
+HIGH_WATER = 1 << 20        # stop handling a client's requests while this much output is queued
+ACCEPT_BURST = 16
+MAX_CLIENTS = 64
+UNIX_PATH_MAX = 108
+
+
+def method_table(methods: Mapping[str, Callable[[dict], Any]]) -> Handler:
+    """A handler dispatching on the method name: `methods[name](params)`;
+    unknown names get -32601 (Method not found)."""
+    def handler(method: str, params: dict) -> Any:
+        fn = methods.get(method)
+        if fn is None:
+            raise RpcError.method_not_found(method)
+        return fn(params)
+    return handler
+
+
+def _short(obj: Any, limit: int = 300) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    try:
+        import struct
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    except (OSError, AttributeError):
+        return None
+
+
+class RpcClientConnection:
+    """One accepted client: reads lines, runs the handler, queues replies."""
+
+    def __init__(self, server: "RpcServer", sock: socket.socket):
+        self.server = server
+        self.sock = sock
+        self.proto = RpcConnection(server.max_line)
+        self.pending: collections.deque[Request | ErrorResponse] = collections.deque()
+        self.out = bytearray()
+        self.eof = False
+        self.closed = False
+        self.events = selectors.EVENT_READ
+        self.name = f"rpc client pid {_peer_pid(sock)}"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- the selector's entry point ------------------------------------------------
+
+    def on_readable(self) -> None:
+        """Called for any event on this connection (read or write)."""
+        if self.closed:
+            return
+        try:
+            self._progress()
+            if not self.out and not self.pending and not self.eof and not self.closed:
+                self._read()
+                self._progress()
+        except OSError as exc:
+            if self.closed:         # the handler closed the server under us
+                return
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                log.debug("%s: disconnected (%s)", self.name, exc)
+            else:
+                log.warning("%s: connection failed: %s", self.name, exc)
+            self.close()
+            return
+        if self.closed:
+            return
+        if self.eof and not self.out and not self.pending:
+            log.debug("%s: disconnected", self.name)
+            self.close()
+            return
+        self._set_events(selectors.EVENT_WRITE if self.out else selectors.EVENT_READ)
+
+    on_writable = on_readable
+
+    # -- internals ------------------------------------------------------------------
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        if data:
+            self.pending.extend(self.proto.feed(data))
+        else:
+            self.eof = True
+            self.pending.extend(self.proto.feed_eof())
+
+    def _progress(self) -> None:
+        """Handle queued requests while the output stays below HIGH_WATER."""
+        while not self.closed:
+            while self.pending and len(self.out) < HIGH_WATER and not self.closed:
+                self._dispatch(self.pending.popleft())
+            self._flush()
+            if self.out or not self.pending:
+                return
+
+    def _flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                n = self.sock.send(self.out, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return
+            del self.out[:n]
+
+    def _dispatch(self, item: Request | ErrorResponse) -> None:
+        if isinstance(item, ErrorResponse):
+            log.debug("%s: bad request: %s", self.name, item.message)
+            self.out += item.encode()
+            return
+        reply = self.server.execute(item)
+        if reply is not None and not item.notification:
+            self.out += reply
+
+    def _set_events(self, events: int) -> None:
+        if events != self.events and not self.closed:
+            self.server.selector.modify(self, events, ("rpc", self))
+            self.events = events
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.server.selector.unregister(self)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.server.clients.discard(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.pending.clear()
+        self.out.clear()
+
+
+class RpcServer:
+    """Listens on `path` (mode `mode`) and serves `handler` through `selector`."""
+
+    def __init__(self, path: str | os.PathLike, handler: Handler,
+                 selector: selectors.BaseSelector | None = None, mode: int = 0o660, *,
+                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, backlog: int = 16):
+        self.path = os.fspath(path)
+        self.handler = handler
+        self.own_selector = selector is None
+        self.selector = selectors.DefaultSelector() if selector is None else selector
+        self.max_line = max_line
+        self.max_clients = max_clients
+        self.clients: set[RpcClientConnection] = set()
+        self.closed = False
+        self.sock = self._listen(mode, backlog)
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
+        self.selector.register(self, selectors.EVENT_READ, ("rpc", self))
+        log.info("RPC server listening on %s", self.path)
+
+    def _listen(self, mode: int, backlog: int) -> socket.socket:
+        if len(os.fsencode(self.path)) >= UNIX_PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG,
+                          f"RPC socket path is longer than {UNIX_PATH_MAX - 1} bytes", self.path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, mode)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _remove_stale(self) -> None:
+        """A socket file left by a crashed controller is removed; a live one is not."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", self.path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale RPC socket %s", self.path)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        except OSError:
+            pass                # e.g. a full backlog: someone is listening
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE,
+                      "another virtio-net-controller is already serving this socket", self.path)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def on_readable(self) -> None:
+        """Accept pending connections."""
+        if self.closed:
+            return
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # EMFILE, ENFILE, ENOBUFS...
+                log.warning("RPC server: accept failed: %s", exc)
+                return
+            if len(self.clients) >= self.max_clients:
+                log.warning("RPC server: %d clients connected, refusing another", len(self.clients))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = RpcClientConnection(self, sock)
+            self.clients.add(conn)
+            self.selector.register(conn, selectors.EVENT_READ, ("rpc", conn))
+            log.debug("%s: connected", conn.name)
+
+    def execute(self, req: Request) -> bytes | None:
+        """Run one request through the handler; returns the encoded reply."""
+        try:
+            result = self.handler(req.method, req.params)
+        except RpcError as exc:
+            log.debug("RPC %s: error %d: %s", req.method, exc.code, exc.message)
+            return encode_error(req.id, exc.code, exc.message, exc.data)
+        except Exception as exc:
+            log.exception("RPC %s(%s) failed", req.method, _short(req.params))
+            return encode_error(req.id, INTERNAL_ERROR, str(exc) or type(exc).__name__,
+                                {"exception": type(exc).__name__})
+        if req.notification:
+            return None
+        try:
+            return encode_result(req.id, result)
+        except (TypeError, ValueError) as exc:
+            log.error("RPC %s: result is not JSON-serializable: %s", req.method, exc)
+            return encode_error(req.id, INTERNAL_ERROR, f"{req.method}: result is not JSON-serializable: {exc}")
+
+    def poll(self, timeout: float | None = 0.0) -> int:
+        """Serve events from the selector once; only for a server that owns its
+        selector (tests, tools).  Returns the number of events handled."""
+        if not self.own_selector:
+            raise RuntimeError("poll() is for a server that owns its selector; the daemon's loop dispatches")
+        n = 0
+        for key, _ in self.selector.select(timeout):
+            kind, obj = key.data
+            if kind == "rpc":
+                obj.on_readable()
+                n += 1
+        return n
+
+    def close(self) -> None:
+        """Drop every client, stop listening and remove the socket file (if it
+        is still ours)."""
+        if self.closed:
+            return
+        self.closed = True
+        # first stop listening and remove the socket file, then drop the clients:
+        # a client that sees its connection end finds no socket to come back to
+        try:
+            self.selector.unregister(self)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        for conn in list(self.clients):
+            conn.close()
+        if self.own_selector:
+            self.selector.close()
+        log.info("RPC server on %s closed", self.path)
+
+    def __enter__(self) -> "RpcServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
