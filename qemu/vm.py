@@ -94,6 +94,7 @@ class NetDev:
     server: bool = False          # QEMU listens (blocks start until the backend connects)
     mq: bool | None = None        # default: queues > 1
     extra: str = ""               # more virtio-net-pci properties, "a=b,c=d"
+    reconnect: int = 0            # client: reconnect N s after the backend goes away (recovery)
 
     def __post_init__(self) -> None:
         if self.queues < 1:
@@ -331,7 +332,7 @@ class VM:
         mq = nic.mq if nic.mq is not None else nic.queues > 1
         # TCG + vhost-user-net + MSI-X crashes QEMU 7.2 (facts.md): INTx there.
         vectors = 2 * nic.queues + 2 if self.accel == "kvm" else 0
-        srv = ",server=on,wait=off" if nic.server else ""
+        srv = ",server=on,wait=off" if nic.server else (f",reconnect={nic.reconnect}" if nic.reconnect else "")
         dev = (f"virtio-net-pci,id=nic{i},netdev=net{i},mac={nic.mac or self._mac(i)},"
                f"mq={'on' if mq else 'off'},vectors={vectors},"
                f"rx_queue_size={nic.queue_size},tx_queue_size={nic.queue_size},romfile=")

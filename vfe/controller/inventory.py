@@ -234,12 +234,13 @@ class Inventory:
     def _create(self, f: NetFunction, preferred_sf: int | None, recovered: bool = False) -> NetFunction:
         undo = Undo()
         try:
-            try:
-                f.sf_num = self.sf_pool.reserve(preferred_sf, owner=f.vuid)
-            except RuntimeError as exc:           # SfPoolExhausted, SfInUse, SfPoolError
-                raise InventoryError(str(exc), code=-28) from None
+            if not recovered:                      # a recovered SF was kept in use by SfPool.start
+                try:
+                    f.sf_num = self.sf_pool.reserve(preferred_sf, owner=f.vuid)
+                except RuntimeError as exc:       # SfPoolExhausted, SfInUse, SfPoolError
+                    raise InventoryError(str(exc), code=-28) from None
+                undo.push(lambda: self.sf_pool.release(f.sf_num))
             f.sf_index = f.sf_num - 1000
-            undo.push(lambda: self.sf_pool.release(f.sf_num))
             self._build(f, undo, recovered)
             if f.device_type == HOTPLUG and self.host is not None:
                 f.qmp_id = self.host.plug(f)
@@ -367,6 +368,9 @@ class Inventory:
                                      code=-34)
         if p.get("max_queue_size") is not None:
             changes["max_queue_size"] = int(p["max_queue_size"])
+        if p.get("link_state") is not None and not changes:
+            raise InventoryError("link state follows the guest's vhost-user connection here; it cannot be "
+                                 "forced with modify -e", code=-95)             # -EOPNOTSUPP
         if not changes:
             raise InventoryError("nothing to modify: give at least one of -m -t -f -n -q")
         self.check_geometry(f.max_queues, changes.get("max_queue_size", f.max_queue_size),

@@ -8,7 +8,8 @@ The seed's example (a hot-plugged PF)::
 
 vfe writes exactly those fields, in that order (``vf_id`` after ``pf_id``
 for VFs only, as the example has none for a PF), then its own: ``vuid``,
-``mtu``, ``max_queues``, ``max_queue_size``, ``features``, ``legacy``.  A
+``mtu``, ``max_queues``, ``max_queue_size``, ``num_msix``, ``features``,
+``legacy``, ``port`` (a hot-plugged PF's emulated switch port).  A
 file with only the seed's fields (hand-written, or from the product) loads:
 the VUID comes from the file name.
 
@@ -39,7 +40,7 @@ _VUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 SEED_FIELDS = ("port_ib_dev", "pf_id", "vf_id", "function_type", "bdf_raw", "device_type",
                "mac", "pf_num", "sf_num", "mq")
-VFE_FIELDS = ("vuid", "mtu", "max_queues", "max_queue_size", "features", "legacy")
+VFE_FIELDS = ("vuid", "mtu", "max_queues", "max_queue_size", "num_msix", "features", "legacy", "port")
 FUNCTION_TYPES = ("pf", "vf")
 DEVICE_TYPES = ("static", "hotplug")
 
@@ -90,8 +91,10 @@ class RecoveryRecord:
     mtu: int | None = None
     max_queues: int | None = None
     max_queue_size: int | None = None
+    num_msix: int | None = None
     features: int | None = None
     legacy: bool = False
+    port: int | None = None      # a hot-plugged PF's emulated switch port (-1/None: none)
     extra: dict[str, Any] = field(default_factory=dict)   # unknown fields, kept as they were
 
     @property
@@ -101,6 +104,14 @@ class RecoveryRecord:
     @property
     def file_name(self) -> str:
         return f"{self.vuid}.json"
+
+    @property
+    def slot(self) -> int | None:
+        """A hot-plugged PF's switch port: ``port`` when recorded, else
+        ``pf_id`` (a file with only the seed's fields); None for others."""
+        if self.device_type != "hotplug" or self.function_type != "pf":
+            return None
+        return self.port if self.port is not None and self.port >= 0 else self.pf_id
 
     def validate(self) -> "RecoveryRecord":
         """Check every field; raises RecoveryError naming the field."""
@@ -127,7 +138,8 @@ class RecoveryRecord:
         _int("pf_num", self.pf_num, 0)
         _int("sf_num", self.sf_num, SF_NUM_MIN)
         _int("mq", self.mq, 0)
-        for name, lo in (("mtu", 68), ("max_queues", 1), ("max_queue_size", 1)):
+        for name, lo in (("mtu", 68), ("max_queues", 1), ("max_queue_size", 1), ("num_msix", 1),
+                         ("port", -1)):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), lo)
         if self.features is not None:
@@ -143,12 +155,14 @@ class RecoveryRecord:
             d["vf_id"] = self.vf_id
         d.update(function_type=self.function_type, bdf_raw=self.bdf_raw, device_type=self.device_type,
                  mac=self.mac, pf_num=self.pf_num, sf_num=self.sf_num, mq=self.mq, vuid=self.vuid)
-        for name in ("mtu", "max_queues", "max_queue_size"):
+        for name in ("mtu", "max_queues", "max_queue_size", "num_msix"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
         if self.features is not None:
             d["features"] = hex(self.features)
         d["legacy"] = int(self.legacy)
+        if self.port is not None:
+            d["port"] = self.port
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d
@@ -186,7 +200,8 @@ class RecoveryRecord:
             device_type=data["device_type"].lower() if isinstance(data["device_type"], str) else data["device_type"],
             mac=data["mac"], pf_num=data["pf_num"], sf_num=data["sf_num"], mq=data["mq"],
             vf_id=data.get("vf_id"), mtu=data.get("mtu"), max_queues=data.get("max_queues"),
-            max_queue_size=data.get("max_queue_size"), features=features, legacy=legacy,
+            max_queue_size=data.get("max_queue_size"), num_msix=data.get("num_msix"),
+            features=features, legacy=legacy, port=data.get("port"),
             extra={k: v for k, v in data.items() if k not in SEED_FIELDS and k not in VFE_FIELDS},
         )
         return rec.validate()
@@ -270,9 +285,13 @@ class RecoveryStore:
         if not self.dir.is_dir():
             return 0
         for p in self.dir.iterdir():
-            if p.is_file() and (p.suffix == ".json" or is_temp_name(p.name)):
+            if not p.is_file():
+                continue
+            if is_temp_name(p.name):
                 p.unlink(missing_ok=True)
-                n += p.suffix == ".json" and not is_temp_name(p.name)
+            elif p.suffix == ".json":
+                p.unlink(missing_ok=True)
+                n += 1
         return n
 
     def files(self) -> list[Path]:
@@ -327,6 +346,7 @@ class RecoveryStore:
             "sf_num": lambda r: (r.port_ib_dev, r.sf_num),
             "bdf_raw": lambda r: r.bdf_raw,
             "function": lambda r: (r.device_type, r.function_type, r.pf_id, r.vf_id),
+            "slot": lambda r: ("slot", r.slot) if r.slot is not None else ("no slot", r.vuid),
         }
         bad: dict[str, str] = {}
         for what, key in keys.items():
@@ -344,7 +364,8 @@ class RecoveryStore:
         return RecoveryLoad(good, problems)
 
 
-_WHAT = {"sf_num": "SF", "bdf_raw": "PCI address (bdf_raw)", "function": "function"}
+_WHAT = {"sf_num": "SF", "bdf_raw": "PCI address (bdf_raw)", "function": "function",
+         "slot": "hot-plug switch port"}
 
 
 def check_compat(record: RecoveryRecord, conf: VirtnetConf, nv,
@@ -393,11 +414,12 @@ def _incompatibility(r: RecoveryRecord, conf: VirtnetConf, nv) -> str | None:
         if dev != conf.static_pf_device:
             return f"a static PF on {dev}, but ib_dev_for_static_pf is {conf.static_pf_device}"
         return None
-    # hot-plugged PF: pf_id is its emulated switch port
+    # hot-plugged PF: it needs its emulated switch port
     if lim.hotplug_ports == 0:
         return "a hot-plugged PF, but PCI switch emulation is off (PCI_SWITCH_EMULATION_ENABLE/NUM_PORT)"
-    if r.pf_id >= lim.hotplug_ports:
-        return f"hot-plugged pf_id {r.pf_id}, but PCI_SWITCH_EMULATION_NUM_PORT={lim.hotplug_ports}"
+    if r.slot >= lim.hotplug_ports:
+        return (f"a hot-plugged PF on switch port {r.slot}, but PCI_SWITCH_EMULATION_NUM_PORT="
+                f"{lim.hotplug_ports}")
     if r.legacy and not lim.transitional:
         return ("a transitional device, but VIRTIO_NET_EMULATION_PF_PCI_LAYOUT and "
                 "VIRTIO_EMULATION_HOTPLUG_TRANS are not both 1")
