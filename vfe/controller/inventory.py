@@ -63,13 +63,13 @@ class Undo:
 
 
 class Inventory:
-    def __init__(self, daemon, paths, limits, conf, sf_pool, recovery_store,
+    def __init__(self, daemon, paths, limits, conf, sf_pools, recovery_store,
                  representors, datapath: str = "representor", host=None):
         self.daemon = daemon
         self.paths = paths
         self.limits = limits          # vfe.controller.nvconfig.Limits
         self.conf = conf              # vfe.controller.virtnet_conf.VirtnetConf
-        self.sf_pool = sf_pool
+        self.sf_pools = sf_pools      # {ib_dev: SfPool}: SFs are per RDMA device
         self.store = recovery_store   # None when recovery is disabled
         self.representors = representors   # factory: create(name) / attach(name)
         self.datapath = datapath      # "representor" or "switch"
@@ -189,7 +189,7 @@ class Inventory:
         if f.representor is not None:
             (f.representor.destroy if destroy else f.representor.close)()
         if destroy:
-            self.sf_pool.release(f.sf_num)
+            self.sf_pools[f.ib_dev].release(f.sf_num)
             if self.store is not None:
                 self.store.delete(f.vuid)
 
@@ -201,7 +201,7 @@ class Inventory:
         by_vuid = {r["vuid"]: r for r in recovered if "vuid" in r}
         ib = self.static_ib_dev()
         pf_num = self.pf_num_for(ib)
-        base_mac = getattr(self.conf, "pf_mac", None) or "00:11:22:33:44:55"
+        default_base = "00:11:22:33:44:55"
         for i in range(self.limits.static_pfs):
             vuid, raw = static_pf_location(i)
             rec = by_vuid.pop(vuid, None)
@@ -210,7 +210,7 @@ class Inventory:
                 continue
             self._create(NetFunction(
                 pf_id=i, vf_id=-1, device_type=STATIC, vuid=vuid, bdf_raw=raw, ib_dev=ib,
-                pf_num=pf_num, sf_num=0, mac=mac_add(base_mac, i), mtu=1500,
+                pf_num=pf_num, sf_num=0, mac=self.conf.static_pf_mac(i) or mac_add(default_base, i), mtu=1500,
                 max_queues=self.max_queues_limit(), max_queue_size=256,
                 num_msix=self.limits.pf_msix, features=0), preferred_sf=None)
         for rec in by_vuid.values():
@@ -236,10 +236,12 @@ class Inventory:
         try:
             if not recovered:                      # a recovered SF was kept in use by SfPool.start
                 try:
-                    f.sf_num = self.sf_pool.reserve(preferred_sf, owner=f.vuid)
+                    pool = self.sf_pools[f.ib_dev]
+                    f.sf_num = pool.reserve(preferred_sf, owner=f.vuid)
                 except RuntimeError as exc:       # SfPoolExhausted, SfInUse, SfPoolError
                     raise InventoryError(str(exc), code=-28) from None
-                undo.push(lambda: self.sf_pool.release(f.sf_num))
+                # a failed creation gives the SF back as it was (cancel, not release)
+                undo.push(lambda: pool.cancel(f.sf_num))
             f.sf_index = f.sf_num - 1000
             self._build(f, undo, recovered)
             if f.device_type == HOTPLUG and self.host is not None:

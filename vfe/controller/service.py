@@ -58,16 +58,22 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         raise ServiceError("; ".join(str(p) for p in loaded.problems))
     records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
 
-    pool = SfPool(paths.state_dir, total=lim.pf_total_sf, percent=conf.sf_pool_percent,
-                  force_destroy=bool(conf.sf_pool_force_destroy), ib_dev=conf.emu_manager)
-    report = pool.start(keep={r["sf_num"]: r["vuid"] for r in records})
-    if any(report.values()):
-        log.info("SF pool: %s", ", ".join(f"{k} {v}" for k, v in report.items() if v))
+    pools = {}
+    for dev in conf.sf_devices:
+        port_nv = nv if conf.pf_num(dev) == 0 else nvconfig.NvConfig.load(paths.state_dir,
+                                                                           nvconfig.PORT1_DEVICE)
+        pool = SfPool(paths.state_dir, total=port_nv.current["PF_TOTAL_SF"],
+                      percent=conf.sf_pool_percent, force_destroy=bool(conf.sf_pool_force_destroy),
+                      ib_dev=dev)
+        report = pool.start(keep={r["sf_num"]: r["vuid"] for r in records if r["port_ib_dev"] == dev})
+        if any(report.values()):
+            log.info("SF pool of %s: %s", dev, ", ".join(f"{k} {v}" for k, v in report.items() if v))
+        pools[dev] = pool
     host = None
     if host_qmp:
         from vfe.controller.hostqmp import HostQmp
         host = HostQmp(host_qmp)
-    inv = Inventory(daemon, paths, lim, conf, pool, store, representor_factory(),
+    inv = Inventory(daemon, paths, lim, conf, pools, store, representor_factory(),
                     datapath=datapath, host=host)
     inv.start(records)
 
@@ -85,7 +91,8 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     def stop():
         rpc.close()
         inv.shutdown()
-        pool.stop()
+        for pool in pools.values():
+            pool.stop()
         if host is not None:
             host.close()
 

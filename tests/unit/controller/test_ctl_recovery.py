@@ -292,3 +292,41 @@ def test_load_compatible(tmp_path):
 
 def test_seed_recovery_dir_constant():
     assert rec_mod.SEED_RECOVERY_DIR == "/opt/mellanox/mlnx_virtnet/recovery"
+
+
+# -- the switch port of hot-plugged PFs ------------------------------------------------
+
+def test_hotplug_slot_is_port_field_else_pf_id():
+    assert hotplug(pf_id=3).slot == 3                       # seed-only file: pf_id
+    assert hotplug(pf_id=17, port=15).slot == 15            # vfe numbers PFs across static + hot-plugged
+    assert static(0, port=-1).slot is None and vf().slot is None
+
+
+def test_hotplug_pf_id_beyond_ports_is_fine_with_port():
+    # two static PFs then 16 hot-plugged ones: pf_id 2..17 on switch ports 0..15
+    assert check_compat(hotplug(pf_id=17, port=15), NON_LAG, DEFAULTS) is None
+    msg = check_compat(hotplug(pf_id=5, port=4), NON_LAG, {"PCI_SWITCH_EMULATION_NUM_PORT": 4})
+    assert "switch port 4, but PCI_SWITCH_EMULATION_NUM_PORT=4" in msg
+
+
+def test_same_switch_port_conflicts(store):
+    store.save("VNETS1D0F0", hotplug(pf_id=2, port=0))
+    store.save("X", hotplug("X", pf_id=3, port=0, bdf_raw=0x6900, sf_num=2001))
+    records, problems = store.load_all()
+    assert records == [] and all("hot-plug switch port" in p.message for p in problems)
+
+
+def test_inventory_record_shape_round_trips(store):
+    data = {"port_ib_dev": "mlx5_0", "pf_id": 2, "function_type": "pf", "bdf_raw": 0x6800,
+            "device_type": "hotplug", "mac": "0c:c4:7a:ff:22:93", "pf_num": 0, "sf_num": 1002, "mq": 1,
+            "vuid": "VNETS1D0F0", "mtu": 1500, "max_queues": 3, "max_queue_size": 1024, "num_msix": 4,
+            "features": 0, "legacy": 0, "port": 0}
+    r = RecoveryRecord.from_json(data, "VNETS1D0F0")
+    assert r.extra == {} and r.num_msix == 4 and r.port == 0
+    store.save(r.vuid, r)
+    back = json.loads(store.path_for(r.vuid).read_text())
+    assert back == dict(data, features="0x0")
+    with pytest.raises(RecoveryError, match="port"):
+        RecoveryRecord.from_json(dict(data, port=-2), "VNETS1D0F0")
+    with pytest.raises(RecoveryError, match="num_msix"):
+        RecoveryRecord.from_json(dict(data, num_msix=0), "VNETS1D0F0")
