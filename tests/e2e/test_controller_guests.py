@@ -105,3 +105,31 @@ def test_static_and_hotplug_pfs_on_ovs_then_kill_and_recover(short_root, vm_fact
                 assert "recovered" in svc.log()
         finally:
             svc.stop()
+
+
+def test_transitional_hotplug_pf_serves_a_legacy_guest(short_root, vm_factory):
+    """`hotplug -l` (with the NV config allowing transitional devices) serves
+    a guest whose driver is forced into legacy mode (virtio 0.95: no
+    VERSION_1), and it passes traffic through its representor."""
+    mac = "0c:c4:7a:ff:22:a0"
+    with NetNs() as ns:
+        svc = ControllerService(short_root, ns)
+        try:
+            svc.mlxconfig("s", "VIRTIO_NET_EMULATION_PF_PCI_LAYOUT=1", "VIRTIO_EMULATION_HOTPLUG_TRANS=1")
+            svc.start()
+            hp = svc.virtnet_json("hotplug", "-i", "mlx5_0", "-f", "0x0", "-m", mac, "-t", "1500",
+                                  "-n", "2", "-s", "256", "-l")
+            assert hp["transitional"] == 1
+            rep = hp["sf_rep_net_device"]
+            ns.run("ip", "addr", "add", "10.3.0.100/24", "dev", rep)
+            ns.run("ip", "link", "set", "dev", rep, "up")
+            vm = vm_factory("legacy", kernel_args="virtio_pci.force_legacy=1",
+                            nics=[NetDev(svc.socket(hp["vuid"]), mac=mac, extra="disable-legacy=off")])
+            vm.wait_booted(90)
+            rc, feats = vm.run("cat /sys/bus/virtio/devices/virtio0/features")
+            assert rc == 0 and feats.strip()[32] == "0", feats      # VERSION_1 not negotiated
+            rc, out = vm.run("vfe-netup eth0 10.3.0.1/24", timeout=30)
+            assert rc == 0, out
+            ping(vm, "10.3.0.100", count=3)
+        finally:
+            svc.stop()
