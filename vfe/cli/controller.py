@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.workers <= 64:
         build_parser().error("--workers must be in 1..64")
     setup_logging(args.log_level)
+    # hundreds of functions hold a representor fd and a socket each
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     log = logging.getLogger("vfe.controller")
 
     from vfe.controller.daemon import Daemon

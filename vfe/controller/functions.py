@@ -40,6 +40,17 @@ def hotplug_pf_location(port: int) -> tuple[str, int]:
     return f"VNETS{port + 1}D0F0", bdf_raw(HOTPLUG_FIRST_BUS + port, 0, 0)
 
 
+# SR-IOV VFs of static PF i live on their own bus, 0x90+i, eight functions
+# per device number (126 VFs fit in devices 0..15); their VUID is the PF's
+# with VF<n> appended, n counting from 1 as in the seed (VNETS0D0F2VF1).
+VF_FIRST_BUS = 0x90
+
+
+def vf_location(pf_vuid: str, pf_index: int, vf_id: int) -> tuple[str, int]:
+    dev, fn = divmod(vf_id, 8)
+    return f"{pf_vuid}VF{vf_id + 1}", bdf_raw(VF_FIRST_BUS + pf_index, dev, fn)
+
+
 def representor_name(pf_num: int, sf_num: int) -> str:
     """`<prefix><pf_num>sf<sf_num>`: en3f0pf0sf1001 for DPU port 0, SF 1001."""
     return f"en3f{pf_num}pf{pf_num}sf{sf_num}"
@@ -125,7 +136,9 @@ class NetFunction:
         return head | {
             "function_type": "pf" if self.is_pf else "vf",
             "bdf_raw": self.bdf_raw,
-            "device_type": self.device_type,
+            # the seed's files know static and hotplug; a VF is static (it
+            # hangs off a static PF) and its function_type says "vf"
+            "device_type": STATIC if self.device_type == VF else self.device_type,
             "mac": self.mac,
             "pf_num": self.pf_num,
             "sf_num": self.sf_num,

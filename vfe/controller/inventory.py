@@ -15,7 +15,8 @@ import re
 from typing import Any, Callable
 
 from vfe.controller.functions import (
-    HOTPLUG, STATIC, NetFunction, hotplug_pf_location, queue_pairs, static_pf_location,
+    HOTPLUG, STATIC, VF, NetFunction, hotplug_pf_location, queue_pairs, static_pf_location,
+    vf_location,
 )
 from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
 from vfe.virtio.constants import F, bit
@@ -39,6 +40,13 @@ class InventoryError(Exception):
 def mac_add(mac: str, n: int) -> str:
     v = (int(mac.replace(":", ""), 16) + n) & 0xFFFFFFFFFFFF
     return ":".join(f"{(v >> (8 * i)) & 0xFF:02x}" for i in range(5, -1, -1))
+
+
+def _random_mac() -> str:
+    """A locally administered unicast MAC, for VFs without vf.mac_base."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 def _int(v) -> int:
@@ -216,15 +224,19 @@ class Inventory:
         for rec in by_vuid.values():
             if rec.get("device_type") == HOTPLUG:
                 self._restore(rec)
+        for rec in sorted(by_vuid.values(), key=lambda r: (r["pf_id"], r.get("vf_id") or 0)):
+            if rec.get("function_type") == "vf":
+                self._restore(rec)
 
     def _restore(self, rec: dict) -> None:
         f = NetFunction(
-            pf_id=rec["pf_id"], vf_id=-1 if rec.get("vf_id") is None else rec["vf_id"], device_type=rec["device_type"],
+            pf_id=rec["pf_id"], vf_id=-1 if rec.get("vf_id") is None else rec["vf_id"],
+            device_type=VF if rec.get("function_type") == "vf" else rec["device_type"],
             vuid=rec["vuid"], bdf_raw=rec["bdf_raw"], ib_dev=rec["port_ib_dev"], pf_num=rec["pf_num"],
             sf_num=rec["sf_num"], mac=rec["mac"], mtu=rec.get("mtu") or 1500,
             max_queues=rec.get("max_queues") or 2, max_queue_size=rec.get("max_queue_size") or 256,
             num_msix=rec.get("num_msix", self.limits.pf_msix), features=_int(rec.get("features") or 0),
-            legacy=bool(rec.get("legacy", 0)), port=rec.get("port", -1))
+            legacy=bool(rec.get("legacy", 0)), port=rec.get("port") if rec.get("port") is not None else -1)
         try:
             self._create(f, preferred_sf=f.sf_num, recovered=True)
             log.info("%s: recovered (%s, SF %d, MAC %s)", f.vuid, f.bdf, f.sf_num, f.mac)
@@ -407,6 +419,63 @@ class Inventory:
             # the guest reads MAC and MTU from the PCI function's config space,
             # which QEMU owns: re-create the function with the new values
             self.host.replug(f)
+
+    # ------------------------------------------------------------------ SR-IOV
+
+    def vfs_of(self, pf: NetFunction) -> list[NetFunction]:
+        return sorted((f for f in self.functions if f.device_type == VF and f.pf_id == pf.pf_id),
+                      key=lambda f: f.vf_id)
+
+    def sriov_numvfs(self, p: dict) -> dict:
+        """The host's `echo N > .../sriov_numvfs` on a static PF: create VFs
+        0..N-1 (N > 0, none existing) or destroy them all (N = 0).  Without
+        num_vfs, report the current count."""
+        pf = self.pick({"pf": p.get("pf"), "vuid": p.get("vuid")}) if p.get("bdf") is None else \
+            next((f for f in self.functions if f.bdf == p["bdf"] and f.is_pf), None)
+        if pf is None:
+            raise InventoryError(f"no PF at {p['bdf']}", code=-19)
+        vfs = self.vfs_of(pf)
+        n = p.get("num_vfs")
+        if n is None:
+            return {"pf_id": pf.pf_id, "bdf": pf.bdf, "sriov_numvfs": len(vfs),
+                    "sriov_totalvfs": self.limits.vfs_per_pf}
+        n = int(n)
+        if pf.device_type != STATIC:
+            raise InventoryError(f"{pf.vuid} is a hot-plugged PF: SR-IOV VFs are only supported on "
+                                 f"static PFs", code=-95)
+        if n == 0:
+            for f in reversed(vfs):
+                self._teardown(f, destroy=True)
+                self.functions.remove(f)
+            log.info("PF(%d): Unload (%d) VFs finished", pf.pf_id, len(vfs))
+            return {"pf_id": pf.pf_id, "sriov_numvfs": 0, "destroyed": len(vfs)}
+        if vfs:
+            raise InventoryError(f"PF {pf.pf_id} already has {len(vfs)} VFs: write 0 first", code=-16)
+        if n > self.limits.vfs_per_pf:
+            raise InventoryError(f"{n} VFs is more than VIRTIO_NET_EMULATION_NUM_VF="
+                                 f"{self.limits.vfs_per_pf} allows for a PF (SRIOV_EN must be 1)", code=-34)
+        total = sum(1 for f in self.functions if f.device_type == VF)
+        if total + n > self.limits.total_vfs:
+            raise InventoryError(f"{n} more VFs would exceed {self.limits.total_vfs} VFs in all", code=-28)
+        created: list[NetFunction] = []
+        try:
+            for vf_id in range(n):
+                vuid, raw = vf_location(pf.vuid, pf.pf_id, vf_id)
+                mac = self.conf.vf_mac(pf.pf_id, vf_id, self.limits.vfs_per_pf) or _random_mac()
+                f = NetFunction(
+                    pf_id=pf.pf_id, vf_id=vf_id, device_type=VF, vuid=vuid, bdf_raw=raw,
+                    ib_dev=pf.ib_dev, pf_num=pf.pf_num, sf_num=0, mac=mac, mtu=1500,
+                    max_queues=min(self.limits.vf_max_queues, MAX_VIRTQ) or 2, max_queue_size=256,
+                    num_msix=self.limits.vf_msix, features=self.conf.vf.features or 0)
+                created.append(self._create(f, preferred_sf=None))
+        except BaseException:
+            for f in reversed(created):       # all or nothing, like the PCI core's enable
+                self._teardown(f, destroy=True)
+                self.functions.remove(f)
+            raise
+        log.info("PF(%d): Load (%d) VFs finished", pf.pf_id, n)
+        return {"pf_id": pf.pf_id, "sriov_numvfs": n,
+                "vfs": [{"vf_id": f.vf_id, "vuid": f.vuid, "bdf": f.bdf} for f in created]}
 
     def version(self, p: dict) -> dict:
         from vfe import __version__

@@ -121,4 +121,5 @@ HANDLERS = {
     "modify": lambda inv, p: inv.modify(p),
     "log": _set_log_level,
     "version": lambda inv, p: inv.version(p),
+    "sriov_numvfs": lambda inv, p: inv.sriov_numvfs(p),
 }
