@@ -4,15 +4,18 @@ engine's error events and the stop signal.  The data path runs in the
 engine's workers; nothing here is per packet."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
+import socket
 import time
 
 from vfe.devices.adapter import Session
 from vfe.devices.net import NetConfig, NetDeviceModel
 from vfe.vhost import transport
-from vfe.vhost.messages import ProtocolError
+from vfe.vhost.actions import Reply
+from vfe.vhost.messages import ProtocolError, Request
 
 log = logging.getLogger("vfe.controller")
 
@@ -20,7 +23,15 @@ RECONNECT_INTERVAL = 0.2
 
 
 class Endpoint:
-    """A device's vhost-user socket, in either role, and its one connection."""
+    """A device's vhost-user socket, in either role, and its one connection.
+
+    That connection is a front-end (QEMU) itself, or vfe-vhostd relaying one
+    (VFE vDPA).  A relay opens with VFE_RELAY_HELLO carrying a dup of its
+    QEMU-side socket, which we keep: if vfe-vhostd dies we go on serving
+    QEMU over it directly -- QEMU never sees a disconnect and the data path
+    never stops -- and a restarted vfe-vhostd takes the socket back with
+    VFE_RELAY_RESUME on a new connection.
+    """
 
     def __init__(self, daemon: "Daemon", device, socket_path: str, client: bool, name: str):
         self.daemon = daemon
@@ -33,6 +44,10 @@ class Endpoint:
         self.session: Session | None = None
         self.next_attempt = 0.0
         self.connections = 0
+        self.adopted_fd: int | None = None   # the QEMU socket a relay handed us
+        self.via_relay = False               # self.conn is vfe-vhostd
+        self.fresh = False                   # no message yet on self.conn
+        self.probes: list[transport.Connection] = []
 
     def open(self) -> None:
         if not self.client:
@@ -54,29 +69,48 @@ class Endpoint:
         conn = self.listener.accept()
         if conn is None:
             return
-        if self.conn is not None:
+        if self.conn is None:
+            self._attach(conn)
+            return
+        # one front-end at a time; a second connection may only be a
+        # restarted vfe-vhostd taking back the front-end we adopted
+        if self.adopted_fd is None:
             log.error("%s: refusing a second front-end on %s (one is connected)", self.name, self.path)
             conn.close()
             return
-        self._attach(conn)
+        conn.send_timeout = 0.0
+        self.probes.append(conn)
+        self.daemon.sel.register(conn, selectors.EVENT_READ, ("probe", self))
 
     def _attach(self, conn: transport.Connection) -> None:
         conn.send_timeout = 0.0
         self.conn = conn
-        self.session = Session(self.device, self.name, conn.send_reply)
+        self.fresh = True
+        self.session = Session(self.device, self.name, self._send)
         self.connections += 1
         self.daemon.sel.register(self.conn, selectors.EVENT_READ, ("conn", self))
         log.info("%s: front-end connected on %s", self.name, self.path)
+
+    def _send(self, reply) -> None:
+        self.conn.send_reply(reply)
 
     def readable(self) -> None:
         msgs = []
         try:
             msgs = self.conn.recv_messages()
             while msgs:
-                self.session.handle(msgs.pop(0))
+                msg = msgs.pop(0)
+                if self.fresh and msg.request == Request.VFE_RELAY_HELLO:
+                    self._hello(msg)
+                else:
+                    self.session.handle(msg)
+                self.fresh = False
         except transport.PeerClosed as exc:
-            log.info("%s: front-end disconnected (%s); %s", self.name, exc, self.device.summary())
-            self.detach()
+            if self.via_relay and self.adopted_fd is not None:
+                self._serve_directly(exc)
+            else:
+                log.info("%s: front-end disconnected (%s); %s", self.name, exc, self.device.summary())
+                self.detach()
         except ProtocolError as exc:
             log.error("%s: protocol error, dropping the connection: %s", self.name, exc)
             self.detach()
@@ -86,6 +120,70 @@ class Endpoint:
         finally:
             for msg in msgs:            # not handled: their fds are still ours
                 transport.close_fds(msg.fds)
+
+    # -- VFE vDPA relay ---------------------------------------------------------
+
+    def _hello(self, msg) -> None:
+        if len(msg.fds) != 1:
+            transport.close_fds(msg.fds)
+            self.conn.send_reply(Reply(Request.VFE_RELAY_HELLO, _u64(-errno.EINVAL)))
+            raise ProtocolError("VFE_RELAY_HELLO must carry the front-end's socket")
+        self.adopted_fd = msg.fds[0]
+        self.via_relay = True
+        self.conn.send_reply(Reply(Request.VFE_RELAY_HELLO, _u64(0)))
+        log.info("%s: front-end relayed by vfe-vhostd", self.name)
+
+    def _serve_directly(self, why) -> None:
+        """vfe-vhostd went away: talk to QEMU over the socket it gave us."""
+        self.daemon.sel.unregister(self.conn)
+        self.conn.close()
+        sock = socket.socket(fileno=os.dup(self.adopted_fd))
+        sock.setblocking(False)
+        self.conn = transport.Connection(sock, send_timeout=0.0)
+        self.via_relay = False
+        self.daemon.sel.register(self.conn, selectors.EVENT_READ, ("conn", self))
+        log.warning("%s: vfe-vhostd went away (%s); serving the front-end directly, the data path "
+                    "keeps running", self.name, why)
+
+    def probe_readable(self, conn: transport.Connection) -> None:
+        msgs = []
+        try:
+            msgs = conn.recv_messages()
+            if not msgs:
+                return
+            msg = msgs.pop(0)
+            if msg.request != Request.VFE_RELAY_RESUME:
+                raise ProtocolError(f"a front-end is already connected on {self.path}")
+            if self.adopted_fd is None or self.via_relay:
+                conn.send_reply(Reply(Request.VFE_RELAY_RESUME, _u64(-errno.ENOENT)))
+                raise ProtocolError("no adopted front-end to resume")
+            conn.send_reply(Reply(Request.VFE_RELAY_RESUME, _u64(0), (self.adopted_fd,)))
+            self.daemon.sel.unregister(self.conn)
+            self.conn.close()                       # our dup of QEMU's socket; the relay has it now
+            self.daemon.sel.unregister(conn)
+            self.probes.remove(conn)
+            conn.send_timeout = 0.0
+            self.conn = conn
+            self.via_relay = True
+            self.daemon.sel.register(conn, selectors.EVENT_READ, ("conn", self))
+            log.info("%s: vfe-vhostd resumed relaying the front-end", self.name)
+            while msgs:
+                self.session.handle(msgs.pop(0))
+        except (ProtocolError, OSError) as exc:
+            if conn in self.probes:
+                log.error("%s: refusing a second front-end on %s: %s", self.name, self.path, exc)
+                self._drop_probe(conn)
+        finally:
+            for m in msgs:
+                transport.close_fds(m.fds)
+
+    def _drop_probe(self, conn) -> None:
+        try:
+            self.daemon.sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        self.probes.remove(conn)
+        conn.close()
 
     def detach(self) -> None:
         if self.conn is None:
@@ -100,14 +198,24 @@ class Endpoint:
             self.conn.close()
             self.conn = None
             self.session = None
+            self.via_relay = False
+            if self.adopted_fd is not None:
+                os.close(self.adopted_fd)
+                self.adopted_fd = None
             self.next_attempt = time.monotonic() + RECONNECT_INTERVAL
 
     def close(self) -> None:
+        for conn in list(self.probes):
+            self._drop_probe(conn)
         self.detach()
         if self.listener is not None:
             self.daemon.sel.unregister(self.listener)
             self.listener.close()
             self.listener = None
+
+
+def _u64(v: int) -> bytes:
+    return (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
 
 
 class Daemon:
@@ -176,6 +284,8 @@ class Daemon:
                     elif kind == "conn":
                         if ep.conn is not None:
                             ep.readable()
+                    elif kind == "probe":
+                        ep.probe_readable(key.fileobj)
                     elif kind == "rpc":
                         ep.on_readable()          # the RPC server or one of its clients
                     elif kind == "engine":

@@ -108,6 +108,10 @@ class Request(IntEnum):
     GET_SHARED_OBJECT = 41
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
+    # vfe-private, between vfe-vhostd and the controller's endpoint (never
+    # from QEMU): a relay hands over / takes back the front-end's socket
+    VFE_RELAY_HELLO = 0x7F00
+    VFE_RELAY_RESUME = 0x7F01
 
 
 class BackendRequest(IntEnum):
