@@ -45,7 +45,7 @@ def parse_device(text: str) -> NetConfig:
         if key in opts:
             raise argparse.ArgumentTypeError(f"device option {key!r} given twice")
         opts[key] = value
-    known = {"socket", "client", "mac", "queues", "queue-size", "mtu", "name"}
+    known = {"socket", "client", "mac", "queues", "queue-size", "mtu", "name", "incoming"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -60,6 +60,8 @@ def parse_device(text: str) -> NetConfig:
             cfg.client = _BOOL[opts["client"].lower()]
         if "mac" in opts:
             cfg.mac = parse_mac(opts["mac"])
+        if opts.get("incoming"):
+            cfg.incoming = opts["incoming"]
         if "queues" in opts:
             cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
         if "queue-size" in opts:
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Emulated virtio-net devices served to QEMU over vhost-user.")
     p.add_argument("-v", "--version", action="version", version=f"%(prog)s v{__version__}")
     p.add_argument("--device", action="append", type=parse_device, default=[], metavar="SPEC",
-                   help="net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N] (repeatable)")
+                   help="net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N][,incoming=PATH] "
+                        "(repeatable; incoming= is a second socket of the same device for the "
+                        "destination QEMU of a live migration)")
     p.add_argument("--mode", choices=["poll", "adaptive"], default="adaptive",
                    help="poll: busy-poll like DPDK; adaptive: poll while busy, then sleep on kicks (default)")
     p.add_argument("--workers", type=int, default=1, help="data-path worker threads (default 1)")

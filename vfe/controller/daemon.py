@@ -236,7 +236,10 @@ class Daemon:
         config.name = config.name or f"net{len(self.endpoints)}"
         device = NetDeviceModel(self.engine, config)
         try:
-            return self.add_endpoint(device, config.socket, config.client, config.name)
+            ep = self.add_endpoint(device, config.socket, config.client, config.name)
+            if config.incoming:
+                self.add_endpoint(device, config.incoming, config.client, config.name + "/incoming")
+            return ep
         except OSError:
             device.close()
             raise
@@ -310,8 +313,8 @@ class Daemon:
         for ep in self.endpoints:
             ep.close()
         self.engine.stop()
-        for ep in self.endpoints:
-            ep.device.close()
+        for device in {id(ep.device): ep.device for ep in self.endpoints}.values():
+            device.close()
         self.endpoints.clear()
         self.sel.close()
         for fd in (self._stop_r, self._stop_w):

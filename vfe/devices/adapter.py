@@ -32,6 +32,7 @@ class Session:
         self.memory = GuestMemory()
         self.log_region: LogRegion | None = None
         self.started: set[int] = set()
+        self.features = 0                 # as acked by this front-end
 
     # -- entry points from the transport
 
@@ -66,44 +67,90 @@ class Session:
                 elif isinstance(act, A.StartRing):
                     self.protocol.ring_failed(act.ring.index)
 
+    # -- ownership of the engine's device
+    #
+    # A device may have two front-ends at once: during live migration the
+    # destination QEMU connects (on the function's second socket) while the
+    # source still runs.  Only one session -- the owner -- drives the
+    # engine's rings, memory table, features and dirty log; the other only
+    # records what it is told.  The destination takes over when it starts a
+    # ring, which QEMU does after the source stopped all of its rings.
+
+    def owns(self) -> bool:
+        return getattr(self.device, "owner", None) is self
+
+    def _engine_free(self) -> bool:
+        owner = getattr(self.device, "owner", None)
+        return owner is None or owner is self or not owner.started
+
+    def _take_ownership(self) -> None:
+        if self.owns():
+            return
+        if not self._engine_free():
+            raise RuntimeError("another front-end is running this device")
+        rings = self.device.rings
+        self.device.owner = self
+        rings.set_features(self.features)
+        rings.set_memory(engine_table(self.memory))
+        lr = self.log_region
+        rings.set_log(lr.hva if lr else 0, lr.size if lr else 0)
+
     def _apply(self, act) -> None:
         rings = self.device.rings
         match act:
             case A.Reply():
                 self._send(act)
             case A.SetFeatures(features=f):
-                rings.set_features(f)
+                self.features = f
+                if self.owns() or getattr(self.device, "owner", None) is None:
+                    rings.set_features(f)
                 log.debug("%s: features %#x", self.name, f)
             case A.SetMemTable(regions=regions):
                 # map the new table, switch the engine to it, then unmap the old:
                 # a worker never sees an address that is not mapped
                 new = GuestMemory(regions)
-                rings.set_memory(engine_table(new))
+                if self._engine_free() and not self.owns():
+                    self.memory, old = new, self.memory
+                    old.close()
+                    self._take_ownership()
+                    return
+                if self.owns():
+                    rings.set_memory(engine_table(new))
                 self.memory, old = new, self.memory
                 old.close()
             case A.AddMemRegion(region=r):
                 self.memory.add(r)
-                rings.set_memory(engine_table(self.memory))
+                if self._engine_free():
+                    self._take_ownership()
+                    rings.set_memory(engine_table(self.memory))
             case A.RemoveMemRegion(region=r):
-                rings.set_memory(engine_table(self.memory, without=r))
+                if self.owns():
+                    rings.set_memory(engine_table(self.memory, without=r))
                 self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
+                self._take_ownership()
                 rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
                                  r.base, r.kick_fd, r.call_fd, r.enabled,
                                  r.log_used, r.log_guest_addr)
                 self.started.add(r.index)
                 log.debug("%s: ring %d started (size %d, base %d)", self.name, r.index, r.size, r.base)
             case A.StopRing(index=i):
-                base = rings.stop_ring(i)
-                self.started.discard(i)
+                if i in self.started:
+                    base = rings.stop_ring(i)
+                    self.started.discard(i)
+                else:                     # never ran here: answer from the protocol's state
+                    base = self.protocol.rings[i].base if i in self.protocol.rings else 0
                 self.execute(self.protocol.ring_stopped(i, base))
             case A.EnableRing(index=i, enabled=e):
-                rings.enable_ring(i, e)
+                if i in self.started:
+                    rings.enable_ring(i, e)
             case A.SetCallFd(index=i, fd=fd):
-                rings.set_call_fd(i, fd)
+                if i in self.started:
+                    rings.set_call_fd(i, fd)
             case A.SetLogBase(fd=fd, size=size, offset=offset):
                 new = LogRegion(fd, size, offset)
-                rings.set_log(new.hva, new.size)
+                if self.owns():
+                    rings.set_log(new.hva, new.size)
                 self.log_region, old = new, self.log_region
                 if old is not None:
                     old.close()
@@ -130,10 +177,12 @@ class Session:
         for i in list(self.started):
             rings.stop_ring(i)
         self.started.clear()
-        rings.set_memory([])
+        if self.owns():
+            rings.set_memory([])
+            rings.set_log(0, 0)
+            self.device.owner = None
         self.memory.close()
         self.memory = GuestMemory()
         if self.log_region is not None:
-            rings.set_log(0, 0)
             self.log_region.close()
             self.log_region = None

@@ -39,6 +39,8 @@ class NetConfig:
     queue_size: int = 1024     # largest ring the device accepts
     mtu: int = 1500
     name: str = ""
+    incoming: str | None = None  # a second socket of the same device: where a migration's
+                                 # destination QEMU connects while the source still runs
 
 
 class NetDeviceModel:
@@ -51,6 +53,7 @@ class NetDeviceModel:
         self.features = NET_FEATURES
         self.status = 0
         self.mtu = config.mtu
+        self.owner = None         # the Session driving the engine (vfe/devices/adapter.py)
 
     def spec(self) -> DeviceSpec:
         return DeviceSpec(
