@@ -74,7 +74,7 @@ cdef Vring *pick_rx(NetDev *t, int pair) noexcept nogil:
     cdef int npairs = t.num_vqs // 2
     cdef int k
     cdef Vring *vq
-    if npairs <= 0:
+    if npairs <= 0 or t.paused:
         return NULL
     for k in range(npairs):
         vq = &t.vqs[2 * ((pair + k) % npairs)]
@@ -471,10 +471,11 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         work = 0
         for i in range(w.nrings):
             vq = w.rings[i]
-            if ring_usable(vq):
+            if ring_usable(vq) and not (<NetDev *>vq.dev).paused:
                 work += net_tx_burst(w, vq)
         for i in range(w.ntaps):
-            work += tap_in(w, w.taps[i])
+            if not w.taps[i].paused:
+                work += tap_in(w, w.taps[i])
         w.iterations += 1
         vfe_spin_unlock(&w.lock)
         if work:
@@ -862,6 +863,26 @@ cdef class NetDevice:
                 e.sw.ports[p] = self.d
             e.start_world()
             worker_wake(w)
+
+    def set_paused(self, bint paused):
+        """Quiesce (True) or resume the data path: no guest TX is taken (it
+        waits in the ring, nothing lost) and nothing is delivered to the guest."""
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.paused = paused
+            e.start_world()
+        for i in range(self.d.num_vqs):
+            worker_wake(e.workers[self.d.vqs[i].worker])
+
+    @property
+    def paused(self):
+        return bool(self.d.paused)
+
+    @property
+    def logging(self):
+        """Dirty logging active (LOG_ALL acked and a log mapped)."""
+        return bool(self.d.log.active)
 
     def tap_stats(self):
         return {"tap_rx_dropped": self.d.tap_rx_dropped}

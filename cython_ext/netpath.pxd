@@ -34,6 +34,7 @@ ctypedef struct NetDev:
     uint64_t features
     uint64_t sw_csum          # frames whose checksum we finished for this device
     uint64_t sw_gso           # TSO frames we segmented for this device
+    int paused                # quiesced/frozen (vhostmgmt vf -o 2/3): no TX taken, no RX given
     int tap_fd                # >= 0: connected to a representor instead of the switch
     uint64_t tap_rx_dropped   # frames from the representor the guest had no room for
 

@@ -88,6 +88,7 @@ class NetFunction:
     endpoint: Any = field(default=None, repr=False)
     representor: Any = field(default=None, repr=False)
     qmp_id: str | None = None
+    lm_state: str = "running"        # vhostmgmt vf -o: running / quiesced / freeze
 
     @property
     def bdf(self) -> str:

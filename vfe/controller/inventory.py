@@ -153,12 +153,18 @@ class Inventory:
         """Create the pieces behind a function record (SF already reserved)."""
         rep = None
         if self.datapath == "representor":
+            # A representor that exists already was left by an earlier run: the
+            # recovered function's, or a pooled SF's whose function was not
+            # recovered (recovery files deleted, recovery disabled): re-open it.
+            stale = self.representors.exists(f.rep_name)
             try:
-                rep = (self.representors.attach(f.rep_name) if recovered and self.representors.exists(f.rep_name)
+                rep = (self.representors.attach(f.rep_name) if stale
                        else self.representors.create(f.rep_name, mtu=f.mtu))
             except OSError as exc:
                 raise InventoryError(f"cannot create representor {f.rep_name}: {exc}", code=-(exc.errno or 5))
-            undo.push(rep.close if recovered else rep.destroy)
+            undo.push(rep.close if stale else rep.destroy)
+            if stale and not recovered:
+                rep.set_mtu(f.mtu)
             f.representor = rep
             f.ifindex = rep.ifindex
         cfg = NetConfig(socket=str(self.paths.endpoint_socket(f.vuid)), queues=queue_pairs(f.max_queues),
@@ -182,7 +188,11 @@ class Inventory:
     def _save(self, f: NetFunction) -> None:
         if self.store is not None and self.store.enabled:
             from vfe.controller.recovery import RecoveryRecord
-            self.store.save(f.vuid, RecoveryRecord.from_json(f.recovery_record(), f.vuid))
+            try:
+                self.store.save(f.vuid, RecoveryRecord.from_json(f.recovery_record(), f.vuid))
+            except OSError as exc:        # the user's error, not an internal one
+                raise InventoryError(f"{f.vuid}: cannot write its recovery file: {exc}",
+                                     code=-(exc.errno or 5)) from None
 
     def _teardown(self, f: NetFunction, destroy: bool) -> None:
         """Take a function's pieces apart; `destroy` also removes its
@@ -476,6 +486,38 @@ class Inventory:
         log.info("PF(%d): Load (%d) VFs finished", pf.pf_id, n)
         return {"pf_id": pf.pf_id, "sriov_numvfs": n,
                 "vfs": [{"vf_id": f.vf_id, "vuid": f.vuid, "bdf": f.bdf} for f in created]}
+
+    # ------------------------------------------------------------------ device state (vhostmgmt vf -o)
+
+    LM_OPS = {1: "running", 2: "quiesced", 3: "freeze", 4: "start_logging", 5: "stop_logging",
+              6: "get_lm_status"}
+
+    def vf_state(self, p: dict) -> dict:
+        """The VFE vDPA device operations: 1 running, 2 quiesced, 3 freeze
+        (the data path stops: guest TX waits in its ring, nothing is lost),
+        4/5 start/stop dirty logging into the log the front-end mapped
+        (QEMU's SET_LOG_BASE), 6 the status."""
+        f = self.pick(p)
+        op = int(p.get("op", 6))
+        if op not in self.LM_OPS:
+            raise InventoryError(f"operation {op} is not one of 1..6 ({', '.join(f'{k} {v}' for k, v in self.LM_OPS.items())})")
+        rings = f.model.rings
+        sess = f.endpoint.session if f.endpoint is not None else None
+        if op in (1, 2, 3):
+            rings.set_paused(op != 1)
+            f.lm_state = self.LM_OPS[op]
+            log.info("%s: data path %s", f.vuid, f.lm_state)
+        elif op in (4, 5):
+            if sess is None or sess.log_region is None:
+                raise InventoryError(f"{f.vuid}: no dirty log: the front-end maps one (SET_LOG_BASE) when "
+                                     f"a migration starts", code=-61)              # -ENODATA
+            if not sess.owns():
+                raise InventoryError(f"{f.vuid}: this front-end does not run the device", code=-16)
+            rings.set_features(sess.features | (1 << 26) if op == 4 else sess.features)
+            log.info("%s: dirty logging %s", f.vuid, "started" if op == 4 else "stopped")
+        return {"vuid": f.vuid, "bdf": f.bdf, "state": getattr(f, "lm_state", "running"),
+                "logging": rings.logging,
+                "log_size": sess.log_region.size if sess is not None and sess.log_region else 0}
 
     def version(self, p: dict) -> dict:
         from vfe import __version__

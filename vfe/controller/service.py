@@ -38,10 +38,12 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
 
     paths.ensure()
     nv = nvconfig.NvConfig.load(paths.state_dir)
-    applied = nv.apply_pending()
-    if applied:
-        log.info("applied new firmware configuration: %s",
-                 ", ".join(f"{k}={new}" for k, (_, new) in applied.items()))
+    nv1 = nvconfig.NvConfig.load(paths.state_dir, nvconfig.PORT1_DEVICE)
+    for dev_nv in (nv, nv1):          # the cold reboot applies both ports' pending values
+        applied = dev_nv.apply_pending()
+        if applied:
+            log.info("applied new firmware configuration of %s: %s", dev_nv.device,
+                     ", ".join(f"{k}={new}" for k, (_, new) in applied.items()))
     reason = nvconfig.service_check(nv)
     if reason:
         raise ServiceError(reason)
@@ -49,7 +51,9 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     try:
         conf = load_virtnet_conf(paths.conf)
     except ConfigError as exc:
-        raise ServiceError(f"{paths.display(paths.conf)}: {exc}") from None
+        # the message names the file as the seed does; exc's own text repeats the real path
+        key = f"{exc.key}: " if exc.key else ""
+        raise ServiceError(f"{paths.display(paths.conf)}: {key}{exc.message}") from None
 
     store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
                           display_dir=paths.display(paths.recovery_dir))
@@ -60,8 +64,7 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
 
     pools = {}
     for dev in conf.sf_devices:
-        port_nv = nv if conf.pf_num(dev) == 0 else nvconfig.NvConfig.load(paths.state_dir,
-                                                                           nvconfig.PORT1_DEVICE)
+        port_nv = nv if conf.pf_num(dev) == 0 else nv1
         pool = SfPool(paths.state_dir, total=port_nv.current["PF_TOTAL_SF"],
                       percent=conf.sf_pool_percent, force_destroy=bool(conf.sf_pool_force_destroy),
                       ib_dev=dev)
@@ -75,7 +78,11 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         host = HostQmp(host_qmp)
     inv = Inventory(daemon, paths, lim, conf, pools, store, representor_factory(),
                     datapath=datapath, host=host)
-    inv.start(records)
+    try:
+        inv.start(records)
+    except InventoryError as exc:     # a clean refusal, not a traceback
+        inv.shutdown()
+        raise ServiceError(f"cannot create the functions: {exc}") from None
 
     def handle(method: str, params: dict):
         fn = HANDLERS.get(method)
@@ -122,4 +129,5 @@ HANDLERS = {
     "log": _set_log_level,
     "version": lambda inv, p: inv.version(p),
     "sriov_numvfs": lambda inv, p: inv.sriov_numvfs(p),
+    "vf_state": lambda inv, p: inv.vf_state(p),
 }
