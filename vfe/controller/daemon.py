@@ -12,6 +12,7 @@ import socket
 import time
 
 from vfe.devices.adapter import Session
+from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
@@ -240,6 +241,16 @@ class Daemon:
             if config.incoming:
                 self.add_endpoint(device, config.incoming, config.client, config.name + "/incoming")
             return ep
+        except OSError:
+            device.close()
+            raise
+
+    def add_blk_device(self, config: BlkConfig) -> Endpoint:
+        """A virtio-blk device declared on the command line: model plus endpoint."""
+        config.name = config.name or f"blk{sum(isinstance(ep.device, BlkDeviceModel) for ep in self.endpoints)}"
+        device = BlkDeviceModel(self.engine, config)
+        try:
+            return self.add_endpoint(device, config.socket, config.client, config.name)
         except OSError:
             device.close()
             raise

@@ -123,7 +123,9 @@ class Inventory:
     # ------------------------------------------------------------------ limits
 
     def max_queues_limit(self) -> int:
-        return min(self.limits.pf_max_queues, MAX_VIRTQ)
+        # -n counts virtqueues including the control queue (seed: bound by
+        # VIRTIO_NET_EMULATION_NUM_MSIX and max_virtq)
+        return min(self.limits.pf_max_queues + 1, MAX_VIRTQ)
 
     def check_geometry(self, max_queues: int, max_queue_size: int, mtu: int) -> None:
         lim = self.max_queues_limit()
@@ -475,7 +477,7 @@ class Inventory:
                 f = NetFunction(
                     pf_id=pf.pf_id, vf_id=vf_id, device_type=VF, vuid=vuid, bdf_raw=raw,
                     ib_dev=pf.ib_dev, pf_num=pf.pf_num, sf_num=0, mac=mac, mtu=1500,
-                    max_queues=min(self.limits.vf_max_queues, MAX_VIRTQ) or 2, max_queue_size=256,
+                    max_queues=min(self.limits.vf_max_queues + 1, MAX_VIRTQ), max_queue_size=256,
                     num_msix=self.limits.vf_msix, features=self.conf.vf.features or 0)
                 created.append(self._create(f, preferred_sf=None))
         except BaseException:

@@ -420,6 +420,12 @@ def _incompatibility(r: RecoveryRecord, conf: VirtnetConf, nv) -> str | None:
     if r.slot >= lim.hotplug_ports:
         return (f"a hot-plugged PF on switch port {r.slot}, but PCI_SWITCH_EMULATION_NUM_PORT="
                 f"{lim.hotplug_ports}")
+    if r.port is not None and r.pf_id < lim.static_pfs:
+        # vfe numbers hot-plugged PFs after the static ones (a file written by
+        # vfe has "port"; the seed's own numbering is the slot): more static PFs
+        # now would give two functions the same device index
+        return (f"a hot-plugged PF with device index {r.pf_id}, but VIRTIO_NET_EMULATION_NUM_PF="
+                f"{lim.static_pfs}")
     if r.legacy and not lim.transitional:
         return ("a transitional device, but VIRTIO_NET_EMULATION_PF_PCI_LAYOUT and "
                 "VIRTIO_EMULATION_HOTPLUG_TRANS are not both 1")
