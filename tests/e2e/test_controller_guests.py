@@ -133,3 +133,24 @@ def test_transitional_hotplug_pf_serves_a_legacy_guest(short_root, vm_factory):
             ping(vm, "10.3.0.100", count=3)
         finally:
             svc.stop()
+
+
+def test_switch_datapath_joins_functions_without_representors(short_root, vm_factory):
+    """`--datapath switch`: the in-engine L2 switch joins the functions
+    directly (no representor netdevs), as the issue keeps available."""
+    with NetNs() as ns:
+        svc = ControllerService(short_root, ns, extra=["--datapath", "switch"])
+        try:
+            svc.start()
+            devices = svc.virtnet_json("list")["devices"]
+            assert svc.virtnet_json("list")["controller"]["datapath"] == "switch"
+            assert all(d["sf_rep_net_device"] not in ns.run("ip", "-br", "link").stdout for d in devices)
+            a, b = (vm_factory(f"s{i}", nics=[NetDev(svc.socket(d["vuid"]), mac=d["net_mac"])])
+                    for i, d in enumerate(devices[:2]))
+            for i, vm in enumerate((a, b)):
+                vm.wait_booted(90)
+                assert vm.run(f"vfe-netup eth0 10.6.0.{i + 1}/24", timeout=30)[0] == 0
+            ping(a, "10.6.0.2")
+            ping(b, "10.6.0.1")
+        finally:
+            svc.stop()
