@@ -20,6 +20,7 @@ from linux cimport *
 from vring cimport *
 from netpath cimport *
 from switch cimport *
+from blk cimport *
 
 import os
 import threading
@@ -43,6 +44,8 @@ ERROR_NAMES = {
     -E_LEN: "zero or oversized descriptor chain",
     -E_AVAIL: "avail index moved by more than the queue size",
     -E_RING: "ring addresses are not in guest memory",
+    -E_BLK_HDR: "block request shorter than its 16-byte header",
+    -E_BLK_STATUS: "block request has no device-writable status byte",
 }
 
 
@@ -455,6 +458,55 @@ cdef int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     return done
 
 
+# ---------------------------------------------------------------- blk request queues
+
+cdef int blk_burst(Worker *w, Vring *vq) noexcept nogil:
+    """Serve up to BURST requests of a virtio-blk queue (blk.pxd), write
+    each status byte, log what we wrote into guest memory when migrating,
+    then publish used->idx once."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef int n = avail_count(vq)
+    cdef int k, c, rc, niov = 0, nread = 0
+    cdef uint64_t rbytes = 0, wbytes = 0
+    cdef uint32_t data_in
+    cdef uint16_t head
+    cdef uint8_t status
+    cdef Iov st
+    if n <= 0:
+        if n < 0:
+            break_ring(w, vq, n)
+        return 0
+    if n > BURST:
+        n = BURST
+    for k in range(n):
+        head = avail_head(vq, vq.last_avail_idx)
+        rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
+        if rc == 0 and rbytes < BLK_HDR_LEN:
+            rc = E_BLK_HDR
+        if rc == 0 and wbytes == 0:
+            rc = E_BLK_STATUS
+        if rc < 0:
+            break_ring(w, vq, rc)
+            n = k
+            break
+        status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in)
+        st.base = &status
+        st.len = 1
+        sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
+        if d.log.active:
+            vfe_fence()
+            for c in range(nread, niov):
+                log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
+        used_push(vq, head, data_in + 1)
+        vq.last_avail_idx += 1
+        vq.packets += 1
+        vq.bytes += data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0)
+        if status != BLK_S_OK:
+            vq.dropped += 1
+    used_publish(vq)
+    return n
+
+
 # ---------------------------------------------------------------- worker loop
 
 cdef void worker_loop(Worker *w) noexcept nogil:
@@ -471,7 +523,10 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         work = 0
         for i in range(w.nrings):
             vq = w.rings[i]
-            if ring_usable(vq) and not (<NetDev *>vq.dev).paused:
+            if vq.kind == RING_BLK:
+                if ring_usable(vq):
+                    work += blk_burst(w, vq)
+            elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
                 work += net_tx_burst(w, vq)
         for i in range(w.ntaps):
             if not w.taps[i].paused:
@@ -569,6 +624,7 @@ cdef class Engine:
     cdef readonly int event_fd
     cdef object threads
     cdef object devices
+    cdef object blk_devices
     cdef object _lock
     cdef int next_slot
 
@@ -582,6 +638,7 @@ cdef class Engine:
         self.nworkers = workers
         self.threads = []
         self.devices = []
+        self.blk_devices = []
         self._lock = threading.RLock()
         self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         self.sw = <Switch *>calloc(1, sizeof(Switch))
@@ -653,6 +710,15 @@ cdef class Engine:
         """A net device with `num_queues` rings (RX 2k, TX 2k+1), on a new switch port."""
         return NetDevice(self, num_queues)
 
+    def new_blk_device(self, int num_queues, uint64_t capacity_bytes, int block_size=512,
+                       str backend="null", bint read_only=False, serial="", **limits):
+        """A virtio-blk device with `num_queues` request queues over a null
+        (reads zeros, drops writes) or malloc (RAM) backend of
+        `capacity_bytes`.  `limits`: max_discard_sectors, max_discard_seg,
+        max_write_zeroes_sectors, max_write_zeroes_seg (the config space's)."""
+        return BlkDevice(self, num_queues, capacity_bytes, block_size, backend, read_only,
+                         serial, **limits)
+
     def broken_rings(self):
         """Rings that stopped on a guest error since the last call:
         [(device, ring index, reason)].  Drains the engine's event fd."""
@@ -671,6 +737,8 @@ cdef class Engine:
                     if vq.broken and not vq.reported:
                         vq.reported = 1
                         out.append((d, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+            for b in list(self.blk_devices):
+                out.extend(b._broken())
         return out
 
     def worker_stats(self):
@@ -727,6 +795,81 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
     vq.avail = <uint16_t *>a
     vq.used = <uint8_t *>u
     return 0
+
+
+cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                bint log_used, uint64_t log_guest_addr, bint polled):
+    """Start a ring at avail index `base` (stop-the-world).  `polled` rings
+    (net TX, every blk queue) join their worker's list and its epoll set."""
+    cdef Worker *w = e.workers[vq.worker]
+    cdef epoll_event ev
+    if size <= 0 or size > 32768 or (size & (size - 1)):
+        raise ValueError(f"ring size {size} is not a power of two <= 32768")
+    if vq.ready:
+        raise RuntimeError(f"ring {index} is already started")
+    with nogil:
+        e.stop_world()
+    try:
+        vq.size = size
+        vq.mask = size - 1
+        vq.desc_uva = desc_uva
+        vq.avail_uva = avail_uva
+        vq.used_uva = used_uva
+        if translate_ring(vq) < 0:
+            raise ValueError(f"ring {index}: addresses are not inside guest memory")
+        vq.last_avail_idx = base
+        vq.shadow_avail_idx = base
+        vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
+        vq.flushed_used_idx = vq.last_used_idx
+        vq.kick_fd = kick_fd
+        vq.call_fd = call_fd
+        vq.enabled = enabled
+        vq.log_used = log_used
+        vq.log_guest_addr = log_guest_addr
+        vq.broken = 0
+        vq.reported = 0
+        vq.stall_ns = 0
+        notify_disable(vq)
+        if polled:
+            if w.nrings >= MAX_WORKER_RINGS:
+                raise RuntimeError("worker has too many rings")
+            w.rings[w.nrings] = vq
+            w.nrings += 1
+            if kick_fd >= 0:
+                ev.events = EPOLLIN
+                ev.data.fd = kick_fd
+                epoll_ctl(w.epfd, EPOLL_CTL_ADD, kick_fd, &ev)
+        vq.ready = 1
+    finally:
+        with nogil:
+            e.start_world()
+            worker_wake(w)
+
+
+cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
+    """Stop a ring; return the next avail index it would process."""
+    cdef Worker *w = e.workers[vq.worker]
+    cdef int i
+    cdef uint16_t base
+    with nogil:
+        e.stop_world()
+        vfe_spin_lock(&vq.lock)
+        if vq.ready:
+            vq.ready = 0
+            for i in range(w.nrings):
+                if w.rings[i] == vq:
+                    w.rings[i] = w.rings[w.nrings - 1]
+                    w.nrings -= 1
+                    break
+            if vq.kick_fd >= 0 and polled:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, vq.kick_fd, NULL)
+        vq.kick_fd = -1
+        vq.call_fd = -1
+        base = vq.last_avail_idx
+        vfe_spin_unlock(&vq.lock)
+        e.start_world()
+    return base
 
 
 cdef class NetDevice:
@@ -903,79 +1046,13 @@ cdef class NetDevice:
                    bint log_used=False, uint64_t log_guest_addr=0):
         """Start a ring at avail index `base`.  Raises ValueError if its
         addresses are not inside the memory table."""
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        cdef Worker *w = e.workers[vq.worker]
-        cdef epoll_event ev
-        cdef Vring tmp
-        if size <= 0 or size > 32768 or (size & (size - 1)):
-            raise ValueError(f"ring size {size} is not a power of two <= 32768")
-        if vq.ready:
-            raise RuntimeError(f"ring {index} is already started")
-        with nogil:
-            e.stop_world()
-        try:
-            vq.size = size
-            vq.mask = size - 1
-            vq.desc_uva = desc_uva
-            vq.avail_uva = avail_uva
-            vq.used_uva = used_uva
-            if translate_ring(vq) < 0:
-                raise ValueError(f"ring {index}: addresses are not inside guest memory")
-            vq.last_avail_idx = base
-            vq.shadow_avail_idx = base
-            vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
-            vq.flushed_used_idx = vq.last_used_idx
-            vq.kick_fd = kick_fd
-            vq.call_fd = call_fd
-            vq.enabled = enabled
-            vq.log_used = log_used
-            vq.log_guest_addr = log_guest_addr
-            vq.broken = 0
-            vq.reported = 0
-            vq.stall_ns = 0
-            notify_disable(vq)
-            if index & 1:
-                if w.nrings >= MAX_WORKER_RINGS:
-                    raise RuntimeError("worker has too many rings")
-                w.rings[w.nrings] = vq
-                w.nrings += 1
-                if kick_fd >= 0:
-                    ev.events = EPOLLIN
-                    ev.data.fd = kick_fd
-                    epoll_ctl(w.epfd, EPOLL_CTL_ADD, kick_fd, &ev)
-            vq.ready = 1
-        finally:
-            with nogil:
-                e.start_world()
-                worker_wake(w)
+        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
+                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, index & 1)
 
     def stop_ring(self, int index):
         """Stop a ring and return the next avail index it would process
         (the GET_VRING_BASE answer).  No worker touches it afterwards."""
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        cdef Worker *w = e.workers[vq.worker]
-        cdef int i
-        cdef uint16_t base
-        with nogil:
-            e.stop_world()
-            vfe_spin_lock(&vq.lock)
-            if vq.ready:
-                vq.ready = 0
-                for i in range(w.nrings):
-                    if w.rings[i] == vq:
-                        w.rings[i] = w.rings[w.nrings - 1]
-                        w.nrings -= 1
-                        break
-                if vq.kick_fd >= 0 and (index & 1):
-                    epoll_ctl(w.epfd, EPOLL_CTL_DEL, vq.kick_fd, NULL)
-            vq.kick_fd = -1
-            vq.call_fd = -1
-            base = vq.last_avail_idx
-            vfe_spin_unlock(&vq.lock)
-            e.start_world()
-        return base
+        return ring_stop(self.engine, self._ring(index), index & 1)
 
     def enable_ring(self, int index, bint enabled):
         cdef Vring *vq = self._ring(index)
@@ -1043,3 +1120,246 @@ cdef class NetDevice:
         for i in range(self.d.num_vqs):
             self.stop_ring(i)
         self.engine._detach(self)
+
+
+
+cdef class BlkDevice:
+    """The engine's side of one virtio-blk device: its request queues, its
+    memory table and its backend (null or malloc).  Same ring-control
+    methods as NetDevice, so the device adapter's Session drives it alike."""
+    cdef BlkDev *d
+    cdef Engine engine
+    cdef public int slot
+    cdef public object owner
+
+    def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
+                  str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
+                  uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
+                  uint32_t max_write_zeroes_seg=32):
+        cdef int i
+        if num_queues < 1 or num_queues > 256:
+            raise ValueError("a blk device has 1..256 queues")
+        if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
+            raise ValueError(f"block size {block_size} is not a power of two in 512..65536")
+        if capacity_bytes == 0 or capacity_bytes % block_size:
+            raise ValueError(f"capacity {capacity_bytes} is not a positive multiple of the block size")
+        if backend not in ("null", "malloc"):
+            raise ValueError(f"backend {backend!r}: use null or malloc")
+        sb = serial.encode() if isinstance(serial, str) else bytes(serial)
+        if len(sb) > BLK_ID_LEN:
+            raise ValueError(f"serial is longer than {BLK_ID_LEN} bytes")
+        if max_discard_seg > BLK_MAX_RANGES or max_write_zeroes_seg > BLK_MAX_RANGES:
+            raise ValueError(f"at most {BLK_MAX_RANGES} discard/write-zeroes ranges per request")
+        self.engine = engine
+        self.d = <BlkDev *>calloc(1, sizeof(BlkDev))
+        if self.d == NULL:
+            raise MemoryError()
+        self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
+        self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
+        if self.d.vqs == NULL or self.d.mem == NULL:
+            raise MemoryError()
+        if backend == "malloc":
+            # calloc of a large block is fresh zero pages: RAM is used as written
+            self.d.data = <uint8_t *>calloc(1, capacity_bytes)
+            if self.d.data == NULL:
+                raise MemoryError(f"cannot allocate a {capacity_bytes}-byte malloc bdev")
+            self.d.backend = BACKEND_MALLOC
+        else:
+            self.d.backend = BACKEND_NULL
+        self.d.num_vqs = num_queues
+        self.d.capacity = capacity_bytes // BLK_SECTOR
+        self.d.block_size = block_size
+        self.d.read_only = read_only
+        memcpy(self.d.serial, <char *>sb, len(sb))
+        self.d.max_discard_sectors = max_discard_sectors
+        self.d.max_discard_seg = max_discard_seg
+        self.d.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.d.max_write_zeroes_seg = max_write_zeroes_seg
+        for i in range(num_queues):
+            self.d.vqs[i].index = i
+            self.d.vqs[i].kind = RING_BLK
+            self.d.vqs[i].dev = <void *>self.d
+            self.d.vqs[i].mem = self.d.mem
+            self.d.vqs[i].log = &self.d.log
+            self.d.vqs[i].kick_fd = -1
+            self.d.vqs[i].call_fd = -1
+            self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
+        with engine._lock:
+            self.slot = engine.next_slot
+            engine.next_slot += 1
+            engine.blk_devices.append(self)
+
+    def __dealloc__(self):
+        if self.d != NULL:
+            free(self.d.data)
+            free(self.d.vqs)
+            free(self.d.mem)
+            free(self.d)
+            self.d = NULL
+
+    cdef Vring *_ring(self, int index) except NULL:
+        if self.d == NULL:
+            raise RuntimeError("device is closed")
+        if index < 0 or index >= self.d.num_vqs:
+            raise IndexError(f"ring {index} out of range 0..{self.d.num_vqs - 1}")
+        return &self.d.vqs[index]
+
+    @property
+    def port(self):
+        return -1                 # not on the switch
+
+    @property
+    def num_rings(self):
+        return self.d.num_vqs
+
+    @property
+    def capacity(self):
+        """Size in 512-byte sectors."""
+        return self.d.capacity
+
+    @property
+    def block_size(self):
+        return self.d.block_size
+
+    @property
+    def read_only(self):
+        return bool(self.d.read_only)
+
+    @property
+    def backend(self):
+        return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
+
+    @property
+    def logging(self):
+        return bool(self.d.log.active)
+
+    def set_features(self, uint64_t features):
+        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
+        cdef int i
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.features = features
+            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
+            for i in range(self.d.num_vqs):
+                self.d.vqs[i].event_idx = (features >> 29) & 1
+                self.d.vqs[i].indirect = (features >> 28) & 1
+            e.start_world()
+
+    def set_memory(self, regions):
+        """Replace the memory table: [(gpa, size, uva, hva), ...]."""
+        cdef MemTable mt
+        cdef int i = 0
+        cdef Engine e = self.engine
+        if len(regions) > MAX_REGIONS:
+            raise ValueError(f"at most {MAX_REGIONS} memory regions")
+        memset(&mt, 0, sizeof(MemTable))
+        for gpa, size, uva, hva in regions:
+            mt.r[i].gpa = gpa
+            mt.r[i].size = size
+            mt.r[i].uva = uva
+            mt.r[i].hva = hva
+            i += 1
+        mt.n = i
+        with nogil:
+            e.stop_world()
+            memcpy(self.d.mem, &mt, sizeof(MemTable))
+            for i in range(self.d.num_vqs):
+                if self.d.vqs[i].ready and translate_ring(&self.d.vqs[i]) < 0:
+                    self.d.vqs[i].broken = -E_RING
+            e.start_world()
+
+    def set_log(self, uint64_t hva, uint64_t size):
+        """Use the dirty log mapped at hva (0 to stop)."""
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.log.base = <uint8_t *>hva
+            self.d.log.size = size if hva else 0
+            self.d.log.active = ((self.d.features >> 26) & 1) and hva != 0
+            e.start_world()
+
+    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   bint log_used=False, uint64_t log_guest_addr=0):
+        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
+                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, True)
+
+    def stop_ring(self, int index):
+        return ring_stop(self.engine, self._ring(index), True)
+
+    def enable_ring(self, int index, bint enabled):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vq.enabled = enabled
+            e.start_world()
+            worker_wake(e.workers[vq.worker])
+
+    def set_call_fd(self, int index, int fd):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vfe_spin_lock(&vq.lock)
+            vq.call_fd = fd
+            vfe_spin_unlock(&vq.lock)
+            e.start_world()
+
+    def ring_state(self, int index):
+        cdef Vring *vq = self._ring(index)
+        return {
+            "index": index, "size": vq.size, "ready": bool(vq.ready),
+            "enabled": bool(vq.enabled), "broken": vq.broken,
+            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
+            "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
+            "worker": vq.worker,
+        }
+
+    def ring_stats(self, int index):
+        """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""
+        cdef Vring *vq = self._ring(index)
+        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
+                "dropped": vq.dropped, "interrupts": vq.calls}
+
+    def blk_stats(self):
+        """Totals over all queues, per request type."""
+        return {"reads": self.d.reads, "writes": self.d.writes, "flushes": self.d.flushes,
+                "get_ids": self.d.get_ids, "discards": self.d.discards,
+                "write_zeroes": self.d.write_zeroes, "read_bytes": self.d.read_bytes,
+                "write_bytes": self.d.write_bytes, "ioerrs": self.d.ioerrs,
+                "unsupps": self.d.unsupps}
+
+    def read_backend(self, uint64_t offset, uint64_t length):
+        """The malloc backend's bytes (tests, debugging); zeros for null."""
+        if offset > self.d.capacity * BLK_SECTOR or length > self.d.capacity * BLK_SECTOR - offset:
+            raise ValueError("range outside the device")
+        if self.d.backend != BACKEND_MALLOC:
+            return bytes(length)
+        return (<char *>self.d.data)[offset:offset + length]
+
+    def _broken(self):
+        cdef int i
+        cdef Vring *vq
+        out = []
+        if self.d == NULL:
+            return out
+        for i in range(self.d.num_vqs):
+            vq = &self.d.vqs[i]
+            if vq.broken and not vq.reported:
+                vq.reported = 1
+                out.append((self, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+        return out
+
+    def close(self):
+        """Stop every queue and leave the engine (the backend's RAM is freed
+        with the object)."""
+        cdef int i
+        if self.d == NULL:
+            return
+        for i in range(self.d.num_vqs):
+            ring_stop(self.engine, &self.d.vqs[i], True)
+        with self.engine._lock:
+            if self in self.engine.blk_devices:
+                self.engine.blk_devices.remove(self)

@@ -96,6 +96,7 @@ ctypedef struct Vring:
     int index
     int worker
     int reported             # Python has logged `broken`
+    int kind                 # RING_NET (dev is a NetDev, TX/RX) or RING_BLK (a BlkDev request queue)
     void *dev
 
 
@@ -257,6 +258,13 @@ cdef inline void log_used_ring(Vring *vq) noexcept nogil:
         log_pages(vq.log, vq.log_guest_addr, 6 + 8 * <uint64_t>vq.size)
 
 
+cdef inline void log_used_bytes(Vring *vq, uint64_t off, uint64_t length) noexcept nogil:
+    """Log a small write into the used ring (flags, avail_event)."""
+    if vq.log.active and vq.log_used:
+        vfe_fence()
+        log_pages(vq.log, vq.log_guest_addr + off, length)
+
+
 cdef inline void used_push(Vring *vq, uint32_t id, uint32_t length) noexcept nogil:
     cdef uint8_t *e = vq.used + 4 + 8 * (vq.last_used_idx & vq.mask)
     vfe_store_u32(<uint32_t *>e, id)
@@ -294,6 +302,7 @@ cdef inline void notify_disable(Vring *vq) noexcept nogil:
     moving avail_event: once the guest passes it, it stops kicking."""
     if not vq.event_idx:
         vfe_store_u16(<uint16_t *>vq.used, F_USED_NO_NOTIFY)
+        log_used_bytes(vq, 0, 2)
     vq.notify_enabled = 0
 
 
@@ -302,8 +311,10 @@ cdef inline void notify_enable(Vring *vq) noexcept nogil:
     avail->idx afterwards: the guest may have added work before seeing this."""
     if vq.event_idx:
         vfe_store_u16(<uint16_t *>(vq.used + 4 + 8 * vq.size), vq.last_avail_idx)
+        log_used_bytes(vq, 4 + 8 * <uint64_t>vq.size, 2)
     else:
         vfe_store_u16(<uint16_t *>vq.used, 0)
+        log_used_bytes(vq, 0, 2)
     vq.notify_enabled = 1
 
 

@@ -95,5 +95,5 @@ static inline void vfe_read_desc(const void *d, uint64_t *addr, uint32_t *len,
 
 /* Build identity of the compiled engine; a live update compares it (read
  * with pyelftools from the .so) before handing over any device. */
-#define VFE_ENGINE_ABI 1
+#define VFE_ENGINE_ABI 2   /* 2: Vring.kind, blk devices */
 #endif

@@ -42,6 +42,8 @@ def test_vfs_on_a_static_pf_with_a_guest(short_root, vm_factory):
                                   "-n", "2", "-s", "256")
             r = sriov(svc, "-p", str(hp["id"]), "2")
             assert r.returncode != 0 and "static" in r.stderr      # not on a hot-plugged PF
+            r = sriov(svc, "-p", "0", "2", "-l")
+            assert r.returncode != 0 and "Transitional VirtIO-net VF devices are not currently supported" in r.stderr
             r = sriov(svc, "-p", "0", "5")
             assert r.returncode != 0 and "VIRTIO_NET_EMULATION_NUM_VF" in r.stderr
             r = sriov(svc, "-p", "0", "2")

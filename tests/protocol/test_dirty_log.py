@@ -502,9 +502,6 @@ def test_a_new_log_base_moves_the_marks(pair):
     assert not log1.marked(), "the daemon still marks the log it was told to drop"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: notify_enable/notify_disable (cython_ext/vring.pxd) store used->flags / "
-    "avail_event into the used ring without log_pages; only used_publish logs the used ring"))
 @pytest.mark.parametrize("event_idx", [True, False], ids=["avail_event", "used_flags"])
 def test_notification_hint_writes_are_marked(pair, event_idx):
     """The engine also writes the used ring when it turns guest kicks on or

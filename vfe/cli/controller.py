@@ -1,6 +1,8 @@
 """`virtio-net-controller`: the daemon's command line.
 
     virtio-net-controller --device net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N]
+                          --device blk,socket=PATH,bdev=null|malloc,size=MB,block-size=512
+                                   [,queues=N][,ro=on][,serial=STR][,client=on]
                           [--device ...] [--mode poll|adaptive] [--workers N]
 
 Runs in the foreground, logs to stderr, stops cleanly on SIGTERM/SIGINT.
@@ -14,6 +16,7 @@ import signal
 import sys
 
 from vfe import __version__
+from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
 
 LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
@@ -32,11 +35,11 @@ def parse_mac(text: str) -> str:
     return text.lower()
 
 
-def parse_device(text: str) -> NetConfig:
-    """Parse a QEMU-style `net,socket=PATH,...` device option."""
+def parse_device(text: str) -> NetConfig | BlkConfig:
+    """Parse a QEMU-style `net,socket=PATH,...` or `blk,socket=PATH,...` device option."""
     kind, _, rest = text.partition(",")
-    if kind != "net":
-        raise argparse.ArgumentTypeError(f"unknown device type {kind!r} (supported: net)")
+    if kind not in ("net", "blk"):
+        raise argparse.ArgumentTypeError(f"unknown device type {kind!r} (supported: net, blk)")
     opts: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -45,6 +48,8 @@ def parse_device(text: str) -> NetConfig:
         if key in opts:
             raise argparse.ArgumentTypeError(f"device option {key!r} given twice")
         opts[key] = value
+    if kind == "blk":
+        return _parse_blk(opts)
     known = {"socket", "client", "mac", "queues", "queue-size", "mtu", "name", "incoming"}
     unknown = sorted(set(opts) - known)
     if unknown:
@@ -75,6 +80,46 @@ def parse_device(text: str) -> NetConfig:
     return cfg
 
 
+def _parse_blk(opts: dict[str, str]) -> BlkConfig:
+    known = {"socket", "client", "bdev", "size", "block-size", "queues", "queue-size", "ro",
+             "serial", "name"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown blk option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for need in ("socket", "bdev", "size"):
+        if not opts.get(need):
+            raise argparse.ArgumentTypeError(f"blk device needs {need}=")
+    try:
+        cfg = BlkConfig(socket=opts["socket"], name=opts.get("name", ""))
+        for key, attr in (("client", "client"), ("ro", "read_only")):
+            if key in opts:
+                if opts[key].lower() not in _BOOL:
+                    raise ValueError(f"{key}={opts[key]!r}: use on or off")
+                setattr(cfg, attr, _BOOL[opts[key].lower()])
+        if opts["bdev"] not in ("null", "malloc"):
+            raise ValueError(f"bdev={opts['bdev']!r}: use null or malloc")
+        cfg.bdev = opts["bdev"]
+        cfg.size_mb = _int_in(opts["size"], "size", 1, 1 << 24)
+        if "block-size" in opts:
+            cfg.block_size = _int_in(opts["block-size"], "block-size", 512, 4096)
+            if cfg.block_size & (cfg.block_size - 1):
+                raise ValueError(f"block-size={cfg.block_size} is not a power of two")
+        if "queues" in opts:
+            cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
+        if "queue-size" in opts:
+            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
+            if cfg.queue_size & (cfg.queue_size - 1):
+                raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
+        if "serial" in opts:
+            if len(opts["serial"].encode()) > 20:
+                raise ValueError(f"serial={opts['serial']!r} is longer than 20 bytes")
+            cfg.serial = opts["serial"]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return cfg
+
+
 def _int_in(text: str, name: str, lo: int, hi: int) -> int:
     try:
         v = int(text, 0)
@@ -93,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", action="append", type=parse_device, default=[], metavar="SPEC",
                    help="net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N][,incoming=PATH] "
                         "(repeatable; incoming= is a second socket of the same device for the "
-                        "destination QEMU of a live migration)")
+                        "destination QEMU of a live migration), or "
+                        "blk,socket=PATH,bdev=null|malloc,size=MB[,block-size=512][,queues=N]"
+                        "[,ro=on][,serial=STR][,client=on]")
     p.add_argument("--mode", choices=["poll", "adaptive"], default="adaptive",
                    help="poll: busy-poll like DPDK; adaptive: poll while busy, then sleep on kicks (default)")
     p.add_argument("--workers", type=int, default=1, help="data-path worker threads (default 1)")
@@ -164,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.device:
             for cfg in args.device:
-                daemon.add_net_device(cfg)
+                if isinstance(cfg, BlkConfig):
+                    daemon.add_blk_device(cfg)
+                else:
+                    daemon.add_net_device(cfg)
         else:
             from vfe.controller import service
             from vfe.controller.paths import Paths

@@ -23,11 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("-p", "--pf", type=int, help="static PF id (virtnet list's pf_id)")
     who.add_argument("-b", "--bdf", help="the PF's BDF, e.g. 84:00.2")
     p.add_argument("num_vfs", type=int, nargs="?", help="VFs to have: N > 0 creates, 0 destroys all")
+    p.add_argument("-l", "--legacy", action="store_true",
+                   help="transitional VFs (refused: not supported, as the seed says)")
     p.add_argument("--socket", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.num_vfs is not None and args.num_vfs < 0:
         p.error("num_vfs must be >= 0")
-    params = {"pf": args.pf, "bdf": args.bdf, "num_vfs": args.num_vfs}
+    params = {"pf": args.pf, "bdf": args.bdf, "num_vfs": args.num_vfs, "legacy": args.legacy}
     try:
         out = call(args.socket or default_socket(), "sriov_numvfs", params, timeout=600)
     except RpcError as exc:

@@ -103,6 +103,10 @@ class Endpoint:
                 msg = msgs.pop(0)
                 if self.fresh and msg.request == Request.VFE_RELAY_HELLO:
                     self._hello(msg)
+                elif self.fresh and msg.request == Request.VFE_RELAY_RESUME:
+                    # a relay looking for a front-end we adopted: there is none
+                    self.conn.send_reply(Reply(Request.VFE_RELAY_RESUME, _u64(-errno.ENOENT)))
+                    raise transport.PeerClosed("no adopted front-end to resume")
                 else:
                     self.session.handle(msg)
                 self.fresh = False

@@ -231,7 +231,7 @@ class Inventory:
             self._create(NetFunction(
                 pf_id=i, vf_id=-1, device_type=STATIC, vuid=vuid, bdf_raw=raw, ib_dev=ib,
                 pf_num=pf_num, sf_num=0, mac=self.conf.static_pf_mac(i) or mac_add(default_base, i), mtu=1500,
-                max_queues=self.max_queues_limit(), max_queue_size=256,
+                max_queues=self.max_queues_limit(), max_queue_size=1024,
                 num_msix=self.limits.pf_msix, features=0), preferred_sf=None)
         for rec in by_vuid.values():
             if rec.get("device_type") == HOTPLUG:
@@ -452,6 +452,8 @@ class Inventory:
             return {"pf_id": pf.pf_id, "bdf": pf.bdf, "sriov_numvfs": len(vfs),
                     "sriov_totalvfs": self.limits.vfs_per_pf}
         n = int(n)
+        if p.get("legacy"):
+            raise InventoryError("Transitional VirtIO-net VF devices are not currently supported", code=-95)
         if pf.device_type != STATIC:
             raise InventoryError(f"{pf.vuid} is a hot-plugged PF: SR-IOV VFs are only supported on "
                                  f"static PFs", code=-95)
@@ -477,7 +479,7 @@ class Inventory:
                 f = NetFunction(
                     pf_id=pf.pf_id, vf_id=vf_id, device_type=VF, vuid=vuid, bdf_raw=raw,
                     ib_dev=pf.ib_dev, pf_num=pf.pf_num, sf_num=0, mac=mac, mtu=1500,
-                    max_queues=min(self.limits.vf_max_queues + 1, MAX_VIRTQ), max_queue_size=256,
+                    max_queues=min(self.limits.vf_max_queues + 1, MAX_VIRTQ), max_queue_size=1024,
                     num_msix=self.limits.vf_msix, features=self.conf.vf.features or 0)
                 created.append(self._create(f, preferred_sf=None))
         except BaseException:

@@ -1,11 +1,12 @@
 """The poll-mode engine (compiled from cython_ext/ as vfe._engine).
 
 `Engine` owns the worker threads and the in-engine switch; `NetDevice` is a
-device's rings and memory table inside it.  See cython_ext/engine.pyx.
+net device's rings and memory table inside it, `BlkDevice` a virtio-blk
+device's request queues, memory table and backend (null or malloc).  See cython_ext/engine.pyx.
 """
-from vfe._engine import ENGINE_ABI, ERROR_NAMES, Engine, NetDevice, set_kernels
+from vfe._engine import ENGINE_ABI, ERROR_NAMES, BlkDevice, Engine, NetDevice, set_kernels
 
-__all__ = ["ENGINE_ABI", "ERROR_NAMES", "Engine", "NetDevice", "install_kernels", "set_kernels"]
+__all__ = ["ENGINE_ABI", "ERROR_NAMES", "BlkDevice", "Engine", "NetDevice", "install_kernels", "set_kernels"]
 
 
 def install_kernels() -> None:

@@ -1,0 +1,289 @@
+# The virtio-blk data path (virtio 1.2, 5.2): a block device as the engine
+# sees it, the walk of a request chain (readable header and data, then
+# writable data and the status byte), and the request itself against the
+# device's backend (null or malloc).  Everything here is nogil and creates
+# no Python object; the worker glue (blk_burst) lives in engine.pyx.
+#
+# Every value the guest wrote is untrusted.  A chain we cannot even answer
+# (bad descriptors, shorter than the 16-byte header, no device-writable
+# byte for the status) stops the ring like a bad net chain does; a request
+# we can answer but not serve (sector out of range, length not a multiple
+# of 512, write to a read-only disk, bad discard ranges) gets IOERR, and a
+# type we do not implement (or did not negotiate) gets UNSUPP.
+#
+# Guest memory is little-endian (VERSION_1) and so is every host we build
+# for (x86-64, like the rest of the engine): fields are read with memcpy.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from atomics cimport *
+from vring cimport *
+
+cdef enum:
+    RING_NET = 0             # Vring.kind: what vq.dev points to
+    RING_BLK = 1
+
+cdef enum:
+    BLK_T_IN = 0
+    BLK_T_OUT = 1
+    BLK_T_FLUSH = 4
+    BLK_T_GET_ID = 8
+    BLK_T_DISCARD = 11
+    BLK_T_WRITE_ZEROES = 13
+    BLK_S_OK = 0
+    BLK_S_IOERR = 1
+    BLK_S_UNSUPP = 2
+    BLK_HDR_LEN = 16         # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
+    BLK_ID_LEN = 20          # VIRTIO_BLK_ID_BYTES
+    BLK_RANGE_LEN = 16       # struct virtio_blk_discard_write_zeroes
+    BLK_MAX_RANGES = 256     # discard/write-zeroes ranges we ever accept in one request
+    BLK_SECTOR = 512
+    BLK_F_DISCARD = 13
+    BLK_F_WRITE_ZEROES = 14
+    BLK_DWZ_F_UNMAP = 1
+    BACKEND_NULL = 0
+    BACKEND_MALLOC = 1
+
+# A request chain longer than this is a guest bug (we offer seg_max * size_max
+# far below it): the ring stops, as for a net chain over MAX_CHAIN_BYTES.
+cdef enum:
+    BLK_MAX_CHAIN = 64 * 1024 * 1024
+
+# Ring errors of blk chains (continue vring.pxd's E_* codes)
+cdef enum:
+    E_BLK_HDR = -12          # fewer than 16 device-readable bytes: no request header
+    E_BLK_STATUS = -13       # no device-writable byte for the status
+
+ctypedef struct BlkDev:
+    int num_vqs
+    Vring *vqs
+    MemTable *mem
+    DirtyLog log
+    uint64_t features
+    uint64_t capacity        # 512-byte sectors
+    uint32_t block_size      # logical block size (config blk_size)
+    int read_only
+    int backend              # BACKEND_NULL / BACKEND_MALLOC
+    uint8_t *data            # malloc: capacity * 512 bytes
+    uint8_t serial[20]       # GET_ID answer, NUL-padded
+    uint32_t max_discard_sectors
+    uint32_t max_discard_seg
+    uint32_t max_write_zeroes_sectors
+    uint32_t max_write_zeroes_seg
+    # totals over all queues (several workers: atomic adds)
+    uint64_t reads
+    uint64_t writes
+    uint64_t flushes
+    uint64_t get_ids
+    uint64_t discards
+    uint64_t write_zeroes
+    uint64_t read_bytes
+    uint64_t write_bytes
+    uint64_t ioerrs
+    uint64_t unsupps
+
+
+cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, int *niov,
+                              int *nread, uint64_t *rbytes, uint64_t *wbytes) noexcept nogil:
+    """Follow a request chain: device-readable descriptors, then
+    device-writable ones (a readable one after a writable one is E_DIR).
+    iov[0:nread] are the readable pieces, iov[nread:niov] the writable ones.
+    Validates like walk_chain (indices, loops, nesting, mapping).  Zero-length
+    descriptors are skipped.  Returns 0 or an E_* code."""
+    cdef uint8_t *table = vq.desc
+    cdef uint32_t table_size = vq.size
+    cdef uint32_t idx = head
+    cdef uint32_t steps = 0
+    cdef int in_indirect = 0, seen_write = 0, rc
+    cdef uint64_t addr, thva, rb = 0, wb = 0
+    cdef uint32_t dlen
+    cdef uint16_t flags, nxt
+    niov[0] = 0
+    nread[0] = 0
+    if head >= vq.size:
+        return E_HEAD
+    while True:
+        if idx >= table_size:
+            return E_NEXT
+        steps += 1
+        if steps > table_size:
+            return E_LOOP
+        vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
+        if flags & F_DESC_INDIRECT:
+            if in_indirect:
+                return E_NESTED
+            if not vq.indirect or (flags & F_DESC_NEXT):
+                return E_INDIRECT
+            if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
+                return E_INDIRECT
+            thva = contig_hva(vq.mem, addr, dlen, False)
+            if thva == 0 or (thva & 15):
+                return E_INDIRECT
+            table = <uint8_t *>thva
+            table_size = dlen // 16
+            idx = 0
+            steps = 0
+            in_indirect = 1
+            continue
+        if flags & F_DESC_WRITE:
+            seen_write = 1
+        elif seen_write:
+            return E_DIR
+        if dlen:
+            rc = map_gpa(vq.mem, addr, dlen, iov, max_iov, niov)
+            if rc < 0:
+                return rc
+            if flags & F_DESC_WRITE:
+                wb += dlen
+            else:
+                rb += dlen
+                nread[0] = niov[0]
+            if rb + wb > BLK_MAX_CHAIN:
+                return E_LEN
+        if not (flags & F_DESC_NEXT):
+            break
+        idx = nxt
+    rbytes[0] = rb
+    wbytes[0] = wb
+    return 0
+
+
+cdef inline void sg_zero(Iov *dst, int ndst, uint64_t length) noexcept nogil:
+    """Zero the first `length` bytes of the dst iovecs."""
+    cdef int i = 0
+    cdef uint64_t n
+    while length > 0 and i < ndst:
+        n = dst[i].len
+        if n > length:
+            n = length
+        memset(dst[i].base, 0, n)
+        length -= n
+        i += 1
+
+
+cdef inline uint32_t rd_le32(uint8_t *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint64_t rd_le64(uint8_t *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+cdef inline bint blk_in_range(BlkDev *d, uint64_t sector, uint64_t nsect) noexcept nogil:
+    return sector <= d.capacity and nsect <= d.capacity - sector
+
+
+cdef inline uint8_t blk_ranges(BlkDev *d, int kind, Iov *riov, int nread, uint64_t data_len,
+                               uint8_t *scratch) noexcept nogil:
+    """DISCARD or WRITE_ZEROES: copy the range array once (the guest may
+    change it under us), validate every range, then apply them all."""
+    cdef uint32_t nranges, max_seg, max_sect, i, num, flags
+    cdef uint64_t sector
+    cdef Iov s
+    cdef uint8_t *r
+    if data_len == 0 or data_len % BLK_RANGE_LEN:
+        return BLK_S_IOERR
+    nranges = <uint32_t>(data_len // BLK_RANGE_LEN)
+    if kind == BLK_T_DISCARD:
+        max_seg, max_sect = d.max_discard_seg, d.max_discard_sectors
+    else:
+        max_seg, max_sect = d.max_write_zeroes_seg, d.max_write_zeroes_sectors
+    if nranges > max_seg or nranges > BLK_MAX_RANGES:
+        return BLK_S_IOERR
+    s.base = scratch
+    s.len = nranges * BLK_RANGE_LEN
+    sg_copy(&s, 1, 0, riov, nread, BLK_HDR_LEN, s.len)
+    for i in range(nranges):
+        r = scratch + BLK_RANGE_LEN * i
+        sector = rd_le64(r)
+        num = rd_le32(r + 8)
+        flags = rd_le32(r + 12)
+        if flags & ~(<uint32_t>BLK_DWZ_F_UNMAP):
+            return BLK_S_UNSUPP          # reserved flag bits
+        if kind == BLK_T_DISCARD and (flags & BLK_DWZ_F_UNMAP):
+            return BLK_S_UNSUPP          # 5.2.6.2: unmap is not valid for discard
+        if num > max_sect or not blk_in_range(d, sector, num):
+            return BLK_S_IOERR
+    if d.read_only:
+        return BLK_S_IOERR
+    if d.backend == BACKEND_MALLOC:
+        # discarded ranges read back as zeros too: simple and deterministic
+        for i in range(nranges):
+            r = scratch + BLK_RANGE_LEN * i
+            memset(d.data + rd_le64(r) * BLK_SECTOR, 0, <uint64_t>rd_le32(r + 8) * BLK_SECTOR)
+    vfe_add_u64(&d.discards if kind == BLK_T_DISCARD else &d.write_zeroes, 1)
+    return BLK_S_OK
+
+
+cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint64_t rbytes,
+                                uint64_t wbytes, uint8_t *scratch, uint32_t *data_in) noexcept nogil:
+    """Serve one request whose chain has >= 16 readable and >= 1 writable
+    bytes.  Returns the status byte to write; *data_in is how many bytes of
+    data went into the guest's writable buffers (before the status)."""
+    cdef uint8_t hdr[BLK_HDR_LEN]
+    cdef uint8_t ident[BLK_ID_LEN]
+    cdef Iov h, b
+    cdef Iov *wiov = iov + nread
+    cdef uint32_t kind
+    cdef uint64_t sector, length
+    cdef uint64_t in_len = wbytes - 1          # writable bytes before the status byte
+    cdef uint64_t out_len = rbytes - BLK_HDR_LEN
+    data_in[0] = 0
+    h.base = hdr
+    h.len = BLK_HDR_LEN
+    sg_copy(&h, 1, 0, iov, nread, 0, BLK_HDR_LEN)
+    kind = rd_le32(hdr)
+    sector = rd_le64(hdr + 8)
+    if kind == BLK_T_IN:
+        length = in_len
+        if length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
+            vfe_add_u64(&d.ioerrs, 1)
+            return BLK_S_IOERR
+        if d.backend == BACKEND_MALLOC:
+            b.base = d.data + sector * BLK_SECTOR
+            b.len = <uint32_t>length
+            sg_copy(wiov, nwrite, 0, &b, 1, 0, <uint32_t>length)
+        else:
+            sg_zero(wiov, nwrite, length)
+        data_in[0] = <uint32_t>length
+        vfe_add_u64(&d.reads, 1)
+        vfe_add_u64(&d.read_bytes, length)
+        return BLK_S_OK
+    if kind == BLK_T_OUT:
+        length = out_len
+        if d.read_only or length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
+            vfe_add_u64(&d.ioerrs, 1)
+            return BLK_S_IOERR
+        if d.backend == BACKEND_MALLOC:
+            b.base = d.data + sector * BLK_SECTOR
+            b.len = <uint32_t>length
+            sg_copy(&b, 1, 0, iov, nread, BLK_HDR_LEN, <uint32_t>length)
+        vfe_add_u64(&d.writes, 1)
+        vfe_add_u64(&d.write_bytes, length)
+        return BLK_S_OK
+    if kind == BLK_T_FLUSH:
+        # null and RAM have no cache to write back
+        vfe_add_u64(&d.flushes, 1)
+        return BLK_S_OK
+    if kind == BLK_T_GET_ID:
+        length = in_len if in_len < BLK_ID_LEN else BLK_ID_LEN
+        memcpy(ident, d.serial, BLK_ID_LEN)
+        b.base = ident
+        b.len = BLK_ID_LEN
+        sg_copy(wiov, nwrite, 0, &b, 1, 0, <uint32_t>length)
+        data_in[0] = <uint32_t>length
+        vfe_add_u64(&d.get_ids, 1)
+        return BLK_S_OK
+    if ((kind == BLK_T_DISCARD and (d.features >> BLK_F_DISCARD) & 1)
+            or (kind == BLK_T_WRITE_ZEROES and (d.features >> BLK_F_WRITE_ZEROES) & 1)):
+        kind = blk_ranges(d, kind, iov, nread, out_len, scratch)
+        if kind == BLK_S_IOERR:
+            vfe_add_u64(&d.ioerrs, 1)
+        elif kind == BLK_S_UNSUPP:
+            vfe_add_u64(&d.unsupps, 1)
+        return <uint8_t>kind
+    vfe_add_u64(&d.unsupps, 1)
+    return BLK_S_UNSUPP

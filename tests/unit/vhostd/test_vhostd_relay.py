@@ -1,0 +1,328 @@
+"""vfe-vhostd's relay (vfe/vhostd/relay.py) between a "QEMU" socket made by
+the test and a fake controller endpoint that speaks the relay protocol
+(vhostd_fakes.FakeEndpoint): HELLO hands over a dup of the QEMU socket,
+messages and their fds go through whole in both directions, a dead relay's
+front-end stays served by the controller and RESUME takes it back, and the
+ways a relay ends (remove, QEMU leaves, the VF is destroyed)."""
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+from vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
+from vfe.vhost.framing import encode_message
+from vfe.vhost.messages import REPLY_FLAGS
+from vfe.vhost.transport import Connection, Listener
+from vfe.vhostd.relay import Relay, RelayError, check_socket_path
+
+SET_MEM_TABLE, SET_VRING_KICK = 5, 12
+NEED_REPLY = 0x8
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="vfe-vh-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def endpoint(tmp):
+    ep = FakeEndpoint(os.path.join(tmp, "VNETS0D0F2VF1.sock"))
+    yield ep
+    ep.stop()
+
+
+@pytest.fixture
+def sel():
+    s = selectors.DefaultSelector()
+    yield s
+    s.close()
+
+
+class Qemu:
+    """QEMU's side with server=on: it listens, the relay connects."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.listener = Listener(path, backlog=4)
+        self.conn: Connection | None = None
+
+    def accept(self, timeout: float = 5.0) -> Connection:
+        self.conn = self.listener.accept(timeout=timeout, blocking=True)
+        assert self.conn is not None, "the relay never connected"
+        self.conn.sock.settimeout(5)
+        return self.conn
+
+    def get_features(self, sel, relays=()) -> int:
+        self.conn.send_bytes(encode_message(GET_FEATURES, b"", 0x1))
+        got = []
+
+        def done():
+            self.conn.sock.setblocking(False)
+            try:
+                got.extend(self.conn.recv_messages())
+            finally:
+                self.conn.sock.settimeout(5)
+            return bool(got)
+        pump(sel, relays, done)
+        assert got[0].request == GET_FEATURES and got[0].flags == REPLY_FLAGS
+        return int.from_bytes(got[0].payload, "little")
+
+    def eof(self, timeout: float = 2.0) -> bool:
+        self.conn.sock.settimeout(timeout)
+        try:
+            return self.conn.sock.recv(1) == b""
+        except (socket.timeout, TimeoutError):
+            return False
+        finally:
+            self.conn.sock.settimeout(5)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+def make_relay(tmp, endpoint, sel, client=True, **kw):
+    return Relay("VF 0000:90:00.0", os.path.join(tmp, "qemu.sock"), endpoint.path, client, sel, **kw)
+
+
+def test_hello_carries_the_qemu_socket_and_messages_with_fds_pass_both_ways(tmp, endpoint, sel):
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    relay = make_relay(tmp, endpoint, sel).start()
+    try:
+        q = qemu.accept()
+        assert relay.relaying and endpoint.events[-2:] == ["attached", "hello 1 fd"]
+        # the fd the controller kept is the QEMU socket itself (our end of it)
+        assert inode(endpoint.adopted) == inode(relay.qemu.fileno())
+        assert qemu.get_features(sel) == FEATURES
+        # a request with an fd (guest memory) arrives with the same file
+        memfd = os.memfd_create("guest-ram")
+        kick = os.eventfd(0)
+        try:
+            n = len(endpoint.received)
+            q.send_bytes(encode_message(SET_MEM_TABLE, b"\x01" * 40, 0x1 | NEED_REPLY), [memfd])
+            q.send_bytes(encode_message(SET_VRING_KICK, (0).to_bytes(8, "little"), 0x1), [kick])
+            pump(sel, [relay], lambda: len(endpoint.received) >= n + 2)
+            (r1, f1, p1, fds1), (r2, f2, p2, fds2) = endpoint.received[n:n + 2]
+            assert (r1, f1, p1, fds1) == (SET_MEM_TABLE, 0x9, b"\x01" * 40, [inode(memfd)])
+            assert (r2, f2, fds2) == (SET_VRING_KICK, 0x1, [inode(kick)])
+        finally:
+            os.close(memfd)
+            os.close(kick)
+        assert relay.forwarded[0] >= 3 and relay.forwarded[1] >= 1
+        # the relay holds no stray fds: only its two sockets (+ the selector's)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            qemu.get_features(sel)
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+    finally:
+        relay.close()
+        qemu.close()
+
+
+def test_dead_relay_leaves_the_front_end_to_the_controller_and_resume_takes_it_back(tmp, endpoint, sel):
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    relay = make_relay(tmp, endpoint, sel).start()
+    try:
+        qemu.accept()
+        assert qemu.get_features(sel) == FEATURES
+        relay.close(handoff=True)                      # as SIGKILL/SIGTERM: only our fds close
+        endpoint.wait(lambda: "serving directly" in endpoint.events)
+        assert not qemu.eof(0.3)                        # QEMU sees no disconnect
+        # the controller answers QEMU itself
+        qemu.conn.send_bytes(encode_message(GET_FEATURES, b"", 0x1))
+        reply = qemu.conn.recv_message(timeout=5)
+        assert int.from_bytes(reply.payload, "little") == FEATURES
+
+        relay2 = make_relay(tmp, endpoint, sel).start()    # a restarted vfe-vhostd
+        assert relay2.resumed and relay2.relaying
+        endpoint.wait(lambda: "resumed" in endpoint.events)
+        assert qemu.listener.accept(timeout=0.2) is None    # no new QEMU connection
+        n = len(endpoint.received)
+        assert qemu.get_features(sel, [relay2]) == FEATURES
+        assert len(endpoint.received) == n + 1          # through the new relay
+        relay2.close()                                   # vf -r: QEMU sees the disconnect
+        assert qemu.eof()
+        endpoint.wait(lambda: endpoint.events[-1] == "disconnected")
+    finally:
+        relay.close()
+        qemu.close()
+
+
+def test_resume_without_an_adopted_front_end_falls_back_to_hello(tmp, endpoint, sel):
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    relay = make_relay(tmp, endpoint, sel).start()
+    try:
+        qemu.accept()
+        assert not relay.resumed and relay.relaying
+        assert endpoint.events == ["attached", "resume refused", "disconnected", "attached", "hello 1 fd"]
+        assert qemu.get_features(sel, [relay]) == FEATURES
+    finally:
+        relay.close()
+        qemu.close()
+
+
+def test_client_mode_waits_for_qemu_and_reconnects_after_qemu_leaves(tmp, endpoint, sel):
+    relay = make_relay(tmp, endpoint, sel, retry_interval=0.05).start()
+    qemu = None
+    try:
+        assert relay.state == Relay.WAITING                 # QEMU's socket is not there yet
+        qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+        pump(sel, [relay], lambda: relay.relaying)
+        qemu.accept()
+        assert qemu.get_features(sel, [relay]) == FEATURES
+        qemu.conn.close()                                   # QEMU restarts
+        pump(sel, [relay], lambda: not relay.relaying)
+        endpoint.wait(lambda: endpoint.events[-1] == "disconnected")
+        pump(sel, [relay], lambda: relay.relaying)           # and comes back
+        qemu.accept()
+        assert qemu.get_features(sel, [relay]) == FEATURES
+        assert relay.sessions == 2
+    finally:
+        relay.close()
+        if qemu:
+            qemu.close()
+
+
+def test_vf_destroyed_disconnects_qemu_and_reports_gone(tmp, endpoint, sel):
+    gone = []
+    relay = make_relay(tmp, endpoint, sel, vf_exists=lambda: False,
+                       on_gone=lambda r, why: (gone.append(why), r.close()))
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    try:
+        relay.start()
+        qemu.accept()
+        endpoint.destroy()                                  # SR-IOV disabled
+        pump(sel, [relay], lambda: bool(gone))
+        assert relay.state == Relay.CLOSED
+        assert qemu.eof()                                   # QEMU sees the link go down
+    finally:
+        relay.close()
+        qemu.close()
+
+
+def test_controller_restart_makes_the_relay_reconnect_both_sides(tmp, endpoint, sel):
+    exists = {"v": None}                                    # controller unreachable at first
+    relay = make_relay(tmp, endpoint, sel, retry_interval=0.05, vf_exists=lambda: exists["v"])
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    try:
+        relay.start()
+        qemu.accept()
+        endpoint.destroy()                                  # the controller dies
+        pump(sel, [relay], lambda: not relay.relaying)
+        assert qemu.eof()
+        assert relay.recheck
+        exists["v"] = True                                  # it is back with the VF (recovery)
+        pump(sel, [relay], lambda: relay.relaying)
+        qemu.accept()
+        assert qemu.get_features(sel, [relay]) == FEATURES
+    finally:
+        relay.close()
+        qemu.close()
+
+
+def test_server_mode_listens_and_relays(tmp, endpoint, sel):
+    path = os.path.join(tmp, "qemu.sock")
+    # a socket file left by a killed vfe-vhostd is replaced
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    relay = make_relay(tmp, endpoint, sel, client=False).start()
+    try:
+        assert relay.state == Relay.WAITING and os.path.exists(path)
+        q = Connection(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        q.sock.connect(path)
+        pump(sel, [relay], lambda: relay.relaying)
+        q.send_bytes(encode_message(GET_FEATURES, b"", 0x1))
+        got = []
+        q.sock.setblocking(False)
+        pump(sel, [relay], lambda: got.extend(q.recv_messages()) or bool(got))
+        assert int.from_bytes(got[0].payload, "little") == FEATURES
+        # a second front-end on the same socket is refused
+        q2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        q2.connect(path)
+        q2.settimeout(2)
+        for _ in range(10):
+            for key, _ in sel.select(0.02):
+                key.data()
+        assert q2.recv(1) == b""
+        q2.close()
+        q.close()
+    finally:
+        relay.close()
+    assert not os.path.exists(path)                         # removed on close
+
+
+def test_socket_path_checks(tmp):
+    path = os.path.join(tmp, "file")
+    open(path, "w").close()
+    for client in (True, False):
+        with pytest.raises(RelayError) as e:
+            check_socket_path(path, client=client)
+        assert e.value.code == -1030
+    live = os.path.join(tmp, "live.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(live)
+    srv.listen()
+    try:
+        check_socket_path(live, client=True)                # QEMU's own socket: fine
+        with pytest.raises(RelayError) as e:
+            check_socket_path(live, client=False)            # we would listen: someone else serves it
+        assert e.value.code == -1030
+    finally:
+        srv.close()
+    with pytest.raises(RelayError) as e:
+        check_socket_path("/tmp/" + "x" * 120, client=True)
+    assert e.value.code == -errno.ENAMETOOLONG
+    check_socket_path(os.path.join(tmp, "new.sock"), client=False)
+
+
+def test_refused_hello_and_missing_endpoint_are_errors(tmp, sel):
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    try:
+        relay = Relay("VF x", qemu.path, os.path.join(tmp, "missing.sock"), True, sel)
+        with pytest.raises(RelayError) as e:
+            relay.start()
+        assert e.value.code == -errno.ENOENT
+        ep = FakeEndpoint(os.path.join(tmp, "ep.sock"), hello_answer=-errno.EPERM)
+        try:
+            relay = Relay("VF x", qemu.path, ep.path, True, sel)
+            with pytest.raises(RelayError) as e:
+                relay.start()
+            assert e.value.code == -errno.EPERM
+            q = qemu.accept()                               # the relay had connected to QEMU ...
+            assert qemu.eof()                               # ... and let it go
+            assert relay.state == Relay.CLOSED and not sel.get_map()
+        finally:
+            ep.stop()
+    finally:
+        qemu.close()
+
+
+def test_failed_provisioning_after_resume_gives_the_front_end_back(tmp, endpoint, sel):
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    relay = make_relay(tmp, endpoint, sel).start()
+    try:
+        qemu.accept()
+        relay.close(handoff=True)
+        endpoint.wait(lambda: "serving directly" in endpoint.events)
+        # a restarted vfe-vhostd in listening mode, on a path it cannot listen on
+        bad = Relay("VF x", os.path.join(tmp, "nodir", "s"), endpoint.path, False, sel)
+        with pytest.raises(RelayError) as e:
+            bad.start()
+        assert e.value.code == -errno.ENOENT and bad.resumed
+        endpoint.wait(lambda: endpoint.events.count("serving directly") == 2)
+        assert not qemu.eof(0.3)                        # the guest never noticed
+        qemu.conn.send_bytes(encode_message(GET_FEATURES, b"", 0x1))
+        assert int.from_bytes(qemu.conn.recv_message(timeout=5).payload, "little") == FEATURES
+    finally:
+        relay.close()
+        qemu.close()

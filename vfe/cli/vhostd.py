@@ -1,0 +1,112 @@
+"""`vfe-vhostd`: the host-side VFE vDPA service (the seed's dpdk-vfe-vdpa).
+
+    vfe-vhostd [--client] [--iface PREFIX] [--port 12190] [--controller-socket PATH]
+
+Relays vhost-user between QEMU's sockets and the controller's endpoints of
+the provisioned VFs (vfe/vhostd/relay.py) and serves JSON-RPC on
+127.0.0.1:PORT for `vhostmgmt`.  Runs in the foreground and logs to stderr;
+SIGTERM/SIGINT stop it cleanly, leaving every relayed front-end to the
+controller (the guests keep running; provision the VFs again after a
+restart).  See docs/vfe-vdpa.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import sys
+
+from vfe import __version__
+from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT
+
+LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+class JournalFormatter(logging.Formatter):
+    """`vfe-vhostd[PID]: [LEVEL] file:line:function: message`, with the
+    syslog priority prefix when stderr is the journal."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = bool(os.environ.get("JOURNAL_STREAM"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        prio = f"<{self.PRIORITY.get(record.levelno, 6)}>" if self.prefix else ""
+        return (f"{prio}vfe-vhostd[{record.process}]: [{record.levelname}] "
+                f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
+
+
+def default_controller_socket() -> str:
+    from vfe.cli.virtnet import default_socket
+    return default_socket()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfe-vhostd",
+        description="VFE vDPA host service: relays QEMU's vhost-user sockets to virtio-net-controller's "
+                    "functions and serves JSON-RPC for vhostmgmt.")
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s v{__version__}")
+    p.add_argument("--client", action="store_true",
+                   help="connect to the vhost-user sockets (QEMU runs them with server=on); "
+                        "default: listen on them")
+    p.add_argument("--iface", metavar="PREFIX", default="",
+                   help="path prefix of the socket files, e.g. /tmp/vhost-user-: a VF provisioned "
+                        "without -v gets PREFIX<VF BDF> (default /tmp/vf-<VF BDF>)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("VFE_VHOSTD_PORT") or DEFAULT_PORT),
+                   help=f"JSON-RPC TCP port on {DEFAULT_ADDRESS} (default {DEFAULT_PORT}, or $VFE_VHOSTD_PORT)")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=argparse.SUPPRESS)
+    p.add_argument("--controller-socket", metavar="PATH", default=None,
+                   help="virtio-net-controller's RPC socket (default $VIRTNET_SOCKET or "
+                        "$VFE_ROOT/run/virtnet/virtnet.sock)")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter())
+    logging.basicConfig(level=LOG_LEVELS[args.log_level], handlers=[handler])
+    log = logging.getLogger("vfe.vhostd")
+    if len(args.iface) > 120:                     # the reference's MAX_IF_PATH_LEN
+        log.error("Invalid iface length")
+        return 1
+
+    from vfe.vhostd.rpc import RpcServer
+    from vfe.vhostd.service import Controller, Loop, VhostService
+
+    controller = Controller(args.controller_socket or default_controller_socket())
+    sel = selectors.DefaultSelector()
+    service = VhostService(controller, sel, client=args.client, iface=args.iface)
+    loop = Loop(service)
+    try:
+        rpc = RpcServer(sel, service.methods(), args.address, args.port)
+    except OSError as exc:
+        log.error("cannot serve JSON-RPC on %s:%d: %s", args.address, args.port, exc.strerror or exc)
+        loop.close()
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    signal.signal(signal.SIGINT, lambda *_: loop.stop())
+    log.info("v%s serving JSON-RPC on %s:%d (%s mode%s), controller %s", __version__, args.address,
+             rpc.port, "client" if args.client else "server",
+             f", iface {args.iface}" if args.iface else "", controller.socket_path)
+    try:
+        loop.run()
+    finally:
+        # a clean exit leaves the front-ends to the controller, as a crash would
+        service.close(handoff=True)
+        rpc.close()
+        loop.close()
+        sel.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
