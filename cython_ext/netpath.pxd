@@ -63,6 +63,8 @@ ctypedef struct Worker:
     int nrings
     Vring *rings[MAX_WORKER_RINGS]
     Switch *sw
+    csum_fn_t csum            # the Numba kernels (vfe.kernels), copied in at Engine.start
+    gso_fn_t gso
     int ntaps                 # representor-attached devices whose TAP this worker reads
     NetDev *taps[MAX_WORKER_RINGS]
     uint8_t *tap_buf

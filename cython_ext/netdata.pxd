@@ -1,0 +1,419 @@
+# The net data path, run by the workers with their lock held: a guest's TX
+# burst, the switch (switch.pxd) or the representor (TAP) it goes to, the
+# destination's RX ring (mergeable buffers, batched used->idx publishing),
+# and the software offload slow path (the Numba kernels, reached through the
+# worker's function pointers).  All nogil; no Python object per packet.
+# Included into the engine module through cimport (cdef inline): one
+# compilation unit, no call across modules on the hot path.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.string cimport memcpy, memset
+from atomics cimport *
+from linux cimport *
+from vring cimport *
+from netpath cimport *
+from switch cimport *
+
+cdef enum:
+    STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
+
+
+# ---------------------------------------------------------------- rings
+
+cdef inline void break_ring(Worker *w, Vring *vq, int code) noexcept nogil:
+    """A guest error: stop this ring only, and tell Python to log it."""
+    cdef uint64_t one = 1
+    vq.broken = -code
+    vq.errors += 1
+    if w.event_fd >= 0:
+        write(w.event_fd, &one, 8)
+
+
+cdef inline int ring_usable(Vring *vq) noexcept nogil:
+    return vq.ready and vq.enabled and not vq.broken
+
+
+cdef inline Vring *pick_rx(NetDev *t, int pair) noexcept nogil:
+    """The destination's RX ring for traffic from the sender's queue pair `pair`:
+    the same pair index modulo the pairs the guest has enabled."""
+    cdef int npairs = t.num_vqs // 2
+    cdef int k
+    cdef Vring *vq
+    if npairs <= 0 or t.paused:
+        return NULL
+    for k in range(npairs):
+        vq = &t.vqs[2 * ((pair + k) % npairs)]
+        if ring_usable(vq):
+            return vq
+    return NULL
+
+
+cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
+                    uint32_t skip, uint32_t frame_len) noexcept nogil:
+    """Write w.hdr_out + the frame into the destination's RX ring (mergeable
+    buffers when negotiated), publish used->idx and interrupt if wanted."""
+    cdef Vring *vq = pick_rx(t, pair)
+    cdef uint32_t need, cap = 0, remaining, l, clen = 0
+    cdef int n, nchains = 0, niov = 0, cn = 0, rc, c
+    cdef uint16_t head
+    cdef Iov h
+    if vq == NULL:
+        return R_DROP
+    vfe_spin_lock(&vq.lock)
+    if not ring_usable(vq):
+        vfe_spin_unlock(&vq.lock)
+        return R_DROP
+    need = t.hdr_len + frame_len
+    # re-read avail->idx on the ring's first delivery of a burst, then trust
+    # the cached value while it lasts
+    n = avail_count_cached(vq, ((need + 1499) // 1500 if t.mrg_rxbuf else 1)
+                           if in_burst(w, vq) else 0x10000)
+    if n < 0:
+        break_ring(w, vq, n)
+        vfe_spin_unlock(&vq.lock)
+        return R_DROP
+    while cap < need:
+        if nchains >= n:
+            n = avail_count_cached(vq, nchains + 1)     # re-read: the guest may have posted more
+            if n < 0:
+                break_ring(w, vq, n)
+                vfe_spin_unlock(&vq.lock)
+                return R_DROP
+            if nchains >= n:
+                vfe_spin_unlock(&vq.lock)
+                return R_NO_ROOM
+        if nchains > 0 and not t.mrg_rxbuf:
+            vq.dropped += 1          # frame larger than the guest's buffers
+            vfe_spin_unlock(&vq.lock)
+            return R_DROP
+        head = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains))
+        rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
+        if rc < 0:
+            break_ring(w, vq, rc)
+            vfe_spin_unlock(&vq.lock)
+            return R_DROP
+        w.rx_head[nchains] = head
+        w.rx_cap[nchains] = clen
+        niov += cn
+        cap += clen
+        nchains += 1
+    if t.hdr_len == 12:
+        w.hdr_out[10] = nchains & 0xFF
+        w.hdr_out[11] = (nchains >> 8) & 0xFF
+    h.base = w.hdr_out
+    h.len = t.hdr_len
+    sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
+    sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    if t.log.active:
+        vfe_fence()
+        for c in range(niov):
+            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
+    remaining = need
+    for c in range(nchains):
+        l = w.rx_cap[c]
+        if l > remaining:
+            l = remaining
+        used_push(vq, w.rx_head[c], l)
+        remaining -= l
+    vq.last_avail_idx = <uint16_t>(vq.last_avail_idx + nchains)
+    vq.packets += 1
+    vq.bytes += frame_len
+    defer_publish(w, vq)
+    vfe_spin_unlock(&vq.lock)
+    return R_OK
+
+
+cdef inline bint in_burst(Worker *w, Vring *vq) noexcept nogil:
+    cdef int i
+    for i in range(w.ndirty):
+        if w.dirty[i] == vq:
+            return True
+    return False
+
+
+cdef inline void defer_publish(Worker *w, Vring *vq) noexcept nogil:
+    """Publish used->idx of a filled RX ring once per burst, not per packet
+    (called with vq.lock held).  Any worker's publish covers every entry
+    pushed so far, so a ring filled by two workers is never left behind."""
+    if in_burst(w, vq):
+        return
+    if w.ndirty < 64:
+        w.dirty[w.ndirty] = vq
+        w.ndirty += 1
+    else:
+        used_publish(vq)
+
+
+cdef inline void flush_rx(Worker *w) noexcept nogil:
+    """End of a burst: publish the RX rings it filled and interrupt their guests."""
+    cdef int i
+    cdef Vring *vq
+    for i in range(w.ndirty):
+        vq = w.dirty[i]
+        vfe_spin_lock(&vq.lock)
+        if vq.ready:
+            used_publish(vq)
+        vfe_spin_unlock(&vq.lock)
+    w.ndirty = 0
+
+
+cdef inline int linearize(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len) noexcept nogil:
+    cdef Iov d
+    if frame_len > LIN_CAP:
+        return -1
+    d.base = w.lin
+    d.len = LIN_CAP
+    if <uint32_t>sg_copy(&d, 1, 0, src, nsrc, skip, frame_len) != frame_len:
+        return -1
+    return 0
+
+
+cdef inline void count_drop(NetDev *t, int pair) noexcept nogil:
+    cdef Vring *vq = pick_rx(t, pair)
+    if vq != NULL:
+        vq.dropped += 1
+
+
+cdef inline int soft_offload(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len,
+                      int need_seg) noexcept nogil:
+    """The slow path: linearize the frame (header in w.hdr_in), then finish
+    its checksum or cut it into MSS-sized segments with the Numba kernels.
+    The results are w.seg_off/w.seg_len over w.lin (1 frame) or w.seg.
+    Returns how many frames, 1 for a checksum, or -1."""
+    cdef int32_t csum_start = w.hdr_in[6] | (w.hdr_in[7] << 8)
+    cdef int32_t csum_offset = w.hdr_in[8] | (w.hdr_in[9] << 8)
+    cdef int32_t hdr_len = w.hdr_in[2] | (w.hdr_in[3] << 8)
+    cdef int32_t gso_size = w.hdr_in[4] | (w.hdr_in[5] << 8)
+    cdef int nseg
+    if linearize(w, src, nsrc, skip, frame_len) < 0:
+        return -1
+    if not need_seg:
+        if w.csum == NULL or w.csum(w.lin, frame_len, csum_start, csum_offset) < 0:
+            return -1
+        w.seg_off[0] = -1             # marks "the frame is in w.lin"
+        w.seg_len[0] = frame_len
+        return 1
+    if w.gso == NULL:
+        return -1
+    nseg = w.gso(w.lin, frame_len, w.hdr_in[1], hdr_len, gso_size, csum_start, csum_offset,
+                 w.seg, SEG_CAP, w.seg_off, w.seg_len, MAX_SEGS)
+    return nseg if nseg > 0 else -1
+
+
+cdef inline void soft_frame(Worker *w, int i, Iov *out) noexcept nogil:
+    out.base = w.lin if w.seg_off[i] < 0 else w.seg + w.seg_off[i]
+    out.len = w.seg_len[i]
+
+
+cdef inline int needs_segmentation(uint8_t gso, int tso4, int tso6, int ecn) noexcept nogil:
+    cdef uint8_t base = gso & 0x7F
+    if base == 0:
+        return 0
+    if (gso & 0x80) and not ecn:
+        return 1
+    if base == 1:
+        return not tso4
+    if base == 4:
+        return not tso6
+    return 1                          # UFO is never offered
+
+
+cdef inline int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t skip,
+                 uint32_t frame_len) noexcept nogil:
+    """Hand one frame (header in w.hdr_in) to device t.  The header passes
+    through when t negotiated the offloads it uses; otherwise the checksum is
+    finished, or the frame segmented, in software (Numba kernels)."""
+    cdef int need_seg = needs_segmentation(w.hdr_in[1], t.guest_tso4, t.guest_tso6, t.guest_ecn)
+    cdef int i, n, result = R_OK
+    cdef Iov seg
+    if not need_seg and not ((w.hdr_in[0] & 1) and not t.guest_csum):
+        memcpy(w.hdr_out, w.hdr_in, 10)
+        return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
+    n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
+    if n < 0:
+        count_drop(t, pair)
+        return R_DROP
+    vfe_add_u64(&t.sw_gso if need_seg else &t.sw_csum, 1)
+    memset(w.hdr_out, 0, 12)
+    if t.guest_csum:
+        w.hdr_out[0] = 2              # DATA_VALID: we computed every checksum
+    for i in range(n):
+        soft_frame(w, i, &seg)
+        if rx_enqueue(w, t, pair, &seg, 1, 0, seg.len) != R_OK:
+            count_drop(t, pair)
+            result = R_DROP
+    return result
+
+
+# ---------------------------------------------------------------- representor (TAP) port
+#
+# A device attached to a representor sends every guest frame to the TAP fd
+# and receives whatever the kernel (OVS, the host stack) writes to it.  The
+# TAP carries a 12-byte virtio-net header but advertises no offloads, so the
+# kernel hands us complete frames, and we finish checksums and segment TSO
+# frames before writing (userspace OVS forwards partial checksums as they
+# are, and receivers behind it drop them: facts.md).
+
+cdef inline int tap_write_one(Worker *w, int fd, Iov *src, int nsrc, uint32_t skip,
+                       uint32_t frame_len) noexcept nogil:
+    """writev a zero virtio-net header plus the frame, straight from guest memory."""
+    cdef iovec vec[MAX_IOV + 1]
+    cdef int n = 1, i = 0
+    cdef uint32_t left = frame_len, off = skip, l
+    memset(w.hdr_out, 0, 12)
+    vec[0].iov_base = w.hdr_out
+    vec[0].iov_len = 12
+    while i < nsrc and left > 0:
+        if off >= src[i].len:
+            off -= src[i].len
+            i += 1
+            continue
+        l = src[i].len - off
+        if l > left:
+            l = left
+        vec[n].iov_base = src[i].base + off
+        vec[n].iov_len = l
+        n += 1
+        left -= l
+        off = 0
+        i += 1
+    if writev(fd, vec, n) < 0:
+        return R_DROP
+    return R_OK
+
+
+cdef inline int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t skip,
+                 uint32_t frame_len) noexcept nogil:
+    """A guest frame (header in w.hdr_in) out to the device's representor."""
+    cdef int need_seg = needs_segmentation(w.hdr_in[1], 0, 0, 0)
+    cdef int i, n, result = R_OK
+    cdef Iov seg
+    if not need_seg and not (w.hdr_in[0] & 1):
+        return tap_write_one(w, dev.tap_fd, src, nsrc, skip, frame_len)
+    n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
+    if n < 0:
+        return R_DROP
+    vfe_add_u64(&dev.sw_gso if need_seg else &dev.sw_csum, 1)
+    for i in range(n):
+        soft_frame(w, i, &seg)
+        if tap_write_one(w, dev.tap_fd, &seg, 1, 0, seg.len) != R_OK:
+            result = R_DROP
+    return result
+
+
+cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
+    """Up to BURST frames from the representor into the guest's RX ring."""
+    cdef int k, done = 0
+    cdef ssize_t n
+    cdef Iov frame
+    for k in range(BURST):
+        n = read(dev.tap_fd, w.tap_buf, LIN_CAP + 12)
+        if n <= 12:
+            break
+        memcpy(w.hdr_in, w.tap_buf, 12)
+        frame.base = w.tap_buf + 12
+        frame.len = <uint32_t>(n - 12)
+        if deliver(w, dev, 0, &frame, 1, 0, frame.len) != R_OK:
+            dev.tap_rx_dropped += 1
+        done += 1
+    if done:
+        flush_rx(w)
+    return done
+
+
+cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
+                      uint32_t total) noexcept nogil:
+    """Learn the sender's MAC, then forward: unicast to a known port, flood
+    broadcast/multicast/unknown to every other port."""
+    cdef Switch *sw = w.sw
+    cdef uint32_t hl = src_dev.hdr_len
+    cdef uint32_t frame_len = total - hl
+    cdef uint8_t eth[12]
+    cdef Iov d
+    cdef uint64_t dst, srcmac
+    cdef int p, r
+    cdef NetDev *t
+    d.base = w.hdr_in
+    d.len = hl
+    memset(w.hdr_in, 0, 12)
+    sg_copy(&d, 1, 0, src, nsrc, 0, hl)
+    if frame_len < 14:
+        return R_DROP
+    d.base = eth
+    d.len = 12
+    sg_copy(&d, 1, 0, src, nsrc, hl, 12)
+    dst = mac48(eth)
+    srcmac = mac48(eth + 6)
+    if src_dev.port >= 0 and not (eth[6] & 1):
+        sw_learn(sw, srcmac, src_dev.port)
+    if not (eth[0] & 1):
+        p = sw_lookup(sw, dst)
+        if p >= 0 and p < MAX_PORTS:
+            if p == src_dev.port:
+                return R_OK           # hairpin: the destination is the sender
+            t = sw.ports[p]
+            if t != NULL:
+                return deliver(w, t, pair, src, nsrc, hl, frame_len)
+    for p in range(sw.nports):
+        t = sw.ports[p]
+        if t != NULL and t != src_dev:
+            deliver(w, t, pair, src, nsrc, hl, frame_len)
+    return R_OK
+
+
+cdef inline int tap_send(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t total) noexcept nogil:
+    cdef Iov d
+    cdef uint32_t hl = dev.hdr_len
+    d.base = w.hdr_in
+    d.len = hl
+    memset(w.hdr_in, 0, 12)
+    sg_copy(&d, 1, 0, src, nsrc, 0, hl)
+    if total - hl < 14:
+        return R_DROP
+    return tap_out(w, dev, src, nsrc, hl, total - hl)
+
+
+cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
+    """Take up to BURST chains from a guest TX ring and switch them."""
+    cdef NetDev *dev = <NetDev *>vq.dev
+    cdef int n = avail_count(vq)
+    cdef int k, rc, niov = 0, done = 0
+    cdef uint32_t total = 0
+    cdef uint16_t head
+    cdef int64_t t
+    if n <= 0:
+        if n < 0:
+            break_ring(w, vq, n)
+        return 0
+    if n > BURST:
+        n = BURST
+    for k in range(n):
+        head = avail_head(vq, vq.last_avail_idx)
+        rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
+        if rc == 0 and total <= <uint32_t>dev.hdr_len:
+            rc = E_LEN
+        if rc < 0:
+            break_ring(w, vq, rc)
+            break
+        if dev.tap_fd >= 0:
+            rc = tap_send(w, dev, w.iov, niov, total)
+        else:
+            rc = switch_frame(w, dev, vq.index >> 1, w.iov, niov, total)
+        if rc == R_NO_ROOM:
+            t = now_ns()
+            if vq.stall_ns == 0:
+                vq.stall_ns = t
+            if t - vq.stall_ns < STALL_NS:
+                w.blocked = 1
+                break
+            vq.dropped += 1
+        elif rc == R_DROP:
+            vq.dropped += 1
+        vq.stall_ns = 0
+        used_push(vq, head, 0)
+        vq.last_avail_idx += 1
+        vq.packets += 1
+        vq.bytes += total - dev.hdr_len
+        done += 1
+    flush_rx(w)
+    used_publish(vq)
+    return done
