@@ -82,7 +82,7 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
 
 def _parse_blk(opts: dict[str, str]) -> BlkConfig:
     known = {"socket", "client", "bdev", "size", "block-size", "queues", "queue-size", "ro",
-             "serial", "name"}
+             "serial", "name", "incoming"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -111,6 +111,8 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
             cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
+        if opts.get("incoming"):
+            cfg.incoming = opts["incoming"]
         if "serial" in opts:
             if len(opts["serial"].encode()) > 20:
                 raise ValueError(f"serial={opts['serial']!r} is longer than 20 bytes")

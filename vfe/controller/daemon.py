@@ -254,7 +254,10 @@ class Daemon:
         config.name = config.name or f"blk{sum(isinstance(ep.device, BlkDeviceModel) for ep in self.endpoints)}"
         device = BlkDeviceModel(self.engine, config)
         try:
-            return self.add_endpoint(device, config.socket, config.client, config.name)
+            ep = self.add_endpoint(device, config.socket, config.client, config.name)
+            if config.incoming:
+                self.add_endpoint(device, config.incoming, config.client, config.name + "/incoming")
+            return ep
         except OSError:
             device.close()
             raise

@@ -69,6 +69,7 @@ class BlkConfig:
     read_only: bool = False
     serial: str = ""            # GET_ID (20 bytes at most); default: the device name
     name: str = ""
+    incoming: str | None = None # a second socket for a live migration's destination QEMU
     size_max: int = 65536       # largest segment (config size_max)
     seg_max: int = 126          # segments per request (config seg_max)
     max_discard_sectors: int = 65536
