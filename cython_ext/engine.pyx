@@ -475,14 +475,125 @@ cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
     return base
 
 
-cdef class NetDevice:
+cdef class RingDevice:
+    """What every device's rings share: the ring control the device adapter
+    (vfe/devices/adapter.py) calls from the daemon's control thread.  A
+    subclass points vqs/nvqs/mem/log/features at its C struct."""
+    cdef Engine engine
+    cdef Vring *vqs
+    cdef int nvqs
+    cdef MemTable *mem
+    cdef DirtyLog *log
+    cdef uint64_t *features
+    cdef public int slot
+    cdef public object owner
+
+    def __cinit__(self, *args, **kwargs):
+        self.vqs = NULL
+
+    cdef bint _polled(self, int index):
+        """Whether a worker polls this ring (net: TX only; blk: every queue)."""
+        return True
+
+    cdef Vring *_ring(self, int index) except NULL:
+        if self.vqs == NULL:
+            raise RuntimeError("device is closed")
+        if index < 0 or index >= self.nvqs:
+            raise IndexError(f"ring {index} out of range 0..{self.nvqs - 1}")
+        return &self.vqs[index]
+
+    @property
+    def num_rings(self):
+        return self.nvqs
+
+    @property
+    def logging(self):
+        """Dirty logging active (LOG_ALL acked and a log mapped)."""
+        return self.log != NULL and bool(self.log.active)
+
+    def set_memory(self, regions):
+        """Replace the memory table: [(gpa, size, uva, hva), ...].  Running
+        rings are re-translated; one that no longer maps stops (E_RING)."""
+        cdef MemTable mt
+        cdef int i = 0
+        cdef Engine e = self.engine
+        if len(regions) > MAX_REGIONS:
+            raise ValueError(f"at most {MAX_REGIONS} memory regions")
+        memset(&mt, 0, sizeof(MemTable))
+        for gpa, size, uva, hva in regions:
+            mt.r[i].gpa = gpa
+            mt.r[i].size = size
+            mt.r[i].uva = uva
+            mt.r[i].hva = hva
+            i += 1
+        mt.n = i
+        with nogil:
+            e.stop_world()
+            memcpy(self.mem, &mt, sizeof(MemTable))
+            for i in range(self.nvqs):
+                if self.vqs[i].ready and translate_ring(&self.vqs[i]) < 0:
+                    self.vqs[i].broken = -E_RING
+            e.start_world()
+
+    def set_log(self, uint64_t hva, uint64_t size):
+        """Use the dirty log mapped at hva (0 to stop).  The caller unmaps the
+        previous log only after this returns."""
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.log.base = <uint8_t *>hva
+            self.log.size = size if hva else 0
+            self.log.active = ((self.features[0] >> 26) & 1) and hva != 0
+            e.start_world()
+
+    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   bint log_used=False, uint64_t log_guest_addr=0):
+        """Start a ring at avail index `base`.  Raises ValueError if its
+        addresses are not inside the memory table."""
+        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
+                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, self._polled(index))
+
+    def stop_ring(self, int index):
+        """Stop a ring and return the next avail index it would process
+        (the GET_VRING_BASE answer).  No worker touches it afterwards."""
+        return ring_stop(self.engine, self._ring(index), self._polled(index))
+
+    def enable_ring(self, int index, bint enabled):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vq.enabled = enabled
+            e.start_world()
+            worker_wake(e.workers[vq.worker])
+
+    def set_call_fd(self, int index, int fd):
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            vfe_spin_lock(&vq.lock)
+            vq.call_fd = fd
+            vfe_spin_unlock(&vq.lock)
+            e.start_world()
+
+    def ring_state(self, int index):
+        cdef Vring *vq = self._ring(index)
+        return {
+            "index": index, "size": vq.size, "ready": bool(vq.ready),
+            "enabled": bool(vq.enabled), "broken": vq.broken,
+            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
+            "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
+            "worker": vq.worker,
+        }
+
+
+cdef class NetDevice(RingDevice):
     """The engine's side of one virtio-net device: its rings, its memory
     table and its switch port.  Methods are called by the device adapter
     (vfe/devices/net.py) from the daemon's control thread."""
     cdef NetDev *d
-    cdef Engine engine
-    cdef public int slot
-    cdef public object owner
 
     def __cinit__(self, Engine engine, int num_queues):
         cdef int i
@@ -508,29 +619,21 @@ cdef class NetDevice:
             self.d.vqs[i].kick_fd = -1
             self.d.vqs[i].call_fd = -1
             self.d.vqs[i].worker = (engine.next_slot + i // 2) % engine.nworkers
+        self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
+        self.log, self.features = &self.d.log, &self.d.features
         engine._attach(self)
 
     def __dealloc__(self):
+        self.vqs = NULL
         if self.d != NULL:
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
             self.d = NULL
 
-    cdef Vring *_ring(self, int index) except NULL:
-        if self.d == NULL:
-            raise RuntimeError("device is closed")
-        if index < 0 or index >= self.d.num_vqs:
-            raise IndexError(f"ring {index} out of range 0..{self.d.num_vqs - 1}")
-        return &self.d.vqs[index]
-
     @property
     def port(self):
         return self.d.port if self.d != NULL else -1
-
-    @property
-    def num_rings(self):
-        return self.d.num_vqs
 
     def set_features(self, uint64_t features):
         """Apply negotiated virtio features (header length, offloads, ring features)."""
@@ -553,29 +656,8 @@ cdef class NetDevice:
                 self.d.vqs[i].indirect = (features >> 28) & 1
             e.start_world()
 
-    def set_memory(self, regions):
-        """Replace the memory table: [(gpa, size, uva, hva), ...].  Running
-        rings are re-translated; one that no longer maps stops (E_RING)."""
-        cdef MemTable mt
-        cdef int i = 0
-        cdef Engine e = self.engine
-        if len(regions) > MAX_REGIONS:
-            raise ValueError(f"at most {MAX_REGIONS} memory regions")
-        memset(&mt, 0, sizeof(MemTable))
-        for gpa, size, uva, hva in regions:
-            mt.r[i].gpa = gpa
-            mt.r[i].size = size
-            mt.r[i].uva = uva
-            mt.r[i].hva = hva
-            i += 1
-        mt.n = i
-        with nogil:
-            e.stop_world()
-            memcpy(self.d.mem, &mt, sizeof(MemTable))
-            for i in range(self.d.num_vqs):
-                if self.d.vqs[i].ready and translate_ring(&self.d.vqs[i]) < 0:
-                    self.d.vqs[i].broken = -E_RING
-            e.start_world()
+    cdef bint _polled(self, int index):
+        return index & 1          # workers poll the TX rings; RX rings are filled by senders
 
     def set_tap(self, int fd):
         """Connect the device to a representor TAP fd (non-blocking, with a
@@ -625,66 +707,8 @@ cdef class NetDevice:
     def paused(self):
         return bool(self.d.paused)
 
-    @property
-    def logging(self):
-        """Dirty logging active (LOG_ALL acked and a log mapped)."""
-        return bool(self.d.log.active)
-
     def tap_stats(self):
         return {"tap_rx_dropped": self.d.tap_rx_dropped}
-
-    def set_log(self, uint64_t hva, uint64_t size):
-        """Use the dirty log mapped at hva (0 to stop).  The caller unmaps the
-        previous log only after this returns."""
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            self.d.log.base = <uint8_t *>hva
-            self.d.log.size = size if hva else 0
-            self.d.log.active = ((self.d.features >> 26) & 1) and hva != 0
-            e.start_world()
-
-    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
-                   bint log_used=False, uint64_t log_guest_addr=0):
-        """Start a ring at avail index `base`.  Raises ValueError if its
-        addresses are not inside the memory table."""
-        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
-                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, index & 1)
-
-    def stop_ring(self, int index):
-        """Stop a ring and return the next avail index it would process
-        (the GET_VRING_BASE answer).  No worker touches it afterwards."""
-        return ring_stop(self.engine, self._ring(index), index & 1)
-
-    def enable_ring(self, int index, bint enabled):
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            vq.enabled = enabled
-            e.start_world()
-            worker_wake(e.workers[vq.worker])
-
-    def set_call_fd(self, int index, int fd):
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            vfe_spin_lock(&vq.lock)
-            vq.call_fd = fd
-            vfe_spin_unlock(&vq.lock)
-            e.start_world()
-
-    def ring_state(self, int index):
-        cdef Vring *vq = self._ring(index)
-        return {
-            "index": index, "size": vq.size, "ready": bool(vq.ready),
-            "enabled": bool(vq.enabled), "broken": vq.broken,
-            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
-            "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
-            "worker": vq.worker,
-        }
 
     def offload_stats(self):
         """Frames whose offloads this device did not negotiate, finished in software."""
@@ -726,14 +750,11 @@ cdef class NetDevice:
 
 
 
-cdef class BlkDevice:
+cdef class BlkDevice(RingDevice):
     """The engine's side of one virtio-blk device: its request queues, its
     memory table and its backend (null or malloc).  Same ring-control
     methods as NetDevice, so the device adapter's Session drives it alike."""
     cdef BlkDev *d
-    cdef Engine engine
-    cdef public int slot
-    cdef public object owner
 
     def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
                   str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
@@ -787,12 +808,15 @@ cdef class BlkDevice:
             self.d.vqs[i].kick_fd = -1
             self.d.vqs[i].call_fd = -1
             self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
+        self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
+        self.log, self.features = &self.d.log, &self.d.features
         with engine._lock:
             self.slot = engine.next_slot
             engine.next_slot += 1
             engine.blk_devices.append(self)
 
     def __dealloc__(self):
+        self.vqs = NULL
         if self.d != NULL:
             free(self.d.data)
             free(self.d.vqs)
@@ -800,20 +824,9 @@ cdef class BlkDevice:
             free(self.d)
             self.d = NULL
 
-    cdef Vring *_ring(self, int index) except NULL:
-        if self.d == NULL:
-            raise RuntimeError("device is closed")
-        if index < 0 or index >= self.d.num_vqs:
-            raise IndexError(f"ring {index} out of range 0..{self.d.num_vqs - 1}")
-        return &self.d.vqs[index]
-
     @property
     def port(self):
         return -1                 # not on the switch
-
-    @property
-    def num_rings(self):
-        return self.d.num_vqs
 
     @property
     def capacity(self):
@@ -832,10 +845,6 @@ cdef class BlkDevice:
     def backend(self):
         return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
 
-    @property
-    def logging(self):
-        return bool(self.d.log.active)
-
     def set_features(self, uint64_t features):
         """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
         cdef int i
@@ -848,77 +857,6 @@ cdef class BlkDevice:
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
             e.start_world()
-
-    def set_memory(self, regions):
-        """Replace the memory table: [(gpa, size, uva, hva), ...]."""
-        cdef MemTable mt
-        cdef int i = 0
-        cdef Engine e = self.engine
-        if len(regions) > MAX_REGIONS:
-            raise ValueError(f"at most {MAX_REGIONS} memory regions")
-        memset(&mt, 0, sizeof(MemTable))
-        for gpa, size, uva, hva in regions:
-            mt.r[i].gpa = gpa
-            mt.r[i].size = size
-            mt.r[i].uva = uva
-            mt.r[i].hva = hva
-            i += 1
-        mt.n = i
-        with nogil:
-            e.stop_world()
-            memcpy(self.d.mem, &mt, sizeof(MemTable))
-            for i in range(self.d.num_vqs):
-                if self.d.vqs[i].ready and translate_ring(&self.d.vqs[i]) < 0:
-                    self.d.vqs[i].broken = -E_RING
-            e.start_world()
-
-    def set_log(self, uint64_t hva, uint64_t size):
-        """Use the dirty log mapped at hva (0 to stop)."""
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            self.d.log.base = <uint8_t *>hva
-            self.d.log.size = size if hva else 0
-            self.d.log.active = ((self.d.features >> 26) & 1) and hva != 0
-            e.start_world()
-
-    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
-                   bint log_used=False, uint64_t log_guest_addr=0):
-        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
-                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, True)
-
-    def stop_ring(self, int index):
-        return ring_stop(self.engine, self._ring(index), True)
-
-    def enable_ring(self, int index, bint enabled):
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            vq.enabled = enabled
-            e.start_world()
-            worker_wake(e.workers[vq.worker])
-
-    def set_call_fd(self, int index, int fd):
-        cdef Vring *vq = self._ring(index)
-        cdef Engine e = self.engine
-        with nogil:
-            e.stop_world()
-            vfe_spin_lock(&vq.lock)
-            vq.call_fd = fd
-            vfe_spin_unlock(&vq.lock)
-            e.start_world()
-
-    def ring_state(self, int index):
-        cdef Vring *vq = self._ring(index)
-        return {
-            "index": index, "size": vq.size, "ready": bool(vq.ready),
-            "enabled": bool(vq.enabled), "broken": vq.broken,
-            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
-            "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
-            "worker": vq.worker,
-        }
 
     def ring_stats(self, int index):
         """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""

@@ -84,6 +84,9 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         inv.shutdown()
         raise ServiceError(f"cannot create the functions: {exc}") from None
 
+    from vfe.controller import blk_functions
+    blk_functions.register(HANDLERS, daemon, paths)     # vfe-rpc: bdevs and virtio-blk functions
+
     def handle(method: str, params: dict):
         fn = HANDLERS.get(method)
         if fn is None:

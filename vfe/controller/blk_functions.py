@@ -1,0 +1,390 @@
+"""Emulated virtio-blk functions and the block devices (bdevs) behind them:
+the `spdk_rpc.py bdev_*` and `snap_rpc.py controller_*` verbs of the seed's
+VFE vDPA part, served on the controller's RPC socket (vfe-rpc is the CLI).
+
+Bdevs.  A registry of named block devices: `null` (reads zeros, drops
+writes) and `malloc` (RAM).  `aio` (a file) is refused with -EOPNOTSUPP for
+now.  A bdev is *claimed* by the one blk function created on it; a claimed
+bdev cannot be deleted (-EBUSY) -- delete the function first.
+
+Blk functions.  `controller_virtio_blk_create IB_DEV --pf_id N [--vf_id M]
+--bdev_type spdk --bdev NAME` makes a BlkDeviceModel on the bdev and serves
+it on a vhost-user socket `<run_dir>/<VUID>.sock` through the daemon, like a
+virtio-net function.  Identity (our convention, mirroring functions.py):
+
+    PF  pf_id N   VUID VBLKS0D<d>F<f>, d,f = divmod(N + 2, 8)   (VBLKS0D0F2 for PF 0)
+                  BDF  (0xA0 + N):00.0                          (a0:00.0 for PF 0)
+    VF  vf_id M   VUID <the PF's VUID>VF<M + 1>                 (VBLKS0D0F2VF1)
+                  BDF  (0xB0 + N):<d>.<f>, d,f = divmod(M, 8)   (b0:00.0 for VF 0 of PF 0)
+
+so PF ids 0..15 and VF ids 0..127; the buses (0xA0..0xBF) are clear of the
+net functions' (0x84 static PFs, 0x85.. hot-plug ports, 0x90.. net VFs).
+The `VBLK` prefix keeps blk VUIDs apart from the net ones (`VNET...`).  The
+emulation manager (IB_DEV, `mlx5_<n>`) is recorded; (pf_id, vf_id) is unique
+across managers.  A VF does not need a blk PF to exist.  The controller name
+is SNAP's: VblkEmu<n>pf<N> / VblkEmu<n>pf<N>vf<M>, <n> from mlx5_<n>.
+
+`--admin_q` and `--force_in_order` are accepted and shown by controller_list;
+the engine's blk queues already complete each queue's requests in order.
+
+`register(handlers, daemon, paths)` adds the RPC methods to a service's
+handler table (handlers are called `fn(inv, params)`; the inventory argument
+is unused) and returns the BlkRegistry; its `shutdown()` (also hooked on
+`daemon.on_shutdown`, idempotent) closes every blk function.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfe.controller.functions import bdf_raw, bdf_str
+from vfe.controller.inventory import InventoryError
+
+log = logging.getLogger("vfe.controller.blk")
+
+BLK_PF_BUS = 0xA0
+BLK_VF_BUS = 0xB0
+BLK_PF_FIRST_FN = 2
+MAX_PF_ID = 15
+MAX_VF_ID = 127
+MAX_QUEUES = 64
+MAX_QUEUE_SIZE = 1024
+DEFAULT_QUEUE_SIZE = 128
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+KINDS = ("null", "malloc", "aio")
+PRODUCT = {"null": "Null disk", "malloc": "Malloc disk", "aio": "AIO disk"}
+_IB_DEV = re.compile(r"^mlx5_(\d+)$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def err(message: str, code: int = -errno.EINVAL) -> InventoryError:
+    return InventoryError(message, code)
+
+
+def blk_pf_location(pf_id: int) -> tuple[str, int]:
+    dev, fn = divmod(BLK_PF_FIRST_FN + pf_id, 8)
+    return f"VBLKS0D{dev}F{fn}", bdf_raw(BLK_PF_BUS + pf_id, 0, 0)
+
+
+def blk_vf_location(pf_id: int, vf_id: int) -> tuple[str, int]:
+    pf_vuid, _ = blk_pf_location(pf_id)
+    dev, fn = divmod(vf_id, 8)
+    return f"{pf_vuid}VF{vf_id + 1}", bdf_raw(BLK_VF_BUS + pf_id, dev, fn)
+
+
+@dataclass
+class Bdev:
+    name: str
+    kind: str                       # null | malloc | aio
+    size_mb: int
+    block_size: int
+    filename: str = ""
+    claimed_by: str | None = None   # the blk function's name
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.size_mb << 20) // self.block_size
+
+    def info(self) -> dict:
+        """An entry of bdev_get_bdevs, with SPDK's field names."""
+        out = {"name": self.name, "product_name": PRODUCT[self.kind],
+               "block_size": self.block_size, "num_blocks": self.num_blocks,
+               "claimed": self.claimed_by is not None}
+        if self.claimed_by is not None:
+            out["claimed_by"] = self.claimed_by
+        return out
+
+
+@dataclass
+class BlkFunction:
+    name: str
+    emulation_manager: str
+    pf_id: int
+    vf_id: int                      # -1 for a PF
+    vuid: str
+    bdf_raw: int
+    bdev: str
+    num_queues: int
+    queue_size: int
+    admin_q: bool
+    force_in_order: bool
+    socket: str
+    model: Any = field(default=None, repr=False)
+    endpoint: Any = field(default=None, repr=False)
+
+    @property
+    def bdf(self) -> str:
+        return bdf_str(self.bdf_raw)
+
+    def bound(self) -> bool:
+        ep = self.endpoint
+        return ep is not None and ep.session is not None and bool(ep.session.started)
+
+    def entry(self) -> dict:
+        return {"name": self.name, "emulation_manager": self.emulation_manager,
+                "type": "virtio_blk", "function_type": "PF" if self.vf_id < 0 else "VF",
+                "pf_id": self.pf_id, "vf_id": self.vf_id, "vuid": self.vuid,
+                "pci_bdf": self.bdf, "bdev_type": "spdk", "bdev": self.bdev,
+                "num_queues": self.num_queues, "queue_size": self.queue_size,
+                "admin_q": self.admin_q, "force_in_order": self.force_in_order,
+                "socket": self.socket, "bound": self.bound()}
+
+
+# -- parameter helpers ---------------------------------------------------------
+
+def _int(p: dict, key: str, default: Any = None, *, lo: int | None = None, hi: int | None = None):
+    v = p.get(key, default)
+    if v is None:
+        if default is None:
+            raise err(f"missing parameter {key}")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            v = int(str(v), 0)
+        except ValueError:
+            raise err(f"{key} must be an integer, not {v!r}") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise err(f"{key} {v} out of range {lo}..{hi}")
+    return v
+
+
+def _str(p: dict, key: str, default: str | None = None) -> str:
+    v = p.get(key, default)
+    if v is None or v == "":
+        raise err(f"missing parameter {key}")
+    if not isinstance(v, str):
+        raise err(f"{key} must be a string")
+    return v
+
+
+def _bool(p: dict, key: str) -> bool:
+    v = p.get(key, False)
+    if not isinstance(v, bool):
+        raise err(f"{key} must be true or false")
+    return v
+
+
+class BlkRegistry:
+    def __init__(self, daemon, paths):
+        self.daemon = daemon
+        self.paths = paths
+        self.bdevs: dict[str, Bdev] = {}
+        self.functions: dict[str, BlkFunction] = {}     # by controller name
+        self._malloc_seq = 0
+
+    # -- bdevs
+    def _size(self, p: dict, block_size: int) -> int:
+        """Size in MiB: SPDK's num_blocks, or size_mb; a whole number of MiB."""
+        if p.get("num_blocks") is not None:
+            nb = _int(p, "num_blocks", lo=1)
+            total = nb * block_size
+            if total % (1 << 20):
+                raise err(f"size {total} bytes is not a whole number of MiB")
+            return total >> 20
+        return _int(p, "size_mb", lo=1, hi=1 << 20)
+
+    def _new_bdev(self, kind: str, name: str, p: dict) -> str:
+        if not _NAME.match(name):
+            raise err(f"bad bdev name {name!r} (letters, digits, _ . : - ; at most 64)")
+        if name in self.bdevs:
+            raise err(f"bdev {name} already exists", -errno.EEXIST)
+        bs = _int(p, "block_size", 512)
+        if bs not in BLOCK_SIZES:
+            raise err(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {bs}")
+        size_mb = self._size(p, bs)
+        if kind == "malloc" and size_mb > 16384:
+            raise err(f"malloc bdev of {size_mb} MiB is too large (at most 16384 MiB of RAM)")
+        self.bdevs[name] = Bdev(name, kind, size_mb, bs)
+        log.info("bdev %s: %s, %d MiB of %d-byte blocks", name, kind, size_mb, bs)
+        return name
+
+    def bdev_null_create(self, p: dict) -> str:
+        return self._new_bdev("null", _str(p, "name"), p)
+
+    def bdev_malloc_create(self, p: dict) -> str:
+        name = p.get("name")
+        if not name:
+            while f"Malloc{self._malloc_seq}" in self.bdevs:
+                self._malloc_seq += 1
+            name = f"Malloc{self._malloc_seq}"
+        return self._new_bdev("malloc", str(name), p)
+
+    def bdev_aio_create(self, p: dict) -> str:
+        _str(p, "filename")
+        _str(p, "name")
+        raise err("bdev_aio_create: aio (file-backed) bdevs are not supported yet; "
+                  "use bdev_null_create or bdev_malloc_create", -errno.EOPNOTSUPP)
+
+    def bdev_get_bdevs(self, p: dict) -> list:
+        name = p.get("name")
+        if name:
+            if name not in self.bdevs:
+                raise err(f"bdev {name} not found", -errno.ENODEV)
+            return [self.bdevs[name].info()]
+        return [b.info() for b in self.bdevs.values()]
+
+    def _delete_bdev(self, kind: str, p: dict) -> bool:
+        name = _str(p, "name")
+        b = self.bdevs.get(name)
+        if b is None:
+            raise err(f"bdev {name} not found", -errno.ENODEV)
+        if b.kind != kind:
+            raise err(f"bdev {name} is a {b.kind} bdev, not {kind}: use bdev_{b.kind}_delete",
+                      -errno.ENODEV)
+        if b.claimed_by is not None:
+            raise err(f"bdev {name} is in use by controller {b.claimed_by}; "
+                      f"delete it first (controller_virtio_blk_delete {b.claimed_by})", -errno.EBUSY)
+        del self.bdevs[name]
+        log.info("bdev %s deleted", name)
+        return True
+
+    # -- functions
+    def controller_virtio_blk_create(self, p: dict) -> dict:
+        from vfe.devices.blk import BlkConfig, BlkDeviceModel
+
+        ib = _str(p, "emu_manager")
+        m = _IB_DEV.match(ib)
+        if not m:
+            raise err(f"no emulation manager {ib!r} (expected mlx5_<n>, e.g. mlx5_0)", -errno.ENODEV)
+        pf_id = _int(p, "pf_id", lo=0, hi=MAX_PF_ID)
+        vf_id = p.get("vf_id")
+        vf_id = -1 if vf_id is None else _int(p, "vf_id", lo=0, hi=MAX_VF_ID)
+        bdev_type = p.get("bdev_type", "spdk")
+        if bdev_type != "spdk":
+            raise err(f"bdev_type {bdev_type!r} is not supported (only spdk)", -errno.EOPNOTSUPP)
+        bdev_name = _str(p, "bdev")
+        nq = _int(p, "num_queues", 1, lo=1, hi=MAX_QUEUES)
+        qs = _int(p, "queue_size", DEFAULT_QUEUE_SIZE, lo=2, hi=MAX_QUEUE_SIZE)
+        if qs & (qs - 1):
+            raise err(f"queue_size must be a power of 2, not {qs}")
+        admin_q, in_order = _bool(p, "admin_q"), _bool(p, "force_in_order")
+
+        b = self.bdevs.get(bdev_name)
+        if b is None:
+            raise err(f"bdev {bdev_name} not found (create it with bdev_null_create or "
+                      f"bdev_malloc_create)", -errno.ENODEV)
+        if b.claimed_by is not None:
+            raise err(f"bdev {bdev_name} is already used by controller {b.claimed_by}", -errno.EBUSY)
+        for f in self.functions.values():
+            if f.pf_id == pf_id and f.vf_id == vf_id:
+                what = f"pf_id {pf_id}" + (f" vf_id {vf_id}" if vf_id >= 0 else "")
+                raise err(f"a blk controller for {what} already exists: {f.name}", -errno.EEXIST)
+
+        if vf_id < 0:
+            vuid, raw = blk_pf_location(pf_id)
+            name = f"VblkEmu{m.group(1)}pf{pf_id}"
+        else:
+            vuid, raw = blk_vf_location(pf_id, vf_id)
+            name = f"VblkEmu{m.group(1)}pf{pf_id}vf{vf_id}"
+        sock = os.path.join(os.fspath(self.paths.run_dir), f"{vuid}.sock")
+        if len(os.fsencode(sock)) > 107:
+            raise err(f"socket path {sock} is longer than 107 bytes; use a shorter run dir",
+                      -errno.ENAMETOOLONG)
+        cfg = BlkConfig(socket=sock, bdev=b.kind, size_mb=b.size_mb, block_size=b.block_size,
+                        queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
+        try:
+            model = BlkDeviceModel(self.daemon.engine, cfg)
+        except (ValueError, MemoryError, OSError) as exc:
+            raise err(f"cannot create the blk device on {bdev_name}: {exc}", -errno.ENOMEM) from None
+        try:
+            ep = self.daemon.add_endpoint(model, sock, False, vuid)
+        except OSError as exc:
+            model.close()
+            raise err(f"cannot listen on {sock}: {exc.strerror or exc}", -(exc.errno or errno.EIO)) from None
+        f = BlkFunction(name, ib, pf_id, vf_id, vuid, raw, b.name, nq, qs, admin_q, in_order,
+                        sock, model, ep)
+        self.functions[name] = f
+        b.claimed_by = name
+        log.info("%s: virtio-blk %s %s on bdev %s, %d queue(s) of %d, socket %s",
+                 name, vuid, f.bdf, b.name, nq, qs, sock)
+        return {"name": name, "vuid": vuid, "pci_bdf": f.bdf, "socket": sock}
+
+    def _find(self, key: str) -> BlkFunction:
+        f = self.functions.get(key)
+        if f is None:
+            f = next((x for x in self.functions.values() if x.vuid == key), None)
+        if f is None:
+            raise err(f"no blk controller {key}", -errno.ENODEV)
+        return f
+
+    def controller_list(self, p: dict) -> list:
+        key = p.get("name") or p.get("vuid")
+        if key:
+            return [self._find(key).entry()]
+        return [f.entry() for f in self.functions.values()]
+
+    def controller_virtio_blk_delete(self, p: dict) -> bool:
+        key = p.get("name") or p.get("vuid")
+        if not key:
+            raise err("missing parameter name")
+        f = self._find(str(key))
+        if f.bound() and not _bool(p, "force"):
+            raise err(f"{f.name} is in use by a guest driver; stop it first or delete with force",
+                      -errno.EBUSY)
+        self._close(f)
+        log.info("%s: deleted", f.name)
+        return True
+
+    def _close(self, f: BlkFunction) -> None:
+        self.functions.pop(f.name, None)
+        if f.endpoint is not None:
+            try:
+                self.daemon.remove_endpoint(f.endpoint)
+            except Exception:                          # keep closing the rest
+                log.exception("%s: removing its endpoint", f.name)
+            f.endpoint = None
+        if f.model is not None:
+            try:
+                f.model.close()
+            except Exception:
+                log.exception("%s: closing its device", f.name)
+            f.model = None
+        b = self.bdevs.get(f.bdev)
+        if b is not None and b.claimed_by == f.name:
+            b.claimed_by = None
+
+    def shutdown(self) -> None:
+        for f in list(self.functions.values()):
+            self._close(f)
+
+    # -- the RPC table
+    def methods(self) -> dict:
+        return {
+            "bdev_null_create": self.bdev_null_create,
+            "bdev_malloc_create": self.bdev_malloc_create,
+            "bdev_aio_create": self.bdev_aio_create,
+            "bdev_get_bdevs": self.bdev_get_bdevs,
+            "bdev_null_delete": lambda p: self._delete_bdev("null", p),
+            "bdev_malloc_delete": lambda p: self._delete_bdev("malloc", p),
+            "bdev_aio_delete": lambda p: self._delete_bdev("aio", p),
+            "controller_virtio_blk_create": self.controller_virtio_blk_create,
+            "controller_list": self.controller_list,
+            "controller_virtio_blk_delete": self.controller_virtio_blk_delete,
+        }
+
+
+def register(handlers: dict, daemon, paths) -> BlkRegistry:
+    """Add the bdev and blk-controller methods to `handlers` (service.py's
+    HANDLERS: called `fn(inv, params)`); the registry's shutdown runs at the
+    daemon's shutdown."""
+    reg = BlkRegistry(daemon, paths)
+
+    def wrap(fn):
+        def handler(_inv, params):
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise err("params must be an object")
+            return fn(params)
+        return handler
+
+    for method, fn in reg.methods().items():
+        handlers[method] = wrap(fn)
+    hooks = getattr(daemon, "on_shutdown", None)
+    if isinstance(hooks, list):
+        hooks.append(reg.shutdown)
+    return reg
