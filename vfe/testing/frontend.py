@@ -554,13 +554,15 @@ class Frontend:
                 ring.driver.release()
             layout = split_ring_layout(size, used_align)
             max_indirect = 16
-            area = layout.total + size * max_indirect * 16
+            # indirect tables start 16-byte aligned, as a driver's kmalloc'd ones do
+            indirect_off = (layout.total + 15) & ~15
+            area = indirect_off + size * max_indirect * 16
             ring_gpa = self.memory.alloc(area, align=PAGE)
             buf_gpa = self.memory.alloc(size * buf_size, align=PAGE)
             region, off = self.memory.region_of(ring_gpa)
             driver = DriverRing(region.view[off:off + area], size, layout.desc, layout.avail,
                                 layout.used, event_idx=event_idx, gpa_base=ring_gpa,
-                                indirect_off=layout.total, max_indirect=max_indirect,
+                                indirect_off=indirect_off, max_indirect=max_indirect,
                                 start_idx=start_idx)
             ring = FrontRing(index, size, layout, ring_gpa, driver, -1, -1, buf_gpa, buf_size,
                              list(range(size - 1, -1, -1)), base=start_idx & 0xFFFF)
