@@ -15,6 +15,7 @@
 # for (x86-64, like the rest of the engine): fields are read with memcpy.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
+from posix.mman cimport msync, MS_SYNC
 from atomics cimport *
 from vring cimport *
 
@@ -63,7 +64,8 @@ ctypedef struct BlkDev:
     uint32_t block_size      # logical block size (config blk_size)
     int read_only
     int backend              # BACKEND_NULL / BACKEND_MALLOC
-    uint8_t *data            # malloc: capacity * 512 bytes
+    uint8_t *data            # malloc: capacity * 512 bytes; file: its MAP_SHARED mapping
+    int fd                   # file backend: the file (-1 otherwise); FLUSH msyncs the mapping
     uint8_t serial[20]       # GET_ID answer, NUL-padded
     uint32_t max_discard_sectors
     uint32_t max_discard_seg
@@ -265,8 +267,10 @@ cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint
         vfe_add_u64(&d.write_bytes, length)
         return BLK_S_OK
     if kind == BLK_T_FLUSH:
-        # null and RAM have no cache to write back
+        # null and RAM have no cache to write back; a file's dirty pages go to disk
         vfe_add_u64(&d.flushes, 1)
+        if d.fd >= 0 and msync(d.data, d.capacity * BLK_SECTOR, MS_SYNC) != 0:
+            return BLK_S_IOERR
         return BLK_S_OK
     if kind == BLK_T_GET_ID:
         length = in_len if in_len < BLK_ID_LEN else BLK_ID_LEN

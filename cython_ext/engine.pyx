@@ -15,6 +15,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
+from posix.mman cimport mmap, munmap, msync, MS_SYNC, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from atomics cimport *
 from linux cimport *
 from vring cimport *
@@ -315,6 +316,8 @@ cdef class Engine:
 
     def new_blk_device(self, int num_queues, uint64_t capacity_bytes, int block_size=512,
                        str backend="null", bint read_only=False, serial="", **limits):
+        # backend "file" needs limits["path"]: the file is mapped MAP_SHARED and
+        # served like RAM; FLUSH msyncs it
         """A virtio-blk device with `num_queues` request queues over a null
         (reads zeros, drops writes) or malloc (RAM) backend of
         `capacity_bytes`.  `limits`: max_discard_sectors, max_discard_seg,
@@ -759,16 +762,19 @@ cdef class BlkDevice(RingDevice):
     def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
                   str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
                   uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
-                  uint32_t max_write_zeroes_seg=32):
+                  uint32_t max_write_zeroes_seg=32, path=None):
         cdef int i
+        cdef void *m
         if num_queues < 1 or num_queues > 256:
             raise ValueError("a blk device has 1..256 queues")
         if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
             raise ValueError(f"block size {block_size} is not a power of two in 512..65536")
         if capacity_bytes == 0 or capacity_bytes % block_size:
             raise ValueError(f"capacity {capacity_bytes} is not a positive multiple of the block size")
-        if backend not in ("null", "malloc"):
-            raise ValueError(f"backend {backend!r}: use null or malloc")
+        if backend not in ("null", "malloc", "file"):
+            raise ValueError(f"backend {backend!r}: use null, malloc or file")
+        if backend == "file" and not path:
+            raise ValueError("a file backend needs path=")
         sb = serial.encode() if isinstance(serial, str) else bytes(serial)
         if len(sb) > BLK_ID_LEN:
             raise ValueError(f"serial is longer than {BLK_ID_LEN} bytes")
@@ -782,12 +788,30 @@ cdef class BlkDevice(RingDevice):
         self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
         if self.d.vqs == NULL or self.d.mem == NULL:
             raise MemoryError()
+        self.d.fd = -1
         if backend == "malloc":
             # calloc of a large block is fresh zero pages: RAM is used as written
             self.d.data = <uint8_t *>calloc(1, capacity_bytes)
             if self.d.data == NULL:
                 raise MemoryError(f"cannot allocate a {capacity_bytes}-byte malloc bdev")
             self.d.backend = BACKEND_MALLOC
+        elif backend == "file":
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < capacity_bytes:
+                    if read_only:
+                        raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
+                    os.ftruncate(fd, capacity_bytes)
+                m = mmap(NULL, capacity_bytes, PROT_READ | (0 if read_only else PROT_WRITE),
+                         MAP_SHARED, fd, 0)
+                if m == MAP_FAILED:
+                    raise OSError(errno, f"cannot map {path}")
+            except BaseException:
+                os.close(fd)
+                raise
+            self.d.data = <uint8_t *>m
+            self.d.fd = fd
+            self.d.backend = BACKEND_MALLOC   # served like RAM: the page cache is the RAM
         else:
             self.d.backend = BACKEND_NULL
         self.d.num_vqs = num_queues
@@ -818,7 +842,12 @@ cdef class BlkDevice(RingDevice):
     def __dealloc__(self):
         self.vqs = NULL
         if self.d != NULL:
-            free(self.d.data)
+            if self.d.fd >= 0:
+                msync(self.d.data, self.d.capacity * BLK_SECTOR, MS_SYNC)
+                munmap(self.d.data, self.d.capacity * BLK_SECTOR)
+                close(self.d.fd)
+            else:
+                free(self.d.data)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -843,6 +872,8 @@ cdef class BlkDevice(RingDevice):
 
     @property
     def backend(self):
+        if self.d.fd >= 0:
+            return "file"
         return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
 
     def set_features(self, uint64_t features):

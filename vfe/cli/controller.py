@@ -82,12 +82,17 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
 
 def _parse_blk(opts: dict[str, str]) -> BlkConfig:
     known = {"socket", "client", "bdev", "size", "block-size", "queues", "queue-size", "ro",
-             "serial", "name", "incoming"}
+             "serial", "name", "incoming", "path"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise argparse.ArgumentTypeError(
             f"unknown blk option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for need in ("socket", "bdev", "size"):
+    if opts.get("bdev") == "file" and opts.get("path") and not opts.get("size"):
+        try:                                  # a file bdev is as large as its file by default
+            opts["size"] = str(max(1, os.stat(opts["path"]).st_size >> 20))
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"path={opts['path']!r}: {exc.strerror}") from None
+    for need in ("socket", "bdev", "size") + (("path",) if opts.get("bdev") == "file" else ()):
         if not opts.get(need):
             raise argparse.ArgumentTypeError(f"blk device needs {need}=")
     try:
@@ -97,9 +102,10 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
                 if opts[key].lower() not in _BOOL:
                     raise ValueError(f"{key}={opts[key]!r}: use on or off")
                 setattr(cfg, attr, _BOOL[opts[key].lower()])
-        if opts["bdev"] not in ("null", "malloc"):
-            raise ValueError(f"bdev={opts['bdev']!r}: use null or malloc")
+        if opts["bdev"] not in ("null", "malloc", "file"):
+            raise ValueError(f"bdev={opts['bdev']!r}: use null, malloc or file")
         cfg.bdev = opts["bdev"]
+        cfg.path = opts.get("path", "")
         cfg.size_mb = _int_in(opts["size"], "size", 1, 1 << 24)
         if "block-size" in opts:
             cfg.block_size = _int_in(opts["block-size"], "block-size", 512, 4096)

@@ -3,8 +3,9 @@ the `spdk_rpc.py bdev_*` and `snap_rpc.py controller_*` verbs of the seed's
 VFE vDPA part, served on the controller's RPC socket (vfe-rpc is the CLI).
 
 Bdevs.  A registry of named block devices: `null` (reads zeros, drops
-writes) and `malloc` (RAM).  `aio` (a file) is refused with -EOPNOTSUPP for
-now.  A bdev is *claimed* by the one blk function created on it; a claimed
+writes), `malloc` (RAM) and `aio` (a file, mapped and served through the page
+cache; FLUSH msyncs it -- not yet asynchronous, see docs/dev/next-steps.md).
+A bdev is *claimed* by the one blk function created on it; a claimed
 bdev cannot be deleted (-EBUSY) -- delete the function first.
 
 Blk functions.  `controller_virtio_blk_create IB_DEV --pf_id N [--vf_id M]
@@ -214,10 +215,23 @@ class BlkRegistry:
         return self._new_bdev("malloc", str(name), p)
 
     def bdev_aio_create(self, p: dict) -> str:
-        _str(p, "filename")
-        _str(p, "name")
-        raise err("bdev_aio_create: aio (file-backed) bdevs are not supported yet; "
-                  "use bdev_null_create or bdev_malloc_create", -errno.EOPNOTSUPP)
+        """A file bdev: the file is mapped and served like RAM through the page
+        cache (FLUSH msyncs it); its size is the file's, rounded down to MiB."""
+        filename, name = _str(p, "filename"), _str(p, "name")
+        if name in self.bdevs:
+            raise err(f"bdev {name} already exists", -errno.EEXIST)
+        bs = int(p.get("block_size") or 512)
+        if bs not in (512, 1024, 2048, 4096):
+            raise err(f"block size {bs} is not one of 512, 1024, 2048, 4096", -errno.EINVAL)
+        try:
+            size = os.stat(filename).st_size
+        except OSError as exc:
+            raise err(f"cannot use {filename}: {exc.strerror}", -(exc.errno or errno.EIO)) from None
+        if size < 1 << 20:
+            raise err(f"{filename} is smaller than 1 MiB", -errno.EINVAL)
+        self.bdevs[name] = Bdev(name, "aio", size >> 20, bs, filename=filename)
+        log.info("bdev %s: file %s, %d MiB of %d-byte blocks", name, filename, size >> 20, bs)
+        return name
 
     def bdev_get_bdevs(self, p: dict) -> list:
         name = p.get("name")
@@ -284,7 +298,8 @@ class BlkRegistry:
         if len(os.fsencode(sock)) > 107:
             raise err(f"socket path {sock} is longer than 107 bytes; use a shorter run dir",
                       -errno.ENAMETOOLONG)
-        cfg = BlkConfig(socket=sock, bdev=b.kind, size_mb=b.size_mb, block_size=b.block_size,
+        cfg = BlkConfig(socket=sock, bdev="file" if b.kind == "aio" else b.kind, path=b.filename,
+                        size_mb=b.size_mb, block_size=b.block_size,
                         queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
         try:
             model = BlkDeviceModel(self.daemon.engine, cfg)

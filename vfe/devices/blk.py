@@ -61,7 +61,8 @@ class BlkConfig:
 
     socket: str
     client: bool = False
-    bdev: str = "malloc"        # null | malloc
+    bdev: str = "malloc"        # null | malloc | file
+    path: str = ""              # file: the image, mapped MAP_SHARED (grown to size= if smaller)
     size_mb: int = 64
     block_size: int = 512
     queues: int = 1
@@ -111,7 +112,8 @@ class BlkDeviceModel:
             read_only=config.read_only, serial=serial[:20],
             max_discard_sectors=config.max_discard_sectors, max_discard_seg=config.max_discard_seg,
             max_write_zeroes_sectors=config.max_write_zeroes_sectors,
-            max_write_zeroes_seg=config.max_write_zeroes_seg)
+            max_write_zeroes_seg=config.max_write_zeroes_seg,
+            **({"path": config.path} if config.bdev == "file" else {}))
         self.rings.owner = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)

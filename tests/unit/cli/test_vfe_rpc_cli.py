@@ -233,7 +233,7 @@ def test_vf_identity_and_errors(capsys, svc):
     fails(capsys, svc, "bdev_null_delete Nope", -errno.ENODEV)
     fails(capsys, svc, "bdev_malloc_create 64 512 -b Malloc0", -errno.EEXIST)
     fails(capsys, svc, "bdev_null_create N 1 500", -errno.EINVAL)
-    assert "not supported yet" in fails(capsys, svc, "bdev_aio_create /tmp/x Aio0", -errno.EOPNOTSUPP)
+    assert "cannot use" in fails(capsys, svc, "bdev_aio_create /nonexistent/x Aio0", -errno.ENOENT)
     fails(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 0 --bdev_type spdk --bdev Gone",
           -errno.ENODEV)
     fails(capsys, svc, "controller_virtio_blk_create ib0 --pf_id 0 --bdev_type spdk --bdev Malloc1",
