@@ -237,22 +237,18 @@ class Daemon:
         self.on_shutdown: list = []       # callables run first at shutdown (service mode)
 
     def add_net_device(self, config: NetConfig) -> Endpoint:
-        """A device declared on the command line: model plus endpoint."""
+        """A net device declared on the command line: model plus endpoint(s)."""
         config.name = config.name or f"net{len(self.endpoints)}"
-        device = NetDeviceModel(self.engine, config)
-        try:
-            ep = self.add_endpoint(device, config.socket, config.client, config.name)
-            if config.incoming:
-                self.add_endpoint(device, config.incoming, config.client, config.name + "/incoming")
-            return ep
-        except OSError:
-            device.close()
-            raise
+        return self._add_declared(NetDeviceModel(self.engine, config), config)
 
     def add_blk_device(self, config: BlkConfig) -> Endpoint:
-        """A virtio-blk device declared on the command line: model plus endpoint."""
+        """A virtio-blk device declared on the command line: model plus endpoint(s)."""
         config.name = config.name or f"blk{sum(isinstance(ep.device, BlkDeviceModel) for ep in self.endpoints)}"
-        device = BlkDeviceModel(self.engine, config)
+        return self._add_declared(BlkDeviceModel(self.engine, config), config)
+
+    def _add_declared(self, device, config) -> Endpoint:
+        """Serve a device on its socket, and on its `incoming=` socket (a live
+        migration's destination) when it has one."""
         try:
             ep = self.add_endpoint(device, config.socket, config.client, config.name)
             if config.incoming:

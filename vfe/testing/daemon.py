@@ -12,37 +12,12 @@ import time
 from pathlib import Path
 
 
-class ControllerProcess:
-    def __init__(self, devices: list[str], workdir: str | os.PathLike, *, mode: str = "adaptive",
-                 workers: int = 1, extra: list[str] | None = None, name: str = "controller"):
-        self.devices = devices
-        self.workdir = Path(workdir)
-        self.mode = mode
-        self.workers = workers
-        self.extra = extra or []
-        self.log_path = self.workdir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+class LoggedProcess:
+    """A controller process started by a subclass's start(): its log file,
+    waiting for a log line, and stopping it by PID (SIGTERM, then SIGKILL)."""
 
-    def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "vfe.cli.controller", "--mode", self.mode,
-                "--workers", str(self.workers)]
-        for d in self.devices:
-            argv += ["--device", d]
-        return argv + self.extra
-
-    def start(self, wait_sockets: bool = True, timeout: float = 30.0) -> "ControllerProcess":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.starts += 1
-        logf = open(self.log_path, "a")
-        logf.write(f"--- start {self.starts}: {' '.join(self.argv())}\n")
-        logf.flush()
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf,
-                                     stderr=subprocess.STDOUT)
-        logf.close()
-        if wait_sockets:
-            self.wait_for_log("serving", timeout)
-        return self
+    log_path: Path
+    proc: subprocess.Popen | None = None
 
     def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
@@ -50,9 +25,9 @@ class ControllerProcess:
             if self.log().count(text) >= count:
                 return
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited ({self.proc.returncode}):\n{self.log()}")
+                raise RuntimeError(f"controller exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             time.sleep(0.05)
-        raise TimeoutError(f"controller log never showed {text!r}:\n{self.log()}")
+        raise TimeoutError(f"controller log never showed {text!r}:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
         try:
@@ -90,3 +65,36 @@ class ControllerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class ControllerProcess(LoggedProcess):
+    def __init__(self, devices: list[str], workdir: str | os.PathLike, *, mode: str = "adaptive",
+                 workers: int = 1, extra: list[str] | None = None, name: str = "controller"):
+        self.devices = devices
+        self.workdir = Path(workdir)
+        self.mode = mode
+        self.workers = workers
+        self.extra = extra or []
+        self.log_path = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "vfe.cli.controller", "--mode", self.mode,
+                "--workers", str(self.workers)]
+        for d in self.devices:
+            argv += ["--device", d]
+        return argv + self.extra
+
+    def start(self, wait_sockets: bool = True, timeout: float = 30.0) -> "ControllerProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        logf = open(self.log_path, "a")
+        logf.write(f"--- start {self.starts}: {' '.join(self.argv())}\n")
+        logf.flush()
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT)
+        logf.close()
+        if wait_sockets:
+            self.wait_for_log("serving", timeout)
+        return self

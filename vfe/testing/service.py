@@ -18,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from vfe.testing.daemon import LoggedProcess
 
-class ControllerService:
+
+class ControllerService(LoggedProcess):
     DEVICE = "/dev/mst/mt41686_pciconf0"
 
     def __init__(self, root: str | os.PathLike, netns=None, *, mode: str = "adaptive",
@@ -76,42 +78,6 @@ class ControllerService:
             self.wait_for_log("serving", timeout, count=self.starts)
         return self
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(text) >= count:
-                return
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"controller log never showed {text!r}:\n{self.log()[-3000:]}")
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc, self.proc = self.proc.returncode, None
-        return rc
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, as the recovery tests need."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
     # -- the user's commands
     def virtnet(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
         r = subprocess.run([sys.executable, "-m", "vfe.cli.virtnet", *args], env=self.env(),
@@ -129,9 +95,3 @@ class ControllerService:
         if check and r.returncode != 0:
             raise AssertionError(f"vfe-mlxconfig {' '.join(args)} exited {r.returncode}:\n{r.stderr}{r.stdout}")
         return r
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
