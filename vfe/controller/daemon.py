@@ -114,14 +114,15 @@ class Endpoint:
             if self.via_relay and self.adopted_fd is not None:
                 self._serve_directly(exc)
             else:
-                log.info("%s: front-end disconnected (%s); %s", self.name, exc, self.device.summary())
-                self.detach()
+                summary = self.device.summary()
+                self.detach()             # log only once its memory is unmapped and fds closed
+                log.info("%s: front-end disconnected (%s); %s", self.name, exc, summary)
         except ProtocolError as exc:
+            self.detach()
             log.error("%s: protocol error, dropping the connection: %s", self.name, exc)
-            self.detach()
         except OSError as exc:
-            log.error("%s: connection failed: %s", self.name, exc)
             self.detach()
+            log.error("%s: connection failed: %s", self.name, exc)
         finally:
             for msg in msgs:            # not handled: their fds are still ours
                 transport.close_fds(msg.fds)
