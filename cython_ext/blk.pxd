@@ -111,16 +111,9 @@ cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, i
             return E_LOOP
         vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
         if flags & F_DESC_INDIRECT:
-            if in_indirect:
-                return E_NESTED
-            if not vq.indirect or (flags & F_DESC_NEXT):
-                return E_INDIRECT
-            if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
-                return E_INDIRECT
-            thva = contig_hva(vq.mem, addr, dlen, False)
-            if thva == 0 or (thva & 15):
-                return E_INDIRECT
-            table = <uint8_t *>thva
+            table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
+            if table == NULL:
+                return rc
             table_size = dlen // 16
             idx = 0
             steps = 0

@@ -149,6 +149,25 @@ cdef inline int map_gpa(MemTable *mt, uint64_t gpa, uint64_t length, Iov *iov,
     return 0
 
 
+cdef inline uint8_t *indirect_table(Vring *vq, uint64_t addr, uint32_t dlen, uint16_t flags,
+                                    int in_indirect, int *err) noexcept nogil:
+    """Validate an INDIRECT descriptor and map its table (one region, 16-byte
+    aligned, a whole number of descriptors); NULL with *err set if not."""
+    cdef uint64_t thva
+    err[0] = E_INDIRECT
+    if in_indirect:
+        err[0] = E_NESTED
+        return NULL
+    if not vq.indirect or (flags & F_DESC_NEXT):
+        return NULL
+    if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
+        return NULL
+    thva = contig_hva(vq.mem, addr, dlen, False)
+    if thva == 0 or (thva & 15):
+        return NULL
+    return <uint8_t *>thva
+
+
 cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
                            int max_iov, int *niov, uint32_t *total) noexcept nogil:
     """Follow the descriptor chain at `head` into iovecs over our mapping.
@@ -176,16 +195,9 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
             return E_LOOP
         vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
         if flags & F_DESC_INDIRECT:
-            if in_indirect:
-                return E_NESTED
-            if not vq.indirect or (flags & F_DESC_NEXT):
-                return E_INDIRECT
-            if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
-                return E_INDIRECT
-            thva = contig_hva(vq.mem, addr, dlen, False)
-            if thva == 0 or (thva & 15):
-                return E_INDIRECT
-            table = <uint8_t *>thva
+            table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
+            if table == NULL:
+                return rc
             table_size = dlen // 16
             idx = 0
             steps = 0
