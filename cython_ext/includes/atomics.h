@@ -96,4 +96,12 @@ static inline void vfe_read_desc(const void *d, uint64_t *addr, uint32_t *len,
 /* Build identity of the compiled engine; a live update compares it (read
  * with pyelftools from the .so) before handing over any device. */
 #define VFE_ENGINE_ABI 2   /* 2: Vring.kind, blk devices */
+#define VFE_STR_(x) #x
+#define VFE_STR(x) VFE_STR_(x)
+/* The same identity as a string in .rodata under an exported symbol: a
+ * running controller reads it from another build's file
+ * (vfe/engine/abi.py) without loading that build.  `used` keeps it although
+ * no C code refers to it; this header is compiled into one module only. */
+__attribute__((used, visibility("default")))
+const char vfe_engine_abi[] = "vfe-engine-abi=" VFE_STR(VFE_ENGINE_ABI);
 #endif

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "or the in-engine switch between functions")
     svc.add_argument("--host-qmp", metavar="PATH",
                      help="QMP socket of a running QEMU: hot-plugged PFs appear in that VM")
+    # set by a running controller that starts this one for a live update (virtnet update --start)
+    svc.add_argument("--takeover-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -195,7 +197,21 @@ class JournalFormatter(logging.Formatter):
                 f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
 
 
+def _own_argv(argv: list[str]) -> list[str]:
+    """The command line without --takeover-fd (what a live update passes on)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--takeover-fd":
+            skip = True
+        elif not a.startswith("--takeover-fd="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if not 1 <= args.workers <= 64:
         build_parser().error("--workers must be in 1..64")
@@ -216,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(engine)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    if args.takeover_fd is not None:
+        if args.device:
+            build_parser().error("--takeover-fd is for service mode")
+        return _take_over(args, raw_argv, daemon, engine, log)
     try:
         if args.device:
             for cfg in args.device:
@@ -228,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             from vfe.controller.paths import Paths
             paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
                                    run_dir=args.run_dir, state_dir=args.state_dir)
-            service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp)
+            service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
+                          argv=_own_argv(raw_argv))
     except OSError as exc:
         log.error("cannot open %s: %s", exc.filename or "socket", exc.strerror or exc)
         daemon.shutdown()
@@ -240,6 +261,40 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         daemon.shutdown()
         return 1
+    log.info("v%s serving %d device(s), %d worker(s), %s mode",
+             __version__, len(daemon.endpoints), args.workers, args.mode)
+    daemon.run()
+    return 0
+
+
+def _take_over(args, raw_argv, daemon, engine, log) -> int:
+    """The new process of a live update: everything is ready (modules
+    imported, engine running) before the old process pauses a single ring;
+    then build from what it hands over, and serve."""
+    from vfe.controller import service
+    from vfe.controller.paths import Paths
+    from vfe.controller.update import Takeover
+    import vfe.controller.inventory, vfe.controller.recovery, vfe.controller.sf_pool  # noqa: F401
+    import vfe.controller.virtnet_conf, vfe.controller.blk_functions, vfe.rpc.server  # noqa: F401
+    import vfe.ports.representor  # noqa: F401
+    takeover = Takeover(args.takeover_fd)
+    engine.start()
+    try:
+        takeover.hello()
+        takeover.receive(daemon)
+        paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
+                               run_dir=args.run_dir, state_dir=args.state_dir)
+        inv = service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
+                            argv=_own_argv(raw_argv), takeover=takeover)
+        gap_ms = takeover.done(daemon, inv.rpc)
+    except Exception as exc:
+        log.error("live update: cannot take over: %s", exc)
+        takeover.fail(str(exc))
+        os._exit(1)       # tear nothing down: every socket and netdev is still the old process's
+    inv.updater.state = {"status": "success", "from": takeover.from_version, "to": __version__,
+                         "pid": os.getpid(), "gap_ms": round(gap_ms, 3)}
+    log.info("live update from %s: took over %d function(s) (data path gap %.1f ms)",
+             takeover.from_version, len(inv.functions), gap_ms)
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), args.workers, args.mode)
     daemon.run()

@@ -308,7 +308,13 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict]:
     if cmd == "version":
         return "version", {}
     if cmd == "update":
-        return ("update_start" if ns.start else "update_status"), {}
+        if not ns.start:
+            return "update_status", {}
+        # this virtnet belongs to the newly installed build: that is the
+        # controller the running one hands its devices to
+        import vfe
+        root = os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))
+        return "update_start", {"path": root, "python": sys.executable}
     raise ValueError(f"unknown command {cmd!r}")
 
 

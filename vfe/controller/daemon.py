@@ -51,12 +51,69 @@ class Endpoint:
         self.probes: list[transport.Connection] = []
 
     def open(self) -> None:
+        inherited = self.daemon.inherited.pop(self.name, None)
+        if inherited is not None:
+            self._inherit(*inherited)
+            return
         if not self.client:
             self.listener = transport.listen(self.path)
             self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
             log.info("%s: listening on %s", self.name, self.path)
         else:
             log.info("%s: connecting to %s", self.name, self.path)
+
+    # -- live update (vfe/controller/update.py) ----------------------------------
+
+    def export(self, fds: list[int]) -> dict:
+        """Everything the next controller needs to go on serving this socket
+        (the session paused first); fds by index in ``fds``."""
+        def keep(fd: int | None) -> int | None:
+            if fd is None:
+                return None
+            fds.append(fd)
+            return len(fds) - 1
+        conn = self.conn
+        if conn is not None and not conn.idle:
+            raise RuntimeError(f"{self.name}: a vhost-user message is half-received")
+        return {
+            "name": self.name, "path": self.path, "client": self.client,
+            "listener": keep(self.listener.fileno()) if self.listener is not None else None,
+            "conn": keep(conn.fileno()) if conn is not None else None,
+            "adopted": keep(self.adopted_fd), "via_relay": self.via_relay, "fresh": self.fresh,
+            "connections": self.connections,
+            "session": self.session.export(fds) if self.session is not None else None,
+        }
+
+    def _inherit(self, state: dict, got) -> None:
+        """Serve on what the previous controller handed over (``got``: a
+        handover.Received): same listening socket, same connection, the
+        session restored with its rings running from where they stopped."""
+        if (state["path"], state["client"]) != (self.path, self.client):
+            raise RuntimeError(f"{self.name}: handed over as {state['path']} "
+                               f"(client={state['client']}), declared as {self.path}")
+        if state["listener"] is not None:
+            sock = socket.socket(fileno=got.claim(state["listener"]))
+            self.listener = transport.Listener(self.path, sock=sock)
+            self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
+        self.connections = state["connections"]
+        if state["conn"] is None:
+            return
+        sock = socket.socket(fileno=got.claim(state["conn"]))
+        sock.setblocking(False)
+        self.conn = transport.Connection(sock, send_timeout=0.0)
+        self.fresh = state["fresh"]
+        self.via_relay = state["via_relay"]
+        if state["adopted"] is not None:
+            self.adopted_fd = got.claim(state["adopted"])
+        sess = state["session"]
+        if sess is None:
+            self.session = Session(self.device, self.name, self._send)
+        else:
+            for i in sess["protocol_fds"]:
+                got.claim(i)
+            self.session = Session.restore(self.device, self.name, self._send, sess, got.fds)
+        self.daemon.sel.register(self.conn, selectors.EVENT_READ, ("conn", self))
+        log.info("%s: took over the front-end on %s", self.name, self.path)
 
     def try_connect(self, now: float) -> None:
         if self.conn is not None or now < self.next_attempt:
@@ -236,6 +293,9 @@ class Daemon:
         self.sel.register(engine.event_fd, selectors.EVENT_READ, ("engine", None))
         self.stopping = False
         self.on_shutdown: list = []       # callables run first at shutdown (service mode)
+        # name -> (state, handover.Received): endpoints a live update handed
+        # us; Endpoint.open() serves on those instead of opening new ones
+        self.inherited: dict[str, tuple] = {}
 
     def add_net_device(self, config: NetConfig) -> Endpoint:
         """A net device declared on the command line: model plus endpoint(s)."""
@@ -304,8 +364,8 @@ class Daemon:
                             ep.readable()
                     elif kind == "probe":
                         ep.probe_readable(key.fileobj)
-                    elif kind == "rpc":
-                        ep.on_readable()          # the RPC server or one of its clients
+                    elif kind in ("rpc", "update"):
+                        ep.on_readable()          # the RPC server or a client; a live update's channel
                     elif kind == "engine":
                         self._log_broken_rings()
                     elif kind == "stop":

@@ -83,6 +83,9 @@ class Inventory:
         self.datapath = datapath      # "representor" or "switch"
         self.host = host              # vfe.controller.hostqmp.HostQmp or None
         self.functions: list[NetFunction] = []
+        # VUID -> QMP id of hot-plugged PFs already in the host VM (a live
+        # update: the old controller plugged them; plugging again would fail)
+        self.plugged: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lookup
 
@@ -268,7 +271,9 @@ class Inventory:
                 undo.push(lambda: pool.cancel(f.sf_num))
             f.sf_index = f.sf_num - 1000
             self._build(f, undo, recovered)
-            if f.device_type == HOTPLUG and self.host is not None:
+            if f.vuid in self.plugged:
+                f.qmp_id = self.plugged.pop(f.vuid)
+            elif f.device_type == HOTPLUG and self.host is not None:
                 f.qmp_id = self.host.plug(f)
                 undo.push(lambda: self.host.unplug(f))
             self._save(f)

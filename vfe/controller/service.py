@@ -27,8 +27,14 @@ def representor_factory():
                                  exists=rep.exists)
 
 
-def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str | None = None):
-    """Everything but the loop: returns the Inventory, serving on daemon."""
+def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str | None = None,
+          argv: list[str] | None = None, takeover=None):
+    """Everything but the loop: returns the Inventory, serving on daemon.
+
+    ``argv`` is the controller's command line (a live update starts the new
+    build with it); ``takeover`` (vfe.controller.update.Takeover) makes this
+    the new process of a live update: the functions are the old process's,
+    served on the sockets, representors and connections it handed over."""
     from vfe.controller.inventory import Inventory, InventoryError
     from vfe.controller.recovery import RecoveryStore
     from vfe.controller.sf_pool import SfPool
@@ -40,6 +46,8 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     nv = nvconfig.NvConfig.load(paths.state_dir)
     nv1 = nvconfig.NvConfig.load(paths.state_dir, nvconfig.PORT1_DEVICE)
     for dev_nv in (nv, nv1):          # the cold reboot applies both ports' pending values
+        if takeover is not None:
+            break                     # a live update is no reboot
         applied = dev_nv.apply_pending()
         if applied:
             log.info("applied new firmware configuration of %s: %s", dev_nv.device,
@@ -57,16 +65,20 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
 
     store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
                           display_dir=paths.display(paths.recovery_dir))
-    loaded = store.load_compatible(conf, nv)
-    if loaded.problems:
-        raise ServiceError("; ".join(str(p) for p in loaded.problems))
-    records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
+    if takeover is not None:
+        records = takeover.records     # the running functions, as they are now
+    else:
+        loaded = store.load_compatible(conf, nv)
+        if loaded.problems:
+            raise ServiceError("; ".join(str(p) for p in loaded.problems))
+        records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
 
     pools = {}
     for dev in conf.sf_devices:
         port_nv = nv if conf.pf_num(dev) == 0 else nv1
         pool = SfPool(paths.state_dir, total=port_nv.current["PF_TOTAL_SF"],
-                      percent=conf.sf_pool_percent, force_destroy=bool(conf.sf_pool_force_destroy),
+                      percent=conf.sf_pool_percent,
+                      force_destroy=bool(conf.sf_pool_force_destroy) and takeover is None,
                       ib_dev=dev)
         report = pool.start(keep={r["sf_num"]: r["vuid"] for r in records if r["port_ib_dev"] == dev})
         if any(report.values()):
@@ -76,19 +88,37 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     if host_qmp:
         from vfe.controller.hostqmp import HostQmp
         host = HostQmp(host_qmp)
-    inv = Inventory(daemon, paths, lim, conf, pools, store, representor_factory(),
-                    datapath=datapath, host=host)
+    reps = representor_factory()
+    if takeover is not None:
+        reps = takeover.representor_factory(reps)
+    inv = Inventory(daemon, paths, lim, conf, pools, store, reps, datapath=datapath, host=host)
+    if takeover is not None:
+        inv.plugged = {v: e["qmp_id"] for v, e in takeover.extra.items() if e.get("qmp_id")}
     try:
         inv.start(records)
     except InventoryError as exc:     # a clean refusal, not a traceback
         inv.shutdown()
         raise ServiceError(f"cannot create the functions: {exc}") from None
 
+    if takeover is not None:
+        for f in inv.functions:           # what the old process had set at run time
+            extra = takeover.extra.get(f.vuid, {})
+            if extra.get("lm_state"):
+                f.lm_state = extra["lm_state"]
+            if extra.get("paused"):
+                f.model.rings.set_paused(True)
+
     from vfe.controller import blk_functions
     blk_functions.register(HANDLERS, daemon, paths)     # vfe-rpc: bdevs and virtio-blk functions
 
+    from vfe.controller.update import LiveUpdate
+    updater = LiveUpdate(daemon, inv, lambda: rpc, argv or [])
+    handlers = dict(HANDLERS, update_start=lambda inv, p: updater.start(p),
+                    update_status=lambda inv, p: updater.status(p),
+                    version=lambda inv, p: inv.version(p) | _update_version(updater))
+
     def handle(method: str, params: dict):
-        fn = HANDLERS.get(method)
+        fn = handlers.get(method)
         if fn is None:
             raise RpcError.method_not_found(method)
         try:
@@ -96,7 +126,13 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         except InventoryError as exc:
             raise RpcError(exc.code, str(exc)) from None
 
-    rpc = RpcServer(paths.rpc_socket, handle, daemon.sel)
+    if takeover is not None:
+        import socket
+        rpc = RpcServer(paths.rpc_socket, handle, daemon.sel, sock=socket.socket(fileno=takeover.rpc_fd))
+    else:
+        rpc = RpcServer(paths.rpc_socket, handle, daemon.sel)
+    inv.rpc = rpc
+    inv.updater = updater
 
     def stop():
         rpc.close()
@@ -110,6 +146,14 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s); virtnet on %s",
              lim.static_pfs, lim.hotplug_ports, len(records), paths.rpc_socket)
     return inv
+
+
+def _update_version(updater) -> dict:
+    """`virtnet version` during a live update shows the new controller too."""
+    st = updater.state
+    if st.get("status") == "in progress":
+        return {"update": {"version": st["to"], "pid": st["pid"], "status": st["status"]}}
+    return {}
 
 
 def _set_log_level(inv, p: dict) -> dict:

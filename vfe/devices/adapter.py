@@ -7,6 +7,7 @@ import logging
 import os
 
 from vfe.vhost import actions as A
+from vfe.vhost.actions import MemRegion
 from vfe.vhost.memory import GuestMemory, LogRegion
 from vfe.vhost.protocol import BackendProtocol
 from vfe.vhost.transport import PeerClosed
@@ -45,6 +46,80 @@ class Session:
             self.execute(self.protocol.disconnect())
         finally:
             self._reset()
+
+    # -- live update (vfe/controller/update.py)
+    #
+    # The old controller pauses every session (its rings stop in the engine
+    # at exact indexes, the front-end is told nothing), exports it, and the
+    # new controller restores it and starts the rings where they stopped.
+    # Should the new one fail, ``resume`` restarts them here.  Fds travel in
+    # one list shared by everything being handed over; the state names them
+    # by index in it.
+
+    def pause(self) -> None:
+        bases = {i: self.device.rings.stop_ring(i) for i in sorted(self.started)}
+        self.protocol.rings_paused(bases)
+
+    def resume(self) -> None:
+        """Run the paused rings again here (the hand-over failed).  The new
+        process may have moved them on before it failed, so each resumes at
+        the used index in guest memory: between bursts a split ring has
+        answered every chain it took, so that is the next avail index."""
+        bases = {}
+        for r in self.protocol.running_rings():
+            if r.index in self.started:
+                gpa = self.memory.uva_to_gpa(r.used_uva) + 2        # struct vring_used.idx
+                bases[r.index] = int.from_bytes(self.memory.read(gpa, 2), "little")
+        self.protocol.rings_paused(bases)
+        self._start_rings(self.started)
+
+    def _start_rings(self, which) -> None:
+        rings = self.device.rings
+        for r in self.protocol.running_rings():
+            if r.index in which:
+                rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
+                                 r.base, r.kick_fd, r.call_fd, r.enabled,
+                                 r.log_used, r.log_guest_addr)
+                self.started.add(r.index)
+
+    def export(self, fds: list[int]) -> dict:
+        def keep(fd: int) -> int:
+            fds.append(fd)
+            return len(fds) - 1
+        proto = self.protocol.export_state()
+        lr = self.log_region
+        return {
+            "protocol": proto,
+            "protocol_fds": [keep(fd) for fd in proto["fds"]],
+            "memory": [[m.gpa, m.size, m.uva, m.mmap_offset, keep(m.fd)] for m in self.memory.regions],
+            "log": None if lr is None else [keep(lr.fd), lr.size, lr.offset],
+            "started": sorted(self.started),
+            "features": self.features,
+            "owner": self.owns(),
+        }
+
+    @classmethod
+    def restore(cls, device, name: str, send, state: dict, fds: list[int]) -> "Session":
+        """The session ``export`` described, over the fds received (``fds``).
+        Takes the protocol's fds; the memory and log fds stay the caller's
+        (they are mapped and dup'ed here)."""
+        self = cls(device, name, send)
+        self.protocol = BackendProtocol.from_state(device.spec(), state["protocol"],
+                                                   [fds[i] for i in state["protocol_fds"]])
+        try:
+            self.memory = GuestMemory([MemRegion(gpa, size, uva, off, fds[i])
+                                       for gpa, size, uva, off, i in state["memory"]])
+            if state["log"] is not None:
+                i, size, offset = state["log"]
+                self.log_region = LogRegion(fds[i], size, offset)
+            self.features = state["features"]
+            if state["owner"]:
+                self._take_ownership()
+                self._start_rings(set(state["started"]))
+        except BaseException:
+            self.disconnect()             # closes the protocol's fds, unmaps
+            raise
+        return self
 
     # -- action execution
 

@@ -187,7 +187,8 @@ class RpcServer:
 
     def __init__(self, path: str | os.PathLike, handler: Handler,
                  selector: selectors.BaseSelector | None = None, mode: int = 0o660, *,
-                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, backlog: int = 16):
+                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, backlog: int = 16,
+                 sock: socket.socket | None = None):
         self.path = os.fspath(path)
         self.handler = handler
         self.own_selector = selector is None
@@ -196,7 +197,14 @@ class RpcServer:
         self.max_clients = max_clients
         self.clients: set[RpcClientConnection] = set()
         self.closed = False
-        self.sock = self._listen(mode, backlog)
+        # False while the socket file is another controller's too (a live
+        # update that may still fail): close() leaves it then
+        self.owns_path = sock is None
+        if sock is not None:              # a listening socket handed over by a live update
+            sock.setblocking(False)
+            self.sock = sock
+        else:
+            self.sock = self._listen(mode, backlog)
         st = os.stat(self.path)
         self._ident = (st.st_dev, st.st_ino)
         self.selector.register(self, selectors.EVENT_READ, ("rpc", self))
@@ -318,7 +326,7 @@ class RpcServer:
         self.sock.close()
         try:
             st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
+            if (st.st_dev, st.st_ino) == self._ident and self.owns_path:
                 os.unlink(self.path)
         except OSError:
             pass

@@ -5,11 +5,52 @@ to a log file that tests print when they fail."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+class AdoptedProcess:
+    """A process this test did not fork -- the new controller of a live
+    update, which the old one started -- followed by a pidfd, so the PID
+    cannot be reused under us.  Its exit status is not ours to collect:
+    ``returncode`` is None unless we killed it (-9) or it died of our SIGTERM
+    (-15)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+        self._sent: int | None = None
+        self._done = False
+
+    def poll(self):
+        if not self._done and select.select([self.fd], [], [], 0)[0]:
+            self._finish()
+        return self.returncode if self._done else None
+
+    def _finish(self) -> None:
+        self._done = True
+        self.returncode = -self._sent if self._sent else None
+        os.close(self.fd)
+
+    def wait(self, timeout: float | None = None):
+        if not self._done:
+            if not select.select([self.fd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            self._finish()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if not self._done:
+            self._sent = sig
+            signal.pidfd_send_signal(self.fd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class LoggedProcess:
@@ -52,6 +93,13 @@ class LoggedProcess:
         rc = self.proc.returncode
         self.proc = None
         return rc
+
+    def follow(self, pid: int) -> None:
+        """The controller is now `pid` (a live update handed everything to
+        it): reap the old process, stop and kill the new one from now on."""
+        if self.proc is not None and self.proc.pid != pid:
+            old, self.proc = self.proc, AdoptedProcess(pid)
+            old.wait(30)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""

@@ -12,9 +12,11 @@ must be page aligned and ``mmap_offset`` need not be, so, like DPDK, we map
 
 Some facts that bite here:
 
-- Python's ``mmap.mmap`` keeps its own dup of the fd until ``close()``; the
-  fd passed in stays the caller's to close (the protocol closes it right
-  after mapping).
+- Python's ``mmap.mmap`` keeps its own dup of the fd until ``close()`` but
+  does not hand it out; the fd passed in stays the caller's to close (the
+  protocol closes it right after mapping).  We keep one more dup per region
+  (``MappedRegion.fd``, ``LogRegion.fd``): a live update passes it to the
+  next controller, which maps the same memory.
 - A file shorter than the mapping maps fine but SIGBUSes on access, which
   would kill the daemon on a guest-chosen address.  We ``fstat`` the fd and
   refuse regions that end beyond the file.  (A front-end could still shrink
@@ -74,6 +76,7 @@ class MappedRegion:
     mmap_offset: int
     mmap: mmap.mmap = field(repr=False)
     map_hva: int = field(repr=False)       # address of the whole mapping (file offset 0)
+    fd: int = field(default=-1, repr=False)   # our dup of the front-end's fd (for a live update)
 
     @property
     def hva(self) -> int:
@@ -92,14 +95,22 @@ class MappedRegion:
 
     def close(self) -> None:
         self.mmap.close()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def map_region(region: MemRegion) -> MappedRegion:
-    """Map one region (the fd stays the caller's)."""
+    """Map one region (the fd stays the caller's; the region keeps a dup)."""
     if region.size <= 0:
         raise GuestMemoryError(f"region gpa={region.gpa:#x}: size {region.size}")
     mm = _mmap_fd(region.fd, region.mmap_offset + region.size)
-    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, _address_of(mm))
+    try:
+        fd = os.dup(region.fd)
+    except OSError as exc:
+        mm.close()
+        raise GuestMemoryError(f"fd {region.fd}: {exc.strerror}") from None
+    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, _address_of(mm), fd)
 
 
 class GuestMemory:
@@ -250,6 +261,11 @@ class LogRegion:
         self.offset = offset
         self.mmap = _mmap_fd(fd, offset + size)
         self._map_hva = _address_of(self.mmap)
+        try:
+            self.fd = os.dup(fd)          # for a live update (module docstring)
+        except OSError as exc:
+            self.mmap.close()
+            raise GuestMemoryError(f"log fd {fd}: {exc.strerror}") from None
 
     @property
     def hva(self) -> int:
@@ -281,3 +297,6 @@ class LogRegion:
 
     def close(self) -> None:
         self.mmap.close()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)

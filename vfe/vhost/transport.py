@@ -161,6 +161,12 @@ class Connection:
         finally:
             self.sock.settimeout(old)
 
+    @property
+    def idle(self) -> bool:
+        """Between messages: nothing half-received, nothing queued (a live
+        update hands over only such a connection)."""
+        return not self._queue and self._assembler.at_boundary
+
     def _drop_pending(self) -> None:
         close_fds(self._assembler.take_pending_fds())
         for msg in self._queue:
@@ -230,8 +236,17 @@ class Connection:
 class Listener:
     """A listening vhost-user socket (the back-end is the server)."""
 
-    def __init__(self, path: str, backlog: int = 1) -> None:
+    def __init__(self, path: str, backlog: int = 1, *, sock: socket.socket | None = None) -> None:
         self.path = path
+        # False while a live update may still fail: the socket file is the
+        # old controller's too, and must survive our close()
+        self.owns_path = True
+        if sock is not None:              # inherited from the controller we take over from
+            sock.setblocking(False)
+            self.sock = sock
+            self._inode = os.stat(path).st_ino
+            self.owns_path = False
+            return
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -264,7 +279,7 @@ class Listener:
 
     def close(self, unlink: bool = True) -> None:
         self.sock.close()
-        if unlink:
+        if unlink and self.owns_path:
             try:
                 if os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)

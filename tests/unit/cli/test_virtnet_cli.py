@@ -1,6 +1,7 @@
 """vfe.cli.virtnet: help texts vs the seed's, argv -> RPC calls, validation,
 output and errors (against a fake controller on a real socket)."""
 import json
+import sys
 import os
 import re
 import selectors
@@ -8,6 +9,7 @@ import threading
 
 import pytest
 
+import vfe
 from vfe import __version__
 from vfe.cli import virtnet
 from vfe.rpc import RpcError, RpcServer
@@ -156,6 +158,9 @@ HOTPLUG = {"ib_device": "mlx5_0", "features": 0, "mac": "0C:C4:7A:FF:22:93", "mt
 MODIFY_NONE = {"pf": None, "vf": None, "vuid": None, "mac": None, "mtu": None, "features": None,
                "msix_num": None, "max_queue_size": None, "link_state": None}
 QUERY_NONE = {"all": False, "pf": None, "vf": None, "vuid": None, "brief": False}
+# `update --start` names the build this virtnet belongs to: the newly installed controller
+UPDATE_FROM_HERE = {"path": os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__))),
+                    "python": sys.executable}
 
 SEED_COMMANDS = [
     # every virtnet command line in the seed, verbatim (en dashes included)
@@ -175,15 +180,15 @@ SEED_COMMANDS = [
     ("virtnet modify -p 0 -v 0 device -m 00:00:00:00:33:00", "modify",
      {**MODIFY_NONE, "pf": 0, "vf": 0, "mac": "00:00:00:00:33:00"}),
     ("virtnet version", "version", {}),
-    ("virtnet update --start", "update_start", {}),
-    ("virtnet update -s", "update_start", {}),
+    ("virtnet update --start", "update_start", UPDATE_FROM_HERE),
+    ("virtnet update -s", "update_start", UPDATE_FROM_HERE),
     ("virtnet update status", "update_status", {}),
     ("virtnet update -t", "update_status", {}),
     # and the rest of the surface
     ("virtnet log -l debug", "log", {"level": "debug"}),
     ("virtnet log --level err", "log", {"level": "err"}),
     ("virtnet update --status", "update_status", {}),
-    ("virtnet update start", "update_start", {}),
+    ("virtnet update start", "update_start", UPDATE_FROM_HERE),
     ("virtnet unplug -u VNETS1D0F0", "unplug", {"pf": None, "vuid": "VNETS1D0F0"}),
     ("virtnet query -a", "query", {**QUERY_NONE, "all": True}),
     ("virtnet query --all --brief", "query", {**QUERY_NONE, "all": True, "brief": True}),
@@ -428,7 +433,7 @@ def test_update_on_an_old_controller(capsys, controller):
     c = controller(old=True)
     rc, out, err = run(capsys, "--socket", c.path, "update", "--start")
     assert (rc, out) == (1, "")
-    assert c.calls == [("update_start", {})]
+    assert c.calls == [("update_start", UPDATE_FROM_HERE)]
     assert err.startswith('Error: the "update" command is not supported')
     assert "too old" in err and "(code -32601)" in err
 

@@ -1,0 +1,208 @@
+"""Controller live update (`virtnet update --start`), end to end.
+
+Two builds are "installed": this checkout, and a copy of its `vfe` package
+with another version (what a newer deb beside the running one would be).
+The `virtnet` of the build being installed starts the update, as the seed
+has the user do after installing it.  Two guests on the static PFs, their
+representors on a bridge, stream TCP both ways and ping at 100 Hz while the
+controller is replaced ten times; QEMU must never see a disconnect (its
+chardevs have no reconnect: a dropped connection would be fatal), the
+guests' carrier never drops, the streams arrive intact, and the controller
+that ends up running holds no more fds, threads or memory than the one after
+the first updates.  An engine-ABI mismatch is refused before anything moves,
+and a new build that fails half-way leaves every device with the old one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import vfe
+from qemu.vm import NetDev
+from vfe.testing.netns import NetNs
+from vfe.testing.service import ControllerService
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(vfe.__file__).resolve().parent.parent       # this build: the directory holding vfe/
+
+
+def make_build(dest: Path, version: str, patch=None) -> Path:
+    """A second installed build: a copy of the vfe package under `dest`,
+    its __version__ set to `version`; `patch(root)` may break it on purpose."""
+    shutil.copytree(HERE / "vfe", dest / "vfe", ignore=shutil.ignore_patterns("__pycache__"))
+    init = dest / "vfe" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text()))
+    if patch is not None:
+        patch(dest)
+    return dest
+
+
+def bump_engine_abi(root: Path) -> None:
+    so = next((root / "vfe").glob("_engine*.so"))
+    data = so.read_bytes()
+    assert data.count(b"vfe-engine-abi=") == 1
+    so.write_bytes(re.sub(rb"vfe-engine-abi=\d+", b"vfe-engine-abi=9", data))
+
+
+def fail_after_rings_started(root: Path) -> None:
+    """A build whose takeover fails at the last step, after it started the
+    rings it was handed: the old controller must get them back intact."""
+    p = root / "vfe" / "controller" / "update.py"
+    src = p.read_text()
+    anchor = '        left = sorted(daemon.inherited)\n'
+    assert anchor in src
+    p.write_text(src.replace(anchor, '        raise RuntimeError("simulated failure of the new build")\n' + anchor))
+
+
+def virtnet(svc: ControllerService, root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`virtnet` of the build under `root` (-P: not this checkout first)."""
+    env = dict(svc.env(), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-P", "-m", "vfe.cli.virtnet", *args], env=env,
+                       capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise AssertionError(f"virtnet {' '.join(args)} exited {r.returncode}:\n{r.stderr}{r.stdout}")
+    return r
+
+
+def wait_update(svc: ControllerService, root: Path, timeout: float = 60) -> dict:
+    import json
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = virtnet(svc, root, "update", "-t", check=False)
+        if r.returncode == 0:
+            st = json.loads(r.stdout)
+            if st["status"] in ("success", "failed"):
+                return st
+        time.sleep(0.2)
+    raise AssertionError(f"update did not finish:\n{svc.log()[-3000:]}")
+
+
+def usage(pid: int) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {"fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "threads": int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1)),
+            "rss_kb": int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))}
+
+
+def carrier_changes(vm) -> int:
+    rc, out = vm.run("cat /sys/class/net/eth0/carrier_changes")
+    assert rc == 0, out
+    return int(out.strip())
+
+
+@pytest.fixture
+def short_root():
+    d = tempfile.mkdtemp(prefix="vfe-u-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_live_update_ten_times_under_traffic(short_root, vm_factory):
+    import json
+    builds = [make_build(short_root / "b2", vfe.__version__ + "+lu2"), HERE]
+    versions = [vfe.__version__ + "+lu2", vfe.__version__]
+    broken_abi = make_build(short_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
+    failing = make_build(short_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
+    with NetNs() as ns:
+        svc = ControllerService(short_root / "root", ns)
+        try:
+            svc.start()
+            devices = svc.virtnet_json("list")["devices"][:2]
+            ns.run("ip", "link", "add", "br0", "type", "bridge")
+            ns.run("ip", "link", "set", "br0", "up")
+            for d in devices:
+                ns.run("ip", "link", "set", d["sf_rep_net_device"], "master", "br0", "up")
+            # no reconnect: a connection QEMU loses stays lost
+            vms = [vm_factory(f"u{i}", nics=[NetDev(svc.socket(d["vuid"]), mac=d["net_mac"])])
+                   for i, d in enumerate(devices)]
+            for i, vm in enumerate(vms):
+                vm.wait_booted(90)
+                rc, out = vm.run(f"vfe-netup eth0 10.7.0.{i + 1}/24", timeout=30)
+                assert rc == 0, out
+            a, b = vms
+            assert a.run("ping -c 2 -W 3 10.7.0.2", timeout=20)[0] == 0
+            carrier = [carrier_changes(vm) for vm in vms]
+            sums = {}
+            for vm, name in ((a, "a"), (b, "b")):
+                rc, out = vm.run(f"vfe-mkdata /tmp/data 6144", timeout=120)
+                assert rc == 0, out
+                sums[name] = out.strip()
+            pid0 = svc.proc.pid
+
+            # refused before anything moves: another engine ABI
+            r = virtnet(svc, broken_abi, "update", "--start", check=False)
+            assert r.returncode == 1
+            assert "engine ABI is 9" in r.stderr and "not compatible" in r.stderr, r.stderr
+            assert svc.proc.pid == pid0 and svc.running()
+
+            ping = b.run_bg("ping -i 0.01 -W 1 10.7.0.1 > /tmp/ping.txt 2>&1")
+            results = []
+            for rnd in range(int(os.environ.get('LU_ROUNDS', 2))):
+                # a stream each way, for the first five updates and again for the last five
+                recv_b = b.run_bg("vfe-recv 5001 /tmp/got")
+                recv_a = a.run_bg("vfe-recv 5002 /tmp/got")
+                send_a = a.run_bg("vfe-send 10.7.0.2 5001 /tmp/data")
+                send_b = b.run_bg("vfe-send 10.7.0.1 5002 /tmp/data")
+                time.sleep(0.5)
+                for i in range(5):
+                    n = rnd * 5 + i
+                    root, version = builds[n % 2], versions[n % 2]
+                    out = json.loads(virtnet(svc, root, "update", "--start").stdout)
+                    assert out["status"] == "started" and out["to"] == version
+                    st = wait_update(svc, root)
+                    assert st["status"] == "success", st
+                    assert st["to"] == version and st["pid"] != svc.proc.pid
+                    svc.follow(st["pid"])
+                    v = svc.virtnet_json("version")
+                    assert v["controller"]["version"] == version and v["controller"]["pid"] == st["pid"]
+                    results.append({"to": version, "gap_ms": st["gap_ms"], **usage(st["pid"])})
+                    print(f"update {n + 1}: -> {version} pid {st['pid']} gap {st['gap_ms']:.1f} ms "
+                          f"fds {results[-1]['fds']} threads {results[-1]['threads']} "
+                          f"rss {results[-1]['rss_kb']} kB")
+                for job in (send_a, send_b):
+                    assert job.wait(timeout=300) == 0, job.output()
+                assert recv_b.wait(timeout=120) == 0
+                assert recv_a.wait(timeout=120) == 0
+                assert recv_b.output().split() == [sums["a"], str(6144 << 10)]
+                assert recv_a.output().split() == [sums["b"], str(6144 << 10)]
+
+            # a new build that fails after starting the rings it was handed:
+            # the old controller keeps (and runs) every device
+            before = svc.proc.pid
+            virtnet(svc, failing, "update", "--start")
+            st = wait_update(svc, failing)
+            assert st["status"] == "failed" and "simulated failure" in st["reason"], st
+            assert svc.proc.pid == before and svc.running()
+            assert a.run("ping -c 3 -W 2 10.7.0.2", timeout=20)[0] == 0
+
+            ping.kill("INT")
+            time.sleep(0.5)
+            rc, out = b.run("cat /tmp/ping.txt | tail -3")
+            m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
+            assert m, out
+            sent, got = int(m.group(1)), int(m.group(2))
+            print(f"100 Hz ping over 10 updates + 1 failed one: {sent - got} of {sent} lost; "
+                  f"controller gaps {[r['gap_ms'] for r in results]} ms")
+            assert [carrier_changes(vm) for vm in vms] == carrier, "a guest's link went down"
+            # no growth in the process that survives: the same build after
+            # update 2 and update 10 holds the same fds and threads, and no
+            # more memory than noise
+            first, last = results[1], results[9]
+            assert first["to"] == last["to"]
+            assert last["fds"] == first["fds"], results
+            assert last["threads"] == first["threads"], results
+            assert last["rss_kb"] < first["rss_kb"] * 1.2, results
+        except BaseException:
+            print(svc.log()[-8000:])
+            raise
+        finally:
+            svc.stop()

@@ -1,0 +1,315 @@
+"""Controller live update (`virtnet update --start` / `--status`).
+
+A newer controller installed beside the running one takes over every device
+while QEMU keeps its connections: nothing is renegotiated, links stay up,
+and the data path stops only for the moment the rings change hands.
+
+    old (LiveUpdate)                         new (Takeover)
+    update_start: read the new build's
+    engine ABI from its file; refuse a
+    mismatch before anything moves;
+    start it with --takeover-fd     ------>  import everything, start engine
+                                    <------  hello {version, engine_abi}
+    pause every ring (exact indexes),
+    detach representors; send begin,
+    function x N, endpoint x N, end ------>  build the inventory from the
+                                             records, serving on the fds
+                                             handed over; restore sessions,
+                                             start rings where they stopped
+                                    <------  done {gap_ms}   (or failed)
+    exit without touching anything           answer virtnet on the same socket
+    (on failure or timeout: resume every
+    ring, re-attach representors, kill the
+    new process; nothing was lost)
+
+Until the hello, the old controller serves virtnet as usual (list, query,
+modify, VF creation and deletion): the new one builds from the state as it
+is when the devices move, not from files read earlier.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from vfe import __version__
+from vfe.controller import handover
+from vfe.controller.inventory import InventoryError
+
+log = logging.getLogger("vfe.controller")
+
+MOVE_TIMEOUT = 60.0            # the new process builds every function before answering
+
+# The seed: an update the running controller cannot do means the other build is wrong
+VERSION_HINT = ("the controller version you are trying to install is not compatible with the "
+                "running one; reinstalling the proper version will resolve this")
+
+
+def build_version(root: str) -> str:
+    """The __version__ of the build under `root`, read without importing it."""
+    try:
+        with open(os.path.join(root, "vfe", "__init__.py")) as f:
+            m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    except OSError as exc:
+        raise InventoryError(f"no controller build under {root}: {exc.strerror}", code=-errno.ENOENT) from None
+    if m is None:
+        raise InventoryError(f"{root}/vfe/__init__.py has no __version__", code=-errno.EINVAL)
+    return m.group(1)
+
+
+class LiveUpdate:
+    """The running controller's side."""
+
+    def __init__(self, daemon, inventory, rpc_server_getter, argv: list[str]):
+        self.daemon = daemon
+        self.inv = inventory
+        self.rpc = rpc_server_getter       # -> RpcServer (built after us)
+        self.argv = list(argv)             # our own command line, for the new process
+        self.proc: subprocess.Popen | None = None
+        self.chan: socket.socket | None = None
+        self.state: dict = {"status": "idle"}
+
+    # -- virtnet ---------------------------------------------------------------
+
+    def status(self, p: dict | None = None) -> dict:
+        return dict(self.state)
+
+    def start(self, p: dict) -> dict:
+        if self.proc is not None:
+            raise InventoryError(f"a live update to {self.state.get('to')} is in progress "
+                                 f"(pid {self.proc.pid})", code=-errno.EBUSY)
+        root = p.get("path")
+        if not isinstance(root, str) or not os.path.isdir(os.path.join(root, "vfe")):
+            raise InventoryError(f"no controller build at {root!r} (give the directory that holds vfe/)")
+        python = p.get("python") or sys.executable
+        from vfe.engine import ENGINE_ABI
+        from vfe.engine.abi import AbiError, engine_file, read_abi
+        version = build_version(root)
+        try:
+            abi = read_abi(engine_file(root))
+        except AbiError as exc:
+            raise InventoryError(f"cannot update to {version}: {exc}; {VERSION_HINT}",
+                                 code=-errno.EPROTONOSUPPORT) from None
+        if abi != ENGINE_ABI:
+            raise InventoryError(f"cannot update to {version}: its engine ABI is {abi}, the running "
+                                 f"controller's is {ENGINE_ABI}; {VERSION_HINT}", code=-errno.EPROTONOSUPPORT)
+        ours, theirs = handover.channel()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # -P: not the current directory first on sys.path -- the build under root is
+        argv = [python, "-P", "-m", "vfe.cli.controller", *self.argv, "--takeover-fd", str(theirs.fileno())]
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise InventoryError(f"cannot start {python}: {exc.strerror}", code=-(exc.errno or 5)) from None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.chan = ours
+        self.daemon.add_reader(self, "update")
+        self.state = {"status": "in progress", "from": __version__, "to": version, "pid": self.proc.pid,
+                      "engine_abi": abi, "started": time.time()}
+        log.info("live update to %s: started pid %d (%s)", version, self.proc.pid, root)
+        return {"status": "started", "from": __version__, "to": version, "pid": self.proc.pid}
+
+    # -- the channel --------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.chan.fileno()
+
+    def on_readable(self) -> None:
+        try:
+            kind, body, fds = handover.recv(self.chan, timeout=1.0)
+        except (handover.HandoverError, OSError) as exc:
+            self._failed(f"the new controller went away before taking over ({exc})")
+            return
+        handover.close_all(fds)
+        if kind != "hello":
+            self._failed(f"the new controller said {kind!r} instead of hello")
+            return
+        from vfe.engine import ENGINE_ABI
+        if body.get("engine_abi") != ENGINE_ABI:
+            self._failed(f"the new controller's engine ABI is {body.get('engine_abi')}, ours {ENGINE_ABI}")
+            return
+        self._move()
+
+    def _functions(self):
+        from vfe.controller.recovery import RecoveryRecord
+        for f in self.inv.functions:
+            record = RecoveryRecord.from_json(f.recovery_record(), f.vuid).to_json() | {"vuid": f.vuid}
+            rep = f.representor
+            info = None if rep is None or rep.closed else {
+                "name": rep.name, "ifindex": rep.ifindex, "mac": rep.mac, "multi_queue": rep.multi_queue}
+            extra = {"qmp_id": getattr(f, "qmp_id", None), "lm_state": getattr(f, "lm_state", None),
+                     "paused": bool(f.model.rings.paused) if f.model is not None else False}
+            yield f, record, info, extra
+
+    def _move(self) -> None:
+        t0 = time.monotonic()
+        endpoints = [ep for ep in self.daemon.endpoints]
+        busy = [ep.name for ep in endpoints if ep.conn is not None and not ep.conn.idle]
+        if busy:
+            self._failed(f"a vhost-user message is half-received on {', '.join(busy)}; retry")
+            return
+        paused = []
+        detached = []
+        try:
+            for ep in endpoints:
+                if ep.session is not None:
+                    ep.session.pause()
+                    paused.append(ep)
+            for f in self.inv.functions:
+                if f.model is not None and f.representor is not None:
+                    f.model.rings.set_tap(-1)
+                    detached.append(f)
+            functions = list(self._functions())
+            rpc = self.rpc()
+            handover.send(self.chan, "begin", {"version": __version__, "records": len(functions),
+                                               "endpoints": len(endpoints), "paused_at": t0},
+                          [rpc.fileno()])
+            for f, record, info, extra in functions:
+                fds = [f.representor.fd] if info is not None else []
+                handover.send(self.chan, "function", {"record": record, "representor": info,
+                                                      "extra": extra}, fds)
+            for ep in endpoints:
+                fds: list[int] = []
+                state = ep.export(fds)
+                handover.send(self.chan, "endpoint", {"state": state}, fds)
+            handover.send(self.chan, "end")
+            self.chan.setblocking(True)
+            kind, body, fds = handover.recv(self.chan, timeout=MOVE_TIMEOUT)
+            handover.close_all(fds)
+            if kind != "done":
+                raise handover.HandoverError(body.get("reason") or f"answered {kind!r}")
+        except Exception as exc:
+            # the new process may have started rings on the same guest
+            # memory: it must be gone before ours run again
+            self._stop_new()
+            for ep in paused:
+                ep.session.resume()
+            for f in detached:
+                f.model.rings.set_tap(f.representor.fd)
+            self._failed(f"the new controller could not take over: {exc}")
+            log.info("live update: every device is still served here (rings resumed after %.1f ms)",
+                     (time.monotonic() - t0) * 1e3)
+            return
+        log.info("live update: pid %d (%s) runs every device now (data path gap %.1f ms); exiting",
+                 self.proc.pid, self.state.get("to"), body.get("gap_ms", -1))
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(0)          # nothing of ours may be torn down: it is all the new process's now
+
+    def _failed(self, reason: str) -> None:
+        log.error("live update to %s failed: %s", self.state.get("to"), reason)
+        try:
+            self.daemon.sel.unregister(self)
+        except (KeyError, ValueError):
+            pass
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        self._stop_new()
+        self.state = dict(self.state, status="failed", reason=reason, finished=time.time())
+
+    def _stop_new(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+class Takeover:
+    """The new controller's side: receive everything, then say done."""
+
+    def __init__(self, fd: int):
+        self.chan = socket.socket(fileno=fd)
+        self.chan.setblocking(True)
+        self.from_version = "?"
+        self.paused_at = 0.0
+        self.records: list[dict] = []
+        self.representors: dict[str, tuple[dict, int]] = {}
+        self.extra: dict[str, dict] = {}
+        self.received: list[handover.Received] = []
+        self.rpc_fd = -1
+
+    def hello(self) -> None:
+        from vfe.engine import ENGINE_ABI
+        handover.send(self.chan, "hello", {"version": __version__, "engine_abi": ENGINE_ABI,
+                                           "pid": os.getpid()})
+
+    def receive(self, daemon) -> None:
+        """Everything the old controller hands over, up to "end"; endpoints
+        go to ``daemon.inherited`` (Endpoint.open serves on them)."""
+        while True:
+            kind, body, fds = handover.recv(self.chan, timeout=MOVE_TIMEOUT)
+            got = handover.Received(fds)
+            self.received.append(got)
+            if kind == "begin":
+                self.from_version = body.get("version", "?")
+                self.paused_at = body.get("paused_at", 0.0)
+                self.rpc_fd = got.claim(0)
+            elif kind == "function":
+                rec = body["record"]
+                self.records.append(rec)
+                self.extra[rec["vuid"]] = body.get("extra") or {}
+                if body.get("representor"):
+                    info = body["representor"]
+                    self.representors[info["name"]] = (info, got.claim(0))
+            elif kind == "endpoint":
+                state = body["state"]
+                daemon.inherited[state["name"]] = (state, got)
+            elif kind == "end":
+                return
+            else:
+                raise handover.HandoverError(f"unexpected {kind!r} message")
+
+    def representor_factory(self, real):
+        """`real` (create/attach/exists) for new names; the handed-over
+        representors for theirs."""
+        import types
+        from vfe.ports.representor import Representor
+
+        def exists(name: str, **kw) -> bool:
+            return name in self.representors or real.exists(name, **kw)
+
+        def attach(name: str, **kw):
+            if name in self.representors:
+                info, fd = self.representors.pop(name)
+                return Representor(info["name"], fd, info["ifindex"], info["mac"],
+                                   multi_queue=info["multi_queue"])
+            return real.attach(name, **kw)
+
+        return types.SimpleNamespace(create=real.create, attach=attach, exists=exists)
+
+    def done(self, daemon, rpc_server) -> float:
+        """Everything runs here: take the socket files as ours, tell the old
+        controller to go.  Returns the data-path gap in ms."""
+        left = sorted(daemon.inherited)
+        if left:
+            raise RuntimeError(f"handed-over endpoints nobody declared: {', '.join(left)}")
+        if self.representors:
+            raise RuntimeError(f"handed-over representors of no function: {', '.join(self.representors)}")
+        gap_ms = (time.monotonic() - self.paused_at) * 1e3
+        handover.send(self.chan, "done", {"pid": os.getpid(), "gap_ms": gap_ms})
+        for ep in daemon.endpoints:
+            if ep.listener is not None:
+                ep.listener.owns_path = True
+        rpc_server.owns_path = True
+        for got in self.received:
+            got.close_unclaimed()
+        self.chan.close()
+        return gap_ms
+
+    def fail(self, reason: str) -> None:
+        try:
+            handover.send(self.chan, "failed", {"reason": reason})
+        except OSError:
+            pass
