@@ -58,8 +58,13 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
                           display_dir=paths.display(paths.recovery_dir))
     loaded = store.load_compatible(conf, nv)
-    if loaded.problems:
-        raise ServiceError("; ".join(str(p) for p in loaded.problems))
+    from vfe.controller import blk_functions
+    from vfe.controller.blk_recovery import BlkRecoveryStore
+    blk_store = BlkRecoveryStore(paths.recovery_dir, enabled=conf.recovery,
+                                 display_dir=paths.display(paths.recovery_dir))
+    blk_loaded = blk_store.load()     # checked before anything is created, like the net files
+    if loaded.problems or blk_loaded.problems:
+        raise ServiceError("; ".join(str(p) for p in loaded.problems + blk_loaded.problems))
     records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
 
     pools = {}
@@ -84,11 +89,14 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         inv.shutdown()
         raise ServiceError(f"cannot create the functions: {exc}") from None
 
-    from vfe.controller import blk_functions
-    blk_functions.register(HANDLERS, daemon, paths)     # vfe-rpc: bdevs and virtio-blk functions
+    # vfe-rpc: bdevs and virtio-blk functions, recorded in <recovery>/blk and
+    # shown by virtnet list/query (a copy of the table: the wrappers are this run's)
+    handlers = dict(HANDLERS)
+    blk = blk_functions.register(handlers, daemon, paths, store=blk_store)
+    n_bdevs, n_blk = blk.restore(blk_loaded)
 
     def handle(method: str, params: dict):
-        fn = HANDLERS.get(method)
+        fn = handlers.get(method)
         if fn is None:
             raise RpcError.method_not_found(method)
         try:
@@ -107,8 +115,9 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
             host.close()
 
     daemon.on_shutdown.append(stop)
-    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s); virtnet on %s",
-             lim.static_pfs, lim.hotplug_ports, len(records), paths.rpc_socket)
+    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s), %d recovered bdev(s) "
+             "and %d blk controller(s); virtnet on %s",
+             lim.static_pfs, lim.hotplug_ports, len(records), n_bdevs, n_blk, paths.rpc_socket)
     return inv
 
 
