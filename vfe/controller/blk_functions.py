@@ -28,10 +28,22 @@ is SNAP's: VblkEmu<n>pf<N> / VblkEmu<n>pf<N>vf<M>, <n> from mlx5_<n>.
 `--admin_q` and `--force_in_order` are accepted and shown by controller_list;
 the engine's blk queues already complete each queue's requests in order.
 
-`register(handlers, daemon, paths)` adds the RPC methods to a service's
-handler table (handlers are called `fn(inv, params)`; the inventory argument
-is unused) and returns the BlkRegistry; its `shutdown()` (also hooked on
-`daemon.on_shutdown`, idempotent) closes every blk function.
+In the inventory.  A blk function has a `virtnet list` entry
+(BlkFunction.list_entry: the net entries' identity fields, then
+"type": "virtio_blk" and blk_* fields; docs/virtnet.md) and is found by
+`virtnet query -u VUID`; `register` wraps the service's list, query,
+modify, unplug and vf_state handlers for that.
+
+Recovery.  With a blk_recovery.BlkRecoveryStore every bdev and function is
+recorded when created (a function's file last, as for net functions: a
+failure to write it undoes the creation) and its file removed before it is
+deleted; `restore()` recreates them at start (docs/controller.md).
+
+`register(handlers, daemon, paths, store=None)` adds the RPC methods to a
+service's handler table (handlers are called `fn(inv, params)`; the
+inventory argument is unused by the vfe-rpc verbs) and returns the
+BlkRegistry; its `shutdown()` (also hooked on `daemon.on_shutdown`,
+idempotent) closes every blk function and keeps their files.
 """
 from __future__ import annotations
 
