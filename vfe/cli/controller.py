@@ -16,6 +16,7 @@ import signal
 import sys
 
 from vfe import __version__
+from vfe.controller import sdnotify
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
 
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), args.workers, args.mode)
+    sdnotify.notify(ready=1)
     daemon.run()
     return 0
 
@@ -297,6 +299,7 @@ def _take_over(args, raw_argv, daemon, engine, log) -> int:
              takeover.from_version, len(inv.functions), gap_ms)
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), args.workers, args.mode)
+    sdnotify.notify(ready=1)
     daemon.run()
     return 0
 

@@ -65,13 +65,23 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
 
     store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
                           display_dir=paths.display(paths.recovery_dir))
+    from vfe.controller import blk_functions
+    from vfe.controller.blk_recovery import BlkRecoveryStore
+    blk_store = BlkRecoveryStore(paths.recovery_dir, enabled=conf.recovery,
+                                 display_dir=paths.display(paths.recovery_dir))
+    # blk functions come back from their files, in a live update too (the
+    # old process wrote them; a malloc bdev, whose data cannot move, refuses
+    # the update before it starts)
+    blk_loaded = blk_store.load()     # checked before anything is created, like the net files
     if takeover is not None:
         records = takeover.records     # the running functions, as they are now
+        problems = list(blk_loaded.problems)
     else:
         loaded = store.load_compatible(conf, nv)
-        if loaded.problems:
-            raise ServiceError("; ".join(str(p) for p in loaded.problems))
+        problems = list(loaded.problems) + list(blk_loaded.problems)
         records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
+    if problems:
+        raise ServiceError("; ".join(str(p) for p in problems))
 
     pools = {}
     for dev in conf.sf_devices:
@@ -108,12 +118,15 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
             if extra.get("paused"):
                 f.model.rings.set_paused(True)
 
-    from vfe.controller import blk_functions
-    blk_functions.register(HANDLERS, daemon, paths)     # vfe-rpc: bdevs and virtio-blk functions
+    # vfe-rpc: bdevs and virtio-blk functions, recorded in <recovery>/blk and
+    # shown by virtnet list/query (a copy of the table: the wrappers are this run's)
+    handlers = dict(HANDLERS)
+    blk = blk_functions.register(handlers, daemon, paths, store=blk_store)
+    n_bdevs, n_blk = blk.restore(blk_loaded)
 
     from vfe.controller.update import LiveUpdate
-    updater = LiveUpdate(daemon, inv, lambda: rpc, argv or [])
-    handlers = dict(HANDLERS, update_start=lambda inv, p: updater.start(p),
+    updater = LiveUpdate(daemon, inv, lambda: rpc, argv or [], blk=blk)
+    handlers.update(update_start=lambda inv, p: updater.start(p),
                     update_status=lambda inv, p: updater.status(p),
                     version=lambda inv, p: inv.version(p) | _update_version(updater))
 
@@ -143,8 +156,9 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
             host.close()
 
     daemon.on_shutdown.append(stop)
-    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s); virtnet on %s",
-             lim.static_pfs, lim.hotplug_ports, len(records), paths.rpc_socket)
+    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s), %d recovered bdev(s) "
+             "and %d blk controller(s); virtnet on %s",
+             lim.static_pfs, lim.hotplug_ports, len(records), n_bdevs, n_blk, paths.rpc_socket)
     return inv
 
 

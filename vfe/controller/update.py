@@ -66,8 +66,9 @@ def build_version(root: str) -> str:
 class LiveUpdate:
     """The running controller's side."""
 
-    def __init__(self, daemon, inventory, rpc_server_getter, argv: list[str]):
+    def __init__(self, daemon, inventory, rpc_server_getter, argv: list[str], blk=None):
         self.daemon = daemon
+        self.blk = blk                     # blk_functions.BlkRegistry (or None)
         self.inv = inventory
         self.rpc = rpc_server_getter       # -> RpcServer (built after us)
         self.argv = list(argv)             # our own command line, for the new process
@@ -88,6 +89,12 @@ class LiveUpdate:
         if not isinstance(root, str) or not os.path.isdir(os.path.join(root, "vfe")):
             raise InventoryError(f"no controller build at {root!r} (give the directory that holds vfe/)")
         python = p.get("python") or sys.executable
+        malloc = sorted(n for n, b in (self.blk.bdevs.items() if self.blk is not None else ())
+                        if b.kind == "malloc")
+        if malloc:
+            raise InventoryError(f"cannot update while malloc bdev(s) {', '.join(malloc)} exist: their "
+                                 "data lives in this process only; delete them (or use aio bdevs) first",
+                                 code=-errno.EBUSY)
         from vfe.engine import ENGINE_ABI
         from vfe.engine.abi import AbiError, engine_file, read_abi
         version = build_version(root)
@@ -298,6 +305,8 @@ class Takeover:
         if self.representors:
             raise RuntimeError(f"handed-over representors of no function: {', '.join(self.representors)}")
         gap_ms = (time.monotonic() - self.paused_at) * 1e3
+        from vfe.controller import sdnotify
+        sdnotify.notify(mainpid=os.getpid())          # systemd: the service is us before the old one exits
         handover.send(self.chan, "done", {"pid": os.getpid(), "gap_ms": gap_ms})
         for ep in daemon.endpoints:
             if ep.listener is not None:

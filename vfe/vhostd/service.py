@@ -151,13 +151,36 @@ FEATURE_NAMES = {
 }
 
 
-def feature_info(value: int) -> dict:
-    """``{"value": "0x...", "    0": "VIRTIO_NET_F_CSUM", ...}`` (keys "%5d")."""
+# virtio-blk's device bits (virtio 1.2 5.2.3) where they differ from net's
+BLK_FEATURE_NAMES = {
+    0: "VIRTIO_BLK_F_BARRIER", 1: "VIRTIO_BLK_F_SIZE_MAX", 2: "VIRTIO_BLK_F_SEG_MAX",
+    4: "VIRTIO_BLK_F_GEOMETRY", 5: "VIRTIO_BLK_F_RO", 6: "VIRTIO_BLK_F_BLK_SIZE",
+    7: "VIRTIO_BLK_F_SCSI", 9: "VIRTIO_BLK_F_FLUSH", 10: "VIRTIO_BLK_F_TOPOLOGY",
+    11: "VIRTIO_BLK_F_CONFIG_WCE", 12: "VIRTIO_BLK_F_MQ", 13: "VIRTIO_BLK_F_DISCARD",
+    14: "VIRTIO_BLK_F_WRITE_ZEROES", 15: "VIRTIO_BLK_F_LIFETIME", 16: "VIRTIO_BLK_F_SECURE_ERASE",
+    17: "VIRTIO_BLK_F_ZONED",
+}
+DEVICE_BITS = range(24)           # below 24 the bits are the device type's own
+
+
+def feature_info(value: int, kind: str = "virtio_net") -> dict:
+    """``{"value": "0x...", "    0": "VIRTIO_NET_F_CSUM", ...}`` (keys "%5d");
+    `kind` "virtio_blk" names the device bits as virtio-blk's."""
     out = {"value": f"{value:#x}"}
     for i in range(64):
         if value >> i & 1:
-            out[f"{i:5d}"] = FEATURE_NAMES.get(i, "UNKNOWN FEATURE BIT")
+            if kind == "virtio_blk" and i in DEVICE_BITS:
+                name = BLK_FEATURE_NAMES.get(i, "UNKNOWN FEATURE BIT")
+            else:
+                name = FEATURE_NAMES.get(i, "UNKNOWN FEATURE BIT")
+            out[f"{i:5d}"] = name
     return out
+
+
+def function_kind(f: dict) -> str:
+    """"virtio_blk" for the controller's blk functions ("type" in their
+    `virtnet list` entry), "virtio_net" for the others (which have none)."""
+    return str(f.get("type") or "virtio_net")
 
 
 # -- PCI addresses ----------------------------------------------------------------
@@ -230,6 +253,7 @@ class ManagedPF:
     bdf: str                 # dddd:bb:dd.f
     pf_id: int
     vuid: str
+    kind: str = "virtio_net"  # or "virtio_blk": a blk PF manages the blk VFs of its pf_id
 
 
 @dataclass
@@ -240,6 +264,7 @@ class ProvisionedVF:
     socket_file: str
     vm_uuid: str
     relay: Relay = field(repr=False)
+    kind: str = "virtio_net"
 
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -347,7 +372,7 @@ class VhostService:
             raise VdpaError(-errno.ENODEV, f"the controller has no function at {bdf}")
         if f.get("function_type") == "VF" or "pf_id" not in f:
             raise VdpaError(ERR_ADD_PF_DEVICEID_NOT_SUPPORT, f"{bdf} ({f.get('vuid')}) is a VF, not a PF")
-        self.pfs[bdf] = ManagedPF(bdf, int(f["pf_id"]), str(f["vuid"]))
+        self.pfs[bdf] = ManagedPF(bdf, int(f["pf_id"]), str(f["vuid"]), function_kind(f))
         log.info("management PF %s (%s) added", bdf, f["vuid"])
         return with_errno({}, 0)
 
@@ -404,9 +429,12 @@ class VhostService:
             raise VdpaError(-errno.ENODEV, f"the controller has no function at {bdf}")
         if f.get("function_type") != "VF":
             raise VdpaError(ERR_NO_PF_DEVICE, f"{bdf} ({f.get('vuid')}) is not a VF: it has no PF")
-        pf = next((p for p in self.pfs.values() if p.pf_id == f.get("parent_pf_id")), None)
+        # a net PF and a blk PF may both have pf_id N: the VF's PF is the one of its kind
+        kind = function_kind(f)
+        pf = next((p for p in self.pfs.values() if p.pf_id == f.get("parent_pf_id") and p.kind == kind), None)
         if pf is None:
-            raise VdpaError(ERR_NO_PF_DEVICE, f"the PF of {bdf} (pf_id {f.get('parent_pf_id')}) is not a "
+            what = "blk PF" if kind == "virtio_blk" else "PF"
+            raise VdpaError(ERR_NO_PF_DEVICE, f"the {what} of {bdf} (pf_id {f.get('parent_pf_id')}) is not a "
                                               f"management PF: mgmtpf -a it first")
         vuid = str(f["vuid"])
         check_socket_path(path, client=self.client)
@@ -416,7 +444,7 @@ class VhostService:
             vf_exists=lambda: self._vf_exists(vuid, bdf),
             on_gone=lambda r, why: self._vf_gone(bdf, r))
         relay.start()                                  # RelayError -> errno
-        self.vfs[bdf] = ProvisionedVF(bdf, pf.bdf, vuid, path, vm_uuid, relay)
+        self.vfs[bdf] = ProvisionedVF(bdf, pf.bdf, vuid, path, vm_uuid, relay, kind)
         log.info("VF %s (%s) provisioned on %s%s", bdf, vuid, path,
                  " (resumed the controller's front-end)" if getattr(relay, "resumed", False) else "")
         return with_errno({}, 0)
@@ -467,7 +495,7 @@ class VhostService:
             "msix_num": str(q.get("num_msix", 0)),
             "queue_num": str(q.get("max_queues", 0)),
             "queue_size": str(q.get("max_queues_size", 0)),
-            "device_feature": feature_info(feats),
+            "device_feature": feature_info(feats, vf.kind),
             "mtu": str(q.get("net_mtu", 0)),
             "mac": str(q.get("net_mac", "")).upper(),
             "vm_uuid": vf.vm_uuid,

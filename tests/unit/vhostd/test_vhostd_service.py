@@ -282,3 +282,45 @@ def test_controller_errors_become_errnos(monkeypatch):
         with pytest.raises(VdpaError) as e:
             c.vf_state("VNETS0D0F2VF1", 2)
         assert e.value.code == code
+
+
+# -- virtio-blk functions (the seed's "Provision the virtio-blk PF") -----------------
+
+BLK_PF, BLK_VF = "0000:a0:00.0", "0000:b0:00.0"
+
+
+def blk(entry: dict) -> dict:
+    """A blk function's `virtnet list` entry: "type" and the blk fields, no net ones."""
+    out = {k: v for k, v in entry.items() if not k.startswith("net_") and k != "num_msix"}
+    return out | {"type": "virtio_blk", "blk_bdev": "Null0"}
+
+
+def test_blk_vf_is_provisioned_under_the_blk_pf_of_its_pf_id(ctl):
+    ctl.functions_ += [blk(pf(0, "a0:00.0", "VBLKS0D0F2")), blk(vf(0, 0, "b0:00.0", "VBLKS0D0F2VF1"))]
+    FakeRelay.instances = []
+    FakeRelay.fail_with = None
+    sel = selectors.DefaultSelector()
+    try:
+        svc = VhostService(ctl, sel, client=True, relay_factory=FakeRelay)
+        # the net PF 0 is managed: it is not the blk VF's PF, although both have pf_id 0
+        assert svc.mgmtpf({"add": True, "dev": PF0}, 1) == OK
+        assert svc.vf({"add": True, "vfdev": BLK_VF, "socket_file": "/tmp/vfe-blk0"}, 2) == err(-1001)
+        assert svc.mgmtpf({"add": True, "dev": BLK_PF}, 3) == OK
+        assert svc.mgmtpf({"list": True}, 4)["devices"] == [{"pf": PF0}, {"pf": BLK_PF}]
+        assert svc.vf({"add": True, "vfdev": BLK_VF, "socket_file": "/tmp/vfe-blk0"}, 5) == OK
+        relay = FakeRelay.instances[-1]
+        assert (relay.socket_path, relay.endpoint) == ("/tmp/vfe-blk0", "/run/VBLKS0D0F2VF1.sock")
+        assert svc.vfs[BLK_VF].pf == BLK_PF
+        # and the net VF 0 of pf_id 0 still goes under the net PF
+        assert svc.vf({"add": True, "vfdev": VF0, "socket_file": "/tmp/vfe-net0"}, 6) == OK
+        assert svc.vfs[VF0].pf == PF0
+        assert svc.vf({"list": True, "mgmtpf": BLK_PF}, 7)["devices"][0]["vf"] == BLK_VF
+        # vf -i names a blk device's feature bits as virtio-blk's
+        ctl.features["VBLKS0D0F2VF1"] = hex(1 << 6 | 1 << 9 | 1 << 32)
+        d = svc.vf({"info": True, "vfdev": BLK_VF}, 8)["device"]
+        assert d["device_feature"] == {"value": "0x100000240", "    6": "VIRTIO_BLK_F_BLK_SIZE",
+                                       "    9": "VIRTIO_BLK_F_FLUSH", "   32": "VIRTIO_F_VERSION_1"}
+        assert (d["mtu"], d["mac"], d["queue_num"]) == ("0", "", "62")
+        assert svc.mgmtpf({"remove": True, "dev": BLK_PF}, 9) == err(-1013)
+    finally:
+        sel.close()

@@ -1,0 +1,443 @@
+"""Blk functions in the inventory: their `virtnet list` entry, the recovery
+files of bdevs and blk controllers (written, removed, loaded, bad files),
+restoring them into a fresh registry, and the virtnet methods that see them
+(list, query, modify, unplug, vf_state) -- on a fake daemon and engine."""
+import errno
+import json
+import logging
+import os
+import types
+
+import pytest
+
+from vfe.controller import blk_functions
+from vfe.controller.blk_recovery import BdevRecord, BlkControllerRecord, BlkRecoveryStore
+from vfe.controller.functions import NetFunction
+from vfe.controller.inventory import InventoryError
+
+PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager", "max_queues",
+             "max_queues_size", "blk_controller", "blk_bdev", "blk_bdev_type", "blk_block_size",
+             "blk_num_blocks")
+VF_FIELDS = ("vf_id", "parent_pf_id") + PF_FIELDS[1:]
+
+
+class FakeRings:
+    num_rings = 1
+    logging = False
+
+    def ring_state(self, i):
+        return {"index": i, "size": 0, "broken": False, "error": "", "ready": False, "enabled": False,
+                "last_avail_idx": 0, "last_used_idx": 0}
+
+    def ring_stats(self, i):
+        return {"packets": 0, "bytes": 0, "dropped": 0, "errors": 0}
+
+    def close(self):
+        pass
+
+
+class FakeEngine:
+    def __init__(self):
+        self.devices = []
+
+    def new_blk_device(self, queues, capacity, block_size, **kw):
+        self.devices.append((queues, capacity, block_size, kw))
+        return FakeRings()
+
+
+class FakeDaemon:
+    def __init__(self, fail_listen=None):
+        self.engine = FakeEngine()
+        self.endpoints = []
+        self.on_shutdown = []
+        self.fail_listen = fail_listen
+
+    def add_endpoint(self, device, socket_path, client, name):
+        if self.fail_listen is not None:
+            raise self.fail_listen
+        ep = types.SimpleNamespace(device=device, path=socket_path, name=name, session=None)
+        self.endpoints.append(ep)
+        return ep
+
+    def remove_endpoint(self, ep):
+        self.endpoints.remove(ep)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return BlkRecoveryStore(tmp_path / "recovery")
+
+
+def registry(tmp_path, store, daemon=None):
+    return blk_functions.BlkRegistry(daemon or FakeDaemon(),
+                                     types.SimpleNamespace(run_dir=str(tmp_path / "run")), store)
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(8 << 20)
+    return p
+
+
+def populate(reg, image):
+    reg.bdev_null_create({"name": "Null0", "num_blocks": 2097152, "block_size": 512})
+    reg.bdev_malloc_create({"name": "M0", "num_blocks": 16384, "block_size": 4096})
+    reg.bdev_aio_create({"name": "Aio0", "filename": str(image), "block_size": 4096})
+    reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev_type": "spdk",
+                                      "bdev": "Null0", "num_queues": 1, "admin_q": True})
+    reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "vf_id": 9, "bdev_type": "spdk",
+                                      "bdev": "Aio0", "num_queues": 4, "queue_size": 256,
+                                      "force_in_order": True})
+    reg.controller_virtio_blk_create({"emu_manager": "mlx5_2", "pf_id": 1, "bdev_type": "spdk",
+                                      "bdev": "M0"})
+
+
+def files(store) -> dict:
+    if not store.dir.exists():
+        return {}
+    return {str(p.relative_to(store.dir)): p.read_text() for p in sorted(store.dir.rglob("*")) if p.is_file()}
+
+
+# -- the list entry ----------------------------------------------------------------
+
+def test_list_entries_of_a_pf_and_a_vf(tmp_path, store, image):
+    reg = registry(tmp_path, store)
+    populate(reg, image)
+    entries = [f.list_entry() for f in reg.sorted_functions()]
+    assert [tuple(e) for e in entries] == [PF_FIELDS, PF_FIELDS, VF_FIELDS]
+    pf0, pf1, vf = entries
+    assert pf0 == {"pf_id": 0, "function_type": "static PF", "vuid": "VBLKS0D0F2", "bdf": "a0:00.0",
+                   "type": "virtio_blk", "emulation_manager": "mlx5_0", "max_queues": 1,
+                   "max_queues_size": 128, "blk_controller": "VblkEmu0pf0", "blk_bdev": "Null0",
+                   "blk_bdev_type": "null", "blk_block_size": 512, "blk_num_blocks": 2097152}
+    assert (pf1["vuid"], pf1["bdf"], pf1["blk_bdev_type"], pf1["blk_num_blocks"]) == \
+        ("VBLKS0D0F3", "a1:00.0", "malloc", 16384)
+    assert vf == {"vf_id": 9, "parent_pf_id": 0, "function_type": "VF", "vuid": "VBLKS0D0F2VF10",
+                  "bdf": "b0:01.1", "type": "virtio_blk", "emulation_manager": "mlx5_0", "max_queues": 4,
+                  "max_queues_size": 256, "blk_controller": "VblkEmu0pf0vf9", "blk_bdev": "Aio0",
+                  "blk_bdev_type": "aio", "blk_block_size": 4096, "blk_num_blocks": 2048}
+    json.dumps(entries)                          # plain JSON
+
+
+def test_net_list_entry_is_unchanged():
+    """The seed's fields, in its order, and nothing else (no "type")."""
+    f = NetFunction(pf_id=0, vf_id=-1, device_type="static", vuid="VNETS0D0F2", bdf_raw=0x8402,
+                    ib_dev="mlx5_0", pf_num=0, sf_num=1000, mac="00:11:22:33:44:55", mtu=1500,
+                    max_queues=3, max_queue_size=256, num_msix=10, features=0)
+    assert tuple(f.list_entry()) == (
+        "pf_id", "function_type", "vuid", "bdf", "sf_num", "sf_parent_device", "sf_rep_net_device",
+        "sf_rep_net_ifindex", "sf_rdma_device", "sf_vhca_id", "msix_config_vector", "num_msix",
+        "max_queues", "max_queues_size", "net_mac", "net_mtu")
+
+
+# -- the files -----------------------------------------------------------------------
+
+def test_files_written_on_create_in_their_order(tmp_path, store, image):
+    reg = registry(tmp_path, store)
+    populate(reg, image)
+    got = {k: json.loads(v) for k, v in files(store).items()}
+    assert sorted(got) == ["bdevs/Aio0.json", "bdevs/M0.json", "bdevs/Null0.json",
+                           "controllers/VBLKS0D0F2.json", "controllers/VBLKS0D0F2VF10.json",
+                           "controllers/VBLKS0D0F3.json"]
+    assert list(got["bdevs/Null0.json"].items()) == [
+        ("name", "Null0"), ("bdev_type", "null"), ("block_size", 512), ("num_blocks", 2097152)]
+    assert got["bdevs/Aio0.json"] == {"name": "Aio0", "bdev_type": "aio", "block_size": 4096,
+                                      "num_blocks": 2048, "filename": str(image)}
+    sock = str(tmp_path / "run" / "VBLKS0D0F2VF10.sock")
+    assert list(got["controllers/VBLKS0D0F2VF10.json"].items()) == [
+        ("name", "VblkEmu0pf0vf9"), ("emulation_manager", "mlx5_0"), ("pf_id", 0), ("vf_id", 9),
+        ("vuid", "VBLKS0D0F2VF10"), ("bdf_raw", 0xB009), ("bdev", "Aio0"), ("num_queues", 4),
+        ("queue_size", 256), ("admin_q", False), ("force_in_order", True), ("socket", sock)]
+    assert "vf_id" not in got["controllers/VBLKS0D0F2.json"]
+    # no temp file left, nothing in the net functions' directory itself
+    assert [p.name for p in store.recovery_dir.iterdir()] == ["blk"]
+
+
+def test_relative_aio_filename_is_recorded_absolute(tmp_path, store, image, monkeypatch):
+    monkeypatch.chdir(image.parent)
+    reg = registry(tmp_path, store)
+    reg.bdev_aio_create({"name": "A", "filename": image.name})
+    assert json.loads((store.bdev_dir / "A.json").read_text())["filename"] == str(image)
+
+
+def test_deletes_remove_the_files(tmp_path, store, image):
+    reg = registry(tmp_path, store)
+    populate(reg, image)
+    reg.controller_virtio_blk_delete({"name": "VblkEmu0pf0vf9"})
+    reg._delete_bdev("aio", {"name": "Aio0"})
+    assert sorted(files(store)) == ["bdevs/M0.json", "bdevs/Null0.json", "controllers/VBLKS0D0F2.json",
+                                    "controllers/VBLKS0D0F3.json"]
+
+
+def test_shutdown_keeps_the_files(tmp_path, store, image):
+    reg = registry(tmp_path, store)
+    populate(reg, image)
+    before = files(store)
+    reg.shutdown()
+    assert reg.functions == {} and files(store) == before
+
+
+def test_disabled_store_writes_and_loads_nothing(tmp_path, image):
+    store = BlkRecoveryStore(tmp_path / "recovery", enabled=False)
+    populate(registry(tmp_path, store), image)
+    assert files(store) == {}
+    assert store.load() == ([], [], [])
+
+
+def test_unwritable_store_fails_the_create_and_leaves_nothing(tmp_path, store):
+    daemon = FakeDaemon()
+    reg = registry(tmp_path, store, daemon)
+    store.dir.mkdir(parents=True)
+    (store.dir / "bdevs").write_text("not a directory")
+    with pytest.raises(InventoryError) as exc:
+        reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    assert "bdev Null0: cannot write its recovery file" in str(exc.value) and exc.value.code < 0
+    assert reg.bdevs == {}
+
+    (store.dir / "bdevs").unlink()
+    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    (store.dir / "controllers").write_text("not a directory")
+    with pytest.raises(InventoryError) as exc:
+        reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Null0"})
+    assert "VblkEmu0pf0: cannot write its recovery file" in str(exc.value)
+    assert reg.functions == {} and daemon.endpoints == [] and reg.bdevs["Null0"].claimed_by is None
+
+
+def test_a_failed_create_writes_no_file(tmp_path, store):
+    reg = registry(tmp_path, store, FakeDaemon(fail_listen=OSError(errno.EADDRINUSE, "Address in use")))
+    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    with pytest.raises(InventoryError):
+        reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Null0"})
+    assert sorted(files(store)) == ["bdevs/Null0.json"]
+
+
+def test_bad_bdev_names_never_become_paths(tmp_path, store, image):
+    reg = registry(tmp_path, store)
+    for name in ("../x", "a/b", ".."):
+        with pytest.raises(InventoryError):
+            reg.bdev_aio_create({"name": name, "filename": str(image)})
+        with pytest.raises(InventoryError):
+            reg.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
+    with pytest.raises(InventoryError):                 # a block size that is not a number: EINVAL
+        reg.bdev_aio_create({"name": "A", "filename": str(image), "block_size": "x"})
+    assert files(store) == {} and reg.bdevs == {}
+
+
+# -- loading and restoring -------------------------------------------------------------
+
+def test_restore_brings_back_the_same_functions(tmp_path, store, image, caplog):
+    reg = registry(tmp_path, store)
+    populate(reg, image)
+    listed = [f.list_entry() for f in reg.sorted_functions()]
+    sockets = {f.vuid: f.socket for f in reg.functions.values()}
+    bdevs = reg.bdev_get_bdevs({})
+    before = files(store)
+
+    loaded = store.load()
+    assert loaded.problems == [] and len(loaded.bdevs) == 3 and len(loaded.controllers) == 3
+    daemon = FakeDaemon()
+    reg2 = registry(tmp_path, store, daemon)
+    with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
+        assert reg2.restore(loaded) == (3, 3)
+    assert [f.list_entry() for f in reg2.sorted_functions()] == listed
+    assert {f.vuid: f.socket for f in reg2.functions.values()} == sockets
+    assert sorted(ep.path for ep in daemon.endpoints) == sorted(sockets.values())
+    assert sorted(reg2.bdev_get_bdevs({}), key=lambda b: b["name"]) == sorted(bdevs, key=lambda b: b["name"])
+    assert files(store) == before                      # restoring rewrites nothing
+    assert "bdev M0: recovered EMPTY" in caplog.text   # a malloc bdev's contents are gone: said so
+    # the aio bdev serves the same file at the same size
+    kw = [d for d in daemon.engine.devices if d[3].get("backend") == "file"][0]
+    assert kw[1] == 8 << 20 and kw[3]["path"] == str(image)
+
+
+def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, store, image, caplog):
+    populate(registry(tmp_path, store), image)
+    before = files(store)
+    os.truncate(image, 4 << 20)                          # shrunk: not the disk the guest had
+    reg = registry(tmp_path, store)
+    with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
+        assert reg.restore(store.load()) == (2, 2)
+    assert "bdev Aio0: cannot recover:" in caplog.text and "smaller than the 8 MiB" in caplog.text
+    assert "VBLKS0D0F2VF10: cannot recover VblkEmu0pf0vf9: its bdev Aio0 was not recreated" in caplog.text
+    assert sorted(f.vuid for f in reg.functions.values()) == ["VBLKS0D0F2", "VBLKS0D0F3"]
+    assert files(store) == before
+
+    image.unlink()                                       # gone: not silently recreated empty
+    caplog.clear()
+    reg = registry(tmp_path, store)
+    with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
+        assert reg.restore(store.load()) == (2, 2)
+    assert "No such file or directory" in caplog.text and not image.exists()
+    assert files(store) == before
+
+
+def test_grown_aio_file_keeps_the_recorded_size(tmp_path, store, image):
+    populate(registry(tmp_path, store), image)
+    os.truncate(image, 16 << 20)
+    reg = registry(tmp_path, store)
+    reg.restore(store.load())
+    assert reg.bdevs["Aio0"].size_mb == 8
+
+
+GOOD_BDEV = {"name": "Null0", "bdev_type": "null", "block_size": 512, "num_blocks": 2048}
+GOOD_CTRL = {"name": "VblkEmu0pf0vf1", "emulation_manager": "mlx5_0", "pf_id": 0, "vf_id": 1,
+             "vuid": "VBLKS0D0F2VF2", "bdf_raw": 0xB001, "bdev": "Null0", "num_queues": 1,
+             "queue_size": 128, "admin_q": False, "force_in_order": False, "socket": "/run/x.sock"}
+
+
+def write(store, kind, stem, content):
+    d = store.bdev_dir if kind == "bdev" else store.controller_dir
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{stem}.json").write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def test_good_files_load():
+    assert BdevRecord.from_json(GOOD_BDEV, "Null0").size_mb == 1
+    rec = BlkControllerRecord.from_json(GOOD_CTRL, "VBLKS0D0F2VF2")
+    assert rec.create_params() == {"emu_manager": "mlx5_0", "pf_id": 0, "vf_id": 1, "bdev_type": "spdk",
+                                   "bdev": "Null0", "num_queues": 1, "queue_size": 128, "admin_q": False,
+                                   "force_in_order": False}
+    # unknown fields (a later version's) are ignored
+    assert BdevRecord.from_json(GOOD_BDEV | {"comment": 1}, "Null0").name == "Null0"
+
+
+@pytest.mark.parametrize("kind,stem,content,needle", [
+    ("bdev", "Null0", "{", "is not valid JSON (line 1 column 2"),
+    ("bdev", "Null0", "[]", "is invalid (not a JSON object)"),
+    ("bdev", "Null0", "\xff", "is not valid JSON"),
+    ("bdev", "Null0", {k: v for k, v in GOOD_BDEV.items() if k != "num_blocks"}, "num_blocks: missing"),
+    ("bdev", "Null1", GOOD_BDEV, "name: 'Null0' but the file is named Null1.json"),
+    ("bdev", "Null0", GOOD_BDEV | {"bdev_type": "nvme"}, "bdev_type: 'nvme' is not one of null, malloc, aio"),
+    ("bdev", "Null0", GOOD_BDEV | {"block_size": 520}, "block_size: 520 is not one of"),
+    ("bdev", "Null0", GOOD_BDEV | {"block_size": "512"}, "block_size: must be an integer"),
+    ("bdev", "Null0", GOOD_BDEV | {"num_blocks": 2047}, "num_blocks: 2047 blocks of 512 bytes is not a whole"),
+    ("bdev", "Null0", GOOD_BDEV | {"num_blocks": 0}, "num_blocks: 0 is out of range"),
+    ("bdev", "Null0", GOOD_BDEV | {"filename": "/x"}, "filename: a null bdev has no file"),
+    ("bdev", "Null0", GOOD_BDEV | {"bdev_type": "aio"}, "filename: must be a non-empty string"),
+    ("bdev", "Null0", GOOD_BDEV | {"bdev_type": "aio", "filename": "disk.img"}, "is not an absolute path"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"vuid": "VBLKS0D0F3"}, "but the file is named VBLKS0D0F2VF2.json"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"vf_id": 2}, "vuid: 'VBLKS0D0F2VF2', but pf_id 0 vf_id 2 is VBLKS0D0F2VF3"),
+    ("ctrl", "VBLKS0D0F2VF2", {k: v for k, v in GOOD_CTRL.items() if k != "vf_id"},
+     "but pf_id 0 is VBLKS0D0F2"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"bdf_raw": 0xB002}, "bdf_raw: 45058, but VBLKS0D0F2VF2 is at 45057"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"name": "VblkEmu1pf0vf1"}, "name: 'VblkEmu1pf0vf1', but the controller"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"emulation_manager": "eth0"}, "emulation_manager: 'eth0' is not mlx5_<n>"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"pf_id": 16}, "pf_id: 16 is out of range (0..15)"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"queue_size": 100}, "queue_size: 100 is not a power of 2"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"num_queues": 65}, "num_queues: 65 is out of range (1..64)"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"admin_q": 1}, "admin_q: must be true or false"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"bdev": "../x"}, "bdev: '../x' is not a bdev name"),
+    ("ctrl", "VBLKS0D0F2VF2", GOOD_CTRL | {"bdev": "Other"},
+     "names bdev Other, which has no recovery file (blk/bdevs/Other.json)"),
+])
+def test_bad_files_are_problems_and_lose_nothing_else(tmp_path, store, image, kind, stem, content, needle):
+    populate(registry(tmp_path, store), image)          # three good bdevs and controllers
+    if kind == "ctrl" or stem != "Null0":
+        write(store, "bdev", "Null0", GOOD_BDEV)        # the bdev GOOD_CTRL names (replaces populate's)
+    if kind == "bdev":
+        write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
+    write(store, kind, stem, content)
+    before = files(store)
+    loaded = store.load()
+    msgs = [p.message for p in loaded.problems]
+    what = "bdevs" if kind == "bdev" else "controllers"
+    assert any(needle in m for m in msgs), msgs
+    bad = [m for m in msgs if needle in m][0]
+    assert bad.startswith(f"recovery file blk/{what}/{stem}.json "), bad
+    assert f"delete it ({store.dir / what / (stem + '.json')}) and restart" in bad, bad
+    # the others still load; nothing was changed on disk
+    assert {"Aio0", "M0"} <= {b.name for b in loaded.bdevs}
+    assert {"VBLKS0D0F2VF10", "VBLKS0D0F3"} <= {c.vuid for c in loaded.controllers}
+    assert files(store) == before
+
+
+def test_controller_on_a_bad_bdev_file_is_a_problem_too(store):
+    write(store, "bdev", "Null0", GOOD_BDEV | {"block_size": 3})
+    write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
+    msgs = sorted(p.message for p in store.load().problems)
+    assert len(msgs) == 2
+    assert "blk/bdevs/Null0.json is invalid (block_size" in msgs[0]
+    assert "blk/controllers/VBLKS0D0F2VF2.json names bdev Null0, whose recovery file is invalid" in msgs[1]
+
+
+def test_two_controllers_on_one_bdev(store):
+    write(store, "bdev", "Null0", GOOD_BDEV)
+    write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
+    write(store, "ctrl", "VBLKS0D0F2", GOOD_CTRL | {"name": "VblkEmu0pf0", "vf_id": None,
+                                                   "vuid": "VBLKS0D0F2", "bdf_raw": 0xA000})
+    loaded = store.load()
+    assert loaded.controllers == []
+    assert len(loaded.problems) == 2 and all("both use bdev Null0" in p.message for p in loaded.problems)
+
+
+def test_temp_files_and_strays_are_ignored(store):
+    write(store, "bdev", "Null0", GOOD_BDEV)
+    (store.bdev_dir / ".Null0.json.abc.tmp").write_text("{")      # a crash during a write
+    (store.bdev_dir / "README").write_text("x")
+    (store.controller_dir).mkdir()
+    (store.controller_dir / "sub.json").mkdir()
+    loaded = store.load()
+    assert [b.name for b in loaded.bdevs] == ["Null0"] and loaded.problems == []
+
+
+# -- the virtnet methods -----------------------------------------------------------------
+
+class FakeInventory:
+    """Inventory's list/query/modify/unplug/vf_state for one net function."""
+
+    def __init__(self):
+        self.net = {"pf_id": 0, "function_type": "static PF", "vuid": "VNETS0D0F2", "bdf": "84:00.2"}
+
+    def _query_one(self, f, brief):
+        from vfe.controller.inventory import Inventory
+        return Inventory._query_one(self, f, brief)
+
+
+def net_handlers(inv):
+    def query(_inv, p):
+        if p.get("vuid") not in (None, "VNETS0D0F2") and not p.get("all"):
+            raise InventoryError(f"no such device: VUID {p['vuid']}", -19)
+        return {"devices": [dict(inv.net)]}
+    return {"list": lambda _i, p: {"controller": {}, "devices": [dict(inv.net)]},
+            "query": query,
+            "modify": lambda _i, p: {"modified": p["vuid"]},
+            "unplug": lambda _i, p: {"unplugged": p["vuid"]},
+            "vf_state": lambda _i, p: {"net": p["vuid"]}}
+
+
+def test_virtnet_methods_see_blk_functions(tmp_path, store, image):
+    inv = FakeInventory()
+    handlers = net_handlers(inv)
+    reg = blk_functions.register(handlers, FakeDaemon(),
+                                 types.SimpleNamespace(run_dir=str(tmp_path / "run")), store=store)
+    populate(reg, image)
+    listed = handlers["list"](inv, {})["devices"]
+    assert listed[0] == inv.net                                # the net entry, untouched, first
+    assert [d["vuid"] for d in listed] == ["VNETS0D0F2", "VBLKS0D0F2", "VBLKS0D0F3", "VBLKS0D0F2VF10"]
+
+    q = handlers["query"](inv, {"vuid": "VBLKS0D0F2VF10", "brief": True})["devices"]
+    assert len(q) == 1 and q[0]["vuid"] == "VBLKS0D0F2VF10" and q[0]["type"] == "virtio_blk"
+    assert q[0]["socket"] == str(tmp_path / "run" / "VBLKS0D0F2VF10.sock")
+    assert (q[0]["status"], q[0]["negotiated_features"]) == ("not connected", "0x0")
+    full = handlers["query"](inv, {"vuid": "VBLKS0D0F2"})["devices"][0]
+    assert [qq["type"] for qq in full["queues"]] == ["req"]
+    assert [d["vuid"] for d in handlers["query"](inv, {"all": True, "brief": True})["devices"]] == \
+        [d["vuid"] for d in listed]
+    assert handlers["query"](inv, {"vuid": "VNETS0D0F2"})["devices"] == [inv.net]
+    with pytest.raises(InventoryError):
+        handlers["query"](inv, {"vuid": "VBLKS0D0F9"})          # neither: the net "no such device"
+
+    for cmd in ("modify", "unplug"):
+        with pytest.raises(InventoryError) as exc:
+            handlers[cmd](inv, {"vuid": "VBLKS0D0F2", "mac": "00:00:00:00:00:01"})
+        assert exc.value.code == -errno.EOPNOTSUPP
+        assert f"VBLKS0D0F2 is a virtio-blk function (VblkEmu0pf0): virtnet {cmd}" in str(exc.value)
+        assert handlers[cmd](inv, {"vuid": "VNETS0D0F2"})       # net functions as before
+    assert handlers["vf_state"](inv, {"vuid": "VBLKS0D0F2VF10", "op": 6}) == {
+        "vuid": "VBLKS0D0F2VF10", "bdf": "b0:01.1", "state": "running", "logging": False, "log_size": 0}
+    with pytest.raises(InventoryError) as exc:
+        handlers["vf_state"](inv, {"vuid": "VBLKS0D0F2VF10", "op": 2})
+    assert exc.value.code == -errno.EOPNOTSUPP and "only 6 (status)" in str(exc.value)
+    assert handlers["vf_state"](inv, {"vuid": "VNETS0D0F2", "op": 2}) == {"net": "VNETS0D0F2"}
