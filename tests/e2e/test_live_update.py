@@ -5,15 +5,19 @@ with another version (what a newer deb beside the running one would be).
 The `virtnet` of the build being installed starts the update, as the seed
 has the user do after installing it.  Two guests on the static PFs, their
 representors on a bridge, stream TCP both ways and ping at 100 Hz while the
-controller is replaced ten times; QEMU must never see a disconnect (its
-chardevs have no reconnect: a dropped connection would be fatal), the
-guests' carrier never drops, the streams arrive intact, and the controller
-that ends up running holds no more fds, threads or memory than the one after
-the first updates.  An engine-ABI mismatch is refused before anything moves,
-and a new build that fails half-way leaves every device with the old one.
+controller is replaced ten times, and one of them writes its virtio-blk disk
+(an aio bdev, a blk function of the same controller) with O_DIRECT meanwhile.
+QEMU must never see a disconnect (its chardevs have no reconnect: a dropped
+connection would be fatal), the guests' carrier never drops, the streams
+and the disk's pattern arrive intact, and the controller that ends up
+running holds no more fds, threads or memory than the one after the first
+updates.  A malloc bdev or an engine-ABI mismatch is refused before anything
+moves, and a new build that fails half-way leaves every device with the old
+one.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -26,7 +30,9 @@ from pathlib import Path
 import pytest
 
 import vfe
-from qemu.vm import NetDev
+import json
+
+from qemu.vm import BlkDev, NetDev
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 
@@ -73,8 +79,15 @@ def virtnet(svc: ControllerService, root: Path, *args: str, check: bool = True) 
     return r
 
 
+def vfe_rpc(svc: ControllerService, *args: str, check: bool = True):
+    r = subprocess.run([sys.executable, "-m", "vfe.cli.vfe_rpc", *args], env=svc.env(),
+                       capture_output=True, text=True, timeout=60)
+    if check:
+        assert r.returncode == 0, f"vfe-rpc {' '.join(args)}: {r.stderr}{r.stdout}"
+    return r
+
+
 def wait_update(svc: ControllerService, root: Path, timeout: float = 60) -> dict:
-    import json
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = virtnet(svc, root, "update", "-t", check=False)
@@ -107,7 +120,6 @@ def short_root():
 
 
 def test_live_update_ten_times_under_traffic(short_root, vm_factory):
-    import json
     builds = [make_build(short_root / "b2", vfe.__version__ + "+lu2"), HERE]
     versions = [vfe.__version__ + "+lu2", vfe.__version__]
     broken_abi = make_build(short_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
@@ -121,8 +133,15 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
             ns.run("ip", "link", "set", "br0", "up")
             for d in devices:
                 ns.run("ip", "link", "set", d["sf_rep_net_device"], "master", "br0", "up")
+            img = short_root / "disk.img"
+            with open(img, "wb") as f:
+                f.truncate(32 << 20)
+            vfe_rpc(svc, "bdev_aio_create", str(img), "Aio0")
+            disk = json.loads(vfe_rpc(svc, "controller_virtio_blk_create", "mlx5_0", "--pf_id", "0",
+                                      "--bdev_type", "spdk", "--bdev", "Aio0", "--num_queues", "2").stdout)
             # no reconnect: a connection QEMU loses stays lost
-            vms = [vm_factory(f"u{i}", nics=[NetDev(svc.socket(d["vuid"]), mac=d["net_mac"])])
+            vms = [vm_factory(f"u{i}", nics=[NetDev(svc.socket(d["vuid"]), mac=d["net_mac"])],
+                              blks=[BlkDev(disk["socket"], num_queues=2)] if i == 0 else [])
                    for i, d in enumerate(devices)]
             for i, vm in enumerate(vms):
                 vm.wait_booted(90)
@@ -138,7 +157,16 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
                 sums[name] = out.strip()
             pid0 = svc.proc.pid
 
-            # refused before anything moves: another engine ABI
+            rc, out = a.run("vfe-mkdata /tmp/pat 8192", timeout=120)
+            assert rc == 0, out
+            pat = out.strip().split()[0]
+
+            # refused before anything moves: a malloc bdev (its data cannot
+            # leave this process), and another engine ABI
+            vfe_rpc(svc, "bdev_malloc_create", "-b", "M0", "8", "512")
+            r = virtnet(svc, builds[0], "update", "--start", check=False)
+            assert r.returncode == 1 and "malloc bdev(s) M0" in r.stderr, r.stderr
+            vfe_rpc(svc, "bdev_malloc_delete", "M0")
             r = virtnet(svc, broken_abi, "update", "--start", check=False)
             assert r.returncode == 1
             assert "engine ABI is 9" in r.stderr and "not compatible" in r.stderr, r.stderr
@@ -152,6 +180,8 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
                 recv_a = a.run_bg("vfe-recv 5002 /tmp/got")
                 send_a = a.run_bg("vfe-send 10.7.0.2 5001 /tmp/data")
                 send_b = b.run_bg("vfe-send 10.7.0.1 5002 /tmp/data")
+                writes = a.run_bg("for i in 1 2 3; do dd if=/tmp/pat of=/dev/vda bs=64k oflag=direct "
+                                  "2>/dev/null || exit 1; done; sync")
                 time.sleep(0.5)
                 for i in range(5):
                     n = rnd * 5 + i
@@ -174,6 +204,10 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
                 assert recv_a.wait(timeout=120) == 0
                 assert recv_b.output().split() == [sums["a"], str(6144 << 10)]
                 assert recv_a.output().split() == [sums["b"], str(6144 << 10)]
+                assert writes.wait(timeout=300) == 0, writes.output()
+                rc, out = a.run("dd if=/dev/vda bs=64k count=128 iflag=direct 2>/dev/null | md5sum", timeout=120)
+                assert out.split()[0] == pat
+                assert hashlib.md5(img.read_bytes()[:8 << 20]).hexdigest() == pat
 
             # a new build that fails after starting the rings it was handed:
             # the old controller keeps (and runs) every device

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from vfe import __version__
 from vfe.controller import sdnotify
@@ -284,6 +285,7 @@ def _take_over(args, raw_argv, daemon, engine, log) -> int:
     try:
         takeover.hello()
         takeover.receive(daemon)
+        received = time.monotonic()
         paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
                                run_dir=args.run_dir, state_dir=args.state_dir)
         inv = service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
@@ -295,8 +297,9 @@ def _take_over(args, raw_argv, daemon, engine, log) -> int:
         os._exit(1)       # tear nothing down: every socket and netdev is still the old process's
     inv.updater.state = {"status": "success", "from": takeover.from_version, "to": __version__,
                          "pid": os.getpid(), "gap_ms": round(gap_ms, 3)}
-    log.info("live update from %s: took over %d function(s) (data path gap %.1f ms)",
-             takeover.from_version, len(inv.functions), gap_ms)
+    log.info("live update from %s: took over %d function(s) (data path gap %.1f ms: %.1f receiving, "
+             "%.1f building)", takeover.from_version, len(inv.functions), gap_ms,
+             (received - takeover.paused_at) * 1e3, gap_ms - (received - takeover.paused_at) * 1e3)
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), args.workers, args.mode)
     sdnotify.notify(ready=1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     old content or the new, never a part: write a temp file in the same
     directory, fsync it, rename it over ``path``, fsync the directory."""
     path = Path(path)
+    try:
+        # unchanged (a restart or live update re-saving what it loaded): two
+        # fsyncs saved, and a live update's data-path gap is shorter for it
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o7777 == mode and path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
