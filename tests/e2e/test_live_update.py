@@ -69,6 +69,16 @@ def fail_after_rings_started(root: Path) -> None:
     p.write_text(src.replace(anchor, '        raise RuntimeError("simulated failure of the new build")\n' + anchor))
 
 
+def slow_to_confirm(root: Path) -> None:
+    """A build that runs every device, then waits 3 s before telling the old
+    controller so: the window in which devices show as migrating."""
+    p = root / "vfe" / "controller" / "update.py"
+    src = p.read_text()
+    anchor = '        left = sorted(daemon.inherited)\n'
+    assert anchor in src
+    p.write_text(src.replace(anchor, '        time.sleep(3)\n' + anchor))
+
+
 def virtnet(svc: ControllerService, root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`virtnet` of the build under `root` (-P: not this checkout first)."""
     env = dict(svc.env(), PYTHONPATH=str(root))
@@ -124,6 +134,7 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
     versions = [vfe.__version__ + "+lu2", vfe.__version__]
     broken_abi = make_build(short_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
     failing = make_build(short_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
+    slow = make_build(short_root / "b5", vfe.__version__ + "+slow", slow_to_confirm)
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:
@@ -227,6 +238,26 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
             print(f"100 Hz ping over 10 updates + 1 failed one: {sent - got} of {sent} lost; "
                   f"controller gaps {[r['gap_ms'] for r in results]} ms")
             assert [carrier_changes(vm) for vm in vms] == carrier, "a guest's link went down"
+
+            # while the devices move, virtnet is answered: they show as
+            # migrating, and a change is refused with EAGAIN (retry later)
+            virtnet(svc, slow, "update", "--start")
+            deadline = time.monotonic() + 30
+            while True:
+                listed = svc.virtnet_json("list")["devices"]
+                if listed[0].get("status") == "migrating":
+                    break
+                assert time.monotonic() < deadline, listed
+                time.sleep(0.05)
+            assert all(d["status"] == "migrating" for d in listed)
+            assert svc.virtnet_json("query", "-p", "0")["devices"][0]["status"] == "migrating"
+            r = svc.virtnet("modify", "-p", "0", "device", "-t", "1400")
+            assert r.returncode == 1 and "migrating" in r.stderr and "(code -11)" in r.stderr, r.stderr
+            st = wait_update(svc, slow)
+            assert st["status"] == "success" and st["to"] == vfe.__version__ + "+slow", st
+            svc.follow(st["pid"])
+            assert "status" not in svc.virtnet_json("list")["devices"][0]
+            assert a.run("ping -c 2 -W 2 10.7.0.2", timeout=20)[0] == 0
             # no growth in the process that survives: the same build after
             # update 2 and update 10 holds the same fds and threads, and no
             # more memory than noise

@@ -135,6 +135,8 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         if fn is None:
             raise RpcError.method_not_found(method)
         try:
+            if updater.moving:
+                return updater.answer_while_moving(method, params or {}, lambda: fn(inv, params or {}))
             return fn(inv, params or {})
         except InventoryError as exc:
             raise RpcError(exc.code, str(exc)) from None

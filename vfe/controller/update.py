@@ -167,6 +167,7 @@ class LiveUpdate:
             return
         paused = []
         detached = []
+        self.chan.settimeout(MOVE_TIMEOUT)     # sends may wait for the new process to read
         try:
             for ep in endpoints:
                 if ep.session is not None:
@@ -190,9 +191,7 @@ class LiveUpdate:
                 state = ep.export(fds)
                 handover.send(self.chan, "endpoint", {"state": state}, fds)
             handover.send(self.chan, "end")
-            self.chan.setblocking(True)
-            kind, body, fds = handover.recv(self.chan, timeout=MOVE_TIMEOUT)
-            handover.close_all(fds)
+            kind, body = self._await_answer()
             if kind != "done":
                 raise handover.HandoverError(body.get("reason") or f"answered {kind!r}")
         except Exception as exc:
@@ -212,6 +211,69 @@ class LiveUpdate:
         for h in logging.getLogger().handlers:
             h.flush()
         os._exit(0)          # nothing of ours may be torn down: it is all the new process's now
+
+    # -- virtnet while the devices move ----------------------------------------------
+    #
+    # From the pause until the new process answers, the devices are neither
+    # here nor there.  virtnet keeps being answered (by this process, from a
+    # private selector: the daemon's also watches the vhost-user sockets,
+    # which are no longer ours to read): list and query show every device as
+    # "migrating", and commands that would change one are refused with
+    # EAGAIN, as the seed describes -- retry once the update is done.
+
+    CHANGES = frozenset({"hotplug", "unplug", "modify", "sriov_numvfs", "vf_state", "update_start"})
+
+    @property
+    def moving(self) -> bool:
+        return self.state.get("status") == "moving"
+
+    def answer_while_moving(self, method: str, params: dict, call):
+        if method in self.CHANGES or method.startswith(("bdev_", "controller_virtio_blk_")):
+            raise InventoryError(f"every device is migrating to the new controller (pid "
+                                 f"{self.state.get('pid')}, live update); retry in a moment",
+                                 code=-errno.EAGAIN)
+        result = call()
+        if method in ("list", "query") and isinstance(result, dict):
+            for entry in result.get("devices", []):
+                entry["status"] = "migrating"
+        return result
+
+    def _await_answer(self) -> tuple[str, dict]:
+        import selectors
+        rpc = self.rpc()
+        moved = [rpc, *rpc.clients]
+        own = selectors.DefaultSelector()
+        for obj in moved:
+            events = self.daemon.sel.get_key(obj).events
+            self.daemon.sel.unregister(obj)
+            own.register(obj, events, ("rpc", obj))
+        rpc.selector = own
+        self.daemon.sel.unregister(self)
+        own.register(self.chan, selectors.EVENT_READ, ("update", None))
+        self.state = dict(self.state, status="moving")
+        deadline = time.monotonic() + MOVE_TIMEOUT
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise handover.HandoverError(f"no answer in {MOVE_TIMEOUT:.0f} s")
+                for key, _ in own.select(left):
+                    kind, obj = key.data
+                    if kind == "update":
+                        kind, body, fds = handover.recv(self.chan, timeout=1.0)
+                        handover.close_all(fds)
+                        return kind, body
+                    obj.on_readable()
+        finally:
+            self.state = dict(self.state, status="in progress")
+            own.unregister(self.chan)
+            self.daemon.sel.register(self, selectors.EVENT_READ, ("update", self))
+            for obj in [rpc, *rpc.clients]:
+                key = own.get_key(obj)
+                own.unregister(obj)
+                self.daemon.sel.register(obj, key.events, ("rpc", obj))
+            rpc.selector = self.daemon.sel
+            own.close()
 
     def _failed(self, reason: str) -> None:
         log.error("live update to %s failed: %s", self.state.get("to"), reason)
