@@ -18,6 +18,7 @@ from libc.string cimport memcpy, memset
 from posix.mman cimport msync, MS_SYNC
 from atomics cimport *
 from vring cimport *
+from inflight cimport InflightQueue
 
 cdef enum:
     RING_NET = 0             # Vring.kind: what vq.dev points to
@@ -66,6 +67,7 @@ ctypedef struct BlkDev:
     int backend              # BACKEND_NULL / BACKEND_MALLOC
     uint8_t *data            # malloc: capacity * 512 bytes; file: its MAP_SHARED mapping
     int fd                   # file backend: the file (-1 otherwise); FLUSH msyncs the mapping
+    InflightQueue *inflight  # per queue (num_vqs); region NULL until SET_INFLIGHT_FD
     uint8_t serial[20]       # GET_ID answer, NUL-padded
     uint32_t max_discard_sectors
     uint32_t max_discard_seg

@@ -23,6 +23,7 @@ from netpath cimport *
 from switch cimport *
 from netdata cimport *
 from blk cimport *
+from inflight cimport *
 
 import os
 import threading
@@ -59,51 +60,86 @@ def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
 
 # ---------------------------------------------------------------- blk request queues
 
-cdef int blk_burst(Worker *w, Vring *vq) noexcept nogil:
-    """Serve up to BURST requests of a virtio-blk queue (blk.pxd), write
-    each status byte, log what we wrote into guest memory when migrating,
-    then publish used->idx once."""
-    cdef BlkDev *d = <BlkDev *>vq.dev
-    cdef int n = avail_count(vq)
-    cdef int k, c, rc, niov = 0, nread = 0
+cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
+    """Serve the request at `head`: walk its chain, run it against the
+    backend, write the status byte, log what we wrote into guest memory
+    when migrating, and push its used entry (published by the caller).
+    Returns 0, or the E_* code that stopped the ring."""
+    cdef int c, rc, niov = 0, nread = 0
     cdef uint64_t rbytes = 0, wbytes = 0
     cdef uint32_t data_in
-    cdef uint16_t head
     cdef uint8_t status
     cdef Iov st
-    if n <= 0:
+    rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
+    if rc == 0 and rbytes < BLK_HDR_LEN:
+        rc = E_BLK_HDR
+    if rc == 0 and wbytes == 0:
+        rc = E_BLK_STATUS
+    if rc < 0:
+        break_ring(w, vq, rc)
+        return rc
+    status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in)
+    st.base = &status
+    st.len = 1
+    sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
+    if d.log.active:
+        vfe_fence()
+        for c in range(nread, niov):
+            log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
+    used_push(vq, head, data_in + 1)
+    inflight_link(&d.inflight[vq.index], head)
+    vq.packets += 1
+    vq.bytes += data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0)
+    if status != BLK_S_OK:
+        vq.dropped += 1
+    return 0
+
+
+cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
+    """Before a blk queue stops (world stopped, `w` is scratch): serve the
+    resubmissions still queued.  Taken heads must be answered before the
+    stop reports its index; a broken ring answers nothing more."""
+    cdef InflightQueue *iq = &(<BlkDev *>vq.dev).inflight[vq.index]
+    while iq.resubmit_pos < iq.nresubmit and not vq.broken:
+        blk_burst(w, vq, 0)
+
+
+cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
+    """Serve up to BURST requests of a virtio-blk queue (blk.pxd): first the
+    heads a previous process left inflight (resubmitted in fetch order),
+    then new avail entries; publish used->idx once, then clear the batch's
+    inflight marks."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef uint16_t done[BURST]
+    cdef int n, k = 0, ndone = 0
+    cdef uint16_t head
+    while iq.resubmit_pos < iq.nresubmit and ndone < BURST:
+        head = inflight_next_resubmit(iq)
+        if blk_serve(w, vq, d, head) < 0:
+            break
+        done[ndone] = head
+        ndone += 1
+    if take_new and ndone < BURST and not vq.broken:
+        n = avail_count(vq)
         if n < 0:
             break_ring(w, vq, n)
-        return 0
-    if n > BURST:
-        n = BURST
-    for k in range(n):
-        head = avail_head(vq, vq.last_avail_idx)
-        rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
-        if rc == 0 and rbytes < BLK_HDR_LEN:
-            rc = E_BLK_HDR
-        if rc == 0 and wbytes == 0:
-            rc = E_BLK_STATUS
-        if rc < 0:
-            break_ring(w, vq, rc)
-            n = k
-            break
-        status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in)
-        st.base = &status
-        st.len = 1
-        sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
-        if d.log.active:
-            vfe_fence()
-            for c in range(nread, niov):
-                log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
-        used_push(vq, head, data_in + 1)
-        vq.last_avail_idx += 1
-        vq.packets += 1
-        vq.bytes += data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0)
-        if status != BLK_S_OK:
-            vq.dropped += 1
+            n = 0
+        if n > BURST - ndone:
+            n = BURST - ndone
+        for k in range(n):
+            head = avail_head(vq, vq.last_avail_idx)
+            # marked before anything else happens to it: a crash from here
+            # on leaves it for the next process to serve
+            inflight_take(iq, head)
+            if blk_serve(w, vq, d, head) < 0:
+                break
+            vq.last_avail_idx += 1
+            done[ndone] = head
+            ndone += 1
     used_publish(vq)
-    return n
+    inflight_clear(iq, done, ndone, vq.last_used_idx)
+    return ndone
 
 
 # ---------------------------------------------------------------- worker loop
@@ -405,15 +441,32 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
 
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
-                bint log_used, uint64_t log_guest_addr, bint polled):
+                bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
     """Start a ring at avail index `base` (stop-the-world).  `polled` rings
-    (net TX, every blk queue) join their worker's list and its epoll set."""
+    (net TX, every blk queue) join their worker's list and its epoll set.
+
+    With an inflight region (`iq`, blk queues after SET_INFLIGHT_FD) the
+    region decides instead of `base`: heads left inflight are queued for
+    resubmission and the ring continues at used->idx + their number.
+    Returns None (no region), -1 (a new region, `base` stands) or the
+    number of heads resubmitted."""
     cdef Worker *w = e.workers[vq.worker]
     cdef epoll_event ev
+    cdef _IfEntry *scratch = NULL
+    cdef uint16_t *resubmit = NULL
+    cdef int rc
+    recovered = None
     if size <= 0 or size > 32768 or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= 32768")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
+    if iq != NULL and iq.region != NULL:
+        scratch = <_IfEntry *>malloc(size * sizeof(_IfEntry))
+        resubmit = <uint16_t *>malloc(size * sizeof(uint16_t))
+        if scratch == NULL or resubmit == NULL:
+            free(scratch)
+            free(resubmit)
+            raise MemoryError()
     with nogil:
         e.stop_world()
     try:
@@ -428,6 +481,19 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.shadow_avail_idx = base
         vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
         vq.flushed_used_idx = vq.last_used_idx
+        if resubmit != NULL:
+            free(iq.resubmit)
+            iq.resubmit, resubmit = resubmit, NULL
+            iq.nresubmit = iq.resubmit_pos = 0
+            rc = inflight_recover(iq, <uint16_t>size, vq.last_used_idx, scratch)
+            if rc == IF_BAD_SIZE:
+                raise ValueError(f"ring {index}: the inflight region tracks "
+                                 f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
+                                 f"entries, the ring has {size}")
+            if rc >= 0:
+                vq.last_avail_idx = <uint16_t>(vq.last_used_idx + rc)
+                vq.shadow_avail_idx = vq.last_avail_idx
+            recovered = rc
         vq.kick_fd = kick_fd
         vq.call_fd = call_fd
         vq.enabled = enabled
@@ -451,15 +517,24 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         with nogil:
             e.start_world()
             worker_wake(w)
+        free(scratch)
+        free(resubmit)
+    return recovered
 
 
 cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
-    """Stop a ring; return the next avail index it would process."""
+    """Stop a ring; return the next avail index it would process.  A blk
+    queue first finishes the heads it took (resubmissions not yet served),
+    so the index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
+    cdef Worker *ctl = e.ctl
     cdef int i
     cdef uint16_t base
+    e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
+        if vq.kind == RING_BLK and vq.ready:
+            blk_quiesce(ctl, vq)
         vfe_spin_lock(&vq.lock)
         if vq.ready:
             vq.ready = 0
@@ -475,6 +550,7 @@ cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
         base = vq.last_avail_idx
         vfe_spin_unlock(&vq.lock)
         e.start_world()
+    e._lock.release()
     return base
 
 
@@ -497,6 +573,10 @@ cdef class RingDevice:
     cdef bint _polled(self, int index):
         """Whether a worker polls this ring (net: TX only; blk: every queue)."""
         return True
+
+    cdef InflightQueue *_inflight(self, int index):
+        """The ring's inflight tracking (blk queues), NULL if none."""
+        return NULL
 
     cdef Vring *_ring(self, int index) except NULL:
         if self.vqs == NULL:
@@ -553,9 +633,11 @@ cdef class RingDevice:
                    uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """Start a ring at avail index `base`.  Raises ValueError if its
-        addresses are not inside the memory table."""
-        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
-                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, self._polled(index))
+        addresses are not inside the memory table.  Returns what ring_start
+        says about an inflight region (None: not tracked)."""
+        return ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva,
+                          used_uva, base, kick_fd, call_fd, enabled, log_used, log_guest_addr,
+                          self._polled(index), self._inflight(index))
 
     def stop_ring(self, int index):
         """Stop a ring and return the next avail index it would process
@@ -786,7 +868,8 @@ cdef class BlkDevice(RingDevice):
             raise MemoryError()
         self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
         self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
-        if self.d.vqs == NULL or self.d.mem == NULL:
+        self.d.inflight = <InflightQueue *>calloc(num_queues, sizeof(InflightQueue))
+        if self.d.vqs == NULL or self.d.mem == NULL or self.d.inflight == NULL:
             raise MemoryError()
         self.d.fd = -1
         if backend == "malloc":
@@ -840,6 +923,7 @@ cdef class BlkDevice(RingDevice):
             engine.blk_devices.append(self)
 
     def __dealloc__(self):
+        cdef int i
         self.vqs = NULL
         if self.d != NULL:
             if self.d.fd >= 0:
@@ -848,6 +932,10 @@ cdef class BlkDevice(RingDevice):
                 close(self.d.fd)
             else:
                 free(self.d.data)
+            if self.d.inflight != NULL:
+                for i in range(self.d.num_vqs):
+                    free(self.d.inflight[i].resubmit)
+                free(self.d.inflight)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -888,6 +976,30 @@ cdef class BlkDevice(RingDevice):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
             e.start_world()
+
+    cdef InflightQueue *_inflight(self, int index):
+        return &self.d.inflight[index]
+
+    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues):
+        """Track queue i (< num_queues) in the inflight region at hva + i *
+        stride from its next start (0: stop tracking).  The caller unmaps an
+        old region only after this returns; queues the region does not
+        cover run untracked."""
+        cdef Engine e = self.engine
+        cdef int i
+        with nogil:
+            e.stop_world()
+            for i in range(self.d.num_vqs):
+                self.d.inflight[i].region = (<uint8_t *>hva + i * stride
+                                             if hva != 0 and i < num_queues else NULL)
+                self.d.inflight[i].nresubmit = 0
+                self.d.inflight[i].resubmit_pos = 0
+            e.start_world()
+
+    def inflight_pending(self, int index):
+        """Resubmissions of ring `index` not served yet (tests, logs)."""
+        cdef InflightQueue *iq = &self.d.inflight[self._ring(index).index]
+        return iq.nresubmit - iq.resubmit_pos
 
     def ring_stats(self, int index):
         """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""

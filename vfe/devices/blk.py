@@ -23,10 +23,12 @@ BLK_FEATURES = mask(
 )
 
 # CONFIG is mandatory for QEMU's vhost-user-blk (it refuses a back-end
-# without it); MQ makes QEMU ask GET_QUEUE_NUM.
+# without it); MQ makes QEMU ask GET_QUEUE_NUM; INFLIGHT_SHMFD makes it keep
+# an inflight region across our restarts (reconnect without losing requests).
 BLK_PROTOCOL_FEATURES = mask(
     ProtocolFeature.MQ, ProtocolFeature.CONFIG, ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS,
+    ProtocolFeature.INFLIGHT_SHMFD,
 )
 
 # struct virtio_blk_config (virtio 1.2, 5.2.4), little-endian, through
