@@ -3,8 +3,8 @@ the `spdk_rpc.py bdev_*` and `snap_rpc.py controller_*` verbs of the seed's
 VFE vDPA part, served on the controller's RPC socket (vfe-rpc is the CLI).
 
 Bdevs.  A registry of named block devices: `null` (reads zeros, drops
-writes), `malloc` (RAM) and `aio` (a file, mapped and served through the page
-cache; FLUSH msyncs it -- not yet asynchronous, see docs/dev/next-steps.md).
+writes), `malloc` (RAM) and `aio` (a file, served asynchronously by I/O
+threads; FLUSH is fdatasync; `direct` for O_DIRECT).
 A bdev is *claimed* by the one blk function created on it; a claimed
 bdev cannot be deleted (-EBUSY) -- delete the function first.
 
@@ -84,6 +84,7 @@ class Bdev:
     size_mb: int
     block_size: int
     filename: str = ""
+    direct: bool = False            # aio: O_DIRECT for aligned reads and writes
     claimed_by: str | None = None   # the blk function's name
 
     @property
@@ -215,8 +216,8 @@ class BlkRegistry:
         return self._new_bdev("malloc", str(name), p)
 
     def bdev_aio_create(self, p: dict) -> str:
-        """A file bdev: the file is mapped and served like RAM through the page
-        cache (FLUSH msyncs it); its size is the file's, rounded down to MiB."""
+        """A file bdev served by I/O threads (FLUSH is fdatasync; `direct`:
+        O_DIRECT); its size is the file's, rounded down to MiB."""
         filename, name = _str(p, "filename"), _str(p, "name")
         if name in self.bdevs:
             raise err(f"bdev {name} already exists", -errno.EEXIST)
@@ -229,7 +230,10 @@ class BlkRegistry:
             raise err(f"cannot use {filename}: {exc.strerror}", -(exc.errno or errno.EIO)) from None
         if size < 1 << 20:
             raise err(f"{filename} is smaller than 1 MiB", -errno.EINVAL)
-        self.bdevs[name] = Bdev(name, "aio", size >> 20, bs, filename=filename)
+        direct = p.get("direct", False)
+        if not isinstance(direct, bool):
+            raise err("direct must be true or false", -errno.EINVAL)
+        self.bdevs[name] = Bdev(name, "aio", size >> 20, bs, filename=filename, direct=direct)
         log.info("bdev %s: file %s, %d MiB of %d-byte blocks", name, filename, size >> 20, bs)
         return name
 
@@ -299,6 +303,7 @@ class BlkRegistry:
             raise err(f"socket path {sock} is longer than 107 bytes; use a shorter run dir",
                       -errno.ENAMETOOLONG)
         cfg = BlkConfig(socket=sock, bdev="file" if b.kind == "aio" else b.kind, path=b.filename,
+                        direct=b.direct,
                         size_mb=b.size_mb, block_size=b.block_size,
                         queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
         try:

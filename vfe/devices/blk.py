@@ -64,7 +64,8 @@ class BlkConfig:
     socket: str
     client: bool = False
     bdev: str = "malloc"        # null | malloc | file
-    path: str = ""              # file: the image, mapped MAP_SHARED (grown to size= if smaller)
+    path: str = ""              # file: the image (grown to size= if smaller), served by I/O threads
+    direct: bool = False        # file: sector-aligned reads/writes with O_DIRECT
     size_mb: int = 64
     block_size: int = 512
     queues: int = 1
@@ -115,7 +116,7 @@ class BlkDeviceModel:
             max_discard_sectors=config.max_discard_sectors, max_discard_seg=config.max_discard_seg,
             max_write_zeroes_sectors=config.max_write_zeroes_sectors,
             max_write_zeroes_seg=config.max_write_zeroes_seg,
-            **({"path": config.path} if config.bdev == "file" else {}))
+            **({"path": config.path, "direct": config.direct} if config.bdev == "file" else {}))
         self.rings.owner = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
@@ -149,7 +150,14 @@ class BlkDeviceModel:
                 f"{s['write_bytes']} bytes, {s['flushes']} flushes, {s['discards']} discards, "
                 f"{s['write_zeroes']} write-zeroes, {s['get_ids']} get-id, "
                 f"{s['ioerrs']} I/O errors, {s['unsupps']} unsupported; "
-                f"requests per queue {per_queue}")
+                f"requests per queue {per_queue}" + self._aio_summary())
+
+    def _aio_summary(self) -> str:
+        a = self.rings.aio_stats()
+        if not a:
+            return ""
+        return (f"; file I/O: {a['threads']} threads, {a['submitted']} requests, "
+                f"{a['direct']} with O_DIRECT, {a['errors']} failed")
 
     def close(self) -> None:
         self.rings.close()
