@@ -15,9 +15,10 @@
 # for (x86-64, like the rest of the engine): fields are read with memcpy.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.mman cimport msync, MS_SYNC
 from atomics cimport *
 from vring cimport *
+from inflight cimport InflightQueue
+from blk_aio cimport AioPool, AioRing, AioRange
 
 cdef enum:
     RING_NET = 0             # Vring.kind: what vq.dev points to
@@ -43,6 +44,8 @@ cdef enum:
     BLK_DWZ_F_UNMAP = 1
     BACKEND_NULL = 0
     BACKEND_MALLOC = 1
+    BACKEND_FILE = 2         # a file served asynchronously (blk_aio.pxd)
+    BLK_ASYNC = 0xFF         # blk_request: validated, the I/O goes to the pool (not a status)
 
 # A request chain longer than this is a guest bug (we offer seg_max * size_max
 # far below it): the ring stops, as for a net chain over MAX_CHAIN_BYTES.
@@ -63,9 +66,12 @@ ctypedef struct BlkDev:
     uint64_t capacity        # 512-byte sectors
     uint32_t block_size      # logical block size (config blk_size)
     int read_only
-    int backend              # BACKEND_NULL / BACKEND_MALLOC
-    uint8_t *data            # malloc: capacity * 512 bytes; file: its MAP_SHARED mapping
-    int fd                   # file backend: the file (-1 otherwise); FLUSH msyncs the mapping
+    int backend              # BACKEND_NULL / BACKEND_MALLOC / BACKEND_FILE
+    uint8_t *data            # malloc: capacity * 512 bytes
+    int fd                   # file backend: the file (-1 otherwise)
+    AioPool *pool            # file backend: its I/O threads
+    AioRing *aio             # file backend: per queue, requests at the pool
+    InflightQueue *inflight  # per queue (num_vqs); region NULL until SET_INFLIGHT_FD
     uint8_t serial[20]       # GET_ID answer, NUL-padded
     uint32_t max_discard_sectors
     uint32_t max_discard_seg
@@ -172,9 +178,11 @@ cdef inline bint blk_in_range(BlkDev *d, uint64_t sector, uint64_t nsect) noexce
 
 
 cdef inline uint8_t blk_ranges(BlkDev *d, int kind, Iov *riov, int nread, uint64_t data_len,
-                               uint8_t *scratch) noexcept nogil:
+                               uint8_t *scratch, uint32_t *nout) noexcept nogil:
     """DISCARD or WRITE_ZEROES: copy the range array once (the guest may
-    change it under us), validate every range, then apply them all."""
+    change it under us), validate every range, then apply them all -- or,
+    for a file, leave them in `scratch` as AioRange (bytes) and return
+    BLK_ASYNC with their count in *nout."""
     cdef uint32_t nranges, max_seg, max_sect, i, num, flags
     cdef uint64_t sector
     cdef Iov s
@@ -204,20 +212,37 @@ cdef inline uint8_t blk_ranges(BlkDev *d, int kind, Iov *riov, int nread, uint64
             return BLK_S_IOERR
     if d.read_only:
         return BLK_S_IOERR
+    vfe_add_u64(&d.discards if kind == BLK_T_DISCARD else &d.write_zeroes, 1)
+    if d.backend == BACKEND_FILE:
+        # in place: range i's 16 bytes become AioRange i's 16 (read before written)
+        for i in range(nranges):
+            r = scratch + BLK_RANGE_LEN * i
+            sector = rd_le64(r)
+            num = rd_le32(r + 8)
+            (<AioRange *>r).offset = sector * BLK_SECTOR
+            (<AioRange *>r).length = <uint64_t>num * BLK_SECTOR
+        nout[0] = nranges
+        return BLK_ASYNC
     if d.backend == BACKEND_MALLOC:
         # discarded ranges read back as zeros too: simple and deterministic
         for i in range(nranges):
             r = scratch + BLK_RANGE_LEN * i
             memset(d.data + rd_le64(r) * BLK_SECTOR, 0, <uint64_t>rd_le32(r + 8) * BLK_SECTOR)
-    vfe_add_u64(&d.discards if kind == BLK_T_DISCARD else &d.write_zeroes, 1)
     return BLK_S_OK
 
 
 cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint64_t rbytes,
-                                uint64_t wbytes, uint8_t *scratch, uint32_t *data_in) noexcept nogil:
+                                uint64_t wbytes, uint8_t *scratch, uint32_t *data_in,
+                                uint32_t *kind_out, uint64_t *offset_out,
+                                uint32_t *n_out) noexcept nogil:
     """Serve one request whose chain has >= 16 readable and >= 1 writable
     bytes.  Returns the status byte to write; *data_in is how many bytes of
-    data went into the guest's writable buffers (before the status)."""
+    data went into the guest's writable buffers (before the status).
+
+    A file backend's I/O (IN, OUT, FLUSH, DISCARD, WRITE_ZEROES) is only
+    validated here: BLK_ASYNC, with *kind_out the type, *offset_out the
+    byte offset (IN/OUT) and, for the range types, *n_out ranges left in
+    `scratch`; the caller queues it (engine.pyx, blk_aio.pxd)."""
     cdef uint8_t hdr[BLK_HDR_LEN]
     cdef uint8_t ident[BLK_ID_LEN]
     cdef Iov h, b
@@ -232,38 +257,44 @@ cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint
     sg_copy(&h, 1, 0, iov, nread, 0, BLK_HDR_LEN)
     kind = rd_le32(hdr)
     sector = rd_le64(hdr + 8)
+    kind_out[0] = kind
+    offset_out[0] = sector * BLK_SECTOR
     if kind == BLK_T_IN:
         length = in_len
         if length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
             vfe_add_u64(&d.ioerrs, 1)
             return BLK_S_IOERR
+        data_in[0] = <uint32_t>length
+        vfe_add_u64(&d.reads, 1)
+        vfe_add_u64(&d.read_bytes, length)
+        if d.backend == BACKEND_FILE:
+            return BLK_ASYNC
         if d.backend == BACKEND_MALLOC:
             b.base = d.data + sector * BLK_SECTOR
             b.len = <uint32_t>length
             sg_copy(wiov, nwrite, 0, &b, 1, 0, <uint32_t>length)
         else:
             sg_zero(wiov, nwrite, length)
-        data_in[0] = <uint32_t>length
-        vfe_add_u64(&d.reads, 1)
-        vfe_add_u64(&d.read_bytes, length)
         return BLK_S_OK
     if kind == BLK_T_OUT:
         length = out_len
         if d.read_only or length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
             vfe_add_u64(&d.ioerrs, 1)
             return BLK_S_IOERR
+        vfe_add_u64(&d.writes, 1)
+        vfe_add_u64(&d.write_bytes, length)
+        if d.backend == BACKEND_FILE:
+            return BLK_ASYNC
         if d.backend == BACKEND_MALLOC:
             b.base = d.data + sector * BLK_SECTOR
             b.len = <uint32_t>length
             sg_copy(&b, 1, 0, iov, nread, BLK_HDR_LEN, <uint32_t>length)
-        vfe_add_u64(&d.writes, 1)
-        vfe_add_u64(&d.write_bytes, length)
         return BLK_S_OK
     if kind == BLK_T_FLUSH:
         # null and RAM have no cache to write back; a file's dirty pages go to disk
         vfe_add_u64(&d.flushes, 1)
-        if d.fd >= 0 and msync(d.data, d.capacity * BLK_SECTOR, MS_SYNC) != 0:
-            return BLK_S_IOERR
+        if d.backend == BACKEND_FILE:
+            return BLK_ASYNC
         return BLK_S_OK
     if kind == BLK_T_GET_ID:
         length = in_len if in_len < BLK_ID_LEN else BLK_ID_LEN
@@ -276,7 +307,7 @@ cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint
         return BLK_S_OK
     if ((kind == BLK_T_DISCARD and (d.features >> BLK_F_DISCARD) & 1)
             or (kind == BLK_T_WRITE_ZEROES and (d.features >> BLK_F_WRITE_ZEROES) & 1)):
-        kind = blk_ranges(d, kind, iov, nread, out_len, scratch)
+        kind = blk_ranges(d, kind, iov, nread, out_len, scratch, n_out)
         if kind == BLK_S_IOERR:
             vfe_add_u64(&d.ioerrs, 1)
         elif kind == BLK_S_UNSUPP:

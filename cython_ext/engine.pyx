@@ -15,7 +15,6 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
-from posix.mman cimport mmap, munmap, msync, MS_SYNC, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from atomics cimport *
 from linux cimport *
 from vring cimport *
@@ -23,6 +22,8 @@ from netpath cimport *
 from switch cimport *
 from netdata cimport *
 from blk cimport *
+from inflight cimport *
+from blk_aio cimport *
 
 import os
 import threading
@@ -59,51 +60,216 @@ def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
 
 # ---------------------------------------------------------------- blk request queues
 
-cdef int blk_burst(Worker *w, Vring *vq) noexcept nogil:
-    """Serve up to BURST requests of a virtio-blk queue (blk.pxd), write
-    each status byte, log what we wrote into guest memory when migrating,
-    then publish used->idx once."""
-    cdef BlkDev *d = <BlkDev *>vq.dev
-    cdef int n = avail_count(vq)
-    cdef int k, c, rc, niov = 0, nread = 0
-    cdef uint64_t rbytes = 0, wbytes = 0
-    cdef uint32_t data_in
-    cdef uint16_t head
+cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nread, int niov,
+                        uint64_t rbytes, uint32_t kind, uint64_t offset, uint32_t nranges,
+                        uint32_t data_in) noexcept nogil:
+    """Queue a validated file request on the device's pool (blk_aio.pxd).
+    BLK_ASYNC once queued; IOERR if its data pieces do not fit a slot (more
+    than seg_max allows: a guest bug)."""
+    cdef AioRing *ar = &d.aio[vq.index]
+    cdef AioReq *r = &ar.slots[head]
+    cdef Iov *last = &w.iov[niov - 1]        # the status byte is the chain's last writable byte
+    cdef int i
+    r.ring = <void *>ar
+    r.head = head
+    r.status_ptr = last.base + last.len - 1
+    r.status_gpa = last.gpa + last.len - 1
+    r.data_in = data_in
+    r.offset = offset
+    r.direct = 0
+    if kind == BLK_T_IN:
+        r.op = AIO_READ
+        r.length = data_in
+        r.n = aio_slice(&w.iov[nread], niov - nread, 0, data_in, aio_pieces(r), AIO_MAX_PIECES)
+    elif kind == BLK_T_OUT:
+        r.op = AIO_WRITE
+        r.length = rbytes - BLK_HDR_LEN
+        r.n = aio_slice(w.iov, nread, BLK_HDR_LEN, r.length, aio_pieces(r), AIO_MAX_PIECES)
+    elif kind == BLK_T_FLUSH:
+        r.op = AIO_FLUSH
+        r.n = 0
+    else:
+        r.op = <uint8_t>kind                 # AIO_DISCARD / AIO_WRITE_ZEROES
+        memcpy(r.store, w.lin, nranges * sizeof(AioRange))
+        r.n = <int>nranges
+    if r.n < 0:
+        vfe_add_u64(&d.ioerrs, 1)
+        return BLK_S_IOERR
+    if (r.op == AIO_READ or r.op == AIO_WRITE) and d.pool.dfd >= 0:
+        # O_DIRECT wants sector-aligned buffers; anything else goes buffered
+        r.direct = 1
+        for i in range(r.n):
+            if ((<uint64_t>aio_pieces(r)[i].base) | aio_pieces(r)[i].len) & (BLK_SECTOR - 1):
+                r.direct = 0
+                break
+    aio_submit(d.pool, r)
+    return BLK_ASYNC
+
+
+cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8_t status,
+                     uint64_t nbytes) noexcept nogil:
+    """The request at `head` is done (its status byte written and logged):
+    its used entry, the last-batch list, the ring's counters."""
+    used_push(vq, head, data_in + 1)
+    inflight_link(&d.inflight[vq.index], head)
+    vq.packets += 1
+    vq.bytes += nbytes
+    if status != BLK_S_OK:
+        vq.dropped += 1
+
+
+cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
+    """Serve the request at `head`: walk its chain, run it against the
+    backend, write the status byte, log what we wrote into guest memory
+    when migrating, and push its used entry (published by the caller).
+    Returns 1 if answered, 0 if queued for the I/O threads (answered when
+    reaped), or the E_* code that stopped the ring."""
+    cdef int c, rc, niov = 0, nread = 0
+    cdef uint64_t rbytes = 0, wbytes = 0, offset = 0
+    cdef uint32_t data_in, kind = 0, nranges = 0
     cdef uint8_t status
     cdef Iov st
-    if n <= 0:
-        if n < 0:
-            break_ring(w, vq, n)
+    rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
+    if rc == 0 and rbytes < BLK_HDR_LEN:
+        rc = E_BLK_HDR
+    if rc == 0 and wbytes == 0:
+        rc = E_BLK_STATUS
+    if rc < 0:
+        break_ring(w, vq, rc)
+        return rc
+    status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in,
+                         &kind, &offset, &nranges)
+    if status == BLK_ASYNC:
+        status = blk_submit(w, vq, d, head, nread, niov, rbytes, kind, offset, nranges, data_in)
+        if status == BLK_ASYNC:
+            return 0
+        data_in = 0
+    st.base = &status
+    st.len = 1
+    sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
+    if d.log.active:
+        vfe_fence()
+        for c in range(nread, niov):
+            log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
+    blk_answer(d, vq, head, data_in, status,
+               data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0))
+    return 1
+
+
+cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
+    """Publish used->idx for the answered heads, then clear their inflight marks."""
+    used_publish(vq)
+    inflight_clear(iq, done, ndone[0], vq.last_used_idx)
+    ndone[0] = 0
+
+
+cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nogil:
+    """Answer the ring's requests the I/O threads have finished."""
+    cdef AioRing *ar
+    cdef AioReq *r
+    cdef int k, n = 0
+    cdef Iov *p
+    if d.aio == NULL:
         return 0
-    if n > BURST:
-        n = BURST
-    for k in range(n):
-        head = avail_head(vq, vq.last_avail_idx)
-        rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
-        if rc == 0 and rbytes < BLK_HDR_LEN:
-            rc = E_BLK_HDR
-        if rc == 0 and wbytes == 0:
-            rc = E_BLK_STATUS
-        if rc < 0:
-            break_ring(w, vq, rc)
-            n = k
-            break
-        status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in)
-        st.base = &status
-        st.len = 1
-        sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
+    ar = &d.aio[vq.index]
+    r = aio_take_done(ar)
+    while r != NULL:
+        vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
-            for c in range(nread, niov):
-                log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
-        used_push(vq, head, data_in + 1)
-        vq.last_avail_idx += 1
-        vq.packets += 1
-        vq.bytes += data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0)
-        if status != BLK_S_OK:
-            vq.dropped += 1
-    used_publish(vq)
+            if r.op == AIO_READ and r.status == BLK_S_OK:
+                p = aio_pieces(r)
+                for k in range(r.n):
+                    log_pages(&d.log, p[k].gpa, p[k].len)
+            log_pages(&d.log, r.status_gpa, 1)
+        if r.status != BLK_S_OK:
+            vfe_add_u64(&d.ioerrs, 1)
+        blk_answer(d, vq, r.head, r.data_in, r.status,
+                   r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
+        ar.pending -= 1
+        done[ndone[0]] = r.head
+        ndone[0] += 1
+        if ndone[0] == BURST:
+            blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
+        n += 1
+        r = r.next
     return n
+
+
+cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
+    """Before a blk queue stops (world stopped, `w` is scratch): serve the
+    resubmissions still queued and wait for every request at the I/O
+    threads.  Taken heads must be answered before the stop reports its
+    index, and no thread may write into guest memory after it."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef AioRing *ar = &d.aio[vq.index] if d.aio != NULL else NULL
+    while True:
+        blk_burst(w, vq, 0)
+        if ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
+                and (ar == NULL or ar.pending == 0)):
+            break
+        if ar != NULL and ar.pending > 0:
+            aio_nap()
+
+
+cdef inline bint blk_has_work(Vring *vq) noexcept nogil:
+    """Something for blk_burst besides new avail entries."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    if iq.resubmit_pos < iq.nresubmit:
+        return True
+    return d.aio != NULL and vfe_load_acquire_u64(<uint64_t *>&d.aio[vq.index].done) != 0
+
+
+cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
+    """One pass over a virtio-blk queue (blk.pxd): answer what the I/O
+    threads finished, serve the heads a previous process left inflight
+    (resubmitted in fetch order), then up to BURST new avail entries;
+    publish used->idx, then clear the answered heads' inflight marks."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef uint16_t done[BURST]
+    cdef int n, k, rc, ndone = 0, work
+    cdef uint16_t head
+    work = blk_reap(vq, d, done, &ndone)
+    k = 0
+    while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
+        head = inflight_next_resubmit(iq)
+        rc = blk_serve(w, vq, d, head)
+        if rc < 0:
+            break
+        k += 1
+        if rc > 0:
+            done[ndone] = head
+            ndone += 1
+            if ndone == BURST:
+                blk_flush_done(vq, iq, done, &ndone)
+    work += k
+    if take_new and k < BURST and not vq.broken:
+        n = avail_count(vq)
+        if n < 0:
+            break_ring(w, vq, n)
+            n = 0
+        if n > BURST - k:
+            n = BURST - k
+        for k in range(n):
+            head = avail_head(vq, vq.last_avail_idx)
+            # marked before anything else happens to it: a crash from here
+            # on leaves it for the next process to serve
+            inflight_take(iq, head)
+            rc = blk_serve(w, vq, d, head)
+            if rc < 0:
+                break
+            vq.last_avail_idx += 1
+            work += 1
+            if rc > 0:
+                done[ndone] = head
+                ndone += 1
+                if ndone == BURST:
+                    blk_flush_done(vq, iq, done, &ndone)
+    blk_flush_done(vq, iq, done, &ndone)
+    return work
 
 
 # ---------------------------------------------------------------- worker loop
@@ -152,7 +318,8 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         pending = 0
         for i in range(w.nrings):
             vq = w.rings[i]
-            if ring_usable(vq) and avail_count(vq) != 0:
+            if ring_usable(vq) and (avail_count(vq) != 0
+                                    or (vq.kind == RING_BLK and blk_has_work(vq))):
                 pending = 1
         vfe_spin_unlock(&w.lock)
         if not pending:
@@ -405,15 +572,32 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
 
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
-                bint log_used, uint64_t log_guest_addr, bint polled):
+                bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
     """Start a ring at avail index `base` (stop-the-world).  `polled` rings
-    (net TX, every blk queue) join their worker's list and its epoll set."""
+    (net TX, every blk queue) join their worker's list and its epoll set.
+
+    With an inflight region (`iq`, blk queues after SET_INFLIGHT_FD) the
+    region decides instead of `base`: heads left inflight are queued for
+    resubmission and the ring continues at used->idx + their number.
+    Returns None (no region), -1 (a new region, `base` stands) or the
+    number of heads resubmitted."""
     cdef Worker *w = e.workers[vq.worker]
     cdef epoll_event ev
+    cdef _IfEntry *scratch = NULL
+    cdef uint16_t *resubmit = NULL
+    cdef int rc
+    recovered = None
     if size <= 0 or size > 32768 or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= 32768")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
+    if iq != NULL and iq.region != NULL:
+        scratch = <_IfEntry *>malloc(size * sizeof(_IfEntry))
+        resubmit = <uint16_t *>malloc(size * sizeof(uint16_t))
+        if scratch == NULL or resubmit == NULL:
+            free(scratch)
+            free(resubmit)
+            raise MemoryError()
     with nogil:
         e.stop_world()
     try:
@@ -428,6 +612,19 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.shadow_avail_idx = base
         vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
         vq.flushed_used_idx = vq.last_used_idx
+        if resubmit != NULL:
+            free(iq.resubmit)
+            iq.resubmit, resubmit = resubmit, NULL
+            iq.nresubmit = iq.resubmit_pos = 0
+            rc = inflight_recover(iq, <uint16_t>size, vq.last_used_idx, scratch)
+            if rc == IF_BAD_SIZE:
+                raise ValueError(f"ring {index}: the inflight region tracks "
+                                 f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
+                                 f"entries, the ring has {size}")
+            if rc >= 0:
+                vq.last_avail_idx = <uint16_t>(vq.last_used_idx + rc)
+                vq.shadow_avail_idx = vq.last_avail_idx
+            recovered = rc
         vq.kick_fd = kick_fd
         vq.call_fd = call_fd
         vq.enabled = enabled
@@ -451,15 +648,24 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         with nogil:
             e.start_world()
             worker_wake(w)
+        free(scratch)
+        free(resubmit)
+    return recovered
 
 
 cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
-    """Stop a ring; return the next avail index it would process."""
+    """Stop a ring; return the next avail index it would process.  A blk
+    queue first finishes the heads it took (resubmissions not yet served),
+    so the index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
+    cdef Worker *ctl = e.ctl
     cdef int i
     cdef uint16_t base
+    e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
+        if vq.kind == RING_BLK and vq.ready:
+            blk_quiesce(ctl, vq)
         vfe_spin_lock(&vq.lock)
         if vq.ready:
             vq.ready = 0
@@ -475,6 +681,7 @@ cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
         base = vq.last_avail_idx
         vfe_spin_unlock(&vq.lock)
         e.start_world()
+    e._lock.release()
     return base
 
 
@@ -497,6 +704,10 @@ cdef class RingDevice:
     cdef bint _polled(self, int index):
         """Whether a worker polls this ring (net: TX only; blk: every queue)."""
         return True
+
+    cdef InflightQueue *_inflight(self, int index):
+        """The ring's inflight tracking (blk queues), NULL if none."""
+        return NULL
 
     cdef Vring *_ring(self, int index) except NULL:
         if self.vqs == NULL:
@@ -553,9 +764,11 @@ cdef class RingDevice:
                    uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """Start a ring at avail index `base`.  Raises ValueError if its
-        addresses are not inside the memory table."""
-        ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva, used_uva,
-                   base, kick_fd, call_fd, enabled, log_used, log_guest_addr, self._polled(index))
+        addresses are not inside the memory table.  Returns what ring_start
+        says about an inflight region (None: not tracked)."""
+        return ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva,
+                          used_uva, base, kick_fd, call_fd, enabled, log_used, log_guest_addr,
+                          self._polled(index), self._inflight(index))
 
     def stop_ring(self, int index):
         """Stop a ring and return the next avail index it would process
@@ -762,9 +975,9 @@ cdef class BlkDevice(RingDevice):
     def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
                   str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
                   uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
-                  uint32_t max_write_zeroes_seg=32, path=None):
-        cdef int i
-        cdef void *m
+                  uint32_t max_write_zeroes_seg=32, path=None, bint direct=False,
+                  int aio_threads=4):
+        cdef int i, rc
         if num_queues < 1 or num_queues > 256:
             raise ValueError("a blk device has 1..256 queues")
         if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
@@ -786,8 +999,10 @@ cdef class BlkDevice(RingDevice):
             raise MemoryError()
         self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
         self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
-        if self.d.vqs == NULL or self.d.mem == NULL:
+        self.d.inflight = <InflightQueue *>calloc(num_queues, sizeof(InflightQueue))
+        if self.d.vqs == NULL or self.d.mem == NULL or self.d.inflight == NULL:
             raise MemoryError()
+        self.d.num_vqs = num_queues
         self.d.fd = -1
         if backend == "malloc":
             # calloc of a large block is fresh zero pages: RAM is used as written
@@ -796,22 +1011,9 @@ cdef class BlkDevice(RingDevice):
                 raise MemoryError(f"cannot allocate a {capacity_bytes}-byte malloc bdev")
             self.d.backend = BACKEND_MALLOC
         elif backend == "file":
-            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-            try:
-                if os.fstat(fd).st_size < capacity_bytes:
-                    if read_only:
-                        raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
-                    os.ftruncate(fd, capacity_bytes)
-                m = mmap(NULL, capacity_bytes, PROT_READ | (0 if read_only else PROT_WRITE),
-                         MAP_SHARED, fd, 0)
-                if m == MAP_FAILED:
-                    raise OSError(errno, f"cannot map {path}")
-            except BaseException:
-                os.close(fd)
-                raise
-            self.d.data = <uint8_t *>m
-            self.d.fd = fd
-            self.d.backend = BACKEND_MALLOC   # served like RAM: the page cache is the RAM
+            if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
+                raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
+            self._open_file(path, capacity_bytes, read_only, direct, aio_threads)
         else:
             self.d.backend = BACKEND_NULL
         self.d.num_vqs = num_queues
@@ -839,15 +1041,85 @@ cdef class BlkDevice(RingDevice):
             engine.next_slot += 1
             engine.blk_devices.append(self)
 
+    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads):
+        """The file (grown to the capacity if shorter), an O_DIRECT fd of it
+        with `direct`, and the I/O threads (blk_aio.pxd)."""
+        cdef AioPool *pool
+        cdef int i, rc
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        dfd = -1
+        try:
+            if os.fstat(fd).st_size < capacity_bytes:
+                if read_only:
+                    raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
+                os.ftruncate(fd, capacity_bytes)
+            if direct:
+                try:
+                    dfd = os.open(path, flags | os.O_DIRECT)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{path}: O_DIRECT is not available here "
+                                             f"({exc.strerror})") from None
+            pool = <AioPool *>calloc(1, sizeof(AioPool))
+            self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
+            if pool == NULL or self.d.aio == NULL:
+                free(pool)
+                raise MemoryError()
+        except BaseException:
+            os.close(fd)
+            if dfd >= 0:
+                os.close(dfd)
+            raise
+        pthread_mutex_init(&pool.mu, NULL)
+        pthread_cond_init(&pool.cv, NULL)
+        pool.fd = fd
+        pool.dfd = dfd
+        self.d.pool = pool
+        self.d.fd = fd
+        self.d.backend = BACKEND_FILE
+        for i in range(nthreads):
+            rc = pthread_create(&pool.threads[i], NULL, aio_thread, <void *>pool)
+            if rc != 0:
+                raise OSError(rc, "cannot start the file bdev's I/O threads")
+            pool.nthreads += 1
+
+    cdef _stop_pool(self):
+        """Stop and join the I/O threads (every ring is stopped: nothing is queued)."""
+        cdef AioPool *pool = self.d.pool
+        cdef int i
+        if pool == NULL:
+            return
+        with nogil:
+            pthread_mutex_lock(&pool.mu)
+            pool.stop = 1
+            pthread_cond_broadcast(&pool.cv)
+            pthread_mutex_unlock(&pool.mu)
+            for i in range(pool.nthreads):
+                pthread_join(pool.threads[i], NULL)
+        pool.nthreads = 0
+
     def __dealloc__(self):
+        cdef int i
         self.vqs = NULL
         if self.d != NULL:
-            if self.d.fd >= 0:
-                msync(self.d.data, self.d.capacity * BLK_SECTOR, MS_SYNC)
-                munmap(self.d.data, self.d.capacity * BLK_SECTOR)
-                close(self.d.fd)
-            else:
-                free(self.d.data)
+            if self.d.pool != NULL:
+                self._stop_pool()
+                pthread_mutex_destroy(&self.d.pool.mu)
+                pthread_cond_destroy(&self.d.pool.cv)
+                close(self.d.pool.fd)
+                if self.d.pool.dfd >= 0:
+                    close(self.d.pool.dfd)
+                free(self.d.pool)
+            if self.d.aio != NULL:
+                for i in range(self.d.num_vqs):
+                    free(self.d.aio[i].slots)
+                    free(self.d.aio[i].store)
+                free(self.d.aio)
+            free(self.d.data)
+            if self.d.inflight != NULL:
+                for i in range(self.d.num_vqs):
+                    free(self.d.inflight[i].resubmit)
+                free(self.d.inflight)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -872,9 +1144,46 @@ cdef class BlkDevice(RingDevice):
 
     @property
     def backend(self):
-        if self.d.fd >= 0:
+        if self.d.backend == BACKEND_FILE:
             return "file"
         return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
+
+    @property
+    def direct(self):
+        """The file bdev does sector-aligned reads and writes with O_DIRECT."""
+        return self.d.pool != NULL and self.d.pool.dfd >= 0
+
+    def aio_stats(self):
+        """The file bdev's I/O threads: requests queued so far, failed syscalls."""
+        if self.d.pool == NULL:
+            return {}
+        return {"threads": self.d.pool.nthreads, "submitted": self.d.pool.submitted,
+                "direct": self.d.pool.direct_ios, "errors": self.d.pool.errors}
+
+    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   bint log_used=False, uint64_t log_guest_addr=0):
+        """RingDevice.start_ring, after giving a file bdev's queue its
+        request slots (one per head; the ring is stopped, none is in use)."""
+        cdef Vring *vq = self._ring(index)
+        cdef AioRing *ar
+        cdef int i
+        if self.d.aio != NULL and not vq.ready:
+            ar = &self.d.aio[index]
+            if ar.size != size and 0 < size <= 32768:
+                free(ar.slots)
+                free(ar.store)
+                ar.slots = <AioReq *>calloc(size, sizeof(AioReq))
+                ar.store = <uint8_t *>malloc(<size_t>size * AIO_STORE)
+                ar.size = 0
+                if ar.slots == NULL or ar.store == NULL:
+                    raise MemoryError(f"ring {index}: no memory for {size} request slots")
+                for i in range(size):
+                    ar.slots[i].store = ar.store + <size_t>i * AIO_STORE
+                ar.size = size
+            ar.wake_fd = self.engine.workers[vq.worker].wake_fd
+        return RingDevice.start_ring(self, index, size, desc_uva, avail_uva, used_uva, base,
+                                     kick_fd, call_fd, enabled, log_used, log_guest_addr)
 
     def set_features(self, uint64_t features):
         """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
@@ -888,6 +1197,30 @@ cdef class BlkDevice(RingDevice):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
             e.start_world()
+
+    cdef InflightQueue *_inflight(self, int index):
+        return &self.d.inflight[index]
+
+    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues):
+        """Track queue i (< num_queues) in the inflight region at hva + i *
+        stride from its next start (0: stop tracking).  The caller unmaps an
+        old region only after this returns; queues the region does not
+        cover run untracked."""
+        cdef Engine e = self.engine
+        cdef int i
+        with nogil:
+            e.stop_world()
+            for i in range(self.d.num_vqs):
+                self.d.inflight[i].region = (<uint8_t *>hva + i * stride
+                                             if hva != 0 and i < num_queues else NULL)
+                self.d.inflight[i].nresubmit = 0
+                self.d.inflight[i].resubmit_pos = 0
+            e.start_world()
+
+    def inflight_pending(self, int index):
+        """Resubmissions of ring `index` not served yet (tests, logs)."""
+        cdef InflightQueue *iq = &self.d.inflight[self._ring(index).index]
+        return iq.nresubmit - iq.resubmit_pos
 
     def ring_stats(self, int index):
         """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""
@@ -904,9 +1237,11 @@ cdef class BlkDevice(RingDevice):
                 "unsupps": self.d.unsupps}
 
     def read_backend(self, uint64_t offset, uint64_t length):
-        """The malloc backend's bytes (tests, debugging); zeros for null."""
+        """The backend's bytes (tests, debugging); zeros for null."""
         if offset > self.d.capacity * BLK_SECTOR or length > self.d.capacity * BLK_SECTOR - offset:
             raise ValueError("range outside the device")
+        if self.d.backend == BACKEND_FILE:
+            return os.pread(self.d.fd, length, offset)
         if self.d.backend != BACKEND_MALLOC:
             return bytes(length)
         return (<char *>self.d.data)[offset:offset + length]
@@ -932,6 +1267,7 @@ cdef class BlkDevice(RingDevice):
             return
         for i in range(self.d.num_vqs):
             ring_stop(self.engine, &self.d.vqs[i], True)
+        self._stop_pool()
         with self.engine._lock:
             if self in self.engine.blk_devices:
                 self.engine.blk_devices.remove(self)

@@ -111,7 +111,7 @@ class BlkDev:
     queue_size: int = 128
     server: bool = False
     extra: str = ""
-    reconnect: int = 0            # client: reconnect N s after the backend goes away (recovery)
+    reconnect: int = 0            # client: reconnect N s after the backend goes away (its restart)
 
     def __post_init__(self) -> None:
         _check_ring_size(self.queue_size, "BlkDev.queue_size", 2, 1024)
@@ -320,7 +320,8 @@ class VM:
         for i, nic in enumerate(self.nics):
             a += self._nic_args(i, nic)
         for i, blk in enumerate(self.blks):
-            srv = ",server=on,wait=off" if blk.server else (f",reconnect={blk.reconnect}" if blk.reconnect else "")
+            srv = (",server=on,wait=off" if blk.server
+                   else (f",reconnect={blk.reconnect}" if blk.reconnect else ""))
             a += ["-chardev", f"socket,id=vblk{i},path={_opt(blk.socket)}{srv}",
                   "-device", f"vhost-user-blk-pci,id=blk{i},chardev=vblk{i},"
                              f"num-queues={blk.num_queues},queue-size={blk.queue_size}"

@@ -34,6 +34,18 @@ static inline void vfe_store_u16(uint16_t *p, uint16_t v)
 static inline void vfe_store_u32(uint32_t *p, uint32_t v)
 { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
+static inline void vfe_store_u64(uint64_t *p, uint64_t v)
+{ __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
+static inline uint8_t vfe_load_u8(const uint8_t *p)
+{ return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+static inline void vfe_store_u8(uint8_t *p, uint8_t v)
+{ __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
+static inline void vfe_store_release_u8(uint8_t *p, uint8_t v)
+{ __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
 static inline void vfe_fence(void)
 { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
@@ -95,7 +107,7 @@ static inline void vfe_read_desc(const void *d, uint64_t *addr, uint32_t *len,
 
 /* Build identity of the compiled engine; a live update compares it (read
  * with pyelftools from the .so) before handing over any device. */
-#define VFE_ENGINE_ABI 2   /* 2: Vring.kind, blk devices */
+#define VFE_ENGINE_ABI 3   /* 2: Vring.kind, blk devices; 3: BlkDev inflight tracking */
 #define VFE_STR_(x) #x
 #define VFE_STR(x) VFE_STR_(x)
 /* The same identity as a string in .rodata under an exported symbol: a

@@ -84,7 +84,7 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
 
 def _parse_blk(opts: dict[str, str]) -> BlkConfig:
     known = {"socket", "client", "bdev", "size", "block-size", "queues", "queue-size", "ro",
-             "serial", "name", "incoming", "path"}
+             "serial", "name", "incoming", "path", "direct"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -99,7 +99,7 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
             raise argparse.ArgumentTypeError(f"blk device needs {need}=")
     try:
         cfg = BlkConfig(socket=opts["socket"], name=opts.get("name", ""))
-        for key, attr in (("client", "client"), ("ro", "read_only")):
+        for key, attr in (("client", "client"), ("ro", "read_only"), ("direct", "direct")):
             if key in opts:
                 if opts[key].lower() not in _BOOL:
                     raise ValueError(f"{key}={opts[key]!r}: use on or off")
@@ -108,6 +108,8 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
             raise ValueError(f"bdev={opts['bdev']!r}: use null, malloc or file")
         cfg.bdev = opts["bdev"]
         cfg.path = opts.get("path", "")
+        if cfg.direct and cfg.bdev != "file":
+            raise ValueError("direct=on is for file bdevs")
         cfg.size_mb = _int_in(opts["size"], "size", 1, 1 << 24)
         if "block-size" in opts:
             cfg.block_size = _int_in(opts["block-size"], "block-size", 512, 4096)

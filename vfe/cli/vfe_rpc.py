@@ -81,12 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         out = {"filename": a.filename, "name": a.name}
         if a.block_size is not None:
             out["block_size"] = a.block_size
+        if a.direct:
+            out["direct"] = True
         return out
 
-    sp = verb("bdev_aio_create", "a file-backed bdev (not supported yet)", aio)
+    sp = verb("bdev_aio_create", "a file-backed bdev (asynchronous I/O)", aio)
     sp.add_argument("filename", help="file or block device")
     sp.add_argument("name", help="bdev name")
     sp.add_argument("block_size", nargs="?", type=_positive, help="block size in bytes")
+    sp.add_argument("--direct", action="store_true",
+                    help="sector-aligned reads and writes bypass the page cache (O_DIRECT)")
 
     sp = verb("bdev_get_bdevs", "list bdevs", lambda a: {"name": a.name} if a.name else {})
     sp.add_argument("-b", "--name", help="only this bdev")

@@ -3,8 +3,8 @@ the `spdk_rpc.py bdev_*` and `snap_rpc.py controller_*` verbs of the seed's
 VFE vDPA part, served on the controller's RPC socket (vfe-rpc is the CLI).
 
 Bdevs.  A registry of named block devices: `null` (reads zeros, drops
-writes), `malloc` (RAM) and `aio` (a file, mapped and served through the page
-cache; FLUSH msyncs it -- not yet asynchronous, see docs/dev/next-steps.md).
+writes), `malloc` (RAM) and `aio` (a file, served asynchronously by I/O
+threads; FLUSH is fdatasync; `direct` for O_DIRECT).
 A bdev is *claimed* by the one blk function created on it; a claimed
 bdev cannot be deleted (-EBUSY) -- delete the function first.
 
@@ -107,6 +107,7 @@ class Bdev:
     size_mb: int
     block_size: int
     filename: str = ""
+    direct: bool = False            # aio: O_DIRECT for aligned reads and writes
     claimed_by: str | None = None   # the blk function's name
 
     @property
@@ -116,7 +117,7 @@ class Bdev:
     def recovery_record(self):
         from vfe.controller.blk_recovery import BdevRecord
         return BdevRecord(self.name, self.kind, self.block_size, self.num_blocks,
-                          self.filename if self.kind == "aio" else None)
+                          self.filename if self.kind == "aio" else None, self.direct)
 
     def info(self) -> dict:
         """An entry of bdev_get_bdevs, with SPDK's field names."""
@@ -318,11 +319,11 @@ class BlkRegistry:
         return self._new_bdev("malloc", str(name), p)
 
     def bdev_aio_create(self, p: dict, *, size_mb: int | None = None, save: bool = True) -> str:
-        """A file bdev: the file is mapped and served like RAM through the page
-        cache (FLUSH msyncs it); its size is the file's, rounded down to MiB
-        (`size_mb`: the size recorded at creation, when recovering: the file
-        must still have it).  The file name is kept absolute, so a restart
-        from another directory finds the same file."""
+        """A file bdev served by I/O threads (FLUSH is fdatasync; `direct`:
+        O_DIRECT); its size is the file's, rounded down to MiB (`size_mb`:
+        the size recorded at creation, when recovering: the file must still
+        have it).  The file name is kept absolute, so a restart from another
+        directory finds the same file."""
         filename, name = _str(p, "filename"), _str(p, "name")
         self._check_name(name)
         if name in self.bdevs:
@@ -341,8 +342,12 @@ class BlkRegistry:
             raise err(f"{filename} is {size >> 20} MiB, smaller than the {size_mb} MiB the bdev had",
                       -errno.EINVAL)
         size_mb = size >> 20 if size_mb is None else size_mb
-        self._add_bdev(Bdev(name, "aio", size_mb, bs, filename=filename), save)
-        log.info("bdev %s: file %s, %d MiB of %d-byte blocks", name, filename, size_mb, bs)
+        direct = p.get("direct", False)
+        if not isinstance(direct, bool):
+            raise err("direct must be true or false", -errno.EINVAL)
+        self._add_bdev(Bdev(name, "aio", size_mb, bs, filename=filename, direct=direct), save)
+        log.info("bdev %s: file %s, %d MiB of %d-byte blocks%s", name, filename, size_mb, bs,
+                 ", O_DIRECT" if direct else "")
         return name
 
     def bdev_get_bdevs(self, p: dict) -> list:
@@ -407,6 +412,7 @@ class BlkRegistry:
             raise err(f"socket path {sock} is longer than 107 bytes; use a shorter run dir",
                       -errno.ENAMETOOLONG)
         cfg = BlkConfig(socket=sock, bdev="file" if b.kind == "aio" else b.kind, path=b.filename,
+                        direct=b.direct,
                         size_mb=b.size_mb, block_size=b.block_size,
                         queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
         f = BlkFunction(name, ib, pf_id, vf_id, vuid, raw, b.name, nq, qs, admin_q, in_order,
@@ -500,7 +506,7 @@ class BlkRegistry:
         for r in loaded.bdevs:
             try:
                 if r.bdev_type == "aio":
-                    self.bdev_aio_create({"name": r.name, "filename": r.filename,
+                    self.bdev_aio_create({"name": r.name, "filename": r.filename, "direct": r.direct,
                                           "block_size": r.block_size}, size_mb=r.size_mb, save=False)
                 else:
                     self._new_bdev(r.bdev_type, r.name, {"num_blocks": r.num_blocks,

@@ -101,6 +101,7 @@ class BdevRecord:
     block_size: int
     num_blocks: int
     filename: str | None = None     # aio only, absolute
+    direct: bool = False            # aio only: O_DIRECT (bdev_aio_create --direct)
 
     @property
     def size_mb(self) -> int:
@@ -140,6 +141,8 @@ class BdevRecord:
                              "block_size": self.block_size, "num_blocks": self.num_blocks}
         if self.filename is not None:
             d["filename"] = self.filename
+        if self.direct:
+            d["direct"] = True
         return d
 
     @classmethod
@@ -147,8 +150,11 @@ class BdevRecord:
         d = _object(data, ("name", "bdev_type", "block_size", "num_blocks"))
         if name is not None and d["name"] != name:
             raise RecoveryError("name", f"{d['name']!r} but the file is named {name}.json")
+        direct = d.get("direct", False)
+        if not isinstance(direct, bool):
+            raise RecoveryError("direct", f"{direct!r} is not true or false")
         return cls(d["name"], d["bdev_type"], d["block_size"], d["num_blocks"],
-                   d.get("filename")).validate()
+                   d.get("filename"), direct).validate()
 
 
 @dataclass

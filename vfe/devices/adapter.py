@@ -8,7 +8,9 @@ import os
 
 from vfe.vhost import actions as A
 from vfe.vhost.actions import MemRegion
+from vfe.vhost import inflight
 from vfe.vhost.memory import GuestMemory, LogRegion
+from vfe.vhost.messages import Inflight, ProtocolError, Request
 from vfe.vhost.protocol import BackendProtocol
 from vfe.vhost.transport import PeerClosed
 
@@ -32,6 +34,7 @@ class Session:
         self.protocol = BackendProtocol(device.spec())
         self.memory = GuestMemory()
         self.log_region: LogRegion | None = None
+        self.inflight: inflight.InflightRegion | None = None
         self.started: set[int] = set()
         self.features = 0                 # as acked by this front-end
 
@@ -93,6 +96,9 @@ class Session:
             "protocol_fds": [keep(fd) for fd in proto["fds"]],
             "memory": [[m.gpa, m.size, m.uva, m.mmap_offset, keep(m.fd)] for m in self.memory.regions],
             "log": None if lr is None else [keep(lr.fd), lr.size, lr.offset],
+            "inflight": None if self.inflight is None else [
+                keep(self.inflight.fd), self.inflight.size, self.inflight.offset,
+                self.inflight.num_queues, self.inflight.queue_size],
             "started": sorted(self.started),
             "features": self.features,
             "owner": self.owns(),
@@ -112,6 +118,9 @@ class Session:
             if state["log"] is not None:
                 i, size, offset = state["log"]
                 self.log_region = LogRegion(fds[i], size, offset)
+            if state.get("inflight") is not None:
+                i, size, offset, nq, qs = state["inflight"]
+                self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs)
             self.features = state["features"]
             if state["owner"]:
                 self._take_ownership()
@@ -125,10 +134,12 @@ class Session:
 
     def execute(self, actions) -> None:
         failed = False
+        fatal = None
         for act in actions:
             try:
                 if isinstance(act, A.Ack):
                     ok = act.ok and not failed
+                    fatal = None          # reported by the nack
                     self._send(A.Reply(act.request, (0 if ok else 1).to_bytes(8, "little")))
                 else:
                     self._apply(act)
@@ -141,6 +152,14 @@ class Session:
                     self.protocol.memory_failed(act)
                 elif isinstance(act, A.StartRing):
                     self.protocol.ring_failed(act.ring.index)
+                elif isinstance(act, A.SetInflight):
+                    # Running without the region the front-end asked for would
+                    # silently lose its crash guarantee: without a nack to say
+                    # so, the connection goes (the rest of the batch runs first:
+                    # it closes the fds).
+                    fatal = f"SET_INFLIGHT_FD: {exc}"
+        if fatal is not None:
+            raise ProtocolError(fatal)
 
     # -- ownership of the engine's device
     #
@@ -169,6 +188,10 @@ class Session:
         rings.set_memory(engine_table(self.memory))
         lr = self.log_region
         rings.set_log(lr.hva if lr else 0, lr.size if lr else 0)
+        if hasattr(rings, "set_inflight"):
+            ir = self.inflight
+            rings.set_inflight(ir.hva if ir else 0, ir.stride if ir else 0,
+                               ir.num_queues if ir else 0)
 
     def _apply(self, act) -> None:
         rings = self.device.rings
@@ -204,11 +227,19 @@ class Session:
                 self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
                 self._take_ownership()
-                rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
-                                 r.base, r.kick_fd, r.call_fd, r.enabled,
-                                 r.log_used, r.log_guest_addr)
+                recovered = rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
+                                             r.base, r.kick_fd, r.call_fd, r.enabled,
+                                             r.log_used, r.log_guest_addr)
                 self.started.add(r.index)
-                log.debug("%s: ring %d started (size %d, base %d)", self.name, r.index, r.size, r.base)
+                state = rings.ring_state(r.index)
+                if recovered is not None and recovered >= 0:
+                    # the inflight region decided where the ring goes on
+                    (log.info if recovered or state["last_avail_idx"] != r.base else log.debug)(
+                        "%s: ring %d: %d request(s) left inflight resubmitted; continuing at "
+                        "avail %d (used %d; the front-end said %d)", self.name, r.index,
+                        recovered, state["last_avail_idx"], state["last_used_idx"], r.base)
+                log.debug("%s: ring %d started (size %d, base %d)", self.name, r.index, r.size,
+                          state["last_avail_idx"])
             case A.StopRing(index=i):
                 if i in self.started:
                     base = rings.stop_ring(i)
@@ -227,6 +258,29 @@ class Session:
                 if self.owns():
                     rings.set_log(new.hva, new.size)
                 self.log_region, old = new, self.log_region
+                if old is not None:
+                    old.close()
+            case A.GetInflight(num_queues=nq, queue_size=qs):
+                try:
+                    fd, size = inflight.allocate(nq, qs)
+                except OSError as exc:
+                    # the reply is mandatory: size 0 tells QEMU there is no region
+                    log.error("%s: cannot allocate an inflight region: %s", self.name, exc)
+                    self._send(A.Reply(Request.GET_INFLIGHT_FD, Inflight(0, 0, nq, qs).encode()))
+                    return
+                try:
+                    self._send(A.Reply(Request.GET_INFLIGHT_FD, Inflight(size, 0, nq, qs).encode(),
+                                       fds=(fd,)))
+                finally:
+                    os.close(fd)          # the front-end keeps the region; it sends it back
+                log.debug("%s: inflight region of %d bytes for %d queues of %d", self.name,
+                          size, nq, qs)
+            case A.SetInflight(fd=fd, mmap_size=size, mmap_offset=off, num_queues=nq,
+                               queue_size=qs):
+                new = inflight.InflightRegion(fd, size, off, nq, qs)
+                if self.owns() and hasattr(rings, "set_inflight"):
+                    rings.set_inflight(new.hva, new.stride, nq)
+                self.inflight, old = new, self.inflight
                 if old is not None:
                     old.close()
             case A.SetStatus(status=s):
@@ -255,9 +309,14 @@ class Session:
         if self.owns():
             rings.set_memory([])
             rings.set_log(0, 0)
+            if hasattr(rings, "set_inflight"):
+                rings.set_inflight(0, 0, 0)
             self.device.owner = None
         self.memory.close()
         self.memory = GuestMemory()
         if self.log_region is not None:
             self.log_region.close()
             self.log_region = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None

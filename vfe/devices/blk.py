@@ -23,10 +23,12 @@ BLK_FEATURES = mask(
 )
 
 # CONFIG is mandatory for QEMU's vhost-user-blk (it refuses a back-end
-# without it); MQ makes QEMU ask GET_QUEUE_NUM.
+# without it); MQ makes QEMU ask GET_QUEUE_NUM; INFLIGHT_SHMFD makes it keep
+# an inflight region across our restarts (reconnect without losing requests).
 BLK_PROTOCOL_FEATURES = mask(
     ProtocolFeature.MQ, ProtocolFeature.CONFIG, ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.STATUS,
+    ProtocolFeature.INFLIGHT_SHMFD,
 )
 
 # struct virtio_blk_config (virtio 1.2, 5.2.4), little-endian, through
@@ -62,7 +64,8 @@ class BlkConfig:
     socket: str
     client: bool = False
     bdev: str = "malloc"        # null | malloc | file
-    path: str = ""              # file: the image, mapped MAP_SHARED (grown to size= if smaller)
+    path: str = ""              # file: the image (grown to size= if smaller), served by I/O threads
+    direct: bool = False        # file: sector-aligned reads/writes with O_DIRECT
     size_mb: int = 64
     block_size: int = 512
     queues: int = 1
@@ -113,7 +116,7 @@ class BlkDeviceModel:
             max_discard_sectors=config.max_discard_sectors, max_discard_seg=config.max_discard_seg,
             max_write_zeroes_sectors=config.max_write_zeroes_sectors,
             max_write_zeroes_seg=config.max_write_zeroes_seg,
-            **({"path": config.path} if config.bdev == "file" else {}))
+            **({"path": config.path, "direct": config.direct} if config.bdev == "file" else {}))
         self.rings.owner = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
@@ -147,7 +150,14 @@ class BlkDeviceModel:
                 f"{s['write_bytes']} bytes, {s['flushes']} flushes, {s['discards']} discards, "
                 f"{s['write_zeroes']} write-zeroes, {s['get_ids']} get-id, "
                 f"{s['ioerrs']} I/O errors, {s['unsupps']} unsupported; "
-                f"requests per queue {per_queue}")
+                f"requests per queue {per_queue}" + self._aio_summary())
+
+    def _aio_summary(self) -> str:
+        a = self.rings.aio_stats()
+        if not a:
+            return ""
+        return (f"; file I/O: {a['threads']} threads, {a['submitted']} requests, "
+                f"{a['direct']} with O_DIRECT, {a['errors']} failed")
 
     def close(self) -> None:
         self.rings.close()

@@ -144,5 +144,6 @@ class ControllerProcess(LoggedProcess):
                                      stderr=subprocess.STDOUT)
         logf.close()
         if wait_sockets:
-            self.wait_for_log("serving", timeout)
+            # the log keeps every start's lines: a restart waits for its own
+            self.wait_for_log("serving", timeout, count=self.starts)
         return self

@@ -41,6 +41,7 @@ from vfe.vhost.messages import (
     REPLY_FLAGS,
     VERSION,
     Config,
+    Inflight,
     Log,
     MemoryRegion,
     MemTable,
@@ -70,7 +71,7 @@ DEFAULT_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.RARP)
     | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MTU) | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    | bit(ProtocolFeature.STATUS)
+    | bit(ProtocolFeature.STATUS) | bit(ProtocolFeature.INFLIGHT_SHMFD)
 )
 #: Virtio features never acked by default (split rings only, no IOMMU, and
 #: LOG_ALL only while migrating).
@@ -253,6 +254,11 @@ class Frontend:
         self._call_fds: dict[int, int] = {}
         self._eventfds: list[int] = []
         self._log_fd = -1
+        #: The inflight region (GET_INFLIGHT_FD), kept across reconnects as
+        #: QEMU keeps it: (description, fd, our shared mapping).
+        self.inflight: Inflight | None = None
+        self.inflight_fd = -1
+        self.inflight_map: mmap.mmap | None = None
         self.sent: list[tuple[int, int, int, int]] = []   # (request, flags, size, nfds)
         self._closed = False
 
@@ -263,6 +269,21 @@ class Frontend:
         """Connect to a back-end that listens on ``path`` (waiting for it to appear)."""
         conn = _connect(path, retry_interval=0.05, timeout=timeout, blocking=True)
         return cls(conn, timeout)
+
+    def reconnect(self, path: str, timeout: float = 5.0) -> None:
+        """The back-end went away (a crash): connect to its successor on
+        ``path`` as QEMU's ``reconnect=`` does.  Guest memory, rings, call
+        and kick fds and the inflight region stay; negotiation starts over
+        (call ``start`` again); every ring restarts from the guest's
+        used->idx, which is where QEMU 7.2 puts last_avail_idx when
+        GET_VRING_BASE cannot reach the back-end."""
+        self.conn.close()
+        self.conn = _connect(path, retry_interval=0.05, timeout=timeout, blocking=True)
+        self.backend_features = self.backend_protocol_features = 0
+        self.features = self.protocol_features = 0
+        for ring in self.rings.values():
+            ring.base = ring.driver.used_idx()
+            ring.started = False
 
     @staticmethod
     def listen(path: str) -> Listener:
@@ -280,7 +301,7 @@ class Frontend:
 
     def send_message(self, request: int, payload: bytes = b"", fds: Iterable[int] = (),
                      need_reply: bool = False, *, flags: int | None = None,
-                     expect_reply: bool | None = None) -> Message | None:
+                     expect_reply: bool | None = None, keep_fds: bool = False) -> Message | None:
         """Send any message.  Waits for and returns the reply when one is due
         (mandatory for the request, or ``need_reply``), else returns None.
         ``flags`` overrides the header flags entirely (adversarial tests)."""
@@ -295,11 +316,14 @@ class Frontend:
                                 and self.has_protocol_feature(ProtocolFeature.LOG_SHMFD)))
         if not expect_reply:
             return None
-        return self.recv_reply(request)
+        return self.recv_reply(request, keep_fds=keep_fds)
 
-    def recv_reply(self, request: int, timeout: float | None = None) -> Message:
+    def recv_reply(self, request: int, timeout: float | None = None,
+                   keep_fds: bool = False) -> Message:
+        """The next reply; its fds are closed unless ``keep_fds`` (then the caller's)."""
         msg = self.conn.recv_message(self.timeout if timeout is None else timeout)
-        close_fds(msg.fds)
+        if not keep_fds:
+            close_fds(msg.fds)
         if msg.flags != REPLY_FLAGS:
             raise ProtocolError(f"reply flags {msg.flags:#x}, QEMU accepts only {REPLY_FLAGS:#x}")
         if msg.request != request:
@@ -450,6 +474,36 @@ class Frontend:
         if current & status != status:
             self.set_status(current | status)
 
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
+        """GET_INFLIGHT_FD: (the back-end's description, the region's fd -- ours to close)."""
+        reply = self.send_message(Request.GET_INFLIGHT_FD,
+                                  Inflight(0, 0, num_queues, queue_size).encode(), keep_fds=True)
+        assert reply is not None
+        info = Inflight.decode(reply.payload)
+        if len(reply.fds) != 1:
+            close_fds(reply.fds)
+            raise ProtocolError(f"GET_INFLIGHT_FD reply carries {len(reply.fds)} fds")
+        return info, reply.fds[0]
+
+    def set_inflight_fd(self, info: Inflight, fd: int) -> None:
+        self._request(Request.SET_INFLIGHT_FD, info.encode(), [fd])
+
+    def setup_inflight(self, num_queues: int, queue_size: int) -> None:
+        """What QEMU's vhost-user-blk does at each start: get a region once
+        (it keeps it, also across reconnects), then hand it over."""
+        if self.inflight is None:
+            info, fd = self.get_inflight_fd(num_queues, queue_size)
+            self.inflight, self.inflight_fd = info, fd
+            self.inflight_map = mmap.mmap(fd, info.mmap_offset + info.mmap_size,
+                                          flags=mmap.MAP_SHARED)
+        self.set_inflight_fd(self.inflight, self.inflight_fd)
+
+    def adopt_inflight(self, other: "Frontend") -> None:
+        """Take over another front-end's region (a reconnect: QEMU keeps it)."""
+        self.inflight, self.inflight_fd, self.inflight_map = (
+            other.inflight, other.inflight_fd, other.inflight_map)
+        other.inflight, other.inflight_fd, other.inflight_map = None, -1, None
+
     def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
         self.send_message(Request.SET_LOG_BASE, Log(size, offset).encode(), [fd])
 
@@ -474,7 +528,8 @@ class Frontend:
               gpa_gap: int = 0, use_add_mem_reg: bool | None = None, features: int | None = None,
               protocol_features: int | None = None, buf_size: int = 2048,
               enable: bool = True, start_idx: int = 0, used_align: int = 4,
-              call_after_kick: bool = False, sync: bool = True) -> None:
+              call_after_kick: bool = False, sync: bool = True,
+              inflight: bool | None = None) -> None:
         """Bring rings up the way QEMU 7.2 starts a vhost-user net device.
 
         ``rings`` defaults to ``2 * queue_pairs``.  ``features`` are the
@@ -486,7 +541,9 @@ class Frontend:
         rings start (QEMU's guest notifiers); ``call_after_kick`` sends them
         again after each kick (devices without notifier masking).  With ``sync`` it ends
         with a GET_FEATURES round trip, so the back-end has handled
-        everything (rings enabled) when ``start`` returns.
+        everything (rings enabled) when ``start`` returns.  ``inflight``
+        (default: when INFLIGHT_SHMFD is negotiated, as QEMU's vhost-user-blk
+        does) gets/sets the inflight region before the features.
         """
         nrings = 2 * queue_pairs if rings is None else rings
         if not self.backend_features:
@@ -499,6 +556,10 @@ class Frontend:
             if i not in self._call_fds:
                 self._call_fds[i] = self._eventfd()
             self.set_vring_call(i, self._call_fds[i])
+        if inflight is None:
+            inflight = self.has_protocol_feature(ProtocolFeature.INFLIGHT_SHMFD)
+        if inflight:
+            self.setup_inflight(nrings, queue_size)
         wanted = (self.backend_features & ~NEVER_ACK) if features is None else features
         self.set_features(self.backend_features & wanted)
         if self.has_protocol_feature(ProtocolFeature.STATUS):
@@ -757,6 +818,12 @@ class Frontend:
             self.memory = None
         close_fds(self._eventfds)
         self._eventfds = []
+        if self.inflight_map is not None:
+            self.inflight_map.close()
+            self.inflight_map = None
+        if self.inflight_fd >= 0:
+            close_fds([self.inflight_fd])
+            self.inflight_fd = -1
 
     def __enter__(self) -> "Frontend":
         return self

@@ -42,6 +42,13 @@ started ring is just ``SetCallFd``; SET_FEATURES is ``SetFeatures``.
 
 SET_STATUS only records the status (QEMU 7.2 sends SET_STATUS 0 right before
 the GET_VRING_BASEs of a stop; it resets nothing here).
+
+Inflight tracking (INFLIGHT_SHMFD, offered by blk devices): GET_INFLIGHT_FD
+is checked here and answered by the caller (``GetInflight``: it allocates
+the region and replies with its fd); SET_INFLIGHT_FD is ``SetInflight``,
+applied like a memory table change (running rings stop, then restart and
+read the region: that start is where a new process resubmits what a dead
+one left inflight).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ from .actions import (
     CloseFds,
     DeviceSpec,
     EnableRing,
+    GetInflight,
     MemRegion,
     RemoveMemRegion,
     Reply,
@@ -62,6 +70,7 @@ from .actions import (
     SendRarp,
     SetCallFd,
     SetFeatures,
+    SetInflight,
     SetLogBase,
     SetMemTable,
     SetMtu,
@@ -78,6 +87,7 @@ from .messages import (
     VERSION_MASK,
     Config,
     Empty,
+    Inflight,
     Log,
     MemTable,
     Message,
@@ -90,6 +100,7 @@ from .messages import (
     VringFile,
     VringState,
 )
+from .inflight import region_size as inflight_region_size
 
 log = logging.getLogger("vfe.vhost.protocol")
 
@@ -222,6 +233,7 @@ class BackendProtocol:
         self._regions: list[_Region] = []
         self._log: Log | None = None
         self._log_fd = -1
+        self._inflight: Inflight | None = None
         self._status = 0
         self._deferred: list[Action] = []
 
@@ -253,6 +265,11 @@ class BackendProtocol:
     @property
     def log_base(self) -> Log | None:
         return self._log
+
+    @property
+    def inflight(self) -> Inflight | None:
+        """The inflight region of the last SET_INFLIGHT_FD (None before)."""
+        return self._inflight
 
     @property
     def backend_req_fd(self) -> int:
@@ -391,6 +408,9 @@ class BackendProtocol:
             "backend_req_fd": self._backend_req_fd, "status": self._status,
             "log": None if self._log is None else [self._log.size, self._log.offset],
             "log_fd": self._log_fd,
+            "inflight": None if self._inflight is None else [
+                self._inflight.mmap_size, self._inflight.mmap_offset, self._inflight.num_queues,
+                self._inflight.queue_size],
             "regions": [[r.region.gpa, r.region.size, r.region.uva, r.region.mmap_offset, r.refs]
                         for r in self._regions],
             "rings": [{
@@ -428,6 +448,7 @@ class BackendProtocol:
         self._status = state["status"]
         self._log = None if state["log"] is None else Log(*state["log"])
         self._log_fd = fd(state["log_fd"])
+        self._inflight = None if state.get("inflight") is None else Inflight(*state["inflight"])
         self._regions = [_Region(MemRegion(gpa, size, uva, off, -1), refs)
                          for gpa, size, uva, off, refs in state["regions"]]
         for rs in state["rings"]:
@@ -819,6 +840,34 @@ class BackendProtocol:
     def _get_status(self, msg: Message, p: Empty) -> list[Action]:
         return [Reply(msg.request, U64(self._status).encode())]
 
+    def _check_inflight_shape(self, p: Inflight) -> None:
+        limit = min(self.spec.max_queue_size, _MAX_QUEUE_SIZE)
+        if not 1 <= p.num_queues <= self.spec.max_queues:
+            raise ProtocolError(f"inflight region for {p.num_queues} queues "
+                                f"(the device has {self.spec.max_queues})")
+        if not _is_pow2(p.queue_size) or p.queue_size > limit:
+            raise ProtocolError(f"inflight region for queues of {p.queue_size} entries "
+                                f"(power of 2 up to {limit})")
+
+    def _get_inflight_fd(self, msg: Message, p: Inflight) -> list[Action]:
+        # QEMU sends mmap_size/offset 0 and the shape it wants; the reply
+        # (with the new region's fd) comes from the caller, which allocates it.
+        self._check_inflight_shape(p)
+        return [GetInflight(p.num_queues, p.queue_size)]
+
+    def _set_inflight_fd(self, msg: Message, p: Inflight) -> list[Action]:
+        self._check_inflight_shape(p)
+        need = inflight_region_size(p.num_queues, p.queue_size)
+        if p.mmap_size < need:
+            raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} queues "
+                                f"of {p.queue_size} need {need}")
+        fd = msg.fds[0]
+        self._inflight = p
+        # Rings read the region when they start: running ones restart with it.
+        return self._quiesce(self._started_rings(), [
+            SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size),
+            CloseFds((fd,))])
+
 
 PF = ProtocolFeature
 B = BackendProtocol
@@ -865,14 +914,18 @@ BackendProtocol.TABLE = {
                              protocol_feature=PF.CONFIGURE_MEM_SLOTS, touches_rings=True),
     Request.SET_STATUS: Row(B._set_status, U64, protocol_feature=PF.STATUS),
     Request.GET_STATUS: Row(B._get_status, Empty, protocol_feature=PF.STATUS, reply=True),
-    # Not yet: GET/SET_INFLIGHT_FD (INFLIGHT_SHMFD), IOTLB_MSG, SET_VRING_ENDIAN,
+    Request.GET_INFLIGHT_FD: Row(B._get_inflight_fd, Inflight, protocol_feature=PF.INFLIGHT_SHMFD,
+                                 reply=True),
+    Request.SET_INFLIGHT_FD: Row(B._set_inflight_fd, Inflight, fds=(1, 1),
+                                 protocol_feature=PF.INFLIGHT_SHMFD, touches_rings=True),
+    # Not yet: IOTLB_MSG, SET_VRING_ENDIAN,
     # POSTCOPY_*, VRING_KICK (INBAND_NOTIFICATIONS).  Add a row and a handler.
 }
 
 #: Requests whose reply is part of the protocol: never an extra REPLY_ACK,
 #: and a failure cannot be reported by one.
 _MANDATORY_REPLY = frozenset(int(req) for req, row in BackendProtocol.TABLE.items() if row.reply) | {
-    int(Request.GET_INFLIGHT_FD), int(Request.IOTLB_MSG), int(Request.POSTCOPY_ADVISE),
+    int(Request.IOTLB_MSG), int(Request.POSTCOPY_ADVISE),
     int(Request.POSTCOPY_END), int(Request.CREATE_CRYPTO_SESSION), int(Request.GET_SHARED_OBJECT),
     int(Request.SET_DEVICE_STATE_FD), int(Request.CHECK_DEVICE_STATE),
 }

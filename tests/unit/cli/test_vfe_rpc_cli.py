@@ -34,6 +34,8 @@ def req(line: str):
     ("bdev_aio_create /dev/sdb Aio0", "bdev_aio_create", {"filename": "/dev/sdb", "name": "Aio0"}),
     ("bdev_aio_create /tmp/f Aio0 4096", "bdev_aio_create",
      {"filename": "/tmp/f", "name": "Aio0", "block_size": 4096}),
+    ("bdev_aio_create /tmp/f Aio0 --direct", "bdev_aio_create",
+     {"filename": "/tmp/f", "name": "Aio0", "direct": True}),
     ("bdev_get_bdevs", "bdev_get_bdevs", {}),
     ("bdev_get_bdevs -b Null0", "bdev_get_bdevs", {"name": "Null0"}),
     ("bdev_null_delete Null0", "bdev_null_delete", {"name": "Null0"}),

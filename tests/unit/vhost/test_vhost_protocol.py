@@ -730,3 +730,68 @@ def test_no_real_fd_leaks_after_disconnect(fds):
     assert fds.open() == set(p.held_fds())
     drv.disconnect()
     assert fds.open() == set()
+
+
+# -- inflight region (INFLIGHT_SHMFD) ---------------------------------------------
+
+
+INFLIGHT_PF = ALL_PF | bit(PF.INFLIGHT_SHMFD)
+
+
+@pytest.fixture
+def iready(fds):
+    """`ready` for a device offering INFLIGHT_SHMFD (blk devices do)."""
+    d = Driver(BackendProtocol(spec(protocol_features=INFLIGHT_PF)))
+    negotiate(d)
+    d.send(mem_table([default_region()], fds.new(1)))
+    return d
+
+
+def test_get_inflight_fd_asks_the_caller_for_a_region(iready):
+    from vfe.vhost.actions import GetInflight
+    from vfe.vhost.messages import Inflight
+    assert iready.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128))) == [GetInflight(2, 128)]
+    for bad, why in ((Inflight(0, 0, 5, 128), "for 5 queues"), (Inflight(0, 0, 2, 100), "of 100 entries"),
+                     (Inflight(0, 0, 2, 2048), "of 2048 entries")):
+        p = BackendProtocol(spec(protocol_features=INFLIGHT_PF))
+        d = Driver(p)
+        negotiate(d)
+        with pytest.raises(ProtocolError, match=why):    # a mandatory reply: no nack
+            d.send(msg(Request.GET_INFLIGHT_FD, bad))
+
+
+def test_set_inflight_fd_is_applied_like_a_memory_change(iready, fds):
+    ready = iready
+    from vfe.vhost.actions import SetInflight
+    from vfe.vhost.inflight import region_size
+    from vfe.vhost.messages import Inflight
+    setup_ring(ready, fds, 0)
+    ready.avail[0] = 7
+    info = Inflight(region_size(2, 256), 0, 2, 256)
+    fd = fds.one()
+    out = ready.send(msg(Request.SET_INFLIGHT_FD, info, [fd]))
+    # running rings stop, the region is set, they start again from the stop
+    assert kinds(out) == ["StopRing", "SetInflight", "CloseFds", "StartRing"]
+    assert out[1] == SetInflight(fd, info.mmap_size, 0, 2, 256)
+    assert out[2] == CloseFds((fd,)) and starts(out)[0].base == 7
+    assert ready.p.inflight == info
+    assert fd not in ready.p.held_fds()
+
+
+def test_set_inflight_fd_too_small_is_refused_with_reply_ack(iready, fds):
+    ready = iready
+    from vfe.vhost.inflight import region_size
+    from vfe.vhost.messages import Inflight
+    fd = fds.one()
+    out = ready.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256) - 1, 0, 2, 256), [fd],
+                         need_reply=True))
+    assert out == [CloseFds((fd,)), Ack(Request.SET_INFLIGHT_FD, ok=False)]
+    assert ready.p.inflight is None
+
+
+def test_inflight_needs_the_protocol_feature(fds):
+    from vfe.vhost.messages import Inflight
+    drv = Driver(BackendProtocol(spec(protocol_features=INFLIGHT_PF)))
+    negotiate(drv, pf=ALL_PF)
+    with pytest.raises(ProtocolError, match="INFLIGHT_SHMFD"):
+        drv.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 128)))
