@@ -1,0 +1,309 @@
+# BlkDevice: a virtio-blk device inside the engine (queues, backend, inflight).
+# Included by engine.pyx (one compiled module: the worker loop calls these
+# directly, and the device classes share its cdef helpers).
+
+cdef class BlkDevice(RingDevice):
+    """The engine's side of one virtio-blk device: its request queues, its
+    memory table and its backend (null or malloc).  Same ring-control
+    methods as NetDevice, so the device adapter's Session drives it alike."""
+    cdef BlkDev *d
+
+    def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
+                  str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
+                  uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
+                  uint32_t max_write_zeroes_seg=32, path=None, bint direct=False,
+                  int aio_threads=4):
+        cdef int i, rc
+        if num_queues < 1 or num_queues > 256:
+            raise ValueError("a blk device has 1..256 queues")
+        if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
+            raise ValueError(f"block size {block_size} is not a power of two in 512..65536")
+        if capacity_bytes == 0 or capacity_bytes % block_size:
+            raise ValueError(f"capacity {capacity_bytes} is not a positive multiple of the block size")
+        if backend not in ("null", "malloc", "file"):
+            raise ValueError(f"backend {backend!r}: use null, malloc or file")
+        if backend == "file" and not path:
+            raise ValueError("a file backend needs path=")
+        sb = serial.encode() if isinstance(serial, str) else bytes(serial)
+        if len(sb) > BLK_ID_LEN:
+            raise ValueError(f"serial is longer than {BLK_ID_LEN} bytes")
+        if max_discard_seg > BLK_MAX_RANGES or max_write_zeroes_seg > BLK_MAX_RANGES:
+            raise ValueError(f"at most {BLK_MAX_RANGES} discard/write-zeroes ranges per request")
+        self.engine = engine
+        self.d = <BlkDev *>calloc(1, sizeof(BlkDev))
+        if self.d == NULL:
+            raise MemoryError()
+        self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
+        self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
+        self.d.inflight = <InflightQueue *>calloc(num_queues, sizeof(InflightQueue))
+        if self.d.vqs == NULL or self.d.mem == NULL or self.d.inflight == NULL:
+            raise MemoryError()
+        self.d.num_vqs = num_queues
+        self.d.fd = -1
+        if backend == "malloc":
+            # calloc of a large block is fresh zero pages: RAM is used as written
+            self.d.data = <uint8_t *>calloc(1, capacity_bytes)
+            if self.d.data == NULL:
+                raise MemoryError(f"cannot allocate a {capacity_bytes}-byte malloc bdev")
+            self.d.backend = BACKEND_MALLOC
+        elif backend == "file":
+            if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
+                raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
+            self._open_file(path, capacity_bytes, read_only, direct, aio_threads)
+        else:
+            self.d.backend = BACKEND_NULL
+        self.d.num_vqs = num_queues
+        self.d.capacity = capacity_bytes // BLK_SECTOR
+        self.d.block_size = block_size
+        self.d.read_only = read_only
+        memcpy(self.d.serial, <char *>sb, len(sb))
+        self.d.max_discard_sectors = max_discard_sectors
+        self.d.max_discard_seg = max_discard_seg
+        self.d.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.d.max_write_zeroes_seg = max_write_zeroes_seg
+        for i in range(num_queues):
+            self.d.vqs[i].index = i
+            self.d.vqs[i].kind = RING_BLK
+            self.d.vqs[i].dev = <void *>self.d
+            self.d.vqs[i].mem = self.d.mem
+            self.d.vqs[i].log = &self.d.log
+            self.d.vqs[i].kick_fd = -1
+            self.d.vqs[i].call_fd = -1
+            self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
+        self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
+        self.log, self.features = &self.d.log, &self.d.features
+        with engine._lock:
+            self.slot = engine.next_slot
+            engine.next_slot += 1
+            engine.blk_devices.append(self)
+
+    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads):
+        """The file (grown to the capacity if shorter), an O_DIRECT fd of it
+        with `direct`, and the I/O threads (blk_aio.pxd)."""
+        cdef AioPool *pool
+        cdef int i, rc
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        dfd = -1
+        try:
+            if os.fstat(fd).st_size < capacity_bytes:
+                if read_only:
+                    raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
+                os.ftruncate(fd, capacity_bytes)
+            if direct:
+                try:
+                    dfd = os.open(path, flags | os.O_DIRECT)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{path}: O_DIRECT is not available here "
+                                             f"({exc.strerror})") from None
+            pool = <AioPool *>calloc(1, sizeof(AioPool))
+            self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
+            if pool == NULL or self.d.aio == NULL:
+                free(pool)
+                raise MemoryError()
+        except BaseException:
+            os.close(fd)
+            if dfd >= 0:
+                os.close(dfd)
+            raise
+        pthread_mutex_init(&pool.mu, NULL)
+        pthread_cond_init(&pool.cv, NULL)
+        pool.fd = fd
+        pool.dfd = dfd
+        self.d.pool = pool
+        self.d.fd = fd
+        self.d.backend = BACKEND_FILE
+        for i in range(nthreads):
+            rc = pthread_create(&pool.threads[i], NULL, aio_thread, <void *>pool)
+            if rc != 0:
+                raise OSError(rc, "cannot start the file bdev's I/O threads")
+            pool.nthreads += 1
+
+    cdef _stop_pool(self):
+        """Stop and join the I/O threads (every ring is stopped: nothing is queued)."""
+        cdef AioPool *pool = self.d.pool
+        cdef int i
+        if pool == NULL:
+            return
+        with nogil:
+            pthread_mutex_lock(&pool.mu)
+            pool.stop = 1
+            pthread_cond_broadcast(&pool.cv)
+            pthread_mutex_unlock(&pool.mu)
+            for i in range(pool.nthreads):
+                pthread_join(pool.threads[i], NULL)
+        pool.nthreads = 0
+
+    def __dealloc__(self):
+        cdef int i
+        self.vqs = NULL
+        if self.d != NULL:
+            if self.d.pool != NULL:
+                self._stop_pool()
+                pthread_mutex_destroy(&self.d.pool.mu)
+                pthread_cond_destroy(&self.d.pool.cv)
+                close(self.d.pool.fd)
+                if self.d.pool.dfd >= 0:
+                    close(self.d.pool.dfd)
+                free(self.d.pool)
+            if self.d.aio != NULL:
+                for i in range(self.d.num_vqs):
+                    free(self.d.aio[i].slots)
+                    free(self.d.aio[i].store)
+                free(self.d.aio)
+            free(self.d.data)
+            if self.d.inflight != NULL:
+                for i in range(self.d.num_vqs):
+                    free(self.d.inflight[i].resubmit)
+                free(self.d.inflight)
+            free(self.d.vqs)
+            free(self.d.mem)
+            free(self.d)
+            self.d = NULL
+
+    @property
+    def port(self):
+        return -1                 # not on the switch
+
+    @property
+    def capacity(self):
+        """Size in 512-byte sectors."""
+        return self.d.capacity
+
+    @property
+    def block_size(self):
+        return self.d.block_size
+
+    @property
+    def read_only(self):
+        return bool(self.d.read_only)
+
+    @property
+    def backend(self):
+        if self.d.backend == BACKEND_FILE:
+            return "file"
+        return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
+
+    @property
+    def direct(self):
+        """The file bdev does sector-aligned reads and writes with O_DIRECT."""
+        return self.d.pool != NULL and self.d.pool.dfd >= 0
+
+    def aio_stats(self):
+        """The file bdev's I/O threads: requests queued so far, failed syscalls."""
+        if self.d.pool == NULL:
+            return {}
+        return {"threads": self.d.pool.nthreads, "submitted": self.d.pool.submitted,
+                "direct": self.d.pool.direct_ios, "errors": self.d.pool.errors}
+
+    def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   bint log_used=False, uint64_t log_guest_addr=0):
+        """RingDevice.start_ring, after giving a file bdev's queue its
+        request slots (one per head; the ring is stopped, none is in use)."""
+        cdef Vring *vq = self._ring(index)
+        cdef AioRing *ar
+        cdef int i
+        if self.d.aio != NULL and not vq.ready:
+            ar = &self.d.aio[index]
+            if ar.size != size and 0 < size <= 32768:
+                free(ar.slots)
+                free(ar.store)
+                ar.slots = <AioReq *>calloc(size, sizeof(AioReq))
+                ar.store = <uint8_t *>malloc(<size_t>size * AIO_STORE)
+                ar.size = 0
+                if ar.slots == NULL or ar.store == NULL:
+                    raise MemoryError(f"ring {index}: no memory for {size} request slots")
+                for i in range(size):
+                    ar.slots[i].store = ar.store + <size_t>i * AIO_STORE
+                ar.size = size
+            ar.wake_fd = self.engine.workers[vq.worker].wake_fd
+        return RingDevice.start_ring(self, index, size, desc_uva, avail_uva, used_uva, base,
+                                     kick_fd, call_fd, enabled, log_used, log_guest_addr)
+
+    def set_features(self, uint64_t features):
+        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
+        cdef int i
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.features = features
+            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
+            for i in range(self.d.num_vqs):
+                self.d.vqs[i].event_idx = (features >> 29) & 1
+                self.d.vqs[i].indirect = (features >> 28) & 1
+            e.start_world()
+
+    cdef InflightQueue *_inflight(self, int index):
+        return &self.d.inflight[index]
+
+    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues):
+        """Track queue i (< num_queues) in the inflight region at hva + i *
+        stride from its next start (0: stop tracking).  The caller unmaps an
+        old region only after this returns; queues the region does not
+        cover run untracked."""
+        cdef Engine e = self.engine
+        cdef int i
+        with nogil:
+            e.stop_world()
+            for i in range(self.d.num_vqs):
+                self.d.inflight[i].region = (<uint8_t *>hva + i * stride
+                                             if hva != 0 and i < num_queues else NULL)
+                self.d.inflight[i].nresubmit = 0
+                self.d.inflight[i].resubmit_pos = 0
+            e.start_world()
+
+    def inflight_pending(self, int index):
+        """Resubmissions of ring `index` not served yet (tests, logs)."""
+        cdef InflightQueue *iq = &self.d.inflight[self._ring(index).index]
+        return iq.nresubmit - iq.resubmit_pos
+
+    def ring_stats(self, int index):
+        """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""
+        cdef Vring *vq = self._ring(index)
+        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
+                "dropped": vq.dropped, "interrupts": vq.calls}
+
+    def blk_stats(self):
+        """Totals over all queues, per request type."""
+        return {"reads": self.d.reads, "writes": self.d.writes, "flushes": self.d.flushes,
+                "get_ids": self.d.get_ids, "discards": self.d.discards,
+                "write_zeroes": self.d.write_zeroes, "read_bytes": self.d.read_bytes,
+                "write_bytes": self.d.write_bytes, "ioerrs": self.d.ioerrs,
+                "unsupps": self.d.unsupps}
+
+    def read_backend(self, uint64_t offset, uint64_t length):
+        """The backend's bytes (tests, debugging); zeros for null."""
+        if offset > self.d.capacity * BLK_SECTOR or length > self.d.capacity * BLK_SECTOR - offset:
+            raise ValueError("range outside the device")
+        if self.d.backend == BACKEND_FILE:
+            return os.pread(self.d.fd, length, offset)
+        if self.d.backend != BACKEND_MALLOC:
+            return bytes(length)
+        return (<char *>self.d.data)[offset:offset + length]
+
+    def _broken(self):
+        cdef int i
+        cdef Vring *vq
+        out = []
+        if self.d == NULL:
+            return out
+        for i in range(self.d.num_vqs):
+            vq = &self.d.vqs[i]
+            if vq.broken and not vq.reported:
+                vq.reported = 1
+                out.append((self, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+        return out
+
+    def close(self):
+        """Stop every queue and leave the engine (the backend's RAM is freed
+        with the object)."""
+        cdef int i
+        if self.d == NULL:
+            return
+        for i in range(self.d.num_vqs):
+            ring_stop(self.engine, &self.d.vqs[i], True)
+        self._stop_pool()
+        with self.engine._lock:
+            if self in self.engine.blk_devices:
+                self.engine.blk_devices.remove(self)

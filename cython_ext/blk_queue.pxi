@@ -1,0 +1,214 @@
+# virtio-blk request queues: how a worker serves, reaps and quiesces one.
+# Included by engine.pyx (one compiled module: the worker loop calls these
+# directly, and the device classes share its cdef helpers).
+
+cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nread, int niov,
+                        uint64_t rbytes, uint32_t kind, uint64_t offset, uint32_t nranges,
+                        uint32_t data_in) noexcept nogil:
+    """Queue a validated file request on the device's pool (blk_aio.pxd).
+    BLK_ASYNC once queued; IOERR if its data pieces do not fit a slot (more
+    than seg_max allows: a guest bug)."""
+    cdef AioRing *ar = &d.aio[vq.index]
+    cdef AioReq *r = &ar.slots[head]
+    cdef Iov *last = &w.iov[niov - 1]        # the status byte is the chain's last writable byte
+    cdef int i
+    r.ring = <void *>ar
+    r.head = head
+    r.status_ptr = last.base + last.len - 1
+    r.status_gpa = last.gpa + last.len - 1
+    r.data_in = data_in
+    r.offset = offset
+    r.direct = 0
+    if kind == BLK_T_IN:
+        r.op = AIO_READ
+        r.length = data_in
+        r.n = aio_slice(&w.iov[nread], niov - nread, 0, data_in, aio_pieces(r), AIO_MAX_PIECES)
+    elif kind == BLK_T_OUT:
+        r.op = AIO_WRITE
+        r.length = rbytes - BLK_HDR_LEN
+        r.n = aio_slice(w.iov, nread, BLK_HDR_LEN, r.length, aio_pieces(r), AIO_MAX_PIECES)
+    elif kind == BLK_T_FLUSH:
+        r.op = AIO_FLUSH
+        r.n = 0
+    else:
+        r.op = <uint8_t>kind                 # AIO_DISCARD / AIO_WRITE_ZEROES
+        memcpy(r.store, w.lin, nranges * sizeof(AioRange))
+        r.n = <int>nranges
+    if r.n < 0:
+        vfe_add_u64(&d.ioerrs, 1)
+        return BLK_S_IOERR
+    if (r.op == AIO_READ or r.op == AIO_WRITE) and d.pool.dfd >= 0:
+        # O_DIRECT wants sector-aligned buffers; anything else goes buffered
+        r.direct = 1
+        for i in range(r.n):
+            if ((<uint64_t>aio_pieces(r)[i].base) | aio_pieces(r)[i].len) & (BLK_SECTOR - 1):
+                r.direct = 0
+                break
+    aio_submit(d.pool, r)
+    return BLK_ASYNC
+
+
+cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8_t status,
+                     uint64_t nbytes) noexcept nogil:
+    """The request at `head` is done (its status byte written and logged):
+    its used entry, the last-batch list, the ring's counters."""
+    used_push(vq, head, data_in + 1)
+    inflight_link(&d.inflight[vq.index], head)
+    vq.packets += 1
+    vq.bytes += nbytes
+    if status != BLK_S_OK:
+        vq.dropped += 1
+
+
+cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
+    """Serve the request at `head`: walk its chain, run it against the
+    backend, write the status byte, log what we wrote into guest memory
+    when migrating, and push its used entry (published by the caller).
+    Returns 1 if answered, 0 if queued for the I/O threads (answered when
+    reaped), or the E_* code that stopped the ring."""
+    cdef int c, rc, niov = 0, nread = 0
+    cdef uint64_t rbytes = 0, wbytes = 0, offset = 0
+    cdef uint32_t data_in, kind = 0, nranges = 0
+    cdef uint8_t status
+    cdef Iov st
+    rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
+    if rc == 0 and rbytes < BLK_HDR_LEN:
+        rc = E_BLK_HDR
+    if rc == 0 and wbytes == 0:
+        rc = E_BLK_STATUS
+    if rc < 0:
+        break_ring(w, vq, rc)
+        return rc
+    status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in,
+                         &kind, &offset, &nranges)
+    if status == BLK_ASYNC:
+        status = blk_submit(w, vq, d, head, nread, niov, rbytes, kind, offset, nranges, data_in)
+        if status == BLK_ASYNC:
+            return 0
+        data_in = 0
+    st.base = &status
+    st.len = 1
+    sg_copy(&w.iov[nread], niov - nread, <uint32_t>(wbytes - 1), &st, 1, 0, 1)
+    if d.log.active:
+        vfe_fence()
+        for c in range(nread, niov):
+            log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
+    blk_answer(d, vq, head, data_in, status,
+               data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0))
+    return 1
+
+
+cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
+    """Publish used->idx for the answered heads, then clear their inflight marks."""
+    used_publish(vq)
+    inflight_clear(iq, done, ndone[0], vq.last_used_idx)
+    ndone[0] = 0
+
+
+cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nogil:
+    """Answer the ring's requests the I/O threads have finished."""
+    cdef AioRing *ar
+    cdef AioReq *r
+    cdef int k, n = 0
+    cdef Iov *p
+    if d.aio == NULL:
+        return 0
+    ar = &d.aio[vq.index]
+    r = aio_take_done(ar)
+    while r != NULL:
+        vfe_store_u8(r.status_ptr, r.status)
+        if d.log.active:
+            vfe_fence()
+            if r.op == AIO_READ and r.status == BLK_S_OK:
+                p = aio_pieces(r)
+                for k in range(r.n):
+                    log_pages(&d.log, p[k].gpa, p[k].len)
+            log_pages(&d.log, r.status_gpa, 1)
+        if r.status != BLK_S_OK:
+            vfe_add_u64(&d.ioerrs, 1)
+        blk_answer(d, vq, r.head, r.data_in, r.status,
+                   r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
+        ar.pending -= 1
+        done[ndone[0]] = r.head
+        ndone[0] += 1
+        if ndone[0] == BURST:
+            blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
+        n += 1
+        r = r.next
+    return n
+
+
+cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
+    """Before a blk queue stops (world stopped, `w` is scratch): serve the
+    resubmissions still queued and wait for every request at the I/O
+    threads.  Taken heads must be answered before the stop reports its
+    index, and no thread may write into guest memory after it."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef AioRing *ar = &d.aio[vq.index] if d.aio != NULL else NULL
+    while True:
+        blk_burst(w, vq, 0)
+        if ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
+                and (ar == NULL or ar.pending == 0)):
+            break
+        if ar != NULL and ar.pending > 0:
+            aio_nap()
+
+
+cdef inline bint blk_has_work(Vring *vq) noexcept nogil:
+    """Something for blk_burst besides new avail entries."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    if iq.resubmit_pos < iq.nresubmit:
+        return True
+    return d.aio != NULL and vfe_load_acquire_u64(<uint64_t *>&d.aio[vq.index].done) != 0
+
+
+cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
+    """One pass over a virtio-blk queue (blk.pxd): answer what the I/O
+    threads finished, serve the heads a previous process left inflight
+    (resubmitted in fetch order), then up to BURST new avail entries;
+    publish used->idx, then clear the answered heads' inflight marks."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef uint16_t done[BURST]
+    cdef int n, k, rc, ndone = 0, work
+    cdef uint16_t head
+    work = blk_reap(vq, d, done, &ndone)
+    k = 0
+    while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
+        head = inflight_next_resubmit(iq)
+        rc = blk_serve(w, vq, d, head)
+        if rc < 0:
+            break
+        k += 1
+        if rc > 0:
+            done[ndone] = head
+            ndone += 1
+            if ndone == BURST:
+                blk_flush_done(vq, iq, done, &ndone)
+    work += k
+    if take_new and k < BURST and not vq.broken:
+        n = avail_count(vq)
+        if n < 0:
+            break_ring(w, vq, n)
+            n = 0
+        if n > BURST - k:
+            n = BURST - k
+        for k in range(n):
+            head = avail_head(vq, vq.last_avail_idx)
+            # marked before anything else happens to it: a crash from here
+            # on leaves it for the next process to serve
+            inflight_take(iq, head)
+            rc = blk_serve(w, vq, d, head)
+            if rc < 0:
+                break
+            vq.last_avail_idx += 1
+            work += 1
+            if rc > 0:
+                done[ndone] = head
+                ndone += 1
+                if ndone == BURST:
+                    blk_flush_done(vq, iq, done, &ndone)
+    blk_flush_done(vq, iq, done, &ndone)
+    return work

@@ -1,0 +1,162 @@
+# NetDevice: a virtio-net device inside the engine (rings, switch port, TAP).
+# Included by engine.pyx (one compiled module: the worker loop calls these
+# directly, and the device classes share its cdef helpers).
+
+cdef class NetDevice(RingDevice):
+    """The engine's side of one virtio-net device: its rings, its memory
+    table and its switch port.  Methods are called by the device adapter
+    (vfe/devices/net.py) from the daemon's control thread."""
+    cdef NetDev *d
+
+    def __cinit__(self, Engine engine, int num_queues):
+        cdef int i
+        if num_queues < 2 or num_queues > 256 or num_queues % 2:
+            raise ValueError("a net device has 2..256 rings, an even number")
+        self.engine = engine
+        self.d = <NetDev *>calloc(1, sizeof(NetDev))
+        if self.d == NULL:
+            raise MemoryError()
+        self.d.vqs = <Vring *>calloc(num_queues, sizeof(Vring))
+        self.d.mem = <MemTable *>calloc(1, sizeof(MemTable))
+        if self.d.vqs == NULL or self.d.mem == NULL:
+            raise MemoryError()
+        self.d.num_vqs = num_queues
+        self.d.hdr_len = 12
+        self.d.port = -1
+        self.d.tap_fd = -1
+        for i in range(num_queues):
+            self.d.vqs[i].index = i
+            self.d.vqs[i].dev = <void *>self.d
+            self.d.vqs[i].mem = self.d.mem
+            self.d.vqs[i].log = &self.d.log
+            self.d.vqs[i].kick_fd = -1
+            self.d.vqs[i].call_fd = -1
+            self.d.vqs[i].worker = (engine.next_slot + i // 2) % engine.nworkers
+        self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
+        self.log, self.features = &self.d.log, &self.d.features
+        engine._attach(self)
+
+    def __dealloc__(self):
+        self.vqs = NULL
+        if self.d != NULL:
+            free(self.d.vqs)
+            free(self.d.mem)
+            free(self.d)
+            self.d = NULL
+
+    @property
+    def port(self):
+        return self.d.port if self.d != NULL else -1
+
+    def set_features(self, uint64_t features):
+        """Apply negotiated virtio features (header length, offloads, ring features)."""
+        cdef int i
+        cdef int v1 = (features >> 32) & 1
+        cdef int mrg = (features >> 15) & 1
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.features = features
+            self.d.mrg_rxbuf = mrg
+            self.d.hdr_len = 12 if (v1 or mrg) else 10
+            self.d.guest_csum = (features >> 1) & 1
+            self.d.guest_tso4 = (features >> 7) & 1
+            self.d.guest_tso6 = (features >> 8) & 1
+            self.d.guest_ecn = (features >> 9) & 1
+            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
+            for i in range(self.d.num_vqs):
+                self.d.vqs[i].event_idx = (features >> 29) & 1
+                self.d.vqs[i].indirect = (features >> 28) & 1
+            e.start_world()
+
+    cdef bint _polled(self, int index):
+        return index & 1          # workers poll the TX rings; RX rings are filled by senders
+
+    def set_tap(self, int fd):
+        """Connect the device to a representor TAP fd (non-blocking, with a
+        12-byte vnet header): guest frames go to it and frames read from it
+        go to the guest.  The device leaves the switch.  -1 goes back to the
+        switch.  The fd stays the caller's; detach before closing it."""
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[self.d.vqs[1].worker if self.d.num_vqs > 1 else 0]
+        cdef epoll_event ev
+        cdef int i, p = self.d.port
+        with nogil:
+            e.stop_world()
+            if self.d.tap_fd >= 0:
+                epoll_ctl(w.epfd, EPOLL_CTL_DEL, self.d.tap_fd, NULL)
+                for i in range(w.ntaps):
+                    if w.taps[i] == self.d:
+                        w.taps[i] = w.taps[w.ntaps - 1]
+                        w.ntaps -= 1
+                        break
+            self.d.tap_fd = fd
+            if fd >= 0:
+                w.taps[w.ntaps] = self.d
+                w.ntaps += 1
+                ev.events = EPOLLIN
+                ev.data.fd = -1 - fd          # not drained by the wake-up loop: tap_in reads it
+                epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev)
+                if p >= 0:
+                    e.sw.ports[p] = NULL
+                    sw_forget_port(e.sw, p)
+            elif p >= 0:
+                e.sw.ports[p] = self.d
+            e.start_world()
+            worker_wake(w)
+
+    def set_paused(self, bint paused):
+        """Quiesce (True) or resume the data path: no guest TX is taken (it
+        waits in the ring, nothing lost) and nothing is delivered to the guest."""
+        cdef Engine e = self.engine
+        with nogil:
+            e.stop_world()
+            self.d.paused = paused
+            e.start_world()
+        for i in range(self.d.num_vqs):
+            worker_wake(e.workers[self.d.vqs[i].worker])
+
+    @property
+    def paused(self):
+        return bool(self.d.paused)
+
+    def tap_stats(self):
+        return {"tap_rx_dropped": self.d.tap_rx_dropped}
+
+    def offload_stats(self):
+        """Frames whose offloads this device did not negotiate, finished in software."""
+        return {"sw_csum": self.d.sw_csum, "sw_gso": self.d.sw_gso}
+
+    def ring_stats(self, int index):
+        cdef Vring *vq = self._ring(index)
+        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
+                "dropped": vq.dropped, "interrupts": vq.calls}
+
+    def inject(self, bytes frame, int pair=0):
+        """Switch one frame as if the guest had sent it on queue pair `pair`
+        (used for SEND_RARP: the switch learns the MAC and floods it)."""
+        cdef Engine e = self.engine
+        cdef Worker *w = e.ctl
+        cdef Iov src
+        cdef uint8_t buf[12 + 1518]
+        cdef uint32_t n = len(frame)
+        if n < 14 or n > 1518:
+            raise ValueError("frame must be 14..1518 bytes")
+        memset(buf, 0, 12 + n)
+        memcpy(buf + self.d.hdr_len, <char *>frame, n)
+        src.base = buf
+        src.len = self.d.hdr_len + n
+        with e._lock:
+            switch_frame(w, self.d, pair, &src, 1, src.len)
+            flush_rx(w)
+
+    def close(self):
+        """Stop every ring and leave the switch."""
+        cdef int i
+        if self.d == NULL or self.d.port < 0:
+            return
+        if self.d.tap_fd >= 0:
+            self.set_tap(-1)
+        for i in range(self.d.num_vqs):
+            self.stop_ring(i)
+        self.engine._detach(self)
