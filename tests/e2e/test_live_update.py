@@ -79,6 +79,12 @@ def slow_to_confirm(root: Path) -> None:
     p.write_text(src.replace(anchor, '        time.sleep(3)\n' + anchor))
 
 
+def broken_import(root: Path) -> None:
+    """A build that cannot even start (a syntax error in its controller)."""
+    p = root / "vfe" / "cli" / "controller.py"
+    p.write_text("def broken(:\n" + p.read_text())
+
+
 def virtnet(svc: ControllerService, root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`virtnet` of the build under `root` (-P: not this checkout first)."""
     env = dict(svc.env(), PYTHONPATH=str(root))
@@ -135,6 +141,7 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
     broken_abi = make_build(short_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
     failing = make_build(short_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
     slow = make_build(short_root / "b5", vfe.__version__ + "+slow", slow_to_confirm)
+    dead = make_build(short_root / "b6", vfe.__version__ + "+dead", broken_import)
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:
@@ -228,6 +235,11 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
             assert st["status"] == "failed" and "simulated failure" in st["reason"], st
             assert svc.proc.pid == before and svc.running()
             assert a.run("ping -c 3 -W 2 10.7.0.2", timeout=20)[0] == 0
+            # and one that dies before it could take anything
+            virtnet(svc, dead, "update", "--start")
+            st = wait_update(svc, dead)
+            assert st["status"] == "failed" and "went away before taking over" in st["reason"], st
+            assert svc.proc.pid == before and svc.running()
 
             ping.kill("INT")
             time.sleep(0.5)
@@ -235,7 +247,7 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
             m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
             assert m, out
             sent, got = int(m.group(1)), int(m.group(2))
-            print(f"100 Hz ping over 10 updates + 1 failed one: {sent - got} of {sent} lost; "
+            print(f"100 Hz ping over 10 updates + 2 failed ones: {sent - got} of {sent} lost; "
                   f"controller gaps {[r['gap_ms'] for r in results]} ms")
             assert [carrier_changes(vm) for vm in vms] == carrier, "a guest's link went down"
 
@@ -250,6 +262,8 @@ def test_live_update_ten_times_under_traffic(short_root, vm_factory):
                 assert time.monotonic() < deadline, listed
                 time.sleep(0.05)
             assert all(d["status"] == "migrating" for d in listed)
+            v = svc.virtnet_json("version")      # both controllers while both exist
+            assert v["controller"]["pid"] == svc.proc.pid and v["update"]["version"] == vfe.__version__ + "+slow"
             assert svc.virtnet_json("query", "-p", "0")["devices"][0]["status"] == "migrating"
             r = svc.virtnet("modify", "-p", "0", "device", "-t", "1400")
             assert r.returncode == 1 and "migrating" in r.stderr and "(code -11)" in r.stderr, r.stderr

@@ -167,7 +167,7 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
 def _update_version(updater) -> dict:
     """`virtnet version` during a live update shows the new controller too."""
     st = updater.state
-    if st.get("status") == "in progress":
+    if st.get("status") in ("in progress", "moving"):
         return {"update": {"version": st["to"], "pid": st["pid"], "status": st["status"]}}
     return {}
 
