@@ -50,7 +50,9 @@ def send(sock: socket.socket, kind: str, body: dict | None = None, fds: list[int
 def _recv_one(sock: socket.socket, deadline: float | None) -> tuple[dict, list[int]]:
     if deadline is not None:
         left = max(0.0, deadline - time.monotonic())
-        if not select.select([sock], [], [], left)[0]:
+        poller = select.poll()            # not select(): a controller of 504 VFs has fds > 1024
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(left * 1000):
             raise HandoverError("no answer from the other controller in time")
     data, anc, flags, _ = sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
                                        socket.MSG_CMSG_CLOEXEC)

@@ -13,6 +13,12 @@ import time
 from pathlib import Path
 
 
+def _readable(fd: int, timeout: float | None) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
 class AdoptedProcess:
     """A process this test did not fork -- the new controller of a live
     update, which the old one started -- followed by a pidfd, so the PID
@@ -28,7 +34,7 @@ class AdoptedProcess:
         self._done = False
 
     def poll(self):
-        if not self._done and select.select([self.fd], [], [], 0)[0]:
+        if not self._done and _readable(self.fd, 0):
             self._finish()
         return self.returncode if self._done else None
 
@@ -39,7 +45,7 @@ class AdoptedProcess:
 
     def wait(self, timeout: float | None = None):
         if not self._done:
-            if not select.select([self.fd], [], [], timeout)[0]:
+            if not _readable(self.fd, timeout):
                 raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
             self._finish()
         return self.returncode

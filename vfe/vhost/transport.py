@@ -61,6 +61,14 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def _wait(sock, events: int, timeout: float | None) -> bool:
+    """poll(), not select(): a daemon with hundreds of functions has fds
+    above FD_SETSIZE (1024), which select() cannot take."""
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
 def _fds_from_ancdata(ancdata: list) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -196,7 +204,7 @@ class Connection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerClosed("peer does not read its socket") from None
-                select.select([], [self.sock], [], left)
+                _wait(self.sock, select.POLLOUT, left)
                 continue
             except (socket.timeout, TimeoutError):
                 raise PeerClosed("peer does not read its socket") from None
@@ -267,8 +275,7 @@ class Listener:
         (0: don't wait; None: wait forever).  The new connection's socket is
         non-blocking unless ``blocking``."""
         if timeout != 0.0:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-            if not ready:
+            if not _wait(self.sock, select.POLLIN, timeout):
                 return None
         try:
             sock, _ = self.sock.accept()
