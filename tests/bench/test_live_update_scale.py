@@ -1,0 +1,65 @@
+"""A live update of a controller with 504 VFs (4 static PFs x 126): how long
+from `virtnet update --start` to success, and the data-path gap the new
+controller reports.  Not a timed test: the numbers are reported.
+
+    pytest tests/bench/test_live_update_scale.py --benchmark-only
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import vfe
+from vfe.testing.netns import NetNs
+from vfe.testing.service import ControllerService
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
+from test_live_update import HERE, make_build, virtnet, wait_update  # noqa: E402
+
+pytestmark = [pytest.mark.bench, pytest.mark.e2e]
+PFS, VFS = 4, 126
+
+
+def test_live_update_of_504_vfs(benchmark):
+    root = Path(tempfile.mkdtemp(prefix="vfe-b-", dir="/tmp"))
+    builds = [make_build(root / "b2", vfe.__version__ + "+scale"), HERE]
+    gaps, totals = [], []
+    try:
+        with NetNs() as ns:
+            svc = ControllerService(root / "root", ns)
+            svc.mlxconfig("s", "SRIOV_EN=1", f"VIRTIO_NET_EMULATION_NUM_VF={VFS}",
+                          f"VIRTIO_NET_EMULATION_NUM_PF={PFS}", "PF_TOTAL_SF=508",
+                          "VIRTIO_NET_EMULATION_NUM_MSIX=4", "NUM_VF_MSIX=4")
+            svc.start()
+            try:
+                for pf in range(PFS):
+                    r = subprocess.run([sys.executable, "-m", "vfe.cli.sriov", "-p", str(pf), str(VFS)],
+                                       env=svc.env(), capture_output=True, text=True, timeout=600)
+                    assert r.returncode == 0, r.stderr
+                n = len(svc.virtnet_json("list")["devices"])
+
+                def one_update():
+                    build = builds[len(gaps) % 2]
+                    t0 = time.monotonic()
+                    virtnet(svc, build, "update", "--start")
+                    st = wait_update(svc, build, timeout=600)
+                    assert st["status"] == "success", st
+                    totals.append(time.monotonic() - t0)
+                    gaps.append(st["gap_ms"])
+                    svc.follow(st["pid"])
+
+                benchmark.pedantic(one_update, rounds=2, iterations=1)
+                assert len(svc.virtnet_json("list")["devices"]) == n
+            finally:
+                svc.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    benchmark.extra_info.update({"functions": n, "gap_ms": gaps, "seconds": [round(t, 2) for t in totals]})
+    print(f"\nlive update of {n} functions: gap {gaps} ms, {[f'{t:.1f}' for t in totals]} s each")
