@@ -22,16 +22,20 @@ The timed quantity (pytest-benchmark) is the wall time our daemon needs for
 those requests (guest tool start to exit, through the serial console); the
 reference's run of the same round is the untimed setup.  ``extra_info`` and
 the line printed per workload carry the guest-measured rates of both, the
-ours/reference ratio (of the medians), the back-ends' CPU use and how much
-CPU other processes took meanwhile (the machine is shared).  No assertion on
+ours/reference ratio (of the medians; also each round's ratio and their
+median), the back-ends' CPU use and how much CPU other processes took
+meanwhile (the machine is shared).  No assertion on
 speed: the numbers go to docs/performance.md.
 
     pytest tests/bench/test_blk_qsd.py --benchmark-only
     VFE_BLKBENCH_ROUNDS=5 VFE_BLKBENCH_SMP=1 VFE_BLKBENCH_QUEUES=1 pytest ... -k randread
 
-Environment: VFE_BLKBENCH_ROUNDS (3), VFE_BLKBENCH_SECONDS (3), VFE_BLKBENCH_SMP
+Environment: VFE_BLKBENCH_ROUNDS (5), VFE_BLKBENCH_SECONDS (3), VFE_BLKBENCH_SMP
 (2), VFE_BLKBENCH_QUEUES (2), VFE_BLKBENCH_JOBS (= queues), VFE_BLKBENCH_WORKERS
-(our --workers, 1), VFE_BLKBENCH_QSD_AIO (io_uring|threads|native).
+(our --workers, 1), VFE_BLKBENCH_VFE_ARGS (more controller arguments, e.g.
+"--spin-us 0"), VFE_BLKBENCH_QSD_AIO (io_uring|threads|native),
+VFE_BLKBENCH_WAIT_QUIET (before each run, wait up to this many seconds, 20,
+for other processes to use < 0.1 cores; 0 = don't wait).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -63,13 +68,16 @@ def _env(name: str, default: int | float | str):
     return type(default)(v) if v else default
 
 
-ROUNDS = _env("VFE_BLKBENCH_ROUNDS", 3)
+ROUNDS = _env("VFE_BLKBENCH_ROUNDS", 5)
 SECONDS = _env("VFE_BLKBENCH_SECONDS", 3.0)
 SMP = _env("VFE_BLKBENCH_SMP", 2)
 QUEUES = _env("VFE_BLKBENCH_QUEUES", 2)
 JOBS = _env("VFE_BLKBENCH_JOBS", QUEUES)
 WORKERS = _env("VFE_BLKBENCH_WORKERS", 1)
+VFE_ARGS = _env("VFE_BLKBENCH_VFE_ARGS", "").split()   # e.g. "--spin-us 0"
 QSD_AIO = _env("VFE_BLKBENCH_QSD_AIO", "io_uring")
+WAIT_QUIET = _env("VFE_BLKBENCH_WAIT_QUIET", 20.0)   # s to wait for others to calm down
+QUIET = 0.1                                         # cores others may use in a quiet window
 NULL_MB, RAM_MB = 1024, 256
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -129,7 +137,7 @@ def sides(guest_image, tmp_path_factory):
     ours = ControllerProcess(
         [f"blk,socket={sock}/vn.sock,bdev=null,size={NULL_MB},queues={QUEUES}",
          f"blk,socket={sock}/vr.sock,bdev=malloc,size={RAM_MB},queues={QUEUES}"],
-        work, mode="adaptive", workers=WORKERS, name="vfe")
+        work, mode="adaptive", workers=WORKERS, extra=VFE_ARGS, name="vfe")
     ref = StorageDaemon([QsdExport(f"{sock}/qn.sock", "null", NULL_MB, QUEUES),
                          QsdExport(f"{sock}/qr.sock", "memory", RAM_MB, QUEUES, aio=QSD_AIO)],
                         work, name="qsd")
@@ -155,6 +163,17 @@ def sides(guest_image, tmp_path_factory):
         shutil.rmtree(sock, ignore_errors=True)
 
 
+def _wait_quiet(own_pids: list[int]) -> None:
+    """Before a run, wait (at most WAIT_QUIET s) until other processes use
+    less than QUIET cores; measure anyway after that (the run is flagged)."""
+    deadline = time.monotonic() + WAIT_QUIET
+    while True:
+        with CpuWatch(own_pids) as watch:
+            time.sleep(0.5)
+        if watch.foreign < QUIET or time.monotonic() > deadline:
+            return
+
+
 def _measure(side: Side, wl: Workload, ops: int, own_pids: list[int]) -> dict:
     cpu0 = _cpu_seconds(side.pid)
     with CpuWatch(own_pids) as watch:
@@ -177,6 +196,7 @@ def test_blk_vs_qsd(benchmark, sides, wl, capsys):
     benchmark.group = f"blk-{wl.id}"
 
     # warm-up on both; ours sets the number of requests per run
+    _wait_quiet(own)
     warm = blkbench.run(ours.vm, wl.device, mode=wl.mode, bs=wl.bs, jobs=JOBS, depth=wl.depth,
                         seconds=1.0)
     blkbench.run(ref.vm, wl.device, mode=wl.mode, bs=wl.bs, jobs=JOBS, depth=wl.depth,
@@ -185,8 +205,10 @@ def test_blk_vs_qsd(benchmark, sides, wl, capsys):
 
     runs: dict[str, list[dict]] = {"vfe": [], "qsd": []}
 
-    def reference_round():
+    def reference_round():  # pedantic's setup: not timed
+        _wait_quiet(own)
         runs["qsd"].append(_measure(ref, wl, ops, own))
+        _wait_quiet(own)
 
     def our_round():
         runs["vfe"].append(_measure(ours, wl, ops, own))
@@ -210,16 +232,20 @@ def test_blk_vs_qsd(benchmark, sides, wl, capsys):
     foreign = max(r["foreign_cores"] for r in runs["vfe"] + runs["qsd"])
     benchmark.extra_info.update(
         workload=wl.id, mode=wl.mode, bs=wl.bs, jobs=JOBS, depth=wl.depth, smp=SMP,
-        num_queues=QUEUES, workers=WORKERS, qsd_aio=QSD_AIO, ops_per_run=ops,
+        num_queues=QUEUES, workers=WORKERS, vfe_args=" ".join(VFE_ARGS), qsd_aio=QSD_AIO,
+        ops_per_run=ops,
         metric=wl.metric, vfe=s_ours, qsd=s_ref,
         ratio=round(ratio, 3) if ratio else None,
         round_ratios=[round(x, 3) for x in pair],
+        round_ratio_median=round(statistics.median(pair), 3) if pair else None,
+        foreign_cores=[round(r["foreign_cores"], 2) for r in runs["vfe"] + runs["qsd"]],
         foreign_cores_max=round(foreign, 2),
     )
     note = f"  [others used up to {foreign:.2f} cores: disturbed]" if foreign > 0.1 else ""
     with capsys.disabled():
         print(f"\nblk {wl.id:16s} vfe {_fmt_rate(wl, s_ours['median']):>13s} "
               f"qsd {_fmt_rate(wl, s_ref['median']):>13s}  vfe/qsd {ratio:.2f} "
-              f"(rounds {' '.join(f'{x:.2f}' for x in pair)}); p99 {s_ours['lat_p99_us']:.0f}"
+              f"(rounds {' '.join(f'{x:.2f}' for x in pair)}, median "
+              f"{statistics.median(pair):.2f}); p99 {s_ours['lat_p99_us']:.0f}"
               f"/{s_ref['lat_p99_us']:.0f} us; back-end cores {s_ours['backend_cores']:.2f}"
               f"/{s_ref['backend_cores']:.2f}{note}")
