@@ -8,7 +8,8 @@ Cache layout (default <repo>/.guest, or $VFE_GUEST_DIR):
     kernel/<version>/stamp        written last: the kernel step is complete
     vmlinuz                       the bzImage (symlink into root/boot)
     vmlinux                       ELF extracted from it (PVH boot, faster on TCG)
-    initrd.img                    gzip'd newc cpio: busybox, virtio modules, /init
+    initrd.img                    gzip'd newc cpio: busybox, virtio modules, /init,
+                                  the guest tools (qemu/guest/*.c, built static)
     stamp                         builder version + hash of every input
 
 Nothing is installed on the host: the kernel package is only downloaded and
@@ -34,7 +35,7 @@ from pathlib import Path
 from qemu import initramfs, vmlinux
 
 # Bump when the layout of the image changes in a way the input hash misses.
-BUILDER_VERSION = "vfe-guest-3"
+BUILDER_VERSION = "vfe-guest-4"
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_FILES = Path(__file__).resolve().parent / "guest"
@@ -47,6 +48,10 @@ VIRTIO_MODULES = [
     "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk",
 ]
 BUSYBOX = Path("/bin/busybox")
+# C tools of the guest (qemu/guest/NAME.c -> /bin/NAME), linked static: the
+# initramfs has no libc.  Needs gcc and glibc's static libc.a (libc6-dev).
+CC = os.environ.get("VFE_GUEST_CC", "gcc")
+CFLAGS = ["-O2", "-static", "-pthread", "-s", "-Wall"]
 
 
 @dataclass(frozen=True)
@@ -189,15 +194,49 @@ def _busybox_applets() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _check_static(path: Path) -> None:
-    # An initramfs without a libc needs a static busybox (busybox-static).
+def _check_static(path: Path, hint: str = "install busybox-static") -> None:
+    # An initramfs without a libc needs static programs (busybox-static).
     data = path.read_bytes()[:4096]
     if b"/lib64/ld-linux" in data or b"/lib/ld-linux" in data:
-        raise RuntimeError(f"{path} is dynamically linked: install busybox-static")
+        raise RuntimeError(f"{path} is dynamically linked: {hint}")
+
+
+def guest_tool_sources() -> list[Path]:
+    return sorted(GUEST_FILES.glob("*.c"))
+
+
+def compiler_identity() -> str:
+    """The C compiler's version line (part of the inputs hash)."""
+    if shutil.which(CC) is None:
+        names = ", ".join(p.name for p in guest_tool_sources())
+        raise RuntimeError(f"{CC} not found: the guest tools ({names}) need gcc and a static "
+                           f"libc (apt-get install gcc libc6-dev; scripts/setup does)")
+    return _run([CC, "--version"]).splitlines()[0]
+
+
+def build_tool(src: Path, out: Path) -> None:
+    """Compile one guest tool, statically linked; fail with the reason."""
+    proc = subprocess.run([CC, *CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip()
+        hint = ""
+        if "cannot find -lc" in err or "cannot find -lpthread" in err:
+            hint = "\nno static libc: apt-get install libc6-dev (scripts/setup does)"
+        elif "No such file or directory" in err and "#include" in err:
+            hint = "\nmissing headers: apt-get install libc6-dev linux-libc-dev"
+        raise RuntimeError(f"building guest tool {src.name} failed "
+                           f"({CC} {' '.join(CFLAGS)}):\n{err}{hint}")
+    _check_static(out, f"{CC} ignored -static")
 
 
 def build_initramfs(out: Path, modroot: Path, modules: list[str]) -> None:
     _check_static(BUSYBOX)
+    tools: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="vfe-guest-tools-") as tmp:
+        for src in guest_tool_sources():
+            exe = Path(tmp) / src.stem
+            build_tool(src, exe)
+            tools[src.stem] = exe.read_bytes()
     fs = initramfs.Initramfs()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp",
               "run", "root", "etc/vfe", "var/tmp", "mnt"):
@@ -211,7 +250,10 @@ def build_initramfs(out: Path, modroot: Path, modules: list[str]) -> None:
             fs.symlink(applet, "/bin/busybox")
     fs.add_host_file("init", GUEST_FILES / "init", 0o755)
     for script in sorted(GUEST_FILES.glob("vfe-*")):
-        fs.add_host_file(f"bin/{script.name}", script, 0o755)
+        if script.suffix != ".c":
+            fs.add_host_file(f"bin/{script.name}", script, 0o755)
+    for name, data in tools.items():
+        fs.add_file(f"bin/{name}", data, 0o755)
     version = modroot.name
     for rel in modules:
         fs.add_host_file(f"lib/modules/{version}/{rel}", modroot / rel, 0o644)
@@ -225,6 +267,8 @@ def build_initramfs(out: Path, modroot: Path, modules: list[str]) -> None:
 def _inputs_hash(version: str, modroot: Path, modules: list[str]) -> str:
     h = hashlib.sha256()
     h.update(f"{BUILDER_VERSION}\n{version}\n".encode())
+    if guest_tool_sources():  # the sources are among GUEST_FILES below
+        h.update(f"{compiler_identity()} {' '.join(CFLAGS)}\n".encode())
     files = [BUSYBOX, *sorted(GUEST_FILES.iterdir()), Path(initramfs.__file__)]
     files += [modroot / m for m in modules]
     for f in files:
