@@ -63,9 +63,28 @@ include "blk_queue.pxi"
 
 # ---------------------------------------------------------------- worker loop
 
+cdef inline void tune_poll(Worker *w, int64_t idle_ns) noexcept nogil:
+    """Adaptive mode: how long to poll an idle worker before it sleeps, tuned
+    from how long the last idle spell lasted (as QEMU's iothreads tune their
+    poll time).  Work that came back within the window: keep it.  Work that
+    came back after we had gone to sleep, but sooner than spin_ns: polling a
+    little longer would have caught it without a wake-up: double the window.
+    An idle spell longer than spin_ns: polling was wasted CPU -- which on a
+    machine shared with the guests' vCPUs is taken from them: halve it."""
+    if idle_ns <= w.poll_ns:
+        return
+    if idle_ns > w.spin_ns:
+        w.poll_ns = w.poll_ns // 2 if w.poll_ns > 4000 else 0
+    elif w.poll_ns < w.spin_ns:
+        w.poll_ns = w.poll_ns * 2 if w.poll_ns else 4000
+        if w.poll_ns > w.spin_ns:
+            w.poll_ns = w.spin_ns
+
+
 cdef void worker_loop(Worker *w) noexcept nogil:
     """Poll owned TX rings; in adaptive mode sleep on their kick eventfds
-    after spin_ns without work (re-checking after re-enabling kicks)."""
+    after poll_ns without work (re-checking after re-enabling kicks); poll_ns
+    tunes itself between 0 and spin_ns (tune_poll)."""
     cdef epoll_event evs[64]
     cdef int i, n, work, pending
     cdef int64_t idle_since = 0, t
@@ -88,6 +107,8 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         w.iterations += 1
         vfe_spin_unlock(&w.lock)
         if work:
+            if idle_since:                  # found by polling, within the window
+                tune_poll(w, now_ns() - idle_since)
             idle_since = 0
             continue
         if w.mode == 0:
@@ -96,7 +117,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         t = now_ns()
         if idle_since == 0:
             idle_since = t
-        if t - idle_since < w.spin_ns:
+        if t - idle_since < w.poll_ns:
             vfe_cpu_relax()
             continue
         vfe_spin_lock(&w.lock)
@@ -122,6 +143,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             if w.rings[i].ready:
                 notify_disable(w.rings[i])
         vfe_spin_unlock(&w.lock)
+        tune_poll(w, now_ns() - idle_since)
         idle_since = 0
 
 
@@ -136,6 +158,7 @@ cdef Worker *worker_new(Switch *sw, int mode, int64_t spin_ns, int event_fd) exc
     w.sw = sw
     w.mode = mode
     w.spin_ns = spin_ns
+    w.poll_ns = 0                     # grows while idle spells are short (tune_poll)
     w.event_fd = event_fd
     w.epfd = epoll_create1(EPOLL_CLOEXEC)
     w.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -306,7 +329,8 @@ cdef class Engine:
     def worker_stats(self):
         return [{"worker": i, "rings": self.workers[i].nrings,
                  "iterations": self.workers[i].iterations,
-                 "sleeps": self.workers[i].sleeps} for i in range(self.nworkers)]
+                 "sleeps": self.workers[i].sleeps,
+                 "poll_ns": self.workers[i].poll_ns} for i in range(self.nworkers)]
 
     cdef int _attach(self, NetDevice dev) except -1:
         cdef int p

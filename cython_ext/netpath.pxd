@@ -58,7 +58,8 @@ ctypedef struct Worker:
     int epfd
     int wake_fd
     int event_fd              # written when a ring breaks (Python logs it)
-    int64_t spin_ns           # adaptive: idle time before sleeping
+    int64_t spin_ns           # adaptive: the longest idle time before sleeping (--spin-us)
+    int64_t poll_ns           # adaptive: the idle time before sleeping now, 0..spin_ns (self-tuned)
     int blocked               # a TX ring waits for room in a destination
     int nrings
     Vring *rings[MAX_WORKER_RINGS]
