@@ -1,9 +1,9 @@
 """A file bdev, served asynchronously (issue 6, acceptance): a guest on
 `vhost-user-blk-pci,num-queues=4` writes 256 MiB of a known pattern with
 O_DIRECT and reads it back; the checksums match in the guest and in the
-host-side file; a discard is seen in the file as a hole that reads zeros.
-(busybox has no tool that issues WRITE_ZEROES; tests/protocol/test_blk_aio.py
-sends that request itself.)
+host-side file; a discard is seen in the file as a hole that reads zeros,
+and a write-zeroes (the guest's BLKZEROOUT, /bin/vfe-zeroout) as zeros in
+the file, counted by the daemon as a WRITE_ZEROES request.
 
 The pattern: 16 MiB of random data, written 16 times, each copy rotated by
 its index in MiB, so a block written to the wrong place changes the sum."""
@@ -77,12 +77,22 @@ def test_file_bdev_256m_pattern_and_discard(controller, vm_factory, sockdir, tmp
     assert data[:1 << 20] == host[:1 << 20] and data[2 << 20:] == host[2 << 20:]
     rc, z = vm.run("dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum")
     assert z.split()[0] == hashlib.md5(bytes(1 << 20)).hexdigest()
+    # write-zeroes over 2 MiB further in: zeros in the file, the rest intact
+    zoff = 8 << 20
+    rc, out = vm.run(f"vfe-zeroout /dev/vda {zoff} {2 << 20} && sync", timeout=60)
+    assert rc == 0, out
+    with open(img, "rb") as f:
+        after = f.read(MB << 20)
+    assert after[zoff:zoff + (2 << 20)] == bytes(2 << 20)
+    assert after[zoff + (2 << 20):] == data[zoff + (2 << 20):] and after[:zoff] == data[:zoff]
     log = ctl.log()
     assert "stopped:" not in log and "Traceback" not in log
     vm.shutdown()
     ctl.wait_for_log("blk0: front-end disconnected")
     summary = ctl.log().split("blk0: front-end disconnected")[1].splitlines()[0]
     assert " 0 I/O errors" in summary and " 0 failed" in summary, summary
+    # the zeroing reached us as WRITE_ZEROES, not as writes of zero pages
+    assert int(summary.split(" write-zeroes")[0].rsplit(" ", 1)[1]) >= 1, summary
     direct_ios = int(summary.split(" with O_DIRECT")[0].rsplit(" ", 1)[1])
     # the guest's O_DIRECT buffers are sector-aligned: all of its data went direct
     assert (direct_ios >= MB) if direct == "on" else (direct_ios == 0), summary
