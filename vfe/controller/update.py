@@ -199,9 +199,15 @@ class LiveUpdate:
             # memory: it must be gone before ours run again
             self._stop_new()
             for ep in paused:
-                ep.session.resume()
+                try:
+                    ep.session.resume()
+                except Exception:          # keep resuming the others
+                    log.exception("%s: cannot resume its rings", ep.name)
             for f in detached:
-                f.model.rings.set_tap(f.representor.fd)
+                try:
+                    f.model.rings.set_tap(f.representor.fd)
+                except Exception:
+                    log.exception("%s: cannot re-attach its representor", f.vuid)
             self._failed(f"the new controller could not take over: {exc}")
             log.info("live update: every device is still served here (rings resumed after %.1f ms)",
                      (time.monotonic() - t0) * 1e3)
