@@ -15,7 +15,22 @@ needs_gcc = pytest.mark.skipif(shutil.which(guest_image.CC) is None, reason="no 
 
 
 def test_every_c_file_is_a_tool_not_a_script():
-    assert [p.name for p in guest_image.guest_tool_sources()] == ["vfe-blkbench.c"]
+    assert [p.name for p in guest_image.guest_tool_sources()] == ["vfe-blkbench.c", "vfe-zeroout.c"]
+
+
+@needs_gcc
+def test_zeroout_builds_static_and_checks_its_arguments(tmp_path):
+    exe = tmp_path / "vfe-zeroout"
+    guest_image.build_tool(guest_image.GUEST_FILES / "vfe-zeroout.c", exe)
+    assert b"/lib64/ld-linux" not in exe.read_bytes()[:4096]
+    proc = subprocess.run([str(exe), "/dev/null", "x", "4096"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: vfe-zeroout" in proc.stderr
+    # not a block device: the ioctl fails with a clear message, exit 1
+    f = tmp_path / "plain"
+    f.write_bytes(b"\1" * 8192)
+    proc = subprocess.run([str(exe), str(f), "0", "4096"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "BLKZEROOUT 0+4096" in proc.stderr
+    assert f.read_bytes() == b"\1" * 8192
 
 
 @needs_gcc
