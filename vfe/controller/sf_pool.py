@@ -34,6 +34,7 @@ that raises leaves nothing recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -87,7 +88,23 @@ class SfPool:
         self._in_use: dict[int, str | None] = {}
         self._pooled: set[int] = set()
         self._fresh: set[int] = set()        # reserved by creating (cancel destroys them)
+        self._batch = 0                       # > 0: inside batch(): saves wait for its end
+        self._unsaved = False
         self._load()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Many changes, one save at the end (SR-IOV creates or destroys
+        hundreds of functions at once; a save is two fsyncs).  A crash in the
+        middle leaves the file behind the truth, which start() reconciles
+        from the recovery files, as after any crash."""
+        self._batch += 1
+        try:
+            yield self
+        finally:
+            self._batch -= 1
+            if not self._batch and self._unsaved:
+                self._save()
 
     # -- views ---------------------------------------------------------------
 
@@ -299,6 +316,10 @@ class SfPool:
         self._pooled = pooled - set(in_use)
 
     def _save(self) -> None:
+        if self._batch:
+            self._unsaved = True
+            return
+        self._unsaved = False
         atomic_write_json(self.path, {
             "ib_dev": self.ib_dev,
             "in_use": {str(n): self._in_use[n] for n in sorted(self._in_use)},

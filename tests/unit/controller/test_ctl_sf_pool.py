@@ -246,3 +246,27 @@ def test_no_hooks_needed(tmp_path):
     p = SfPool(tmp_path, total=2, percent=50)
     p.start()
     assert p.reserve() == SF_NUM_MIN
+
+
+def test_batch_saves_once_at_the_end(tmp_path, monkeypatch):
+    p, _ = pool(tmp_path, total=8)
+    p.start()
+    writes = []
+    import vfe.controller.sf_pool as mod
+    real = mod.atomic_write_json
+    monkeypatch.setattr(mod, "atomic_write_json", lambda path, obj: (writes.append(obj), real(path, obj)))
+    with p.batch():
+        got = [p.reserve(None, owner=f"VF{i}") for i in range(3)]
+        with p.batch():                       # nested: still one save, at the outer end
+            p.release(got[0])
+        assert writes == []
+        on_disk = json.loads(p.path.read_text())
+        assert on_disk["in_use"] == {}        # the file is behind while the batch runs
+    assert len(writes) == 1
+    assert SfPool(tmp_path, total=8).in_use == {got[1]: "VF1", got[2]: "VF2"}
+    # an exception inside the batch still saves what changed
+    with pytest.raises(RuntimeError):
+        with p.batch():
+            p.release(got[1])
+            raise RuntimeError("boom")
+    assert len(writes) == 2 and got[1] not in SfPool(tmp_path, total=8).in_use
