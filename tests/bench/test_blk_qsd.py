@@ -53,7 +53,7 @@ from tests.conftest_qemu_part import vm_pool
 from vfe.testing import blkbench
 from vfe.testing.daemon import ControllerProcess
 from vfe.testing.qsd import QsdExport, StorageDaemon, qsd_available
-from vfe.testing.testpmd import CpuWatch
+from vfe.testing.pmd_measure import CpuWatch
 
 pytestmark = [
     pytest.mark.bench,
