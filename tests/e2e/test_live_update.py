@@ -59,24 +59,23 @@ def bump_engine_abi(root: Path) -> None:
     so.write_bytes(re.sub(rb"vfe-engine-abi=\d+", b"vfe-engine-abi=9", data))
 
 
-def fail_after_rings_started(root: Path) -> None:
-    """A build whose takeover fails at the last step, after it started the
-    rings it was handed: the old controller must get them back intact."""
-    p = root / "vfe" / "controller" / "update.py"
-    src = p.read_text()
-    anchor = '        left = sorted(daemon.inherited)\n'
-    assert anchor in src
-    p.write_text(src.replace(anchor, '        raise RuntimeError("simulated failure of the new build")\n' + anchor))
+def _before_confirming(line: str):
+    """A patch for a build whose takeover runs `line` at its last step, after
+    it started every ring it was handed and before telling the old
+    controller it did."""
+    def patch(root: Path) -> None:
+        p = root / "vfe" / "controller" / "update.py"
+        src = p.read_text()
+        anchor = '        left = sorted(daemon.inherited)\n'
+        assert anchor in src
+        p.write_text(src.replace(anchor, f"        {line}\n" + anchor))
+    return patch
 
 
-def slow_to_confirm(root: Path) -> None:
-    """A build that runs every device, then waits 3 s before telling the old
-    controller so: the window in which devices show as migrating."""
-    p = root / "vfe" / "controller" / "update.py"
-    src = p.read_text()
-    anchor = '        left = sorted(daemon.inherited)\n'
-    assert anchor in src
-    p.write_text(src.replace(anchor, '        time.sleep(3)\n' + anchor))
+# the takeover fails there: the old controller must get the rings back intact
+fail_after_rings_started = _before_confirming('raise RuntimeError("simulated failure of the new build")')
+# it waits 3 s there: the window in which devices show as migrating
+slow_to_confirm = _before_confirming("time.sleep(3)")
 
 
 def broken_import(root: Path) -> None:

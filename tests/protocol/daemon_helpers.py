@@ -21,6 +21,8 @@ Imported by file name from tests/protocol (keep the name unique).
 """
 from __future__ import annotations
 
+import contextlib
+
 import ctypes
 import itertools
 import mmap
@@ -523,6 +525,20 @@ class Memfd:
 # Fixtures (a test module does ``daemon, daemon_guard = daemon_fixtures({...})``)
 
 
+@contextlib.contextmanager
+def serving(d):
+    """Start daemon `d` for a module's tests; stop it, print its log (pytest
+    shows it for a failed module) and remove its files afterwards."""
+    d.start()
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        print(f"--- daemon log (exit {rc}) ---")
+        print(d.log()[-6000:])
+        d.cleanup()
+
+
 def daemon_fixtures(devices: dict[str, str]):
     """A module-scoped ``daemon`` fixture and an autouse ``daemon_guard``
     that fails a test after which the daemon died or logged a traceback
@@ -531,14 +547,8 @@ def daemon_fixtures(devices: dict[str, str]):
 
     @pytest.fixture(scope="module")
     def daemon():
-        d = Daemon(devices).start()
-        try:
+        with serving(Daemon(devices)) as d:
             yield d
-        finally:
-            rc = d.stop()
-            print(f"--- daemon log (exit {rc}) ---")
-            print(d.log()[-6000:])
-            d.cleanup()
 
     @pytest.fixture(autouse=True)
     def daemon_guard(daemon):

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from blk_helpers import (  # noqa: E402
     S_OK, T_DISCARD, T_FLUSH, T_IN, T_WRITE_ZEROES, BlkDaemon, BlkQueue, ranges,
 )
-from daemon_helpers import MiB, close_frontend  # noqa: E402
+from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
 
 from vfe.testing.frontend import Frontend  # noqa: E402
 
@@ -38,14 +38,8 @@ def disk(tmp_path_factory):
                        "direct": f"bdev=file,path={imgs['direct']},size=64,queues=1,direct=on"},
                   workers=1)
     d.imgs = imgs
-    d.start()
-    try:
+    with serving(d):
         yield d
-    finally:
-        rc = d.stop()
-        print(f"--- daemon log (exit {rc}) ---")
-        print(d.log()[-6000:])
-        d.cleanup()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from blk_helpers import S_OK, T_IN, T_OUT, BlkDaemon, BlkQueue  # noqa: E402
-from daemon_helpers import MiB, close_frontend  # noqa: E402
+from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
 
 from vfe.testing.frontend import Frontend, NackError  # noqa: E402
 from vfe.vhost import inflight as layout  # noqa: E402
@@ -47,18 +47,14 @@ def disk(tmp_path):
     d = BlkDaemon({}, {"file": f"bdev=file,path={img},size={SIZE_MB},queues=2",
                        "other": "bdev=malloc,size=8"}, workers=2)
     d.img = img
-    d.start()
     frontends: list[Frontend] = []
     d.frontends = frontends
-    try:
-        yield d
-    finally:
-        for fe in frontends:
-            fe.close()
-        rc = d.stop()
-        print(f"--- daemon log (exit {rc}) ---")
-        print(d.log()[-6000:])
-        d.cleanup()
+    with serving(d):
+        try:
+            yield d
+        finally:
+            for fe in frontends:
+                fe.close()
 
 
 def open_blk(d, dev: str, rings: int = 1, **kw) -> Frontend:

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from daemon_helpers import (  # noqa: E402
-    Memfd, MiB, close_frontend, exchange, new_mac, open_frontend,
+    Memfd, MiB, close_frontend, exchange, new_mac, open_frontend, serving,
 )
 from blk_helpers import (  # noqa: E402
     BlkDaemon, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_GET_LIFETIME, T_IN, T_OUT,
@@ -42,17 +42,11 @@ CAPACITY = 64 * 2048                        # blk0, sectors
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = BlkDaemon({"a": "", "b": ""},
-                  {"disk": f"bdev=malloc,size=64,block-size=512,queues=4,serial={SERIAL.decode()}",
-                   "ro": "bdev=malloc,size=1,ro=on,serial=ro-disk",
-                   "null": "bdev=null,size=1024,block-size=512"}).start()
-    try:
+    with serving(BlkDaemon({"a": "", "b": ""},
+                           {"disk": f"bdev=malloc,size=64,block-size=512,queues=4,serial={SERIAL.decode()}",
+                            "ro": "bdev=malloc,size=1,ro=on,serial=ro-disk",
+                            "null": "bdev=null,size=1024,block-size=512"})) as d:
         yield d
-    finally:
-        rc = d.stop()
-        print(f"--- daemon log (exit {rc}) ---")
-        print(d.log()[-6000:])
-        d.cleanup()
 
 
 @pytest.fixture(autouse=True)

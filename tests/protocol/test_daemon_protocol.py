@@ -181,8 +181,13 @@ def test_get_vring_base_is_exact_with_frames_in_flight(daemon, frontends):
     tokens = [new_token() for _ in range(200)]
     for t in tokens:
         a.send_frame(0, frame(b.mac, a.mac, t))
-    base = a.get_vring_base(1)
     ring = a.rings[1]
+    # the worker may be asleep when the frames go in (it sleeps when idle):
+    # let it take the 8 the receiver has room for, then stop mid-stream
+    deadline = time.monotonic() + 5
+    while ring.driver.used_idx() < 9 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    base = a.get_vring_base(1)
     assert base == ring.driver.used_idx(), "GET_VRING_BASE != used->idx of the stopped ring"
     assert 9 <= base < 201, f"base {base}: the ring was not stopped mid-stream"
     time.sleep(0.1)

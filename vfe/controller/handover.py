@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import array
 import json
-import os
 import select
 import socket
 import time
+
+from vfe.vhost.transport import close_fds, fds_from_ancdata, wait_ready
 
 MAX_FDS = 250                 # the kernel's SCM_MAX_FD is 253 per message
 MAX_DATAGRAM = 1 << 20
@@ -49,32 +50,24 @@ def send(sock: socket.socket, kind: str, body: dict | None = None, fds: list[int
 
 def _recv_one(sock: socket.socket, deadline: float | None) -> tuple[dict, list[int]]:
     if deadline is not None:
-        left = max(0.0, deadline - time.monotonic())
-        poller = select.poll()            # not select(): a controller of 504 VFs has fds > 1024
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(left * 1000):
+        if not wait_ready(sock, select.POLLIN, deadline - time.monotonic()):
             raise HandoverError("no answer from the other controller in time")
     data, anc, flags, _ = sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
                                        socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, typ, raw in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(raw[:len(raw) - len(raw) % _FD_SIZE])
-            fds.extend(arr)
+    fds = fds_from_ancdata(anc)
     if not data:
-        close_all(fds)
+        close_fds(fds)
         raise HandoverError("the other controller closed the channel")
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        close_all(fds)
+        close_fds(fds)
         raise HandoverError("a hand-over message was truncated")
     try:
         msg = json.loads(data)
     except ValueError:
-        close_all(fds)
+        close_fds(fds)
         raise HandoverError("a hand-over message is not JSON") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
-        close_all(fds)
+        close_fds(fds)
         raise HandoverError("a hand-over message has no kind")
     return msg, fds
 
@@ -93,17 +86,11 @@ def recv(sock: socket.socket, timeout: float | None = None) -> tuple[str, dict, 
         if len(fds) != want:
             raise HandoverError(f"{msg['kind']}: {len(fds)} fds arrived, {want} announced")
     except BaseException:
-        close_all(fds)
+        close_fds(fds)
         raise
     return msg["kind"], msg.get("body") or {}, fds
 
 
-def close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class Received:
@@ -122,9 +109,9 @@ class Received:
         return self.fds[index]
 
     def close_unclaimed(self) -> None:
-        close_all(fd for i, fd in enumerate(self.fds) if i not in self.claimed)
+        close_fds(fd for i, fd in enumerate(self.fds) if i not in self.claimed)
         self.fds = []
 
     def close(self) -> None:
-        close_all(self.fds)
+        close_fds(self.fds)
         self.fds = []

@@ -137,7 +137,7 @@ class LiveUpdate:
         except (handover.HandoverError, OSError) as exc:
             self._failed(f"the new controller went away before taking over ({exc})")
             return
-        handover.close_all(fds)
+        handover.close_fds(fds)
         if kind != "hello":
             self._failed(f"the new controller said {kind!r} instead of hello")
             return
@@ -267,7 +267,7 @@ class LiveUpdate:
                     kind, obj = key.data
                     if kind == "update":
                         kind, body, fds = handover.recv(self.chan, timeout=1.0)
-                        handover.close_all(fds)
+                        handover.close_fds(fds)
                         return kind, body
                     obj.on_readable()
         finally:

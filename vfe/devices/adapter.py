@@ -77,13 +77,18 @@ class Session:
         self._start_rings(self.started)
 
     def _start_rings(self, which) -> None:
-        rings = self.device.rings
         for r in self.protocol.running_rings():
             if r.index in which:
-                rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
-                                 r.base, r.kick_fd, r.call_fd, r.enabled,
-                                 r.log_used, r.log_guest_addr)
-                self.started.add(r.index)
+                self._start_ring(r)
+
+    def _start_ring(self, r):
+        """Start ring `r` (a VringConfig) in the engine; returns how many
+        requests the inflight region had it resubmit (None: no region)."""
+        recovered = self.device.rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
+                                                 r.base, r.kick_fd, r.call_fd, r.enabled,
+                                                 r.log_used, r.log_guest_addr)
+        self.started.add(r.index)
+        return recovered
 
     def export(self, fds: list[int]) -> dict:
         def keep(fd: int) -> int:
@@ -227,10 +232,7 @@ class Session:
                 self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
                 self._take_ownership()
-                recovered = rings.start_ring(r.index, r.size, r.desc_uva, r.avail_uva, r.used_uva,
-                                             r.base, r.kick_fd, r.call_fd, r.enabled,
-                                             r.log_used, r.log_guest_addr)
-                self.started.add(r.index)
+                recovered = self._start_ring(r)
                 state = rings.ring_state(r.index)
                 if recovered is not None and recovered >= 0:
                     # the inflight region decided where the ring goes on

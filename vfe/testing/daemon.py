@@ -12,11 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _readable(fd: int, timeout: float | None) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else timeout * 1000))
+from vfe.vhost.transport import wait_ready
 
 
 class AdoptedProcess:
@@ -34,7 +30,7 @@ class AdoptedProcess:
         self._done = False
 
     def poll(self):
-        if not self._done and _readable(self.fd, 0):
+        if not self._done and wait_ready(self.fd, select.POLLIN, 0):
             self._finish()
         return self.returncode if self._done else None
 
@@ -45,7 +41,7 @@ class AdoptedProcess:
 
     def wait(self, timeout: float | None = None):
         if not self._done:
-            if not _readable(self.fd, timeout):
+            if not wait_ready(self.fd, select.POLLIN, timeout):
                 raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
             self._finish()
         return self.returncode

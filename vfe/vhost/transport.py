@@ -37,7 +37,8 @@ from .actions import Ack, Reply
 from .framing import FrameAssembler, encode_message, encode_reply
 from .messages import VERSION, Message, ProtocolError, U64
 
-__all__ = ["Connection", "Listener", "PeerClosed", "listen", "connect", "try_connect"]
+__all__ = ["Connection", "Listener", "PeerClosed", "listen", "connect", "try_connect",
+           "fds_from_ancdata", "wait_ready", "close_fds"]
 
 RECV_SIZE = 65536
 MAX_FDS_PER_RECV = 32
@@ -61,7 +62,7 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-def _wait(sock, events: int, timeout: float | None) -> bool:
+def wait_ready(sock, events: int, timeout: float | None) -> bool:
     """poll(), not select(): a daemon with hundreds of functions has fds
     above FD_SETSIZE (1024), which select() cannot take."""
     poller = select.poll()
@@ -69,7 +70,7 @@ def _wait(sock, events: int, timeout: float | None) -> bool:
     return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
 
-def _fds_from_ancdata(ancdata: list) -> list[int]:
+def fds_from_ancdata(ancdata: list) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -129,7 +130,7 @@ class Connection:
         except OSError as exc:
             self._drop_pending()
             raise PeerClosed(f"recvmsg: {exc}") from None
-        fds = _fds_from_ancdata(ancdata)
+        fds = fds_from_ancdata(ancdata)
         if msg_flags & socket.MSG_CTRUNC:
             close_fds(fds)
             self._drop_pending()
@@ -204,7 +205,7 @@ class Connection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerClosed("peer does not read its socket") from None
-                _wait(self.sock, select.POLLOUT, left)
+                wait_ready(self.sock, select.POLLOUT, left)
                 continue
             except (socket.timeout, TimeoutError):
                 raise PeerClosed("peer does not read its socket") from None
@@ -275,7 +276,7 @@ class Listener:
         (0: don't wait; None: wait forever).  The new connection's socket is
         non-blocking unless ``blocking``."""
         if timeout != 0.0:
-            if not _wait(self.sock, select.POLLIN, timeout):
+            if not wait_ready(self.sock, select.POLLIN, timeout):
                 return None
         try:
             sock, _ = self.sock.accept()

@@ -35,9 +35,9 @@ def test_fds_arrive_in_order(pair, n):
         assert (kind, body) == ("endpoint", {"state": {"x": 1}})
         assert len(got) == n
         assert [os.fstat(x).st_ino for x in got] == [os.fstat(x).st_ino for x in sent]
-        handover.close_all(got)
+        handover.close_fds(got)
     finally:
-        handover.close_all(sent)
+        handover.close_fds(sent)
 
 
 def test_garbage_and_silence_and_eof(pair):
@@ -55,7 +55,7 @@ def test_garbage_and_silence_and_eof(pair):
     a.send(b'{"kind": "end"}')
     with pytest.raises(handover.HandoverError, match="rest of endpoint"):
         handover.recv(b, timeout=5)
-    handover.close_all(fds)
+    handover.close_fds(fds)
     a.close()
     with pytest.raises(handover.HandoverError, match="closed"):
         handover.recv(b, timeout=5)
