@@ -9,7 +9,7 @@ A target is tests/fuzz/target_<name>.py (interface: tests/fuzz/worker.py).
 Inputs that found something new go to the working corpus (default
 build/fuzz/corpus/<name>/, kept between runs); the committed seeds in
 tests/fuzz/corpus/<name>/ are read, never written.  A crash, an exception
-out of the target or a hang (--timeout, default 10 s per input) is a
+out of the target or a hang (--timeout, default 25 s per input) is a
 finding: the input is saved under build/fuzz/findings/<name>/, its path
 printed, and the exit status is 1.  Exit 2: the run could not be made.
 
@@ -40,6 +40,7 @@ OUT_DIR = os.path.join(REPO, "build", "fuzz")
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second")
+_RUNNING = re.compile(r"^Running: (.+)$")           # replay: the input being run
 # Where a finding's report starts in the log (for the excerpt shown).
 _REPORT_START = ("=== Uncaught Python exception", "ERROR: AddressSanitizer", "ERROR: libFuzzer",
                  "ALARM: working on the last Unit", "==ERROR", "ERROR: UndefinedBehaviorSanitizer")
@@ -82,6 +83,7 @@ class Progress:
         self.artifacts: list[str] = []
         self.native = ""
         self.done_runs: int | None = None
+        self.running = ""
 
     def log_line(self, line: str) -> None:
         m = _STATUS.match(line)
@@ -96,6 +98,10 @@ class Progress:
         m = _DONE.match(line)
         if m:
             self.done_runs = int(m.group(1))
+            return
+        m = _RUNNING.match(line)
+        if m:
+            self.running = m.group(1)
 
     def status_line(self, line: str) -> None:
         kind, _, value = line.partition(" ")
@@ -127,15 +133,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="scripts/fuzz", description="Run one coverage-guided fuzz target (atheris).",
         epilog="Arguments after -- go to libFuzzer unchanged.")
-    ap.add_argument("target", nargs="?", help="target name (see --list)")
+    ap.add_argument("target", nargs="?", help="target name (see --list), or a target file (.py)")
     ap.add_argument("--list", action="store_true", help="list the targets and exit")
     limit = ap.add_mutually_exclusive_group()
     limit.add_argument("--runs", type=int, help="stop after N inputs")
     limit.add_argument("--seconds", type=int, help="stop after S seconds")
     ap.add_argument("--corpus", help="working corpus directory (default build/fuzz/corpus/TARGET)")
     ap.add_argument("--findings", help="where crashing inputs go (default build/fuzz/findings/TARGET)")
-    ap.add_argument("--timeout", type=int, default=10,
-                    help="seconds one input may take before it counts as a hang (default 10)")
+    ap.add_argument("--timeout", type=int, default=25,
+                    help="seconds one input may take before it counts as a hang (default 25)")
     ap.add_argument("--no-native", action="store_true",
                     help="do not use the instrumented engine build (Python coverage only)")
     ap.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each")
@@ -152,7 +158,7 @@ def _native_env(args, path: str, say) -> tuple[dict[str, str], str]:
                + os.environ.get("PYTHONPATH", ""))
     env.pop("LD_PRELOAD", None)
     if args.no_native or not _module_constant(path, "NATIVE", True):
-        return env, "Python only (not asked for)"
+        return env, "Python only (" + ("--no-native" if args.no_native else "target: NATIVE = False") + ")"
     try:
         build = native.prepare(log=say)
     except native.NativeUnavailable as exc:
@@ -169,18 +175,22 @@ def run(args) -> int:
         for name, path in targets.items():
             print(f"{name:16} {_docstring(path)}")
         return 0
-    path = targets.get(args.target)
+    if args.target.endswith(".py"):           # a target file outside tests/fuzz
+        path = os.path.abspath(args.target) if os.path.isfile(args.target) else None
+        name = os.path.basename(args.target)[:-3].removeprefix("target_")
+    else:
+        path, name = targets.get(args.target), args.target
     if path is None:
         print(f"fuzz: no target {args.target!r} (have: {', '.join(targets) or 'none'})",
               file=sys.stderr)
         return 2
-    name = args.target
     tty = sys.stderr.isatty()
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     env, coverage = _native_env(args, path, say)
+    overlay = env["VFE_FUZZ_OVERLAY"]
     findings = os.path.abspath(args.findings or os.path.join(OUT_DIR, "findings", name))
     os.makedirs(findings, exist_ok=True)
     fuzzer_args = [f"-timeout={args.timeout}", "-rss_limit_mb=4096", "-print_final_stats=1",
@@ -227,17 +237,23 @@ def run(args) -> int:
         rc = child.wait()
         os.close(status_r)
     elapsed = time.monotonic() - start
+    if overlay and progress.native and not progress.native.startswith(overlay):
+        coverage = f"Python only (vfe._engine came from {progress.native})"
+    elif overlay and not progress.native.startswith(overlay) and progress.runs:
+        coverage = "Python only (the target does not load vfe._engine)"
     if tty:
         sys.stderr.write("\r\x1b[K")
     runs = progress.done_runs if progress.done_runs is not None else progress.runs
     rate = runs / elapsed if elapsed > 0 else 0.0
     facts = (f"{runs:,} inputs in {elapsed:.0f} s ({rate:,.0f}/s), coverage {progress.cov:,} edges"
              f" / {progress.ft:,} features, corpus {progress.corpus:,}, {coverage}")
+    if args.replay and rc != 0 and not interrupted and not progress.artifacts and progress.running:
+        progress.artifacts.append(progress.running)     # libFuzzer saves no copy of a given file
     if progress.artifacts:
         say(_excerpt(log_path))
         for artifact in progress.artifacts:
             say(f"fuzz {name}: crashing input saved to {artifact}")
-            say(f"  replay: scripts/fuzz {name} --replay {artifact}")
+            say(f"  replay: scripts/fuzz {args.target} --replay {artifact}")
         print(f"fuzz {name}: FINDING: {facts}; log {log_path}", flush=True)
         return 1
     if rc != 0 and not interrupted:

@@ -11,7 +11,10 @@ out of the back-end (it drops the connection); anything else is a finding.
 Input format (a byte stream; reads past its end give zeros and stop):
 
     config    bit 0: blk device (else net); bits 1-4: how far a running ring
-              moves before it is stopped (the engine's answer to a stop)
+              moves before it is stopped (the engine's answer to a stop);
+              bit 5: every connection starts with a valid handshake
+              (protocol features incl. REPLY_ACK, owner, features, a 16 MiB
+              memory table), so short inputs reach the ring states
     record*   op: op & 3 selects
         0 MSG   request u8, flags u8 (xor 1: 0 is version 1), payload size
                 u16le, payload, fd spec, cut: bits 0-6 cut the message in
@@ -63,14 +66,48 @@ class _Reader:
         return out
 
 
+UVA0 = 0x7F00_0000_0000        # where the handshake's memory sits for the front-end
+
+
+def _handshake(blk: bool) -> list[tuple[bytes, tuple[FdKind, ...]]]:
+    from vfe.testing.vhost_harness import device_spec
+    from vfe.vhost.messages import F_LOG_ALL, MemoryRegion, MemTable, Request, U64
+
+    spec = device_spec(blk)
+    return [
+        (encode_message(Request.SET_PROTOCOL_FEATURES, U64(spec.protocol_features).encode()), ()),
+        (encode_message(Request.SET_OWNER), ()),
+        (encode_message(Request.SET_FEATURES,
+                        U64(spec.features & ~(1 << F_LOG_ALL)).encode()), ()),
+        (encode_message(Request.SET_MEM_TABLE,
+                        MemTable((MemoryRegion(0, 16 << 20, UVA0, 0),)).encode()),
+         (FdKind.MEMFD_16M,)),
+    ]
+
+
+_HANDSHAKES = {}
+
+
 class _Stream:
     """The front-end's side: turns records into delivered chunks."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, handshake: bool) -> None:
         self.conn = conn
         self.pending = b""          # glued bytes not delivered yet
         self.pending_fds: list[int] = []
         self.fds_made = 0
+        self.handshake = handshake
+        self.greeted = 0            # the session the handshake went to
+
+    def greet(self) -> None:
+        """A new connection (the first, or after a drop/EOF): the handshake."""
+        if not self.handshake or self.greeted == self.conn.sessions:
+            return
+        self.greeted = self.conn.sessions
+        if self.conn.blk not in _HANDSHAKES:
+            _HANDSHAKES[self.conn.blk] = _handshake(self.conn.blk)
+        for data, kinds in _HANDSHAKES[self.conn.blk]:
+            self.conn.deliver(data, [self.conn.fds.make(k) for k in kinds])
 
     def fds(self, r: _Reader) -> tuple[list[int], bool]:
         spec = r.u8()
@@ -95,11 +132,12 @@ class _Stream:
         self.conn.end()
 
 
-def run(conn: Connection, r: _Reader) -> None:
-    stream = _Stream(conn)
+def run(conn: Connection, r: _Reader, handshake: bool) -> None:
+    stream = _Stream(conn, handshake)
     for _ in range(MAX_RECORDS):
         if r.left <= 0:
             break
+        stream.greet()
         op = r.u8()
         kind = op & 3
         if kind == 0:
@@ -135,7 +173,7 @@ def fuzz_one(data: bytes) -> None:
     conn = Connection(blk=bool(data[0] & 1))
     conn.rings.stop_step = data[0] >> 1 & 0xF
     try:
-        run(conn, _Reader(data[1:]))
+        run(conn, _Reader(data[1:]), handshake=bool(data[0] & 0x20))
         conn.check_process()
     finally:
         conn.close()
@@ -214,6 +252,14 @@ def _seeds() -> dict[str, bytes]:
         + msg(R.SET_FEATURES, U64(BLK_FEATURES & ~(1 << F_LOG_ALL)))
         + msg(R.SET_MEM_TABLE, table, [FdKind.MEMFD_16M]) + ring(0) + ring(1) + stop
         + msg(R.SET_STATUS, U64(0x0F)),
+        "handshake-net-rings": bytes([0x22]) + ring(0) + ring(1) + stop
+        + msg(R.SET_VRING_KICK, U64(VringFile(0, True).value))
+        + msg(R.SET_VRING_CALL, U64(VringFile(1, False).value), [FdKind.PIPE_WRITE])
+        + msg(R.SET_VRING_ENABLE, VringState(0, 1)) + bytes([2]) + ring(2),
+        "handshake-blk-inflight": bytes([0x23])
+        + msg(R.SET_INFLIGHT_FD, Inflight(1 << 16, 0, 2, 256), [FdKind.MEMFD_64K])
+        + ring(0) + ring(1) + stop
+        + msg(R.SET_INFLIGHT_FD, Inflight(4096, 0, 1, 64), [FdKind.MEMFD_4K], flags=NEED_REPLY),
         "raw-garbage": bytes([0]) + bytes([1, 20]) + b"\x05\0\0\0\x01\0\0\0\xff\xff\0\0garbage!"
         + bytes([1, FdKind.PIPE_READ]) + bytes([2]),
     }

@@ -67,9 +67,11 @@ MEMFD_NAME = "vfe-harness"
 
 
 class HandedFds:
-    """Fds made here and handed to the back-end, and what became of each."""
+    """Fds made here (the front-end's) and handed to the back-end, and what
+    became of each."""
 
     def __init__(self) -> None:
+        self.unsent: set[int] = set()    # made, still the front-end's
         self.live: set[int] = set()      # handed over, not closed by the back-end yet
         self.made = 0
 
@@ -84,9 +86,15 @@ class HandedFds:
             r, w = os.pipe2(os.O_CLOEXEC)
             fd, other = (r, w) if kind == FdKind.PIPE_READ else (w, r)
             os.close(other)
-        self.live.add(fd)
+        self.unsent.add(fd)
         self.made += 1
         return fd
+
+    def hand_over(self, fds) -> None:
+        for fd in fds:
+            if fd in self.unsent:
+                self.unsent.remove(fd)
+                self.live.add(fd)
 
     def closed_by_backend(self, fd: int) -> None:
         if fd not in self.live:
@@ -98,16 +106,17 @@ class HandedFds:
     def take_back(self, fds) -> None:
         """Fds made for a chunk that was never delivered: ours to close."""
         for fd in fds:
-            self.live.discard(fd)
+            self.unsent.remove(fd)
             os.close(fd)
 
     def close_all(self) -> None:
-        for fd in sorted(self.live):
+        for fd in sorted(self.live | self.unsent):
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.live.clear()
+        self.unsent.clear()
 
 
 def device_spec(blk: bool) -> A.DeviceSpec:
@@ -175,11 +184,8 @@ class EngineRings:
 
     def set_memory(self, table) -> None:
         table = [tuple(t) for t in table]
-        live = _process_mappings()
-        for gpa, size, uva, hva in table:
-            if not any(lo <= hva and hva + size <= hi for lo, hi in live):
-                raise InvariantViolation(f"engine: table entry gpa={gpa:#x} hva={hva:#x} "
-                                         "is not mapped")
+        # (that the new entries stay mapped is checked after the message:
+        # the table must then be the Session's open mappings)
         for index, ring in self.started.items():
             # a running ring keeps its pointers: they must stay valid
             try:
@@ -274,11 +280,6 @@ class _CheckedSession(Session):
         return super()._apply(act)
 
 
-def _process_mappings() -> list[tuple[int, int]]:
-    with open("/proc/self/maps") as f:
-        return [tuple(int(x, 16) for x in line.split(None, 1)[0].split("-")) for line in f]
-
-
 def _memfd_maps() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for line in f if "/memfd:" in line)
@@ -307,8 +308,9 @@ class Connection:
         self.framer = FrameAssembler()
         self.session = _CheckedSession(self, self.device)
         self.stopped_by_get_base: set[int] = set()
+        self._queued: list[Message] = []
         self.sessions += 1
-        self._baseline = _open_fds()
+        self._baseline = self._backend_fds()
 
     # -- driving
 
@@ -319,11 +321,13 @@ class Connection:
         if not data:
             self.fds.take_back(fds)       # a stream socket delivers no empty chunk
             return True
+        self.fds.hand_over(fds)
         try:
             msgs = self.framer.feed(data, fds)
         except ProtocolError:
             self.end()
             return False
+        self._queued = msgs               # framed, not handled yet: their fds wait
         while msgs:
             msg = msgs.pop(0)
             try:
@@ -344,6 +348,7 @@ class Connection:
             running = index in self.rings.started
             before = self.session.protocol.rings.get(index)
             expect = (None if running else (before.base if before else 0))
+        self.fds.hand_over(msg.fds)       # when called directly (no deliver)
         self.replies.clear()
         self.session.handle(msg)
         if index is not None:
@@ -388,7 +393,7 @@ class Connection:
     def check(self) -> None:
         p = self.session.protocol
         held = set(p.held_fds())
-        waiting = set(self.framer.pending_fds)
+        waiting = set(self.framer.pending_fds).union(*(m.fds for m in self._queued))
         live = self.fds.live
         if held - live:
             raise InvariantViolation(f"the protocol holds fds {sorted(held - live)} that were "
@@ -411,6 +416,8 @@ class Connection:
             return
         if sorted(rings.table) != sorted(engine_table(s.memory)):
             raise InvariantViolation(f"engine table {rings.table} is not the mapped table")
+        if any(m.mmap.closed for m in s.memory.regions):
+            raise InvariantViolation("the memory table holds a region that was unmapped")
         lr = s.log_region
         if rings.log != ((lr.hva, lr.size) if lr else (0, 0)):
             raise InvariantViolation("engine dirty log is not the mapped one")
@@ -450,15 +457,19 @@ class Connection:
             raise InvariantViolation("session ended with guest memory, log or inflight mapped")
         if self.rings.started or self.device.owner is not None:
             raise InvariantViolation("session ended with rings running in the engine")
-        if _open_fds() != self._baseline:
-            raise InvariantViolation(f"session ended with {_open_fds()} fds open in the process, "
-                                     f"{self._baseline} before it")
+        if self._backend_fds() != self._baseline:
+            raise InvariantViolation(f"session ended with {self._backend_fds()} fds open in the "
+                                     f"process, {self._baseline} before it (the front-end's not "
+                                     "counted)")
+
+    def _backend_fds(self) -> int:
+        return _open_fds() - len(self.fds.unsent)
 
     def check_process(self) -> None:
         """Between sessions: the process has the fds and memfd mappings it had
         before the first one (reads /proc/self/maps: once per run, not per
         session)."""
-        now = (_open_fds(), _memfd_maps())
+        now = (self._backend_fds(), _memfd_maps())
         if now != self._process_baseline:
             raise InvariantViolation(f"(fds, memfd mappings) {now} after the sessions, "
                                      f"{self._process_baseline} before them")

@@ -66,7 +66,10 @@ def test_mem_table_that_fails_to_map_while_rings_run_is_nacked(conn):
     make REPLY_ACK say 1, not 0 (found with the first fix above)."""
     _running_ring(conn)
     conn.replies.clear()
+    fd = conn.fds.make(FdKind.MEMFD_4K)
+    conn.fds.hand_over([fd])
+    # straight into the Session: no harness checks, only what the front-end hears
     conn.session.handle(msg(Request.SET_MEM_TABLE, MemTable((MemoryRegion(0, MiB, UVA0, 0),)),
-                            [conn.fds.make(FdKind.MEMFD_4K)], need_reply=True))
+                            [fd], need_reply=True))
     acks = [U64.decode(r.payload).value for r in conn.replies if r.request == Request.SET_MEM_TABLE]
     assert acks == [1]
