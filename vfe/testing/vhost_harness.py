@@ -155,6 +155,7 @@ class EngineRings:
     features: int = 0
     fail_next_start: bool = False
     stop_bases: dict[int, int] = field(default_factory=dict)   # what the last stop returned
+    stop_log: list[tuple[int, int]] = field(default_factory=list)   # every stop: (ring, base)
     stop_step: int = 1                                         # how far a ring moves while running
 
     # -- checks
@@ -229,6 +230,7 @@ class EngineRings:
             raise InvariantViolation(f"engine: stop of ring {index}, which does not run")
         base = (ring.base + self.stop_step) & 0xFFFF
         self.stop_bases[index] = base
+        self.stop_log.append((index, base))
         return base
 
     def enable_ring(self, index: int, enabled: bool) -> None:
