@@ -264,6 +264,10 @@ class VhostConnection(RuleBasedStateMachine):
     def consistent(self):
         if hasattr(self, "conn"):
             self.conn.check()
+            VhostConnection.reached |= {f"running:{len(self.conn.rings.started)}"}
+
+
+VhostConnection.reached = set()
 
 
 VhostConnection.TestCase.settings = settings(
@@ -271,3 +275,13 @@ VhostConnection.TestCase.settings = settings(
     stateful_step_count=50, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_vhost_state_machine = VhostConnection.TestCase
+
+
+def test_state_machine_reaches_running_rings():
+    """The machine must get past negotiation to rings the engine runs (two
+    at once), or its invariants about running rings test nothing."""
+    VhostConnection.reached = set()
+    machine = VhostConnection.TestCase()
+    machine.settings = settings(machine.settings, max_examples=60, derandomize=True)
+    machine.runTest()
+    assert {"running:1", "running:2"} <= VhostConnection.reached
