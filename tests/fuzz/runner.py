@@ -84,6 +84,7 @@ class Progress:
         self.native = ""
         self.done_runs: int | None = None
         self.running = ""
+        self.interrupted = False        # libFuzzer was stopped by a signal
 
     def log_line(self, line: str) -> None:
         m = _STATUS.match(line)
@@ -102,6 +103,9 @@ class Progress:
         m = _RUNNING.match(line)
         if m:
             self.running = m.group(1)
+            return
+        if "libFuzzer: run interrupted" in line:
+            self.interrupted = True
 
     def status_line(self, line: str) -> None:
         kind, _, value = line.partition(" ")
@@ -211,6 +215,10 @@ def run(args) -> int:
     logs = os.path.join(OUT_DIR, "logs")
     os.makedirs(logs, exist_ok=True)
     log_path = os.path.join(logs, f"{name}.log")
+    # SIGTERM (CI's timeout, kill) stops the run like Ctrl-C: the worker's
+    # summary still comes out
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     status_r, status_w = os.pipe()
     env["VFE_FUZZ_STATUS_FD"] = str(status_w)
     cmd = [sys.executable, "-m", "tests.fuzz.worker", path] + fuzzer_args
@@ -229,7 +237,7 @@ def run(args) -> int:
             _follow(child, status_r, log_file, progress, start, name, tty, say)
         except KeyboardInterrupt:
             interrupted = True
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)        # libFuzzer: "run interrupted", stats
             try:
                 _follow(child, status_r, log_file, progress, start, name, tty, say)
             except KeyboardInterrupt:
@@ -237,6 +245,7 @@ def run(args) -> int:
         rc = child.wait()
         os.close(status_r)
     elapsed = time.monotonic() - start
+    interrupted = interrupted or progress.interrupted
     if overlay and progress.native and not progress.native.startswith(overlay):
         coverage = f"Python only (vfe._engine came from {progress.native})"
     elif overlay and not progress.native.startswith(overlay) and progress.runs:
@@ -264,6 +273,10 @@ def run(args) -> int:
     word = "replayed" if args.replay else ("stopped" if interrupted else "done")
     print(f"fuzz {name}: {word}, no findings: {facts}", flush=True)
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _follow(child, status_r, log_file, progress, start, name, tty, say) -> None:

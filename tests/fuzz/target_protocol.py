@@ -37,9 +37,9 @@ from vfe.testing.vhost_harness import Connection, FdKind
 from vfe.vhost.framing import encode_message
 
 NATIVE = False          # pure Python under test: no instrumented engine needed
-MAX_LEN = 4096
+MAX_LEN = 2048
 MAX_FDS = 48            # per input: bounds the cost of one run
-MAX_RECORDS = 200
+MAX_RECORDS = 64
 
 
 class _Reader:
