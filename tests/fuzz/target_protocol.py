@@ -8,7 +8,8 @@ consistent, and after each session (EOF or a dropped connection) that every
 fd is closed and every mapping released.  Only ``ProtocolError`` may come
 out of the back-end (it drops the connection); anything else is a finding.
 
-Input format (a byte stream; reads past its end give zeros and stop):
+Input format (a byte stream; reads past its end give zeros and stop; at
+most MAX_RECORDS records and MAX_SESSIONS connections are used):
 
     config    bit 0: blk device (else net); bits 1-4: how far a running ring
               moves before it is stopped (the engine's answer to a stop);
@@ -33,13 +34,14 @@ import os
 import struct
 import sys
 
-from vfe.testing.vhost_harness import Connection, FdKind
+from vfe.testing.vhost_harness import Connection, FdKind, memfd_maps
 from vfe.vhost.framing import encode_message
 
 NATIVE = False          # pure Python under test: no instrumented engine needed
 MAX_LEN = 2048
 MAX_FDS = 48            # per input: bounds the cost of one run
 MAX_RECORDS = 64
+MAX_SESSIONS = 4        # per input: later connections add cost, rarely coverage
 
 
 class _Reader:
@@ -135,7 +137,7 @@ class _Stream:
 def run(conn: Connection, r: _Reader, handshake: bool) -> None:
     stream = _Stream(conn, handshake)
     for _ in range(MAX_RECORDS):
-        if r.left <= 0:
+        if r.left <= 0 or conn.sessions > MAX_SESSIONS:
             break
         stream.greet()
         op = r.u8()
@@ -163,14 +165,19 @@ def run(conn: Connection, r: _Reader, handshake: bool) -> None:
     stream.eof()
 
 
+_MEMFD_MAPS = None      # the process's memfd mappings between inputs (checked after each)
+
+
 def setup() -> None:
+    global _MEMFD_MAPS
     logging.disable(logging.CRITICAL)     # the back-end logs every refused message
+    _MEMFD_MAPS = memfd_maps()
 
 
 def fuzz_one(data: bytes) -> None:
     if not data:
         return
-    conn = Connection(blk=bool(data[0] & 1))
+    conn = Connection(blk=bool(data[0] & 1), memfd_maps=_MEMFD_MAPS)
     conn.rings.stop_step = data[0] >> 1 & 0xF
     try:
         run(conn, _Reader(data[1:]), handshake=bool(data[0] & 0x20))

@@ -282,7 +282,7 @@ class _CheckedSession(Session):
         return super()._apply(act)
 
 
-def _memfd_maps() -> int:
+def memfd_maps() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for line in f if "/memfd:" in line)
 
@@ -295,7 +295,9 @@ class Connection:
     """One front-end connection after another, on one device.  ``deliver``
     is one ``recvmsg`` worth of bytes and fds; ``end`` is EOF."""
 
-    def __init__(self, blk: bool = False) -> None:
+    def __init__(self, blk: bool = False, memfd_maps: int | None = None) -> None:
+        """``memfd_maps``: how many memfd mappings the process has now, if the
+        caller knows (saves reading /proc/self/maps)."""
         self.blk = blk
         self.spec = device_spec(blk)
         self.fds = HandedFds()
@@ -303,7 +305,8 @@ class Connection:
         self.rings = EngineRings(self, self.spec.max_queues, blk)
         self.device = _Device(self.spec, self.rings)
         self.sessions = 0
-        self._process_baseline = (_open_fds(), _memfd_maps())
+        self._process_baseline = (self._backend_fds(),
+                                  memfd_maps() if memfd_maps is None else memfd_maps)
         self._fresh()
 
     def _fresh(self) -> None:
@@ -471,7 +474,7 @@ class Connection:
         """Between sessions: the process has the fds and memfd mappings it had
         before the first one (reads /proc/self/maps: once per run, not per
         session)."""
-        now = (self._backend_fds(), _memfd_maps())
+        now = (self._backend_fds(), memfd_maps())
         if now != self._process_baseline:
             raise InvariantViolation(f"(fds, memfd mappings) {now} after the sessions, "
                                      f"{self._process_baseline} before them")
