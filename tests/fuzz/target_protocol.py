@@ -177,7 +177,7 @@ def setup() -> None:
 def fuzz_one(data: bytes) -> None:
     if not data:
         return
-    conn = Connection(blk=bool(data[0] & 1), memfd_maps=_MEMFD_MAPS)
+    conn = Connection(blk=bool(data[0] & 1), maps_now=_MEMFD_MAPS)
     conn.rings.stop_step = data[0] >> 1 & 0xF
     try:
         run(conn, _Reader(data[1:]), handshake=bool(data[0] & 0x20))

@@ -295,8 +295,8 @@ class Connection:
     """One front-end connection after another, on one device.  ``deliver``
     is one ``recvmsg`` worth of bytes and fds; ``end`` is EOF."""
 
-    def __init__(self, blk: bool = False, memfd_maps: int | None = None) -> None:
-        """``memfd_maps``: how many memfd mappings the process has now, if the
+    def __init__(self, blk: bool = False, maps_now: int | None = None) -> None:
+        """``maps_now``: how many memfd mappings the process has now, if the
         caller knows (saves reading /proc/self/maps)."""
         self.blk = blk
         self.spec = device_spec(blk)
@@ -306,7 +306,7 @@ class Connection:
         self.device = _Device(self.spec, self.rings)
         self.sessions = 0
         self._process_baseline = (self._backend_fds(),
-                                  memfd_maps() if memfd_maps is None else memfd_maps)
+                                  memfd_maps() if maps_now is None else maps_now)
         self._fresh()
 
     def _fresh(self) -> None:
