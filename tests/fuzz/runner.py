@@ -173,17 +173,37 @@ def _native_env(args, path: str, say) -> tuple[dict[str, str], str]:
     return env, "native + Python"
 
 
+def _resolve(name_or_file: str, targets: dict[str, str]) -> tuple[str | None, str]:
+    """(target file or None, short name) for a name from --list or a .py file."""
+    if name_or_file.endswith(".py"):           # a target file outside tests/fuzz
+        path = os.path.abspath(name_or_file) if os.path.isfile(name_or_file) else None
+        return path, os.path.basename(name_or_file)[:-3].removeprefix("target_")
+    return targets.get(name_or_file), name_or_file
+
+
+def _libfuzzer_args(args, name: str, findings: str) -> list[str]:
+    out = [f"-timeout={args.timeout}", "-rss_limit_mb=4096", "-print_final_stats=1",
+           f"-artifact_prefix={findings}/"]
+    if args.replay:
+        return out + args.libfuzzer + [os.path.abspath(p) for p in args.replay]
+    corpus = os.path.abspath(args.corpus or os.path.join(OUT_DIR, "corpus", name))
+    os.makedirs(corpus, exist_ok=True)
+    seeds = os.path.join(FUZZ_DIR, "corpus", name)
+    if args.runs is not None:
+        out.append(f"-runs={args.runs}")
+    if args.seconds is not None:
+        out.append(f"-max_total_time={args.seconds}")
+    # new inputs go to the first directory: the working corpus, never the seeds
+    return out + args.libfuzzer + [corpus] + ([seeds] if os.path.isdir(seeds) else [])
+
+
 def run(args) -> int:
     targets = target_files()
     if args.list:
         for name, path in targets.items():
             print(f"{name:16} {_docstring(path)}")
         return 0
-    if args.target.endswith(".py"):           # a target file outside tests/fuzz
-        path = os.path.abspath(args.target) if os.path.isfile(args.target) else None
-        name = os.path.basename(args.target)[:-3].removeprefix("target_")
-    else:
-        path, name = targets.get(args.target), args.target
+    path, name = _resolve(args.target, targets)
     if path is None:
         print(f"fuzz: no target {args.target!r} (have: {', '.join(targets) or 'none'})",
               file=sys.stderr)
@@ -194,24 +214,8 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     env, coverage = _native_env(args, path, say)
-    overlay = env["VFE_FUZZ_OVERLAY"]
     findings = os.path.abspath(args.findings or os.path.join(OUT_DIR, "findings", name))
     os.makedirs(findings, exist_ok=True)
-    fuzzer_args = [f"-timeout={args.timeout}", "-rss_limit_mb=4096", "-print_final_stats=1",
-                   f"-artifact_prefix={findings}/"]
-    if args.replay:
-        inputs = [os.path.abspath(p) for p in args.replay]
-    else:
-        corpus = os.path.abspath(args.corpus or os.path.join(OUT_DIR, "corpus", name))
-        os.makedirs(corpus, exist_ok=True)
-        seeds = os.path.join(FUZZ_DIR, "corpus", name)
-        inputs = [corpus] + ([seeds] if os.path.isdir(seeds) else [])
-        if args.runs is not None:
-            fuzzer_args.append(f"-runs={args.runs}")
-        if args.seconds is not None:
-            fuzzer_args.append(f"-max_total_time={args.seconds}")
-    fuzzer_args += args.libfuzzer + inputs
-
     logs = os.path.join(OUT_DIR, "logs")
     os.makedirs(logs, exist_ok=True)
     log_path = os.path.join(logs, f"{name}.log")
@@ -221,9 +225,10 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     status_r, status_w = os.pipe()
     env["VFE_FUZZ_STATUS_FD"] = str(status_w)
-    cmd = [sys.executable, "-m", "tests.fuzz.worker", path] + fuzzer_args
+    cmd = [sys.executable, "-m", "tests.fuzz.worker", path] + _libfuzzer_args(args, name, findings)
     say(f"fuzz {name}: coverage {coverage}; log {os.path.relpath(log_path)}")
     start = time.monotonic()
+    progress = Progress()
     with open(log_path, "w") as log_file:
         log_file.write("$ " + " ".join(cmd) + "\n")
         log_file.flush()
@@ -231,12 +236,10 @@ def run(args) -> int:
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  pass_fds=(status_w,))
         os.close(status_w)
-        progress = Progress()
-        interrupted = False
         try:
             _follow(child, status_r, log_file, progress, start, name, tty, say)
         except KeyboardInterrupt:
-            interrupted = True
+            progress.interrupted = True
             child.send_signal(signal.SIGTERM)        # libFuzzer: "run interrupted", stats
             try:
                 _follow(child, status_r, log_file, progress, start, name, tty, say)
@@ -244,33 +247,37 @@ def run(args) -> int:
                 child.kill()
         rc = child.wait()
         os.close(status_r)
-    elapsed = time.monotonic() - start
-    interrupted = interrupted or progress.interrupted
-    if overlay and progress.native and not progress.native.startswith(overlay):
-        coverage = f"Python only (vfe._engine came from {progress.native})"
-    elif overlay and not progress.native.startswith(overlay) and progress.runs:
-        coverage = "Python only (the target does not load vfe._engine)"
     if tty:
         sys.stderr.write("\r\x1b[K")
+    overlay = env["VFE_FUZZ_OVERLAY"]
+    if overlay and not progress.native.startswith(overlay):
+        coverage = ("Python only (the target does not load vfe._engine)" if not progress.native
+                    else f"Python only (vfe._engine came from {progress.native})")
+    return _report(args, name, progress, rc, time.monotonic() - start, coverage, log_path, say)
+
+
+def _report(args, name, progress, rc, elapsed, coverage, log_path, say) -> int:
+    """The closing lines and the exit status (0 clean, 1 finding, 2 error)."""
     runs = progress.done_runs if progress.done_runs is not None else progress.runs
     rate = runs / elapsed if elapsed > 0 else 0.0
     facts = (f"{runs:,} inputs in {elapsed:.0f} s ({rate:,.0f}/s), coverage {progress.cov:,} edges"
              f" / {progress.ft:,} features, corpus {progress.corpus:,}, {coverage}")
-    if args.replay and rc != 0 and not interrupted and not progress.artifacts and progress.running:
+    stopped = progress.interrupted
+    if args.replay and rc != 0 and not stopped and not progress.artifacts and progress.running:
         progress.artifacts.append(progress.running)     # libFuzzer saves no copy of a given file
     if progress.artifacts:
         say(_excerpt(log_path))
         for artifact in progress.artifacts:
-            say(f"fuzz {name}: crashing input saved to {artifact}")
+            say(f"fuzz {name}: the input is saved in {artifact}")
             say(f"  replay: scripts/fuzz {args.target} --replay {artifact}")
         print(f"fuzz {name}: FINDING: {facts}; log {log_path}", flush=True)
         return 1
-    if rc != 0 and not interrupted:
+    if rc != 0 and not stopped:
         say(_excerpt(log_path))
         print(f"fuzz {name}: ERROR: the fuzzer exited with status {rc} and saved no input; "
               f"log {log_path}", flush=True)
         return 2
-    word = "replayed" if args.replay else ("stopped" if interrupted else "done")
+    word = "replayed" if args.replay else ("stopped" if stopped else "done")
     print(f"fuzz {name}: {word}, no findings: {facts}", flush=True)
     return 0
 

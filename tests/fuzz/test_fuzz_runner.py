@@ -53,7 +53,7 @@ def test_a_finding_exits_1_and_saves_the_input(tmp_path):
                         "--findings", tmp_path / "found")
     assert rc == 1, out + err
     assert "FINDING" in out and "found the B" in err
-    saved = [line.split(" saved to ")[1] for line in err.splitlines() if " saved to " in line]
+    saved = [line.split(" saved in ")[1] for line in err.splitlines() if " saved in " in line]
     assert len(saved) == 1 and os.path.dirname(saved[0]) == str(tmp_path / "found")
     with open(saved[0], "rb") as f:
         assert f.read() == b"Bad input"
