@@ -274,7 +274,7 @@ class _CheckedSession(Session):
         super().__init__(device, "harness", conn.replies.append)
         self._conn = conn
 
-    def _apply(self, act) -> None:
+    def _apply(self, act) -> bool | None:
         if isinstance(act, A.CloseFds):
             for fd in act.fds:
                 self._conn.fds.closed_by_backend(fd)
