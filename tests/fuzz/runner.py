@@ -2,7 +2,8 @@
 
     scripts/fuzz --list
     scripts/fuzz TARGET [--runs N | --seconds S] [--corpus DIR] [--no-native]
-                        [--timeout S] [--findings DIR] [-- LIBFUZZER_ARGS...]
+                        [--timeout S] [--findings DIR] [--sanitizer address|none]
+                        [-- LIBFUZZER_ARGS...]
     scripts/fuzz TARGET --replay FILE...
 
 A target is tests/fuzz/target_<name>.py (interface: tests/fuzz/worker.py).
@@ -148,6 +149,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="seconds one input may take before it counts as a hang (default 25)")
     ap.add_argument("--no-native", action="store_true",
                     help="do not use the instrumented engine build (Python coverage only)")
+    ap.add_argument("--sanitizer", choices=sorted(native.VARIANTS), default="address",
+                    help="how the engine is built for fuzzing: address (ASan + coverage, "
+                         "default) or none (coverage only, faster)")
     ap.add_argument("--replay", nargs="+", metavar="FILE", help="run these inputs once each")
     args = ap.parse_args(argv)
     args.libfuzzer = extra
@@ -164,13 +168,12 @@ def _native_env(args, path: str, say) -> tuple[dict[str, str], str]:
     if args.no_native or not _module_constant(path, "NATIVE", True):
         return env, "Python only (" + ("--no-native" if args.no_native else "target: NATIVE = False") + ")"
     try:
-        build = native.prepare(log=say)
+        build = native.prepare(args.sanitizer, log=say)
     except native.NativeUnavailable as exc:
         say(f"fuzz: NOTICE: native coverage of vfe._engine is OFF, Python coverage only: {exc}")
         return env, "Python only (no instrumented build)"
-    env.update(VFE_FUZZ_OVERLAY=build.overlay, LD_PRELOAD=build.preload,
-               ASAN_OPTIONS=native.ASAN_OPTIONS)
-    return env, "native + Python"
+    env.update(build.env, VFE_FUZZ_OVERLAY=build.overlay, LD_PRELOAD=build.preload)
+    return env, "native + Python" + (" (ASan)" if args.sanitizer == "address" else "")
 
 
 def _resolve(name_or_file: str, targets: dict[str, str]) -> tuple[str | None, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pkgutil
 import sys
 import time
 
@@ -26,7 +27,13 @@ import time
 # not what is under test), nor the test harnesses and targets themselves:
 # their branches only cost time (a third of it for the protocol target).
 INSTRUMENT = ["vfe"]
-NOT_INSTRUMENTED = ["vfe.testing"]
+
+
+def _not_instrumented() -> list[str]:
+    """vfe.testing and its modules (atheris excludes by exact name)."""
+    import vfe.testing
+    return ["vfe.testing"] + [f"vfe.testing.{m.name}"
+                              for m in pkgutil.iter_modules(vfe.testing.__path__)]
 
 
 def _status_writer():
@@ -64,7 +71,7 @@ def main() -> None:
     status = _status_writer()
     _use_overlay()
     import atheris
-    with atheris.instrument_imports(include=INSTRUMENT, exclude=NOT_INSTRUMENTED):
+    with atheris.instrument_imports(include=INSTRUMENT, exclude=_not_instrumented()):
         import tests.fuzz            # noqa: F401  (the package, so the target's name resolves)
         target = _load_target(target_path)
     engine = sys.modules.get("vfe._engine")
