@@ -229,7 +229,9 @@ class VhostConnection(RuleBasedStateMachine):
                                    Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS,
                                    Request.GET_PROTOCOL_FEATURES]))
     def simple(self, request):
-        self.send(request)
+        if self.send(request) is not DROPPED and self.framed \
+                and request in (Request.RESET_OWNER, Request.RESET_DEVICE):
+            self.bases.clear()            # a reset forgets the rings
 
     @rule(request=st.sampled_from([Request.SET_STATUS, Request.NET_SET_MTU, Request.SEND_RARP]),
           value=st.sampled_from([0, 0xF, 1500, 0x1FF]), need_reply=mostly)
