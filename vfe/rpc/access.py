@@ -93,10 +93,10 @@ def tcp_peer(sock: socket.socket, proc_net: str = PROC_NET) -> Peer | None:
     except OSError:
         return None
     first = _find(proc_net, peer, ours)
-    if first is None or first[0] != TCP_ESTABLISHED or first[2] == 0:
-        return None
     again = _find(proc_net, peer, ours)
-    if again is None or again[0] != TCP_ESTABLISHED or again[2] != first[2]:
+    # the same socket (inode), still ESTABLISHED: it was not closed when the
+    # first read took its uid (states never return to ESTABLISHED)
+    if first is None or again is None or again[0] != TCP_ESTABLISHED or not first[2] == again[2] != 0:
         return None
     return Peer(first[1])
 

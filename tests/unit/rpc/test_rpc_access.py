@@ -134,7 +134,16 @@ def test_closing_between_the_two_reads_is_caught(listener, monkeypatch):
     ESTABLISHED, so the first uid is not trusted."""
     c = socket.create_connection(listener.getsockname())
     conn, _ = listener.accept()
-    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), (0x04, 0, 0)])   # then FIN_WAIT1, orphaned
+    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), (0x04, 0, 4242)])   # then FIN_WAIT1
+    monkeypatch.setattr(access, "_find", lambda *a: next(reads))
+    with c, conn:
+        assert tcp_peer(conn) is None
+
+
+def test_another_socket_between_the_two_reads_is_caught(listener, monkeypatch):
+    c = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), (access.TCP_ESTABLISHED, NOBODY, 4343)])
     monkeypatch.setattr(access, "_find", lambda *a: next(reads))
     with c, conn:
         assert tcp_peer(conn) is None
