@@ -14,7 +14,7 @@ import time
 from vfe.devices.adapter import Session
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
-from vfe.rpc.access import is_privileged, unix_peer
+from vfe.rpc.access import allowed, unix_peer
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
 from vfe.vhost.messages import ProtocolError, Request
@@ -196,7 +196,7 @@ class Endpoint:
         """Refuse (-EPERM, then ProtocolError) a relay request whose sender
         is not root or ourselves."""
         peer = unix_peer(conn.sock)
-        if peer is not None and is_privileged(peer.uid):
+        if allowed(peer):
             return
         transport.close_fds(msg.fds)          # popped: nobody else closes them
         conn.send_reply(Reply(msg.request, _u64(-errno.EPERM)))

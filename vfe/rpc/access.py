@@ -73,6 +73,11 @@ def is_privileged(uid: int) -> bool:
     return uid == 0 or uid == os.geteuid()
 
 
+def allowed(peer: Peer | None) -> bool:
+    """A peer we know, running as root or as ourselves."""
+    return peer is not None and is_privileged(peer.uid)
+
+
 def unix_peer(sock: socket.socket) -> Peer | None:
     """SO_PEERCRED of a connected Unix socket (None if the kernel has none)."""
     try:

@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any
 
-from vfe.rpc.access import is_privileged, unix_peer
+from vfe.rpc.access import allowed, unix_peer
 from vfe.rpc.protocol import MAX_LINE, LineBuffer, RpcError, encode_request, parse_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -62,7 +62,7 @@ class RpcClient:
         # trusted (vfe-vhostd hands a VM's socket to the endpoint it names):
         # only a server running as root, or as ourselves, is one of ours
         server = unix_peer(self.sock)
-        if server is None or not is_privileged(server.uid):
+        if not allowed(server):
             self.sock.close()
             raise RpcConnectionError(-errno.EPERM, f"the process serving {self.path} runs as "
                                                    f"{server or 'an unknown user'}, not root: not talking to it")

@@ -39,7 +39,7 @@ import socket
 import stat
 from typing import Any, Callable, Mapping
 
-from vfe.rpc.access import RefusalLog, ensure_private_dir, is_privileged, unix_peer
+from vfe.rpc.access import RefusalLog, allowed, ensure_private_dir, unix_peer
 from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
@@ -296,7 +296,7 @@ class RpcServer:
                 log.warning("RPC server: accept failed: %s", exc)
                 return
             peer = unix_peer(sock)
-            if peer is None or not is_privileged(peer.uid):
+            if not allowed(peer):
                 self.log_refusal("RPC server: refusing %s: only root may use the controller's RPC",
                                  peer or "a peer without credentials")
                 refuse(sock, encode_error(None, -errno.EACCES,

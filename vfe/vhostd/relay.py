@@ -43,7 +43,7 @@ import stat
 import time
 from typing import Callable
 
-from vfe.rpc.access import is_privileged, unix_peer
+from vfe.rpc.access import allowed, unix_peer
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
 from vfe.vhost.messages import Request as _Request
@@ -102,7 +102,7 @@ def connect_endpoint(path: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connectio
     # HELLO hands this peer a VM's socket: only the controller -- root, or
     # ourselves -- may be at the other end, whoever managed to bind the path
     server = unix_peer(sock)
-    if server is None or not is_privileged(server.uid):
+    if not allowed(server):
         sock.close()
         raise RelayError(-errno.EPERM, f"{path} is served by {server or 'an unknown user'}, not by root: "
                                        f"not relaying a VM to it")

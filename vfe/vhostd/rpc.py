@@ -36,7 +36,7 @@ import selectors
 import socket
 from typing import Any, Callable
 
-from vfe.rpc.access import RefusalLog, connection_peer, is_privileged
+from vfe.rpc.access import RefusalLog, allowed, connection_peer
 from vfe.rpc.server import listen_unix, refuse
 
 log = logging.getLogger("vfe.vhostd.rpc")
@@ -239,7 +239,7 @@ class RpcServer:
                 return
             peer = connection_peer(conn)
             how = "TCP" if listener is self.tcp else "Unix socket"
-            if peer is None or not is_privileged(peer.uid):
+            if not allowed(peer):
                 who = str(peer) if peer is not None else "a caller whose uid cannot be proven"
                 self.log_refusal("JSON-RPC: refused %s on the %s: vfe-vhostd serves root only", who, how)
                 refuse(conn, encode(error_response(
