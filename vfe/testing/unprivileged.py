@@ -50,6 +50,45 @@ def python_nobody(code: str, *args: str, **kw) -> subprocess.CompletedProcess:
     return run_nobody([sys.executable, "-c", code, *args], **kw)
 
 
+# connect to argv[1] (a Unix socket path, or "tcp:PORT" on 127.0.0.1), send
+# argv[2], print all that comes back until the server hangs up -- then
+# "(still open)" if it has not within 3 s
+_EXCHANGE = r"""
+import socket, sys
+where = sys.argv[1]
+if where.startswith("tcp:"):
+    s = socket.create_connection(("127.0.0.1", int(where[4:])), timeout=3)
+else:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.connect(where)
+try:
+    s.sendall(sys.argv[2].encode())
+except OSError:
+    pass                            # refused and closed already: read the answer
+buf = b""
+while True:
+    try:
+        data = s.recv(65536)
+    except ConnectionResetError:    # closed with our request unread
+        break
+    except TimeoutError:
+        buf += b"(still open)"
+        break
+    if not data:
+        break
+    buf += data
+sys.stdout.write(buf.decode())
+"""
+
+
+def exchange_nobody(where: str, data: str) -> subprocess.CompletedProcess:
+    """Send ``data`` to a server as uid 65534 (``where``: a Unix socket path
+    or "tcp:PORT"); stdout is what it answered before hanging up, followed by
+    "(still open)" if it did not hang up."""
+    return python_nobody(_EXCHANGE, where, data)
+
+
 @contextlib.contextmanager
 def public_dir(owner: int | None = None) -> Iterator[Path]:
     """A fresh directory under /tmp that everyone may enter (mode 0755), so

@@ -23,7 +23,7 @@ from vfe.rpc import (
 )
 from vfe.rpc.access import UnsafeDirectory
 from vfe.rpc.protocol import encode_request
-from vfe.testing.unprivileged import NOBODY, SETPRIV, needs_root, public_dir, python_nobody
+from vfe.testing.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 
 
 class Loop:
@@ -160,31 +160,6 @@ def test_run_dir_writable_by_others_is_refused(tmp_path):
 
 # -- who may call ----------------------------------------------------------------------
 
-# a raw client: connect, send argv[2], print all it gets until the server
-# hangs up (or "(still open)" after 3 s)
-RAW_CLIENT = r"""
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(3)
-s.connect(sys.argv[1])
-try:
-    s.sendall(sys.argv[2].encode())
-except OSError:
-    pass
-buf = b""
-while True:
-    try:
-        data = s.recv(65536)
-    except TimeoutError:
-        buf += b"(still open)"
-        break
-    if not data:
-        break
-    buf += data
-sys.stdout.write(buf.decode())
-"""
-
-
 @needs_root()
 def test_unprivileged_peer_is_refused_even_through_an_open_socket():
     """The socket made connectable by everyone (a misconfiguration, or an
@@ -193,7 +168,7 @@ def test_unprivileged_peer_is_refused_even_through_an_open_socket():
         methods = Methods()
         loop = Loop(str(d / "s.sock"), methods, mode=0o666)
         try:
-            r = python_nobody(RAW_CLIENT, loop.server.path, encode_request(1, "echo", {"x": 1}).decode())
+            r = exchange_nobody(loop.server.path, encode_request(1, "echo", {"x": 1}).decode())
             assert r.returncode == 0, r.stderr
             lines = r.stdout.splitlines()
             assert len(lines) == 1, r.stdout             # one answer, then the server hung up

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from vfe.testing.unprivileged import needs_root, public_dir, python_nobody
+from vfe.testing.unprivileged import exchange_nobody, needs_root, public_dir
 from vfe.vhostd.rpc import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, PERMISSION_DENIED,
                             TOO_MANY_CLIENTS, JsonStream, ParseError, RpcServer, dispatch)
 
@@ -188,37 +188,11 @@ def test_close_removes_the_socket(tmp_path):
 
 # -- who is served --------------------------------------------------------------------
 
-# connect (argv[1]: a Unix socket path, or "tcp:PORT"), send argv[2], print
-# everything received until the server hangs up
-RAW_CLIENT = r"""
-import socket, sys
-where = sys.argv[1]
-if where.startswith("tcp:"):
-    s = socket.create_connection(("127.0.0.1", int(where[4:])), timeout=10)
-else:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(where)
-try:
-    s.sendall(sys.argv[2].encode())
-except OSError:
-    pass
-buf = b""
-while True:
-    try:
-        data = s.recv(65536)
-    except ConnectionResetError:
-        break
-    if not data:
-        break
-    buf += data
-sys.stdout.write(buf.decode())
-"""
-
 REQUEST = '{"jsonrpc": "2.0", "method": "echo", "id": 1, "params": {"vfdev": "0000:90:00.0"}}'
 
 
 def refusal_of(out: str) -> dict:
+    assert not out.endswith("(still open)"), out
     objs = read_all(out)
     assert len(objs) == 1, out                  # one answer, nothing run, then closed
     assert objs[0]["id"] is None
@@ -240,7 +214,7 @@ def test_unprivileged_tcp_caller_is_refused(tmp_path, caplog):
     s = Served(str(tmp_path / "vhostd.sock"))
     try:
         with caplog.at_level(logging.WARNING, "vfe.vhostd.rpc"):
-            r = python_nobody(RAW_CLIENT, f"tcp:{s.srv.port}", REQUEST)
+            r = exchange_nobody(f"tcp:{s.srv.port}", REQUEST)
         assert r.returncode == 0, r.stderr
         assert refusal_of(r.stdout) == {"code": PERMISSION_DENIED, "message":
                                         "Permission denied: vfe-vhostd serves root only, not uid 65534."}
@@ -261,7 +235,7 @@ def test_unprivileged_unix_caller_is_refused_even_through_an_open_socket():
     with public_dir() as d:
         s = Served(str(d / "vhostd.sock"), mode=0o666)
         try:
-            r = python_nobody(RAW_CLIENT, s.srv.path, REQUEST)
+            r = exchange_nobody(s.srv.path, REQUEST)
             assert r.returncode == 0, r.stderr
             assert refusal_of(r.stdout)["code"] == PERMISSION_DENIED
             assert s.calls == []
@@ -274,7 +248,7 @@ def test_the_socket_mode_keeps_others_out():
     with public_dir() as d:
         s = Served(str(d / "vhostd.sock"))
         try:
-            r = python_nobody(RAW_CLIENT, s.srv.path, REQUEST)
+            r = exchange_nobody(s.srv.path, REQUEST)
             assert r.returncode == 1 and "PermissionError: [Errno 13] Permission denied" in r.stderr
         finally:
             s.stop()
