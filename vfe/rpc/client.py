@@ -73,7 +73,10 @@ class RpcClient:
         rid = next(self._ids)
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(encode_request(rid, method, params))
+            try:
+                self.sock.sendall(encode_request(rid, method, params))
+            except (BrokenPipeError, ConnectionResetError):
+                pass            # refused and closed at once: its answer may be waiting (read below)
             while True:
                 line = self._next_line(deadline)
                 if line is None:

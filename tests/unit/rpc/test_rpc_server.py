@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -407,6 +408,17 @@ def test_max_clients(tmp_path):
             call(loop.server.path, "echo", {})     # answered -EBUSY and closed at once
         assert ei.value.code == -errno.EBUSY
         assert ei.value.message == "virtio-net-controller is serving 2 clients, its limit: try again later"
+        # the same when the server has hung up before the client sent anything
+        # (its send fails with EPIPE): the answer waiting to be read still counts
+        late = RpcClient(loop.server.path)
+        try:
+            assert select.select([late.sock], [], [], 5)[0]
+            time.sleep(0.1)                        # and closed
+            with pytest.raises(RpcError) as ei:
+                late.call("echo", {})
+            assert ei.value.code == -errno.EBUSY
+        finally:
+            late.close()
         a.close()
         deadline = time.monotonic() + 5
         while len(loop.server.clients) > 1 and time.monotonic() < deadline:
