@@ -14,6 +14,7 @@ import time
 from vfe.devices.adapter import Session
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
+from vfe.rpc.access import allowed, unix_peer
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
 from vfe.vhost.messages import ProtocolError, Request
@@ -31,7 +32,10 @@ class Endpoint:
     QEMU-side socket, which we keep: if vfe-vhostd dies we go on serving
     QEMU over it directly -- QEMU never sees a disconnect and the data path
     never stops -- and a restarted vfe-vhostd takes the socket back with
-    VFE_RELAY_RESUME on a new connection.
+    VFE_RELAY_RESUME on a new connection.  Both are taken from root (or
+    our own uid) only -- by SO_PEERCRED -- however the socket's file mode
+    was set: RESUME hands out a VM's socket, and HELLO makes the sender the
+    relay of a root process.
     """
 
     def __init__(self, daemon: "Daemon", device, socket_path: str, client: bool, name: str):
@@ -158,6 +162,8 @@ class Endpoint:
             msgs = self.conn.recv_messages()
             while msgs:
                 msg = msgs.pop(0)
+                if self.fresh and msg.request in (Request.VFE_RELAY_HELLO, Request.VFE_RELAY_RESUME):
+                    self._check_relay_peer(self.conn, msg)
                 if self.fresh and msg.request == Request.VFE_RELAY_HELLO:
                     self._hello(msg)
                 elif self.fresh and msg.request == Request.VFE_RELAY_RESUME:
@@ -185,6 +191,17 @@ class Endpoint:
                 transport.close_fds(msg.fds)
 
     # -- VFE vDPA relay ---------------------------------------------------------
+
+    def _check_relay_peer(self, conn: transport.Connection, msg) -> None:
+        """Refuse (-EPERM, then ProtocolError) a relay request whose sender
+        is not root or ourselves."""
+        peer = unix_peer(conn.sock)
+        if allowed(peer):
+            return
+        transport.close_fds(msg.fds)          # popped: nobody else closes them
+        conn.send_reply(Reply(msg.request, _u64(-errno.EPERM)))
+        raise ProtocolError(f"{msg.name} from {peer or 'a peer without credentials'}: "
+                            f"only root's vfe-vhostd may relay")
 
     def _hello(self, msg) -> None:
         if len(msg.fds) != 1:
@@ -217,6 +234,7 @@ class Endpoint:
             msg = msgs.pop(0)
             if msg.request != Request.VFE_RELAY_RESUME:
                 raise ProtocolError(f"a front-end is already connected on {self.path}")
+            self._check_relay_peer(conn, msg)
             if self.adopted_fd is None or self.via_relay:
                 conn.send_reply(Reply(Request.VFE_RELAY_RESUME, _u64(-errno.ENOENT)))
                 raise ProtocolError("no adopted front-end to resume")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from vfe.rpc.access import ensure_private_dir
+
 ENV_ROOT = "VFE_ROOT"
 
 CONF_REL = "opt/mellanox/mlnx_virtnet/virtnet.conf"
@@ -111,9 +113,12 @@ class Paths:
 
     def ensure(self) -> "Paths":
         """Create the recovery, state and run directories (and the conf's
-        directory) if missing.  Returns self."""
-        for d in (self.conf.parent, self.recovery_dir, self.state_dir, self.run_dir):
+        directory) if missing.  The run dir holds the control sockets: it
+        must be root's and writable by no one else (UnsafeDirectory, with
+        what to fix, if not).  Returns self."""
+        for d in (self.conf.parent, self.recovery_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.run_dir)
         return self
 
     def check_socket_path(self, path: Path | None = None) -> Path:

@@ -43,6 +43,7 @@ import stat
 import time
 from typing import Callable
 
+from vfe.rpc.access import allowed, unix_peer
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
 from vfe.vhost.messages import Request as _Request
@@ -98,6 +99,13 @@ def connect_endpoint(path: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connectio
         raise RelayError(_oserror_code(exc) if not isinstance(exc, TimeoutError) else -errno.ETIMEDOUT,
                          f"cannot connect to the controller's endpoint {path}: "
                          f"{exc.strerror or exc}") from None
+    # HELLO hands this peer a VM's socket: only the controller -- root, or
+    # ourselves -- may be at the other end, whoever managed to bind the path
+    server = unix_peer(sock)
+    if not allowed(server):
+        sock.close()
+        raise RelayError(-errno.EPERM, f"{path} is served by {server or 'an unknown user'}, not by root: "
+                                       f"not relaying a VM to it")
     return Connection(sock)
 
 

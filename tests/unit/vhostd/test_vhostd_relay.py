@@ -11,11 +11,14 @@ import os
 import selectors
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
 
 from vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
+from vfe.testing.unprivileged import NOBODY, SETPRIV, needs_root, public_dir
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import REPLY_FLAGS
 from vfe.vhost.transport import Connection, Listener
@@ -326,3 +329,55 @@ def test_failed_provisioning_after_resume_gives_the_front_end_back(tmp, endpoint
     finally:
         relay.close()
         qemu.close()
+
+
+# an endpoint impostor on argv[1]: for each connection, report the relay
+# request it got and the fds with it, answering RESUME "none" and HELLO "ok"
+IMPOSTOR = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(4); s.settimeout(1.5)
+print("ready", flush=True)
+while True:
+    try:
+        c, _ = s.accept()
+    except TimeoutError:
+        break
+    c.settimeout(3)
+    data, fds, _, _ = socket.recv_fds(c, 4096, 16)
+    if len(data) < 12:
+        print("nothing", flush=True)
+        continue
+    req = struct.unpack_from("<I", data)[0]
+    print(f"request {req:#x} with {len(fds)} fds", flush=True)
+    answer = -2 if req == 0x7F01 else 0
+    c.sendall(struct.pack("<IIIq", req, 0x5, 8, answer))
+    if req == 0x7F00:
+        break
+"""
+
+
+@needs_root()
+def test_an_endpoint_not_served_by_root_gets_no_vm(tmp, sel):
+    """Someone else bound the endpoint's path: HELLO would give them QEMU's
+    socket (then the guest's memory).  The relay checks who listens first."""
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    with public_dir(owner=NOBODY) as d:
+        path = str(d / "VNETS0D0F2VF1.sock")
+        proc = subprocess.Popen([*SETPRIV, sys.executable, "-c", IMPOSTOR, path],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            relay = Relay("VF x", qemu.path, path, True, sel)
+            with pytest.raises(RelayError) as e:
+                relay.start()
+            assert e.value.code == -errno.EPERM
+            assert e.value.message == (f"{path} is served by uid 65534, pid {proc.pid}, not by root: "
+                                       f"not relaying a VM to it")
+            out, _ = proc.communicate(timeout=10)
+            assert out == "nothing\n"                       # no request, no fd ever reached it
+            assert relay.state == Relay.CLOSED and not sel.get_map()
+        finally:
+            proc.kill()
+            proc.wait()
+            qemu.close()
