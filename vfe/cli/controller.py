@@ -10,6 +10,7 @@ Runs in the foreground, logs to stderr, stops cleanly on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -201,6 +202,23 @@ class JournalFormatter(logging.Formatter):
                 f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
 
 
+def freeze_startup_heap() -> None:
+    """Move what start-up built (numba, llvmlite, pyroute2, ...: ~135k objects
+    that live as long as the process) out of the cyclic GC's sight.
+
+    CPython runs a full collection only when the objects promoted since the
+    last one reach a quarter of the long-lived heap.  Against that heap the
+    reference cycles each hot-plug leaves behind (pyroute2's request and
+    message objects) piled up for ~1100 hot-plug/unplug cycles -- 7 MB, three
+    obmalloc arenas -- before a 0.2 s pass freed them.  Frozen, start-up no
+    longer counts (nor is it scanned): a full pass comes every ~130 cycles,
+    takes a millisecond at most, and memory stays flat.  (A frozen object is still
+    freed by its refcount; only a frozen cycle would never be.)"""
+    gc.collect()          # start-up's own garbage is freed, not frozen
+    gc.freeze()
+    gc.collect()          # the full-collection threshold now counts only what comes after
+
+
 def _own_argv(argv: list[str]) -> list[str]:
     """The command line without --takeover-fd (what a live update passes on)."""
     out, skip = [], False
@@ -265,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         daemon.shutdown()
         return 1
+    freeze_startup_heap()
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), args.workers, args.mode)
     sdnotify.notify(ready=1)
@@ -284,6 +303,7 @@ def _take_over(args, raw_argv, daemon, engine, log) -> int:
     import vfe.ports.representor  # noqa: F401
     takeover = Takeover(args.takeover_fd)
     engine.start()
+    freeze_startup_heap()     # now: its full collection must not fall into the data path's gap
     try:
         takeover.hello()
         takeover.receive(daemon)
