@@ -90,8 +90,9 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
         raise argparse.ArgumentTypeError(
             f"unknown blk option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if opts.get("bdev") == "file" and opts.get("path") and not opts.get("size"):
+        from vfe.engine.bdev_file import probe_backing
         try:                                  # a file bdev is as large as its file by default
-            opts["size"] = str(max(1, os.stat(opts["path"]).st_size >> 20))
+            opts["size"] = str(max(1, probe_backing(opts["path"]) >> 20))
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"path={opts['path']!r}: {exc.strerror}") from None
     for need in ("socket", "bdev", "size") + (("path",) if opts.get("bdev") == "file" else ()):
@@ -108,6 +109,7 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
             raise ValueError(f"bdev={opts['bdev']!r}: use null, malloc or file")
         cfg.bdev = opts["bdev"]
         cfg.path = opts.get("path", "")
+        cfg.grow = True          # documented: the image is grown to size= if it is shorter
         if cfg.direct and cfg.bdev != "file":
             raise ValueError("direct=on is for file bdevs")
         cfg.size_mb = _int_in(opts["size"], "size", 1, 1 << 24)
