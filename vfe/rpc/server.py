@@ -37,6 +37,7 @@ from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
+from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
 
@@ -236,23 +237,18 @@ class RpcServer:
             return
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
         try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale RPC socket %s", self.path)
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            return
+            live = is_served(self.path)        # never waits, even on a full backlog
         except OSError:
-            pass                # e.g. a full backlog: someone is listening
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE,
-                      "another virtio-net-controller is already serving this socket", self.path)
+            live = True                        # cannot tell: not ours to remove
+        if live:
+            raise OSError(errno.EADDRINUSE,
+                          "another virtio-net-controller is already serving this socket", self.path)
+        log.info("removing stale RPC socket %s", self.path)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     def fileno(self) -> int:
         return self.sock.fileno()

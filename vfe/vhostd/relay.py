@@ -88,16 +88,15 @@ def _oserror_code(exc: OSError) -> int:
 
 
 def connect_endpoint(path: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """A blocking (with timeout) connection to a function's endpoint."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    """A connection (blocking, with ``timeout``, for the handshake) to a
+    function's endpoint.  The connect itself never waits: an endpoint that
+    does not accept (full backlog) is an error now, retried from tick()."""
     try:
-        sock.connect(path)
+        sock = transport.connect_nowait(path)
     except OSError as exc:
-        sock.close()
-        raise RelayError(_oserror_code(exc) if not isinstance(exc, TimeoutError) else -errno.ETIMEDOUT,
-                         f"cannot connect to the controller's endpoint {path}: "
-                         f"{exc.strerror or exc}") from None
+        raise RelayError(_oserror_code(exc), f"cannot connect to the controller's endpoint {path}: "
+                                             f"{exc.strerror or exc}") from None
+    sock.settimeout(timeout)
     return Connection(sock)
 
 
@@ -148,15 +147,12 @@ def check_socket_path(path: str, client: bool) -> None:
         return
     # server mode: a socket file that nobody serves is left over (a killed
     # vfe-vhostd): it is replaced; one that answers belongs to someone else
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return
+        live = transport.is_served(path)        # never waits, even on a full backlog
     except OSError as exc:
         raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, f"{path}: {exc.strerror}") from None
-    finally:
-        probe.close()
+    if not live:
+        return
     raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH,
                      f"{path} exists and a live process serves it: remove it or specify another file")
 

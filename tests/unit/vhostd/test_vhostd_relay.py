@@ -12,10 +12,12 @@ import selectors
 import shutil
 import socket
 import tempfile
+import time
 
 import pytest
 
 from vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
+from vfe.testing.backlog import finishes, full_backlog
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import REPLY_FLAGS
 from vfe.vhost.transport import Connection, Listener
@@ -283,6 +285,39 @@ def test_socket_path_checks(tmp):
         check_socket_path("/tmp/" + "x" * 120, client=True)
     assert e.value.code == -errno.ENAMETOOLONG
     check_socket_path(os.path.join(tmp, "new.sock"), client=False)
+
+
+def test_a_qemu_socket_that_does_not_accept_freezes_nothing(tmp, endpoint, sel):
+    """Client mode, QEMU's path held by a listener whose backlog is full:
+    provisioning and every retry return at once (vfe-vhostd's one loop
+    serves every VF and the RPC), and the relay connects once there is room."""
+    path = os.path.join(tmp, "qemu.sock")
+    with full_backlog(path) as stuck:
+        relay = make_relay(tmp, endpoint, sel, retry_interval=0.01)
+        try:
+            done, result = finishes(relay.start, 5)
+            assert done, "Relay.start waited for QEMU's socket to accept"
+            assert result is relay and relay.state == Relay.WAITING
+            time.sleep(0.02)
+            done, _ = finishes(lambda: relay.tick(time.monotonic()), 5)
+            assert done, "Relay.tick waited for QEMU's socket to accept"
+            assert relay.state == Relay.WAITING
+            stuck.drain()
+            pump(sel, [relay], lambda: relay.relaying)
+            assert stuck.accept(5) is not None
+        finally:
+            relay.close()
+
+
+def test_server_mode_probe_of_a_socket_that_does_not_accept(tmp):
+    """vf -a in server mode on a path a live process holds without
+    accepting: refused as served by a live process, without waiting."""
+    path = os.path.join(tmp, "held.sock")
+    with full_backlog(path):
+        done, result = finishes(lambda: check_socket_path(path, client=False), 5)
+        assert done, "the stale-socket probe waited on a full backlog"
+        assert isinstance(result, RelayError) and result.code == -1030
+        assert "a live process serves it" in result.message
 
 
 def test_refused_hello_and_missing_endpoint_are_errors(tmp, sel):
