@@ -257,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
                           argv=_own_argv(raw_argv))
     except OSError as exc:
-        log.error("cannot open %s: %s", exc.filename or "socket", exc.strerror or exc)
+        from vfe.safepath import UnsafePath
+        if isinstance(exc, UnsafePath):             # the message names the path and what is wrong
+            log.error("%s", exc)
+        else:
+            log.error("cannot open %s: %s", exc.filename or "socket", exc.strerror or exc)
         daemon.shutdown()
         return 1
     except Exception as exc:

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: listen on them")
     p.add_argument("--iface", metavar="PREFIX", default="",
                    help="path prefix of the socket files, e.g. /tmp/vhost-user-: a VF provisioned "
-                        "without -v gets PREFIX<VF BDF> (default /tmp/vf-<VF BDF>)")
+                        "without -v gets PREFIX<VF BDF> (default $VFE_ROOT/run/vfe-vhostd/vf-<VF BDF>)")
     p.add_argument("--port", type=int, default=int(os.environ.get("VFE_VHOSTD_PORT") or DEFAULT_PORT),
                    help=f"JSON-RPC TCP port on {DEFAULT_ADDRESS} (default {DEFAULT_PORT}, or $VFE_VHOSTD_PORT)")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ whole emulated DPU inside a directory:
     recovery dir  <root>/opt/mellanox/mlnx_virtnet/recovery/
     state dir     <root>/var/lib/vfe/          (NV config, SF pools)
     run dir       <root>/run/virtnet/          (virtnet.sock, <VUID>.sock)
+    vfe-vhostd    <root>/run/vfe-vhostd/       (vf-<BDF>: a VF's default QEMU socket)
 
 Explicit arguments (the daemon's flags) override each one; a relative
 explicit path is taken relative to the current directory, not to the root.
@@ -32,6 +33,7 @@ CONF_REL = "opt/mellanox/mlnx_virtnet/virtnet.conf"
 RECOVERY_REL = "opt/mellanox/mlnx_virtnet/recovery"
 STATE_REL = "var/lib/vfe"
 RUN_REL = "run/virtnet"
+VHOSTD_RUN_REL = "run/vfe-vhostd"
 
 RPC_SOCKET_NAME = "virtnet.sock"
 
@@ -126,6 +128,13 @@ class Paths:
                 f"socket path {path} is {n} bytes, longer than the {SUN_PATH_MAX} a Unix "
                 f"socket allows; choose a shorter run dir (--run-dir) or VFE_ROOT")
         return path
+
+
+def vhostd_run_dir(env: Mapping[str, str] | None = None) -> Path:
+    """vfe-vhostd's run directory, ``$VFE_ROOT/run/vfe-vhostd`` (root's,
+    where no other user can put a socket first -- unlike /tmp)."""
+    env = os.environ if env is None else env
+    return Path(os.path.abspath(env.get(ENV_ROOT) or "/")) / VHOSTD_RUN_REL
 
 
 # -- atomic file replacement ----------------------------------------------------

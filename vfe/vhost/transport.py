@@ -33,11 +33,13 @@ import stat
 import time
 from typing import Iterable
 
+from vfe.safepath import UnsafePath, check_socket_path
+
 from .actions import Ack, Reply
 from .framing import FrameAssembler, encode_message, encode_reply
 from .messages import VERSION, Message, ProtocolError, U64
 
-__all__ = ["Connection", "Listener", "PeerClosed", "listen", "connect", "try_connect",
+__all__ = ["Connection", "Listener", "PeerClosed", "UnsafePath", "listen", "connect", "try_connect",
            "connect_nowait", "is_served", "fds_from_ancdata", "wait_ready", "close_fds"]
 
 RECV_SIZE = 65536
@@ -256,6 +258,9 @@ class Listener:
             self._inode = os.stat(path).st_ino
             self.owns_path = False
             return
+        # a path others could have put a socket or symlink on is refused
+        # before anything there is probed or removed (vfe/safepath.py)
+        check_socket_path(path)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -357,8 +362,11 @@ def try_connect(path: str, blocking: bool = False) -> Connection | None:
     """One attempt to connect to a front-end's ``server=on`` socket: None if
     it is not there (yet), refuses, or does not accept (a full backlog):
     the caller's loop tries again later.  Never waits (``connect_nowait``);
-    ``blocking`` is the mode of the returned connection's socket."""
+    ``blocking`` is the mode of the returned connection's socket.  Raises
+    ``UnsafePath`` for a socket someone else could have put there (a
+    directory others write, or in sticky /tmp a socket of another uid)."""
     try:
+        check_socket_path(path)
         sock = connect_nowait(path)
     except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
         return None

@@ -43,6 +43,7 @@ import stat
 import time
 from typing import Callable
 
+from vfe.safepath import check_socket_path as check_unsafe
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
 from vfe.vhost.messages import Request as _Request
@@ -135,6 +136,12 @@ def check_socket_path(path: str, client: bool) -> None:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise RelayError(-errno.ENAMETOOLONG,
                          f"socket path {path} is longer than the {SUN_PATH_MAX} bytes a Unix socket allows")
+    try:                   # a directory others write, or another user's socket in /tmp
+        check_unsafe(path)
+    except transport.UnsafePath as exc:
+        raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, str(exc)) from None
+    except FileNotFoundError:
+        return             # no directory: listening fails with ENOENT, a client waits for it
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -217,7 +224,10 @@ class Relay:
             if not self.client:
                 self._listen()
             elif self.qemu is None:
-                conn = transport.try_connect(self.socket_path)
+                try:
+                    conn = transport.try_connect(self.socket_path)
+                except transport.UnsafePath as exc:
+                    raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, str(exc)) from None
                 if conn is not None:
                     self._connect_controller(conn)
         except BaseException:
@@ -429,7 +439,13 @@ class Relay:
             return self.next_attempt
         if not self.client:
             return None                      # QEMU connects to our listener
-        conn = transport.try_connect(self.socket_path)
+        try:
+            conn = transport.try_connect(self.socket_path)
+        except transport.UnsafePath as exc:      # someone else's socket there now: not ours to join
+            if str(exc) != self._last_error:
+                log.error("%s: %s; retrying", self.name, exc)
+            self._last_error = str(exc)
+            return self.next_attempt
         if conn is None:
             return self.next_attempt
         log.info("%s: connected to the front-end's socket %s", self.name, self.socket_path)

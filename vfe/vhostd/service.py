@@ -396,12 +396,16 @@ class VhostService:
     # -- VFs ---------------------------------------------------------------------------
 
     def socket_path_for(self, bdf: str, socket_file: str | None) -> str:
-        """``-v`` path, else ``<iface><BDF>``, else ``/tmp/vf-<BDF>``."""
+        """``-v`` path, else ``<iface><BDF>``, else ``vf-<BDF>`` in root's run
+        directory (the reference's /tmp/vf-<BDF> could be squatted by any user)."""
         if socket_file:
             return socket_file
         if self.iface:
             return f"{self.iface}{bdf}"
-        return f"/tmp/vf-{bdf}"
+        from vfe.controller.paths import vhostd_run_dir
+        run = vhostd_run_dir()
+        run.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return str(run / f"vf-{bdf}")
 
     def vf_add(self, vfdev: Any, socket_file: Any = None, vm_uuid: Any = None) -> dict:
         if not isinstance(vfdev, str) or not vfdev:
