@@ -403,9 +403,7 @@ class VhostService:
         if self.iface:
             return f"{self.iface}{bdf}"
         from vfe.controller.paths import vhostd_run_dir
-        run = vhostd_run_dir()
-        run.mkdir(mode=0o755, parents=True, exist_ok=True)
-        return str(run / f"vf-{bdf}")
+        return str(vhostd_run_dir() / f"vf-{bdf}")
 
     def vf_add(self, vfdev: Any, socket_file: Any = None, vm_uuid: Any = None) -> dict:
         if not isinstance(vfdev, str) or not vfdev:
@@ -441,6 +439,8 @@ class VhostService:
             raise VdpaError(ERR_NO_PF_DEVICE, f"the {what} of {bdf} (pf_id {f.get('parent_pf_id')}) is not a "
                                               f"management PF: mgmtpf -a it first")
         vuid = str(f["vuid"])
+        if not socket_file and not self.iface:      # the default: root's run dir, made here
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         check_socket_path(path, client=self.client)
         endpoint = self._endpoint(vuid)
         relay = self.relay_factory(
