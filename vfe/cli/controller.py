@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QMP socket of a running QEMU: hot-plugged PFs appear in that VM")
     # set by a running controller that starts this one for a live update (virtnet update --start)
     svc.add_argument("--takeover-fd", type=int, help=argparse.SUPPRESS)
+    # with it: the sealed memfd of the engine the running controller checked (newbuild.py)
+    svc.add_argument("--engine-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -203,15 +205,19 @@ class JournalFormatter(logging.Formatter):
                 f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
 
 
+_HANDOVER_ARGS = ("--takeover-fd", "--engine-fd")
+
+
 def _own_argv(argv: list[str]) -> list[str]:
-    """The command line without --takeover-fd (what a live update passes on)."""
+    """The command line without --takeover-fd / --engine-fd (what a live
+    update passes on)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--takeover-fd":
+        elif a in _HANDOVER_ARGS:
             skip = True
-        elif not a.startswith("--takeover-fd="):
+        elif not a.startswith(tuple(f"{h}=" for h in _HANDOVER_ARGS)):
             out.append(a)
     return out
 
@@ -222,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.workers <= 64:
         build_parser().error("--workers must be in 1..64")
     setup_logging(args.log_level)
+    if args.engine_fd is not None:
+        # first of all: nothing may import vfe.engine from the build's
+        # directory before the checked engine is loaded
+        if args.takeover_fd is None:
+            build_parser().error("--engine-fd is for a live update's --takeover-fd")
+        from vfe.controller.newbuild import load_engine
+        try:
+            load_engine(args.engine_fd)
+        except Exception as exc:
+            logging.getLogger("vfe.controller").error("live update: cannot load the engine: %s", exc)
+            return 1
     # hundreds of functions hold a representor fd and a socket each
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -315,7 +315,7 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict]:
         # controller the running one hands its devices to
         import vfe
         root = os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))
-        return "update_start", {"path": root, "python": sys.executable}
+        return "update_start", {"path": root}
     raise ValueError(f"unknown command {cmd!r}")
 
 

@@ -160,8 +160,7 @@ MODIFY_NONE = {"pf": None, "vf": None, "vuid": None, "mac": None, "mtu": None, "
                "msix_num": None, "max_queue_size": None, "link_state": None}
 QUERY_NONE = {"all": False, "pf": None, "vf": None, "vuid": None, "brief": False}
 # `update --start` names the build this virtnet belongs to: the newly installed controller
-UPDATE_FROM_HERE = {"path": os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__))),
-                    "python": sys.executable}
+UPDATE_FROM_HERE = {"path": os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))}   # no interpreter
 
 SEED_COMMANDS = [
     # every virtnet command line in the seed, verbatim (en dashes included)
