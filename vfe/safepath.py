@@ -28,7 +28,7 @@ import os
 import stat
 
 __all__ = ["UnsafePath", "check_dir_chain", "check_socket_path", "check_trusted_file",
-           "writable_by_others", "trusted_uids"]
+           "make_dirs", "writable_by_others", "trusted_uids"]
 
 _MAX_LINKS = 40          # the kernel's own limit on symlinks in one lookup
 
@@ -118,6 +118,18 @@ def check_trusted_file(st: os.stat_result, path: str, what: str) -> None:
     why = writable_by_others(st)
     if why is not None:
         raise UnsafePath(path, f"{what} {path} {why}; it must be owned by root and not writable by others")
+
+
+def make_dirs(path: str | os.PathLike, mode: int = 0o755) -> None:
+    """Create ``path`` and its missing parents, each with ``mode`` (a umask
+    can only take bits away: a 002 umask cannot make them group-writable,
+    which the checks here would then refuse, as os.makedirs' parents are)."""
+    path = os.path.abspath(os.fspath(path))
+    for comp in _components(path):
+        try:
+            os.mkdir(comp, mode)
+        except FileExistsError:
+            pass
 
 
 def check_socket_path(path: str | os.PathLike, what: str = "socket path") -> str:

@@ -174,3 +174,18 @@ def test_refusals_are_oserrors_with_the_path(world_writable):
     assert ei.value.filename == f"{world_writable}/x.sock" and ei.value.errno == 1
     assert str(ei.value) == ei.value.strerror                # the whole message, once
     assert stat.S_IMODE(os.stat(world_writable).st_mode) == 0o777
+
+
+def test_directories_we_make_are_not_writable_by_others_whatever_the_umask(tmp_path):
+    from vfe.controller.paths import Paths
+    from vfe.safepath import make_dirs
+    old = os.umask(0o002)
+    try:
+        make_dirs(tmp_path / "a" / "b" / "c")
+        paths = Paths.from_env(root=tmp_path / "root").ensure()
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c", paths.run_dir,
+              paths.run_dir.parent, paths.state_dir, paths.recovery_dir):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
+    check_socket_path(paths.rpc_socket)

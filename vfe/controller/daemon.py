@@ -14,7 +14,7 @@ import time
 from vfe.devices.adapter import Session
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
-from vfe.safepath import check_dir_chain
+from vfe.safepath import check_dir_chain, make_dirs
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
 from vfe.vhost.messages import ProtocolError, Request
@@ -58,7 +58,7 @@ class Endpoint:
             self._inherit(*inherited)
             return
         if not self.client:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o755, exist_ok=True)
+            make_dirs(os.path.dirname(os.path.abspath(self.path)), 0o755)
             self.listener = transport.listen(self.path)        # UnsafePath: a path others control
             self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
             log.info("%s: listening on %s", self.name, self.path)

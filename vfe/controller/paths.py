@@ -114,8 +114,9 @@ class Paths:
     def ensure(self) -> "Paths":
         """Create the recovery, state and run directories (and the conf's
         directory) if missing.  Returns self."""
+        from vfe.safepath import make_dirs
         for d in (self.conf.parent, self.recovery_dir, self.state_dir, self.run_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d, 0o755)        # never group/world-writable, whatever the umask
         return self
 
     def check_socket_path(self, path: Path | None = None) -> Path:

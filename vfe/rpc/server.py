@@ -37,7 +37,7 @@ from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
-from vfe.safepath import check_socket_path
+from vfe.safepath import check_socket_path, make_dirs
 from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
@@ -217,7 +217,7 @@ class RpcServer:
             raise OSError(errno.ENAMETOOLONG,
                           f"RPC socket path is longer than {UNIX_PATH_MAX - 1} bytes", self.path)
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        make_dirs(parent, 0o755)
         check_socket_path(self.path, "RPC socket")     # UnsafePath: others could squat it
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -93,6 +93,7 @@ def connect_endpoint(path: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connectio
     function's endpoint.  The connect itself never waits: an endpoint that
     does not accept (full backlog) is an error now, retried from tick()."""
     try:
+        check_unsafe(path, "the controller's endpoint")   # UnsafePath (EPERM): not the controller's
         sock = transport.connect_nowait(path)
     except OSError as exc:
         raise RelayError(_oserror_code(exc), f"cannot connect to the controller's endpoint {path}: "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vfe import __version__
+from vfe.safepath import make_dirs
 from vfe.vhostd.relay import Relay, RelayError, check_socket_path
 
 log = logging.getLogger("vfe.vhostd")
@@ -440,7 +441,7 @@ class VhostService:
                                               f"management PF: mgmtpf -a it first")
         vuid = str(f["vuid"])
         if not socket_file and not self.iface:      # the default: root's run dir, made here
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            make_dirs(os.path.dirname(path), 0o755)
         check_socket_path(path, client=self.client)
         endpoint = self._endpoint(vuid)
         relay = self.relay_factory(
