@@ -12,7 +12,7 @@ cdef class BlkDevice(RingDevice):
                   str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
                   uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
                   uint32_t max_write_zeroes_seg=32, path=None, bint direct=False,
-                  int aio_threads=4):
+                  int aio_threads=4, bint grow=False):
         cdef int i, rc
         if num_queues < 1 or num_queues > 256:
             raise ValueError("a blk device has 1..256 queues")
@@ -49,7 +49,7 @@ cdef class BlkDevice(RingDevice):
         elif backend == "file":
             if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
                 raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
-            self._open_file(path, capacity_bytes, read_only, direct, aio_threads)
+            self._open_file(path, capacity_bytes, read_only, direct, aio_threads, grow)
         else:
             self.d.backend = BACKEND_NULL
         self.d.num_vqs = num_queues
@@ -77,25 +77,20 @@ cdef class BlkDevice(RingDevice):
             engine.next_slot += 1
             engine.blk_devices.append(self)
 
-    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads):
-        """The file (grown to the capacity if shorter), an O_DIRECT fd of it
-        with `direct`, and the I/O threads (blk_aio.pxd)."""
+    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads,
+                    bint grow):
+        """The file (a regular file or a block device, never through a
+        symlink; grown to the capacity if shorter only with `grow`), an
+        O_DIRECT fd of the same inode with `direct`, and the I/O threads
+        (blk_aio.pxd).  vfe/engine/bdev_file.py says why each check."""
         cdef AioPool *pool
         cdef int i, rc
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        fd = os.open(path, flags)
+        from vfe.engine.bdev_file import open_backing, open_direct
+        fd, _ = open_backing(path, read_only=read_only, need=capacity_bytes, grow=grow)
         dfd = -1
         try:
-            if os.fstat(fd).st_size < capacity_bytes:
-                if read_only:
-                    raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
-                os.ftruncate(fd, capacity_bytes)
             if direct:
-                try:
-                    dfd = os.open(path, flags | os.O_DIRECT)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"{path}: O_DIRECT is not available here "
-                                             f"({exc.strerror})") from None
+                dfd = open_direct(fd, path, read_only)
             pool = <AioPool *>calloc(1, sizeof(AioPool))
             self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
             if pool == NULL or self.d.aio == NULL:

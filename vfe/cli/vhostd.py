@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: listen on them")
     p.add_argument("--iface", metavar="PREFIX", default="",
                    help="path prefix of the socket files, e.g. /tmp/vhost-user-: a VF provisioned "
-                        "without -v gets PREFIX<VF BDF> (default /tmp/vf-<VF BDF>)")
+                        "without -v gets PREFIX<VF BDF> (default $VFE_ROOT/run/vfe-vhostd/vf-<VF BDF>)")
     p.add_argument("--socket", metavar="PATH", default=None,
                    help="JSON-RPC Unix socket, what vhostmgmt uses (default $VFE_VHOSTD_SOCKET or "
                         "$VFE_ROOT/run/vfe-vhostd/vhostd.sock)")

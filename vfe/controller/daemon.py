@@ -15,6 +15,7 @@ from vfe.devices.adapter import Session
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
 from vfe.rpc.access import allowed, unix_peer
+from vfe.safepath import check_dir_chain, make_dirs
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
 from vfe.vhost.messages import ProtocolError, Request
@@ -53,6 +54,7 @@ class Endpoint:
         self.via_relay = False               # self.conn is vfe-vhostd
         self.fresh = False                   # no message yet on self.conn
         self.probes: list[transport.Connection] = []
+        self.refused = ""                    # the last unsafe-path error logged (client mode)
 
     def open(self) -> None:
         inherited = self.daemon.inherited.pop(self.name, None)
@@ -60,10 +62,18 @@ class Endpoint:
             self._inherit(*inherited)
             return
         if not self.client:
-            self.listener = transport.listen(self.path)
+            make_dirs(os.path.dirname(os.path.abspath(self.path)), 0o755)
+            self.listener = transport.listen(self.path)        # UnsafePath: a path others control
             self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
             log.info("%s: listening on %s", self.name, self.path)
         else:
+            # a directory others write is refused at once; what is in it
+            # (another user's socket in /tmp) at every connect (try_connect)
+            try:
+                check_dir_chain(os.path.dirname(os.path.abspath(self.path)), allow_sticky=True,
+                                what="socket path", subject=self.path)
+            except FileNotFoundError:
+                pass                             # not there yet: retried until it is
             log.info("%s: connecting to %s", self.name, self.path)
 
     # -- live update (vfe/controller/update.py) ----------------------------------
@@ -123,7 +133,16 @@ class Endpoint:
         if self.conn is not None or now < self.next_attempt:
             return
         self.next_attempt = now + RECONNECT_INTERVAL
-        conn = transport.try_connect(self.path)
+        try:
+            conn = transport.try_connect(self.path)
+        except transport.UnsafePath as exc:
+            # e.g. another user's socket in /tmp where QEMU's should be:
+            # not connected to; said once, tried again (it may go away)
+            if str(exc) != self.refused:
+                log.error("%s: %s", self.name, exc)
+            self.refused = str(exc)
+            return
+        self.refused = ""
         if conn is not None:
             self._attach(conn)
 

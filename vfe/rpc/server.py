@@ -44,6 +44,8 @@ from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
+from vfe.safepath import check_socket_path
+from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
 
@@ -79,6 +81,7 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 16, what: str = "RP
     if len(os.fsencode(path)) >= UNIX_PATH_MAX:
         raise OSError(errno.ENAMETOOLONG, f"{what} socket path is longer than {UNIX_PATH_MAX - 1} bytes", path)
     ensure_private_dir(os.path.dirname(os.path.abspath(path)))
+    check_socket_path(path, f"{what} socket")     # UnsafePath: others could squat it
     _remove_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -100,22 +103,17 @@ def _remove_stale(path: str, what: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("removing stale %s socket %s", what, path)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
+        live = is_served(path)          # never waits, even on a full backlog
     except OSError:
-        pass                # e.g. a full backlog: someone is listening
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another server is already listening on this {what} socket", path)
+        live = True                     # cannot tell: not ours to remove
+    if live:
+        raise OSError(errno.EADDRINUSE, f"another server is already listening on this {what} socket", path)
+    log.info("removing stale %s socket %s", what, path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def refuse(sock: socket.socket, line: bytes) -> None:
