@@ -162,7 +162,7 @@ def test_listen_and_connect_refuse_a_world_writable_directory(world_writable, pr
 
 
 def test_the_rpc_server_refuses_a_world_writable_run_dir(world_writable, private):
-    with pytest.raises(UnsafePath, match="RPC socket"):
+    with pytest.raises(UnsafePath, match=f"{world_writable} is writable by others"):
         RpcServer(f"{world_writable}/virtnet.sock", lambda m, p: None)
     srv = RpcServer(f"{private}/virtnet.sock", lambda m, p: None)
     srv.close()

@@ -53,6 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfe.safepath import UnsafePath
+
 PROC_NET = "/proc/net"
 TCP_ESTABLISHED = 0x01
 _UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
@@ -160,14 +162,11 @@ def _find(proc_net: str, local: tuple[bytes, int], remote: tuple[bytes, int]) ->
 
 # -- the directory of a control socket -----------------------------------------------
 
-class UnsafeDirectory(PermissionError):
+class UnsafeDirectory(UnsafePath):
     """Someone other than root (and us) could replace what is in a directory."""
 
     def __init__(self, message: str, path: str | os.PathLike):
-        super().__init__(errno.EPERM, message, os.fspath(path))
-
-    def __str__(self) -> str:
-        return self.strerror
+        super().__init__(os.fspath(path), message)
 
 
 def ensure_private_dir(path: str | os.PathLike, mode: int = 0o755) -> Path:
