@@ -71,6 +71,8 @@ def net_seeds() -> dict[str, bytes]:
                         enc_ring([enc_desc(0, 0, 12 + len(tcp))], 8, [0]),
                         enc_ring(rx_buffers(8, 512), 8, list(range(8))),
                         blob=vnet_hdr(1, 1, 54, 200, 34, 16) + tcp),
+        "unicast": net(v1, v1, one, rx4, blob=vnet_hdr() + eth(bytes(range(46)),
+                                                            dst=b"\x02\x00\x00\x00\x00\x0b")),
         "at_region_end": net(v1, v1, enc_ring([enc_desc(3, 72, 72)], 8, [0]), rx4, blob=frame),
         "across_regions": net(v1, v1, enc_ring([enc_desc(4, 20, 72)], 8, [0]), rx4, blob=frame),
         "head_out_of_range": net(v1, v1, enc_ring([], 8, [0x1000]), rx4, blob=frame),

@@ -43,7 +43,7 @@ def _replay(target: str, corpus: str, random_inputs: int) -> dict:
 def _outcome(mod, target: str):
     if target == "target_net_ring":
         b = mod._rig.b
-        return {"tx": mod.last_sender.ring_state(1)["broken"], "rx": b.ring_state(0)["broken"],
+        return {"tx": mod._rig.a.ring_state(1)["broken"], "rx": b.ring_state(0)["broken"],
                 "received": b.ring_stats(0)["packets"]}
     return {"broken": mod.last_device.ring_state(0)["broken"]}
 
