@@ -57,7 +57,6 @@ cdef enum:
     E_BLK_HDR = -12          # fewer than 16 device-readable bytes: no request header
     E_BLK_STATUS = -13       # no device-writable byte for the status
     E_DUP = -14              # a head taken again while its request is still outstanding
-    E_INFLIGHT = -15         # the inflight region cannot track this ring
 
 ctypedef struct BlkDev:
     int num_vqs

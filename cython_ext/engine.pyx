@@ -49,7 +49,6 @@ ERROR_NAMES = {
     -E_BLK_HDR: "block request shorter than its 16-byte header",
     -E_BLK_STATUS: "block request has no device-writable status byte",
     -E_DUP: "descriptor head posted again while its request is outstanding",
-    -E_INFLIGHT: "the inflight region cannot track this ring",
 }
 
 # How long a blk queue's stop waits for requests at the I/O threads (with

@@ -46,7 +46,6 @@ class RingError(IntEnum):
     BLK_HDR = 12
     BLK_STATUS = 13
     DUP = 14
-    INFLIGHT = 15
 
 
 class Guest:

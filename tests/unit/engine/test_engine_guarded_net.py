@@ -383,3 +383,8 @@ def test_event_idx_acked_under_a_running_ring_that_has_no_room_for_it():
         n.send()
         assert n.tx_broken() == RingError.RING
     run_forked(case)
+
+
+def test_the_rig_knows_every_ring_error():
+    from vfe.engine import ERROR_NAMES
+    assert {e.value for e in RingError} == set(ERROR_NAMES)
