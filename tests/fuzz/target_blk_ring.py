@@ -30,7 +30,6 @@ Input layout (ring_input.py has the encoders; zeros once it runs out):
 """
 from __future__ import annotations
 
-import atexit
 import os
 import struct
 import sys
@@ -68,8 +67,10 @@ def setup() -> None:
     fd, path = tempfile.mkstemp(prefix="vfe-fuzz-blk-", dir="/dev/shm" if os.path.isdir("/dev/shm")
                                 else None)
     os.close(fd)
-    atexit.register(os.unlink, path)
-    _rigs["file"] = BlkRig(_g, "file", CAPACITY, path=path, aio_threads=1)
+    try:
+        _rigs["file"] = BlkRig(_g, "file", CAPACITY, path=path, aio_threads=1)
+    finally:
+        os.unlink(path)          # the device keeps its fds; nothing is left behind on any exit
     _inflight = GuardedArea(PAGE, name="fuzz-inflight")
 
 
