@@ -201,7 +201,12 @@ cdef class BlkDevice(RingDevice):
         cdef int i
         if self.d.aio != NULL and not vq.ready:
             ar = &self.d.aio[index]
+            aio_drop_abandoned(ar)
             if ar.size != size and 0 < size <= 32768:
+                if ar.abandoned:
+                    # the I/O threads still hold slots of the old array
+                    raise RuntimeError(f"ring {index}: {ar.abandoned} request(s) of its last "
+                                       f"run are still at the I/O threads")
                 free(ar.slots)
                 free(ar.store)
                 ar.slots = <AioReq *>calloc(size, sizeof(AioReq))
@@ -227,23 +232,40 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
+            retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
     cdef InflightQueue *_inflight(self, int index):
         return &self.d.inflight[index]
 
-    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues):
+    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues, int queue_size,
+                     uint64_t length):
         """Track queue i (< num_queues) in the inflight region at hva + i *
-        stride from its next start (0: stop tracking).  The caller unmaps an
-        old region only after this returns; queues the region does not
-        cover run untracked."""
+        stride from its next start (hva 0: stop tracking).  The region is
+        `length` bytes and holds `queue_size` entries per queue; a ring
+        larger than that will not start.  The caller unmaps an old region
+        only after this returns; queues the region does not cover run
+        untracked."""
         cdef Engine e = self.engine
         cdef int i
+        if hva != 0:
+            if not 1 <= queue_size <= 32768 or num_queues < 0:
+                raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
+            if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
+                raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
+                                 f"{queue_size} entries")
+            if <uint64_t>num_queues * stride > length:
+                raise ValueError(f"inflight region of {length} bytes cannot hold {num_queues} "
+                                 f"queues of {stride} bytes")
         with nogil:
             e.stop_world()
             for i in range(self.d.num_vqs):
-                self.d.inflight[i].region = (<uint8_t *>hva + i * stride
-                                             if hva != 0 and i < num_queues else NULL)
+                if hva != 0 and i < num_queues:
+                    self.d.inflight[i].region = <uint8_t *>hva + i * stride
+                    self.d.inflight[i].ndesc = queue_size
+                else:
+                    self.d.inflight[i].region = NULL
+                    self.d.inflight[i].ndesc = 0
                 self.d.inflight[i].nresubmit = 0
                 self.d.inflight[i].resubmit_pos = 0
             e.start_world()

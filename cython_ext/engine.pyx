@@ -48,7 +48,16 @@ ERROR_NAMES = {
     -E_RING: "ring addresses are not in guest memory",
     -E_BLK_HDR: "block request shorter than its 16-byte header",
     -E_BLK_STATUS: "block request has no device-writable status byte",
+    -E_DUP: "descriptor head posted again while its request is outstanding",
 }
+
+# How long a blk queue's stop waits for requests at the I/O threads (with
+# the world running) before it abandons them: long enough for a healthy
+# disk's slowest FLUSH, short for a ring the guest broke (it must reset the
+# device anyway, and GET_VRING_BASE should not wait on it).
+cdef enum:
+    QUIESCE_MS = 10000
+    QUIESCE_BROKEN_MS = 500
 
 
 def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
@@ -98,7 +107,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             vq = w.rings[i]
             if vq.kind == RING_BLK:
                 if ring_usable(vq):
-                    work += blk_burst(w, vq)
+                    work += blk_burst(w, vq, not vq.stopping)
             elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
                 work += net_tx_burst(w, vq)
         for i in range(w.ntaps):
@@ -128,7 +137,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         pending = 0
         for i in range(w.nrings):
             vq = w.rings[i]
-            if ring_usable(vq) and (avail_count(vq) != 0
+            if ring_usable(vq) and ((avail_count(vq) != 0 and not vq.stopping)
                                     or (vq.kind == RING_BLK and blk_has_work(vq))):
                 pending = 1
         vfe_spin_unlock(&w.lock)
@@ -383,6 +392,16 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
     return 0
 
 
+cdef void retranslate_rings(Vring *vqs, int n) noexcept nogil:
+    """After a change to what a running ring's areas must cover (memory
+    table, EVENT_IDX's extra fields): translate again; a ring whose areas
+    no longer map stops (E_RING).  World stopped."""
+    cdef int i
+    for i in range(n):
+        if vqs[i].ready and translate_ring(&vqs[i]) < 0:
+            vqs[i].broken = -E_RING
+
+
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
                 bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
@@ -430,6 +449,13 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
             iq.resubmit, resubmit = resubmit, NULL
             iq.nresubmit = iq.resubmit_pos = 0
             rc = inflight_recover(iq, <uint16_t>size, vq.last_used_idx, scratch)
+            if rc == IF_TOO_SMALL:
+                raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
+                                 f"entries per queue, the ring has {size}")
+            if rc == IF_BAD_VERSION:
+                raise ValueError(f"ring {index}: the inflight region has version "
+                                 f"{vfe_load_u16(<uint16_t *>(iq.region + IF_VERSION))} "
+                                 f"(0 or 1 expected)")
             if rc == IF_BAD_SIZE:
                 raise ValueError(f"ring {index}: the inflight region tracks "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
@@ -446,6 +472,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.broken = 0
         vq.reported = 0
         vq.stall_ns = 0
+        vq.stopping = 0
         notify_disable(vq)
         if polled:
             if w.nrings >= MAX_WORKER_RINGS:
@@ -466,19 +493,37 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     return recovered
 
 
+cdef void blk_drain(Engine e, Vring *vq) noexcept nogil:
+    """Called with the world stopped, returns with it stopped: finish the
+    heads a blk queue took (resubmissions not yet served, requests at the
+    I/O threads) so that its stop index is exact.  The world runs while we
+    wait -- a slow FLUSH must not freeze every other ring -- and the wait
+    is bounded (QUIESCE_MS, QUIESCE_BROKEN_MS once the ring broke): what is
+    still at the I/O threads then is abandoned (blk_abandon)."""
+    cdef int64_t start = now_ns()
+    vq.stopping = 1                  # its worker reaps, but takes no new entries
+    while not blk_quiesced(e.ctl, vq):
+        if now_ns() - start > <int64_t>(QUIESCE_BROKEN_MS if vq.broken else QUIESCE_MS) * 1000000:
+            blk_abandon(vq)
+            break
+        e.start_world()
+        aio_nap()
+        e.stop_world()
+
+
 cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
     """Stop a ring; return the next avail index it would process.  A blk
     queue first finishes the heads it took (resubmissions not yet served),
     so the index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
-    cdef Worker *ctl = e.ctl
     cdef int i
     cdef uint16_t base
     e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
         if vq.kind == RING_BLK and vq.ready:
-            blk_quiesce(ctl, vq)
+            blk_drain(e, vq)
+        vq.stopping = 0
         vfe_spin_lock(&vq.lock)
         if vq.ready:
             vq.ready = 0
