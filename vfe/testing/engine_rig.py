@@ -220,6 +220,8 @@ class BlkRig(_Rig):
     def __init__(self, guest: Guest, backend: str = "malloc", capacity: int = 1 << 20,
                  features: int = FEAT_VERSION_1 | FEAT_INDIRECT, **kw) -> None:
         super().__init__(guest)
+        if backend == "file":
+            kw.setdefault("grow", True)        # a test's fresh (empty) image becomes the disk
         self.dev = self.engine.new_blk_device(1, capacity, backend=backend, serial="rig", **kw)
         self.dev.set_memory(guest.table())
         self.dev.set_features(features)
