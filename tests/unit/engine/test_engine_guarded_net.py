@@ -222,6 +222,43 @@ def tx_avail_jumps(n):
     n.tx.publish(SIZE + 1)
 
 
+# The virtio-net header may be cut anywhere (CVE-2022-2132: a back-end that
+# assumed it spans at most two descriptors read past the second one).
+
+def tx_header_in_three_pieces(n):
+    a, ln = _frame_at(n)
+    n.tx.set_desc(0, a, 4, F_NEXT, 1)
+    n.tx.set_desc(1, a + 4, 4, F_NEXT, 2)
+    n.tx.set_desc(2, a + 8, 4, F_NEXT, 3)
+    n.tx.set_desc(3, a + 12, ln - 12)
+    n.tx.post(0)
+
+
+def tx_header_in_one_byte_pieces(n):
+    a, ln = _frame_at(n)
+    descs = [(a + i, 1, F_NEXT, i + 1) for i in range(HDR)] + [(a + HDR, ln - HDR, 0, 0)]
+    _indirect(n, n.g.start(BUF) + 1024, descs)
+
+
+def tx_header_ends_at_a_guard_page(n):
+    """The header's last byte is the last byte of a region mapped on its
+    own: reading one byte more would fault."""
+    hdr_gpa = n.g.end(BUF2) - HDR
+    n.g.write(hdr_gpa, bytes(HDR))
+    fa, fl = put(n.g, n.g.start(BUF), FRAME)
+    n.tx.set_desc(0, hdr_gpa, HDR, F_NEXT, 1)
+    n.tx.set_desc(1, fa, fl)
+    n.tx.post(0)
+
+
+def tx_shorter_than_its_header(n):
+    a, _ = _frame_at(n)
+    n.tx.set_desc(0, a, 4, F_NEXT, 1)
+    n.tx.set_desc(1, a + 4, 4, F_NEXT, 2)
+    n.tx.set_desc(2, n.g.end(BUF2) - 3, 3)
+    n.tx.post(0)
+
+
 TX_CASES = [
     (tx_head_is_size, RingError.HEAD),
     (tx_head_ffff, RingError.HEAD),
@@ -249,6 +286,10 @@ TX_CASES = [
     (tx_indirect_next_out_of_range, RingError.NEXT),
     (tx_indirect_loop, RingError.LOOP),
     (tx_avail_jumps, RingError.AVAIL),
+    (tx_header_in_three_pieces, None),
+    (tx_header_in_one_byte_pieces, None),
+    (tx_header_ends_at_a_guard_page, None),
+    (tx_shorter_than_its_header, RingError.LEN),
 ]
 
 
