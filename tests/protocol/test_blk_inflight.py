@@ -394,3 +394,64 @@ def test_own_inflight_region_smaller_than_the_ring_is_refused(disk):
         os.close(own)
     check_other_disk(disk)
     assert disk.alive() and "Traceback" not in disk.log()
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/maps") as f:
+        return len(os.listdir(f"/proc/{pid}/fd")), sum(1 for _ in f)
+
+
+def _quiet_usage(pid: int, quiet: float = 0.5, timeout: float = 10.0) -> tuple[int, int]:
+    """The daemon closes a dropped peer's fds when it notices: wait until the
+    counts stop moving."""
+    deadline = time.monotonic() + timeout
+    last, since = _usage(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _usage(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def test_repeated_and_overloaded_inflight_requests_leak_nothing(disk):
+    """The DPDK CVE classes around INFLIGHT_SHMFD: a region leaked by every
+    GET_INFLIGHT_FD (CVE-2020-10725), fds attached to GET/SET_INFLIGHT_FD
+    never closed (CVE-2020-10726, CVE-2022-0669), a num_queues/queue_size
+    the region does not hold (CVE-2021-3839, test above).  A front-end that
+    asks 100 times, and one that sends its messages with extra fds, leave
+    the daemon's fds and mappings where they were."""
+    pid = disk.proc.proc.pid
+    fe = Frontend.connect(disk.paths["file"])
+    disk.frontends.append(fe)
+    fe.negotiate()
+    info, fd = fe.get_inflight_fd(2, QSIZE)
+    os.close(fd)
+    before = _quiet_usage(pid)
+    for _ in range(100):
+        info, fd = fe.get_inflight_fd(2, QSIZE)
+        os.close(fd)
+    assert _quiet_usage(pid) == before
+
+    # extra fds on GET (takes none) and on SET (takes one): refused, and
+    # every fd sent is closed by the daemon when it drops the connection
+    spare = [os.memfd_create("spare") for _ in range(4)]
+    try:
+        for request, fds in ((Request.GET_INFLIGHT_FD, spare[:3]), (Request.SET_INFLIGHT_FD, spare)):
+            other = Frontend.connect(disk.paths["other"])
+            other.negotiate()
+            payload = Inflight(info.mmap_size, 0, 2, QSIZE).encode()
+            try:
+                other.send_message(request, payload, fds, expect_reply=False)
+                other.get_features()
+            except (PeerClosed, OSError):
+                pass
+            other.close()
+    finally:
+        for s in spare:
+            os.close(s)
+    disk.wait_detached("other")
+    assert _quiet_usage(pid) == before
+    check_other_disk(disk)

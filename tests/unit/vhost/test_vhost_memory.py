@@ -112,3 +112,14 @@ def test_log_region(memfd):
     with pytest.raises(GuestMemoryError):
         log.mark_dirty(8192 * 8 * 4096, 1)
     log.close()
+
+
+@pytest.mark.parametrize("size,offset", [(2**64 - 4096, 8192), (8192, 2**64 - 4096), (2**63, 2**63),
+                                         (8192, 4097)])
+def test_log_whose_offset_and_size_overflow_or_pass_the_file_is_refused(memfd, size, offset):
+    """CVE-2020-10722: a C back-end adding a 64-bit offset and size could
+    wrap and map less than it then writes; here the sum is checked against
+    the file before anything is mapped."""
+    fd = memfd(8192 + 4096)
+    with pytest.raises(GuestMemoryError):
+        LogRegion(fd, size, offset)
