@@ -72,6 +72,7 @@ cdef class BlkDevice(RingDevice):
             self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
         self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
         self.log, self.features = &self.d.log, &self.d.features
+        self._register_faults()
         with engine._lock:
             self.slot = engine.next_slot
             engine.next_slot += 1
@@ -136,6 +137,7 @@ cdef class BlkDevice(RingDevice):
 
     def __dealloc__(self):
         cdef int i
+        self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
             if self.d.pool != NULL:
@@ -246,6 +248,8 @@ cdef class BlkDevice(RingDevice):
         cdef int i
         with nogil:
             e.stop_world()
+            self.fdom.extra_base = hva          # the front-end's file too: SIGBUS recovery
+            self.fdom.extra_len = stride * num_queues if hva != 0 else 0
             for i in range(self.d.num_vqs):
                 self.d.inflight[i].region = (<uint8_t *>hva + i * stride
                                              if hva != 0 and i < num_queues else NULL)
@@ -292,7 +296,7 @@ cdef class BlkDevice(RingDevice):
             vq = &self.d.vqs[i]
             if vq.broken and not vq.reported:
                 vq.reported = 1
-                out.append((self, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+                out.append((self, i, ring_error(vq)))
         return out
 
     def close(self):

@@ -146,8 +146,17 @@ cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
     cdef BlkDev *d = <BlkDev *>vq.dev
     cdef InflightQueue *iq = &d.inflight[vq.index]
     cdef AioRing *ar = &d.aio[vq.index] if d.aio != NULL else NULL
+    cdef AioReq *r
     while True:
-        blk_burst(w, vq, 0)
+        if mem_gone(vq):
+            # the guest memory vanished (fault.pxd): nothing can be answered;
+            # just let the I/O threads finish with it
+            r = aio_take_done(ar) if ar != NULL else NULL
+            while r != NULL:
+                ar.pending -= 1
+                r = r.next
+        else:
+            blk_burst(w, vq, 0)
         if ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
                 and (ar == NULL or ar.pending == 0)):
             break
