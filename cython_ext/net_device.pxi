@@ -263,7 +263,10 @@ cdef class NetDevice(RingDevice):
         inj.w, inj.dev, inj.pair, inj.src = w, self.d, pair, &src
         with e._lock:
             with nogil:
-                guarded_run(w, _inject, <void *>&inj)     # into other guests' memory
+                # into other guests' memory: if one of them vanished, that
+                # device is broken and the frame flooded again past it
+                while guarded_run(w, _inject, <void *>&inj) == VFE_FAULTED:
+                    pass
 
     def close(self):
         """Stop every ring and leave the switch."""

@@ -201,8 +201,8 @@ class Session:
         regions = len(self.memory)
         size = f"{regions} region(s), {self.memory.size >> 20} MiB"
         if shrink:
-            log.info("%s: guest memory (%s) is not sealed against shrinking: if the front-end "
-                     "truncates it, this device stops and the others keep running", self.name, size)
+            log.info("%s: guest memory (%s) is not sealed against shrinking (a truncation "
+                     "would stop this device)", self.name, size)
         else:
             log.info("%s: guest memory (%s) is sealed against shrinking", self.name, size)
 
