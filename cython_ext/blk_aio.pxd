@@ -116,7 +116,8 @@ ctypedef struct AioPool:
 ctypedef struct AioRing:
     int lock                     # the done list: pool threads push, the worker takes
     AioReq *done
-    int pending                  # queued or running (changed by the worker / stopped world)
+    AioReq *reaping              # taken from `done`, being answered (what a fault there leaves)
+    int pending                  # queued, running or done but not answered (worker / stopped world)
     int wake_fd                  # the ring's worker's wake eventfd
     AioReq *slots                # [size], by head
     uint8_t *store               # size * AIO_STORE

@@ -114,8 +114,14 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
     if d.aio == NULL:
         return 0
     ar = &d.aio[vq.index]
-    r = aio_take_done(ar)
+    if ar.reaping == NULL:
+        ar.reaping = aio_take_done(ar)
+    r = ar.reaping
     while r != NULL:
+        # off the list and the count before guest memory is touched: should
+        # that fault (includes/guard.h), the rest stays in ar.reaping
+        ar.reaping = r.next
+        ar.pending -= 1
         vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
@@ -128,13 +134,12 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
             vfe_add_u64(&d.ioerrs, 1)
         blk_answer(d, vq, r.head, r.data_in, r.status,
                    r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
-        ar.pending -= 1
         done[ndone[0]] = r.head
         ndone[0] += 1
         if ndone[0] == BURST:
             blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
         n += 1
-        r = r.next
+        r = ar.reaping
     return n
 
 
@@ -151,10 +156,12 @@ cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
         if mem_gone(vq):
             # the guest memory vanished (fault.pxd): nothing can be answered;
             # just let the I/O threads finish with it
-            r = aio_take_done(ar) if ar != NULL else NULL
-            while r != NULL:
-                ar.pending -= 1
-                r = r.next
+            if ar != NULL:
+                if ar.reaping == NULL:
+                    ar.reaping = aio_take_done(ar)
+                while ar.reaping != NULL:
+                    ar.reaping = ar.reaping.next
+                    ar.pending -= 1
         else:
             blk_burst(w, vq, 0)
         if ((iq.resubmit_pos >= iq.nresubmit or vq.broken)

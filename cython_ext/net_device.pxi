@@ -143,18 +143,10 @@ cdef class NetDevice(RingDevice):
     # -- port security (switch.pxd)
 
     cdef void _claim_port_mac(self) noexcept nogil:
-        """World stopped: install the configured MAC's entry if the device is
-        on the switch, and recount what the ports involved have learned."""
-        cdef Switch *sw = self.engine.sw
-        cdef int old
-        cdef uint32_t k
-        if self.d.port_mac == 0 or self.d.port < 0 or self.d.tap_fd >= 0:
-            return
-        old = sw_lookup(sw, self.d.port_mac)
-        sw_claim(sw, self.d)
-        if old >= 0 and old < MAX_PORTS and old != self.d.port and sw.ports[old] != NULL:
-            sw.ports[old].learned = sw_count(sw, sw.ports[old])
-        self.d.learned = sw_count(sw, self.d)
+        """World stopped: install the configured MAC's owned entry if the
+        device is on the switch."""
+        if self.d.port_mac != 0 and self.d.port >= 0 and self.d.tap_fd < 0:
+            sw_claim(self.engine.sw, self.d)
 
     def set_port_mac(self, mac):
         """Port security: the device's configured MAC ("52:54:00:12:34:56" or
@@ -178,8 +170,20 @@ cdef class NetDevice(RingDevice):
                 sw_forget_mac(e.sw, prev, self.d.port)
             self.d.port_mac = value
             self._claim_port_mac()
-            if self.d.port >= 0:
-                self.d.learned = sw_count(e.sw, self.d)
+            e.start_world()
+
+    def forget_learned(self):
+        """The guest went away (its front-end disconnected or reset the
+        device): drop the MACs it taught the switch; the configured one
+        stays this port's."""
+        cdef Engine e = self.engine
+        if self.d.port < 0 or self.d.tap_fd >= 0:
+            return
+        with nogil:
+            e.stop_world()
+            sw_forget_port(e.sw, self.d.port)
+            self.d.learned = 0
+            self._claim_port_mac()
             e.start_world()
 
     @property
@@ -201,7 +205,8 @@ cdef class NetDevice(RingDevice):
     def switch_stats(self):
         """Port security counters: frames dropped for their source MAC
         (spoofed), source MACs not learned (the port's limit; a full probe
-        window), and the entries the port has learned."""
+        window), and how many MACs the port added to the table since its
+        guest arrived (learned; at most learn_limit)."""
         return {"spoofed": self.d.spoofed, "learn_capped": self.d.learn_capped,
                 "table_full": self.d.table_full, "learned": <int64_t>self.d.learned}
 

@@ -9,11 +9,12 @@ cdef enum:
     MAX_PORTS = 4096
     SW_TABLE = 16384          # MAC table slots (power of two)
     SW_PROBE = 16
-    # Source MACs one port may have in the table at once.  A guest normally
-    # shows one; bridged nested guests, containers (macvlan) or VRRP show a
-    # few more, and 256 leaves them room.  It is 1/64 of the table, so a
-    # guest sending from random MACs fills a sliver of it and stops there
-    # (the rest is counted, not learned) instead of pushing others out.
+    # Source MACs one port may add to the table (until its guest goes).  A
+    # guest normally shows one; bridged nested guests, containers (macvlan)
+    # or VRRP show a few more, and 256 leaves them room.  It is 1/64 of the
+    # table, so a guest sending from random MACs fills a sliver of it and
+    # stops there (the rest is counted, not learned) instead of pushing
+    # others out.
     MAC_LEARN_LIMIT = 256
     MAX_WORKER_RINGS = 4096
     LIN_CAP = 65536 + 256     # largest frame we linearize (a TSO frame + headers)
@@ -52,8 +53,8 @@ ctypedef struct NetDev:
     uint64_t tap_rx_dropped   # frames from the representor the guest had no room for
     # switch port security (switch.pxd)
     uint64_t port_mac         # the configured MAC (mac=); 0: none, the port learns any source
-    uint64_t learned          # table entries pointing at this port (learned, not port_mac's)
-    uint64_t learn_limit      # most entries it may have (MAC_LEARN_LIMIT)
+    uint64_t learned          # MACs it added to the table since its guest came (port_mac aside)
+    uint64_t learn_limit      # most it may add (MAC_LEARN_LIMIT); moves of known MACs are free
     uint64_t spoofed          # frames dropped: a source MAC not port_mac, or another port's port_mac
     uint64_t learn_capped     # source MACs not learned: the port was at learn_limit
     uint64_t table_full       # source MACs not learned: their probe window was full

@@ -373,13 +373,13 @@ class Daemon:
                     elif kind in ("rpc", "update"):
                         ep.on_readable()          # the RPC server or a client; a live update's channel
                     elif kind == "engine":
-                        self._log_broken_rings()
+                        self._log_engine_events()
                     elif kind == "stop":
                         os.read(self._stop_r, 64)
         finally:
             self.shutdown()
 
-    def _log_broken_rings(self) -> None:
+    def _log_engine_events(self) -> None:
         """The engine's events: rings that stopped on a guest error, and the
         switch's port-security notices (each once per front-end)."""
         for dev, index, reason in self.engine.broken_rings():

@@ -338,6 +338,8 @@ class Session:
         if self.owns():
             rings.set_memory([])
             rings.set_log(0, 0)
+            if hasattr(rings, "forget_learned"):
+                rings.forget_learned()    # the guest's MACs left with it
             if hasattr(rings, "set_inflight"):
                 rings.set_inflight(0, 0, 0)
             self.device.owner = None
