@@ -97,9 +97,9 @@ class NetDeviceModel:
         sw = self.rings.switch_stats()
         return (f"rx {tot['rx'][0]} packets {tot['rx'][1]} bytes {tot['rx'][2]} dropped, "
                 f"tx {tot['tx'][0]} packets {tot['tx'][1]} bytes {tot['tx'][2]} dropped, "
-                f"software csum {off['sw_csum']}, software gso {off['sw_gso']}, "
                 f"spoofed {sw['spoofed']}, macs learned {sw['learned']}, "
-                f"not learned {sw['learn_capped']} (limit) {sw['table_full']} (table full)")
+                f"not learned {sw['learn_capped']} (limit) {sw['table_full']} (table full), "
+                f"software csum {off['sw_csum']}, software gso {off['sw_gso']}")
 
     def close(self) -> None:
         self.rings.close()
