@@ -11,15 +11,20 @@
 #
 # Who touches what:
 # - the ring's worker (or the control thread with the world stopped) fills
-#   the request slot of head h (AioRing.slots[h]: heads are unique while
-#   outstanding, so a slot per head needs no allocation) and queues it on
-#   the pool (mutex + condvar);
+#   the request slot of head h (AioRing.slots[h]: a slot per head needs no
+#   allocation) and queues it on the pool (mutex + condvar).  A guest may
+#   post a head again while its request is still here: `busy` says so, and
+#   that stops the ring (E_DUP) before the slot is touched -- reusing it
+#   would link the request into the pool's list twice;
 # - a pool thread runs it, sets its status, pushes it on the ring's done
 #   list (spinlock) and writes the worker's wake eventfd;
 # - the worker reaps the done list at the start of the ring's next burst:
 #   status byte, dirty log, used entry, inflight marks (engine.pyx).
-# A ring stops only once `pending` is 0: no pool thread writes into guest
-# memory after GET_VRING_BASE answers or the memory is unmapped.
+# A ring stops once `pending` is 0: no pool thread writes into guest memory
+# after GET_VRING_BASE answers or the memory is unmapped.  The stop waits
+# with the world running (engine.pyx ring_stop) and for a bounded time: I/O
+# still running after it is abandoned (a new `epoch`), and its late
+# completion is dropped without touching guest memory (blk_reap).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset
 from libc.errno cimport errno, EINTR, EOPNOTSUPP, EFAULT
@@ -89,6 +94,8 @@ ctypedef struct AioReq:
     uint16_t head
     uint8_t op
     uint8_t status               # BLK_S_* once done
+    uint8_t busy                 # queued, running or done but not reaped: head h is outstanding
+    uint32_t epoch               # AioRing.epoch when queued (older: abandoned by a stop)
     uint8_t *status_ptr          # the status byte in guest memory
     uint64_t status_gpa
     uint64_t offset              # bytes (read/write)
@@ -118,6 +125,8 @@ ctypedef struct AioRing:
     AioReq *done
     AioReq *reaping              # taken from `done`, being answered (what a fault there leaves)
     int pending                  # queued, running or done but not answered (worker / stopped world)
+    uint32_t epoch               # bumped when a stop gives up waiting for `pending`
+    int abandoned                # requests of older epochs not reaped yet (their slots stay busy)
     int wake_fd                  # the ring's worker's wake eventfd
     AioReq *slots                # [size], by head
     uint8_t *store               # size * AIO_STORE
@@ -342,6 +351,17 @@ cdef inline AioReq *aio_take_done(AioRing *ring) noexcept nogil:
         rev = lst
         lst = nx
     return rev
+
+
+cdef inline void aio_drop_abandoned(AioRing *ring) noexcept nogil:
+    """Free the slots of abandoned requests that have finished (the ring is
+    stopped: nothing else reaps them).  Requests of the current epoch are
+    never here (a stop leaves none behind without abandoning it)."""
+    cdef AioReq *r = aio_take_done(ring)
+    while r != NULL:
+        r.busy = 0
+        ring.abandoned -= 1
+        r = r.next
 
 
 cdef inline void aio_nap() noexcept nogil:

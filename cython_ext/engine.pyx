@@ -50,8 +50,17 @@ ERROR_NAMES = {
     -E_RING: "ring addresses are not in guest memory",
     -E_BLK_HDR: "block request shorter than its 16-byte header",
     -E_BLK_STATUS: "block request has no device-writable status byte",
+    -E_DUP: "descriptor head posted again while its request is outstanding",
     -E_FAULT: "guest memory vanished",
 }
+
+# How long a blk queue's stop waits for requests at the I/O threads (with
+# the world running) before it abandons them: long enough for a healthy
+# disk's slowest FLUSH, short for a ring the guest broke (it must reset the
+# device anyway, and GET_VRING_BASE should not wait on it).
+cdef enum:
+    QUIESCE_MS = 10000
+    QUIESCE_BROKEN_MS = 500
 
 
 cdef str fault_text(MemTable *mt):
@@ -149,7 +158,7 @@ cdef int iter_serve(void *arg) noexcept nogil:
             if ring_usable(vq):
                 w.cur = vq
                 vfe_signal_fence()
-                work += blk_burst(w, vq)
+                work += blk_burst(w, vq, not vq.stopping)
         elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
             w.cur = vq
             vfe_signal_fence()
@@ -173,7 +182,7 @@ cdef int iter_arm(void *arg) noexcept nogil:
     vfe_fence()
     for i in range(w.nrings):
         vq = w.rings[i]
-        if ring_usable(vq) and (avail_count(vq) != 0
+        if ring_usable(vq) and ((avail_count(vq) != 0 and not vq.stopping)
                                 or (vq.kind == RING_BLK and blk_has_work(vq))):
             pending = 1
     return pending
@@ -571,6 +580,16 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
     return 0
 
 
+cdef void retranslate_rings(Vring *vqs, int n) noexcept nogil:
+    """After a change to what a running ring's areas must cover (memory
+    table, EVENT_IDX's extra fields): translate again; a ring whose areas
+    no longer map stops (E_RING).  World stopped."""
+    cdef int i
+    for i in range(n):
+        if vqs[i].ready and translate_ring(&vqs[i]) < 0:
+            vqs[i].broken = -E_RING
+
+
 # The control thread's stretches of guest memory (ring start and stop),
 # guarded like the workers' (guarded_run, on the engine's control scratch).
 
@@ -605,10 +624,9 @@ ctypedef struct _Quiesce:
     Vring *vq
 
 
-cdef int _stop_quiesce(void *arg) noexcept nogil:
+cdef int _stop_quiesced(void *arg) noexcept nogil:
     cdef _Quiesce *a = <_Quiesce *>arg
-    blk_quiesce(a.w, a.vq)
-    return 0
+    return blk_quiesced(a.w, a.vq)
 
 
 cdef int ring_touch(Engine e, Vring *vq, int index, vfe_guarded_fn fn, void *arg) except -1:
@@ -678,6 +696,13 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
             rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
             ring_touch(e, vq, index, _start_recover, <void *>&rec)
             rc = rec.rc
+            if rc == IF_TOO_SMALL:
+                raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
+                                 f"entries per queue, the ring has {size}")
+            if rc == IF_BAD_VERSION:
+                raise ValueError(f"ring {index}: the inflight region has version "
+                                 f"{vfe_load_u16(<uint16_t *>(iq.region + IF_VERSION))} "
+                                 f"(0 or 1 expected)")
             if rc == IF_BAD_SIZE:
                 raise ValueError(f"ring {index}: the inflight region tracks "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
@@ -692,6 +717,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.log_used = log_used
         vq.log_guest_addr = log_guest_addr
         vq.stall_ns = 0
+        vq.stopping = 0
         ring_touch(e, vq, index, _start_quiet, <void *>vq)
         if polled:
             if w.nrings >= MAX_WORKER_RINGS:
@@ -713,23 +739,45 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     return recovered
 
 
+cdef void blk_drain(Engine e, Vring *vq) noexcept nogil:
+    """Called with the world stopped, returns with it stopped: finish the
+    heads a blk queue took (resubmissions not yet served, requests at the
+    I/O threads) so that its stop index is exact.  The world runs while we
+    wait -- a slow FLUSH must not freeze every other ring -- and the wait
+    is bounded (QUIESCE_MS, QUIESCE_BROKEN_MS once the ring broke): what is
+    still at the I/O threads then is abandoned (blk_abandon)."""
+    cdef int64_t start = now_ns()
+    cdef _Quiesce q
+    cdef int rc
+    q.w, q.vq = e.ctl, vq
+    vq.stopping = 1                  # its worker reaps, but takes no new entries
+    while True:
+        rc = guarded_run(e.ctl, _stop_quiesced, <void *>&q)
+        if rc == VFE_FAULTED:
+            continue                 # the device broke; its next step touches none of its memory
+        if rc:
+            break
+        if now_ns() - start > <int64_t>(QUIESCE_BROKEN_MS if vq.broken else QUIESCE_MS) * 1000000:
+            blk_abandon(vq)
+            break
+        e.start_world()
+        aio_nap()
+        e.stop_world()
+
+
 cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
     """Stop a ring; return the next avail index it would process.  A blk
     queue first finishes the heads it took (resubmissions not yet served),
     so the index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
-    cdef _Quiesce q
     cdef int i
     cdef uint16_t base
-    q.w, q.vq = e.ctl, vq
     e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
         if vq.kind == RING_BLK and vq.ready:
-            # a fault breaks the device; quiescing it again then only waits
-            # for the I/O threads, touching nothing of its memory
-            while guarded_run(e.ctl, _stop_quiesce, <void *>&q) == VFE_FAULTED:
-                pass
+            blk_drain(e, vq)
+        vq.stopping = 0
         vfe_spin_lock(&vq.lock)
         if vq.ready:
             vq.ready = 0

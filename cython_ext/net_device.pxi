@@ -85,6 +85,7 @@ cdef class NetDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
+            retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
     cdef bint _polled(self, int index):

@@ -101,8 +101,12 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
             vq.dropped += 1          # frame larger than the guest's buffers
             rx_unlock(w, vq)
             return R_DROP
-        head = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains))
-        rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
+        # one buffer per chain: w.rx_head/rx_cap hold MAX_IOV (walk_chain's
+        # E_IOV stops us first, since a chain is at least one piece)
+        rc = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains)) if nchains < MAX_IOV else E_IOV
+        if rc >= 0:
+            head = <uint16_t>rc
+            rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
         if rc < 0:
             break_ring(w, vq, rc)
             rx_unlock(w, vq)
@@ -434,8 +438,10 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     if n > BURST:
         n = BURST
     for k in range(n):
-        head = avail_head(vq, vq.last_avail_idx)
-        rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
+        rc = avail_head(vq, vq.last_avail_idx)
+        if rc >= 0:
+            head = <uint16_t>rc
+            rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
         if rc == 0 and total <= <uint32_t>dev.hdr_len:
             rc = E_LEN
         if rc < 0:

@@ -86,9 +86,7 @@ cdef class RingDevice:
         with nogil:
             e.stop_world()
             memcpy(self.mem, &mt, sizeof(MemTable))
-            for i in range(self.nvqs):
-                if self.vqs[i].ready and translate_ring(&self.vqs[i]) < 0:
-                    self.vqs[i].broken = -E_RING
+            retranslate_rings(self.vqs, self.nvqs)
             e.start_world()
 
     def set_log(self, uint64_t hva, uint64_t size):
@@ -111,6 +109,30 @@ cdef class RingDevice:
         return ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva,
                           used_uva, base, kick_fd, call_fd, enabled, log_used, log_guest_addr,
                           self._polled(index), self._inflight(index))
+
+    def run_burst(self, int index):
+        """One poll pass over ring `index` in the calling thread, with the
+        world stopped: what its worker's loop does for it once (a net TX
+        burst through the switch, or a blk burst).  For tests and fuzzing
+        of the ring code without worker threads; the engine need not be
+        started.  Returns the work done (chains or requests)."""
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[vq.worker]
+        cdef int work = 0
+        if not self._polled(index):
+            raise ValueError(f"ring {index} is not polled (an RX ring is filled by senders)")
+        with nogil:
+            e.stop_world()
+            w.csum = g_csum
+            w.gso = g_gso
+            if ring_usable(vq):
+                if vq.kind == RING_BLK:
+                    work = blk_burst(w, vq, not vq.stopping)
+                elif not (<NetDev *>vq.dev).paused:
+                    work = net_tx_burst(w, vq)
+            e.start_world()
+        return work
 
     def stop_ring(self, int index):
         """Stop a ring and return the next avail index it would process

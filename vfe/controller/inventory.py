@@ -23,7 +23,7 @@ from vfe.virtio.constants import F, bit
 
 log = logging.getLogger("vfe.controller")
 
-MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")      # fullmatch() only
 MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
 DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
                  "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
@@ -162,7 +162,7 @@ class Inventory:
 
     @staticmethod
     def check_mac(mac: str) -> str:
-        if not isinstance(mac, str) or not MAC_RE.match(mac):
+        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
             raise InventoryError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
         return mac
 

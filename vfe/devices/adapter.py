@@ -218,9 +218,16 @@ class Session:
         lr = self.log_region
         rings.set_log(lr.hva if lr else 0, lr.size if lr else 0)
         if hasattr(rings, "set_inflight"):
-            ir = self.inflight
-            rings.set_inflight(ir.hva if ir else 0, ir.stride if ir else 0,
-                               ir.num_queues if ir else 0)
+            self._engine_inflight(self.inflight)
+
+    def _engine_inflight(self, ir: inflight.InflightRegion | None) -> None:
+        """Hand the engine a region (None: none) with its shape and length:
+        the engine checks every ring against them again at its start."""
+        if ir is None:
+            self.device.rings.set_inflight(0, 0, 0, 0, 0)
+        else:
+            self.device.rings.set_inflight(ir.hva, ir.stride, ir.num_queues, ir.queue_size,
+                                           ir.size)
 
     def _apply(self, act) -> None:
         rings = self.device.rings
@@ -308,7 +315,11 @@ class Session:
                                queue_size=qs):
                 new = inflight.InflightRegion(fd, size, off, nq, qs)
                 if self.owns() and hasattr(rings, "set_inflight"):
-                    rings.set_inflight(new.hva, new.stride, nq)
+                    try:
+                        self._engine_inflight(new)
+                    except BaseException:
+                        new.close()
+                        raise
                 self.inflight, old = new, self.inflight
                 if old is not None:
                     old.close()
@@ -341,7 +352,7 @@ class Session:
             if hasattr(rings, "forget_learned"):
                 rings.forget_learned()    # the guest's MACs left with it
             if hasattr(rings, "set_inflight"):
-                rings.set_inflight(0, 0, 0)
+                self._engine_inflight(None)
             self.device.owner = None
         self.memory.close()
         self.memory = GuestMemory()

@@ -114,6 +114,17 @@ def test_log_region(memfd):
     log.close()
 
 
+@pytest.mark.parametrize("size,offset", [(2**64 - 4096, 8192), (8192, 2**64 - 4096), (2**63, 2**63),
+                                         (8192, 4097)])
+def test_log_whose_offset_and_size_overflow_or_pass_the_file_is_refused(memfd, size, offset):
+    """CVE-2020-10722: a C back-end adding a 64-bit offset and size could
+    wrap and map less than it then writes; here the sum is checked against
+    the file before anything is mapped."""
+    fd = memfd(8192 + 4096)
+    with pytest.raises(GuestMemoryError):
+        LogRegion(fd, size, offset)
+
+
 def test_seals_say_whether_the_memory_can_shrink(memfd, tmp_path):
     """F_GET_SEALS is read at mapping time: QEMU's sealed memfd cannot
     shrink under us, an unsealed one or a plain file can."""
