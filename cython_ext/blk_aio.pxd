@@ -27,8 +27,9 @@
 # completion is dropped without touching guest memory (blk_reap).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR, EOPNOTSUPP
+from libc.errno cimport errno, EINTR, EOPNOTSUPP, EFAULT
 from atomics cimport *
+from guard cimport vfe_guarded, vfe_thread_guard_init, vfe_thread_guard_fini, VFE_FAULTED
 from linux cimport iovec, write, now_ns
 from vring cimport Iov, Vring
 
@@ -122,7 +123,8 @@ ctypedef struct AioPool:
 ctypedef struct AioRing:
     int lock                     # the done list: pool threads push, the worker takes
     AioReq *done
-    int pending                  # queued or running (changed by the worker / stopped world)
+    AioReq *reaping              # taken from `done`, being answered (what a fault there leaves)
+    int pending                  # queued, running or done but not answered (worker / stopped world)
     uint32_t epoch               # bumped when a stop gives up waiting for `pending`
     int abandoned                # requests of older epochs not reaped yet (their slots stay busy)
     int wake_fd                  # the ring's worker's wake eventfd
@@ -272,23 +274,45 @@ cdef inline void aio_complete(AioReq *r, int rc) noexcept nogil:
     write(ring.wake_fd, &one, 8)
 
 
+ctypedef struct _AioRun:
+    AioPool *pool
+    AioReq *r
+
+
+cdef inline int _aio_run(void *arg) noexcept nogil:
+    cdef _AioRun *a = <_AioRun *>arg
+    return aio_execute(a.pool, a.r)
+
+
 cdef inline void *aio_thread(void *arg) noexcept nogil:
     cdef AioPool *pool = <AioPool *>arg
     cdef AioReq *r
+    cdef _AioRun run
     cdef int rc
+    # The syscalls that move data fail with EFAULT on guest pages that
+    # vanished (the front-end shrank its memory file); our own stores there
+    # (zero-filling a read past the end of the file) raise SIGBUS, which the
+    # guard turns into the same EFAULT: the request gets IOERR, and writing
+    # its status byte breaks the device if that page is gone too.
+    vfe_thread_guard_init()
+    run.pool = pool
     while True:
         pthread_mutex_lock(&pool.mu)
         while pool.head == NULL and not pool.stop:
             pthread_cond_wait(&pool.cv, &pool.mu)
         if pool.head == NULL:                  # stopping, nothing left
             pthread_mutex_unlock(&pool.mu)
+            vfe_thread_guard_fini()
             return NULL
         r = pool.head
         pool.head = r.next
         if pool.head == NULL:
             pool.tail = NULL
         pthread_mutex_unlock(&pool.mu)
-        rc = aio_execute(pool, r)
+        run.r = r
+        rc = vfe_guarded(_aio_run, &run, NULL, NULL)
+        if rc == VFE_FAULTED:
+            rc = -EFAULT
         if rc != 0:
             vfe_add_u64(&pool.errors, 1)
         aio_complete(r, rc)

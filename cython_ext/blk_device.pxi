@@ -72,6 +72,7 @@ cdef class BlkDevice(RingDevice):
             self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
         self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
         self.log, self.features = &self.d.log, &self.d.features
+        self._register_faults()
         with engine._lock:
             self.slot = engine.next_slot
             engine.next_slot += 1
@@ -131,6 +132,7 @@ cdef class BlkDevice(RingDevice):
 
     def __dealloc__(self):
         cdef int i
+        self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
             if self.d.pool != NULL:
@@ -259,6 +261,8 @@ cdef class BlkDevice(RingDevice):
                                  f"queues of {stride} bytes")
         with nogil:
             e.stop_world()
+            self.fdom.extra_base = hva          # the front-end's file too: SIGBUS recovery
+            self.fdom.extra_len = stride * num_queues if hva != 0 else 0
             for i in range(self.d.num_vqs):
                 if hva != 0 and i < num_queues:
                     self.d.inflight[i].region = <uint8_t *>hva + i * stride
@@ -309,7 +313,7 @@ cdef class BlkDevice(RingDevice):
             vq = &self.d.vqs[i]
             if vq.broken and not vq.reported:
                 vq.reported = 1
-                out.append((self, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+                out.append((self, i, ring_error(vq)))
         return out
 
     def close(self):

@@ -131,15 +131,21 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
     if d.aio == NULL:
         return 0
     ar = &d.aio[vq.index]
-    r = aio_take_done(ar)
+    if ar.reaping == NULL:
+        ar.reaping = aio_take_done(ar)
+    r = ar.reaping
     while r != NULL:
+        # off the list and the counts before guest memory is touched: should
+        # that fault (includes/guard.h), the rest stays in ar.reaping
+        ar.reaping = r.next
         r.busy = 0
         if r.epoch != ar.epoch:
             # abandoned by a stop that stopped waiting: the ring has moved
             # on (maybe to other memory); only its slot is ours again
             ar.abandoned -= 1
-            r = r.next
+            r = ar.reaping
             continue
+        ar.pending -= 1
         vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
@@ -152,13 +158,12 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
             vfe_add_u64(&d.ioerrs, 1)
         blk_answer(d, vq, r.head, r.data_in, r.status,
                    r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
-        ar.pending -= 1
         done[ndone[0]] = r.head
         ndone[0] += 1
         if ndone[0] == BURST:
             blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
         n += 1
-        r = r.next
+        r = ar.reaping
     return n
 
 
@@ -171,7 +176,21 @@ cdef bint blk_quiesced(Worker *w, Vring *vq) noexcept nogil:
     cdef BlkDev *d = <BlkDev *>vq.dev
     cdef InflightQueue *iq = &d.inflight[vq.index]
     cdef AioRing *ar = &d.aio[vq.index] if d.aio != NULL else NULL
-    blk_burst(w, vq, 0)
+    if mem_gone(vq):
+        # the guest memory vanished (fault.pxd): nothing can be answered;
+        # count off what the I/O threads finished, touching none of it
+        if ar != NULL:
+            if ar.reaping == NULL:
+                ar.reaping = aio_take_done(ar)
+            while ar.reaping != NULL:
+                ar.reaping.busy = 0
+                if ar.reaping.epoch != ar.epoch:
+                    ar.abandoned -= 1
+                else:
+                    ar.pending -= 1
+                ar.reaping = ar.reaping.next
+    else:
+        blk_burst(w, vq, 0)
     return ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
             and (ar == NULL or ar.pending == 0))
 

@@ -47,6 +47,7 @@ ctypedef struct Region:
 ctypedef struct MemTable:
     int n
     Region r[MAX_REGIONS]
+    uint64_t fault_addr      # != 0: SIGBUS there, the memory vanished (fault.pxd); a new table clears it
 
 ctypedef struct Iov:
     uint8_t *base

@@ -314,6 +314,12 @@ class Endpoint:
             self.listener = None
 
 
+def _name(dev) -> str:
+    """A device's name for the log (its configured name, else its switch port)."""
+    owner = dev.owner
+    return owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
+
+
 def _u64(v: int) -> bytes:
     return (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
 
@@ -404,17 +410,20 @@ class Daemon:
                     elif kind in ("rpc", "update"):
                         ep.on_readable()          # the RPC server or a client; a live update's channel
                     elif kind == "engine":
-                        self._log_broken_rings()
+                        self._log_engine_events()
                     elif kind == "stop":
                         os.read(self._stop_r, 64)
         finally:
             self.shutdown()
 
-    def _log_broken_rings(self) -> None:
+    def _log_engine_events(self) -> None:
+        """The engine's events: rings that stopped on a guest error, and the
+        switch's port-security notices (each once per front-end)."""
         for dev, index, reason in self.engine.broken_rings():
-            owner = dev.owner
-            name = owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
-            log.error("%s: ring %d stopped: %s (the guest must reset the device)", name, index, reason)
+            log.error("%s: ring %d stopped: %s (the guest must reset the device)", _name(dev),
+                      index, reason)
+        for dev, text in self.engine.security_notices():
+            log.warning("%s: %s", _name(dev), text)
 
     def shutdown(self) -> None:
         for hook in self.on_shutdown:

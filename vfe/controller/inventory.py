@@ -398,6 +398,8 @@ class Inventory:
                  "packets": s["packets"], "bytes": s["bytes"], "dropped": s["dropped"],
                  "errors": s["errors"]}
                 for s in model.stats()]
+            if getattr(self, "datapath", None) == "switch" and hasattr(model, "switch_stats"):
+                out["switch"] = model.switch_stats()      # port security (its MAC is net_mac)
         return out
 
     def query(self, p: dict) -> dict:
@@ -453,7 +455,7 @@ class Inventory:
             keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
             m.features = NET_FEATURES & (f.features | keep) if f.features else NET_FEATURES
         if "mac" in changes:
-            m.config.mac = f.mac
+            m.set_mac(f.mac)
         if self.host is not None and f.qmp_id and ({"mac", "mtu"} & set(changes)):
             # the guest reads MAC and MTU from the PCI function's config space,
             # which QEMU owns: re-create the function with the new values

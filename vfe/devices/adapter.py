@@ -37,6 +37,11 @@ class Session:
         self.inflight: inflight.InflightRegion | None = None
         self.started: set[int] = set()
         self.features = 0                 # as acked by this front-end
+        # whether the front-end can shrink the memory it shared under us
+        # (its files are not sealed with F_SEAL_SHRINK); None before any
+        self.memory_can_shrink: bool | None = None
+        if hasattr(device.rings, "rearm_notices"):
+            device.rings.rearm_notices()  # a new front-end: its security events are logged anew
 
     # -- entry points from the transport
 
@@ -120,6 +125,7 @@ class Session:
         try:
             self.memory = GuestMemory([MemRegion(gpa, size, uva, off, fds[i])
                                        for gpa, size, uva, off, i in state["memory"]])
+            self.memory_can_shrink = self.memory.can_shrink if len(self.memory) else None
             if state["log"] is not None:
                 i, size, offset = state["log"]
                 self.log_region = LogRegion(fds[i], size, offset)
@@ -182,6 +188,24 @@ class Session:
         owner = getattr(self.device, "owner", None)
         return owner is None or owner is self or not owner.started
 
+    def _note_memory(self) -> None:
+        """Log, when it changes, whether the guest memory can shrink under us:
+        sealed, a truncation is impossible; unsealed, one would stop this
+        device (the engine catches the SIGBUS) and leave the others running."""
+        if not len(self.memory):
+            return
+        shrink = self.memory.can_shrink
+        if shrink == self.memory_can_shrink:
+            return
+        self.memory_can_shrink = shrink
+        regions = len(self.memory)
+        size = f"{regions} region(s), {self.memory.size >> 20} MiB"
+        if shrink:
+            log.info("%s: guest memory (%s) is not sealed against shrinking (a truncation "
+                     "would stop this device)", self.name, size)
+        else:
+            log.info("%s: guest memory (%s) is sealed against shrinking", self.name, size)
+
     def _take_ownership(self) -> None:
         if self.owns():
             return
@@ -222,14 +246,17 @@ class Session:
                 if self._engine_free() and not self.owns():
                     self.memory, old = new, self.memory
                     old.close()
+                    self._note_memory()
                     self._take_ownership()
                     return
                 if self.owns():
                     rings.set_memory(engine_table(new))
                 self.memory, old = new, self.memory
                 old.close()
+                self._note_memory()
             case A.AddMemRegion(region=r):
                 self.memory.add(r)
+                self._note_memory()
                 if self._engine_free():
                     self._take_ownership()
                     rings.set_memory(engine_table(self.memory))
@@ -322,6 +349,8 @@ class Session:
         if self.owns():
             rings.set_memory([])
             rings.set_log(0, 0)
+            if hasattr(rings, "forget_learned"):
+                rings.forget_learned()    # the guest's MACs left with it
             if hasattr(rings, "set_inflight"):
                 self._engine_inflight(None)
             self.device.owner = None

@@ -31,7 +31,7 @@ _DESC = struct.Struct("<QIHH")
 
 class RingError(IntEnum):
     """What ``ring_state(i)["broken"]`` holds once a ring stopped (the
-    engine's -E_* codes, cython_ext/vring.pxd and blk.pxd)."""
+    engine's -E_* codes, cython_ext/vring.pxd, blk.pxd and fault.pxd)."""
     HEAD = 1
     NEXT = 2
     LOOP = 3
@@ -46,6 +46,7 @@ class RingError(IntEnum):
     BLK_HDR = 12
     BLK_STATUS = 13
     DUP = 14
+    FAULT = 16                 # the guest memory vanished (SIGBUS caught)
 
 
 class Guest:
