@@ -56,6 +56,7 @@ cdef enum:
 cdef enum:
     E_BLK_HDR = -12          # fewer than 16 device-readable bytes: no request header
     E_BLK_STATUS = -13       # no device-writable byte for the status
+    E_DUP = -14              # a head taken again while its request is still outstanding
 
 ctypedef struct BlkDev:
     int num_vqs

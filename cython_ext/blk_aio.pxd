@@ -11,19 +11,25 @@
 #
 # Who touches what:
 # - the ring's worker (or the control thread with the world stopped) fills
-#   the request slot of head h (AioRing.slots[h]: heads are unique while
-#   outstanding, so a slot per head needs no allocation) and queues it on
-#   the pool (mutex + condvar);
+#   the request slot of head h (AioRing.slots[h]: a slot per head needs no
+#   allocation) and queues it on the pool (mutex + condvar).  A guest may
+#   post a head again while its request is still here: `busy` says so, and
+#   that stops the ring (E_DUP) before the slot is touched -- reusing it
+#   would link the request into the pool's list twice;
 # - a pool thread runs it, sets its status, pushes it on the ring's done
 #   list (spinlock) and writes the worker's wake eventfd;
 # - the worker reaps the done list at the start of the ring's next burst:
 #   status byte, dirty log, used entry, inflight marks (engine.pyx).
-# A ring stops only once `pending` is 0: no pool thread writes into guest
-# memory after GET_VRING_BASE answers or the memory is unmapped.
+# A ring stops once `pending` is 0: no pool thread writes into guest memory
+# after GET_VRING_BASE answers or the memory is unmapped.  The stop waits
+# with the world running (engine.pyx ring_stop) and for a bounded time: I/O
+# still running after it is abandoned (a new `epoch`), and its late
+# completion is dropped without touching guest memory (blk_reap).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR, EOPNOTSUPP
+from libc.errno cimport errno, EINTR, EOPNOTSUPP, EFAULT
 from atomics cimport *
+from guard cimport vfe_guarded, vfe_thread_guard_init, vfe_thread_guard_fini, VFE_FAULTED
 from linux cimport iovec, write, now_ns
 from vring cimport Iov, Vring
 
@@ -88,6 +94,8 @@ ctypedef struct AioReq:
     uint16_t head
     uint8_t op
     uint8_t status               # BLK_S_* once done
+    uint8_t busy                 # queued, running or done but not reaped: head h is outstanding
+    uint32_t epoch               # AioRing.epoch when queued (older: abandoned by a stop)
     uint8_t *status_ptr          # the status byte in guest memory
     uint64_t status_gpa
     uint64_t offset              # bytes (read/write)
@@ -115,7 +123,10 @@ ctypedef struct AioPool:
 ctypedef struct AioRing:
     int lock                     # the done list: pool threads push, the worker takes
     AioReq *done
-    int pending                  # queued or running (changed by the worker / stopped world)
+    AioReq *reaping              # taken from `done`, being answered (what a fault there leaves)
+    int pending                  # queued, running or done but not answered (worker / stopped world)
+    uint32_t epoch               # bumped when a stop gives up waiting for `pending`
+    int abandoned                # requests of older epochs not reaped yet (their slots stay busy)
     int wake_fd                  # the ring's worker's wake eventfd
     AioReq *slots                # [size], by head
     uint8_t *store               # size * AIO_STORE
@@ -263,23 +274,45 @@ cdef inline void aio_complete(AioReq *r, int rc) noexcept nogil:
     write(ring.wake_fd, &one, 8)
 
 
+ctypedef struct _AioRun:
+    AioPool *pool
+    AioReq *r
+
+
+cdef inline int _aio_run(void *arg) noexcept nogil:
+    cdef _AioRun *a = <_AioRun *>arg
+    return aio_execute(a.pool, a.r)
+
+
 cdef inline void *aio_thread(void *arg) noexcept nogil:
     cdef AioPool *pool = <AioPool *>arg
     cdef AioReq *r
+    cdef _AioRun run
     cdef int rc
+    # The syscalls that move data fail with EFAULT on guest pages that
+    # vanished (the front-end shrank its memory file); our own stores there
+    # (zero-filling a read past the end of the file) raise SIGBUS, which the
+    # guard turns into the same EFAULT: the request gets IOERR, and writing
+    # its status byte breaks the device if that page is gone too.
+    vfe_thread_guard_init()
+    run.pool = pool
     while True:
         pthread_mutex_lock(&pool.mu)
         while pool.head == NULL and not pool.stop:
             pthread_cond_wait(&pool.cv, &pool.mu)
         if pool.head == NULL:                  # stopping, nothing left
             pthread_mutex_unlock(&pool.mu)
+            vfe_thread_guard_fini()
             return NULL
         r = pool.head
         pool.head = r.next
         if pool.head == NULL:
             pool.tail = NULL
         pthread_mutex_unlock(&pool.mu)
-        rc = aio_execute(pool, r)
+        run.r = r
+        rc = vfe_guarded(_aio_run, &run, NULL, NULL)
+        if rc == VFE_FAULTED:
+            rc = -EFAULT
         if rc != 0:
             vfe_add_u64(&pool.errors, 1)
         aio_complete(r, rc)
@@ -318,6 +351,17 @@ cdef inline AioReq *aio_take_done(AioRing *ring) noexcept nogil:
         rev = lst
         lst = nx
     return rev
+
+
+cdef inline void aio_drop_abandoned(AioRing *ring) noexcept nogil:
+    """Free the slots of abandoned requests that have finished (the ring is
+    stopped: nothing else reaps them).  Requests of the current epoch are
+    never here (a stop leaves none behind without abandoning it)."""
+    cdef AioReq *r = aio_take_done(ring)
+    while r != NULL:
+        r.busy = 0
+        ring.abandoned -= 1
+        r = r.next
 
 
 cdef inline void aio_nap() noexcept nogil:

@@ -12,7 +12,7 @@ cdef class BlkDevice(RingDevice):
                   str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
                   uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
                   uint32_t max_write_zeroes_seg=32, path=None, bint direct=False,
-                  int aio_threads=4):
+                  int aio_threads=4, bint grow=False):
         cdef int i, rc
         if num_queues < 1 or num_queues > 256:
             raise ValueError("a blk device has 1..256 queues")
@@ -49,7 +49,7 @@ cdef class BlkDevice(RingDevice):
         elif backend == "file":
             if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
                 raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
-            self._open_file(path, capacity_bytes, read_only, direct, aio_threads)
+            self._open_file(path, capacity_bytes, read_only, direct, aio_threads, grow)
         else:
             self.d.backend = BACKEND_NULL
         self.d.num_vqs = num_queues
@@ -72,30 +72,26 @@ cdef class BlkDevice(RingDevice):
             self.d.vqs[i].worker = (engine.next_slot + i) % engine.nworkers
         self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
         self.log, self.features = &self.d.log, &self.d.features
+        self._register_faults()
         with engine._lock:
             self.slot = engine.next_slot
             engine.next_slot += 1
             engine.blk_devices.append(self)
 
-    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads):
-        """The file (grown to the capacity if shorter), an O_DIRECT fd of it
-        with `direct`, and the I/O threads (blk_aio.pxd)."""
+    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads,
+                    bint grow):
+        """The file (a regular file or a block device, never through a
+        symlink; grown to the capacity if shorter only with `grow`), an
+        O_DIRECT fd of the same inode with `direct`, and the I/O threads
+        (blk_aio.pxd).  vfe/engine/bdev_file.py says why each check."""
         cdef AioPool *pool
         cdef int i, rc
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        fd = os.open(path, flags)
+        from vfe.engine.bdev_file import open_backing, open_direct
+        fd, _ = open_backing(path, read_only=read_only, need=capacity_bytes, grow=grow)
         dfd = -1
         try:
-            if os.fstat(fd).st_size < capacity_bytes:
-                if read_only:
-                    raise ValueError(f"{path} is smaller than {capacity_bytes} bytes")
-                os.ftruncate(fd, capacity_bytes)
             if direct:
-                try:
-                    dfd = os.open(path, flags | os.O_DIRECT)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"{path}: O_DIRECT is not available here "
-                                             f"({exc.strerror})") from None
+                dfd = open_direct(fd, path, read_only)
             pool = <AioPool *>calloc(1, sizeof(AioPool))
             self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
             if pool == NULL or self.d.aio == NULL:
@@ -136,6 +132,7 @@ cdef class BlkDevice(RingDevice):
 
     def __dealloc__(self):
         cdef int i
+        self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
             if self.d.pool != NULL:
@@ -206,7 +203,12 @@ cdef class BlkDevice(RingDevice):
         cdef int i
         if self.d.aio != NULL and not vq.ready:
             ar = &self.d.aio[index]
+            aio_drop_abandoned(ar)
             if ar.size != size and 0 < size <= 32768:
+                if ar.abandoned:
+                    # the I/O threads still hold slots of the old array
+                    raise RuntimeError(f"ring {index}: {ar.abandoned} request(s) of its last "
+                                       f"run are still at the I/O threads")
                 free(ar.slots)
                 free(ar.store)
                 ar.slots = <AioReq *>calloc(size, sizeof(AioReq))
@@ -232,23 +234,42 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
+            retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
     cdef InflightQueue *_inflight(self, int index):
         return &self.d.inflight[index]
 
-    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues):
+    def set_inflight(self, uint64_t hva, uint64_t stride, int num_queues, int queue_size,
+                     uint64_t length):
         """Track queue i (< num_queues) in the inflight region at hva + i *
-        stride from its next start (0: stop tracking).  The caller unmaps an
-        old region only after this returns; queues the region does not
-        cover run untracked."""
+        stride from its next start (hva 0: stop tracking).  The region is
+        `length` bytes and holds `queue_size` entries per queue; a ring
+        larger than that will not start.  The caller unmaps an old region
+        only after this returns; queues the region does not cover run
+        untracked."""
         cdef Engine e = self.engine
         cdef int i
+        if hva != 0:
+            if not 1 <= queue_size <= 32768 or num_queues < 0:
+                raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
+            if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
+                raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
+                                 f"{queue_size} entries")
+            if <uint64_t>num_queues * stride > length:
+                raise ValueError(f"inflight region of {length} bytes cannot hold {num_queues} "
+                                 f"queues of {stride} bytes")
         with nogil:
             e.stop_world()
+            self.fdom.extra_base = hva          # the front-end's file too: SIGBUS recovery
+            self.fdom.extra_len = stride * num_queues if hva != 0 else 0
             for i in range(self.d.num_vqs):
-                self.d.inflight[i].region = (<uint8_t *>hva + i * stride
-                                             if hva != 0 and i < num_queues else NULL)
+                if hva != 0 and i < num_queues:
+                    self.d.inflight[i].region = <uint8_t *>hva + i * stride
+                    self.d.inflight[i].ndesc = queue_size
+                else:
+                    self.d.inflight[i].region = NULL
+                    self.d.inflight[i].ndesc = 0
                 self.d.inflight[i].nresubmit = 0
                 self.d.inflight[i].resubmit_pos = 0
             e.start_world()
@@ -292,7 +313,7 @@ cdef class BlkDevice(RingDevice):
             vq = &self.d.vqs[i]
             if vq.broken and not vq.reported:
                 vq.reported = 1
-                out.append((self, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+                out.append((self, i, ring_error(vq)))
         return out
 
     def close(self):

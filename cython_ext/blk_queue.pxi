@@ -9,7 +9,7 @@ cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nrea
     BLK_ASYNC once queued; IOERR if its data pieces do not fit a slot (more
     than seg_max allows: a guest bug)."""
     cdef AioRing *ar = &d.aio[vq.index]
-    cdef AioReq *r = &ar.slots[head]
+    cdef AioReq *r = &ar.slots[head]         # blk_head_free vouched for head and slot
     cdef Iov *last = &w.iov[niov - 1]        # the status byte is the chain's last writable byte
     cdef int i
     r.ring = <void *>ar
@@ -44,8 +44,25 @@ cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nrea
             if ((<uint64_t>aio_pieces(r)[i].base) | aio_pieces(r)[i].len) & (BLK_SECTOR - 1):
                 r.direct = 0
                 break
+    r.busy = 1
+    r.epoch = ar.epoch
     aio_submit(d.pool, r)
     return BLK_ASYNC
+
+
+cdef inline int blk_head_free(Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
+    """0 if request `head` (< vq.size, checked by avail_head or recovery)
+    may be taken now; E_DUP if the guest posted it again while its request
+    is still at the I/O threads (a file bdev's slot is per head)."""
+    cdef AioRing *ar
+    if d.aio == NULL:
+        return 0                             # null/malloc: answered within the burst
+    ar = &d.aio[vq.index]
+    if head >= ar.size:
+        return E_HEAD
+    if ar.slots[head].busy:
+        return E_DUP
+    return 0
 
 
 cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8_t status,
@@ -114,8 +131,21 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
     if d.aio == NULL:
         return 0
     ar = &d.aio[vq.index]
-    r = aio_take_done(ar)
+    if ar.reaping == NULL:
+        ar.reaping = aio_take_done(ar)
+    r = ar.reaping
     while r != NULL:
+        # off the list and the counts before guest memory is touched: should
+        # that fault (includes/guard.h), the rest stays in ar.reaping
+        ar.reaping = r.next
+        r.busy = 0
+        if r.epoch != ar.epoch:
+            # abandoned by a stop that stopped waiting: the ring has moved
+            # on (maybe to other memory); only its slot is ours again
+            ar.abandoned -= 1
+            r = ar.reaping
+            continue
+        ar.pending -= 1
         vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
@@ -128,31 +158,55 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
             vfe_add_u64(&d.ioerrs, 1)
         blk_answer(d, vq, r.head, r.data_in, r.status,
                    r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
-        ar.pending -= 1
         done[ndone[0]] = r.head
         ndone[0] += 1
         if ndone[0] == BURST:
             blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
         n += 1
-        r = r.next
+        r = ar.reaping
     return n
 
 
-cdef void blk_quiesce(Worker *w, Vring *vq) noexcept nogil:
-    """Before a blk queue stops (world stopped, `w` is scratch): serve the
-    resubmissions still queued and wait for every request at the I/O
-    threads.  Taken heads must be answered before the stop reports its
-    index, and no thread may write into guest memory after it."""
+cdef bint blk_quiesced(Worker *w, Vring *vq) noexcept nogil:
+    """One step of a blk queue's stop (world stopped, `w` is scratch, the
+    ring `stopping`): answer what the I/O threads finished and serve the
+    resubmissions still queued.  True once nothing is left: taken heads
+    must be answered before the stop reports its index, and no thread may
+    write into guest memory after it."""
     cdef BlkDev *d = <BlkDev *>vq.dev
     cdef InflightQueue *iq = &d.inflight[vq.index]
     cdef AioRing *ar = &d.aio[vq.index] if d.aio != NULL else NULL
-    while True:
+    if mem_gone(vq):
+        # the guest memory vanished (fault.pxd): nothing can be answered;
+        # count off what the I/O threads finished, touching none of it
+        if ar != NULL:
+            if ar.reaping == NULL:
+                ar.reaping = aio_take_done(ar)
+            while ar.reaping != NULL:
+                ar.reaping.busy = 0
+                if ar.reaping.epoch != ar.epoch:
+                    ar.abandoned -= 1
+                else:
+                    ar.pending -= 1
+                ar.reaping = ar.reaping.next
+    else:
         blk_burst(w, vq, 0)
-        if ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
-                and (ar == NULL or ar.pending == 0)):
-            break
-        if ar != NULL and ar.pending > 0:
-            aio_nap()
+    return ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
+            and (ar == NULL or ar.pending == 0))
+
+
+cdef void blk_abandon(Vring *vq) noexcept nogil:
+    """A stop waited long enough: give up on the requests still at the I/O
+    threads.  Their completions are dropped by blk_reap (new epoch) without
+    touching guest memory; their slots stay busy until then."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    cdef AioRing *ar
+    if d.aio == NULL:
+        return
+    ar = &d.aio[vq.index]
+    ar.abandoned += ar.pending
+    ar.pending = 0
+    ar.epoch += 1
 
 
 cdef inline bint blk_has_work(Vring *vq) noexcept nogil:
@@ -178,6 +232,10 @@ cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
     k = 0
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
         head = inflight_next_resubmit(iq)
+        rc = blk_head_free(vq, d, head)
+        if rc < 0:
+            break_ring(w, vq, rc)
+            break
         rc = blk_serve(w, vq, d, head)
         if rc < 0:
             break
@@ -196,7 +254,13 @@ cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
         if n > BURST - k:
             n = BURST - k
         for k in range(n):
-            head = avail_head(vq, vq.last_avail_idx)
+            rc = avail_head(vq, vq.last_avail_idx)
+            if rc >= 0:
+                head = <uint16_t>rc
+                rc = blk_head_free(vq, d, head)
+            if rc < 0:
+                break_ring(w, vq, rc)
+                break
             # marked before anything else happens to it: a crash from here
             # on leaves it for the next process to serve
             inflight_take(iq, head)

@@ -24,6 +24,8 @@ from netdata cimport *
 from blk cimport *
 from inflight cimport *
 from blk_aio cimport *
+from fault cimport *
+from guard cimport *
 
 import os
 import threading
@@ -48,7 +50,64 @@ ERROR_NAMES = {
     -E_RING: "ring addresses are not in guest memory",
     -E_BLK_HDR: "block request shorter than its 16-byte header",
     -E_BLK_STATUS: "block request has no device-writable status byte",
+    -E_DUP: "descriptor head posted again while its request is outstanding",
+    -E_FAULT: "guest memory vanished",
 }
+
+# How long a blk queue's stop waits for requests at the I/O threads (with
+# the world running) before it abandons them: long enough for a healthy
+# disk's slowest FLUSH, short for a ring the guest broke (it must reset the
+# device anyway, and GET_VRING_BASE should not wait on it).
+cdef enum:
+    QUIESCE_MS = 10000
+    QUIESCE_BROKEN_MS = 500
+
+
+cdef str fault_text(MemTable *mt):
+    """Where a device's memory faulted: our address and the guest's."""
+    cdef int i
+    cdef uint64_t a = mt.fault_addr
+    where = ""
+    for i in range(mt.n):
+        if a >= mt.r[i].hva and a - mt.r[i].hva < mt.r[i].size:
+            where = f", guest-physical {mt.r[i].gpa + (a - mt.r[i].hva):#x}"
+    return f"SIGBUS at {a:#x}{where}: the front-end shrank the file it shared"
+
+
+cdef str ring_error(Vring *vq):
+    """Why a ring stopped, for the log: the engine's reason, and for a
+    vanished memory where it faulted."""
+    text = ERROR_NAMES.get(vq.broken, f"error {vq.broken}")
+    if vq.broken == -E_FAULT and vq.mem != NULL and vq.mem.fault_addr:
+        text += f" ({fault_text(vq.mem)})"
+    return text
+
+
+ctypedef struct _Copy:
+    uint8_t *dst
+    const uint8_t *src
+    size_t n
+
+
+cdef int _copy(void *arg) noexcept nogil:
+    cdef _Copy *c = <_Copy *>arg
+    memcpy(c.dst, c.src, c.n)
+    return 0
+
+
+def read_guarded(uint64_t hva, size_t length):
+    """`length` bytes at our address `hva` of a shared file mapping, or None
+    if they vanished under us (the file was shrunk: SIGBUS, caught).  For
+    tests and tools; installs the engine's SIGBUS handler."""
+    cdef _Copy c
+    cdef int rc
+    out = bytearray(length)
+    if vfe_sigbus_install() != 0:
+        raise OSError(errno, "cannot install the SIGBUS handler")
+    c.dst, c.src, c.n = <uint8_t *><char *>out, <const uint8_t *>hva, length
+    with nogil:
+        rc = vfe_guarded(_copy, &c, NULL, NULL)
+    return None if rc == VFE_FAULTED else bytes(out)
 
 
 def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
@@ -81,6 +140,103 @@ cdef inline void tune_poll(Worker *w, int64_t idle_ns) noexcept nogil:
             w.poll_ns = w.spin_ns
 
 
+# Each stretch of the loop that touches guest memory runs guarded
+# (includes/guard.h): a front-end that shrinks its memory file under a
+# running ring makes the touching access fault, and instead of dying the
+# worker comes back here, breaks only the device whose memory it was
+# (fault.pxd) and carries on with everyone else.
+
+cdef int iter_serve(void *arg) noexcept nogil:
+    """One poll iteration's work (worker lock held): the owned rings' bursts
+    and the representors' frames.  Returns how much was done."""
+    cdef Worker *w = <Worker *>arg
+    cdef int i, work = 0
+    cdef Vring *vq
+    for i in range(w.nrings):
+        vq = w.rings[i]
+        if vq.kind == RING_BLK:
+            if ring_usable(vq):
+                w.cur = vq
+                vfe_signal_fence()
+                work += blk_burst(w, vq, not vq.stopping)
+        elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
+            w.cur = vq
+            vfe_signal_fence()
+            work += net_tx_burst(w, vq)
+    vfe_signal_fence()
+    w.cur = NULL
+    for i in range(w.ntaps):
+        if not w.taps[i].paused:
+            work += tap_in(w, w.taps[i])
+    return work
+
+
+cdef int iter_arm(void *arg) noexcept nogil:
+    """Before sleeping: ask for kicks, then look again (1: work came in)."""
+    cdef Worker *w = <Worker *>arg
+    cdef int i, pending = 0
+    cdef Vring *vq
+    for i in range(w.nrings):
+        if ring_usable(w.rings[i]):
+            notify_enable(w.rings[i])
+    vfe_fence()
+    for i in range(w.nrings):
+        vq = w.rings[i]
+        if ring_usable(vq) and ((avail_count(vq) != 0 and not vq.stopping)
+                                or (vq.kind == RING_BLK and blk_has_work(vq))):
+            pending = 1
+    return pending
+
+
+cdef int iter_disarm(void *arg) noexcept nogil:
+    """Awake again: polling, so no kicks wanted."""
+    cdef Worker *w = <Worker *>arg
+    cdef int i
+    for i in range(w.nrings):
+        if w.rings[i].ready and not mem_gone(w.rings[i]):
+            notify_disable(w.rings[i])
+    return 0
+
+
+cdef int after_fault(void *arg) noexcept nogil:
+    """What a burst cut short by a fault left undone for the devices still
+    running: the used entries pushed into RX rings and into the ring being
+    served are published.  (A frame being switched when another device's
+    memory vanished is switched again at the next burst: peers it had
+    reached may see it twice.)"""
+    cdef Worker *w = <Worker *>arg
+    cdef Vring *vq = w.cur
+    w.cur = NULL
+    flush_rx(w)
+    if vq != NULL and vq.kind == RING_NET and vq.ready and not mem_gone(vq):
+        used_publish(vq)
+    return 0
+
+
+cdef int guarded_run(Worker *w, vfe_guarded_fn fn, void *arg) noexcept nogil:
+    """fn(arg) on thread-owned scratch `w` (a worker, or the engine's
+    control scratch), recovering from SIGBUS on guest memory: the RX lock
+    held at the fault is released, the device the address belongs to is
+    broken (E_FAULT), and after_fault tidies up.  Returns fn's result, or
+    VFE_FAULTED.  Each fault breaks one more device, and nothing touches a
+    broken device's memory again, so the loop ends."""
+    cdef int rc = vfe_guarded(fn, arg, <void *>w.faults, fault_match)
+    cdef FaultDomain *dom
+    cdef uint64_t addr
+    if rc != VFE_FAULTED:
+        return rc
+    while True:
+        addr = vfe_guard_addr()
+        if w.rx_held != NULL:
+            vfe_spin_unlock(&w.rx_held.lock)
+            w.rx_held = NULL
+        dom = fault_find(w.faults, addr)
+        if dom != NULL:
+            fault_mark(dom, addr, w.event_fd)
+        if vfe_guarded(after_fault, <void *>w, <void *>w.faults, fault_match) != VFE_FAULTED:
+            return VFE_FAULTED
+
+
 cdef void worker_loop(Worker *w) noexcept nogil:
     """Poll owned TX rings; in adaptive mode sleep on their kick eventfds
     after poll_ns without work (re-checking after re-enabling kicks); poll_ns
@@ -89,21 +245,12 @@ cdef void worker_loop(Worker *w) noexcept nogil:
     cdef int i, n, work, pending
     cdef int64_t idle_since = 0, t
     cdef uint64_t val
-    cdef Vring *vq
     while not vfe_load_acquire_int(&w.stop):
         vfe_spin_lock(&w.lock)
         w.blocked = 0
-        work = 0
-        for i in range(w.nrings):
-            vq = w.rings[i]
-            if vq.kind == RING_BLK:
-                if ring_usable(vq):
-                    work += blk_burst(w, vq)
-            elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
-                work += net_tx_burst(w, vq)
-        for i in range(w.ntaps):
-            if not w.taps[i].paused:
-                work += tap_in(w, w.taps[i])
+        work = guarded_run(w, iter_serve, <void *>w)
+        if work == VFE_FAULTED:
+            work = 1                        # go round again at once
         w.iterations += 1
         vfe_spin_unlock(&w.lock)
         if work:
@@ -121,16 +268,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             vfe_cpu_relax()
             continue
         vfe_spin_lock(&w.lock)
-        for i in range(w.nrings):
-            if ring_usable(w.rings[i]):
-                notify_enable(w.rings[i])
-        vfe_fence()
-        pending = 0
-        for i in range(w.nrings):
-            vq = w.rings[i]
-            if ring_usable(vq) and (avail_count(vq) != 0
-                                    or (vq.kind == RING_BLK and blk_has_work(vq))):
-                pending = 1
+        pending = guarded_run(w, iter_arm, <void *>w)
         vfe_spin_unlock(&w.lock)
         if not pending:
             w.sleeps += 1
@@ -139,9 +277,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
                 if evs[i].data.fd >= 0:       # kick/wake eventfds; TAP fds are read by tap_in
                     read(evs[i].data.fd, &val, 8)
         vfe_spin_lock(&w.lock)
-        for i in range(w.nrings):
-            if w.rings[i].ready:
-                notify_disable(w.rings[i])
+        guarded_run(w, iter_disarm, <void *>w)
         vfe_spin_unlock(&w.lock)
         tune_poll(w, now_ns() - idle_since)
         idle_since = 0
@@ -197,6 +333,7 @@ cdef class Engine:
     cdef Switch *sw
     cdef Worker **workers
     cdef Worker *ctl          # scratch for frames injected from Python (RARP)
+    cdef FaultRegistry faults # every device's guest mappings (fault.pxd)
     cdef readonly int nworkers
     cdef readonly str mode
     cdef readonly int event_fd
@@ -219,6 +356,8 @@ cdef class Engine:
         self.blk_devices = []
         self._lock = threading.RLock()
         self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if vfe_sigbus_install() != 0:
+            raise OSError(errno, "cannot install the SIGBUS handler")
         self.sw = <Switch *>calloc(1, sizeof(Switch))
         self.workers = <Worker **>calloc(workers, sizeof(Worker *))
         if self.sw == NULL or self.workers == NULL:
@@ -226,7 +365,9 @@ cdef class Engine:
         for i in range(workers):
             self.workers[i] = worker_new(self.sw, 0 if mode == "poll" else 1,
                                          <int64_t>spin_us * 1000, self.event_fd)
+            self.workers[i].faults = &self.faults
         self.ctl = worker_new(self.sw, 1, 0, self.event_fd)
+        self.ctl.faults = &self.faults
 
     def __dealloc__(self):
         cdef int i
@@ -238,6 +379,7 @@ cdef class Engine:
             free(self.workers)
         if self.ctl != NULL:
             worker_free(self.ctl)
+        free(self.faults.doms)
         free(self.sw)
         if self.event_fd >= 0:
             close(self.event_fd)
@@ -260,7 +402,9 @@ cdef class Engine:
     def _run(self, int i):
         cdef Worker *w = self.workers[i]
         with nogil:
+            vfe_thread_guard_init()          # without it faults are still caught, on the thread's stack
             worker_loop(w)
+            vfe_thread_guard_fini()
 
     def stop(self):
         """Stop the workers and wait for them.  Rings stay as they are."""
@@ -321,9 +465,20 @@ cdef class Engine:
                     vq = &d.d.vqs[i]
                     if vq.broken and not vq.reported:
                         vq.reported = 1
-                        out.append((d, i, ERROR_NAMES.get(vq.broken, f"error {vq.broken}")))
+                        out.append((d, i, ring_error(vq)))
             for b in list(self.blk_devices):
                 out.extend(b._broken())
+        return out
+
+    def security_notices(self):
+        """Port-security events the switch noted since the device's notices
+        were last re-armed (NetDevice.rearm_notices): [(device, text)]."""
+        cdef NetDevice d
+        out = []
+        with self._lock:
+            for d in list(self.devices):
+                if d.d != NULL:
+                    out.extend((d, text) for text in d._take_notices())
         return out
 
     def worker_stats(self):
@@ -353,6 +508,47 @@ cdef class Engine:
             self.next_slot += 1
         return 0
 
+    cdef int _add_fault_domain(self, FaultDomain *dom) except -1:
+        """Make a device's mappings known to the SIGBUS recovery (fault.pxd)."""
+        cdef FaultDomain **grown = NULL
+        cdef FaultDomain **old = NULL
+        with self._lock:
+            if self.faults.n == self.faults.cap:
+                grown = <FaultDomain **>malloc((self.faults.cap * 2 + 16) * sizeof(FaultDomain *))
+                if grown == NULL:
+                    raise MemoryError()
+                if self.faults.n:
+                    memcpy(grown, self.faults.doms, self.faults.n * sizeof(FaultDomain *))
+            with nogil:
+                self.stop_world()
+                if grown != NULL:
+                    old = self.faults.doms
+                    self.faults.doms = grown
+                    self.faults.cap = self.faults.cap * 2 + 16
+                self.faults.doms[self.faults.n] = dom
+                self.faults.n += 1
+                self.start_world()
+            free(old)
+        return 0
+
+    cdef void _remove_fault_domain(self, FaultDomain *dom):
+        cdef int i
+        lock = self._lock             # None: the garbage collector is taking us apart
+        if lock is not None:
+            lock.acquire()
+        try:
+            with nogil:
+                self.stop_world()
+                for i in range(self.faults.n):
+                    if self.faults.doms[i] == dom:
+                        self.faults.doms[i] = self.faults.doms[self.faults.n - 1]
+                        self.faults.n -= 1
+                        break
+                self.start_world()
+        finally:
+            if lock is not None:
+                lock.release()
+
     cdef _detach(self, NetDevice dev):
         cdef int p = dev.d.port
         with self._lock:
@@ -361,6 +557,7 @@ cdef class Engine:
                 if p >= 0:
                     self.sw.ports[p] = NULL
                     sw_forget_port(self.sw, p)
+                    dev.d.learned = 0
                     while self.sw.nports > 0 and self.sw.ports[self.sw.nports - 1] == NULL:
                         self.sw.nports -= 1
                 self.start_world()
@@ -383,6 +580,67 @@ cdef int translate_ring(Vring *vq) noexcept nogil:
     return 0
 
 
+cdef void retranslate_rings(Vring *vqs, int n) noexcept nogil:
+    """After a change to what a running ring's areas must cover (memory
+    table, EVENT_IDX's extra fields): translate again; a ring whose areas
+    no longer map stops (E_RING).  World stopped."""
+    cdef int i
+    for i in range(n):
+        if vqs[i].ready and translate_ring(&vqs[i]) < 0:
+            vqs[i].broken = -E_RING
+
+
+# The control thread's stretches of guest memory (ring start and stop),
+# guarded like the workers' (guarded_run, on the engine's control scratch).
+
+ctypedef struct _StartRecover:
+    InflightQueue *iq
+    _IfEntry *scratch
+    uint16_t size
+    uint16_t used_idx
+    int rc
+
+
+cdef int _start_read_used(void *arg) noexcept nogil:
+    cdef Vring *vq = <Vring *>arg
+    vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
+    vq.flushed_used_idx = vq.last_used_idx
+    return 0
+
+
+cdef int _start_recover(void *arg) noexcept nogil:
+    cdef _StartRecover *a = <_StartRecover *>arg
+    a.rc = inflight_recover(a.iq, a.size, a.used_idx, a.scratch)
+    return 0
+
+
+cdef int _start_quiet(void *arg) noexcept nogil:
+    notify_disable(<Vring *>arg)
+    return 0
+
+
+ctypedef struct _Quiesce:
+    Worker *w
+    Vring *vq
+
+
+cdef int _stop_quiesced(void *arg) noexcept nogil:
+    cdef _Quiesce *a = <_Quiesce *>arg
+    return blk_quiesced(a.w, a.vq)
+
+
+cdef int ring_touch(Engine e, Vring *vq, int index, vfe_guarded_fn fn, void *arg) except -1:
+    """fn(arg) on ring `index`'s guest memory from the control thread (the
+    world stopped); ValueError if that memory vanished."""
+    cdef int rc
+    with nogil:
+        rc = guarded_run(e.ctl, fn, arg)
+    if rc == VFE_FAULTED:
+        vq.reported = 1                   # said by this error; the device's other rings are logged
+        raise ValueError(f"ring {index}: guest memory vanished ({fault_text(vq.mem)})")
+    return 0
+
+
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
                 bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
@@ -398,12 +656,16 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef epoll_event ev
     cdef _IfEntry *scratch = NULL
     cdef uint16_t *resubmit = NULL
+    cdef _StartRecover rec
     cdef int rc
     recovered = None
     if size <= 0 or size > 32768 or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= 32768")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
+    if vq.mem.fault_addr:
+        raise ValueError(f"ring {index}: the device's guest memory vanished "
+                         f"({fault_text(vq.mem)}); it needs a new memory table")
     if iq != NULL and iq.region != NULL:
         scratch = <_IfEntry *>malloc(size * sizeof(_IfEntry))
         resubmit = <uint16_t *>malloc(size * sizeof(uint16_t))
@@ -411,9 +673,12 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
             free(scratch)
             free(resubmit)
             raise MemoryError()
+    e._lock.acquire()            # e.ctl's scratch space (ring_touch) is shared with inject()
     with nogil:
         e.stop_world()
     try:
+        vq.broken = 0
+        vq.reported = 0
         vq.size = size
         vq.mask = size - 1
         vq.desc_uva = desc_uva
@@ -423,13 +688,21 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
             raise ValueError(f"ring {index}: addresses are not inside guest memory")
         vq.last_avail_idx = base
         vq.shadow_avail_idx = base
-        vq.last_used_idx = vfe_load_u16(<uint16_t *>(vq.used + 2))
-        vq.flushed_used_idx = vq.last_used_idx
+        ring_touch(e, vq, index, _start_read_used, <void *>vq)
         if resubmit != NULL:
             free(iq.resubmit)
             iq.resubmit, resubmit = resubmit, NULL
             iq.nresubmit = iq.resubmit_pos = 0
-            rc = inflight_recover(iq, <uint16_t>size, vq.last_used_idx, scratch)
+            rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
+            ring_touch(e, vq, index, _start_recover, <void *>&rec)
+            rc = rec.rc
+            if rc == IF_TOO_SMALL:
+                raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
+                                 f"entries per queue, the ring has {size}")
+            if rc == IF_BAD_VERSION:
+                raise ValueError(f"ring {index}: the inflight region has version "
+                                 f"{vfe_load_u16(<uint16_t *>(iq.region + IF_VERSION))} "
+                                 f"(0 or 1 expected)")
             if rc == IF_BAD_SIZE:
                 raise ValueError(f"ring {index}: the inflight region tracks "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
@@ -443,10 +716,9 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.enabled = enabled
         vq.log_used = log_used
         vq.log_guest_addr = log_guest_addr
-        vq.broken = 0
-        vq.reported = 0
         vq.stall_ns = 0
-        notify_disable(vq)
+        vq.stopping = 0
+        ring_touch(e, vq, index, _start_quiet, <void *>vq)
         if polled:
             if w.nrings >= MAX_WORKER_RINGS:
                 raise RuntimeError("worker has too many rings")
@@ -461,9 +733,36 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         with nogil:
             e.start_world()
             worker_wake(w)
+        e._lock.release()
         free(scratch)
         free(resubmit)
     return recovered
+
+
+cdef void blk_drain(Engine e, Vring *vq) noexcept nogil:
+    """Called with the world stopped, returns with it stopped: finish the
+    heads a blk queue took (resubmissions not yet served, requests at the
+    I/O threads) so that its stop index is exact.  The world runs while we
+    wait -- a slow FLUSH must not freeze every other ring -- and the wait
+    is bounded (QUIESCE_MS, QUIESCE_BROKEN_MS once the ring broke): what is
+    still at the I/O threads then is abandoned (blk_abandon)."""
+    cdef int64_t start = now_ns()
+    cdef _Quiesce q
+    cdef int rc
+    q.w, q.vq = e.ctl, vq
+    vq.stopping = 1                  # its worker reaps, but takes no new entries
+    while True:
+        rc = guarded_run(e.ctl, _stop_quiesced, <void *>&q)
+        if rc == VFE_FAULTED:
+            continue                 # the device broke; its next step touches none of its memory
+        if rc:
+            break
+        if now_ns() - start > <int64_t>(QUIESCE_BROKEN_MS if vq.broken else QUIESCE_MS) * 1000000:
+            blk_abandon(vq)
+            break
+        e.start_world()
+        aio_nap()
+        e.stop_world()
 
 
 cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
@@ -471,14 +770,14 @@ cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
     queue first finishes the heads it took (resubmissions not yet served),
     so the index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
-    cdef Worker *ctl = e.ctl
     cdef int i
     cdef uint16_t base
     e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
         if vq.kind == RING_BLK and vq.ready:
-            blk_quiesce(ctl, vq)
+            blk_drain(e, vq)
+        vq.stopping = 0
         vfe_spin_lock(&vq.lock)
         if vq.ready:
             vq.ready = 0

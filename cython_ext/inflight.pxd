@@ -17,6 +17,14 @@
 #   used->idx published: inflight = 0 for the batch, then used_idx = used->idx
 #                                                            (inflight_clear)
 # Recovery (ring start, world stopped): inflight_recover.
+#
+# The region is the front-end's memory: every field in it (version,
+# desc_num, last_batch_head, used_idx, the flags, counters and next links)
+# may hold anything, and may change while we read it.  Nothing read from
+# it is used as an index without a check against the ring size, and the
+# ring size is checked against what the region holds (`ndesc`, from the
+# region's length) before anything is written: ring_start refuses a ring
+# that does not fit.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from atomics cimport *
@@ -35,9 +43,12 @@ cdef enum:
 cdef enum:
     IF_FRESH = -1               # version 0: initialised now, the front-end's base stands
     IF_BAD_SIZE = -2            # desc_num differs from the ring size
+    IF_BAD_VERSION = -3         # a version we do not know (not 0 or 1)
+    IF_TOO_SMALL = -4           # the region holds fewer entries than the ring has
 
 ctypedef struct InflightQueue:
     uint8_t *region             # this queue's QueueRegionSplit; NULL: not tracked
+    uint32_t ndesc              # DescStateSplit entries it has room for (bounds every index)
     uint64_t counter            # next fetch counter
     uint16_t *resubmit          # heads left inflight, in counter order (malloc'd at start)
     int nresubmit
@@ -51,7 +62,7 @@ cdef inline uint8_t *if_desc(uint8_t *q, uint32_t head) noexcept nogil:
 cdef inline void inflight_take(InflightQueue *iq, uint16_t head) noexcept nogil:
     """Head `head` was just read from the avail ring."""
     cdef uint8_t *d
-    if iq.region == NULL:
+    if iq.region == NULL or head >= iq.ndesc:
         return
     d = if_desc(iq.region, head)
     vfe_store_u64(<uint64_t *>(d + IF_D_COUNTER), iq.counter)
@@ -64,7 +75,7 @@ cdef inline void inflight_link(InflightQueue *iq, uint16_t head) noexcept nogil:
     the last-batch list recovery walks if used->idx got ahead of used_idx."""
     cdef uint8_t *d
     cdef uint16_t *lbh
-    if iq.region == NULL:
+    if iq.region == NULL or head >= iq.ndesc:
         return
     d = if_desc(iq.region, head)
     lbh = <uint16_t *>(iq.region + IF_LAST_BATCH)
@@ -79,7 +90,8 @@ cdef inline void inflight_clear(InflightQueue *iq, uint16_t *heads, int n,
     if iq.region == NULL or n == 0:
         return
     for i in range(n):
-        vfe_store_release_u8(if_desc(iq.region, heads[i]), 0)
+        if heads[i] < iq.ndesc:
+            vfe_store_release_u8(if_desc(iq.region, heads[i]), 0)
     vfe_store_release_u16(<uint16_t *>(iq.region + IF_USED_IDX), used_idx)
 
 
@@ -105,6 +117,8 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
     guest's used->idx `used_idx` (the front-end's SET_VRING_BASE is not
     trusted after a crash: QEMU falls back to its own idea of used_idx).
 
+    A ring larger than the region: IF_TOO_SMALL; a version other than 0
+    and 1: IF_BAD_VERSION; nothing written in either case.
     Version 0 (never used): initialise the header; IF_FRESH.  desc_num
     other than `size`: IF_BAD_SIZE, nothing changed.  Otherwise finish a
     batch the dead process published but did not clear (used->idx ahead of
@@ -118,7 +132,13 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
     cdef uint32_t i, steps
     cdef int count = 0
     cdef uint64_t top = 0
-    if vfe_load_u16(<uint16_t *>(q + IF_VERSION)) == 0:
+    cdef uint16_t version
+    if size > iq.ndesc:
+        return IF_TOO_SMALL
+    version = vfe_load_u16(<uint16_t *>(q + IF_VERSION))
+    if version > 1:
+        return IF_BAD_VERSION
+    if version == 0:
         for i in range(size):
             vfe_store_u8(if_desc(q, i), 0)
         vfe_store_u16(<uint16_t *>(q + IF_DESC_NUM), size)

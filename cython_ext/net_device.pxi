@@ -2,11 +2,26 @@
 # Included by engine.pyx (one compiled module: the worker loop calls these
 # directly, and the device classes share its cdef helpers).
 
+ctypedef struct _Inject:
+    Worker *w
+    NetDev *dev
+    int pair
+    Iov *src
+
+
+cdef int _inject(void *arg) noexcept nogil:
+    cdef _Inject *a = <_Inject *>arg
+    switch_frame(a.w, a.dev, a.pair, a.src, 1, a.src.len)
+    flush_rx(a.w)
+    return 0
+
+
 cdef class NetDevice(RingDevice):
     """The engine's side of one virtio-net device: its rings, its memory
     table and its switch port.  Methods are called by the device adapter
     (vfe/devices/net.py) from the daemon's control thread."""
     cdef NetDev *d
+    cdef uint8_t _logged         # notices already logged since rearm_notices
 
     def __cinit__(self, Engine engine, int num_queues):
         cdef int i
@@ -32,11 +47,14 @@ cdef class NetDevice(RingDevice):
             self.d.vqs[i].kick_fd = -1
             self.d.vqs[i].call_fd = -1
             self.d.vqs[i].worker = (engine.next_slot + i // 2) % engine.nworkers
+        self.d.learn_limit = MAC_LEARN_LIMIT
         self.vqs, self.nvqs, self.mem = self.d.vqs, num_queues, self.d.mem
         self.log, self.features = &self.d.log, &self.d.features
+        self._register_faults()
         engine._attach(self)
 
     def __dealloc__(self):
+        self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
             free(self.d.vqs)
@@ -67,6 +85,7 @@ cdef class NetDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> 29) & 1
                 self.d.vqs[i].indirect = (features >> 28) & 1
+            retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
     cdef bint _polled(self, int index):
@@ -100,8 +119,10 @@ cdef class NetDevice(RingDevice):
                 if p >= 0:
                     e.sw.ports[p] = NULL
                     sw_forget_port(e.sw, p)
+                    self.d.learned = 0
             elif p >= 0:
                 e.sw.ports[p] = self.d
+                self._claim_port_mac()
             e.start_world()
             worker_wake(w)
 
@@ -120,6 +141,104 @@ cdef class NetDevice(RingDevice):
     def paused(self):
         return bool(self.d.paused)
 
+    # -- port security (switch.pxd)
+
+    cdef void _claim_port_mac(self) noexcept nogil:
+        """World stopped: install the configured MAC's owned entry if the
+        device is on the switch."""
+        if self.d.port_mac != 0 and self.d.port >= 0 and self.d.tap_fd < 0:
+            sw_claim(self.engine.sw, self.d)
+
+    def set_port_mac(self, mac):
+        """Port security: the device's configured MAC ("52:54:00:12:34:56" or
+        6 bytes), or None for none.  With one, frames from any other source
+        MAC are dropped and counted, and the MAC's switch entry is this
+        port's for good.  Without, the port learns any source MAC (up to
+        learn_limit)."""
+        cdef Engine e = self.engine
+        cdef uint64_t value = 0, prev
+        if mac is not None:
+            raw = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
+            if len(raw) != 6:
+                raise ValueError(f"bad MAC address {mac!r}")
+            if raw[0] & 1:
+                raise ValueError(f"{mac!r} is a multicast address, not a port's MAC")
+            value = int.from_bytes(raw, "big")
+        with nogil:
+            e.stop_world()
+            prev = self.d.port_mac
+            if prev != 0 and prev != value and self.d.port >= 0:
+                sw_forget_mac(e.sw, prev, self.d.port)
+            self.d.port_mac = value
+            self._claim_port_mac()
+            e.start_world()
+
+    def forget_learned(self):
+        """The guest went away (its front-end disconnected or reset the
+        device): drop the MACs it taught the switch; the configured one
+        stays this port's."""
+        cdef Engine e = self.engine
+        if self.d.port < 0 or self.d.tap_fd >= 0:
+            return
+        with nogil:
+            e.stop_world()
+            sw_forget_port(e.sw, self.d.port)
+            self.d.learned = 0
+            self._claim_port_mac()
+            e.start_world()
+
+    @property
+    def port_mac(self):
+        """The configured MAC ("xx:xx:..."), or None."""
+        if self.d.port_mac == 0:
+            return None
+        return ":".join(f"{b:02x}" for b in self.d.port_mac.to_bytes(6, "big"))
+
+    @property
+    def learn_limit(self):
+        return self.d.learn_limit
+
+    @learn_limit.setter
+    def learn_limit(self, uint64_t n):
+        """Most source MACs the port may have in the table (MAC_LEARN_LIMIT)."""
+        self.d.learn_limit = n
+
+    def switch_stats(self):
+        """Port security counters: frames dropped for their source MAC
+        (spoofed), source MACs not learned (the port's limit; a full probe
+        window), and how many MACs the port added to the table since its
+        guest arrived (learned; at most learn_limit)."""
+        return {"spoofed": self.d.spoofed, "learn_capped": self.d.learn_capped,
+                "table_full": self.d.table_full, "learned": <int64_t>self.d.learned}
+
+    def rearm_notices(self):
+        """Let the switch report security events again (a new front-end)."""
+        self.d.notices = 0
+        self._logged = 0
+
+    def _take_notices(self):
+        """Log lines for the events noted since the last re-arm, each once."""
+        cdef uint8_t bits = self.d.notices & ~self._logged
+        out = []
+        if not bits:
+            return out
+        self._logged |= bits
+        limit = self.d.learn_limit
+        if bits & NOTICE_SPOOF:
+            src = ":".join(f"{b:02x}" for b in self.d.spoof_src.to_bytes(6, "big"))
+            own = self.port_mac
+            out.append(f"port security: dropping frames from source MAC {src}"
+                       + (f" (the device's MAC is {own})" if own and own != src
+                          else " (another device's configured MAC)")
+                       + "; further ones are counted, not logged")
+        if bits & NOTICE_CAPPED:
+            out.append(f"switch: the device has {limit} source MACs in the MAC table, its "
+                       "limit; new ones are not learned (counted, not logged)")
+        if bits & NOTICE_FULL:
+            out.append("switch: a MAC table window is full; new source MACs there are not "
+                       "learned (counted, not logged)")
+        return out
+
     def tap_stats(self):
         return {"tap_rx_dropped": self.d.tap_rx_dropped}
 
@@ -137,6 +256,7 @@ cdef class NetDevice(RingDevice):
         (used for SEND_RARP: the switch learns the MAC and floods it)."""
         cdef Engine e = self.engine
         cdef Worker *w = e.ctl
+        cdef _Inject inj
         cdef Iov src
         cdef uint8_t buf[12 + 1518]
         cdef uint32_t n = len(frame)
@@ -146,9 +266,13 @@ cdef class NetDevice(RingDevice):
         memcpy(buf + self.d.hdr_len, <char *>frame, n)
         src.base = buf
         src.len = self.d.hdr_len + n
+        inj.w, inj.dev, inj.pair, inj.src = w, self.d, pair, &src
         with e._lock:
-            switch_frame(w, self.d, pair, &src, 1, src.len)
-            flush_rx(w)
+            with nogil:
+                # into other guests' memory: if one of them vanished, that
+                # device is broken and the frame flooded again past it
+                while guarded_run(w, _inject, <void *>&inj) == VFE_FAULTED:
+                    pass
 
     def close(self):
         """Stop every ring and leave the switch."""

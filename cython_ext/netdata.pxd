@@ -12,6 +12,8 @@ from linux cimport *
 from vring cimport *
 from netpath cimport *
 from switch cimport *
+from fault cimport mem_gone
+from guard cimport vfe_signal_fence
 
 cdef enum:
     STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
@@ -26,6 +28,20 @@ cdef inline void break_ring(Worker *w, Vring *vq, int code) noexcept nogil:
     vq.errors += 1
     if w.event_fd >= 0:
         write(w.event_fd, &one, 8)
+
+
+cdef inline void rx_lock(Worker *w, Vring *vq) noexcept nogil:
+    """Take a destination RX ring's lock, noting it for the SIGBUS
+    recovery path (engine.pyx guarded_run), which releases it."""
+    vfe_spin_lock(&vq.lock)
+    w.rx_held = vq
+    vfe_signal_fence()
+
+
+cdef inline void rx_unlock(Worker *w, Vring *vq) noexcept nogil:
+    vfe_signal_fence()
+    w.rx_held = NULL
+    vfe_spin_unlock(&vq.lock)
 
 
 cdef inline int ring_usable(Vring *vq) noexcept nogil:
@@ -58,9 +74,9 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     cdef Iov h
     if vq == NULL:
         return R_DROP
-    vfe_spin_lock(&vq.lock)
+    rx_lock(w, vq)
     if not ring_usable(vq):
-        vfe_spin_unlock(&vq.lock)
+        rx_unlock(w, vq)
         return R_DROP
     need = t.hdr_len + frame_len
     # re-read avail->idx on the ring's first delivery of a burst, then trust
@@ -69,27 +85,31 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
                            if in_burst(w, vq) else 0x10000)
     if n < 0:
         break_ring(w, vq, n)
-        vfe_spin_unlock(&vq.lock)
+        rx_unlock(w, vq)
         return R_DROP
     while cap < need:
         if nchains >= n:
             n = avail_count_cached(vq, nchains + 1)     # re-read: the guest may have posted more
             if n < 0:
                 break_ring(w, vq, n)
-                vfe_spin_unlock(&vq.lock)
+                rx_unlock(w, vq)
                 return R_DROP
             if nchains >= n:
-                vfe_spin_unlock(&vq.lock)
+                rx_unlock(w, vq)
                 return R_NO_ROOM
         if nchains > 0 and not t.mrg_rxbuf:
             vq.dropped += 1          # frame larger than the guest's buffers
-            vfe_spin_unlock(&vq.lock)
+            rx_unlock(w, vq)
             return R_DROP
-        head = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains))
-        rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
+        # one buffer per chain: w.rx_head/rx_cap hold MAX_IOV (walk_chain's
+        # E_IOV stops us first, since a chain is at least one piece)
+        rc = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains)) if nchains < MAX_IOV else E_IOV
+        if rc >= 0:
+            head = <uint16_t>rc
+            rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
         if rc < 0:
             break_ring(w, vq, rc)
-            vfe_spin_unlock(&vq.lock)
+            rx_unlock(w, vq)
             return R_DROP
         w.rx_head[nchains] = head
         w.rx_cap[nchains] = clen
@@ -118,7 +138,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     vq.packets += 1
     vq.bytes += frame_len
     defer_publish(w, vq)
-    vfe_spin_unlock(&vq.lock)
+    rx_unlock(w, vq)
     return R_OK
 
 
@@ -149,10 +169,10 @@ cdef inline void flush_rx(Worker *w) noexcept nogil:
     cdef Vring *vq
     for i in range(w.ndirty):
         vq = w.dirty[i]
-        vfe_spin_lock(&vq.lock)
-        if vq.ready:
+        rx_lock(w, vq)
+        if vq.ready and not mem_gone(vq):
             used_publish(vq)
-        vfe_spin_unlock(&vq.lock)
+        rx_unlock(w, vq)
     w.ndirty = 0
 
 
@@ -320,10 +340,30 @@ cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
     return done
 
 
+cdef inline void notice(Worker *w, NetDev *dev, uint8_t bit) noexcept nogil:
+    """Tell Python about a security event on dev, once until it re-arms
+    (security_notices): a guest flooding spoofed frames costs one log line."""
+    cdef uint64_t one = 1
+    if dev.notices & bit:
+        return
+    vfe_fetch_or_u8(&dev.notices, bit)
+    if w.event_fd >= 0:
+        write(w.event_fd, &one, 8)
+
+
+cdef inline int spoofed(Worker *w, NetDev *dev, uint64_t srcmac) noexcept nogil:
+    """Port security: drop a frame whose source MAC the port may not use."""
+    vfe_add_u64(&dev.spoofed, 1)
+    dev.spoof_src = srcmac
+    notice(w, dev, NOTICE_SPOOF)
+    return R_DROP
+
+
 cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
                       uint32_t total) noexcept nogil:
-    """Learn the sender's MAC, then forward: unicast to a known port, flood
-    broadcast/multicast/unknown to every other port."""
+    """Check the sender's source MAC (port security), learn it, then
+    forward: unicast to a known port, flood broadcast/multicast/unknown to
+    every other port."""
     cdef Switch *sw = w.sw
     cdef uint32_t hl = src_dev.hdr_len
     cdef uint32_t frame_len = total - hl
@@ -343,8 +383,19 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
     sg_copy(&d, 1, 0, src, nsrc, hl, 12)
     dst = mac48(eth)
     srcmac = mac48(eth + 6)
+    if src_dev.port_mac != 0 and srcmac != src_dev.port_mac:
+        return spoofed(w, src_dev, srcmac)
     if src_dev.port >= 0 and not (eth[6] & 1):
-        sw_learn(sw, srcmac, src_dev.port)
+        r = sw_learn(sw, src_dev, srcmac)
+        if r != LEARN_OK:
+            if r == LEARN_OWNED:
+                return spoofed(w, src_dev, srcmac)
+            if r == LEARN_CAPPED:
+                vfe_add_u64(&src_dev.learn_capped, 1)
+                notice(w, src_dev, NOTICE_CAPPED)
+            else:
+                vfe_add_u64(&src_dev.table_full, 1)
+                notice(w, src_dev, NOTICE_FULL)
     if not (eth[0] & 1):
         p = sw_lookup(sw, dst)
         if p >= 0 and p < MAX_PORTS:
@@ -387,8 +438,10 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     if n > BURST:
         n = BURST
     for k in range(n):
-        head = avail_head(vq, vq.last_avail_idx)
-        rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
+        rc = avail_head(vq, vq.last_avail_idx)
+        if rc >= 0:
+            head = <uint16_t>rc
+            rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
         if rc == 0 and total <= <uint32_t>dev.hdr_len:
             rc = E_LEN
         if rc < 0:

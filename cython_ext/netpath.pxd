@@ -3,15 +3,29 @@
 # live in engine.pyx; this file is the map of what they touch.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from vring cimport Vring, MemTable, Iov, DirtyLog, MAX_IOV
+from fault cimport FaultRegistry
 
 cdef enum:
     MAX_PORTS = 4096
     SW_TABLE = 16384          # MAC table slots (power of two)
     SW_PROBE = 16
+    # Source MACs one port may add to the table (until its guest goes).  A
+    # guest normally shows one; bridged nested guests, containers (macvlan)
+    # or VRRP show a few more, and 256 leaves them room.  It is 1/64 of the
+    # table, so a guest sending from random MACs fills a sliver of it and
+    # stops there (the rest is counted, not learned) instead of pushing
+    # others out.
+    MAC_LEARN_LIMIT = 256
     MAX_WORKER_RINGS = 4096
     LIN_CAP = 65536 + 256     # largest frame we linearize (a TSO frame + headers)
     SEG_CAP = 1 << 20         # software GSO output
     MAX_SEGS = 1024
+
+# NetDev.notices: security events Python has not logged yet
+cdef enum:
+    NOTICE_SPOOF = 1
+    NOTICE_CAPPED = 2
+    NOTICE_FULL = 4
 
 # Delivery results
 cdef enum:
@@ -37,6 +51,15 @@ ctypedef struct NetDev:
     int paused                # quiesced/frozen (vhostmgmt vf -o 2/3): no TX taken, no RX given
     int tap_fd                # >= 0: connected to a representor instead of the switch
     uint64_t tap_rx_dropped   # frames from the representor the guest had no room for
+    # switch port security (switch.pxd)
+    uint64_t port_mac         # the configured MAC (mac=); 0: none, the port learns any source
+    uint64_t learned          # MACs it added to the table since its guest came (port_mac aside)
+    uint64_t learn_limit      # most it may add (MAC_LEARN_LIMIT); moves of known MACs are free
+    uint64_t spoofed          # frames dropped: a source MAC not port_mac, or another port's port_mac
+    uint64_t learn_capped     # source MACs not learned: the port was at learn_limit
+    uint64_t table_full       # source MACs not learned: their probe window was full
+    uint64_t spoof_src        # the last spoofed source MAC (for the log)
+    uint8_t notices           # NOTICE_* bits: Python logs each once per front-end (security_notices)
 
 ctypedef struct Switch:
     uint64_t table[SW_TABLE]  # (mac << 16) | (port + 1); 0 = empty; port field 0 = forgotten
@@ -83,3 +106,7 @@ ctypedef struct Worker:
     uint8_t *seg
     int32_t seg_off[MAX_SEGS]
     int32_t seg_len[MAX_SEGS]
+    # SIGBUS recovery (includes/guard.h, fault.pxd)
+    FaultRegistry *faults     # the engine's guest mappings, to find whose memory vanished
+    Vring *cur                # the ring being served (its used entries are published after a fault)
+    Vring *rx_held            # the destination RX ring whose lock this thread holds, or NULL

@@ -12,11 +12,35 @@ cdef class RingDevice:
     cdef MemTable *mem
     cdef DirtyLog *log
     cdef uint64_t *features
+    cdef FaultDomain *fdom          # its mappings, for the SIGBUS recovery (fault.pxd)
     cdef public int slot
     cdef public object owner
 
     def __cinit__(self, *args, **kwargs):
         self.vqs = NULL
+        self.fdom = NULL
+
+    cdef int _register_faults(self) except -1:
+        """Called by a subclass once vqs/nvqs/mem/log point at its struct."""
+        self.fdom = <FaultDomain *>calloc(1, sizeof(FaultDomain))
+        if self.fdom == NULL:
+            raise MemoryError()
+        self.fdom.mem, self.fdom.log, self.fdom.vqs, self.fdom.nvqs = \
+            self.mem, self.log, self.vqs, self.nvqs
+        self.engine._add_fault_domain(self.fdom)
+        return 0
+
+    cdef void _unregister_faults(self):
+        """Before the subclass frees what the domain points at."""
+        if self.fdom != NULL and self.engine is not None:
+            self.engine._remove_fault_domain(self.fdom)
+        free(self.fdom)
+        self.fdom = NULL
+
+    @property
+    def memory_fault(self):
+        """Where the device's guest memory faulted (our address), 0 if it did not."""
+        return self.mem.fault_addr if self.mem != NULL else 0
 
     cdef bint _polled(self, int index):
         """Whether a worker polls this ring (net: TX only; blk: every queue)."""
@@ -44,7 +68,8 @@ cdef class RingDevice:
 
     def set_memory(self, regions):
         """Replace the memory table: [(gpa, size, uva, hva), ...].  Running
-        rings are re-translated; one that no longer maps stops (E_RING)."""
+        rings are re-translated; one that no longer maps stops (E_RING).
+        A new table also forgets that the old one's memory vanished."""
         cdef MemTable mt
         cdef int i = 0
         cdef Engine e = self.engine
@@ -61,9 +86,7 @@ cdef class RingDevice:
         with nogil:
             e.stop_world()
             memcpy(self.mem, &mt, sizeof(MemTable))
-            for i in range(self.nvqs):
-                if self.vqs[i].ready and translate_ring(&self.vqs[i]) < 0:
-                    self.vqs[i].broken = -E_RING
+            retranslate_rings(self.vqs, self.nvqs)
             e.start_world()
 
     def set_log(self, uint64_t hva, uint64_t size):
@@ -86,6 +109,30 @@ cdef class RingDevice:
         return ring_start(self.engine, self._ring(index), index, size, desc_uva, avail_uva,
                           used_uva, base, kick_fd, call_fd, enabled, log_used, log_guest_addr,
                           self._polled(index), self._inflight(index))
+
+    def run_burst(self, int index):
+        """One poll pass over ring `index` in the calling thread, with the
+        world stopped: what its worker's loop does for it once (a net TX
+        burst through the switch, or a blk burst).  For tests and fuzzing
+        of the ring code without worker threads; the engine need not be
+        started.  Returns the work done (chains or requests)."""
+        cdef Vring *vq = self._ring(index)
+        cdef Engine e = self.engine
+        cdef Worker *w = e.workers[vq.worker]
+        cdef int work = 0
+        if not self._polled(index):
+            raise ValueError(f"ring {index} is not polled (an RX ring is filled by senders)")
+        with nogil:
+            e.stop_world()
+            w.csum = g_csum
+            w.gso = g_gso
+            if ring_usable(vq):
+                if vq.kind == RING_BLK:
+                    work = blk_burst(w, vq, not vq.stopping)
+                elif not (<NetDev *>vq.dev).paused:
+                    work = net_tx_burst(w, vq)
+            e.start_world()
+        return work
 
     def stop_ring(self, int index):
         """Stop a ring and return the next avail index it would process
@@ -116,7 +163,7 @@ cdef class RingDevice:
         return {
             "index": index, "size": vq.size, "ready": bool(vq.ready),
             "enabled": bool(vq.enabled), "broken": vq.broken,
-            "error": ERROR_NAMES.get(vq.broken, "") if vq.broken else "",
+            "error": ring_error(vq) if vq.broken else "",
             "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
             "worker": vq.worker,
         }

@@ -1,11 +1,38 @@
 # The in-engine L2 switch: a lock-free MAC table shared by all workers.
-# Each entry is one 64-bit word, (mac << 16) | (port + 1), so a reader
-# never sees half an update and a writer needs only a CAS.  Entries are
-# never deleted, only re-pointed (a MAC that moves) or forgotten (port 0)
-# when their device leaves the switch.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+# Each entry is one 64-bit word, (mac << 16) | flags | (port + 1), so a
+# reader never sees half an update and a writer needs only a store or a
+# CAS.  Entries are never deleted, only re-pointed (a MAC that moves) or
+# forgotten (port 0) when their device leaves the switch or its guest goes;
+# a forgotten slot is reused by the next new MAC of its probe window.
+#
+# Port security (what OVS does for OpenStack ports, what the seed's
+# representors get from OVS flows): a port with a configured MAC
+# (NetDev.port_mac, the device's mac=) owns it -- its entry is installed
+# when the MAC is configured (sw_claim) and marked SW_OWNED, no other port
+# can move it, and the port's frames with any other source MAC are dropped
+# (switch_frame, netdata.pxd).  A port may add at most learn_limit MACs to
+# the table, and a full probe window refuses a new MAC instead of evicting
+# another's entry: a guest sending from random MACs can neither fill the
+# table nor push another VM out of it.  What is refused is counted.
+#
+# The cost stays where it was for known MACs: a frame from a MAC already
+# here is one compare; a MAC that moves (two ports forwarding each other's
+# frames, as the throughput loop does) one flag test and one store.  Only
+# a new MAC pays a CAS and the count.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from atomics cimport *
-from netpath cimport Switch, SW_TABLE, SW_PROBE
+from netpath cimport Switch, NetDev, SW_TABLE, SW_PROBE, MAX_PORTS
+
+cdef enum:
+    SW_PORT = 0x7FFF      # entry bits 0-14: port + 1 (0: forgotten)
+    SW_OWNED = 0x8000     # entry bit 15: the port's configured MAC; nobody else may move it
+
+cdef enum:
+    LEARN_OK = 0          # known (or learned now)
+    LEARN_OWNED = 1       # another port's configured MAC: refused, the frame is a spoof
+    LEARN_CAPPED = 2      # the port has learn_limit entries already
+    LEARN_FULL = 3        # the probe window has no free slot (nothing is evicted)
+
 
 cdef inline uint64_t mac48(uint8_t *p) noexcept nogil:
     return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
@@ -19,25 +46,49 @@ cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
     return <uint32_t>mac & (SW_TABLE - 1)
 
 
-cdef inline void sw_learn(Switch *sw, uint64_t mac, int port) noexcept nogil:
-    """Lock-free: a slot is one 64-bit word (mac, port+1), written by CAS."""
+cdef inline uint64_t sw_entry(NetDev *dev, uint64_t mac) noexcept nogil:
+    return (mac << 16) | <uint64_t>(dev.port + 1) | (SW_OWNED if mac == dev.port_mac else 0)
+
+
+cdef inline int sw_learn(Switch *sw, NetDev *dev, uint64_t mac) noexcept nogil:
+    """Lock-free: a slot is one 64-bit word, written by a store (a known MAC
+    moving) or a CAS (a new MAC taking the first empty or forgotten slot of
+    its window)."""
     cdef uint32_t h = mac_hash(mac)
-    cdef uint64_t want = (mac << 16) | <uint64_t>(port + 1)
-    cdef uint64_t v
+    cdef uint64_t want = sw_entry(dev, mac)
+    cdef uint64_t v, free_v = 0
     cdef uint64_t *slot
+    cdef uint64_t *free_slot = NULL
     cdef int k
     for k in range(SW_PROBE):
         slot = &sw.table[(h + k) & (SW_TABLE - 1)]
         v = vfe_load_acquire_u64(slot)
+        if v == want:
+            return LEARN_OK                    # the common case: known, here
         if v == 0:
-            if vfe_cas_u64(slot, 0, want):
-                return
-            v = vfe_load_acquire_u64(slot)
+            if free_slot == NULL:
+                free_slot = slot
+                free_v = 0
+            break                              # entries are never emptied: mac is not further on
         if (v >> 16) == mac:
-            if v != want:
-                vfe_store_release_u64(slot, want)
-            return
-    vfe_store_release_u64(&sw.table[h], want)   # window full: evict
+            if (v & SW_OWNED) and (v & SW_PORT) != <uint64_t>(dev.port + 1):
+                return LEARN_OWNED             # another port's configured MAC
+            vfe_store_release_u64(slot, want)  # moved here (or back after being forgotten)
+            return LEARN_OK
+        if (v & SW_PORT) == 0 and free_slot == NULL:
+            free_slot = slot                   # forgotten: reusable
+            free_v = v
+    if free_slot == NULL:
+        return LEARN_FULL
+    if mac != dev.port_mac:
+        # signed: the counter is read racily by the port's other workers
+        if <int64_t>dev.learned >= <int64_t>dev.learn_limit:
+            return LEARN_CAPPED
+        if vfe_cas_u64(free_slot, free_v, want):
+            vfe_add_u64(&dev.learned, 1)
+    else:
+        vfe_cas_u64(free_slot, free_v, want)
+    return LEARN_OK                            # a lost race is learned by the next frame
 
 
 cdef inline int sw_lookup(Switch *sw, uint64_t mac) noexcept nogil:
@@ -49,7 +100,7 @@ cdef inline int sw_lookup(Switch *sw, uint64_t mac) noexcept nogil:
         if v == 0:
             return -1
         if (v >> 16) == mac:
-            return <int>(v & 0xFFFF) - 1
+            return <int>(v & SW_PORT) - 1
     return -1
 
 
@@ -58,5 +109,50 @@ cdef inline void sw_forget_port(Switch *sw, int port) noexcept nogil:
     cdef uint64_t v
     for i in range(SW_TABLE):
         v = sw.table[i]
-        if v != 0 and <int>(v & 0xFFFF) == port + 1:
+        if v != 0 and <int>(v & SW_PORT) == port + 1:
             vfe_store_release_u64(&sw.table[i], v & ~<uint64_t>0xFFFF)
+
+
+cdef inline void sw_forget_mac(Switch *sw, uint64_t mac, int port) noexcept nogil:
+    """Forget mac's entry if it points at `port` (a configured MAC replaced)."""
+    cdef uint32_t h = mac_hash(mac)
+    cdef uint64_t v
+    cdef int k
+    for k in range(SW_PROBE):
+        v = sw.table[(h + k) & (SW_TABLE - 1)]
+        if v == 0:
+            return
+        if (v >> 16) == mac:
+            if <int>(v & SW_PORT) == port + 1:
+                vfe_store_release_u64(&sw.table[(h + k) & (SW_TABLE - 1)], v & ~<uint64_t>0xFFFF)
+            return
+
+
+cdef inline bint sw_claim(Switch *sw, NetDev *dev) noexcept nogil:
+    """Install dev's configured MAC as its owned entry, taking it from
+    whoever learned it (world stopped).  False if its window is full:
+    frames to it are then flooded, and another port could learn it once a
+    slot frees -- with 16384 slots and at most 256 MACs a port, a window
+    of 16 is full only when the table is."""
+    cdef uint64_t mac = dev.port_mac
+    cdef uint32_t h = mac_hash(mac)
+    cdef uint64_t want = sw_entry(dev, mac)
+    cdef uint64_t v
+    cdef uint64_t *slot
+    cdef uint64_t *free_slot = NULL
+    cdef int k
+    for k in range(SW_PROBE):
+        slot = &sw.table[(h + k) & (SW_TABLE - 1)]
+        v = slot[0]
+        if (v >> 16) == mac and v != 0:
+            vfe_store_release_u64(slot, want)
+            return True
+        if v == 0 or (v & SW_PORT) == 0:
+            if free_slot == NULL:
+                free_slot = slot
+            if v == 0:
+                break
+    if free_slot == NULL:
+        return False
+    vfe_store_release_u64(free_slot, want)
+    return True

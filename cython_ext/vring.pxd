@@ -47,6 +47,7 @@ ctypedef struct Region:
 ctypedef struct MemTable:
     int n
     Region r[MAX_REGIONS]
+    uint64_t fault_addr      # != 0: SIGBUS there, the memory vanished (fault.pxd); a new table clears it
 
 ctypedef struct Iov:
     uint8_t *base
@@ -74,6 +75,7 @@ ctypedef struct Vring:
     int event_idx
     int indirect
     int notify_enabled       # adaptive mode: guest kicks currently wanted
+    int stopping             # a stop is draining the ring: take no new avail entries
     uint8_t *desc
     uint16_t *avail          # [flags, idx, ring[size], used_event]
     uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
@@ -244,8 +246,16 @@ cdef inline int avail_count_cached(Vring *vq, int want) noexcept nogil:
     return n
 
 
-cdef inline uint16_t avail_head(Vring *vq, uint16_t i) noexcept nogil:
-    return vfe_load_u16(&vq.avail[2 + (i & vq.mask)])
+cdef inline int avail_head(Vring *vq, uint16_t i) noexcept nogil:
+    """The head the guest put in avail slot `i` (our cursor, masked), or
+    E_HEAD if it is not a descriptor index.  Every consumer of the avail
+    ring (net TX, net RX, blk) takes its heads from here, so nothing --
+    chain walk, inflight region, request slot, used entry -- ever sees an
+    unchecked one."""
+    cdef uint16_t head = vfe_load_u16(&vq.avail[2 + (i & vq.mask)])
+    if head >= vq.size:
+        return E_HEAD
+    return head
 
 
 cdef inline void log_pages(DirtyLog *lg, uint64_t gpa, uint64_t length) noexcept nogil:

@@ -22,6 +22,7 @@ from vfe.testing.service import ControllerService
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
 from test_live_update import HERE, make_build, virtnet, wait_update  # noqa: E402
+from vfe.testing.builds import build_dir  # noqa: E402
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e]
 PFS, VFS = 4, 126
@@ -29,7 +30,8 @@ PFS, VFS = 4, 126
 
 def test_live_update_of_504_vfs(benchmark):
     root = Path(tempfile.mkdtemp(prefix="vfe-b-", dir="/tmp"))
-    builds = [make_build(root / "b2", vfe.__version__ + "+scale"), HERE]
+    bdir = build_dir()                  # not /tmp: a live update refuses builds others could change
+    builds = [make_build(bdir.__enter__() / "b2", vfe.__version__ + "+scale"), HERE]
     gaps, totals = [], []
     try:
         with NetNs() as ns:
@@ -61,5 +63,6 @@ def test_live_update_of_504_vfs(benchmark):
                 svc.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        bdir.__exit__(None, None, None)
     benchmark.extra_info.update({"functions": n, "gap_ms": gaps, "seconds": [round(t, 2) for t in totals]})
     print(f"\nlive update of {n} functions: gap {gaps} ms, {[f'{t:.1f}' for t in totals]} s each")

@@ -33,30 +33,14 @@ import vfe
 import json
 
 from qemu.vm import BlkDev, NetDev
+from vfe.testing.builds import HERE, build_dir, engine_of, make_build, set_engine_abi
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 
-HERE = Path(vfe.__file__).resolve().parent.parent       # this build: the directory holding vfe/
-
-
-def make_build(dest: Path, version: str, patch=None) -> Path:
-    """A second installed build: a copy of the vfe package under `dest`,
-    its __version__ set to `version`; `patch(root)` may break it on purpose."""
-    shutil.copytree(HERE / "vfe", dest / "vfe", ignore=shutil.ignore_patterns("__pycache__"))
-    init = dest / "vfe" / "__init__.py"
-    init.write_text(re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text()))
-    if patch is not None:
-        patch(dest)
-    return dest
-
-
 def bump_engine_abi(root: Path) -> None:
-    so = next((root / "vfe").glob("_engine*.so"))
-    data = so.read_bytes()
-    assert data.count(b"vfe-engine-abi=") == 1
-    so.write_bytes(re.sub(rb"vfe-engine-abi=\d+", b"vfe-engine-abi=9", data))
+    set_engine_abi(engine_of(root), 9)
 
 
 def _before_confirming(line: str):
@@ -134,13 +118,21 @@ def short_root():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_live_update_ten_times_under_traffic(short_root, vm_factory):
-    builds = [make_build(short_root / "b2", vfe.__version__ + "+lu2"), HERE]
+@pytest.fixture
+def builds_root():
+    """Where the other builds are installed: a live update refuses a build
+    any user but root could change, so not under /tmp."""
+    with build_dir() as d:
+        yield d
+
+
+def test_live_update_ten_times_under_traffic(short_root, builds_root, vm_factory):
+    builds = [make_build(builds_root / "b2", vfe.__version__ + "+lu2"), HERE]
     versions = [vfe.__version__ + "+lu2", vfe.__version__]
-    broken_abi = make_build(short_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
-    failing = make_build(short_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
-    slow = make_build(short_root / "b5", vfe.__version__ + "+slow", slow_to_confirm)
-    dead = make_build(short_root / "b6", vfe.__version__ + "+dead", broken_import)
+    broken_abi = make_build(builds_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
+    failing = make_build(builds_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
+    slow = make_build(builds_root / "b5", vfe.__version__ + "+slow", slow_to_confirm)
+    dead = make_build(builds_root / "b6", vfe.__version__ + "+dead", broken_import)
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:

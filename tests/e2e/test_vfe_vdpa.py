@@ -67,12 +67,15 @@ def result_of(out: str) -> dict:
 
 
 class Vhostd:
-    """vfe-vhostd as a process (stopped by PID) and vhostmgmt as the user runs it."""
+    """vfe-vhostd as a process (stopped by PID) and vhostmgmt as the user runs
+    it: on vfe-vhostd's Unix socket under the controller's VFE_ROOT, and
+    also on TCP (``port``) with ``tcp``."""
 
     def __init__(self, svc: ControllerService, workdir: Path, *, client: bool = True,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), tcp: bool = False):
         self.svc = svc
-        self.port = free_port()
+        self.port = free_port() if tcp else None
+        self.socket_path = svc.root / "run/vfe-vhostd/vhostd.sock"
         self.client = client
         self.extra = extra
         self.log_path = workdir / "vfe-vhostd.log"
@@ -80,12 +83,12 @@ class Vhostd:
         self.starts = 0
 
     def env(self) -> dict:
-        return dict(self.svc.env(), VFE_VHOSTD_PORT=str(self.port))
+        return self.svc.env()
 
     def start(self) -> "Vhostd":
         self.starts += 1
-        argv = [sys.executable, "-m", "vfe.cli.vhostd", "--port", str(self.port),
-                *(["--client"] if self.client else []), *self.extra]
+        argv = [sys.executable, "-m", "vfe.cli.vhostd", *(["--client"] if self.client else []),
+                *(["--tcp", "--port", str(self.port)] if self.port else []), *self.extra]
         with open(self.log_path, "a") as logf:
             logf.write(f"--- start {self.starts}\n")
             logf.flush()
@@ -355,7 +358,8 @@ def test_every_rpc_error_with_its_number_and_text(short_root):
     (vfe-vhostd in its default server mode, a real controller)."""
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
-        vhostd = Vhostd(svc, short_root, client=False, extra=("--iface", str(short_root / "vhost-user-")))
+        vhostd = Vhostd(svc, short_root, client=False, extra=("--iface", str(short_root / "vhost-user-")),
+                        tcp=True)
         try:
             svc.mlxconfig("s", *SEED_NV)
             svc.start()
@@ -405,7 +409,7 @@ def test_every_rpc_error_with_its_number_and_text(short_root):
             r = vhostd.mgmt("vf", "-a")
             assert r.returncode == 1 and r.stdout == ("Error: No vf device specified for add vf action.\n"
                                                       "usage: vhostmgmt [-h] {version,mgmtpf,vf} ...\n")
-            # protocol-level errors over the wire
+            # protocol-level errors over the wire (TCP, the reference's vhostmgmt's way)
             with socket.create_connection(("127.0.0.1", vhostd.port), timeout=5) as c:
                 c.sendall(b'{"jsonrpc": "2.0", "method": "nosuch", "id": 7}')
                 assert json.loads(c.recv(65536)) == {"jsonrpc": "2.0", "id": 7,
@@ -428,6 +432,10 @@ def test_every_rpc_error_with_its_number_and_text(short_root):
             # vfe-vhostd itself unreachable (SIGTERM: a clean exit)
             assert vhostd.stop() == 0 and "stopped" in vhostd.log()
             r = vhostd.mgmt("mgmtpf", "-l")
+            assert r.returncode == 1 and r.stdout.splitlines()[1:] == [
+                f"ERR: Can't connect to vhostd: socket {vhostd.socket_path} not found",
+                "     VDPA is not ready to accept commands (is vfe-vhostd running?)"]
+            r = vhostd.mgmt("--tcp", "--port", str(vhostd.port), "mgmtpf", "-l")
             assert r.returncode == 1 and r.stdout.splitlines()[1:] == [
                 "ERR: Can't connect to vhostd: [Errno 111] Connection refused",
                 "     VDPA is not ready to accept commands"]

@@ -9,7 +9,8 @@
 A target is tests/fuzz/target_<name>.py (interface: tests/fuzz/worker.py).
 Inputs that found something new go to the working corpus (default
 build/fuzz/corpus/<name>/, kept between runs); the committed seeds in
-tests/fuzz/corpus/<name>/ are read, never written.  A crash, an exception
+tests/fuzz/corpus/<name>/ and the inputs of past findings in
+tests/fuzz/regressions/<name>/ are read first, never written.  A crash, an exception
 out of the target or a hang (--timeout, default 25 s per input) is a
 finding: the input is saved under build/fuzz/findings/<name>/, its path
 printed, and the exit status is 1.  Exit 2: the run could not be made.
@@ -191,13 +192,14 @@ def _libfuzzer_args(args, name: str, findings: str) -> list[str]:
         return out + args.libfuzzer + [os.path.abspath(p) for p in args.replay]
     corpus = os.path.abspath(args.corpus or os.path.join(OUT_DIR, "corpus", name))
     os.makedirs(corpus, exist_ok=True)
-    seeds = os.path.join(FUZZ_DIR, "corpus", name)
+    seeds = [d for d in (os.path.join(FUZZ_DIR, "corpus", name),
+                         os.path.join(FUZZ_DIR, "regressions", name)) if os.path.isdir(d)]
     if args.runs is not None:
         out.append(f"-runs={args.runs}")
     if args.seconds is not None:
         out.append(f"-max_total_time={args.seconds}")
     # new inputs go to the first directory: the working corpus, never the seeds
-    return out + args.libfuzzer + [corpus] + ([seeds] if os.path.isdir(seeds) else [])
+    return out + args.libfuzzer + [corpus] + seeds
 
 
 def run(args) -> int:

@@ -56,9 +56,10 @@ class BlkQueue:
 
     def submit(self, kind: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
                status: bool = True, header: bytes | None = None, pieces: int = 1,
-               indirect: bool = False, kick: bool = True) -> int:
+               indirect: bool = False, kick: bool = True, publish: bool = True) -> int:
         """Queue one request: header, data out (readable), data in
-        (writable), status byte, each data part cut into ``pieces``."""
+        (writable), status byte, each data part cut into ``pieces``.
+        ``publish=False`` leaves avail->idx to a later publish."""
         hdr = struct.pack("<IIQ", kind, 0, sector) if header is None else header
         bufs = [self._buf(hdr, False)]
         for part in _split(len(out), pieces):
@@ -66,11 +67,23 @@ class BlkQueue:
         ins = [self._buf(b - a, True) for a, b in _split(in_len, pieces)]
         st = self._buf(b"\xee", True) if status else None
         bufs += ins + ([st] if st else [])
-        head = self.ring.driver.add_chain(bufs, indirect=indirect, token=(ins, st))
+        head = self.ring.driver.add_chain(bufs, indirect=indirect, token=(ins, st),
+                                          publish=publish)
         self.last = (ins, st)
         if kick:
             os.eventfd_write(self.ring.kick_fd, 1)
         return head
+
+    def post_raw(self, *heads: int) -> None:
+        """Put `heads` into the avail ring as they are (what a hostile
+        driver can write), publish everything added so far with one
+        avail->idx store, and kick."""
+        d = self.ring.driver
+        for h in heads:
+            d._avail16[2 + d.avail_idx % d.size] = h
+            d._avail_idx = (d._avail_idx + 1) & 0xFFFF
+        d.publish()
+        os.eventfd_write(self.ring.kick_fd, 1)
 
     def complete(self, n: int = 1, timeout: float = 5.0) -> list[tuple[int, int, bytes]]:
         """Wait for n completions: [(status, used length, data in)], in used order."""

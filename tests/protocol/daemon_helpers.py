@@ -30,6 +30,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import tempfile
 import time
@@ -92,6 +93,14 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc.running()
 
+    def exit_status(self) -> str:
+        """How the process ended, for messages ("killed by SIGBUS", "exit 1")."""
+        p = self.proc.proc
+        rc = None if p is None else p.poll()
+        if rc is None:
+            return "running"
+        return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
+
     # -- log -------------------------------------------------------------------
 
     def log(self) -> str:
@@ -112,7 +121,8 @@ class Daemon:
             if (text.search(tail) if isinstance(text, re.Pattern) else text in tail):
                 return tail
             if not self.alive():
-                raise AssertionError(f"daemon died waiting for {text!r}:\n{tail[-3000:]}")
+                raise AssertionError(f"daemon died ({self.exit_status()}) waiting for {text!r}:\n"
+                                     f"{tail[-3000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"daemon log never showed {text!r}; log since mark:\n{tail[-3000:]}")
             time.sleep(0.01)
@@ -121,6 +131,7 @@ class Daemon:
         """Does the daemon hold a front-end on ``dev`` (by its log)?"""
         name = self.names[dev]
         text = self.log()
+        text = text[text.rfind("--- start "):]        # this process's (a dead one let go of all)
         connects = text.count(f"{name}: front-end connected")
         detaches = sum(text.count(f"{name}: {d}") for d in _DETACH)
         return connects > detaches
@@ -557,10 +568,11 @@ def daemon_fixtures(devices: dict[str, str]):
         mark = daemon.mark()
         yield daemon
         alive = daemon.alive()
+        status = daemon.exit_status()
         tail = daemon.log_since(mark)
         if not alive:
             daemon.start()
-        assert alive, f"the daemon died during the test:\n{tail[-4000:]}"
+        assert alive, f"the daemon died during the test ({status}):\n{tail[-4000:]}"
         assert "Traceback" not in tail, f"the daemon logged a traceback:\n{tail[-4000:]}"
 
     return daemon, daemon_guard

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from blk_helpers import (  # noqa: E402
-    S_OK, T_DISCARD, T_FLUSH, T_IN, T_WRITE_ZEROES, BlkDaemon, BlkQueue, ranges,
+    S_OK, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, BlkDaemon, BlkQueue, ranges,
 )
 from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
 
@@ -105,6 +105,36 @@ def test_get_vring_base_waits_for_io_in_flight(blk):
     assert base == (before + 1) & 0xFFFF
     assert q.ring.driver.used_idx() == base     # its used entry is published
     assert q.complete(1)[0][:2] == (S_OK, 1)
+
+
+def test_a_head_posted_twice_breaks_only_its_ring(blk, disk):
+    """Finding 3: a 4 MiB write, and its head posted again behind it in the
+    same batch, while the write is at the I/O threads.  Its request slot
+    used to be reused: the request was linked to itself, completed forever,
+    and GET_VRING_BASE never returned (the world stayed stopped: every
+    worker and the control loop froze).  Now the second copy stops that
+    ring, the first is answered, GET_VRING_BASE answers within 1 s, and
+    the device's other queue and the other disk go on."""
+    fe = blk("buffered", rings=2, mem_mb=32)
+    q0, q1 = fe.q
+    before = q0.ring.driver.used_idx()
+    data = os.urandom(4 * MiB)
+    mark = disk.mark()
+    head = q0.submit(T_OUT, 4096, data, kick=False, publish=False, indirect=True)
+    q0.post_raw(head)
+    disk.wait_log("blk0: ring 0 stopped: descriptor head posted again while its request is "
+                  "outstanding (the guest must reset the device)", since=mark)
+    t0 = time.monotonic()
+    base = fe.get_vring_base(0)
+    assert time.monotonic() - t0 < 1.0
+    assert base == (before + 1) & 0xFFFF                 # the copy was not taken
+    assert q0.ring.driver.used_idx() == base             # the write was answered ...
+    assert q0.complete(1)[0][:2] == (S_OK, 1)
+    assert q1.read(4096, len(data)) == data              # ... and done
+    other = blk("direct")
+    other.q[0].write(0, b"\x5a" * 4096)
+    assert other.q[0].read(0, 4096) == b"\x5a" * 4096
+    assert disk.alive() and "Traceback" not in disk.log()
 
 
 def test_discard_punches_a_hole_and_write_zeroes_zeroes(blk, disk):

@@ -31,6 +31,7 @@ from blk_helpers import S_OK, T_IN, T_OUT, BlkDaemon, BlkQueue  # noqa: E402
 from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
 
 from vfe.testing.frontend import Frontend, NackError  # noqa: E402
+from vfe.vhost.transport import PeerClosed  # noqa: E402
 from vfe.vhost import inflight as layout  # noqa: E402
 from vfe.vhost.messages import Inflight, ProtocolFeature, Request  # noqa: E402
 from vfe.virtio.constants import bit  # noqa: E402
@@ -270,7 +271,8 @@ def test_malformed_inflight_regions_are_refused(disk):
     close_frontend(disk, fe)
     check_other_disk(disk)
 
-    # (4) a region for rings of 32 entries, rings of 64: the ring does not start
+    # (4) a region for rings of 32 entries, rings of 64: SET_VRING_NUM is
+    #     refused (without an ack to say so, the connection goes)
     mark = disk.mark()
     fe = Frontend.connect(disk.paths["file"])
     disk.frontends.append(fe)
@@ -278,6 +280,24 @@ def test_malformed_inflight_regions_are_refused(disk):
     fe.negotiate()
     fe.inflight, fe.inflight_fd = fe.get_inflight_fd(1, 32)
     fe.inflight_map = None
+    with pytest.raises(PeerClosed):
+        fe.start(rings=1, queue_size=QSIZE, buf_size=64)
+    assert ("blk0: protocol error, dropping the connection: ring 0: size 64 does not fit the "
+            "inflight region (queues of 32 entries)") in disk.wait_log("dropping", since=mark)
+    close_frontend(disk, fe)
+    check_other_disk(disk)
+
+    # (4b) the region's own header says 32 entries, the message 64: the
+    #      ring does not start (the engine reads desc_num, and trusts it no
+    #      further than that)
+    mark = disk.mark()
+    fe = Frontend.connect(disk.paths["file"])
+    disk.frontends.append(fe)
+    fe.dev = "file"
+    fe.negotiate()
+    info, fd = fe.get_inflight_fd(1, QSIZE)
+    os.pwrite(fd, struct.pack("<H", 32), 10)               # desc_num
+    fe.inflight, fe.inflight_fd, fe.inflight_map = info, fd, None
     fe.start(rings=1, queue_size=QSIZE, buf_size=64)
     assert ("blk0: StartRing failed: ring 0: the inflight region tracks 32 entries, "
             "the ring has 64") in disk.wait_log("StartRing failed", since=mark)
@@ -297,3 +317,141 @@ def test_malformed_inflight_regions_are_refused(disk):
     close_frontend(disk, fe)
     check_other_disk(disk)
     assert disk.alive() and "Traceback" not in disk.log()
+
+
+def test_head_out_of_range_with_an_inflight_region_stops_the_ring(disk):
+    """Finding 1: head 0x1000 on a queue whose inflight region holds 64
+    entries.  The head used to be marked in the region before anything
+    checked it: a write 64 KiB past it (the daemon died of SIGSEGV).  Now
+    the ring stops with the reason logged, nothing in the region changes,
+    and the device's other queue and the other disk keep working."""
+    fe = open_blk(disk, "file", rings=2)
+    q0, q1 = fe.q
+    q0.write(8, b"\x11" * 4096)
+    r = region(fe)
+    try:
+        before = bytes(r.mmap)
+        mark = disk.mark()
+        q0.post_raw(0x1000)
+        disk.wait_log("blk0: ring 0 stopped: descriptor head index out of range "
+                      "(the guest must reset the device)", since=mark)
+        assert bytes(r.mmap) == before
+    finally:
+        r.close()
+    assert fe.get_vring_base(0) == 1                  # the bad entry was not taken
+    assert q1.read(8, 4096) == b"\x11" * 4096
+    check_other_disk(disk)
+    assert disk.alive() and "Traceback" not in disk.log()
+
+
+def test_own_inflight_region_smaller_than_the_ring_is_refused(disk):
+    """Finding 2: the front-end's own region (not one from GET_INFLIGHT_FD):
+    64 bytes, declared for one queue of 2 entries -- consistent in itself
+    -- and then a ring of 256.  The ring used to be tracked in it as if it
+    held 256 entries (4 KiB written into a 64-byte file's page and past
+    it).  Now SET_VRING_NUM is refused: the connection goes when the
+    front-end asked for no ack (QEMU's start), REPLY_ACK says no when it
+    did, and the daemon serves the other disk."""
+    own = os.memfd_create("own-inflight")
+    os.ftruncate(own, 64)
+    try:
+        mark = disk.mark()
+        fe = Frontend.connect(disk.paths["file"])
+        disk.frontends.append(fe)
+        fe.dev = "file"
+        fe.negotiate()
+        fe.inflight, fe.inflight_fd, fe.inflight_map = Inflight(64, 0, 1, 2), os.dup(own), None
+        with pytest.raises(PeerClosed):
+            fe.start(rings=1, queue_size=256, buf_size=64, mem_size=16 * MiB)
+        assert ("blk0: protocol error, dropping the connection: ring 0: size 256 does not fit "
+                "the inflight region (queues of 2 entries)") in disk.wait_log("dropping", since=mark)
+        assert os.pread(own, 64, 0) == bytes(64)       # never written
+        close_frontend(disk, fe)
+        check_other_disk(disk)
+
+        # the same with REPLY_ACK asked for: a nack, the connection stays;
+        # and the other order (ring first, then the region) is refused too
+        mark = disk.mark()
+        fe = Frontend.connect(disk.paths["file"])
+        disk.frontends.append(fe)
+        fe.dev = "file"
+        fe.ack_all = True
+        fe.negotiate()
+        fe.set_inflight_fd(Inflight(64, 0, 1, 2), own)
+        with pytest.raises(NackError):
+            fe.set_vring_num(0, 256)
+        assert ("SET_VRING_NUM failed (REPLY_ACK 1): ring 0: size 256 does not fit the "
+                "inflight region (queues of 2 entries)") in disk.log_since(mark)
+        fe.set_vring_num(1, 256)                        # not tracked by the region: fine
+        with pytest.raises(NackError):
+            fe.set_inflight_fd(Inflight(layout.region_size(2, 2), 0, 2, 2), own)
+        assert ("SET_INFLIGHT_FD failed (REPLY_ACK 1): ring 1: size 256 does not fit the "
+                "inflight region (queues of 2 entries)") in disk.log_since(mark)
+        assert fe.get_queue_num() == 2                  # still served
+        assert os.pread(own, 64, 0) == bytes(64)
+        close_frontend(disk, fe)
+    finally:
+        os.close(own)
+    check_other_disk(disk)
+    assert disk.alive() and "Traceback" not in disk.log()
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/maps") as f:
+        return len(os.listdir(f"/proc/{pid}/fd")), sum(1 for _ in f)
+
+
+def _quiet_usage(pid: int, quiet: float = 0.5, timeout: float = 10.0) -> tuple[int, int]:
+    """The daemon closes a dropped peer's fds when it notices: wait until the
+    counts stop moving."""
+    deadline = time.monotonic() + timeout
+    last, since = _usage(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _usage(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def test_repeated_and_overloaded_inflight_requests_leak_nothing(disk):
+    """The DPDK CVE classes around INFLIGHT_SHMFD: a region leaked by every
+    GET_INFLIGHT_FD (CVE-2020-10725), fds attached to GET/SET_INFLIGHT_FD
+    never closed (CVE-2020-10726, CVE-2022-0669), a num_queues/queue_size
+    the region does not hold (CVE-2021-3839, test above).  A front-end that
+    asks 100 times, and one that sends its messages with extra fds, leave
+    the daemon's fds and mappings where they were."""
+    pid = disk.proc.proc.pid
+    fe = Frontend.connect(disk.paths["file"])
+    disk.frontends.append(fe)
+    fe.negotiate()
+    info, fd = fe.get_inflight_fd(2, QSIZE)
+    os.close(fd)
+    before = _quiet_usage(pid)
+    for _ in range(100):
+        info, fd = fe.get_inflight_fd(2, QSIZE)
+        os.close(fd)
+    assert _quiet_usage(pid) == before
+
+    # extra fds on GET (takes none) and on SET (takes one): refused, and
+    # every fd sent is closed by the daemon when it drops the connection
+    spare = [os.memfd_create("spare") for _ in range(4)]
+    try:
+        for request, fds in ((Request.GET_INFLIGHT_FD, spare[:3]), (Request.SET_INFLIGHT_FD, spare)):
+            other = Frontend.connect(disk.paths["other"])
+            other.negotiate()
+            payload = Inflight(info.mmap_size, 0, 2, QSIZE).encode()
+            try:
+                other.send_message(request, payload, fds, expect_reply=False)
+                other.get_features()
+            except (PeerClosed, OSError):
+                pass
+            other.close()
+    finally:
+        for s in spare:
+            os.close(s)
+    disk.wait_detached("other")
+    assert _quiet_usage(pid) == before
+    check_other_disk(disk)

@@ -7,6 +7,7 @@ The relay here is a few lines of test code over the real transport; the front
 end is the Python vhost-user front-end, the daemon a real subprocess."""
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
@@ -15,6 +16,7 @@ import threading
 
 from daemon_helpers import close_frontend, daemon_fixtures, exchange, new_mac, open_frontend
 from vfe.testing.frontend import Frontend
+from vfe.testing.unprivileged import needs_root, python_nobody
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import Request
 from vfe.vhost.transport import Connection, Listener, PeerClosed
@@ -125,3 +127,66 @@ def test_resume_without_an_adopted_front_end_is_refused(daemon):
         s.close()
     finally:
         close_frontend(daemon, a)
+
+
+# As another user: connect to argv[1], send relay request argv[2] (with an fd
+# of our own when argv[3] is "fd"), print the reply's value and fd count,
+# then whether the daemon hung up.
+RELAY_REQUEST = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(3)
+s.connect(sys.argv[1])
+mine, _theirs = socket.socketpair()
+msg = struct.pack("<III", int(sys.argv[2], 0), 0x1, 8) + bytes(8)
+socket.send_fds(s, [msg], [mine.fileno()] if sys.argv[3] == "fd" else [])
+data, fds, _, _ = socket.recv_fds(s, 64, 4)
+print(int.from_bytes(data[12:20], "little", signed=True), len(fds))
+try:
+    print("hung up" if s.recv(1) == b"" else "open")
+except (TimeoutError, socket.timeout):
+    print("open")
+"""
+
+
+@needs_root()
+def test_relay_requests_from_an_unprivileged_peer_are_refused(daemon):
+    """The endpoint's socket opened to everyone (its mode is the admin's to
+    choose, e.g. for an unprivileged QEMU): still only root's vfe-vhostd may
+    HELLO (become the relay of a root process) or RESUME (take a VM's socket)."""
+    dir_mode = os.stat(daemon.dir).st_mode
+    os.chmod(daemon.dir, 0o755)
+    os.chmod(daemon.paths["a"], 0o777)
+    b = open_frontend(daemon, "b", 1)
+    tmp = tempfile.mkdtemp(prefix="vfe-q-", dir="/tmp")
+    try:
+        mark = daemon.mark()
+        r = python_nobody(RELAY_REQUEST, daemon.paths["a"], hex(Request.VFE_RELAY_HELLO), "fd")
+        assert r.stdout.split() == [str(-errno.EPERM), "0", "hung", "up"], r.stdout + r.stderr
+        daemon.wait_log("VFE_RELAY_HELLO from uid 65534", mark)
+        daemon.wait_detached("a")
+        # a front-end adopted from a dead relay: RESUME would hand it out
+        qemu_path = os.path.join(tmp, "qemu.sock")
+        listener = Listener(qemu_path)
+        relay_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        relay_side.connect(qemu_path)
+        fe = Frontend(listener.accept(timeout=5, blocking=True))
+        listener.close()
+        relay = TinyRelay(Connection(relay_side), hello(daemon.paths["a"], relay_side))
+        fe.mac, fe.dev = new_mac(0), "a"
+        fe.start(queue_pairs=1, mem_size=8 * 1024 * 1024)
+        fe.post_rx_buffers(0)
+        relay.kill()
+        daemon.wait_log("serving the front-end directly", mark)
+        r = python_nobody(RELAY_REQUEST, daemon.paths["a"], hex(Request.VFE_RELAY_RESUME), "none")
+        assert r.stdout.split() == [str(-errno.EPERM), "0", "hung", "up"], r.stdout + r.stderr
+        daemon.wait_log("VFE_RELAY_RESUME from uid 65534", mark)
+        exchange(fe, b)                              # the guest never noticed
+        assert "resumed relaying" not in daemon.log_since(mark)
+        fe.close()
+        daemon.wait_log("front-end disconnected", mark)
+    finally:
+        close_frontend(daemon, b)
+        os.chmod(daemon.dir, dir_mode)
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,8 @@ import pytest
 from vfe.vhost.actions import Ack, Reply
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import Message, ProtocolError, Request, U64, VringState
-from vfe.vhost.transport import Connection, PeerClosed, connect, listen, try_connect
+from vfe.testing.backlog import finishes, full_backlog
+from vfe.vhost.transport import Connection, PeerClosed, connect, is_served, listen, try_connect
 
 
 def open_fds():
@@ -192,3 +193,32 @@ def test_connect_retries_until_the_socket_appears(tmp_path):
 def test_connect_timeout(tmp_path):
     with pytest.raises(TimeoutError):
         connect(str(tmp_path / "never"), retry_interval=0.01, timeout=0.05)
+
+
+# -- a listener that never accepts (full backlog): nothing here may wait on it ------
+
+def test_try_connect_to_a_full_backlog_returns_at_once_and_gets_in_later(tmp_path):
+    """A blocking connect() sleeps until the listener accepts: from the
+    controller's or vfe-vhostd's single loop that froze every device.  Now
+    it is "not now" (None), and a later attempt connects once there is room."""
+    path = str(tmp_path / "stuck.sock")
+    with full_backlog(path) as stuck:
+        done, result = finishes(lambda: try_connect(path), 5)
+        assert done, "try_connect waited for a listener that does not accept"
+        assert result is None
+        stuck.drain()
+        conn = try_connect(path)
+        assert conn is not None and not conn.sock.getblocking()
+        conn.close()
+
+
+def test_stale_socket_probes_do_not_wait_on_a_full_backlog(tmp_path):
+    """listen() on a path whose listener does not accept: it is live (not
+    replaced), and finding that out does not wait."""
+    path = str(tmp_path / "stuck.sock")
+    with full_backlog(path):
+        done, result = finishes(lambda: listen(path), 5)
+        assert done, "listen()'s stale-socket probe waited on a full backlog"
+        assert isinstance(result, OSError) and "live" in str(result)
+        assert is_served(path)
+    assert not is_served(path)

@@ -1,13 +1,16 @@
 """`vfe-vhostd`: the host-side VFE vDPA service (the seed's dpdk-vfe-vdpa).
 
-    vfe-vhostd [--client] [--iface PREFIX] [--port 12190] [--controller-socket PATH]
+    vfe-vhostd [--client] [--iface PREFIX] [--socket PATH] [--tcp] [--port 12190]
+               [--controller-socket PATH]
 
 Relays vhost-user between QEMU's sockets and the controller's endpoints of
-the provisioned VFs (vfe/vhostd/relay.py) and serves JSON-RPC on
-127.0.0.1:PORT for `vhostmgmt`.  Runs in the foreground and logs to stderr;
-SIGTERM/SIGINT stop it cleanly, leaving every relayed front-end to the
-controller (the guests keep running; provision the VFs again after a
-restart).  See docs/vfe-vdpa.md.
+the provisioned VFs (vfe/vhostd/relay.py) and serves JSON-RPC for
+`vhostmgmt` on a Unix socket (mode 0600, default
+$VFE_ROOT/run/vfe-vhostd/vhostd.sock) and, with --tcp, also on
+127.0.0.1:PORT for the reference's vhostmgmt -- to root only, on both.
+Runs in the foreground and logs to stderr; SIGTERM/SIGINT stop it cleanly,
+leaving every relayed front-end to the controller (the guests keep running;
+provision the VFs again after a restart).  See docs/vfe-vdpa.md.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import signal
 import sys
 
 from vfe import __version__
-from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT
+from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
 
 LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -57,9 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: listen on them")
     p.add_argument("--iface", metavar="PREFIX", default="",
                    help="path prefix of the socket files, e.g. /tmp/vhost-user-: a VF provisioned "
-                        "without -v gets PREFIX<VF BDF> (default /tmp/vf-<VF BDF>)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("VFE_VHOSTD_PORT") or DEFAULT_PORT),
-                   help=f"JSON-RPC TCP port on {DEFAULT_ADDRESS} (default {DEFAULT_PORT}, or $VFE_VHOSTD_PORT)")
+                        "without -v gets PREFIX<VF BDF> (default $VFE_ROOT/run/vfe-vhostd/vf-<VF BDF>)")
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help="JSON-RPC Unix socket, what vhostmgmt uses (default $VFE_VHOSTD_SOCKET or "
+                        "$VFE_ROOT/run/vfe-vhostd/vhostd.sock)")
+    p.add_argument("--tcp", action="store_true",
+                   help=f"also serve JSON-RPC on TCP {DEFAULT_ADDRESS}:PORT, for the reference's vhostmgmt "
+                        f"(root's connections only, as on the socket)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"the TCP port; implies --tcp (default {DEFAULT_PORT}, or $VFE_VHOSTD_PORT)")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=argparse.SUPPRESS)
     p.add_argument("--controller-socket", metavar="PATH", default=None,
                    help="virtio-net-controller's RPC socket (default $VIRTNET_SOCKET or "
@@ -85,16 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     sel = selectors.DefaultSelector()
     service = VhostService(controller, sel, client=args.client, iface=args.iface)
     loop = Loop(service)
+    path = os.path.abspath(args.socket) if args.socket else default_socket()
+    tcp = (args.address, args.port if args.port is not None else default_port()) \
+        if args.tcp or args.port is not None else None
     try:
-        rpc = RpcServer(sel, service.methods(), args.address, args.port)
+        rpc = RpcServer(sel, service.methods(), path=path, tcp=tcp)
     except OSError as exc:
-        log.error("cannot serve JSON-RPC on %s:%d: %s", args.address, args.port, exc.strerror or exc)
+        where = path + (f" and {tcp[0]}:{tcp[1]}" if tcp else "")
+        log.error("cannot serve JSON-RPC on %s: %s", where, exc.strerror or exc)
         loop.close()
         return 1
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
-    log.info("v%s serving JSON-RPC on %s:%d (%s mode%s), controller %s", __version__, args.address,
-             rpc.port, "client" if args.client else "server",
+    log.info("v%s serving JSON-RPC on %s%s (%s mode%s), controller %s", __version__, path,
+             f" and TCP {args.address}:{rpc.port} (root only)" if tcp else "",
+             "client" if args.client else "server",
              f", iface {args.iface}" if args.iface else "", controller.socket_path)
     try:
         loop.run()

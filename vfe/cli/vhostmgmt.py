@@ -5,12 +5,17 @@ with the reference's sub-commands, flags, messages and output.
     vhostmgmt mgmtpf [-a | -r | -l] [DEVICE]
     vhostmgmt vf [-a | -r | -l | -i | -d] [-o N] [-b N] [-v SOCKET] [-u VM_UUID] [DEVICE]
 
-Each command is one JSON-RPC call to vfe-vhostd on 127.0.0.1:12190 (another
-port: $VFE_VHOSTD_PORT).  The call's params are printed first (as a Python
+Each command is one JSON-RPC call to vfe-vhostd on its Unix socket
+($VFE_VHOSTD_SOCKET, default $VFE_ROOT/run/vfe-vhostd/vhostd.sock; or
+`--socket PATH`), or with `--tcp` on 127.0.0.1:12190 (another port:
+`--port N` or $VFE_VHOSTD_PORT) -- vfe-vhostd answers root only, on both.
+These options go before the sub-command and stay out of the reference's
+usage line.  The call's params are printed first (as a Python
 dict, as the reference does), then the result as JSON with indent 2 -- the
 service's own errors are results with a negative "errno" and its "errstr".
 A JSON-RPC error prints the request, "Got JSON-RPC error response" and the
-error object, and exits 1; so does failing to reach vfe-vhostd.  Without a
+error object, and exits 1; so does failing to reach vfe-vhostd (with what
+to check: not running, or not root).  Without a
 sub-command and with stdin not a terminal, each line of stdin is one
 command.  See docs/vfe-vdpa.md.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import shlex
@@ -27,7 +33,7 @@ import time
 from typing import Any, TextIO
 
 from vfe import __version__
-from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT
+from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
 
 VERSION = f"v{__version__}"
 TIMEOUT = 125.0
@@ -48,7 +54,8 @@ class VhostdClient:
     decoder = json.JSONDecoder()
 
     def __init__(self, address: str = DEFAULT_ADDRESS, port: int = DEFAULT_PORT,
-                 timeout: float = TIMEOUT, out: TextIO | None = None):
+                 timeout: float = TIMEOUT, out: TextIO | None = None, *, path: str | None = None):
+        self.path = path                  # a Unix socket; else TCP address:port
         self.address = address
         self.port = int(port)
         self.timeout = timeout
@@ -59,11 +66,29 @@ class VhostdClient:
         print(*args, file=self.out or sys.stdout)
 
     def _connect(self) -> socket.socket:
+        if self.path is None:
+            try:
+                return socket.create_connection((self.address, self.port), timeout=self.timeout)
+            except OSError as ex:
+                self._print("ERR: Can't connect to vhostd: %s" % ex)
+                self._print("     VDPA is not ready to accept commands")
+                sys.exit(1)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
         try:
-            return socket.create_connection((self.address, self.port), timeout=self.timeout)
+            sock.connect(self.path)
+            return sock
         except OSError as ex:
-            self._print("ERR: Can't connect to vhostd: %s" % ex)
-            self._print("     VDPA is not ready to accept commands")
+            sock.close()
+            if isinstance(ex, PermissionError):
+                self._print(f"ERR: Can't connect to vhostd: permission denied on {self.path}")
+                self._print("     vfe-vhostd serves root only: run vhostmgmt as root")
+            else:
+                why = {errno.ENOENT: f"socket {self.path} not found",
+                       errno.ECONNREFUSED: f"nothing listens on socket {self.path}"}.get(
+                    ex.errno, f"socket {self.path}: {ex.strerror or ex}")
+                self._print(f"ERR: Can't connect to vhostd: {why}")
+                self._print("     VDPA is not ready to accept commands (is vfe-vhostd running?)")
             sys.exit(1)
 
     def call(self, method: str, params: dict | None = None) -> Any:
@@ -76,7 +101,10 @@ class VhostdClient:
             req["params"] = copy.deepcopy(params)
         sock = self._connect()
         try:
-            sock.sendall(json.dumps(req).encode("utf-8"))
+            try:
+                sock.sendall(json.dumps(req).encode("utf-8"))
+            except (BrokenPipeError, ConnectionResetError):
+                pass                      # refused at once: its answer says why
             response = self._recv(sock)
         finally:
             sock.close()
@@ -164,6 +192,12 @@ def cmd_vf(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+TRANSPORT_HELP = f"""\
+vfe-vhostd is reached on its Unix socket: $VFE_VHOSTD_SOCKET, default
+$VFE_ROOT/run/vfe-vhostd/vhostd.sock, or --socket PATH before the command.
+--tcp [--port N] uses TCP {DEFAULT_ADDRESS}:{DEFAULT_PORT} instead (vfe-vhostd --tcp; the port
+also from $VFE_VHOSTD_PORT).  vfe-vhostd serves root only."""
+
 DEVICE_HELP = """
     Device specified as PCI "domain:bus:slot.func" syntax or "bus:slot.func" syntax.
     """
@@ -171,7 +205,11 @@ DEVICE_HELP = """
 
 def build_parser(prog: str = "vhostmgmt") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog,
-                                     description="Nvidia vhostd-rpc command line interface " + VERSION)
+                                     description="Nvidia vhostd-rpc command line interface " + VERSION,
+                                     epilog=TRANSPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # how to reach vfe-vhostd: out of the usage line, which stays the reference's
+    parser.add_argument("--socket", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tcp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--address", default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(help="** Use -h for sub-command usage", dest="called_rpc_name")
@@ -265,6 +303,14 @@ def execute_script(parser: argparse.ArgumentParser, client: VhostdClient, lines:
             sys.exit(1)
 
 
+def make_client(args: argparse.Namespace) -> VhostdClient:
+    """The Unix socket unless TCP is asked for (--tcp, --port or --address)."""
+    tcp = args.tcp or args.port is not None or args.address is not None
+    port = args.port if args.port is not None else default_port()
+    path = None if tcp else os.path.abspath(args.socket) if args.socket else default_socket()
+    return VhostdClient(args.address or DEFAULT_ADDRESS, port, TIMEOUT, path=path)
+
+
 def main(argv: list[str] | None = None) -> int:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = build_parser(name if name in PROGS else "vhostmgmt")
@@ -272,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_args(parser, args)
     if problem:
         _usage_error(parser, problem)
-    port = args.port or int(os.environ.get("VFE_VHOSTD_PORT") or DEFAULT_PORT)
-    client = VhostdClient(args.address or DEFAULT_ADDRESS, port, TIMEOUT)
+    client = make_client(args)
     args.client = client
     if hasattr(args, "func"):
         try:

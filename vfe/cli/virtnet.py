@@ -37,10 +37,11 @@ FEATURES_MAX = (1 << 64) - 1
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
-_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-_DEC_RE = re.compile(r"^[0-9]+$")
-_HEX_RE = re.compile(r"^0[xX][0-9A-Fa-f]+$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+# used with fullmatch() only: `$` would also match before a trailing newline
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+_DEC_RE = re.compile(r"[0-9]+")
+_HEX_RE = re.compile(r"0[xX][0-9A-Fa-f]+")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
 def default_socket() -> str:
@@ -54,9 +55,9 @@ def default_socket() -> str:
 
 def _int(text: str, what: str, allow_hex: bool = False) -> int:
     text = text.strip()
-    if _DEC_RE.match(text):
+    if _DEC_RE.fullmatch(text):
         return int(text, 10)
-    if allow_hex and _HEX_RE.match(text):
+    if allow_hex and _HEX_RE.fullmatch(text):
         return int(text, 16)
     kind = "a decimal or 0x-prefixed hex number" if allow_hex else "a non-negative decimal number"
     raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected {kind}")
@@ -96,7 +97,7 @@ def features_value(text: str) -> int:
 
 
 def mac_value(text: str) -> str:
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"invalid MAC address {text!r}: expected six hex octets like 0C:C4:7A:FF:22:93")
     return text
@@ -104,7 +105,7 @@ def mac_value(text: str) -> str:
 
 def _name(what: str):
     def parse(text: str) -> str:
-        if not _NAME_RE.match(text) or len(text) > 64:
+        if not _NAME_RE.fullmatch(text) or len(text) > 64:
             raise argparse.ArgumentTypeError(f"invalid {what} {text!r}")
         return text
     parse.__name__ = what
@@ -314,7 +315,7 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict]:
         # controller the running one hands its devices to
         import vfe
         root = os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))
-        return "update_start", {"path": root, "python": sys.executable}
+        return "update_start", {"path": root}
     raise ValueError(f"unknown command {cmd!r}")
 
 

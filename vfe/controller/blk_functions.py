@@ -71,8 +71,10 @@ BLOCK_SIZES = (512, 1024, 2048, 4096)
 MAX_MALLOC_MB = 16384
 KINDS = ("null", "malloc", "aio")
 PRODUCT = {"null": "Null disk", "malloc": "Malloc disk", "aio": "AIO disk"}
-IB_DEV_RE = _IB_DEV = re.compile(r"^mlx5_(\d+)$")
-NAME_RE = _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# names from RPC and recovery files: always fullmatch() (`$` would also
+# match before a trailing newline)
+IB_DEV_RE = _IB_DEV = re.compile(r"mlx5_(\d+)")
+NAME_RE = _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def err(message: str, code: int = -errno.EINVAL) -> InventoryError:
@@ -284,7 +286,7 @@ class BlkRegistry:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not _NAME.match(name) or name in (".", ".."):
+        if not _NAME.fullmatch(name) or name in (".", ".."):
             raise err(f"bad bdev name {name!r} (letters, digits, _ . : - ; at most 64)")
 
     def _add_bdev(self, b: Bdev, save: bool) -> str:
@@ -332,10 +334,11 @@ class BlkRegistry:
         if bs not in BLOCK_SIZES:
             raise err(f"block size {bs} is not one of {', '.join(map(str, BLOCK_SIZES))}", -errno.EINVAL)
         filename = os.path.abspath(filename)
-        try:
-            size = os.stat(filename).st_size
+        from vfe.engine.bdev_file import probe_backing
+        try:                # a regular file or a block device, not through a symlink
+            size = probe_backing(filename)
         except OSError as exc:
-            raise err(f"cannot use {filename}: {exc.strerror}", -(exc.errno or errno.EIO)) from None
+            raise err(f"cannot use {exc.strerror}", -(exc.errno or errno.EIO)) from None
         if size < 1 << 20:
             raise err(f"{filename} is smaller than 1 MiB", -errno.EINVAL)
         if size_mb is not None and size >> 20 < size_mb:
@@ -379,7 +382,7 @@ class BlkRegistry:
         from vfe.devices.blk import BlkConfig, BlkDeviceModel
 
         ib = _str(p, "emu_manager")
-        m = _IB_DEV.match(ib)
+        m = _IB_DEV.fullmatch(ib)
         if not m:
             raise err(f"no emulation manager {ib!r} (expected mlx5_<n>, e.g. mlx5_0)", -errno.ENODEV)
         pf_id = _int(p, "pf_id", lo=0, hi=MAX_PF_ID)
@@ -419,7 +422,10 @@ class BlkRegistry:
                         sock, bdev_type=b.kind, block_size=b.block_size, num_blocks=b.num_blocks)
         try:
             f.model = BlkDeviceModel(self.daemon.engine, cfg)
-        except (ValueError, MemoryError, OSError) as exc:
+        except OSError as exc:        # its file shrank, was replaced by a symlink or a FIFO...
+            raise err(f"cannot create the blk device on {bdev_name}: {exc.strerror or exc}",
+                      -(exc.errno or errno.EIO)) from None
+        except (ValueError, MemoryError) as exc:
             raise err(f"cannot create the blk device on {bdev_name}: {exc}", -errno.ENOMEM) from None
         try:
             f.endpoint = self.daemon.add_endpoint(f.model, sock, False, vuid)

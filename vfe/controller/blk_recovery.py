@@ -91,7 +91,7 @@ def _object(data: Any, required: tuple[str, ...]) -> Mapping[str, Any]:
 
 
 def valid_bdev_name(name: Any) -> bool:
-    return isinstance(name, str) and bool(bf.NAME_RE.match(name)) and name not in (".", "..")
+    return isinstance(name, str) and bool(bf.NAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
 @dataclass
@@ -177,7 +177,7 @@ class BlkControllerRecord:
         return f"{BLK_SUBDIR}/controllers/{self.vuid}.json"
 
     def validate(self) -> "BlkControllerRecord":
-        m = bf.IB_DEV_RE.match(self.emulation_manager) if isinstance(self.emulation_manager, str) else None
+        m = bf.IB_DEV_RE.fullmatch(self.emulation_manager) if isinstance(self.emulation_manager, str) else None
         if m is None:
             raise RecoveryError("emulation_manager", f"{self.emulation_manager!r} is not mlx5_<n>")
         _int("pf_id", self.pf_id, 0, bf.MAX_PF_ID)

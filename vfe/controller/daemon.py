@@ -14,6 +14,8 @@ import time
 from vfe.devices.adapter import Session
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
 from vfe.devices.net import NetConfig, NetDeviceModel
+from vfe.rpc.access import allowed, unix_peer
+from vfe.safepath import check_dir_chain, make_dirs
 from vfe.vhost import transport
 from vfe.vhost.actions import Reply
 from vfe.vhost.messages import ProtocolError, Request
@@ -31,7 +33,10 @@ class Endpoint:
     QEMU-side socket, which we keep: if vfe-vhostd dies we go on serving
     QEMU over it directly -- QEMU never sees a disconnect and the data path
     never stops -- and a restarted vfe-vhostd takes the socket back with
-    VFE_RELAY_RESUME on a new connection.
+    VFE_RELAY_RESUME on a new connection.  Both are taken from root (or
+    our own uid) only -- by SO_PEERCRED -- however the socket's file mode
+    was set: RESUME hands out a VM's socket, and HELLO makes the sender the
+    relay of a root process.
     """
 
     def __init__(self, daemon: "Daemon", device, socket_path: str, client: bool, name: str):
@@ -49,6 +54,7 @@ class Endpoint:
         self.via_relay = False               # self.conn is vfe-vhostd
         self.fresh = False                   # no message yet on self.conn
         self.probes: list[transport.Connection] = []
+        self.refused = ""                    # the last unsafe-path error logged (client mode)
 
     def open(self) -> None:
         inherited = self.daemon.inherited.pop(self.name, None)
@@ -56,10 +62,18 @@ class Endpoint:
             self._inherit(*inherited)
             return
         if not self.client:
-            self.listener = transport.listen(self.path)
+            make_dirs(os.path.dirname(os.path.abspath(self.path)), 0o755)
+            self.listener = transport.listen(self.path)        # UnsafePath: a path others control
             self.daemon.sel.register(self.listener, selectors.EVENT_READ, ("accept", self))
             log.info("%s: listening on %s", self.name, self.path)
         else:
+            # a directory others write is refused at once; what is in it
+            # (another user's socket in /tmp) at every connect (try_connect)
+            try:
+                check_dir_chain(os.path.dirname(os.path.abspath(self.path)), allow_sticky=True,
+                                what="socket path", subject=self.path)
+            except FileNotFoundError:
+                pass                             # not there yet: retried until it is
             log.info("%s: connecting to %s", self.name, self.path)
 
     # -- live update (vfe/controller/update.py) ----------------------------------
@@ -119,7 +133,16 @@ class Endpoint:
         if self.conn is not None or now < self.next_attempt:
             return
         self.next_attempt = now + RECONNECT_INTERVAL
-        conn = transport.try_connect(self.path)
+        try:
+            conn = transport.try_connect(self.path)
+        except transport.UnsafePath as exc:
+            # e.g. another user's socket in /tmp where QEMU's should be:
+            # not connected to; said once, tried again (it may go away)
+            if str(exc) != self.refused:
+                log.error("%s: %s", self.name, exc)
+            self.refused = str(exc)
+            return
+        self.refused = ""
         if conn is not None:
             self._attach(conn)
 
@@ -158,6 +181,8 @@ class Endpoint:
             msgs = self.conn.recv_messages()
             while msgs:
                 msg = msgs.pop(0)
+                if self.fresh and msg.request in (Request.VFE_RELAY_HELLO, Request.VFE_RELAY_RESUME):
+                    self._check_relay_peer(self.conn, msg)
                 if self.fresh and msg.request == Request.VFE_RELAY_HELLO:
                     self._hello(msg)
                 elif self.fresh and msg.request == Request.VFE_RELAY_RESUME:
@@ -185,6 +210,17 @@ class Endpoint:
                 transport.close_fds(msg.fds)
 
     # -- VFE vDPA relay ---------------------------------------------------------
+
+    def _check_relay_peer(self, conn: transport.Connection, msg) -> None:
+        """Refuse (-EPERM, then ProtocolError) a relay request whose sender
+        is not root or ourselves."""
+        peer = unix_peer(conn.sock)
+        if allowed(peer):
+            return
+        transport.close_fds(msg.fds)          # popped: nobody else closes them
+        conn.send_reply(Reply(msg.request, _u64(-errno.EPERM)))
+        raise ProtocolError(f"{msg.name} from {peer or 'a peer without credentials'}: "
+                            f"only root's vfe-vhostd may relay")
 
     def _hello(self, msg) -> None:
         if len(msg.fds) != 1:
@@ -217,6 +253,7 @@ class Endpoint:
             msg = msgs.pop(0)
             if msg.request != Request.VFE_RELAY_RESUME:
                 raise ProtocolError(f"a front-end is already connected on {self.path}")
+            self._check_relay_peer(conn, msg)
             if self.adopted_fd is None or self.via_relay:
                 conn.send_reply(Reply(Request.VFE_RELAY_RESUME, _u64(-errno.ENOENT)))
                 raise ProtocolError("no adopted front-end to resume")
@@ -275,6 +312,12 @@ class Endpoint:
             self.daemon.sel.unregister(self.listener)
             self.listener.close()
             self.listener = None
+
+
+def _name(dev) -> str:
+    """A device's name for the log (its configured name, else its switch port)."""
+    owner = dev.owner
+    return owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
 
 
 def _u64(v: int) -> bytes:
@@ -367,17 +410,20 @@ class Daemon:
                     elif kind in ("rpc", "update"):
                         ep.on_readable()          # the RPC server or a client; a live update's channel
                     elif kind == "engine":
-                        self._log_broken_rings()
+                        self._log_engine_events()
                     elif kind == "stop":
                         os.read(self._stop_r, 64)
         finally:
             self.shutdown()
 
-    def _log_broken_rings(self) -> None:
+    def _log_engine_events(self) -> None:
+        """The engine's events: rings that stopped on a guest error, and the
+        switch's port-security notices (each once per front-end)."""
         for dev, index, reason in self.engine.broken_rings():
-            owner = dev.owner
-            name = owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
-            log.error("%s: ring %d stopped: %s (the guest must reset the device)", name, index, reason)
+            log.error("%s: ring %d stopped: %s (the guest must reset the device)", _name(dev),
+                      index, reason)
+        for dev, text in self.engine.security_notices():
+            log.warning("%s: %s", _name(dev), text)
 
     def shutdown(self) -> None:
         for hook in self.on_shutdown:

@@ -23,7 +23,7 @@ from vfe.virtio.constants import F, bit
 
 log = logging.getLogger("vfe.controller")
 
-MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")      # fullmatch() only
 MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
 DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
                  "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
@@ -162,7 +162,7 @@ class Inventory:
 
     @staticmethod
     def check_mac(mac: str) -> str:
-        if not isinstance(mac, str) or not MAC_RE.match(mac):
+        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
             raise InventoryError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
         return mac
 
@@ -398,6 +398,8 @@ class Inventory:
                  "packets": s["packets"], "bytes": s["bytes"], "dropped": s["dropped"],
                  "errors": s["errors"]}
                 for s in model.stats()]
+            if getattr(self, "datapath", None) == "switch" and hasattr(model, "switch_stats"):
+                out["switch"] = model.switch_stats()      # port security (its MAC is net_mac)
         return out
 
     def query(self, p: dict) -> dict:
@@ -453,7 +455,7 @@ class Inventory:
             keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
             m.features = NET_FEATURES & (f.features | keep) if f.features else NET_FEATURES
         if "mac" in changes:
-            m.config.mac = f.mac
+            m.set_mac(f.mac)
         if self.host is not None and f.qmp_id and ({"mac", "mtu"} & set(changes)):
             # the guest reads MAC and MTU from the PCI function's config space,
             # which QEMU owns: re-create the function with the new values

@@ -8,6 +8,7 @@ whole emulated DPU inside a directory:
     recovery dir  <root>/opt/mellanox/mlnx_virtnet/recovery/
     state dir     <root>/var/lib/vfe/          (NV config, SF pools)
     run dir       <root>/run/virtnet/          (virtnet.sock, <VUID>.sock)
+    vfe-vhostd    <root>/run/vfe-vhostd/       (vf-<BDF>: a VF's default QEMU socket)
 
 Explicit arguments (the daemon's flags) override each one; a relative
 explicit path is taken relative to the current directory, not to the root.
@@ -26,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from vfe.rpc.access import ensure_private_dir
+
 ENV_ROOT = "VFE_ROOT"
 
 CONF_REL = "opt/mellanox/mlnx_virtnet/virtnet.conf"
 RECOVERY_REL = "opt/mellanox/mlnx_virtnet/recovery"
 STATE_REL = "var/lib/vfe"
 RUN_REL = "run/virtnet"
+VHOSTD_RUN_REL = "run/vfe-vhostd"
 
 RPC_SOCKET_NAME = "virtnet.sock"
 
@@ -111,9 +115,13 @@ class Paths:
 
     def ensure(self) -> "Paths":
         """Create the recovery, state and run directories (and the conf's
-        directory) if missing.  Returns self."""
-        for d in (self.conf.parent, self.recovery_dir, self.state_dir, self.run_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        directory) if missing.  The run dir holds the control sockets: it
+        must be root's and writable by no one else (UnsafeDirectory, with
+        what to fix, if not).  Returns self."""
+        from vfe.safepath import make_dirs
+        for d in (self.conf.parent, self.recovery_dir, self.state_dir):
+            make_dirs(d, 0o755)        # never group/world-writable, whatever the umask
+        ensure_private_dir(self.run_dir)
         return self
 
     def check_socket_path(self, path: Path | None = None) -> Path:
@@ -126,6 +134,13 @@ class Paths:
                 f"socket path {path} is {n} bytes, longer than the {SUN_PATH_MAX} a Unix "
                 f"socket allows; choose a shorter run dir (--run-dir) or VFE_ROOT")
         return path
+
+
+def vhostd_run_dir(env: Mapping[str, str] | None = None) -> Path:
+    """vfe-vhostd's run directory, ``$VFE_ROOT/run/vfe-vhostd`` (root's,
+    where no other user can put a socket first -- unlike /tmp)."""
+    env = os.environ if env is None else env
+    return Path(os.path.abspath(env.get(ENV_ROOT) or "/")) / VHOSTD_RUN_REL
 
 
 # -- atomic file replacement ----------------------------------------------------

@@ -5,10 +5,14 @@ while QEMU keeps its connections: nothing is renegotiated, links stay up,
 and the data path stops only for the moment the rings change hands.
 
     old (LiveUpdate)                         new (Takeover)
-    update_start: read the new build's
-    engine ABI from its file; refuse a
+    update_start: check that only root
+    can change the build (newbuild.py);
+    copy its engine into a sealed memfd,
+    read the ABI from that; refuse a
     mismatch before anything moves;
-    start it with --takeover-fd     ------>  import everything, start engine
+    start it with our interpreter,
+    --takeover-fd and --engine-fd   ------>  load the engine from the memfd,
+                                             import everything, start engine
                                     <------  hello {version, engine_abi}
     pause every ring (exact indexes),
     detach representors; send begin,
@@ -41,6 +45,7 @@ import time
 from vfe import __version__
 from vfe.controller import handover
 from vfe.controller.inventory import InventoryError
+from vfe.controller.newbuild import BuildError, check_build, pin_engine
 
 log = logging.getLogger("vfe.controller")
 
@@ -85,21 +90,39 @@ class LiveUpdate:
         if self.proc is not None:
             raise InventoryError(f"a live update to {self.state.get('to')} is in progress "
                                  f"(pid {self.proc.pid})", code=-errno.EBUSY)
-        root = p.get("path")
-        if not isinstance(root, str) or not os.path.isdir(os.path.join(root, "vfe")):
-            raise InventoryError(f"no controller build at {root!r} (give the directory that holds vfe/)")
-        python = p.get("python") or sys.executable
+        extra = sorted(set(p) - {"path"})
+        if extra:
+            # the new build runs with our own interpreter: nobody names what root executes
+            raise InventoryError(f"update_start takes only path, not {', '.join(extra)} (the new build "
+                                 f"runs with the controller's own interpreter, {sys.executable})",
+                                 code=-errno.EINVAL)
+        try:
+            root = check_build(p.get("path"))
+        except BuildError as exc:
+            raise InventoryError(f"cannot update: {exc}", code=-errno.EPERM) from None
         malloc = sorted(n for n, b in (self.blk.bdevs.items() if self.blk is not None else ())
                         if b.kind == "malloc")
         if malloc:
             raise InventoryError(f"cannot update while malloc bdev(s) {', '.join(malloc)} exist: their "
                                  "data lives in this process only; delete them (or use aio bdevs) first",
                                  code=-errno.EBUSY)
-        from vfe.engine import ENGINE_ABI
-        from vfe.engine.abi import AbiError, engine_file, read_abi
         version = build_version(root)
         try:
-            abi = read_abi(engine_file(root))
+            engine_fd, so = pin_engine(root)       # the bytes checked are the bytes the new process loads
+        except BuildError as exc:
+            raise InventoryError(f"cannot update to {version}: {exc}", code=-errno.EPERM) from None
+        try:
+            self._spawn(root, version, engine_fd, so)
+        finally:
+            os.close(engine_fd)
+        log.info("live update to %s: started pid %d (%s)", version, self.proc.pid, root)
+        return {"status": "started", "from": __version__, "to": version, "pid": self.proc.pid}
+
+    def _spawn(self, root: str, version: str, engine_fd: int, so: str) -> None:
+        from vfe.engine import ENGINE_ABI
+        from vfe.engine.abi import AbiError, read_abi
+        try:
+            abi = read_abi(engine_fd, name=so)
         except AbiError as exc:
             raise InventoryError(f"cannot update to {version}: {exc}; {VERSION_HINT}",
                                  code=-errno.EPROTONOSUPPORT) from None
@@ -109,13 +132,17 @@ class LiveUpdate:
         ours, theirs = handover.channel()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        # -P: not the current directory first on sys.path -- the build under root is
-        argv = [python, "-P", "-m", "vfe.cli.controller", *self.argv, "--takeover-fd", str(theirs.fileno())]
+        # -P: not the current directory first on sys.path -- the build under root is;
+        # --engine-fd: its engine comes from the sealed copy checked above, not from root
+        argv = [sys.executable, "-P", "-m", "vfe.cli.controller", *self.argv,
+                "--takeover-fd", str(theirs.fileno()), "--engine-fd", str(engine_fd)]
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), engine_fd], env=env,
+                                         stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
-            raise InventoryError(f"cannot start {python}: {exc.strerror}", code=-(exc.errno or 5)) from None
+            raise InventoryError(f"cannot start {sys.executable}: {exc.strerror}",
+                                 code=-(exc.errno or 5)) from None
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -123,8 +150,6 @@ class LiveUpdate:
         self.daemon.add_reader(self, "update")
         self.state = {"status": "in progress", "from": __version__, "to": version, "pid": self.proc.pid,
                       "engine_abi": abi, "started": time.time()}
-        log.info("live update to %s: started pid %d (%s)", version, self.proc.pid, root)
-        return {"status": "started", "from": __version__, "to": version, "pid": self.proc.pid}
 
     # -- the channel --------------------------------------------------------------
 

@@ -37,6 +37,11 @@ class Session:
         self.inflight: inflight.InflightRegion | None = None
         self.started: set[int] = set()
         self.features = 0                 # as acked by this front-end
+        # whether the front-end can shrink the memory it shared under us
+        # (its files are not sealed with F_SEAL_SHRINK); None before any
+        self.memory_can_shrink: bool | None = None
+        if hasattr(device.rings, "rearm_notices"):
+            device.rings.rearm_notices()  # a new front-end: its security events are logged anew
 
     # -- entry points from the transport
 
@@ -120,6 +125,7 @@ class Session:
         try:
             self.memory = GuestMemory([MemRegion(gpa, size, uva, off, fds[i])
                                        for gpa, size, uva, off, i in state["memory"]])
+            self.memory_can_shrink = self.memory.can_shrink if len(self.memory) else None
             if state["log"] is not None:
                 i, size, offset = state["log"]
                 self.log_region = LogRegion(fds[i], size, offset)
@@ -186,6 +192,24 @@ class Session:
         owner = getattr(self.device, "owner", None)
         return owner is None or owner is self or not owner.started
 
+    def _note_memory(self) -> None:
+        """Log, when it changes, whether the guest memory can shrink under us:
+        sealed, a truncation is impossible; unsealed, one would stop this
+        device (the engine catches the SIGBUS) and leave the others running."""
+        if not len(self.memory):
+            return
+        shrink = self.memory.can_shrink
+        if shrink == self.memory_can_shrink:
+            return
+        self.memory_can_shrink = shrink
+        regions = len(self.memory)
+        size = f"{regions} region(s), {self.memory.size >> 20} MiB"
+        if shrink:
+            log.info("%s: guest memory (%s) is not sealed against shrinking (a truncation "
+                     "would stop this device)", self.name, size)
+        else:
+            log.info("%s: guest memory (%s) is sealed against shrinking", self.name, size)
+
     def _take_ownership(self) -> None:
         if self.owns():
             return
@@ -198,9 +222,16 @@ class Session:
         lr = self.log_region
         rings.set_log(lr.hva if lr else 0, lr.size if lr else 0)
         if hasattr(rings, "set_inflight"):
-            ir = self.inflight
-            rings.set_inflight(ir.hva if ir else 0, ir.stride if ir else 0,
-                               ir.num_queues if ir else 0)
+            self._engine_inflight(self.inflight)
+
+    def _engine_inflight(self, ir: inflight.InflightRegion | None) -> None:
+        """Hand the engine a region (None: none) with its shape and length:
+        the engine checks every ring against them again at its start."""
+        if ir is None:
+            self.device.rings.set_inflight(0, 0, 0, 0, 0)
+        else:
+            self.device.rings.set_inflight(ir.hva, ir.stride, ir.num_queues, ir.queue_size,
+                                           ir.size)
 
     def _apply(self, act) -> bool | None:
         """Execute one action (False: a StopRing whose deferred actions failed)."""
@@ -220,14 +251,17 @@ class Session:
                 if self._engine_free() and not self.owns():
                     self.memory, old = new, self.memory
                     old.close()
+                    self._note_memory()
                     self._take_ownership()
                     return
                 if self.owns():
                     rings.set_memory(engine_table(new))
                 self.memory, old = new, self.memory
                 old.close()
+                self._note_memory()
             case A.AddMemRegion(region=r):
                 self.memory.add(r)
+                self._note_memory()
                 if self._engine_free():
                     self._take_ownership()
                     rings.set_memory(engine_table(self.memory))
@@ -288,7 +322,11 @@ class Session:
                                queue_size=qs):
                 new = inflight.InflightRegion(fd, size, off, nq, qs)
                 if self.owns() and hasattr(rings, "set_inflight"):
-                    rings.set_inflight(new.hva, new.stride, nq)
+                    try:
+                        self._engine_inflight(new)
+                    except BaseException:
+                        new.close()
+                        raise
                 self.inflight, old = new, self.inflight
                 if old is not None:
                     old.close()
@@ -329,8 +367,10 @@ class Session:
         if self.owns():
             rings.set_memory([])
             rings.set_log(0, 0)
+            if hasattr(rings, "forget_learned"):
+                rings.forget_learned()    # the guest's MACs left with it
             if hasattr(rings, "set_inflight"):
-                rings.set_inflight(0, 0, 0)
+                self._engine_inflight(None)
             self.device.owner = None
         self.memory.close()
         self.memory = GuestMemory()

@@ -64,7 +64,9 @@ class BlkConfig:
     socket: str
     client: bool = False
     bdev: str = "malloc"        # null | malloc | file
-    path: str = ""              # file: the image (grown to size= if smaller), served by I/O threads
+    path: str = ""              # file: the image, served by I/O threads
+    grow: bool = False          # file: extend a shorter image to size= (the command line's
+                                # documented semantics; an aio bdev's file is never grown)
     direct: bool = False        # file: sector-aligned reads/writes with O_DIRECT
     size_mb: int = 64
     block_size: int = 512
@@ -116,7 +118,8 @@ class BlkDeviceModel:
             max_discard_sectors=config.max_discard_sectors, max_discard_seg=config.max_discard_seg,
             max_write_zeroes_sectors=config.max_write_zeroes_sectors,
             max_write_zeroes_seg=config.max_write_zeroes_seg,
-            **({"path": config.path, "direct": config.direct} if config.bdev == "file" else {}))
+            **({"path": config.path, "direct": config.direct, "grow": config.grow}
+               if config.bdev == "file" else {}))
         self.rings.owner = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
@@ -161,3 +164,6 @@ class BlkDeviceModel:
 
     def close(self) -> None:
         self.rings.close()
+        # rings.owner points back at us: without this the pair is a reference
+        # cycle, and the engine device's C memory waits for a full GC pass
+        self.rings.owner = None

@@ -34,7 +34,8 @@ class NetConfig:
 
     socket: str
     client: bool = False
-    mac: str | None = None
+    mac: str | None = None     # the device's MAC: on the in-engine switch, the only source
+                               # MAC its guest may send from (port security)
     queues: int = 1            # queue pairs
     queue_size: int = 1024     # largest ring the device accepts
     mtu: int = 1500
@@ -50,6 +51,8 @@ class NetDeviceModel:
         self.config = config
         self.rings = engine.new_net_device(2 * config.queues)
         self.rings.owner = self
+        if config.mac:
+            self.rings.set_port_mac(config.mac)
         self.features = NET_FEATURES
         self.status = 0
         self.mtu = config.mtu
@@ -63,6 +66,16 @@ class NetDeviceModel:
             max_queues=2 * self.config.queues,
             max_queue_size=self.config.queue_size,
         )
+
+    def set_mac(self, mac: str | None) -> None:
+        """A new configured MAC (None: none): the switch's port security follows."""
+        self.rings.set_port_mac(mac or None)
+        self.config.mac = mac
+
+    def switch_stats(self) -> dict:
+        """Port security: spoofed frames dropped, source MACs not learned
+        (limit, full table window), entries learned (cython_ext/switch.pxd)."""
+        return self.rings.switch_stats()
 
     def stats(self) -> list[dict]:
         out = []
@@ -81,12 +94,18 @@ class NetDeviceModel:
             t[1] += s["bytes"]
             t[2] += s["dropped"]
         off = self.rings.offload_stats()
+        sw = self.rings.switch_stats()
         return (f"rx {tot['rx'][0]} packets {tot['rx'][1]} bytes {tot['rx'][2]} dropped, "
                 f"tx {tot['tx'][0]} packets {tot['tx'][1]} bytes {tot['tx'][2]} dropped, "
+                f"spoofed {sw['spoofed']}, macs learned {sw['learned']}, "
+                f"not learned {sw['learn_capped']} (limit) {sw['table_full']} (table full), "
                 f"software csum {off['sw_csum']}, software gso {off['sw_gso']}")
 
     def close(self) -> None:
         self.rings.close()
+        # rings.owner points back at us: without this the pair is a reference
+        # cycle, and the engine device's C memory waits for a full GC pass
+        self.rings.owner = None
 
 
 def rarp_frame(mac: bytes) -> bytes:

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any
 
+from vfe.rpc.access import allowed, unix_peer
 from vfe.rpc.protocol import MAX_LINE, LineBuffer, RpcError, encode_request, parse_response
 
 DEFAULT_TIMEOUT = 30.0
@@ -33,7 +34,7 @@ def _connect_error(path: str, exc: OSError) -> RpcConnectionError:
                                   f"is virtio-net-controller running? nothing is listening on socket {path}")
     if isinstance(exc, PermissionError):
         return RpcConnectionError(-errno.EACCES,
-                                  f"permission denied on socket {path} (run as root or as a member of its group)")
+                                  f"permission denied on socket {path}: virtio-net-controller serves root only")
     if isinstance(exc, TimeoutError):
         return RpcConnectionError(-errno.ETIMEDOUT,
                                   f"timed out connecting to virtio-net-controller on {path}")
@@ -57,6 +58,14 @@ class RpcClient:
         except OSError as exc:
             self.sock.close()
             raise _connect_error(self.path, exc) from None
+        # what we send may be acted on as root and what comes back is
+        # trusted (vfe-vhostd hands a VM's socket to the endpoint it names):
+        # only a server running as root, or as ourselves, is one of ours
+        server = unix_peer(self.sock)
+        if not allowed(server):
+            self.sock.close()
+            raise RpcConnectionError(-errno.EPERM, f"the process serving {self.path} runs as "
+                                                   f"{server or 'an unknown user'}, not root: not talking to it")
 
     def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
@@ -64,7 +73,10 @@ class RpcClient:
         rid = next(self._ids)
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(encode_request(rid, method, params))
+            try:
+                self.sock.sendall(encode_request(rid, method, params))
+            except (BrokenPipeError, ConnectionResetError):
+                pass            # refused and closed at once: its answer may be waiting (read below)
             while True:
                 line = self._next_line(deadline)
                 if line is None:

@@ -21,6 +21,12 @@ not fit in the socket buffer waits for EVENT_WRITE and flushes from there).
 other exception is logged with its traceback and answered with -32603
 carrying the exception's message.  A client that disconnects, sends garbage,
 sends an endless line or never reads its replies only affects itself.
+
+Only privileged peers are served (vfe.rpc.access: root, or our own uid, by
+SO_PEERCRED): the socket is mode 0600 in a directory only root can write,
+and a peer that gets through anyway is answered -13 "permission denied" and
+disconnected before anything it sent is read.  So is a client beyond
+`max_clients`, with -16.
 """
 from __future__ import annotations
 
@@ -33,10 +39,13 @@ import socket
 import stat
 from typing import Any, Callable, Mapping
 
+from vfe.rpc.access import RefusalLog, allowed, ensure_private_dir, unix_peer
 from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
+from vfe.safepath import check_socket_path
+from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
 
@@ -65,19 +74,68 @@ def _short(obj: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _peer_pid(sock: socket.socket) -> int | None:
+def listen_unix(path: str, mode: int = 0o600, backlog: int = 16, what: str = "RPC") -> socket.socket:
+    """A non-blocking listening Unix socket at ``path`` with file mode
+    ``mode``, in a directory no one else can write (created if missing); a
+    socket file left by a crashed server is replaced, a live one is not."""
+    if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"{what} socket path is longer than {UNIX_PATH_MAX - 1} bytes", path)
+    ensure_private_dir(os.path.dirname(os.path.abspath(path)))
+    check_socket_path(path, f"{what} socket")     # UnsafePath: others could squat it
+    _remove_stale(path, what)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        import struct
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0]
-    except (OSError, AttributeError):
-        return None
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale(path: str, what: str) -> None:
+    """A socket file left by a crashed server is removed; a live one is not."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", path)
+    try:
+        live = is_served(path)          # never waits, even on a full backlog
+    except OSError:
+        live = True                     # cannot tell: not ours to remove
+    if live:
+        raise OSError(errno.EADDRINUSE, f"another server is already listening on this {what} socket", path)
+    log.info("removing stale %s socket %s", what, path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def refuse(sock: socket.socket, line: bytes) -> None:
+    """Answer a connection we will not serve with ``line`` and close it.
+    What the peer sent is never looked at; reading it first (a bounded
+    amount) just keeps the close from resetting the connection before the
+    answer is read."""
+    try:
+        sock.setblocking(False)
+        sock.send(line, socket.MSG_NOSIGNAL)
+        for _ in range(4):
+            if not sock.recv(RECV_SIZE):
+                break
+    except OSError:
+        pass
+    sock.close()
 
 
 class RpcClientConnection:
     """One accepted client: reads lines, runs the handler, queues replies."""
 
-    def __init__(self, server: "RpcServer", sock: socket.socket):
+    def __init__(self, server: "RpcServer", sock: socket.socket, pid: int | None = None):
         self.server = server
         self.sock = sock
         self.proto = RpcConnection(server.max_line)
@@ -86,7 +144,7 @@ class RpcClientConnection:
         self.eof = False
         self.closed = False
         self.events = selectors.EVENT_READ
-        self.name = f"rpc client pid {_peer_pid(sock)}"
+        self.name = f"rpc client pid {pid}"
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -186,7 +244,7 @@ class RpcServer:
     """Listens on `path` (mode `mode`) and serves `handler` through `selector`."""
 
     def __init__(self, path: str | os.PathLike, handler: Handler,
-                 selector: selectors.BaseSelector | None = None, mode: int = 0o660, *,
+                 selector: selectors.BaseSelector | None = None, mode: int = 0o600, *,
                  max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, backlog: int = 16,
                  sock: socket.socket | None = None):
         self.path = os.fspath(path)
@@ -197,6 +255,7 @@ class RpcServer:
         self.max_clients = max_clients
         self.clients: set[RpcClientConnection] = set()
         self.closed = False
+        self.log_refusal = RefusalLog(log)
         # False while the socket file is another controller's too (a live
         # update that may still fail): close() leaves it then
         self.owns_path = sock is None
@@ -211,48 +270,13 @@ class RpcServer:
         log.info("RPC server listening on %s", self.path)
 
     def _listen(self, mode: int, backlog: int) -> socket.socket:
-        if len(os.fsencode(self.path)) >= UNIX_PATH_MAX:
-            raise OSError(errno.ENAMETOOLONG,
-                          f"RPC socket path is longer than {UNIX_PATH_MAX - 1} bytes", self.path)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(self.path)
-            os.chmod(self.path, mode)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
+            return listen_unix(self.path, mode, backlog)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(errno.EADDRINUSE, "another virtio-net-controller is already serving this socket",
+                              self.path) from None
             raise
-        return sock
-
-    def _remove_stale(self) -> None:
-        """A socket file left by a crashed controller is removed; a live one is not."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale RPC socket %s", self.path)
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            return
-        except OSError:
-            pass                # e.g. a full backlog: someone is listening
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE,
-                      "another virtio-net-controller is already serving this socket", self.path)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -269,12 +293,23 @@ class RpcServer:
             except OSError as exc:      # EMFILE, ENFILE, ENOBUFS...
                 log.warning("RPC server: accept failed: %s", exc)
                 return
+            peer = unix_peer(sock)
+            if not allowed(peer):
+                self.log_refusal("RPC server: refusing %s: only root may use the controller's RPC",
+                                 peer or "a peer without credentials")
+                refuse(sock, encode_error(None, -errno.EACCES,
+                                          f"permission denied: virtio-net-controller serves root only, "
+                                          f"not {peer or 'a peer without credentials'}"))
+                continue
             if len(self.clients) >= self.max_clients:
-                log.warning("RPC server: %d clients connected, refusing another", len(self.clients))
-                sock.close()
+                self.log_refusal("RPC server: %d clients connected, refusing another (%s)",
+                                 len(self.clients), peer)
+                refuse(sock, encode_error(None, -errno.EBUSY,
+                                          f"virtio-net-controller is serving {len(self.clients)} clients, "
+                                          f"its limit: try again later"))
                 continue
             sock.setblocking(False)
-            conn = RpcClientConnection(self, sock)
+            conn = RpcClientConnection(self, sock, peer.pid)
             self.clients.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, ("rpc", conn))
             log.debug("%s: connected", conn.name)

@@ -25,6 +25,7 @@ equal to the request's, and a non-zero REPLY_ACK raises ``NackError``.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import select
@@ -127,22 +128,27 @@ class GuestRam:
     ``shared_fd=True`` keeps all regions in one memfd at increasing offsets
     (as QEMU does for RAM below and above 4 GiB), so ``mmap_offset`` is
     non-zero for every region but the first.  ``gpa_gap`` leaves holes
-    between regions in guest-physical space.
+    between regions in guest-physical space.  ``seals`` (e.g.
+    ``fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW``, what QEMU's
+    memory-backend-memfd adds) seals the memfds once sized; without them a
+    test may shrink the memory under the back-end (``fds``).
     """
 
     def __init__(self, size: int = 32 * MiB, regions: int = 1, *, shared_fd: bool = True,
-                 gpa_base: int = 0, gpa_gap: int = 0, fd_offset: int = 0) -> None:
+                 gpa_base: int = 0, gpa_gap: int = 0, fd_offset: int = 0, seals: int = 0) -> None:
         if regions < 1 or size % (regions * PAGE):
             raise ValueError(f"{size} bytes do not split into {regions} page-multiple regions")
         self.region_size = size // regions
         self.regions: list[RamRegion] = []
         self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
+        mfd_flags = os.MFD_ALLOW_SEALING if seals else 0
         try:
             if shared_fd:
-                fd = os.memfd_create("vfe-guest-ram", os.MFD_CLOEXEC)
+                fd = os.memfd_create("vfe-guest-ram", os.MFD_CLOEXEC | mfd_flags)
                 self._fds.append(fd)
                 os.ftruncate(fd, fd_offset + size)
+                self._seal(fd, seals)
                 mm = mmap.mmap(fd, fd_offset + size, flags=mmap.MAP_SHARED)
                 self._maps.append(mm)
                 base = _address_of(mm)
@@ -156,9 +162,10 @@ class GuestRam:
                 whole.release()
             else:
                 for k in range(regions):
-                    fd = os.memfd_create(f"vfe-guest-ram{k}", os.MFD_CLOEXEC)
+                    fd = os.memfd_create(f"vfe-guest-ram{k}", os.MFD_CLOEXEC | mfd_flags)
                     self._fds.append(fd)
                     os.ftruncate(fd, fd_offset + self.region_size)
+                    self._seal(fd, seals)
                     mm = mmap.mmap(fd, fd_offset + self.region_size, flags=mmap.MAP_SHARED)
                     self._maps.append(mm)
                     self.regions.append(RamRegion(
@@ -168,6 +175,16 @@ class GuestRam:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _seal(fd: int, seals: int) -> None:
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+
+    @property
+    def fds(self) -> list[int]:
+        """The memfds behind the regions (tests shrink or inspect them)."""
+        return list(self._fds)
 
     def region_of(self, gpa: int) -> tuple[RamRegion, int]:
         for r in self.regions:

@@ -19,8 +19,15 @@ Some facts that bite here:
   next controller, which maps the same memory.
 - A file shorter than the mapping maps fine but SIGBUSes on access, which
   would kill the daemon on a guest-chosen address.  We ``fstat`` the fd and
-  refuse regions that end beyond the file.  (A front-end could still shrink
-  an unsealed memfd later; that is its own foot it shoots.)
+  refuse regions that end beyond the file.
+- A front-end can still shrink the file later, unless it sealed it
+  (``F_SEAL_SHRINK``: QEMU's memory-backend-memfd does by default).  We read
+  the seals (``MappedRegion.seals``, ``GuestMemory.can_shrink``); where the
+  file may shrink, the engine survives the SIGBUS of a vanished page and
+  breaks only that device (cython_ext/includes/guard.h, fault.pxd).  Python
+  reads guest memory through the file (``os.pread``), never the mapping,
+  so a vanished page is a short read here (GuestMemoryError), not a signal;
+  ``write`` and the dirty log's ``mark_dirty`` are for tests only.
 - ``ctypes.c_char.from_buffer(mm)`` exports the mmap's buffer, and an mmap
   with live exports cannot be closed ("cannot close exported pointers
   exist").  We take the address and drop the ctypes object at once, and
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import mmap
 import os
 import stat
@@ -57,6 +65,16 @@ def _mmap_fd(fd: int, length: int) -> mmap.mmap:
         raise GuestMemoryError(f"fd {fd}: mmap of {length} bytes failed: {exc}") from None
 
 
+def file_seals(fd: int) -> int | None:
+    """The file's seals (fcntl F_GET_SEALS: F_SEAL_SHRINK, F_SEAL_GROW, ...),
+    or None for a file that cannot have any (not shmem/hugetlbfs): such a
+    file can always be truncated."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return None
+
+
 def _address_of(mm: mmap.mmap) -> int:
     anchor = ctypes.c_char.from_buffer(mm)
     try:
@@ -77,6 +95,12 @@ class MappedRegion:
     mmap: mmap.mmap = field(repr=False)
     map_hva: int = field(repr=False)       # address of the whole mapping (file offset 0)
     fd: int = field(default=-1, repr=False)   # our dup of the front-end's fd (for a live update)
+    seals: int | None = None               # the file's seals when mapped (file_seals)
+
+    @property
+    def can_shrink(self) -> bool:
+        """The front-end may truncate the file under us (not F_SEAL_SHRINK)."""
+        return self.seals is None or not self.seals & fcntl.F_SEAL_SHRINK
 
     @property
     def hva(self) -> int:
@@ -110,7 +134,8 @@ def map_region(region: MemRegion) -> MappedRegion:
     except OSError as exc:
         mm.close()
         raise GuestMemoryError(f"fd {region.fd}: {exc.strerror}") from None
-    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, _address_of(mm), fd)
+    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, _address_of(mm), fd,
+                        file_seals(fd))
 
 
 class GuestMemory:
@@ -130,6 +155,15 @@ class GuestMemory:
 
     def __len__(self) -> int:
         return len(self._regions)
+
+    @property
+    def can_shrink(self) -> bool:
+        """Some region's file is not sealed against shrinking."""
+        return any(r.can_shrink for r in self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
 
     def _check_free(self, new: list[MappedRegion] | list[MemRegion], existing: list[MappedRegion]) -> None:
         spans = sorted([(r.gpa, r.size) for r in existing] + [(r.gpa, r.size) for r in new])
@@ -221,6 +255,8 @@ class GuestMemory:
     # -- slow-path access (control plane, tests) --------------------------------
 
     def read(self, gpa: int, length: int) -> bytes:
+        """Read through the region's file (not the mapping): bytes the
+        front-end truncated away are a GuestMemoryError, not a SIGBUS."""
         out = bytearray()
         while length > 0:
             r = self.find_gpa(gpa)
@@ -228,11 +264,20 @@ class GuestMemory:
                 raise GuestMemoryError(f"gpa {gpa:#x} is not mapped")
             off = r.mmap_offset + (gpa - r.gpa)
             n = min(length, r.size - (gpa - r.gpa))
-            out += r.mmap[off:off + n]
+            try:
+                got = os.pread(r.fd, n, off)
+            except OSError as exc:
+                raise GuestMemoryError(f"gpa {gpa:#x}: {exc.strerror}") from None
+            if len(got) != n:
+                raise GuestMemoryError(f"gpa {gpa:#x}: guest memory vanished (the front-end "
+                                       f"shrank its file to {os.fstat(r.fd).st_size} bytes)")
+            out += got
             gpa, length = gpa + n, length - n
         return bytes(out)
 
     def write(self, gpa: int, data: bytes) -> None:
+        """Write through the mapping (tests only: a file shrunk between the
+        size check and the copy would SIGBUS here)."""
         data = memoryview(bytes(data))
         while data:
             r = self.find_gpa(gpa)
@@ -240,6 +285,8 @@ class GuestMemory:
                 raise GuestMemoryError(f"gpa {gpa:#x} is not mapped")
             off = r.mmap_offset + (gpa - r.gpa)
             n = min(len(data), r.size - (gpa - r.gpa))
+            if os.fstat(r.fd).st_size < off + n:
+                raise GuestMemoryError(f"gpa {gpa:#x}: guest memory vanished")
             r.mmap[off:off + n] = data[:n]
             gpa, data = gpa + n, data[n:]
 
@@ -277,9 +324,11 @@ class LogRegion:
         return self.size * 8
 
     def mark_dirty(self, gpa: int, length: int) -> None:
-        """Slow path (control plane, tests): mark pages of [gpa, gpa+length).
+        """Tests only: mark pages of [gpa, gpa+length).
 
-        Not atomic against concurrent writers; the engine's fetch-or is."""
+        Not atomic against concurrent writers (the engine's fetch-or is), and
+        through the mapping (a log file shrunk by the front-end would SIGBUS
+        here; the engine's writes are guarded)."""
         if length <= 0:
             return
         first, last = gpa // LOG_PAGE, (gpa + length - 1) // LOG_PAGE
@@ -290,10 +339,12 @@ class LogRegion:
             self.mmap[i] = self.mmap[i] | (1 << (page % 8))
 
     def is_dirty(self, gpa: int) -> bool:
+        """Read through the file (a shrunk log reads as clean, no SIGBUS)."""
         page = gpa // LOG_PAGE
         if page >= self.pages:
             return False
-        return bool(self.mmap[self.offset + page // 8] >> (page % 8) & 1)
+        byte = os.pread(self.fd, 1, self.offset + page // 8)
+        return bool(byte and byte[0] >> (page % 8) & 1)
 
     def close(self) -> None:
         self.mmap.close()

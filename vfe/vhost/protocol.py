@@ -625,6 +625,7 @@ class BackendProtocol(StateTransfer):
         limit = min(self.spec.max_queue_size, _MAX_QUEUE_SIZE)
         if not _is_pow2(p.num) or p.num > limit:
             raise ProtocolError(f"ring {p.index}: size {p.num} (power of 2 up to {limit})")
+        self._check_fits_inflight(p.index, p.num, self._inflight)
         ring = self._ring(p.index)
         if ring.num == p.num:
             return []
@@ -759,6 +760,14 @@ class BackendProtocol(StateTransfer):
             raise ProtocolError(f"inflight region for queues of {p.queue_size} entries "
                                 f"(power of 2 up to {limit})")
 
+    @staticmethod
+    def _check_fits_inflight(index: int, num: int, p: Inflight | None) -> None:
+        """A ring the inflight region tracks (index < its num_queues) must
+        fit its queue regions: the engine writes one entry per head there."""
+        if p is not None and index < p.num_queues and num > p.queue_size:
+            raise ProtocolError(f"ring {index}: size {num} does not fit the inflight region "
+                                f"(queues of {p.queue_size} entries)")
+
     def _get_inflight_fd(self, msg: Message, p: Inflight) -> list[Action]:
         # QEMU sends mmap_size/offset 0 and the shape it wants; the reply
         # (with the new region's fd) comes from the caller, which allocates it.
@@ -771,6 +780,9 @@ class BackendProtocol(StateTransfer):
         if p.mmap_size < need:
             raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} queues "
                                 f"of {p.queue_size} need {need}")
+        for index, ring in sorted(self._rings.items()):
+            if ring.num:
+                self._check_fits_inflight(index, ring.num, p)
         fd = msg.fds[0]
         self._inflight = p
         # Rings read the region when they start: running ones restart with it.

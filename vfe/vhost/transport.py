@@ -33,12 +33,14 @@ import stat
 import time
 from typing import Iterable
 
+from vfe.safepath import UnsafePath, check_socket_path
+
 from .actions import Ack, Reply
 from .framing import FrameAssembler, encode_message, encode_reply
 from .messages import VERSION, Message, ProtocolError, U64
 
-__all__ = ["Connection", "Listener", "PeerClosed", "listen", "connect", "try_connect",
-           "fds_from_ancdata", "wait_ready", "close_fds"]
+__all__ = ["Connection", "Listener", "PeerClosed", "UnsafePath", "listen", "connect", "try_connect",
+           "connect_nowait", "is_served", "fds_from_ancdata", "wait_ready", "close_fds"]
 
 RECV_SIZE = 65536
 MAX_FDS_PER_RECV = 32
@@ -256,6 +258,9 @@ class Listener:
             self._inode = os.stat(path).st_ino
             self.owns_path = False
             return
+        # a path others could have put a socket or symlink on is refused
+        # before anything there is probed or removed (vfe/safepath.py)
+        check_socket_path(path)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -301,6 +306,37 @@ class Listener:
         self.close()
 
 
+def connect_nowait(path: str) -> socket.socket:
+    """A connected, non-blocking AF_UNIX stream socket to ``path``, or the
+    OSError of the one attempt.  It never waits: a listener whose backlog is
+    full (it does not accept) answers EAGAIN (BlockingIOError) at once --
+    a blocking connect() would sleep until it accepts, which freezes the
+    single-threaded loop of the controller or vfe-vhostd that called it.
+    (Polling for POLLOUT does not help on AF_UNIX: the failed socket polls
+    writable at once; the caller retries later from its loop instead.)"""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def is_served(path: str) -> bool:
+    """Does a live process listen on the socket ``path``?  One connect that
+    never waits: refused (or no file) is no; accepted, or a full backlog,
+    is yes.  Other errors (EACCES...) are raised."""
+    try:
+        sock = connect_nowait(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except BlockingIOError:
+        return True                   # a listener that does not accept is still a listener
+    sock.close()
+    return True
+
+
 def _remove_stale_socket(path: str) -> None:
     """Unlink ``path`` if it is a socket nobody serves any more."""
     try:
@@ -309,18 +345,12 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if is_served(path):
+        raise OSError(errno.EADDRINUSE, "a live process serves this socket", path)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "a live process serves this socket", path)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def listen(path: str, backlog: int = 1) -> Listener:
@@ -330,16 +360,16 @@ def listen(path: str, backlog: int = 1) -> Listener:
 
 def try_connect(path: str, blocking: bool = False) -> Connection | None:
     """One attempt to connect to a front-end's ``server=on`` socket: None if
-    it is not there (yet)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    it is not there (yet), refuses, or does not accept (a full backlog):
+    the caller's loop tries again later.  Never waits (``connect_nowait``);
+    ``blocking`` is the mode of the returned connection's socket.  Raises
+    ``UnsafePath`` for a socket someone else could have put there (a
+    directory others write, or in sticky /tmp a socket of another uid)."""
     try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
+        check_socket_path(path)
+        sock = connect_nowait(path)
+    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
         return None
-    except BaseException:
-        sock.close()
-        raise
     sock.setblocking(blocking)
     return Connection(sock)
 

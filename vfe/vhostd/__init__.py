@@ -2,7 +2,8 @@
 ``dpdk-vfe-vdpa``), and what ``vhostmgmt`` talks to.
 
     QEMU --vhost-user--> vfe-vhostd --relay--> virtio-net-controller endpoint
-                         (JSON-RPC on 127.0.0.1:12190)
+                         (JSON-RPC on <root>/run/vfe-vhostd/vhostd.sock;
+                          with --tcp also on 127.0.0.1:12190; root only)
 
 - ``relay``   one provisioned VF: the QEMU-side socket (connect with
               ``--client``, else listen), the controller-side connection
@@ -11,11 +12,36 @@
               through here: guest memory and eventfds go on to the controller.
 - ``service`` management PFs and provisioned VFs, the ``mgmtpf`` / ``vf`` /
               ``version`` methods and the reference's errno table.
-- ``rpc``     JSON-RPC 2.0 over TCP, one JSON object per request/response.
+- ``rpc``     JSON-RPC 2.0 on a Unix socket and optionally TCP, one JSON
+              object per request/response, for privileged callers only.
 
 The daemon is ``vfe/cli/vhostd.py``, the CLI ``vfe/cli/vhostmgmt.py``; see
 docs/vfe-vdpa.md.
 """
 
+import os
+from typing import Mapping
+
 DEFAULT_PORT = 12190
 DEFAULT_ADDRESS = "127.0.0.1"
+
+#: vfe-vhostd's RPC socket, under $VFE_ROOT as the controller's run dir is
+#: (vfe/controller/paths.py); $VFE_VHOSTD_SOCKET names another
+RUN_REL = "run/vfe-vhostd"
+SOCKET_NAME = "vhostd.sock"
+ENV_SOCKET = "VFE_VHOSTD_SOCKET"
+ENV_PORT = "VFE_VHOSTD_PORT"
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    """$VFE_VHOSTD_SOCKET, else <$VFE_ROOT or />/run/vfe-vhostd/vhostd.sock."""
+    env = os.environ if env is None else env
+    if env.get(ENV_SOCKET):
+        return os.path.abspath(env[ENV_SOCKET])
+    return os.path.join(os.path.abspath(env.get("VFE_ROOT") or "/"), RUN_REL, SOCKET_NAME)
+
+
+def default_port(env: Mapping[str, str] | None = None) -> int:
+    """The TCP port when TCP is asked for: $VFE_VHOSTD_PORT, else 12190."""
+    env = os.environ if env is None else env
+    return int(env.get(ENV_PORT) or DEFAULT_PORT)

@@ -43,6 +43,8 @@ import stat
 import time
 from typing import Callable
 
+from vfe.rpc.access import allowed, unix_peer
+from vfe.safepath import check_socket_path as check_unsafe
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
 from vfe.vhost.messages import Request as _Request
@@ -88,16 +90,23 @@ def _oserror_code(exc: OSError) -> int:
 
 
 def connect_endpoint(path: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """A blocking (with timeout) connection to a function's endpoint."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    """A connection (blocking, with ``timeout``, for the handshake) to a
+    function's endpoint.  The connect itself never waits: an endpoint that
+    does not accept (full backlog) is an error now, retried from tick()."""
     try:
-        sock.connect(path)
+        check_unsafe(path, "the controller's endpoint")   # UnsafePath (EPERM): not the controller's
+        sock = transport.connect_nowait(path)
     except OSError as exc:
+        raise RelayError(_oserror_code(exc), f"cannot connect to the controller's endpoint {path}: "
+                                             f"{exc.strerror or exc}") from None
+    # HELLO hands this peer a VM's socket: only the controller -- root, or
+    # ourselves -- may be at the other end, whoever managed to bind the path
+    server = unix_peer(sock)
+    if not allowed(server):
         sock.close()
-        raise RelayError(_oserror_code(exc) if not isinstance(exc, TimeoutError) else -errno.ETIMEDOUT,
-                         f"cannot connect to the controller's endpoint {path}: "
-                         f"{exc.strerror or exc}") from None
+        raise RelayError(-errno.EPERM, f"{path} is served by {server or 'an unknown user'}, not by root: "
+                                       f"not relaying a VM to it")
+    sock.settimeout(timeout)
     return Connection(sock)
 
 
@@ -136,6 +145,12 @@ def check_socket_path(path: str, client: bool) -> None:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise RelayError(-errno.ENAMETOOLONG,
                          f"socket path {path} is longer than the {SUN_PATH_MAX} bytes a Unix socket allows")
+    try:                   # a directory others write, or another user's socket in /tmp
+        check_unsafe(path)
+    except transport.UnsafePath as exc:
+        raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, str(exc)) from None
+    except FileNotFoundError:
+        return             # no directory: listening fails with ENOENT, a client waits for it
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -148,15 +163,12 @@ def check_socket_path(path: str, client: bool) -> None:
         return
     # server mode: a socket file that nobody serves is left over (a killed
     # vfe-vhostd): it is replaced; one that answers belongs to someone else
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return
+        live = transport.is_served(path)        # never waits, even on a full backlog
     except OSError as exc:
         raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, f"{path}: {exc.strerror}") from None
-    finally:
-        probe.close()
+    if not live:
+        return
     raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH,
                      f"{path} exists and a live process serves it: remove it or specify another file")
 
@@ -221,7 +233,10 @@ class Relay:
             if not self.client:
                 self._listen()
             elif self.qemu is None:
-                conn = transport.try_connect(self.socket_path)
+                try:
+                    conn = transport.try_connect(self.socket_path)
+                except transport.UnsafePath as exc:
+                    raise RelayError(-ERR_NO_ACCESS_SOCKET_PATH, str(exc)) from None
                 if conn is not None:
                     self._connect_controller(conn)
         except BaseException:
@@ -433,7 +448,13 @@ class Relay:
             return self.next_attempt
         if not self.client:
             return None                      # QEMU connects to our listener
-        conn = transport.try_connect(self.socket_path)
+        try:
+            conn = transport.try_connect(self.socket_path)
+        except transport.UnsafePath as exc:      # someone else's socket there now: not ours to join
+            if str(exc) != self._last_error:
+                log.error("%s: %s; retrying", self.name, exc)
+            self._last_error = str(exc)
+            return self.next_attempt
         if conn is None:
             return self.next_attempt
         log.info("%s: connected to the front-end's socket %s", self.name, self.socket_path)

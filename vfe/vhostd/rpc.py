@@ -1,4 +1,4 @@
-"""JSON-RPC 2.0 over TCP for vfe-vhostd, as the reference service speaks it
+"""JSON-RPC 2.0 for vfe-vhostd, as the reference service speaks it
 (app/vfe-vdpa/jsonrpc-c.c): a client writes JSON request objects one after
 another (no delimiter needed; whitespace between them is fine) and gets one
 JSON response object per request (we end each with a newline).  The
@@ -7,6 +7,10 @@ connection stays open for more requests.
     {"jsonrpc": "2.0", "method": "mgmtpf", "id": 1, "params": {"list": true}}
     -> {"jsonrpc": "2.0", "result": {"devices": [...], "errno": 0, "errstr": "Success"}, "id": 1}
 
+It is served on a Unix socket (vhostmgmt's default) and, when vfe-vhostd is
+started with --tcp, on TCP 127.0.0.1:12190 (the reference's vhostmgmt).
+Only root (or vfe-vhostd's own uid) is served, on either: see RpcServer.
+
 Protocol errors use the reference's codes and texts:
 
     -32700  "Parse error. Invalid JSON was received by the server."  (then the connection closes)
@@ -14,15 +18,26 @@ Protocol errors use the reference's codes and texts:
     -32601  "Method not found."
     -32603  "Internal error."      (a bug in a method; logged)
 
+and two of our own, each sent unasked (id null) on a new connection that is
+then closed:
+
+    -32001  "Permission denied: vfe-vhostd serves root only, not uid N."
+    -32002  "Too many clients: vfe-vhostd serves N at a time."
+
 A request without "id" is a notification: it runs and gets no response.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
 import selectors
 import socket
 from typing import Any, Callable
+
+from vfe.rpc.access import RefusalLog, allowed, connection_peer
+from vfe.rpc.server import listen_unix, refuse
 
 log = logging.getLogger("vfe.vhostd.rpc")
 
@@ -36,7 +51,15 @@ INVALID_REQUEST_TEXT = "The JSON sent is not a valid Request object."
 METHOD_NOT_FOUND_TEXT = "Method not found."
 INTERNAL_ERROR_TEXT = "Internal error."
 
-MAX_REQUEST = 1 << 20
+#: vfe-vhostd's own refusals, in the range JSON-RPC leaves to servers
+PERMISSION_DENIED = -32001
+TOO_MANY_CLIENTS = -32002
+
+MAX_REQUEST = 1 << 20       # bytes of one request (a longer one is a parse error)
+MAX_OUTPUT = 1 << 20        # a client's unsent answers above which its requests wait
+MAX_CLIENTS = 32
+RECV_SIZE = 65536
+ACCEPT_BURST = 16
 
 _WS = b" \t\r\n"
 
@@ -160,108 +183,195 @@ def encode(obj: dict) -> bytes:
 
 
 class RpcServer:
-    """Listens on TCP (127.0.0.1:12190 by default) inside a selector loop
-    whose keys' data are callables (vfe.vhostd.service.Loop)."""
+    """vfe-vhostd's JSON-RPC endpoints, inside a selector loop whose keys'
+    data are callables (vfe.vhostd.service.Loop).
 
-    def __init__(self, sel: selectors.BaseSelector, methods: dict[str, Callable[[Any, Any], Any]],
-                 host: str = "127.0.0.1", port: int = 12190):
+    ``path``: a Unix socket (mode 0600 in a directory only root can write),
+    what vhostmgmt uses.  ``tcp``: (host, port), for the reference's
+    vhostmgmt, which speaks TCP only.  Either way a connection is served only
+    when its peer is privileged (vfe.rpc.access: SO_PEERCRED on the Unix
+    socket, the kernel's owner of the peer's socket on TCP); anyone else, and
+    a client beyond ``max_clients``, gets one JSON-RPC error and is
+    disconnected before anything it sent is read."""
+
+    def __init__(self, sel: selectors.BaseSelector, methods: dict[str, Callable[[Any, Any], Any]], *,
+                 path: str | None = None, tcp: tuple[str, int] | None = None, mode: int = 0o600,
+                 max_clients: int = MAX_CLIENTS, max_request: int = MAX_REQUEST, max_output: int = MAX_OUTPUT):
+        if path is None and tcp is None:
+            raise ValueError("vfe-vhostd's RPC needs a Unix socket path or a TCP address")
         self.sel = sel
         self.methods = methods
-        self.sock = socket.create_server((host, port), family=socket.AF_INET, backlog=64)
-        self.sock.setblocking(False)
-        self.address = self.sock.getsockname()
+        self.max_clients = max_clients
+        self.max_request = max_request
+        self.max_output = max_output
         self.clients: set[_Client] = set()
-        sel.register(self.sock, selectors.EVENT_READ, self._accept)
+        self.log_refusal = RefusalLog(log)
+        self.path = path
+        self.unix: socket.socket | None = None
+        self.tcp: socket.socket | None = None
+        try:
+            if path is not None:
+                self.unix = listen_unix(path, mode, backlog=64, what="vfe-vhostd")
+                st = os.stat(path)
+                self._ident = (st.st_dev, st.st_ino)
+                sel.register(self.unix, selectors.EVENT_READ, lambda: self._accept(self.unix))
+            if tcp is not None:
+                self.tcp = socket.create_server(tcp, family=_family(tcp[0]), backlog=64)
+                self.tcp.setblocking(False)
+                sel.register(self.tcp, selectors.EVENT_READ, lambda: self._accept(self.tcp))
+        except BaseException:
+            self.close()
+            raise
 
     @property
-    def port(self) -> int:
-        return self.address[1]
+    def port(self) -> int | None:
+        """The TCP port (None without TCP)."""
+        return self.tcp.getsockname()[1] if self.tcp is not None else None
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn.setblocking(False)
-        self.clients.add(_Client(self, conn))
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:                  # EMFILE, ENFILE, ENOBUFS...
+                log.warning("JSON-RPC: accept failed: %s", exc)
+                return
+            peer = connection_peer(conn)
+            how = "TCP" if listener is self.tcp else "Unix socket"
+            if not allowed(peer):
+                who = str(peer) if peer is not None else "a caller whose uid cannot be proven"
+                self.log_refusal("JSON-RPC: refused %s on the %s: vfe-vhostd serves root only", who, how)
+                refuse(conn, encode(error_response(
+                    PERMISSION_DENIED, f"Permission denied: vfe-vhostd serves root only, not {who}.")))
+                continue
+            if len(self.clients) >= self.max_clients:
+                self.log_refusal("JSON-RPC: %d clients connected, refused another (%s)", len(self.clients), peer)
+                refuse(conn, encode(error_response(
+                    TOO_MANY_CLIENTS, f"Too many clients: vfe-vhostd serves {self.max_clients} at a time.")))
+                continue
+            conn.setblocking(False)
+            self.clients.add(_Client(self, conn, peer))
 
     def close(self) -> None:
         for c in list(self.clients):
             c.close()
-        try:
-            self.sel.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-        self.sock.close()
+        for sock in (self.unix, self.tcp):
+            if sock is None:
+                continue
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        if self.unix is not None:
+            try:                                # not a newer vfe-vhostd's socket
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        self.unix = self.tcp = None
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 class _Client:
-    def __init__(self, server: RpcServer, sock: socket.socket):
+    """One served connection.  Its buffers are bounded: requests are read
+    only while its answers are sent (less than ``max_output`` unsent), and
+    one request may not exceed ``max_request`` bytes."""
+
+    def __init__(self, server: RpcServer, sock: socket.socket, peer):
         self.server = server
         self.sock = sock
-        self.stream = JsonStream()
+        self.peer = peer
+        self.stream = JsonStream(server.max_request)
+        self.pending: collections.deque = collections.deque()   # requests of the last read, not yet run
         self.out = bytearray()
-        self.closing = False
+        self.closing = False       # no more reading: answer what came, then close
         self.closed = False
-        server.sel.register(sock, selectors.EVENT_READ, self._on_event)
+        self.events = selectors.EVENT_READ
+        server.sel.register(sock, self.events, self._on_event)
 
     def _on_event(self) -> None:
-        if self.out:
-            self._flush()
-        if self.closed or self.closing:
+        self._flush()
+        if not self.closed and not self.closing and not self.pending and len(self.out) < self.server.max_output:
+            self._read()
+        self._progress()
+        if self.closed:
             return
+        if self.closing and not self.pending and not self.out:
+            self.close()
+            return
+        wants_input = not self.closing and not self.pending and len(self.out) < self.server.max_output
+        events = (selectors.EVENT_READ if wants_input else 0) | (selectors.EVENT_WRITE if self.out else 0)
+        if events and events != self.events:
+            self.server.sel.modify(self.sock, events, self._on_event)
+            self.events = events
+
+    def _read(self) -> None:
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
         if not data:
-            self.close()
+            self.closing = True            # answer what it sent before it hung up
             return
         try:
-            reqs = self.stream.feed(data)
+            self.pending.extend(self.stream.feed(data))
         except ParseError as exc:
-            log.debug("client sent invalid JSON: %s", exc)
-            reqs = exc.values
+            log.debug("client %s sent invalid JSON: %s", self.peer, exc)
+            self.pending.extend(exc.values)
+            self.pending.append(_PARSE_FAILED)
             self.closing = True
-        for req in reqs:
+
+    def _progress(self) -> None:
+        """Answer pending requests and send, until they are all answered or
+        max_output of answers wait for the client to read."""
+        while not self.closed:
+            self._serve()
+            self._flush()
+            if not self.pending or len(self.out) >= self.server.max_output:
+                return
+
+    def _serve(self) -> None:
+        while self.pending and len(self.out) < self.server.max_output and not self.closed:
+            req = self.pending.popleft()
+            if req is _PARSE_FAILED:
+                self.out += encode(error_response(PARSE_ERROR, PARSE_ERROR_TEXT))
+                continue
             resp = dispatch(self.server.methods, req)
             if resp is not None:
                 self.out += encode(resp)
-        if self.closing:
-            self.out += encode(error_response(PARSE_ERROR, PARSE_ERROR_TEXT))
-        self._flush()
 
     def _flush(self) -> None:
-        while self.out:
+        while self.out and not self.closed:
             try:
-                n = self.sock.send(self.out)
+                n = self.sock.send(self.out, socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError:
                 self.close()
                 return
             del self.out[:n]
-        if self.closed:
-            return
-        if not self.out and self.closing:
-            self.close()
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
-        try:
-            self.server.sel.modify(self.sock, events, self._on_event)
-        except (KeyError, ValueError):
-            pass
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.server.clients.discard(self)
         try:
             self.server.sel.unregister(self.sock)
         except (KeyError, ValueError):
             pass
         self.sock.close()
-        self.server.clients.discard(self)
+        self.pending.clear()
+        self.out.clear()
+
+
+_PARSE_FAILED = object()           # in a client's pending requests: where its stream broke

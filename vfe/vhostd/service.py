@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vfe import __version__
+from vfe.safepath import make_dirs
 from vfe.vhostd.relay import Relay, RelayError, check_socket_path
 
 log = logging.getLogger("vfe.vhostd")
@@ -396,12 +397,14 @@ class VhostService:
     # -- VFs ---------------------------------------------------------------------------
 
     def socket_path_for(self, bdf: str, socket_file: str | None) -> str:
-        """``-v`` path, else ``<iface><BDF>``, else ``/tmp/vf-<BDF>``."""
+        """``-v`` path, else ``<iface><BDF>``, else ``vf-<BDF>`` in root's run
+        directory (the reference's /tmp/vf-<BDF> could be squatted by any user)."""
         if socket_file:
             return socket_file
         if self.iface:
             return f"{self.iface}{bdf}"
-        return f"/tmp/vf-{bdf}"
+        from vfe.controller.paths import vhostd_run_dir
+        return str(vhostd_run_dir() / f"vf-{bdf}")
 
     def vf_add(self, vfdev: Any, socket_file: Any = None, vm_uuid: Any = None) -> dict:
         if not isinstance(vfdev, str) or not vfdev:
@@ -437,6 +440,8 @@ class VhostService:
             raise VdpaError(ERR_NO_PF_DEVICE, f"the {what} of {bdf} (pf_id {f.get('parent_pf_id')}) is not a "
                                               f"management PF: mgmtpf -a it first")
         vuid = str(f["vuid"])
+        if not socket_file and not self.iface:      # the default: root's run dir, made here
+            make_dirs(os.path.dirname(path), 0o755)
         check_socket_path(path, client=self.client)
         endpoint = self._endpoint(vuid)
         relay = self.relay_factory(

@@ -95,3 +95,29 @@ def test_engine_rejects_bad_geometry():
         engine.new_blk_device(1, 4096, 512, backend="file")
     with pytest.raises(ValueError):
         engine.new_blk_device(1, 4096, 512, serial="x" * 21)
+
+
+def test_blk_file_path_is_not_followed_and_must_be_a_file(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(2 << 20))
+    link = tmp_path / "link.img"
+    link.symlink_to(img)
+    with pytest.raises(argparse.ArgumentTypeError, match="is a symlink, not a regular file or a block device"):
+        parse_device(f"blk,socket=/s,bdev=file,path={link}")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
+        parse_device(f"blk,socket=/s,bdev=file,path={tmp_path}")
+    # with size= the file is checked when the engine opens it
+    cfg = parse_device(f"blk,socket=/s,bdev=file,path={link},size=2")
+    with pytest.raises(OSError, match="is a symlink"):
+        BlkDeviceModel(Engine(), cfg)
+
+
+def test_blk_file_size_grows_the_image_as_documented(tmp_path):
+    """`path=IMG,size=MB` is documented as "grown to size= if shorter": the
+    one place a file is extended (an aio bdev's never is)."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"")
+    cfg = parse_device(f"blk,socket=/s,bdev=file,path={img},size=3")
+    assert cfg.grow
+    BlkDeviceModel(Engine(), cfg).close()
+    assert img.stat().st_size == 3 << 20

@@ -1,5 +1,6 @@
 """vfe.cli.virtnet: help texts vs the seed's, argv -> RPC calls, validation,
 output and errors (against a fake controller on a real socket)."""
+import argparse
 import json
 import sys
 import os
@@ -159,8 +160,7 @@ MODIFY_NONE = {"pf": None, "vf": None, "vuid": None, "mac": None, "mtu": None, "
                "msix_num": None, "max_queue_size": None, "link_state": None}
 QUERY_NONE = {"all": False, "pf": None, "vf": None, "vuid": None, "brief": False}
 # `update --start` names the build this virtnet belongs to: the newly installed controller
-UPDATE_FROM_HERE = {"path": os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__))),
-                    "python": sys.executable}
+UPDATE_FROM_HERE = {"path": os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))}   # no interpreter
 
 SEED_COMMANDS = [
     # every virtnet command line in the seed, verbatim (en dashes included)
@@ -518,3 +518,20 @@ def test_console_entry_point_exits_with_main_rc(tmp_path):
     p = subprocess.run([sys.executable, "-m", "vfe.cli.virtnet", "log", "-h"], capture_output=True,
                        text=True, env=env, cwd=repo)
     assert p.returncode == 0 and p.stdout == EXPECTED_LOG_HELP
+
+
+@pytest.mark.parametrize("parse, text", [
+    (virtnet.mac_value, "00:11:22:33:44:55\n"), (virtnet.ib_device_value, "mlx5_0\n"),
+    (virtnet.vuid_value, "VNETS0D0F2\n"), (virtnet.vuid_value, "ok;junk"),
+])
+def test_names_and_macs_are_matched_whole(parse, text):
+    """`$` also matches before a trailing newline: every check is a fullmatch."""
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(text)
+
+
+def test_the_controller_matches_macs_whole():
+    from vfe.controller.inventory import Inventory, InventoryError
+    assert Inventory.check_mac("00:11:22:33:44:55") == "00:11:22:33:44:55"
+    with pytest.raises(InventoryError, match="bad MAC address"):
+        Inventory.check_mac("00:11:22:33:44:55\n")

@@ -14,6 +14,7 @@ from vfe.controller import blk_functions
 from vfe.controller.blk_recovery import BdevRecord, BlkControllerRecord, BlkRecoveryStore
 from vfe.controller.functions import NetFunction
 from vfe.controller.inventory import InventoryError
+from vfe.controller.recovery import RecoveryError
 
 PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager", "max_queues",
              "max_queues_size", "blk_controller", "blk_bdev", "blk_bdev_type", "blk_block_size",
@@ -223,6 +224,54 @@ def test_bad_bdev_names_never_become_paths(tmp_path, store, image):
     with pytest.raises(InventoryError):                 # a block size that is not a number: EINVAL
         reg.bdev_aio_create({"name": "A", "filename": str(image), "block_size": "x"})
     assert files(store) == {} and reg.bdevs == {}
+
+
+@pytest.mark.parametrize("name", ["ok\n", "ok\n../x", "ok;junk", "ok/x", "ok x", "x" * 65])
+def test_names_are_matched_whole(tmp_path, store, image, name):
+    """A trailing newline would pass a `^...$` regex with match(): names are
+    fullmatched, from RPC and from recovery files alike."""
+    reg = registry(tmp_path, store)
+    with pytest.raises(InventoryError, match="bad bdev name"):
+        reg.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
+    with pytest.raises(InventoryError, match="bad bdev name"):
+        reg.bdev_aio_create({"name": name, "filename": str(image)})
+    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    with pytest.raises(InventoryError, match="no emulation manager"):
+        reg.controller_virtio_blk_create({"emu_manager": "mlx5_0\n", "pf_id": 0, "bdev": "Null0"})
+    with pytest.raises(RecoveryError):
+        BdevRecord(name, "null", 512, 2048).validate()
+    with pytest.raises(RecoveryError):
+        BlkControllerRecord.from_json(GOOD_CTRL | {"emulation_manager": "mlx5_0\n"}, "VBLKS0D0F2VF2")
+    assert files(store) == {"bdevs/Null0.json": files(store)["bdevs/Null0.json"]}
+
+
+@pytest.mark.parametrize("what", ["a symlink", "a FIFO", "a character device", "a directory"])
+def test_aio_bdev_files_are_regular_files_or_block_devices(tmp_path, store, image, what):
+    odd = {"a symlink": tmp_path / "link.img", "a FIFO": tmp_path / "fifo",
+           "a character device": "/dev/zero", "a directory": tmp_path}[what]
+    if what == "a symlink":
+        odd.symlink_to(image)
+    elif what == "a FIFO":
+        os.mkfifo(odd)
+    reg = registry(tmp_path, store)
+    with pytest.raises(InventoryError, match=f"is {what}, not a regular file or a block device"):
+        reg.bdev_aio_create({"name": "Aio0", "filename": str(odd)})
+    assert reg.bdevs == {} and files(store) == {}
+
+
+def test_a_file_that_shrank_is_not_grown_back(tmp_path, store, image):
+    """The file of an aio bdev shrinks before its controller is created (or
+    recovered): the controller is refused and the file keeps its size."""
+    from vfe.engine import Engine
+    daemon = FakeDaemon()
+    daemon.engine = Engine()
+    reg = registry(tmp_path, store, daemon)
+    reg.bdev_aio_create({"name": "Aio0", "filename": str(image)})
+    os.truncate(image, 4 << 20)
+    with pytest.raises(InventoryError, match=r"smaller than the 8388608 bytes the disk serves \(it is not grown"):
+        reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Aio0"})
+    assert os.stat(image).st_size == 4 << 20
+    assert reg.functions == {} and daemon.endpoints == []
 
 
 # -- loading and restoring -------------------------------------------------------------

@@ -64,6 +64,20 @@ def test_nothing_created_until_ensure(tmp_path):
     p.ensure()          # idempotent
 
 
+def test_run_dir_is_root_only_writable(tmp_path):
+    """The run dir holds the control sockets: made 0755 whatever the umask,
+    refused (with what to fix) when others could write it."""
+    old = os.umask(0)
+    try:
+        p = Paths.from_env(root=tmp_path).ensure()
+    finally:
+        os.umask(old)
+    assert os.stat(p.run_dir).st_mode & 0o777 == 0o755
+    os.chmod(p.run_dir.parent, 0o777)
+    with pytest.raises(PermissionError, match=rf"{p.run_dir.parent} is writable by others \(mode 0777\)"):
+        p.ensure()
+
+
 def test_display_names_root(tmp_path):
     p = Paths.from_env(root=tmp_path)
     text = p.display(p.recovery_dir)

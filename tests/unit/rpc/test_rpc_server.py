@@ -7,9 +7,12 @@ import errno
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +22,9 @@ from vfe.rpc import (
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
     RpcClient, RpcConnectionError, RpcError, RpcServer, call, method_table,
 )
+from vfe.rpc.access import UnsafeDirectory
 from vfe.rpc.protocol import encode_request
+from vfe.testing.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 
 
 class Loop:
@@ -130,15 +135,79 @@ def test_call_returns_result_in_order(server):
 def test_socket_file_mode_and_parent_dir(server):
     st = os.stat(server.path)
     assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert stat.S_IMODE(st.st_mode) == 0o600                 # root's only
+    run_dir = os.stat(os.path.dirname(server.path))
+    assert stat.S_IMODE(run_dir.st_mode) == 0o755 and run_dir.st_uid == os.geteuid()
 
 
 def test_custom_mode(tmp_path):
-    loop = Loop(str(tmp_path / "s.sock"), Methods(), mode=0o600)
+    loop = Loop(str(tmp_path / "s.sock"), Methods(), mode=0o640)
     try:
-        assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o640
     finally:
         loop.stop()
+
+
+def test_run_dir_writable_by_others_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o777)                    # anyone could swap the socket for their own
+    with pytest.raises(UnsafeDirectory) as ei:
+        RpcServer(str(run / "virtnet.sock"), Methods(), selectors.DefaultSelector())
+    assert str(ei.value) == (f"{run} is writable by others (mode 0777), who could replace {run}: "
+                             f"run `chmod go-w {run}` or choose another directory")
+    assert not (run / "virtnet.sock").exists()
+
+
+# -- who may call ----------------------------------------------------------------------
+
+@needs_root()
+def test_unprivileged_peer_is_refused_even_through_an_open_socket():
+    """The socket made connectable by everyone (a misconfiguration, or an
+    fd handed on): SO_PEERCRED still keeps uid 65534 out."""
+    with public_dir() as d:
+        methods = Methods()
+        loop = Loop(str(d / "s.sock"), methods, mode=0o666)
+        try:
+            r = exchange_nobody(loop.server.path, encode_request(1, "echo", {"x": 1}).decode())
+            assert r.returncode == 0, r.stderr
+            lines = r.stdout.splitlines()
+            assert len(lines) == 1, r.stdout             # one answer, then the server hung up
+            err = json.loads(lines[0])
+            assert err["id"] is None and err["error"]["code"] == -errno.EACCES
+            assert err["error"]["message"].startswith(
+                "permission denied: virtio-net-controller serves root only, not uid 65534, pid ")
+            assert methods.calls == []                   # nothing it sent was run
+            assert call(loop.server.path, "echo", {"ok": 1}) == {"ok": 1}     # root still is served
+        finally:
+            loop.stop()
+
+
+@needs_root()
+def test_client_does_not_talk_to_a_server_run_by_another_user():
+    listener = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(4)
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(b'{"jsonrpc": "2.0", "id": 1, "result": "fake"}\n')
+sys.stdin.read()
+"""
+    with public_dir(owner=NOBODY) as d:
+        path = str(d / "fake.sock")
+        proc = subprocess.Popen([*SETPRIV, sys.executable, "-c", listener, path], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            with pytest.raises(RpcConnectionError) as ei:
+                call(path, "list")
+            assert ei.value.code == -errno.EPERM
+            assert ei.value.message.startswith(f"the process serving {path} runs as uid 65534")
+        finally:
+            proc.stdin.close()
+            proc.kill()
+            proc.wait()
 
 
 def test_application_error_passes_through(server):
@@ -335,8 +404,21 @@ def test_max_clients(tmp_path):
         a.sendall(encode_request(1, "echo", {}))
         b.sendall(encode_request(1, "echo", {}))
         read_lines(a, 1), read_lines(b, 1)
-        with pytest.raises(RpcConnectionError):
-            call(loop.server.path, "echo", {})     # accepted and closed at once
+        with pytest.raises(RpcError) as ei:
+            call(loop.server.path, "echo", {})     # answered -EBUSY and closed at once
+        assert ei.value.code == -errno.EBUSY
+        assert ei.value.message == "virtio-net-controller is serving 2 clients, its limit: try again later"
+        # the same when the server has hung up before the client sent anything
+        # (its send fails with EPIPE): the answer waiting to be read still counts
+        late = RpcClient(loop.server.path)
+        try:
+            assert select.select([late.sock], [], [], 5)[0]
+            time.sleep(0.1)                        # and closed
+            with pytest.raises(RpcError) as ei:
+                late.call("echo", {})
+            assert ei.value.code == -errno.EBUSY
+        finally:
+            late.close()
         a.close()
         deadline = time.monotonic() + 5
         while len(loop.server.clients) > 1 and time.monotonic() < deadline:

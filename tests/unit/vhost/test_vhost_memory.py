@@ -112,3 +112,62 @@ def test_log_region(memfd):
     with pytest.raises(GuestMemoryError):
         log.mark_dirty(8192 * 8 * 4096, 1)
     log.close()
+
+
+@pytest.mark.parametrize("size,offset", [(2**64 - 4096, 8192), (8192, 2**64 - 4096), (2**63, 2**63),
+                                         (8192, 4097)])
+def test_log_whose_offset_and_size_overflow_or_pass_the_file_is_refused(memfd, size, offset):
+    """CVE-2020-10722: a C back-end adding a 64-bit offset and size could
+    wrap and map less than it then writes; here the sum is checked against
+    the file before anything is mapped."""
+    fd = memfd(8192 + 4096)
+    with pytest.raises(GuestMemoryError):
+        LogRegion(fd, size, offset)
+
+
+def test_seals_say_whether_the_memory_can_shrink(memfd, tmp_path):
+    """F_GET_SEALS is read at mapping time: QEMU's sealed memfd cannot
+    shrink under us, an unsealed one or a plain file can."""
+    import fcntl
+    sealed = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    plain = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        os.ftruncate(sealed, MiB)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        os.ftruncate(plain, MiB)
+        with GuestMemory([MemRegion(0, MiB, UVA, 0, sealed)]) as mem:
+            assert mem.regions[0].seals & fcntl.F_SEAL_SHRINK and not mem.can_shrink
+            mem.add(MemRegion(MiB, MiB, UVA + MiB, 0, memfd(MiB)))
+            assert mem.can_shrink                     # one unsealed region is enough
+        with GuestMemory([MemRegion(0, MiB, UVA, 0, plain)]) as mem:
+            assert mem.regions[0].seals is None and mem.can_shrink
+    finally:
+        os.close(sealed)
+        os.close(plain)
+
+
+def test_reading_memory_the_front_end_shrank_is_an_error_not_a_signal(memfd):
+    """Python reads guest memory through the file: a page the front-end cut
+    away is a GuestMemoryError (through the mapping it would be SIGBUS)."""
+    fd = memfd(2 * MiB)
+    os.pwrite(fd, b"used", MiB + 2)
+    with GuestMemory([MemRegion(0, 2 * MiB, UVA, 0, fd)]) as mem:
+        assert mem.read(MiB + 2, 4) == b"used"
+        os.ftruncate(fd, MiB)
+        assert mem.read(0, 4) == bytes(4)             # what is left still reads
+        with pytest.raises(GuestMemoryError, match="guest memory vanished"):
+            mem.read(MiB + 2, 4)
+        with pytest.raises(GuestMemoryError, match="guest memory vanished"):
+            mem.write(MiB + 2, b"x")
+
+
+def test_dirty_bits_of_a_shrunk_log_read_clean(memfd):
+    fd = memfd(4096)
+    log = LogRegion(fd, 4096, 0)
+    try:
+        log.mark_dirty(0x5000, 1)
+        assert log.is_dirty(0x5000)
+        os.ftruncate(fd, 0)
+        assert not log.is_dirty(0x5000)               # no SIGBUS
+    finally:
+        log.close()

@@ -795,3 +795,29 @@ def test_inflight_needs_the_protocol_feature(fds):
     negotiate(drv, pf=ALL_PF)
     with pytest.raises(ProtocolError, match="INFLIGHT_SHMFD"):
         drv.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 128)))
+
+
+def test_ring_larger_than_the_inflight_region_is_refused_in_either_order(iready, fds):
+    """Finding 2: a region for queues of 2 entries (the front-end's own:
+    64 bytes, consistent in itself) and rings of 256.  SET_VRING_NUM after
+    it is refused (REPLY_ACK: a nack, nothing changed; without: fatal), so
+    is the region after such a ring; a ring the region does not cover
+    (index >= its num_queues) is not its business."""
+    from vfe.vhost.messages import Inflight
+    ready = iready
+    own = Inflight(64, 0, 1, 2)
+    assert ready.send(msg(Request.SET_INFLIGHT_FD, own, [fds.one()]))[0].__class__.__name__ == "SetInflight"
+    out = ready.send(msg(Request.SET_VRING_NUM, VringState(0, 256), need_reply=True))
+    assert out == [Ack(Request.SET_VRING_NUM, ok=False)]
+    assert 0 not in ready.p.rings or ready.p.rings[0].num == 0
+    assert ready.send(msg(Request.SET_VRING_NUM, VringState(0, 2), need_reply=True)) == [
+        Ack(Request.SET_VRING_NUM)]
+    assert ready.send(msg(Request.SET_VRING_NUM, VringState(1, 256), need_reply=True)) == [
+        Ack(Request.SET_VRING_NUM)]
+    fd = fds.one()
+    out = ready.send(msg(Request.SET_INFLIGHT_FD, Inflight(128, 0, 2, 2), [fd], need_reply=True))
+    assert out == [CloseFds((fd,)), Ack(Request.SET_INFLIGHT_FD, ok=False)]
+    assert ready.p.inflight == own
+    with pytest.raises(ProtocolError, match=r"ring 0: size 256 does not fit the inflight region "
+                                            r"\(queues of 2 entries\)"):
+        ready.send(msg(Request.SET_VRING_NUM, VringState(0, 256)))

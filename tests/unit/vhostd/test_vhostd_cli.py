@@ -1,15 +1,17 @@
 """`vhostmgmt` (vfe/cli/vhostmgmt.py) against a live vfe-vhostd RPC server
-(the real service and server over a fake controller and fake relays, on an
-ephemeral port): the reference's argument checks and messages, the params it
-sends (printed first, as a Python dict), results printed as JSON, JSON-RPC
-errors and an unreachable vhostd, and the one-command-per-line mode.  Also
-`vfe-vhostd`'s argument parsing."""
+(the real service and server over a fake controller and fake relays, on its
+Unix socket and an ephemeral TCP port): the reference's argument checks and
+messages, the params it sends (printed first, as a Python dict), results
+printed as JSON, JSON-RPC errors, an unreachable vhostd and a refused caller,
+and the one-command-per-line mode.  Also `vfe-vhostd`'s argument parsing."""
 from __future__ import annotations
 
 import io
 import json
+import os
 import selectors
 import socket
+import sys
 import threading
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from vhostd_fakes import FakeController, FakeRelay, pf, vf
 from vfe.cli import vhostd as vhostd_cli
 from vfe.cli import vhostmgmt
+from vfe.testing.unprivileged import needs_root, public_dir, run_nobody
 from vfe.vhostd.rpc import RpcServer
 from vfe.vhostd.service import VhostService
 
@@ -24,13 +27,14 @@ USAGE = "usage: vhostmgmt [-h] {version,mgmtpf,vf} ..."
 
 
 @pytest.fixture
-def vhostd():
+def vhostd(tmp_path):
     FakeRelay.instances, FakeRelay.fail_with = [], None
     ctl = FakeController([pf(0, "84:00.2", "VNETS0D0F2"), vf(0, 0, "90:00.0", "VNETS0D0F2VF1")])
     sel = selectors.DefaultSelector()
     svc = VhostService(ctl, sel, client=True, relay_factory=FakeRelay)
     methods = svc.methods()
-    srv = RpcServer(sel, methods, "127.0.0.1", 0)
+    srv = RpcServer(sel, methods, path=str(tmp_path / "run" / "vfe-vhostd" / "vhostd.sock"),
+                    tcp=("127.0.0.1", 0))
     stop = threading.Event()
 
     def loop():
@@ -46,9 +50,12 @@ def vhostd():
     sel.close()
 
 
-def run(srv, capsys, *argv) -> tuple[int, str]:
+def run(srv, capsys, *argv, transport: tuple[str, ...] | None = None) -> tuple[int, str]:
+    """vhostmgmt ARGV on vfe-vhostd's socket (or the given transport options)."""
+    if transport is None:
+        transport = ("--socket", srv.path)
     try:
-        rc = vhostmgmt.main(["--port", str(srv.port), *argv])
+        rc = vhostmgmt.main([*transport, *argv])
     except SystemExit as e:
         rc = e.code
     return rc, capsys.readouterr().out
@@ -124,24 +131,75 @@ def test_json_rpc_error_is_printed_with_the_request(vhostd, capsys):
     assert out == ("request:\n" + json.dumps({"method": "version", "req_id": 1}, indent=2) +
                    "\nGot JSON-RPC error response\nresponse:\n" +
                    json.dumps({"code": -32603, "message": "Internal error."}, indent=2) + "\n")
-    client = vhostmgmt.VhostdClient("127.0.0.1", vhostd.port, 5, out=io.StringIO())
+    client = vhostmgmt.VhostdClient(timeout=5, out=io.StringIO(), path=vhostd.path)
     with pytest.raises(vhostmgmt.JsonRpcError) as e:
         client.call("nosuch", {"a": 1})
     assert e.value.message.endswith('"code": -32601,\n  "message": "Method not found."\n}')
     assert '"method": "nosuch"' in e.value.message and '"a": 1' in e.value.message
 
 
-def test_unreachable_vhostd(capsys):
+def test_unreachable_vhostd_over_tcp(capsys):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     with pytest.raises(SystemExit) as e:
-        vhostmgmt.main(["--port", str(port), "mgmtpf", "-l"])
+        vhostmgmt.main(["--tcp", "--port", str(port), "mgmtpf", "-l"])
     assert e.value.code == 1
     out = capsys.readouterr().out
     assert out.splitlines()[1:] == ["ERR: Can't connect to vhostd: [Errno 111] Connection refused",
                                     "     VDPA is not ready to accept commands"]
+
+
+def test_unreachable_vhostd_on_its_socket(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VFE_ROOT", str(tmp_path))
+    monkeypatch.delenv("VFE_VHOSTD_SOCKET", raising=False)
+    path = tmp_path / "run" / "vfe-vhostd" / "vhostd.sock"
+    with pytest.raises(SystemExit) as e:
+        vhostmgmt.main(["mgmtpf", "-l"])                        # the default: $VFE_ROOT's socket
+    assert e.value.code == 1
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"ERR: Can't connect to vhostd: socket {path} not found",
+        "     VDPA is not ready to accept commands (is vfe-vhostd running?)"]
+    path.parent.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))                                       # left by a killed vfe-vhostd
+    stale.close()
+    with pytest.raises(SystemExit):
+        vhostmgmt.main(["mgmtpf", "-l"])
+    assert capsys.readouterr().out.splitlines()[1] == f"ERR: Can't connect to vhostd: nothing listens on socket {path}"
+
+
+def test_transport_options(vhostd, capsys, monkeypatch):
+    monkeypatch.setenv("VFE_VHOSTD_SOCKET", vhostd.path)
+    rc, out = run(vhostd, capsys, "mgmtpf", "-a", "84:00.2", transport=())       # $VFE_VHOSTD_SOCKET
+    assert rc == 0 and json.loads(out.split("\n", 1)[1])["errno"] == 0
+    rc, out = run(vhostd, capsys, "mgmtpf", "-l", transport=("--tcp", "--port", str(vhostd.port)))
+    assert rc == 0 and json.loads(out.split("\n", 1)[1])["devices"] == [{"pf": "0000:84:00.2"}]
+    monkeypatch.setenv("VFE_VHOSTD_PORT", str(vhostd.port))
+    rc, out = run(vhostd, capsys, "mgmtpf", "-l", transport=("--tcp",))
+    assert rc == 0 and json.loads(out.split("\n", 1)[1])["errno"] == 0
+    args = vhostmgmt.build_parser().parse_args(["--port", "1", "version"])
+    assert vhostmgmt.make_client(args).path is None                                # --port alone means TCP
+
+
+@needs_root()
+def test_unprivileged_user_is_told_why(vhostd):
+    """As uid 65534: the socket's mode refuses the connection, and over TCP
+    vfe-vhostd refuses the caller; both say so, and nothing is done."""
+    with public_dir() as d:
+        path = str(d / "vhostd.sock")
+        os.link(vhostd.path, path)                              # the same 0600 socket, reachable by all
+        r = run_nobody([sys.executable, "-m", "vfe.cli.vhostmgmt", "--socket", path, "mgmtpf", "-a", "84:00.2"])
+        assert r.returncode == 1
+        assert r.stdout.splitlines()[1:] == [f"ERR: Can't connect to vhostd: permission denied on {path}",
+                                             "     vfe-vhostd serves root only: run vhostmgmt as root"]
+        r = run_nobody([sys.executable, "-m", "vfe.cli.vhostmgmt", "--tcp", "--port", str(vhostd.port),
+                        "mgmtpf", "-a", "84:00.2"])
+        assert r.returncode == 1
+        assert "Got JSON-RPC error response" in r.stdout
+        assert '"message": "Permission denied: vfe-vhostd serves root only, not uid 65534."' in r.stdout
+    assert FakeRelay.instances == [] and vhostd.methods["mgmtpf"]({"list": True}, 1)["errno"] == -1001
 
 
 def test_one_command_per_line_from_stdin(vhostd, capsys, monkeypatch):
@@ -170,7 +228,15 @@ def test_help_and_names(capsys, monkeypatch):
 
 def test_vhostd_arguments():
     a = vhostd_cli.build_parser().parse_args([])
-    assert (a.client, a.iface, a.port, a.controller_socket) == (False, "", 12190, None)
-    a = vhostd_cli.build_parser().parse_args(["--client", "--iface", "/tmp/vhost-user-", "--port", "1234",
-                                              "--controller-socket", "/x.sock"])
-    assert (a.client, a.iface, a.port, a.controller_socket) == (True, "/tmp/vhost-user-", 1234, "/x.sock")
+    assert (a.client, a.iface, a.socket, a.tcp, a.port, a.controller_socket) == (False, "", None, False, None, None)
+    a = vhostd_cli.build_parser().parse_args(["--client", "--iface", "/tmp/vhost-user-", "--tcp", "--port", "1234",
+                                              "--socket", "/s.sock", "--controller-socket", "/x.sock"])
+    assert (a.client, a.iface, a.socket, a.tcp, a.port, a.controller_socket) == \
+        (True, "/tmp/vhost-user-", "/s.sock", True, 1234, "/x.sock")
+
+
+def test_default_socket_follows_vfe_root():
+    from vfe.vhostd import default_socket
+    assert default_socket({}) == "/run/vfe-vhostd/vhostd.sock"
+    assert default_socket({"VFE_ROOT": "/r"}) == "/r/run/vfe-vhostd/vhostd.sock"
+    assert default_socket({"VFE_ROOT": "/r", "VFE_VHOSTD_SOCKET": "/s/v.sock"}) == "/s/v.sock"

@@ -11,11 +11,16 @@ import os
 import selectors
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
 from vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
+from vfe.testing.unprivileged import NOBODY, SETPRIV, needs_root, public_dir
+from vfe.testing.backlog import finishes, full_backlog
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import REPLY_FLAGS
 from vfe.vhost.transport import Connection, Listener
@@ -285,6 +290,98 @@ def test_socket_path_checks(tmp):
     check_socket_path(os.path.join(tmp, "new.sock"), client=False)
 
 
+def test_a_qemu_socket_that_does_not_accept_freezes_nothing(tmp, endpoint, sel):
+    """Client mode, QEMU's path held by a listener whose backlog is full:
+    provisioning and every retry return at once (vfe-vhostd's one loop
+    serves every VF and the RPC), and the relay connects once there is room."""
+    path = os.path.join(tmp, "qemu.sock")
+    with full_backlog(path) as stuck:
+        relay = make_relay(tmp, endpoint, sel, retry_interval=0.01)
+        try:
+            done, result = finishes(relay.start, 5)
+            assert done, "Relay.start waited for QEMU's socket to accept"
+            assert result is relay and relay.state == Relay.WAITING
+            time.sleep(0.02)
+            done, _ = finishes(lambda: relay.tick(time.monotonic()), 5)
+            assert done, "Relay.tick waited for QEMU's socket to accept"
+            assert relay.state == Relay.WAITING
+            stuck.drain()
+            pump(sel, [relay], lambda: relay.relaying)
+            assert stuck.accept(5) is not None
+        finally:
+            relay.close()
+
+
+def test_server_mode_probe_of_a_socket_that_does_not_accept(tmp):
+    """vf -a in server mode on a path a live process holds without
+    accepting: refused as served by a live process, without waiting."""
+    path = os.path.join(tmp, "held.sock")
+    with full_backlog(path):
+        done, result = finishes(lambda: check_socket_path(path, client=False), 5)
+        assert done, "the stale-socket probe waited on a full backlog"
+        assert isinstance(result, RelayError) and result.code == -1030
+        assert "a live process serves it" in result.message
+
+
+def test_socket_paths_others_control_are_refused(tmp):
+    """vf -a -v PATH: a directory other users may write is refused in both
+    modes (-1030, saying why); in a sticky one (/tmp) another uid's socket
+    is refused too, and our own (the seed's /tmp/vfe-net0) is fine."""
+    ww = os.path.join(tmp, "ww")
+    os.mkdir(ww)
+    os.chmod(ww, 0o777)
+    for client in (True, False):
+        with pytest.raises(RelayError) as e:
+            check_socket_path(os.path.join(ww, "vfe-net0"), client=client)
+        assert e.value.code == -1030 and f"the directory {ww} is writable by" in e.value.message
+    sticky = os.path.join(tmp, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    ours = os.path.join(sticky, "vfe-net0")
+    check_socket_path(ours, client=False)
+    if os.geteuid() != 0:
+        return
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(ours)
+    srv.listen()
+    try:
+        check_socket_path(ours, client=True)                 # root's QEMU made it: fine
+        os.lchown(ours, 65534, -1)
+        for client in (True, False):
+            with pytest.raises(RelayError) as e:
+                check_socket_path(ours, client=client)
+            assert e.value.code == -1030 and "is a socket of uid 65534" in e.value.message
+    finally:
+        srv.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a socket of another uid")
+def test_client_relay_does_not_join_another_users_socket(tmp, endpoint, sel, caplog):
+    sticky = os.path.join(tmp, "sticky")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    path = os.path.join(sticky, "qemu.sock")
+    relay = Relay("VF 0000:90:00.0", path, endpoint.path, True, sel, retry_interval=0.01)
+    relay.start()                                            # nothing there yet
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(path)
+    squatter.listen(4)
+    os.lchown(path, 65534, -1)
+    try:
+        with caplog.at_level("ERROR", logger="vfe.vhostd"):
+            for _ in range(5):
+                time.sleep(0.02)
+                relay.tick(time.monotonic())
+        assert relay.state == Relay.WAITING
+        assert caplog.text.count("is a socket of uid 65534") == 1       # said once
+        squatter.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()                                 # never connected to
+    finally:
+        relay.close()
+        squatter.close()
+
+
 def test_refused_hello_and_missing_endpoint_are_errors(tmp, sel):
     qemu = Qemu(os.path.join(tmp, "qemu.sock"))
     try:
@@ -326,3 +423,59 @@ def test_failed_provisioning_after_resume_gives_the_front_end_back(tmp, endpoint
     finally:
         relay.close()
         qemu.close()
+
+
+# an endpoint impostor on argv[1]: for each connection, report the relay
+# request it got and the fds with it, answering RESUME "none" and HELLO "ok"
+IMPOSTOR = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(4); s.settimeout(1.5)
+print("ready", flush=True)
+while True:
+    try:
+        c, _ = s.accept()
+    except TimeoutError:
+        break
+    c.settimeout(3)
+    data, fds, _, _ = socket.recv_fds(c, 4096, 16)
+    if len(data) < 12:
+        print("nothing", flush=True)
+        continue
+    req = struct.unpack_from("<I", data)[0]
+    print(f"request {req:#x} with {len(fds)} fds", flush=True)
+    answer = -2 if req == 0x7F01 else 0
+    c.sendall(struct.pack("<IIIq", req, 0x5, 8, answer))
+    if req == 0x7F00:
+        break
+"""
+
+
+@needs_root()
+def test_an_endpoint_not_served_by_root_gets_no_vm(tmp, sel, monkeypatch):
+    """Someone else bound the endpoint's path: HELLO would give them QEMU's
+    socket (then the guest's memory).  The relay checks who listens first.
+    (The path check refuses their directory before that; it is switched off
+    here so that this second line of defence is what the test sees.)"""
+    import vfe.vhostd.relay as relay_mod
+    monkeypatch.setattr(relay_mod, "check_unsafe", lambda path, what: path)
+    qemu = Qemu(os.path.join(tmp, "qemu.sock"))
+    with public_dir(owner=NOBODY) as d:
+        path = str(d / "VNETS0D0F2VF1.sock")
+        proc = subprocess.Popen([*SETPRIV, sys.executable, "-c", IMPOSTOR, path],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            relay = Relay("VF x", qemu.path, path, True, sel)
+            with pytest.raises(RelayError) as e:
+                relay.start()
+            assert e.value.code == -errno.EPERM
+            assert e.value.message == (f"{path} is served by uid 65534, pid {proc.pid}, not by root: "
+                                       f"not relaying a VM to it")
+            out, _ = proc.communicate(timeout=10)
+            assert out == "nothing\n"                       # no request, no fd ever reached it
+            assert relay.state == Relay.CLOSED and not sel.get_map()
+        finally:
+            proc.kill()
+            proc.wait()
+            qemu.close()

@@ -119,10 +119,11 @@ def test_vf_add_and_remove(svc):
     assert svc.vf({"remove": True, "vfdev": VF0}, 4) == err(-1003)
 
 
-def test_vf_socket_path_rules(svc, ctl):
+def test_vf_socket_path_rules(svc, ctl, tmp_path, monkeypatch):
+    monkeypatch.setenv("VFE_ROOT", str(tmp_path))
     svc.mgmtpf({"add": True, "dev": PF0}, 1)
-    svc.vf({"add": True, "vfdev": VF0}, 2)
-    assert FakeRelay.instances[-1].socket_path == "/tmp/vf-0000:90:00.0"
+    svc.vf({"add": True, "vfdev": VF0}, 2)          # root's run dir, not /tmp (issue 11)
+    assert FakeRelay.instances[-1].socket_path == f"{tmp_path}/run/vfe-vhostd/vf-0000:90:00.0"
     svc.iface = "/tmp/vhost-user-"
     svc.vf({"add": True, "vfdev": VF1, "socket_file": None}, 2)
     assert FakeRelay.instances[-1].socket_path == "/tmp/vhost-user-0000:90:00.1"
