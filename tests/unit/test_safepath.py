@@ -137,7 +137,7 @@ def test_symlinked_directories_are_checked_where_they_lead(tmp_path, world_writa
 
 def test_sticky_is_only_allowed_where_asked(sticky):
     check_dir_chain(sticky, allow_sticky=True)
-    with pytest.raises(UnsafePath, match="is writable by its group and everyone"):
+    with pytest.raises(UnsafePath, match=r"is writable by others \(its group and everyone, mode 1777\)"):
         check_dir_chain(sticky, allow_sticky=False)
 
 

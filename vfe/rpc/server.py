@@ -39,12 +39,12 @@ import socket
 import stat
 from typing import Any, Callable, Mapping
 
-from vfe.rpc.access import RefusalLog, allowed, ensure_private_dir, unix_peer
+from vfe.rpc.access import RefusalLog, allowed, unix_peer
 from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
-from vfe.safepath import check_socket_path
+from vfe.safepath import check_socket_path, ensure_private_dir
 from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
@@ -80,7 +80,7 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 16, what: str = "RP
     socket file left by a crashed server is replaced, a live one is not."""
     if len(os.fsencode(path)) >= UNIX_PATH_MAX:
         raise OSError(errno.ENAMETOOLONG, f"{what} socket path is longer than {UNIX_PATH_MAX - 1} bytes", path)
-    ensure_private_dir(os.path.dirname(os.path.abspath(path)))
+    ensure_private_dir(os.path.dirname(os.path.abspath(path)), what=f"{what} socket directory")
     check_socket_path(path, f"{what} socket")     # UnsafePath: others could squat it
     _remove_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

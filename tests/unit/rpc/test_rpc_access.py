@@ -16,8 +16,8 @@ import time
 import pytest
 
 from vfe.rpc import access
-from vfe.rpc.access import (Peer, RefusalLog, UnsafeDirectory, ensure_private_dir, is_privileged, tcp_peer,
-                            unix_peer)
+from vfe.rpc.access import Peer, RefusalLog, is_privileged, tcp_peer, unix_peer
+from vfe.safepath import UnsafePath, ensure_private_dir
 from vfe.testing.unprivileged import NOBODY, needs_root, python_nobody
 
 
@@ -174,7 +174,8 @@ def test_private_dir_writable_by_others_is_refused(tmp_path, mode):
     d = tmp_path / "run"
     d.mkdir()
     os.chmod(d, mode)
-    with pytest.raises(UnsafeDirectory, match=f"{d} is writable by others"):
+    with pytest.raises(UnsafePath, match=rf"the directory {d} is writable by others \(.*mode {mode:04o}\).*"
+                                         rf"run `chmod go-w {d}`"):
         ensure_private_dir(d)
 
 
@@ -182,10 +183,10 @@ def test_a_writable_parent_is_refused_unless_sticky(tmp_path):
     parent = tmp_path / "p"
     (parent / "run").mkdir(parents=True)
     os.chmod(parent, 0o777)
-    with pytest.raises(UnsafeDirectory, match=f"{parent} is writable by others"):
+    with pytest.raises(UnsafePath, match=f"{parent} is writable by others"):
         ensure_private_dir(parent / "run")
     os.chmod(parent, 0o1777)                       # like /tmp: our entry cannot be renamed
-    assert ensure_private_dir(parent / "run") == parent / "run"
+    assert ensure_private_dir(parent / "run") == str(parent / "run")
 
 
 @needs_root()
@@ -193,14 +194,14 @@ def test_a_dir_of_another_user_is_refused(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     os.chown(d, NOBODY, NOBODY)
-    with pytest.raises(UnsafeDirectory, match=f"{d} belongs to uid {NOBODY}"):
+    with pytest.raises(UnsafePath, match=f"the directory {d} is owned by uid {NOBODY}"):
         ensure_private_dir(d / "virtnet")
     os.chown(d, 0, 0)
     sticky = tmp_path / "sticky"
     (sticky / "theirs").mkdir(parents=True)
     os.chmod(sticky, 0o1777)
     os.chown(sticky / "theirs", NOBODY, NOBODY)     # they made it first in a /tmp-like dir
-    with pytest.raises(UnsafeDirectory, match=f"{sticky / 'theirs'} belongs to uid {NOBODY}"):
+    with pytest.raises(UnsafePath, match=f"the directory {sticky / 'theirs'} is owned by uid {NOBODY}"):
         ensure_private_dir(sticky / "theirs" / "run")
 
 
@@ -211,7 +212,7 @@ def test_where_a_symlink_leads_is_checked_too(tmp_path):
     (open_dir / "run").mkdir(parents=True)
     os.chmod(open_dir, 0o777)
     (tmp_path / "link").symlink_to(open_dir / "run")
-    with pytest.raises(UnsafeDirectory, match=f"{open_dir} is writable by others"):
+    with pytest.raises(UnsafePath, match=f"{open_dir} is writable by others"):
         ensure_private_dir(tmp_path / "link")
 
 
