@@ -156,7 +156,18 @@ def ensure_private_dir(path: str | os.PathLike, mode: int = 0o755, what: str = "
     next component must be root's or ours) but not as ``path`` itself.
     Returns the absolute path."""
     for d in make_dirs(path, mode):
-        os.chmod(d, mode)                 # not narrowed by the umask
+        # not narrowed by the umask; through an fd of the directory itself,
+        # never a symlink put in its place (in a directory others write)
+        # that would have root chmod whatever it names
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise UnsafePath(d, f"{what} {path}: {d}, just made, is not a directory any more "
+                                f"({exc.strerror}): another user replaced it") from None
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
     return check_dir_chain(path, allow_sticky=True, private=True, what=what)
 
 
