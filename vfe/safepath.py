@@ -17,6 +17,10 @@ controller build was expected (and have root run it).  Two kinds of check:
   directory others may write (sticky ``/tmp``) the socket itself must be
   ours: absent (we create it), or present and owned by our uid.  Where
   others cannot write, whatever is there was put there by root or by us.
+- ``ensure_private_dir(path)``: the directory of a control socket (the run
+  dir).  Missing directories are made with exactly the mode asked for; then
+  its chain as above, sticky allowed on the way but not for the directory
+  itself: nobody but root or us may add, rename or remove anything in it.
 
 Every refusal is an ``UnsafePath`` (a PermissionError) whose message names
 the path, the directory and what is wrong with it, and says what to do.
@@ -28,7 +32,7 @@ import os
 import stat
 
 __all__ = ["UnsafePath", "check_dir_chain", "check_socket_path", "check_trusted_file",
-           "make_dirs", "writable_by_others", "trusted_uids"]
+           "ensure_private_dir", "make_dirs", "writable_by_others", "trusted_uids"]
 
 _MAX_LINKS = 40          # the kernel's own limit on symlinks in one lookup
 
@@ -57,7 +61,7 @@ def writable_by_others(st: os.stat_result) -> str | None:
     writers = [who for bit, who in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "everyone"))
                if st.st_mode & bit]
     if writers:
-        return f"is writable by {' and '.join(writers)} (mode {stat.S_IMODE(st.st_mode):04o})"
+        return f"is writable by others ({' and '.join(writers)}, mode {stat.S_IMODE(st.st_mode):04o})"
     return None
 
 
@@ -71,7 +75,7 @@ def _components(path: str):
             yield cur
 
 
-def _check_literal_chain(path: str, allow_sticky: bool, what: str, subject: str) -> None:
+def _check_literal_chain(path: str, allow_sticky: bool, private: bool, what: str, subject: str) -> None:
     for comp in _components(path):
         try:
             st = os.lstat(comp)
@@ -90,25 +94,33 @@ def _check_literal_chain(path: str, allow_sticky: bool, what: str, subject: str)
         why = writable_by_others(st)
         if why is None:
             continue
-        sticky_ok = (allow_sticky and st.st_mode & stat.S_ISVTX and st.st_uid in trusted_uids())
+        # a sticky directory (/tmp) others write is fine on the way: only the
+        # owner of our next component may rename or remove it, and that
+        # component is checked next (root's or ours, or refused)
+        last = comp == path
+        sticky_ok = (allow_sticky and st.st_mode & stat.S_ISVTX and st.st_uid in trusted_uids()
+                     and not (private and last))
         if not sticky_ok:
+            fix = ("use a directory only root can write" if st.st_uid not in trusted_uids()
+                   else f"run `chmod go-w {comp}` or use a directory only root can write")
             raise UnsafePath(subject, f"{what} {subject}: the directory {comp} {why}, so another user "
-                                   f"could replace what is there; use a directory only root can write")
+                                   f"could replace what is there; {fix}")
 
 
-def check_dir_chain(path: str | os.PathLike, *, allow_sticky: bool, what: str = "path",
-                    subject: str | None = None) -> str:
+def check_dir_chain(path: str | os.PathLike, *, allow_sticky: bool, private: bool = False,
+                    what: str = "path", subject: str | None = None) -> str:
     """Raise UnsafePath unless every directory from / down to ``path`` (a
     directory, itself included) is owned by root or us and not writable by
-    group or others (sticky ones excepted with ``allow_sticky``).  Messages
-    name ``subject`` (default ``path``): the file the caller wants there.
-    Returns the absolute path."""
+    group or others (sticky ones excepted with ``allow_sticky``; with
+    ``private``, ``path`` itself may not be writable by others even when
+    sticky).  Messages name ``subject`` (default ``path``): the file the
+    caller wants there.  Returns the absolute path."""
     path = os.path.abspath(os.fspath(path))
     subject = path if subject is None else subject
-    _check_literal_chain(path, allow_sticky, what, subject)
+    _check_literal_chain(path, allow_sticky, private, what, subject)
     real = os.path.realpath(path)
     if real != path:
-        _check_literal_chain(real, allow_sticky, what, subject)
+        _check_literal_chain(real, allow_sticky, private, what, subject)
     return path
 
 
@@ -120,16 +132,43 @@ def check_trusted_file(st: os.stat_result, path: str, what: str) -> None:
         raise UnsafePath(path, f"{what} {path} {why}; it must be owned by root and not writable by others")
 
 
-def make_dirs(path: str | os.PathLike, mode: int = 0o755) -> None:
+def make_dirs(path: str | os.PathLike, mode: int = 0o755) -> list[str]:
     """Create ``path`` and its missing parents, each with ``mode`` (a umask
     can only take bits away: a 002 umask cannot make them group-writable,
-    which the checks here would then refuse, as os.makedirs' parents are)."""
+    which the checks here would then refuse, as os.makedirs' parents are).
+    Returns the directories it created, top first."""
     path = os.path.abspath(os.fspath(path))
+    made = []
     for comp in _components(path):
         try:
             os.mkdir(comp, mode)
         except FileExistsError:
-            pass
+            continue
+        made.append(comp)
+    return made
+
+
+def ensure_private_dir(path: str | os.PathLike, mode: int = 0o755, what: str = "directory") -> str:
+    """Create ``path`` if missing (the directories made get exactly ``mode``,
+    whatever the umask), then raise UnsafePath, saying what to fix, unless
+    no one but root and us can add, rename or remove anything in it: its
+    chain as check_dir_chain's, sticky directories allowed on the way (their
+    next component must be root's or ours) but not as ``path`` itself.
+    Returns the absolute path."""
+    for d in make_dirs(path, mode):
+        # not narrowed by the umask; through an fd of the directory itself,
+        # never a symlink put in its place (in a directory others write)
+        # that would have root chmod whatever it names
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise UnsafePath(d, f"{what} {path}: {d}, just made, is not a directory any more "
+                                f"({exc.strerror}): another user replaced it") from None
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    return check_dir_chain(path, allow_sticky=True, private=True, what=what)
 
 
 def check_socket_path(path: str | os.PathLike, what: str = "socket path") -> str:

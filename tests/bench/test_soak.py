@@ -94,6 +94,25 @@ def progress(name: str, i: int, t0: float) -> None:
         print(f"\r{name}: {i}/{CYCLES} cycles ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
 
 
+def soak(benchmark, name: str, cycle, pid: int) -> None:
+    """Run ``cycle`` CYCLES times (once, timed, under the benchmark) and check
+    the daemon ``pid``'s fds and mappings end where they were after warm-up."""
+    before = quiet_usage(pid)
+    stats = {}
+
+    def run():
+        t0 = time.monotonic()
+        for i in range(1, CYCLES + 1):
+            cycle()
+            progress(name, i, t0)
+        stats["seconds"] = time.monotonic() - t0
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    after = quiet_usage(pid)
+    benchmark.extra_info.update(cycles=CYCLES, before=public(before), after=public(after), **stats)
+    check_baseline(name, before, after)
+
+
 def test_frontend_cycles(benchmark, controller, sockdir):
     path = os.path.join(sockdir, "soak.sock")
     ctl = controller([f"net,socket={path},queues=1"])
@@ -108,20 +127,7 @@ def test_frontend_cycles(benchmark, controller, sockdir):
 
     for _ in range(WARMUP):
         cycle()
-    before = quiet_usage(pid)
-    stats = {}
-
-    def run():
-        t0 = time.monotonic()
-        for i in range(1, CYCLES + 1):
-            cycle()
-            progress("front-end cycles", i, t0)
-        stats["seconds"] = time.monotonic() - t0
-
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    after = quiet_usage(pid)
-    benchmark.extra_info.update(cycles=CYCLES, before=public(before), after=public(after), **stats)
-    check_baseline("front-end cycles", before, after)
+    soak(benchmark, "front-end cycles", cycle, pid)
     assert ctl.running()
 
 
@@ -156,21 +162,8 @@ def _soak_hotplug(benchmark, svc, ns) -> None:
 
     for _ in range(HOTPLUG_WARMUP):
         cycle()
-    before = quiet_usage(pid)
     links0, sfs0 = links(ns), sfs_in_use()
-    stats = {}
-
-    def run():
-        t0 = time.monotonic()
-        for i in range(1, CYCLES + 1):
-            cycle()
-            progress("hotplug/unplug cycles", i, t0)
-        stats["seconds"] = time.monotonic() - t0
-
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    after = quiet_usage(pid)
-    benchmark.extra_info.update(cycles=CYCLES, before=public(before), after=public(after), **stats)
-    check_baseline("hotplug/unplug cycles", before, after)
+    soak(benchmark, "hotplug/unplug cycles", cycle, pid)
     assert links(ns) == links0, "netdevs left in the namespace"
     assert sfs_in_use() == sfs0, "SFs still in use"
     assert not [p for p in svc.run_dir.iterdir() if p.name.startswith("VNETS")], "sockets left"

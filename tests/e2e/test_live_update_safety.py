@@ -97,11 +97,11 @@ def test_builds_others_could_change_are_refused(service, builds):
     ww.mkdir()
     os.chmod(ww, 0o777)
     refused(service, make_build(ww / "b", vfe.__version__ + "+ww"),
-            f"the directory {ww} is writable by its group and everyone")
+            f"the directory {ww} is writable by others (its group and everyone")
 
     b = make_build(builds / "gw", vfe.__version__ + "+gw")
     os.chmod(b / "vfe", 0o775)
-    refused(service, b, f"{b}/vfe is writable by its group")
+    refused(service, b, f"{b}/vfe is writable by others (its group, mode 0775)")
 
     b = make_build(builds / "uid", vfe.__version__ + "+uid")
     for dirpath, dirnames, filenames in os.walk(b):

@@ -69,6 +69,17 @@ def open_blk(d, dev: str, rings: int = 1, **kw) -> Frontend:
     return fe
 
 
+def negotiated(d, dev: str = "file", ack_all: bool = False) -> Frontend:
+    """A front-end on ``dev`` with its features negotiated and no ring yet
+    (the fixture closes it if the test fails before close_frontend)."""
+    fe = Frontend.connect(d.paths[dev])
+    d.frontends.append(fe)
+    fe.dev = dev
+    fe.ack_all = ack_all
+    fe.negotiate()
+    return fe
+
+
 def region(fe: Frontend) -> layout.InflightRegion:
     """Our own view of the front-end's region (what QEMU holds)."""
     info = fe.inflight
@@ -87,6 +98,13 @@ def used_heads(q: BlkQueue, start: int, end: int) -> list[int]:
     return out
 
 
+def refused_then_other_disk_serves(d, fe: Frontend) -> None:
+    """After a refusal: close ``fe`` (wait for the device to detach) and
+    check the daemon's other device still serves I/O."""
+    close_frontend(d, fe)
+    check_other_disk(d)
+
+
 def check_other_disk(d) -> None:
     """The daemon's other device serves I/O (after each refusal below)."""
     fe = open_blk(d, "other")
@@ -98,10 +116,7 @@ def check_other_disk(d) -> None:
 
 
 def test_get_inflight_fd_reply_and_the_region_in_use(disk):
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     assert fe.backend_protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD)
     info, fd = fe.get_inflight_fd(2, QSIZE)
     try:
@@ -234,10 +249,7 @@ def test_a_batch_published_but_not_cleared_is_not_served_again(disk):
 def test_malformed_inflight_regions_are_refused(disk):
     mark = disk.mark()
     # (1) too small for what it claims: REPLY_ACK nack, the connection stays
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     info, fd = fe.get_inflight_fd(1, QSIZE)
     with pytest.raises(NackError):
         fe._request(Request.SET_INFLIGHT_FD, Inflight(64, 0, 1, QSIZE).encode(), [fd], ack=True)
@@ -254,68 +266,51 @@ def test_malformed_inflight_regions_are_refused(disk):
     assert "file is 100 bytes, mapping needs" in disk.log_since(mark)
     os.close(short)
     os.close(fd)
-    close_frontend(disk, fe)
-    check_other_disk(disk)
+    refused_then_other_disk_serves(disk, fe)
 
     # (3) an fd that cannot be mapped at all (an eventfd)
     mark = disk.mark()
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     efd = os.eventfd(0)
     fe.set_inflight_fd(Inflight(layout.region_size(1, QSIZE), 0, 1, QSIZE), efd)
     os.close(efd)
     tail = disk.wait_log("dropping the connection: SET_INFLIGHT_FD", since=mark)
     assert "mmap of" in tail and "failed" in tail, tail
-    close_frontend(disk, fe)
-    check_other_disk(disk)
+    refused_then_other_disk_serves(disk, fe)
 
     # (4) a region for rings of 32 entries, rings of 64: SET_VRING_NUM is
     #     refused (without an ack to say so, the connection goes)
     mark = disk.mark()
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     fe.inflight, fe.inflight_fd = fe.get_inflight_fd(1, 32)
     fe.inflight_map = None
     with pytest.raises(PeerClosed):
         fe.start(rings=1, queue_size=QSIZE, buf_size=64)
     assert ("blk0: protocol error, dropping the connection: ring 0: size 64 does not fit the "
             "inflight region (queues of 32 entries)") in disk.wait_log("dropping", since=mark)
-    close_frontend(disk, fe)
-    check_other_disk(disk)
+    refused_then_other_disk_serves(disk, fe)
 
     # (4b) the region's own header says 32 entries, the message 64: the
     #      ring does not start (the engine reads desc_num, and trusts it no
     #      further than that)
     mark = disk.mark()
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     info, fd = fe.get_inflight_fd(1, QSIZE)
     os.pwrite(fd, struct.pack("<H", 32), 10)               # desc_num
     fe.inflight, fe.inflight_fd, fe.inflight_map = info, fd, None
     fe.start(rings=1, queue_size=QSIZE, buf_size=64)
     assert ("blk0: StartRing failed: ring 0: the inflight region tracks 32 entries, "
             "the ring has 64") in disk.wait_log("StartRing failed", since=mark)
-    close_frontend(disk, fe)
-    check_other_disk(disk)
+    refused_then_other_disk_serves(disk, fe)
 
     # (5) GET_INFLIGHT_FD for more queues than the device has (a mandatory
     #     reply cannot carry a refusal: the connection is dropped)
     mark = disk.mark()
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.dev = "file"
-    fe.negotiate()
+    fe = negotiated(disk)
     fe.send_message(Request.GET_INFLIGHT_FD, Inflight(0, 0, 3, QSIZE).encode(), expect_reply=False)
     assert "inflight region for 3 queues (the device has 2)" in disk.wait_log(
         "dropping the connection", since=mark)
-    close_frontend(disk, fe)
-    check_other_disk(disk)
+    refused_then_other_disk_serves(disk, fe)
     assert disk.alive() and "Traceback" not in disk.log()
 
 
@@ -356,27 +351,19 @@ def test_own_inflight_region_smaller_than_the_ring_is_refused(disk):
     os.ftruncate(own, 64)
     try:
         mark = disk.mark()
-        fe = Frontend.connect(disk.paths["file"])
-        disk.frontends.append(fe)
-        fe.dev = "file"
-        fe.negotiate()
+        fe = negotiated(disk)
         fe.inflight, fe.inflight_fd, fe.inflight_map = Inflight(64, 0, 1, 2), os.dup(own), None
         with pytest.raises(PeerClosed):
             fe.start(rings=1, queue_size=256, buf_size=64, mem_size=16 * MiB)
         assert ("blk0: protocol error, dropping the connection: ring 0: size 256 does not fit "
                 "the inflight region (queues of 2 entries)") in disk.wait_log("dropping", since=mark)
         assert os.pread(own, 64, 0) == bytes(64)       # never written
-        close_frontend(disk, fe)
-        check_other_disk(disk)
+        refused_then_other_disk_serves(disk, fe)
 
         # the same with REPLY_ACK asked for: a nack, the connection stays;
         # and the other order (ring first, then the region) is refused too
         mark = disk.mark()
-        fe = Frontend.connect(disk.paths["file"])
-        disk.frontends.append(fe)
-        fe.dev = "file"
-        fe.ack_all = True
-        fe.negotiate()
+        fe = negotiated(disk, ack_all=True)
         fe.set_inflight_fd(Inflight(64, 0, 1, 2), own)
         with pytest.raises(NackError):
             fe.set_vring_num(0, 256)
@@ -424,9 +411,7 @@ def test_repeated_and_overloaded_inflight_requests_leak_nothing(disk):
     asks 100 times, and one that sends its messages with extra fds, leave
     the daemon's fds and mappings where they were."""
     pid = disk.proc.proc.pid
-    fe = Frontend.connect(disk.paths["file"])
-    disk.frontends.append(fe)
-    fe.negotiate()
+    fe = negotiated(disk)
     info, fd = fe.get_inflight_fd(2, QSIZE)
     os.close(fd)
     before = _quiet_usage(pid)

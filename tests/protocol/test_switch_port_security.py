@@ -104,9 +104,10 @@ def test_spoofed_source_mac_is_dropped_and_counted(daemon, ports):
     unicast_reaches_only(o, v, [x, p])                    # the victim's entry is still v's
     send_one(x, 0, o)                                     # x's own MAC goes through
     # the whole line (a read between the daemon's partial writes sees only its start)
-    daemon.wait_log("net1: port security: dropping frames from source MAC 02:aa:00:00:00:01 (the "
-                    "device's MAC is 02:aa:00:00:00:02)", mark)
-    assert daemon.log_since(mark).count("port security") == 1      # once, then counted
+    warning = ("net1: port security: dropping frames from source MAC 02:aa:00:00:00:01 (the "
+               "device's MAC is 02:aa:00:00:00:02)")
+    daemon.wait_log(warning, mark)
+    assert daemon.log_since(mark).count(warning) == 1                # once, then counted
     assert counters(daemon, x, mark)["spoofed"] == len(spoofs)
     assert counters(daemon, v, mark)["spoofed"] == 0
 

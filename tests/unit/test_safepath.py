@@ -137,7 +137,7 @@ def test_symlinked_directories_are_checked_where_they_lead(tmp_path, world_writa
 
 def test_sticky_is_only_allowed_where_asked(sticky):
     check_dir_chain(sticky, allow_sticky=True)
-    with pytest.raises(UnsafePath, match="is writable by its group and everyone"):
+    with pytest.raises(UnsafePath, match=r"is writable by others \(its group and everyone, mode 1777\)"):
         check_dir_chain(sticky, allow_sticky=False)
 
 
@@ -189,3 +189,26 @@ def test_directories_we_make_are_not_writable_by_others_whatever_the_umask(tmp_p
               paths.run_dir.parent, paths.state_dir, paths.recovery_dir):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
     check_socket_path(paths.rpc_socket)
+
+
+def test_a_directory_swapped_for_a_symlink_before_its_chmod_changes_nothing_else(tmp_path, monkeypatch):
+    """ensure_private_dir makes a directory, then sets its mode.  Under a
+    directory others write, the new one can be renamed away and replaced by
+    a symlink in between; the mode must not land on what the link names
+    (root would make e.g. /etc/shadow 0755), and the directory is refused."""
+    from vfe import safepath
+    open_dir = mkdir(tmp_path / "open", 0o777)
+    victim = tmp_path / "secret"
+    victim.write_text("x")
+    os.chmod(victim, 0o600)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swapped(path, mode=0o777, **kw):
+        real_mkdir(path, mode, **kw)
+        if os.path.dirname(path) == open_dir:          # the other user's move
+            os.rename(path, f"{path}.moved")
+            os.symlink(victim, path)
+    monkeypatch.setattr(safepath.os, "mkdir", mkdir_then_swapped)
+    with pytest.raises(UnsafePath, match=f"{open_dir}/run, just made, is not a directory any more"):
+        safepath.ensure_private_dir(f"{open_dir}/run")
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from vfe.rpc.access import ensure_private_dir
+from vfe.safepath import ensure_private_dir, make_dirs
 
 ENV_ROOT = "VFE_ROOT"
 
@@ -116,12 +116,11 @@ class Paths:
     def ensure(self) -> "Paths":
         """Create the recovery, state and run directories (and the conf's
         directory) if missing.  The run dir holds the control sockets: it
-        must be root's and writable by no one else (UnsafeDirectory, with
+        must be root's and writable by no one else (UnsafePath, with
         what to fix, if not).  Returns self."""
-        from vfe.safepath import make_dirs
         for d in (self.conf.parent, self.recovery_dir, self.state_dir):
             make_dirs(d, 0o755)        # never group/world-writable, whatever the umask
-        ensure_private_dir(self.run_dir)
+        ensure_private_dir(self.run_dir, what="run directory")
         return self
 
     def check_socket_path(self, path: Path | None = None) -> Path:

@@ -35,25 +35,20 @@ How the peer is known, never from anything the client says:
     reach our 127.0.0.1 is in the table we read.  A peer that is not in it
     (another host, when vfe-vhostd is told to listen elsewhere) is refused.
 
-Also here: ``ensure_private_dir``, the check that nobody but root (or us)
-can replace what is inside the directory of a control socket, and
-``RefusalLog``, which keeps a flood of refused connections from flooding the
-log too.
+Also here: ``RefusalLog``, which keeps a flood of refused connections from
+flooding the log too.  That nobody but root (or us) can replace what is in
+the directory of a control socket is vfe/safepath.py's ``ensure_private_dir``.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
-import stat
 import struct
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from vfe.safepath import UnsafePath
 
 PROC_NET = "/proc/net"
 TCP_ESTABLISHED = 0x01
@@ -158,69 +153,6 @@ def _find(proc_net: str, local: tuple[bytes, int], remote: tuple[bytes, int]) ->
                 except ValueError:
                     continue
     return None
-
-
-# -- the directory of a control socket -----------------------------------------------
-
-class UnsafeDirectory(UnsafePath):
-    """Someone other than root (and us) could replace what is in a directory."""
-
-    def __init__(self, message: str, path: str | os.PathLike):
-        super().__init__(os.fspath(path), message)
-
-
-def ensure_private_dir(path: str | os.PathLike, mode: int = 0o755) -> Path:
-    """Create ``path`` (missing components get ``mode``), then check that no
-    one but root and our own uid can add, rename or remove anything in it:
-    raise UnsafeDirectory, saying what to fix, if they can.
-
-    Every directory on the way (the path as given, and where its symlinks
-    lead) must belong to root or to us, and be writable by nobody else --
-    except a sticky one (like /tmp) whose next component is root's or ours.
-    The directory itself must not be writable by anyone else at all."""
-    p = Path(os.path.abspath(os.fspath(path)))
-    missing = []
-    q = p
-    while not os.path.lexists(q):
-        missing.append(q)
-        q = q.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, mode)
-        except FileExistsError:
-            continue
-        os.chmod(d, mode)                  # not narrowed by the umask
-    for chain in (p, Path(os.path.realpath(p))):
-        _check_chain(chain)
-    return p
-
-
-def _owned(st: os.stat_result) -> bool:
-    return st.st_uid == 0 or st.st_uid == os.geteuid()
-
-
-def _check_chain(p: Path) -> None:
-    parts = [Path(*p.parts[:i]) for i in range(1, len(p.parts) + 1)]
-    for i, d in enumerate(parts):
-        st = os.stat(d)
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeDirectory(f"{d} is not a directory", p)
-        mode = stat.S_IMODE(st.st_mode)
-        if not _owned(st):
-            raise UnsafeDirectory(f"{d} belongs to uid {st.st_uid}, who could replace {p}: "
-                                  f"the directories of a control socket must be root's", p)
-        if not mode & 0o022:
-            continue
-        last = i == len(parts) - 1
-        if not last and mode & stat.S_ISVTX:
-            # e.g. /tmp: only the owner of our next component may rename it
-            nxt = os.lstat(parts[i + 1])
-            if _owned(nxt):
-                continue
-            raise UnsafeDirectory(f"{parts[i + 1]} belongs to uid {nxt.st_uid}, who could replace {p}: "
-                                  f"the directories of a control socket must be root's", p)
-        raise UnsafeDirectory(f"{d} is writable by others (mode {mode:04o}), who could replace {p}: "
-                              f"run `chmod go-w {d}` or choose another directory", p)
 
 
 # -- logging refusals -------------------------------------------------------------------

@@ -37,14 +37,14 @@ import os
 import selectors
 import socket
 import stat
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sized
 
-from vfe.rpc.access import RefusalLog, allowed, ensure_private_dir, unix_peer
+from vfe.rpc.access import Peer, RefusalLog, allowed, unix_peer
 from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
-from vfe.safepath import check_socket_path
+from vfe.safepath import check_socket_path, ensure_private_dir
 from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
@@ -80,7 +80,7 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 16, what: str = "RP
     socket file left by a crashed server is replaced, a live one is not."""
     if len(os.fsencode(path)) >= UNIX_PATH_MAX:
         raise OSError(errno.ENAMETOOLONG, f"{what} socket path is longer than {UNIX_PATH_MAX - 1} bytes", path)
-    ensure_private_dir(os.path.dirname(os.path.abspath(path)))
+    ensure_private_dir(os.path.dirname(os.path.abspath(path)), what=f"{what} socket directory")
     check_socket_path(path, f"{what} socket")     # UnsafePath: others could squat it
     _remove_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,6 +130,44 @@ def refuse(sock: socket.socket, line: bytes) -> None:
     except OSError:
         pass
     sock.close()
+
+
+UNPROVEN = "a caller whose uid cannot be proven"
+
+
+def accept_allowed(listener: socket.socket, log_refusal: RefusalLog, *, name: str, server: str,
+                   clients: Sized, max_clients: int,
+                   denied: Callable[[str], bytes], busy: Callable[[], bytes],
+                   peer_of: Callable[[socket.socket], Peer | None] = unix_peer,
+                   where: str = "") -> Iterator[tuple[socket.socket, Peer]]:
+    """The control endpoints' door (the controller's RPC, vfe-vhostd's):
+    accept up to ACCEPT_BURST connections waiting on ``listener`` and yield
+    each one to serve, non-blocking, with its peer.  A peer that is not
+    privileged gets ``denied(who)``, and while ``clients`` (the caller's,
+    which it adds each yielded one to) holds ``max_clients``, a new client
+    gets ``busy()``: one line, then the close, before anything it sent is read;
+    each refusal is logged (``name``: the log's prefix, ``server``: who
+    serves root only, ``where``: which of its listeners), at a bounded rate."""
+    for _ in range(ACCEPT_BURST):
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:                  # EMFILE, ENFILE, ENOBUFS...
+            log_refusal.logger.warning("%s: accept failed: %s", name, exc)
+            return
+        peer = peer_of(conn)
+        if not allowed(peer):
+            who = str(peer) if peer is not None else UNPROVEN
+            log_refusal("%s: refused %s%s: %s serves root only", name, who, where, server)
+            refuse(conn, denied(who))
+            continue
+        if len(clients) >= max_clients:
+            log_refusal("%s: %d clients connected, refused another (%s)", name, len(clients), peer)
+            refuse(conn, busy())
+            continue
+        conn.setblocking(False)
+        yield conn, peer
 
 
 class RpcClientConnection:
@@ -285,30 +323,14 @@ class RpcServer:
         """Accept pending connections."""
         if self.closed:
             return
-        for _ in range(ACCEPT_BURST):
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:      # EMFILE, ENFILE, ENOBUFS...
-                log.warning("RPC server: accept failed: %s", exc)
-                return
-            peer = unix_peer(sock)
-            if not allowed(peer):
-                self.log_refusal("RPC server: refusing %s: only root may use the controller's RPC",
-                                 peer or "a peer without credentials")
-                refuse(sock, encode_error(None, -errno.EACCES,
-                                          f"permission denied: virtio-net-controller serves root only, "
-                                          f"not {peer or 'a peer without credentials'}"))
-                continue
-            if len(self.clients) >= self.max_clients:
-                self.log_refusal("RPC server: %d clients connected, refusing another (%s)",
-                                 len(self.clients), peer)
-                refuse(sock, encode_error(None, -errno.EBUSY,
-                                          f"virtio-net-controller is serving {len(self.clients)} clients, "
-                                          f"its limit: try again later"))
-                continue
-            sock.setblocking(False)
+        for sock, peer in accept_allowed(
+                self.sock, self.log_refusal, name="RPC server", server="virtio-net-controller",
+                clients=self.clients, max_clients=self.max_clients,
+                denied=lambda who: encode_error(None, -errno.EACCES, f"permission denied: virtio-net-controller "
+                                                                     f"serves root only, not {who}"),
+                busy=lambda: encode_error(None, -errno.EBUSY, f"virtio-net-controller is serving "
+                                                               f"{len(self.clients)} clients, its limit: "
+                                                               f"try again later")):
             conn = RpcClientConnection(self, sock, peer.pid)
             self.clients.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, ("rpc", conn))

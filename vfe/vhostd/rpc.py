@@ -36,8 +36,8 @@ import selectors
 import socket
 from typing import Any, Callable
 
-from vfe.rpc.access import RefusalLog, allowed, connection_peer
-from vfe.rpc.server import listen_unix, refuse
+from vfe.rpc.access import RefusalLog, connection_peer
+from vfe.rpc.server import accept_allowed, listen_unix
 
 log = logging.getLogger("vfe.vhostd.rpc")
 
@@ -59,7 +59,6 @@ MAX_REQUEST = 1 << 20       # bytes of one request (a longer one is a parse erro
 MAX_OUTPUT = 1 << 20        # a client's unsent answers above which its requests wait
 MAX_CLIENTS = 32
 RECV_SIZE = 65536
-ACCEPT_BURST = 16
 
 _WS = b" \t\r\n"
 
@@ -229,28 +228,14 @@ class RpcServer:
         return self.tcp.getsockname()[1] if self.tcp is not None else None
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BURST):
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:                  # EMFILE, ENFILE, ENOBUFS...
-                log.warning("JSON-RPC: accept failed: %s", exc)
-                return
-            peer = connection_peer(conn)
-            how = "TCP" if listener is self.tcp else "Unix socket"
-            if not allowed(peer):
-                who = str(peer) if peer is not None else "a caller whose uid cannot be proven"
-                self.log_refusal("JSON-RPC: refused %s on the %s: vfe-vhostd serves root only", who, how)
-                refuse(conn, encode(error_response(
-                    PERMISSION_DENIED, f"Permission denied: vfe-vhostd serves root only, not {who}.")))
-                continue
-            if len(self.clients) >= self.max_clients:
-                self.log_refusal("JSON-RPC: %d clients connected, refused another (%s)", len(self.clients), peer)
-                refuse(conn, encode(error_response(
-                    TOO_MANY_CLIENTS, f"Too many clients: vfe-vhostd serves {self.max_clients} at a time.")))
-                continue
-            conn.setblocking(False)
+        how = " on the TCP" if listener is self.tcp else " on the Unix socket"
+        for conn, peer in accept_allowed(
+                listener, self.log_refusal, name="JSON-RPC", server="vfe-vhostd", where=how,
+                peer_of=connection_peer, clients=self.clients, max_clients=self.max_clients,
+                denied=lambda who: encode(error_response(
+                    PERMISSION_DENIED, f"Permission denied: vfe-vhostd serves root only, not {who}.")),
+                busy=lambda: encode(error_response(
+                    TOO_MANY_CLIENTS, f"Too many clients: vfe-vhostd serves {self.max_clients} at a time."))):
             self.clients.add(_Client(self, conn, peer))
 
     def close(self) -> None:

@@ -74,7 +74,8 @@ def test_run_dir_is_root_only_writable(tmp_path):
         os.umask(old)
     assert os.stat(p.run_dir).st_mode & 0o777 == 0o755
     os.chmod(p.run_dir.parent, 0o777)
-    with pytest.raises(PermissionError, match=rf"{p.run_dir.parent} is writable by others \(mode 0777\)"):
+    with pytest.raises(PermissionError, match=rf"the directory {p.run_dir.parent} is writable by others "
+                                              rf"\(.*mode 0777\).*run `chmod go-w {p.run_dir.parent}`"):
         p.ensure()
 
 

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from vfe.rpc import access
-from vfe.rpc.access import (Peer, RefusalLog, UnsafeDirectory, ensure_private_dir, is_privileged, tcp_peer,
-                            unix_peer)
+from vfe.rpc.access import Peer, RefusalLog, is_privileged, tcp_peer, unix_peer
+from vfe.safepath import UnsafePath, ensure_private_dir
 from vfe.testing.unprivileged import NOBODY, needs_root, python_nobody
 
 
@@ -128,22 +128,18 @@ def test_proc_addresses_are_parsed():
     assert access._proc_endpoint(f"{words}:2F8E") == (raw, 0x2F8E)
 
 
-def test_closing_between_the_two_reads_is_caught(listener, monkeypatch):
+@pytest.mark.parametrize("second_read", [
+    pytest.param((0x04, 0, 4242), id="closed-in-between"),                        # FIN_WAIT1
+    pytest.param((access.TCP_ESTABLISHED, NOBODY, 4343), id="another-socket"),
+])
+def test_a_change_between_the_two_reads_is_caught(listener, monkeypatch, second_read):
     """The kernel reads an entry's state before its uid: a close in between
     reads "ESTABLISHED, uid 0".  The second read sees it gone from
-    ESTABLISHED, so the first uid is not trusted."""
+    ESTABLISHED (or another socket in its place), so the first uid is not
+    trusted."""
     c = socket.create_connection(listener.getsockname())
     conn, _ = listener.accept()
-    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), (0x04, 0, 4242)])   # then FIN_WAIT1
-    monkeypatch.setattr(access, "_find", lambda *a: next(reads))
-    with c, conn:
-        assert tcp_peer(conn) is None
-
-
-def test_another_socket_between_the_two_reads_is_caught(listener, monkeypatch):
-    c = socket.create_connection(listener.getsockname())
-    conn, _ = listener.accept()
-    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), (access.TCP_ESTABLISHED, NOBODY, 4343)])
+    reads = iter([(access.TCP_ESTABLISHED, 0, 4242), second_read])
     monkeypatch.setattr(access, "_find", lambda *a: next(reads))
     with c, conn:
         assert tcp_peer(conn) is None
@@ -174,7 +170,8 @@ def test_private_dir_writable_by_others_is_refused(tmp_path, mode):
     d = tmp_path / "run"
     d.mkdir()
     os.chmod(d, mode)
-    with pytest.raises(UnsafeDirectory, match=f"{d} is writable by others"):
+    with pytest.raises(UnsafePath, match=rf"the directory {d} is writable by others \(.*mode {mode:04o}\).*"
+                                         rf"run `chmod go-w {d}`"):
         ensure_private_dir(d)
 
 
@@ -182,10 +179,10 @@ def test_a_writable_parent_is_refused_unless_sticky(tmp_path):
     parent = tmp_path / "p"
     (parent / "run").mkdir(parents=True)
     os.chmod(parent, 0o777)
-    with pytest.raises(UnsafeDirectory, match=f"{parent} is writable by others"):
+    with pytest.raises(UnsafePath, match=f"{parent} is writable by others"):
         ensure_private_dir(parent / "run")
     os.chmod(parent, 0o1777)                       # like /tmp: our entry cannot be renamed
-    assert ensure_private_dir(parent / "run") == parent / "run"
+    assert ensure_private_dir(parent / "run") == str(parent / "run")
 
 
 @needs_root()
@@ -193,14 +190,14 @@ def test_a_dir_of_another_user_is_refused(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     os.chown(d, NOBODY, NOBODY)
-    with pytest.raises(UnsafeDirectory, match=f"{d} belongs to uid {NOBODY}"):
+    with pytest.raises(UnsafePath, match=f"the directory {d} is owned by uid {NOBODY}"):
         ensure_private_dir(d / "virtnet")
     os.chown(d, 0, 0)
     sticky = tmp_path / "sticky"
     (sticky / "theirs").mkdir(parents=True)
     os.chmod(sticky, 0o1777)
     os.chown(sticky / "theirs", NOBODY, NOBODY)     # they made it first in a /tmp-like dir
-    with pytest.raises(UnsafeDirectory, match=f"{sticky / 'theirs'} belongs to uid {NOBODY}"):
+    with pytest.raises(UnsafePath, match=f"the directory {sticky / 'theirs'} is owned by uid {NOBODY}"):
         ensure_private_dir(sticky / "theirs" / "run")
 
 
@@ -211,7 +208,7 @@ def test_where_a_symlink_leads_is_checked_too(tmp_path):
     (open_dir / "run").mkdir(parents=True)
     os.chmod(open_dir, 0o777)
     (tmp_path / "link").symlink_to(open_dir / "run")
-    with pytest.raises(UnsafeDirectory, match=f"{open_dir} is writable by others"):
+    with pytest.raises(UnsafePath, match=f"{open_dir} is writable by others"):
         ensure_private_dir(tmp_path / "link")
 
 

@@ -22,8 +22,8 @@ from vfe.rpc import (
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
     RpcClient, RpcConnectionError, RpcError, RpcServer, call, method_table,
 )
-from vfe.rpc.access import UnsafeDirectory
 from vfe.rpc.protocol import encode_request
+from vfe.safepath import UnsafePath
 from vfe.testing.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 
 
@@ -152,10 +152,11 @@ def test_run_dir_writable_by_others_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     os.chmod(run, 0o777)                    # anyone could swap the socket for their own
-    with pytest.raises(UnsafeDirectory) as ei:
+    with pytest.raises(UnsafePath) as ei:
         RpcServer(str(run / "virtnet.sock"), Methods(), selectors.DefaultSelector())
-    assert str(ei.value) == (f"{run} is writable by others (mode 0777), who could replace {run}: "
-                             f"run `chmod go-w {run}` or choose another directory")
+    assert str(ei.value) == (f"RPC socket directory {run}: the directory {run} is writable by others "
+                             f"(its group and everyone, mode 0777), so another user could replace what "
+                             f"is there; run `chmod go-w {run}` or use a directory only root can write")
     assert not (run / "virtnet.sock").exists()
 
 
