@@ -7,7 +7,7 @@
 # `_hva` ours.  `last_avail_idx`/`last_used_idx` are our cursors; the guest's
 # avail->idx is `avail_idx`.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from atomics cimport *
 from linux cimport write
 
@@ -358,7 +358,10 @@ cdef inline int sg_copy(Iov *dst, int ndst, uint32_t dst_skip, Iov *src, int nsr
             n = src[si].len - soff
         if length < n:
             n = length
-        memcpy(dst[di].base + doff, src[si].base + soff, n)
+        # memmove: both sides are guest memory, and a guest may make them
+        # overlap (memcpy on overlapping ranges is undefined; ASan's
+        # memcpy-param-overlap, found by fuzzing net_ring)
+        memmove(dst[di].base + doff, src[si].base + soff, n)
         copied += n
         length -= n
         doff += n

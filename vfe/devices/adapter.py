@@ -143,7 +143,8 @@ class Session:
 
     # -- action execution
 
-    def execute(self, actions) -> None:
+    def execute(self, actions) -> bool:
+        """Run the actions in order; False if any of them failed."""
         failed = False
         fatal = None
         for act in actions:
@@ -152,8 +153,8 @@ class Session:
                     ok = act.ok and not failed
                     fatal = None          # reported by the nack
                     self._send(A.Reply(act.request, (0 if ok else 1).to_bytes(8, "little")))
-                else:
-                    self._apply(act)
+                elif self._apply(act) is False:
+                    failed = True         # a StopRing's deferred change failed: nack it
             except PeerClosed:
                 raise                     # the connection is gone: the endpoint detaches
             except (OSError, ValueError, RuntimeError, IndexError) as exc:
@@ -161,6 +162,8 @@ class Session:
                 log.error("%s: %s failed: %s", self.name, type(act).__name__, exc)
                 if isinstance(act, (A.SetMemTable, A.AddMemRegion)):
                     self.protocol.memory_failed(act)
+                    if isinstance(act, A.SetMemTable):
+                        self._unmap_memory()
                 elif isinstance(act, A.StartRing):
                     self.protocol.ring_failed(act.ring.index)
                 elif isinstance(act, A.SetInflight):
@@ -171,6 +174,7 @@ class Session:
                     fatal = f"SET_INFLIGHT_FD: {exc}"
         if fatal is not None:
             raise ProtocolError(fatal)
+        return not failed
 
     # -- ownership of the engine's device
     #
@@ -229,7 +233,8 @@ class Session:
             self.device.rings.set_inflight(ir.hva, ir.stride, ir.num_queues, ir.queue_size,
                                            ir.size)
 
-    def _apply(self, act) -> None:
+    def _apply(self, act) -> bool | None:
+        """Execute one action (False: a StopRing whose deferred actions failed)."""
         rings = self.device.rings
         match act:
             case A.Reply():
@@ -282,7 +287,9 @@ class Session:
                     self.started.discard(i)
                 else:                     # never ran here: answer from the protocol's state
                     base = self.protocol.rings[i].base if i in self.protocol.rings else 0
-                self.execute(self.protocol.ring_stopped(i, base))
+                # the change the stop made way for runs here: its failure is
+                # the message's failure (REPLY_ACK must nack it)
+                return self.execute(self.protocol.ring_stopped(i, base))
             case A.EnableRing(index=i, enabled=e):
                 if i in self.started:
                     rings.enable_ring(i, e)
@@ -340,6 +347,17 @@ class Session:
                         pass
             case _:
                 raise RuntimeError(f"unknown action {act!r}")
+
+    def _unmap_memory(self) -> None:
+        """A new memory table failed to map and the protocol forgot its table
+        (``memory_failed``): unmap the old one too.  Kept, it would stay in
+        the engine, and a ring the protocol restarts after the change would
+        run on memory the protocol no longer has.  The protocol stopped every
+        ring before the change, so none uses it."""
+        if self.owns():
+            self.device.rings.set_memory([])
+        self.memory.close()
+        self.memory = GuestMemory()
 
     def _reset(self) -> None:
         rings = self.device.rings

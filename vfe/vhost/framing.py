@@ -96,6 +96,11 @@ class FrameAssembler:
         return fds
 
     @property
+    def pending_fds(self) -> tuple[int, ...]:
+        """Fds held for the message being assembled (still owned here)."""
+        return tuple(self._fds)
+
+    @property
     def buffered(self) -> int:
         """Bytes of an incomplete message held."""
         return len(self._buf) + (HEADER_SIZE if self._header is not None else 0)
