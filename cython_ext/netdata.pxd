@@ -354,7 +354,8 @@ cdef inline void notice(Worker *w, NetDev *dev, uint8_t bit) noexcept nogil:
 cdef inline int spoofed(Worker *w, NetDev *dev, uint64_t srcmac) noexcept nogil:
     """Port security: drop a frame whose source MAC the port may not use."""
     vfe_add_u64(&dev.spoofed, 1)
-    dev.spoof_src = srcmac
+    if not (dev.notices & NOTICE_SPOOF):
+        dev.spoof_src = srcmac    # the log names the first spoofed MAC since the re-arm
     notice(w, dev, NOTICE_SPOOF)
     return R_DROP
 

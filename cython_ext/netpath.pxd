@@ -58,7 +58,7 @@ ctypedef struct NetDev:
     uint64_t spoofed          # frames dropped: a source MAC not port_mac, or another port's port_mac
     uint64_t learn_capped     # source MACs not learned: the port was at learn_limit
     uint64_t table_full       # source MACs not learned: their probe window was full
-    uint64_t spoof_src        # the last spoofed source MAC (for the log)
+    uint64_t spoof_src        # the first spoofed source MAC since the re-arm (for the log)
     uint8_t notices           # NOTICE_* bits: Python logs each once per front-end (security_notices)
 
 ctypedef struct Switch:

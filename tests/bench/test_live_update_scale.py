@@ -21,7 +21,7 @@ from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
-from test_live_update import HERE, make_build, virtnet, wait_update  # noqa: E402
+from test_live_update import make_build, virtnet, wait_update  # noqa: E402
 from vfe.testing.builds import build_dir  # noqa: E402
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e]
@@ -31,7 +31,9 @@ PFS, VFS = 4, 126
 def test_live_update_of_504_vfs(benchmark):
     root = Path(tempfile.mkdtemp(prefix="vfe-b-", dir="/tmp"))
     bdir = build_dir()                  # not /tmp: a live update refuses builds others could change
-    builds = [make_build(bdir.__enter__() / "b2", vfe.__version__ + "+scale"), HERE]
+    installed = bdir.__enter__()
+    builds = [make_build(installed / "b2", vfe.__version__ + "+scale"),
+              make_build(installed / "b1", vfe.__version__)]      # the checkout may sit in /tmp
     gaps, totals = [], []
     try:
         with NetNs() as ns:

@@ -33,7 +33,7 @@ import vfe
 import json
 
 from qemu.vm import BlkDev, NetDev
-from vfe.testing.builds import HERE, build_dir, engine_of, make_build, set_engine_abi
+from vfe.testing.builds import build_dir, engine_of, make_build, set_engine_abi
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 
@@ -127,7 +127,10 @@ def builds_root():
 
 
 def test_live_update_ten_times_under_traffic(short_root, builds_root, vm_factory):
-    builds = [make_build(builds_root / "b2", vfe.__version__ + "+lu2"), HERE]
+    # both builds the updates alternate between are installed where only root
+    # can write: the checkout itself may be anywhere (a clone in /tmp is refused)
+    builds = [make_build(builds_root / "b2", vfe.__version__ + "+lu2"),
+              make_build(builds_root / "b1", vfe.__version__)]
     versions = [vfe.__version__ + "+lu2", vfe.__version__]
     broken_abi = make_build(builds_root / "b3", vfe.__version__ + "+abi", bump_engine_abi)
     failing = make_build(builds_root / "b4", vfe.__version__ + "+fail", fail_after_rings_started)
