@@ -91,6 +91,19 @@ def compact_desc(c: Cursor, p: Places, size: int) -> bytes:
                       (flags & 7) if flags < 0xF0 else flags, nxt)
 
 
+def write_buffers(c: Cursor, p: Places, size: int, guest, buf_gpa: int, page: int) -> None:
+    """The buffers' bytes (frames, requests) at ``buf_gpa``, and somewhere in
+    them (maybe misaligned) an indirect table of up to 8 compact descriptors."""
+    n = c.u8() % 9
+    off = c.u16() % (2 * page)
+    table = b"".join(compact_desc(c, p, size) for _ in range(n))
+    blob = c.rest()[:3 * page]
+    if blob:
+        guest.write(buf_gpa, blob)
+    if table:
+        guest.write(buf_gpa + off, table)
+
+
 def avail_heads(c: Cursor, n: int, size: int) -> list[int]:
     """n avail entries: a byte each, mostly a head in range; 0xFF takes the
     next two bytes as the raw 16-bit value."""

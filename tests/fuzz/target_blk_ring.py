@@ -36,7 +36,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import Cursor, Places, avail_heads, compact_desc  # noqa: E402
+from ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers  # noqa: E402
 
 from vfe.testing.engine_rig import (  # noqa: E402
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, BlkRig, Guest, ring_at_ends,
@@ -124,14 +124,7 @@ def fuzz_one(data: bytes) -> None:
         _g.store16(ring.avail_gpa + 4 + 2 * size, c.u16())
     if mode & 8:
         _inflight_region(c, size, used_base, rig)
-    n = c.u8() % 9
-    off = c.u16() % (2 * PAGE)
-    table = b"".join(compact_desc(c, _places, size) for _ in range(n))
-    blob = c.rest()[:3 * PAGE]
-    if blob:
-        _g.write(_g.start(BUF), blob)
-    if table:
-        _g.write(_g.start(BUF) + off, table)
+    write_buffers(c, _places, size, _g, _g.start(BUF), PAGE)
     try:
         try:
             rig.start(dev, 0, ring, base)

@@ -29,7 +29,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import Cursor, Places, avail_heads, compact_desc  # noqa: E402
+from ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers  # noqa: E402
 
 from vfe.testing.engine_rig import (  # noqa: E402
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, PAGE, Guest, NetRig,
@@ -120,16 +120,7 @@ def fuzz_one(data: bytes) -> None:
         b.set_features(fb)
         tx, tx_base = _ring(c, size, (TXD, TXA, TXU), bool(fa & FEAT_EVENT_IDX))
         rx, rx_base = _ring(c, size, (RXD, RXA, RXU), bool(fb & FEAT_EVENT_IDX))
-        # the buffers' bytes (frames), with an indirect table of compact
-        # descriptors somewhere in them (maybe misaligned)
-        n = c.u8() % 9
-        off = c.u16() % (2 * PAGE)
-        table = b"".join(compact_desc(c, _places, size) for _ in range(n))
-        blob = c.rest()[:3 * PAGE]
-        if blob:
-            _g.write(_g.start(BUF), blob)
-        if table:
-            _g.write(_g.start(BUF) + off, table)
+        write_buffers(c, _places, size, _g, _g.start(BUF), PAGE)
         _rig.start(b, 0, rx, rx_base)
         _rig.start(a, 1, tx, tx_base)
         a.run_burst(1)
