@@ -136,11 +136,3 @@ def fuzz_one(data: bytes) -> None:
         dev.stop_ring(0)
         dev.set_inflight(0, 0, 0, 0, 0)
 
-
-if __name__ == "__main__":
-    # replay inputs (files) without atheris: python3 target_blk_ring.py FILE...
-    setup()
-    for path in sys.argv[1:]:
-        with open(path, "rb") as f:
-            fuzz_one(f.read())
-    print(f"{len(sys.argv) - 1} input(s) ran")

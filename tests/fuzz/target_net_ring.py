@@ -129,11 +129,3 @@ def fuzz_one(data: bytes) -> None:
         b.stop_ring(0)
         a.stop_ring(1)
 
-
-if __name__ == "__main__":
-    # replay inputs (files) without atheris: python3 target_net_ring.py FILE...
-    setup()
-    for path in sys.argv[1:]:
-        with open(path, "rb") as f:
-            fuzz_one(f.read())
-    print(f"{len(sys.argv) - 1} input(s) ran")
