@@ -22,7 +22,12 @@ import signal
 import sys
 
 from vfe import __version__
+from vfe.cli.common import controller_socket
 from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
+from vfe.vhostd.controller_client import Controller
+from vfe.vhostd.loop import Loop
+from vfe.vhostd.rpc import RpcServer
+from vfe.vhostd.service import VhostService
 
 LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -42,11 +47,6 @@ class JournalFormatter(logging.Formatter):
         prio = f"<{self.PRIORITY.get(record.levelno, 6)}>" if self.prefix else ""
         return (f"{prio}vfe-vhostd[{record.process}]: [{record.levelname}] "
                 f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
-
-
-def default_controller_socket() -> str:
-    from vfe.cli.virtnet import default_socket
-    return default_socket()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Invalid iface length")
         return 1
 
-    from vfe.vhostd.rpc import RpcServer
-    from vfe.vhostd.service import Controller, Loop, VhostService
-
-    controller = Controller(args.controller_socket or default_controller_socket())
+    controller = Controller(args.controller_socket or controller_socket())
     sel = selectors.DefaultSelector()
     service = VhostService(controller, sel, client=args.client, iface=args.iface)
     loop = Loop(service)

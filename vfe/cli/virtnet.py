@@ -21,6 +21,8 @@ import sys
 from typing import Any
 
 from vfe import __version__
+# default_socket: the name vfe-rpc, vfe-sriov and the tests know it by
+from vfe.cli.common import controller_socket as default_socket
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
 from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
 
@@ -42,13 +44,6 @@ _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _DEC_RE = re.compile(r"[0-9]+")
 _HEX_RE = re.compile(r"0[xX][0-9A-Fa-f]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
-
-
-def default_socket() -> str:
-    env = os.environ.get("VIRTNET_SOCKET")
-    if env:
-        return env
-    return os.path.join(os.environ.get("VFE_ROOT") or "/", "run", "virtnet", "virtnet.sock")
 
 
 # -- argument types (errors become "argument -x/--long: <message>", exit 2) ---------

@@ -10,8 +10,13 @@
               (VFE_RELAY_HELLO / VFE_RELAY_RESUME), and the message-by-message
               relay between them, fds included.  The data path never passes
               through here: guest memory and eventfds go on to the controller.
-- ``service`` management PFs and provisioned VFs, the ``mgmtpf`` / ``vf`` /
-              ``version`` methods and the reference's errno table.
+- ``service`` management PFs and provisioned VFs: the ``mgmtpf`` / ``vf`` /
+              ``version`` methods.
+- ``errors``  the reference's errno table: the ``errno``/``errstr`` ending
+              every result.
+- ``features`` the feature-bit names of ``vf -l`` / ``vf -i``.
+- ``controller_client`` the controller's JSON-RPC as the service uses it.
+- ``loop``    the daemon's one thread: a selector and the relays' timers.
 - ``rpc``     JSON-RPC 2.0 on a Unix socket and optionally TCP, one JSON
               object per request/response, for privileged callers only.
 
@@ -22,12 +27,13 @@ docs/vfe-vdpa.md.
 import os
 from typing import Mapping
 
+from vfe.paths import vhostd_run_dir
+
 DEFAULT_PORT = 12190
 DEFAULT_ADDRESS = "127.0.0.1"
 
-#: vfe-vhostd's RPC socket, under $VFE_ROOT as the controller's run dir is
-#: (vfe/controller/paths.py); $VFE_VHOSTD_SOCKET names another
-RUN_REL = "run/vfe-vhostd"
+#: vfe-vhostd's RPC socket, in its run dir under $VFE_ROOT (vfe/paths.py);
+#: $VFE_VHOSTD_SOCKET names another
 SOCKET_NAME = "vhostd.sock"
 ENV_SOCKET = "VFE_VHOSTD_SOCKET"
 ENV_PORT = "VFE_VHOSTD_PORT"
@@ -38,7 +44,7 @@ def default_socket(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     if env.get(ENV_SOCKET):
         return os.path.abspath(env[ENV_SOCKET])
-    return os.path.join(os.path.abspath(env.get("VFE_ROOT") or "/"), RUN_REL, SOCKET_NAME)
+    return str(vhostd_run_dir(env) / SOCKET_NAME)
 
 
 def default_port(env: Mapping[str, str] | None = None) -> int:

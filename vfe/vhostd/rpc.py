@@ -183,7 +183,7 @@ def encode(obj: dict) -> bytes:
 
 class RpcServer:
     """vfe-vhostd's JSON-RPC endpoints, inside a selector loop whose keys'
-    data are callables (vfe.vhostd.service.Loop).
+    data are callables (vfe.vhostd.loop.Loop).
 
     ``path``: a Unix socket (mode 0600 in a directory only root can write),
     what vhostmgmt uses.  ``tcp``: (host, port), for the reference's

@@ -1,17 +1,14 @@
-"""vfe-vhostd's registry and RPC methods, and its event loop.
+"""vfe-vhostd's registry and RPC methods.
 
 Management PFs (``mgmtpf -a``) are PFs of the controller whose VFs may be
 provisioned; a provisioned VF (``vf -a VF -v SOCKET``) is a ``Relay``
-between QEMU's socket and the VF's endpoint at the controller.  The
-controller is asked over its JSON-RPC socket (what ``virtnet`` uses):
-``list`` to find BDFs and VUIDs, ``query`` for ``vf -i``/``-l``, ``version``.
+between QEMU's socket and the VF's endpoint at the controller, which is
+asked over its JSON-RPC socket (vfe/vhostd/controller_client.py).
 
 Results are the reference service's (Mellanox dpdk-vhost-vfe,
-app/vfe-vdpa/vdpa_rpc.c): an object that ends with ``errno`` (0, -errno for
-a system error, or -10xx for the service's own) and ``errstr``; malformed
-parameters give ``{"Error": "Invalid pf|vf parameters in RPC message",
-"id": ID}``.  ``errstr`` is ``strerror`` for 1..159, else the reference's
-table below.
+app/vfe-vdpa/vdpa_rpc.c): an object that ends with ``errno`` and ``errstr``
+(vfe/vhostd/errors.py); malformed parameters give ``{"Error": "Invalid
+pf|vf parameters in RPC message", "id": ID}``.
 """
 from __future__ import annotations
 
@@ -27,162 +24,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vfe import __version__
+from vfe.paths import vhostd_run_dir
 from vfe.safepath import make_dirs
+from vfe.vhostd.controller_client import Controller, function_kind
+from vfe.vhostd.errors import (ERR_ADD_PF_ALREADY_ADD, ERR_ADD_PF_DEVICEID_NOT_SUPPORT, ERR_ADD_VF_ALREADY_ADD,
+                               ERR_ADD_VF_EXCEED_VPORT_LIMIT, ERR_ADD_VF_VHOST_SOCK_EXIST, ERR_DEVARGS_PARSE,
+                               ERR_NO_PF_DEVICE, ERR_NO_PF_NAME, ERR_NO_VF_DEVICE, ERR_NO_VF_NAME,
+                               ERR_REMOVE_PF_WITH_VF, VdpaError, with_errno)
+from vfe.vhostd.features import feature_info
 from vfe.vhostd.relay import Relay, RelayError, check_socket_path
 
 log = logging.getLogger("vfe.vhostd")
-
-# -- the reference's error table (drivers/common/virtio/virtio_util.[ch]) -------
-
-ERR_BASE = 1000
-ERR_NO_PF_NAME = 1000
-ERR_NO_PF_DEVICE = 1001
-ERR_NO_VF_NAME = 1002
-ERR_NO_VF_DEVICE = 1003
-ERR_VFIO_DEV_FD = 1004
-ERR_EXCEED_LIMIT = 1005
-ERR_RESET_DEVICE_TIMEOUT = 1006
-ERR_DEVARGS_PARSE = 1007
-ERR_ADD_PF_ALREADY_ADD = 1008
-ERR_DEVICE_PROBE_FAIL = 1009
-ERR_ADD_PF_DEVICEID_NOT_SUPPORT = 1010
-ERR_REMOVE_PF_WITH_VF = 1013
-ERR_ADD_VF_ALREADY_ADD = 1014
-ERR_ADD_VF_EXCEED_VPORT_LIMIT = 1029
-ERR_ADD_VF_NO_ACCESS_SOCKET_PATH = 1030
-ERR_ADD_VF_VHOST_SOCK_EXIST = 1038
-ERR_REMOVE_VF_RESTORE_IN_PROGRESS = 1042
-
-ERR_STRINGS = (
-    "Please provide PF name",                                   # 1000
-    "PF device not found",
-    "Please provide VF name",
-    "VF device not found",
-    "VFIO device fd invalid",
-    "Number exceed limit",                                      # 1005
-    "Device reset timeout",
-    "Devargs parse fail",
-    "PF device already add",
-    "Device probe fail",
-    "PF deviceid not support",                                  # 1010
-    "PF device feature does not meet requirements",
-    "Can't allocate admin queue",
-    "Please remove all VF devices before remove PF",
-    "VF device already add",
-    "No vfid found",                                            # 1015
-    "Can't create VFIO container",
-    "Can't bind to VFIO container group",
-    "Can't get IOMMU group",
-    "Can't allocate device",
-    "Can't register device",                                    # 1020
-    "Can't allocate queue",
-    "No vector",
-    "Can't allocate interrupt",
-    "Can't register interrupt",
-    "Can't enable interrupt",                                   # 1025
-    "BAR copy wrong",
-    "set status quiesced fail",
-    "set status freezed fail",
-    "Exceed vport limit",
-    "Can't access vhost socket path",                           # 1030
-    "Fail in calling rte_vhost_driver_register",
-    "Fail in calling rte_vdpa_get_features",
-    "Fail in calling rte_vhost_driver_set_features",
-    "Fail in calling rte_vhost_driver_callback_register",
-    "Fail in calling rte_vhost_driver_attach_vdpa_device",      # 1035
-    "Fail in calling rte_vhost_driver_start",
-    "Can't allocate iommu domain",
-    "Vhost socket file already exists",
-    "Exceed max VFIO group number",
-    "Fail to save state",                                       # 1040
-    "Fail to store fds to HA",
-    "VF device is restoring",
-)
-_STD_ERR_MAX = 160
-
-
-def errstr(code: int) -> str:
-    """The reference's rte_vdpa_err_str_get(): strerror for system errnos."""
-    err = abs(int(code))
-    if 0 < err < _STD_ERR_MAX:
-        return os.strerror(err)
-    if err == 0:
-        return "Success"
-    if 0 <= err - ERR_BASE < len(ERR_STRINGS):
-        return ERR_STRINGS[err - ERR_BASE]
-    return "Unknown error"
-
-
-class VdpaError(Exception):
-    """A method's failure: becomes ``{"errno": code, "errstr": ...}``."""
-
-    def __init__(self, code: int, detail: str = ""):
-        super().__init__(detail or errstr(code))
-        self.code = -abs(int(code))
-        self.detail = detail or errstr(code)
-
-
-def with_errno(result: dict, code: int) -> dict:
-    result["errno"] = code
-    result["errstr"] = errstr(code)
-    return result
-
-
-# -- feature names (vdpa_rpc.c's feature_names, plus the standard bits it lacks) --
-
-FEATURE_NAMES = {
-    0: "VIRTIO_NET_F_CSUM", 1: "VIRTIO_NET_F_GUEST_CSUM", 3: "VIRTIO_NET_F_MTU",
-    6: "VIRTIO_NET_F_GSO", 5: "VIRTIO_NET_F_MAC", 7: "VIRTIO_NET_F_GUEST_TSO4",
-    8: "VIRTIO_NET_F_GUEST_TSO6", 9: "VIRTIO_NET_F_GUEST_ECN", 10: "VIRTIO_NET_F_GUEST_UFO",
-    11: "VIRTIO_NET_F_HOST_TSO4", 12: "VIRTIO_NET_F_HOST_TSO6", 13: "VIRTIO_NET_F_HOST_ECN",
-    14: "VIRTIO_NET_F_HOST_UFO", 15: "VIRTIO_NET_F_MRG_RXBUF", 16: "VIRTIO_NET_F_STATUS",
-    17: "VIRTIO_NET_F_CTRL_VQ", 18: "VIRTIO_NET_F_CTRL_RX", 19: "VIRTIO_NET_F_CTRL_VLAN",
-    20: "VIRTIO_NET_F_CTRL_RX_EXTRA", 21: "VIRTIO_NET_F_GUEST_ANNOUNCE", 22: "VIRTIO_NET_F_MQ",
-    23: "VIRTIO_NET_F_CTRL_MAC_ADDR", 24: "VIRTIO_F_NOTIFY_ON_EMPTY", 27: "VIRTIO_F_ANY_LAYOUT",
-    32: "VIRTIO_F_VERSION_1", 33: "VIRTIO_F_IOMMU_PLATFORM", 40: "VIRTIO_F_RING_RESET",
-    41: "VIRTIO_F_ADMIN_VQ", 42: "VIRTIO_F_ADMIN_VQ_INDIRECT_DESC", 43: "VIRTIO_F_ADMIN_VQ_IN_ORDER",
-    44: "VIRTIO_F_ADMIN_MIGRATION", 45: "VIRTIO_F_ADMIN_MIGRATION_DYNAMIC_INTERNAL_STATE_TRACK",
-    46: "VIRTIO_F_ADMIN_DIRTY_PAGE_PUSH_BITMAP_TRACK", 47: "VIRTIO_F_ADMIN_DIRTY_PAGE_PUSH_BYTEMAP_TRACK",
-    48: "VIRTIO_F_ADMIN_DIRTY_PAGE_PULL_BITMAP_TRACK", 49: "VIRTIO_F_ADMIN_DIRTY_PAGE_PULL_BYTEMAP_TRACK",
-    # standard virtio bits the reference's table does not name
-    28: "VIRTIO_RING_F_INDIRECT_DESC", 29: "VIRTIO_RING_F_EVENT_IDX", 34: "VIRTIO_F_RING_PACKED",
-    35: "VIRTIO_F_IN_ORDER", 36: "VIRTIO_F_ORDER_PLATFORM", 37: "VIRTIO_F_SR_IOV",
-    38: "VIRTIO_F_NOTIFICATION_DATA", 57: "VIRTIO_NET_F_HASH_REPORT", 60: "VIRTIO_NET_F_RSS",
-    61: "VIRTIO_NET_F_RSC_EXT", 62: "VIRTIO_NET_F_STANDBY", 63: "VIRTIO_NET_F_SPEED_DUPLEX",
-}
-
-
-# virtio-blk's device bits (virtio 1.2 5.2.3) where they differ from net's
-BLK_FEATURE_NAMES = {
-    0: "VIRTIO_BLK_F_BARRIER", 1: "VIRTIO_BLK_F_SIZE_MAX", 2: "VIRTIO_BLK_F_SEG_MAX",
-    4: "VIRTIO_BLK_F_GEOMETRY", 5: "VIRTIO_BLK_F_RO", 6: "VIRTIO_BLK_F_BLK_SIZE",
-    7: "VIRTIO_BLK_F_SCSI", 9: "VIRTIO_BLK_F_FLUSH", 10: "VIRTIO_BLK_F_TOPOLOGY",
-    11: "VIRTIO_BLK_F_CONFIG_WCE", 12: "VIRTIO_BLK_F_MQ", 13: "VIRTIO_BLK_F_DISCARD",
-    14: "VIRTIO_BLK_F_WRITE_ZEROES", 15: "VIRTIO_BLK_F_LIFETIME", 16: "VIRTIO_BLK_F_SECURE_ERASE",
-    17: "VIRTIO_BLK_F_ZONED",
-}
-DEVICE_BITS = range(24)           # below 24 the bits are the device type's own
-
-
-def feature_info(value: int, kind: str = "virtio_net") -> dict:
-    """``{"value": "0x...", "    0": "VIRTIO_NET_F_CSUM", ...}`` (keys "%5d");
-    `kind` "virtio_blk" names the device bits as virtio-blk's."""
-    out = {"value": f"{value:#x}"}
-    for i in range(64):
-        if value >> i & 1:
-            if kind == "virtio_blk" and i in DEVICE_BITS:
-                name = BLK_FEATURE_NAMES.get(i, "UNKNOWN FEATURE BIT")
-            else:
-                name = FEATURE_NAMES.get(i, "UNKNOWN FEATURE BIT")
-            out[f"{i:5d}"] = name
-    return out
-
-
-def function_kind(f: dict) -> str:
-    """"virtio_blk" for the controller's blk functions ("type" in their
-    `virtnet list` entry), "virtio_net" for the others (which have none)."""
-    return str(f.get("type") or "virtio_net")
-
 
 # -- PCI addresses ----------------------------------------------------------------
 
@@ -197,54 +49,6 @@ def parse_bdf(text: str) -> str:
         raise VdpaError(-errno.EINVAL, f"{text!r} is not a PCI address (domain:bus:slot.func)")
     dom = int(m.group(1) or "0", 16)
     return f"{dom:04x}:{int(m.group(2), 16):02x}:{int(m.group(3), 16):02x}.{m.group(4)}"
-
-
-# -- the controller ---------------------------------------------------------------
-
-class Controller:
-    """virtio-net-controller's JSON-RPC, as vfe-vhostd uses it.  Failures
-    raise VdpaError with the controller's -errno (or the connection's)."""
-
-    def __init__(self, socket_path: str, timeout: float = 10.0):
-        self.socket_path = socket_path
-        self.timeout = timeout
-
-    def call(self, method: str, params: dict | None = None) -> Any:
-        from vfe.rpc.client import call
-        from vfe.rpc.protocol import RpcError
-        from vfe.rpc.protocol import METHOD_NOT_FOUND
-        try:
-            return call(self.socket_path, method, params, timeout=self.timeout)
-        except RpcError as exc:
-            if exc.code == METHOD_NOT_FOUND:          # an older controller
-                code = -errno.EOPNOTSUPP
-            else:
-                code = exc.code if -_STD_ERR_MAX < exc.code < 0 else -errno.EIO
-            raise VdpaError(code, f"virtio-net-controller: {exc.message}") from None
-
-    def functions(self) -> list[dict]:
-        return list(self.call("list", {}).get("devices", []))
-
-    def query(self, vuid: str | None = None, all: bool = False) -> list[dict]:
-        params: dict[str, Any] = {"brief": True}
-        if all:
-            params["all"] = True
-        else:
-            params["vuid"] = vuid
-        return list(self.call("query", params).get("devices", []))
-
-    def version(self) -> dict:
-        return self.call("version", {})
-
-    def vf_state(self, vuid: str, op: int) -> dict:
-        """The device operations of ``vf -d -o N`` (1 running, 2 quiesced,
-        3 freeze, 4/5 start/stop dirty logging, 6 status)."""
-        return self.call("vf_state", {"vuid": vuid, "op": op})
-
-
-def _is_connection_error(exc: VdpaError) -> bool:
-    return exc.code in (-errno.ENOENT, -errno.ECONNREFUSED, -errno.ECONNRESET, -errno.ETIMEDOUT,
-                        -errno.EACCES, -errno.EPROTO, -errno.EMSGSIZE)
 
 
 # -- the registry ------------------------------------------------------------------
@@ -403,7 +207,6 @@ class VhostService:
             return socket_file
         if self.iface:
             return f"{self.iface}{bdf}"
-        from vfe.controller.paths import vhostd_run_dir
         return str(vhostd_run_dir() / f"vf-{bdf}")
 
     def vf_add(self, vfdev: Any, socket_file: Any = None, vm_uuid: Any = None) -> dict:
@@ -573,61 +376,3 @@ class VhostService:
         for vf in list(self.vfs.values()):
             vf.relay.close(handoff=handoff)
         self.vfs.clear()
-
-
-class Loop:
-    """vfe-vhostd's one thread: a selector whose keys' data are callables,
-    plus the relays' retry timers."""
-
-    def __init__(self, service: VhostService):
-        self.service = service
-        self.sel = service.sel
-        self.stopping = False
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel.register(self._r, selectors.EVENT_READ, self._drain)
-
-    def _drain(self) -> None:
-        try:
-            os.read(self._r, 64)
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        """From a signal handler or another thread."""
-        self.stopping = True
-        try:
-            os.write(self._w, b"x")
-        except OSError:
-            pass
-
-    def run_once(self, max_wait: float = 1.0) -> None:
-        now = time.monotonic()
-        timeout = max_wait
-        for relay in self.service.relays():
-            try:
-                due = relay.tick(now)
-            except Exception:
-                log.exception("%s: retry failed", relay.name)
-                continue
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - now))
-        for key, _ in self.sel.select(timeout):
-            try:
-                key.data()
-            except Exception:
-                log.exception("event handler failed")
-
-    def run(self) -> None:
-        while not self.stopping:
-            self.run_once()
-
-    def close(self) -> None:
-        try:
-            self.sel.unregister(self._r)
-        except (KeyError, ValueError):
-            pass
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass

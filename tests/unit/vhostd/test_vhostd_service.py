@@ -1,7 +1,7 @@
 """vfe-vhostd's methods (vfe/vhostd/service.py) over a fake controller and
 fake relays: every result and error the service can return, with the
 reference's numbers and texts (dpdk-vhost-vfe drivers/common/virtio/
-virtio_util.c), and the reference's result fields."""
+virtio_util.c, in vfe/vhostd/errors.py), and the reference's result fields."""
 from __future__ import annotations
 
 import errno
@@ -10,8 +10,13 @@ import selectors
 import pytest
 
 from vhostd_fakes import FakeController, FakeRelay, pf, vf
+from vfe.rpc.client import RpcConnectionError
+from vfe.rpc.protocol import RpcError
+from vfe.vhostd.controller_client import Controller
+from vfe.vhostd.errors import ERR_STRINGS, VdpaError, errstr
+from vfe.vhostd.features import feature_info
 from vfe.vhostd.relay import Relay, RelayError
-from vfe.vhostd.service import ERR_STRINGS, VhostService, errstr, feature_info, parse_bdf
+from vfe.vhostd.service import VhostService, parse_bdf
 
 PF0, PF1 = "0000:84:00.2", "0000:84:00.3"
 VF0, VF1, VF_OF_PF1 = "0000:90:00.0", "0000:90:00.1", "0000:91:00.0"
@@ -266,9 +271,6 @@ def test_real_relay_factory_signature_matches(ctl):
 
 
 def test_controller_errors_become_errnos(monkeypatch):
-    from vfe.rpc.client import RpcConnectionError
-    from vfe.rpc.protocol import RpcError
-    from vfe.vhostd.service import Controller, VdpaError
     c = Controller("/nonexistent/virtnet.sock", timeout=1)
     with pytest.raises(VdpaError) as e:
         c.functions()
@@ -279,7 +281,7 @@ def test_controller_errors_become_errnos(monkeypatch):
                          (RpcConnectionError(-errno.ECONNREFUSED, "x"), -errno.ECONNREFUSED)):
         def boom(*a, _r=raised, **k):
             raise _r
-        monkeypatch.setattr("vfe.rpc.client.call", boom)
+        monkeypatch.setattr("vfe.vhostd.controller_client.call", boom)
         with pytest.raises(VdpaError) as e:
             c.vf_state("VNETS0D0F2VF1", 2)
         assert e.value.code == code

@@ -19,6 +19,7 @@ import time
 
 from vfe.vhost.messages import REPLY_FLAGS
 from vfe.vhost.transport import Connection, Listener, PeerClosed, close_fds
+from vfe.vhostd.errors import VdpaError
 
 HELLO, RESUME = 0x7F00, 0x7F01
 GET_FEATURES = 1
@@ -195,7 +196,7 @@ def pump(sel: selectors.BaseSelector, relays=(), until=lambda: False, timeout: f
 
 
 class FakeController:
-    """vfe.vhostd.service.Controller's interface over a dict of functions."""
+    """vfe.vhostd.controller_client.Controller's interface over a dict of functions."""
 
     def __init__(self, functions: list[dict], socket_path: str = "/nonexistent/virtnet.sock"):
         self.functions_ = functions
@@ -207,7 +208,6 @@ class FakeController:
         self.lm_state: dict[str, str] = {}
 
     def _check(self) -> None:
-        from vfe.vhostd.service import VdpaError
         if self.down:
             raise VdpaError(-errno.ECONNREFUSED, "virtio-net-controller: nothing is listening")
 
@@ -226,8 +226,7 @@ class FakeController:
                                 socket=f.get("socket", f"/run/{f['vuid']}.sock"),
                                 negotiated_features=self.features.get(f["vuid"], "0x0")))
         if not out:
-            from vfe.vhostd.service import VdpaError
-            raise VdpaError(-errno.ENODEV, f"no such device: VUID {vuid}")
+                raise VdpaError(-errno.ENODEV, f"no such device: VUID {vuid}")
         return out
 
     def version(self) -> dict:
@@ -236,7 +235,6 @@ class FakeController:
 
     def vf_state(self, vuid: str, op: int) -> dict:
         """Like the controller's: 1-3 set the state, 4/5 need QEMU's log."""
-        from vfe.vhostd.service import VdpaError
         self.calls.append(f"vf_state {op}")
         self._check()
         if op in (4, 5):
