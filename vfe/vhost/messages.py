@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import ClassVar
 
 # ---------------------------------------------------------------------------
@@ -44,13 +44,7 @@ HEADER_SIZE = HEADER.size               # 12
 VERSION = 0x1
 
 
-class HeaderFlag(IntFlag):
-    VERSION_MASK = 0x3
-    REPLY = 0x4
-    NEED_REPLY = 0x8
-
-
-# Plain ints for the hot checks (IntFlag arithmetic is slow).
+# Header flags
 VERSION_MASK = 0x3
 REPLY = 0x4
 NEED_REPLY = 0x8
@@ -112,19 +106,6 @@ class Request(IntEnum):
     # from QEMU): a relay hands over / takes back the front-end's socket
     VFE_RELAY_HELLO = 0x7F00
     VFE_RELAY_RESUME = 0x7F01
-
-
-class BackendRequest(IntEnum):
-    """Back-end -> front-end requests (VHOST_USER_BACKEND_*), for reference."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
 
 
 def request_name(request: int) -> str:
