@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 from vfe.vhost.actions import DeviceSpec
 from vfe.vhost.messages import ProtocolFeature
-from vfe.virtio.constants import F, bit, mask
-
-SECTOR = 512
+from vfe.virtio.constants import VIRTIO_BLK_SECTOR_SIZE, F, bit, mask
 
 # Offered to every blk front-end.  QEMU 7.2's vhost-user-blk passes through
 # the bits in its user_feature_bits (SIZE_MAX .. WRITE_ZEROES, MQ, RO, the
@@ -90,9 +88,9 @@ class BlkConfig:
 
 def blk_config_space(cfg: BlkConfig) -> bytes:
     """The GET_CONFIG bytes for a device (virtio 1.2 5.2.4)."""
-    lbs = cfg.block_size // SECTOR
+    lbs = cfg.block_size // VIRTIO_BLK_SECTOR_SIZE
     return _CONFIG.pack(
-        cfg.capacity_bytes // SECTOR,
+        cfg.capacity_bytes // VIRTIO_BLK_SECTOR_SIZE,
         cfg.size_max, cfg.seg_max,
         0, 0, 0,
         cfg.block_size,
