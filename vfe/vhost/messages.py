@@ -138,10 +138,9 @@ class ProtocolFeature(IntEnum):
     STATUS = 16
 
 
-#: VHOST_USER_F_PROTOCOL_FEATURES: bit of the *virtio* feature word.
-F_PROTOCOL_FEATURES = 30
-#: VHOST_F_LOG_ALL: bit of the virtio feature word.
-F_LOG_ALL = 26
+# The vhost-user bits of the virtio feature word (VHOST_USER_F_PROTOCOL_FEATURES,
+# VHOST_F_LOG_ALL) are vfe.virtio.constants.F.VHOST_USER_PROTOCOL_FEATURES and
+# F.VHOST_LOG_ALL.
 #: SET_VRING_ADDR flags: VHOST_VRING_F_LOG.
 VRING_F_LOG = 0x1
 #: SET_VRING_KICK/CALL/ERR u64: vring index and "no fd" flag.

@@ -49,8 +49,8 @@ def test_round_trip_keeps_every_observable(fds):
     p.rings_paused({0: 17, 1: 300})
     q, fdmap = moved(p)
     try:
-        assert (q.features, q.protocol_features, q.owner, q.status) == \
-            (p.features, p.protocol_features, p.owner, p.status)
+        assert (q.features, q.protocol_features, q.session_owned, q.status) == \
+            (p.features, p.protocol_features, p.session_owned, p.status)
         assert q.regions == p.regions and q.log_base == p.log_base
         for i, r in p.rings.items():
             s = q.rings[i]
