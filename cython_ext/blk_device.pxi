@@ -204,7 +204,7 @@ cdef class BlkDevice(RingDevice):
         if self.d.aio != NULL and not vq.ready:
             ar = &self.d.aio[index]
             aio_drop_abandoned(ar)
-            if ar.size != size and 0 < size <= 32768:
+            if ar.size != size and 0 < size <= MAX_QUEUE_SIZE:
                 if ar.abandoned:
                     # the I/O threads still hold slots of the old array
                     raise RuntimeError(f"ring {index}: {ar.abandoned} request(s) of its last "
@@ -251,7 +251,7 @@ cdef class BlkDevice(RingDevice):
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
-            if not 1 <= queue_size <= 32768 or num_queues < 0:
+            if not 1 <= queue_size <= MAX_QUEUE_SIZE or num_queues < 0:
                 raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
             if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
                 raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "

@@ -666,7 +666,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef _StartRecover rec
     cdef int rc
     recovered = None
-    if size <= 0 or size > 32768 or (size & (size - 1)):
+    if size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= 32768")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")

@@ -1,6 +1,7 @@
 """The virtio-blk device model: what it offers through vhost-user (features,
 protocol features, the config space QEMU reads with GET_CONFIG), and its
-request queues inside the engine (cython_ext/blk.pxd)."""
+request queues inside the engine (cython_ext/blk.pxd); a VhostDevice
+(vfe/devices/interface.py)."""
 from __future__ import annotations
 
 import struct
@@ -118,12 +119,12 @@ class BlkDeviceModel:
             max_write_zeroes_seg=config.max_write_zeroes_seg,
             **({"path": config.path, "direct": config.direct, "grow": config.grow}
                if config.bdev == "file" else {}))
-        self.rings.owner = self
+        self.rings.model = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
         self.status = 0
         self.mtu = 0                  # not a net device (Session sets it only with the MTU feature)
-        self.owner = None             # the Session driving the engine (vfe/devices/adapter.py)
+        self.driving_session = None   # the Session driving the engine (vfe/devices/adapter.py)
 
     def spec(self) -> DeviceSpec:
         return DeviceSpec(
@@ -134,6 +135,22 @@ class BlkDeviceModel:
             max_queue_size=self.config.queue_size,
             config=self.config_space,
         )
+
+    # -- the rest of VhostDevice (vfe/devices/interface.py)
+
+    def rearm_notices(self) -> None:
+        """Nothing to re-arm: the switch's security notices are net ports'."""
+
+    def forget_learned(self) -> None:
+        """Nothing learned: a blk device has no switch port."""
+
+    def set_inflight(self, hva: int, stride: int, num_queues: int, queue_size: int,
+                     length: int) -> None:
+        self.rings.set_inflight(hva, stride, num_queues, queue_size, length)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Nothing to announce: blk does not offer the RARP protocol
+        feature, so the protocol refuses SEND_RARP before it gets here."""
 
     def stats(self) -> list[dict]:
         out = []
@@ -162,6 +179,6 @@ class BlkDeviceModel:
 
     def close(self) -> None:
         self.rings.close()
-        # rings.owner points back at us: without this the pair is a reference
+        # rings.model points back at us: without this the pair is a reference
         # cycle, and the engine device's C memory waits for a full GC pass
-        self.rings.owner = None
+        self.rings.model = None

@@ -249,22 +249,33 @@ class EngineRings:
         base = ring.base if ring else 0
         return {"last_avail_idx": base, "last_used_idx": base}
 
-    def inject(self, frame: bytes) -> None:
-        pass
 
 
 class _Device:
-    """What Session needs of a device (vfe/devices/net.py, blk.py)."""
+    """What Session needs of a device (vfe/devices/interface.py VhostDevice)."""
 
     def __init__(self, spec: A.DeviceSpec, rings: EngineRings) -> None:
         self._spec = spec
         self.rings = rings
-        self.owner = None
+        self.driving_session = None
         self.status = 0
         self.mtu = 0
 
     def spec(self) -> A.DeviceSpec:
         return self._spec
+
+    def rearm_notices(self) -> None:
+        """No switch here: no security notices."""
+
+    def forget_learned(self) -> None:
+        """No switch here: nothing learned."""
+
+    def set_inflight(self, hva: int, stride: int, num_queues: int, queue_size: int,
+                     length: int) -> None:
+        self.rings.set_inflight(hva, stride, num_queues, queue_size, length)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """No switch here: nothing to announce to."""
 
 
 class _CheckedSession(Session):
@@ -415,7 +426,7 @@ class Connection:
 
     def _check_engine_view(self) -> None:
         s, rings = self.session, self.rings
-        if self.device.owner is not s:
+        if self.device.driving_session is not s:
             if rings.started:
                 raise InvariantViolation("engine runs rings of no session")
             return
@@ -460,7 +471,7 @@ class Connection:
             raise InvariantViolation(f"session ended, the protocol holds {sorted(p.held_fds())}")
         if len(s.memory) or s.log_region is not None or s.inflight is not None:
             raise InvariantViolation("session ended with guest memory, log or inflight mapped")
-        if self.rings.started or self.device.owner is not None:
+        if self.rings.started or self.device.driving_session is not None:
             raise InvariantViolation("session ended with rings running in the engine")
         if self._backend_fds() != self._baseline:
             raise InvariantViolation(f"session ended with {self._backend_fds()} fds open in the "
