@@ -31,6 +31,8 @@ from virtio cimport *
 import os
 import threading
 
+from vfe.macaddr import format_mac, parse_mac
+
 ENGINE_ABI = VFE_ENGINE_ABI
 
 # Numba kernels, set once at start-up (vfe.kernels); NULL = slow path drops.

@@ -158,7 +158,7 @@ cdef class NetDevice(RingDevice):
         cdef Engine e = self.engine
         cdef uint64_t value = 0, prev
         if mac is not None:
-            raw = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
+            raw = parse_mac(mac) if isinstance(mac, str) else bytes(mac)
             if len(raw) != 6:
                 raise ValueError(f"bad MAC address {mac!r}")
             if raw[0] & 1:
@@ -192,7 +192,7 @@ cdef class NetDevice(RingDevice):
         """The configured MAC ("xx:xx:..."), or None."""
         if self.d.port_mac == 0:
             return None
-        return ":".join(f"{b:02x}" for b in self.d.port_mac.to_bytes(6, "big"))
+        return format_mac(self.d.port_mac)
 
     @property
     def learn_limit(self):
@@ -225,7 +225,7 @@ cdef class NetDevice(RingDevice):
         self._logged |= bits
         limit = self.d.learn_limit
         if bits & NOTICE_SPOOF:
-            src = ":".join(f"{b:02x}" for b in self.d.spoof_src.to_bytes(6, "big"))
+            src = format_mac(self.d.spoof_src)
             own = self.port_mac
             out.append(f"port security: dropping frames from source MAC {src}"
                        + (f" (the device's MAC is {own})" if own and own != src

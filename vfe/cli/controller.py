@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from vfe import __version__
+from vfe import __version__, macaddr
 from vfe.controller import sdnotify
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
@@ -28,11 +28,9 @@ _BOOL = {"on": True, "yes": True, "true": True, "1": True,
 
 
 def parse_mac(text: str) -> str:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"bad MAC address {text!r} (expected six hex octets like 52:54:00:12:34:56)")
+    """``text`` in lower case, if it is a MAC address (vfe/macaddr.py)."""
     try:
-        [int(p, 16) for p in parts]
+        macaddr.parse_mac(text)
     except ValueError:
         raise ValueError(f"bad MAC address {text!r} (expected six hex octets like 52:54:00:12:34:56)") from None
     return text.lower()

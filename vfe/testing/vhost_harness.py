@@ -45,6 +45,7 @@ from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
 from vfe.vhost import actions as A
 from vfe.vhost.framing import FrameAssembler
 from vfe.vhost.messages import Message, ProtocolError, Request, VringState
+from vfe.virtio.layouts import ring_area_sizes
 
 __all__ = ["FdKind", "InvariantViolation", "Connection", "EngineRings", "device_spec"]
 
@@ -168,9 +169,10 @@ class EngineRings:
         raise ValueError(f"engine: uva {uva:#x}+{length} is not inside the memory table")
 
     def _areas(self, r_size: int, desc: int, avail: int, used: int, table=None):
-        return (self._translate(desc, 16 * r_size, table),
-                self._translate(avail, 4 + 2 * r_size, table),
-                self._translate(used, 4 + 8 * r_size, table))
+        sizes = ring_area_sizes(r_size, event_idx=False)
+        return (self._translate(desc, sizes.desc, table),
+                self._translate(avail, sizes.avail, table),
+                self._translate(used, sizes.used, table))
 
     def _check_fd(self, what: str, fd: int) -> None:
         if fd == -1:
