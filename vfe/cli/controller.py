@@ -21,6 +21,7 @@ from vfe import __version__, macaddr
 from vfe.controller import sdnotify
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
+from vfe.virtio.constants import MAX_QUEUE_SIZE
 
 LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
 _BOOL = {"on": True, "yes": True, "true": True, "1": True,
@@ -71,7 +72,7 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
         if "queues" in opts:
             cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
         if "queue-size" in opts:
-            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
+            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, MAX_QUEUE_SIZE)
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
         if "mtu" in opts:
@@ -119,7 +120,7 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
         if "queues" in opts:
             cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
         if "queue-size" in opts:
-            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
+            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, MAX_QUEUE_SIZE)
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
         if opts.get("incoming"):

@@ -24,13 +24,14 @@ from vfe import __version__
 from vfe.macaddr import parse_mac
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
 from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
+from vfe.virtio.constants import MAX_QUEUE_SIZE
 
 PROG = "virtnet"
 COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
 LOG_LEVELS = ("info", "err", "debug")
 
 MTU_MIN, MTU_MAX = 68, 9216
-QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, 32768
+QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, MAX_QUEUE_SIZE
 MAX_QUEUES_MAX = 65535
 MSIX_MAX = 2048
 SF_NUM_MIN = 1000
