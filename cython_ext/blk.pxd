@@ -17,6 +17,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from atomics cimport *
 from vring cimport *
+from virtio cimport *
 from inflight cimport InflightQueue
 from blk_aio cimport AioPool, AioRing, AioRange
 
@@ -25,23 +26,7 @@ cdef enum:
     RING_BLK = 1
 
 cdef enum:
-    BLK_T_IN = 0
-    BLK_T_OUT = 1
-    BLK_T_FLUSH = 4
-    BLK_T_GET_ID = 8
-    BLK_T_DISCARD = 11
-    BLK_T_WRITE_ZEROES = 13
-    BLK_S_OK = 0
-    BLK_S_IOERR = 1
-    BLK_S_UNSUPP = 2
-    BLK_HDR_LEN = 16         # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
-    BLK_ID_LEN = 20          # VIRTIO_BLK_ID_BYTES
-    BLK_RANGE_LEN = 16       # struct virtio_blk_discard_write_zeroes
     BLK_MAX_RANGES = 256     # discard/write-zeroes ranges we ever accept in one request
-    BLK_SECTOR = 512
-    BLK_F_DISCARD = 13
-    BLK_F_WRITE_ZEROES = 14
-    BLK_DWZ_F_UNMAP = 1
     BACKEND_NULL = 0
     BACKEND_MALLOC = 1
     BACKEND_FILE = 2         # a file served asynchronously (blk_aio.pxd)
@@ -117,7 +102,7 @@ cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, i
         if steps > table_size:
             return E_LOOP
         vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
-        if flags & F_DESC_INDIRECT:
+        if flags & VRING_DESC_F_INDIRECT:
             table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
             if table == NULL:
                 return rc
@@ -126,7 +111,7 @@ cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, i
             steps = 0
             in_indirect = 1
             continue
-        if flags & F_DESC_WRITE:
+        if flags & VRING_DESC_F_WRITE:
             seen_write = 1
         elif seen_write:
             return E_DIR
@@ -134,14 +119,14 @@ cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, i
             rc = map_gpa(vq.mem, addr, dlen, iov, max_iov, niov)
             if rc < 0:
                 return rc
-            if flags & F_DESC_WRITE:
+            if flags & VRING_DESC_F_WRITE:
                 wb += dlen
             else:
                 rb += dlen
                 nread[0] = niov[0]
             if rb + wb > BLK_MAX_CHAIN:
                 return E_LEN
-        if not (flags & F_DESC_NEXT):
+        if not (flags & VRING_DESC_F_NEXT):
             break
         idx = nxt
     rbytes[0] = rb
@@ -188,48 +173,48 @@ cdef inline uint8_t blk_ranges(BlkDev *d, int kind, Iov *riov, int nread, uint64
     cdef uint64_t sector
     cdef Iov s
     cdef uint8_t *r
-    if data_len == 0 or data_len % BLK_RANGE_LEN:
-        return BLK_S_IOERR
-    nranges = <uint32_t>(data_len // BLK_RANGE_LEN)
-    if kind == BLK_T_DISCARD:
+    if data_len == 0 or data_len % VIRTIO_BLK_DISCARD_WZ_SIZE:
+        return VIRTIO_BLK_S_IOERR
+    nranges = <uint32_t>(data_len // VIRTIO_BLK_DISCARD_WZ_SIZE)
+    if kind == VIRTIO_BLK_T_DISCARD:
         max_seg, max_sect = d.max_discard_seg, d.max_discard_sectors
     else:
         max_seg, max_sect = d.max_write_zeroes_seg, d.max_write_zeroes_sectors
     if nranges > max_seg or nranges > BLK_MAX_RANGES:
-        return BLK_S_IOERR
+        return VIRTIO_BLK_S_IOERR
     s.base = scratch
-    s.len = nranges * BLK_RANGE_LEN
-    sg_copy(&s, 1, 0, riov, nread, BLK_HDR_LEN, s.len)
+    s.len = nranges * VIRTIO_BLK_DISCARD_WZ_SIZE
+    sg_copy(&s, 1, 0, riov, nread, VIRTIO_BLK_REQ_HDR_SIZE, s.len)
     for i in range(nranges):
-        r = scratch + BLK_RANGE_LEN * i
+        r = scratch + VIRTIO_BLK_DISCARD_WZ_SIZE * i
         sector = rd_le64(r)
         num = rd_le32(r + 8)
         flags = rd_le32(r + 12)
-        if flags & ~(<uint32_t>BLK_DWZ_F_UNMAP):
-            return BLK_S_UNSUPP          # reserved flag bits
-        if kind == BLK_T_DISCARD and (flags & BLK_DWZ_F_UNMAP):
-            return BLK_S_UNSUPP          # 5.2.6.2: unmap is not valid for discard
+        if flags & ~(<uint32_t>VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP):
+            return VIRTIO_BLK_S_UNSUPP          # reserved flag bits
+        if kind == VIRTIO_BLK_T_DISCARD and (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP):
+            return VIRTIO_BLK_S_UNSUPP          # 5.2.6.2: unmap is not valid for discard
         if num > max_sect or not blk_in_range(d, sector, num):
-            return BLK_S_IOERR
+            return VIRTIO_BLK_S_IOERR
     if d.read_only:
-        return BLK_S_IOERR
-    vfe_add_u64(&d.discards if kind == BLK_T_DISCARD else &d.write_zeroes, 1)
+        return VIRTIO_BLK_S_IOERR
+    vfe_add_u64(&d.discards if kind == VIRTIO_BLK_T_DISCARD else &d.write_zeroes, 1)
     if d.backend == BACKEND_FILE:
         # in place: range i's 16 bytes become AioRange i's 16 (read before written)
         for i in range(nranges):
-            r = scratch + BLK_RANGE_LEN * i
+            r = scratch + VIRTIO_BLK_DISCARD_WZ_SIZE * i
             sector = rd_le64(r)
             num = rd_le32(r + 8)
-            (<AioRange *>r).offset = sector * BLK_SECTOR
-            (<AioRange *>r).length = <uint64_t>num * BLK_SECTOR
+            (<AioRange *>r).offset = sector * VIRTIO_BLK_SECTOR_SIZE
+            (<AioRange *>r).length = <uint64_t>num * VIRTIO_BLK_SECTOR_SIZE
         nout[0] = nranges
         return BLK_ASYNC
     if d.backend == BACKEND_MALLOC:
         # discarded ranges read back as zeros too: simple and deterministic
         for i in range(nranges):
-            r = scratch + BLK_RANGE_LEN * i
-            memset(d.data + rd_le64(r) * BLK_SECTOR, 0, <uint64_t>rd_le32(r + 8) * BLK_SECTOR)
-    return BLK_S_OK
+            r = scratch + VIRTIO_BLK_DISCARD_WZ_SIZE * i
+            memset(d.data + rd_le64(r) * VIRTIO_BLK_SECTOR_SIZE, 0, <uint64_t>rd_le32(r + 8) * VIRTIO_BLK_SECTOR_SIZE)
+    return VIRTIO_BLK_S_OK
 
 
 cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint64_t rbytes,
@@ -244,75 +229,75 @@ cdef inline uint8_t blk_request(BlkDev *d, Iov *iov, int nread, int nwrite, uint
     validated here: BLK_ASYNC, with *kind_out the type, *offset_out the
     byte offset (IN/OUT) and, for the range types, *n_out ranges left in
     `scratch`; the caller queues it (engine.pyx, blk_aio.pxd)."""
-    cdef uint8_t hdr[BLK_HDR_LEN]
-    cdef uint8_t ident[BLK_ID_LEN]
+    cdef uint8_t hdr[VIRTIO_BLK_REQ_HDR_SIZE]
+    cdef uint8_t ident[VIRTIO_BLK_ID_BYTES]
     cdef Iov h, b
     cdef Iov *wiov = iov + nread
     cdef uint32_t kind
     cdef uint64_t sector, length
     cdef uint64_t in_len = wbytes - 1          # writable bytes before the status byte
-    cdef uint64_t out_len = rbytes - BLK_HDR_LEN
+    cdef uint64_t out_len = rbytes - VIRTIO_BLK_REQ_HDR_SIZE
     data_in[0] = 0
     h.base = hdr
-    h.len = BLK_HDR_LEN
-    sg_copy(&h, 1, 0, iov, nread, 0, BLK_HDR_LEN)
+    h.len = VIRTIO_BLK_REQ_HDR_SIZE
+    sg_copy(&h, 1, 0, iov, nread, 0, VIRTIO_BLK_REQ_HDR_SIZE)
     kind = rd_le32(hdr)
     sector = rd_le64(hdr + 8)
     kind_out[0] = kind
-    offset_out[0] = sector * BLK_SECTOR
-    if kind == BLK_T_IN:
+    offset_out[0] = sector * VIRTIO_BLK_SECTOR_SIZE
+    if kind == VIRTIO_BLK_T_IN:
         length = in_len
-        if length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
+        if length % VIRTIO_BLK_SECTOR_SIZE or not blk_in_range(d, sector, length // VIRTIO_BLK_SECTOR_SIZE):
             vfe_add_u64(&d.ioerrs, 1)
-            return BLK_S_IOERR
+            return VIRTIO_BLK_S_IOERR
         data_in[0] = <uint32_t>length
         vfe_add_u64(&d.reads, 1)
         vfe_add_u64(&d.read_bytes, length)
         if d.backend == BACKEND_FILE:
             return BLK_ASYNC
         if d.backend == BACKEND_MALLOC:
-            b.base = d.data + sector * BLK_SECTOR
+            b.base = d.data + sector * VIRTIO_BLK_SECTOR_SIZE
             b.len = <uint32_t>length
             sg_copy(wiov, nwrite, 0, &b, 1, 0, <uint32_t>length)
         else:
             sg_zero(wiov, nwrite, length)
-        return BLK_S_OK
-    if kind == BLK_T_OUT:
+        return VIRTIO_BLK_S_OK
+    if kind == VIRTIO_BLK_T_OUT:
         length = out_len
-        if d.read_only or length % BLK_SECTOR or not blk_in_range(d, sector, length // BLK_SECTOR):
+        if d.read_only or length % VIRTIO_BLK_SECTOR_SIZE or not blk_in_range(d, sector, length // VIRTIO_BLK_SECTOR_SIZE):
             vfe_add_u64(&d.ioerrs, 1)
-            return BLK_S_IOERR
+            return VIRTIO_BLK_S_IOERR
         vfe_add_u64(&d.writes, 1)
         vfe_add_u64(&d.write_bytes, length)
         if d.backend == BACKEND_FILE:
             return BLK_ASYNC
         if d.backend == BACKEND_MALLOC:
-            b.base = d.data + sector * BLK_SECTOR
+            b.base = d.data + sector * VIRTIO_BLK_SECTOR_SIZE
             b.len = <uint32_t>length
-            sg_copy(&b, 1, 0, iov, nread, BLK_HDR_LEN, <uint32_t>length)
-        return BLK_S_OK
-    if kind == BLK_T_FLUSH:
+            sg_copy(&b, 1, 0, iov, nread, VIRTIO_BLK_REQ_HDR_SIZE, <uint32_t>length)
+        return VIRTIO_BLK_S_OK
+    if kind == VIRTIO_BLK_T_FLUSH:
         # null and RAM have no cache to write back; a file's dirty pages go to disk
         vfe_add_u64(&d.flushes, 1)
         if d.backend == BACKEND_FILE:
             return BLK_ASYNC
-        return BLK_S_OK
-    if kind == BLK_T_GET_ID:
-        length = in_len if in_len < BLK_ID_LEN else BLK_ID_LEN
-        memcpy(ident, d.serial, BLK_ID_LEN)
+        return VIRTIO_BLK_S_OK
+    if kind == VIRTIO_BLK_T_GET_ID:
+        length = in_len if in_len < VIRTIO_BLK_ID_BYTES else VIRTIO_BLK_ID_BYTES
+        memcpy(ident, d.serial, VIRTIO_BLK_ID_BYTES)
         b.base = ident
-        b.len = BLK_ID_LEN
+        b.len = VIRTIO_BLK_ID_BYTES
         sg_copy(wiov, nwrite, 0, &b, 1, 0, <uint32_t>length)
         data_in[0] = <uint32_t>length
         vfe_add_u64(&d.get_ids, 1)
-        return BLK_S_OK
-    if ((kind == BLK_T_DISCARD and (d.features >> BLK_F_DISCARD) & 1)
-            or (kind == BLK_T_WRITE_ZEROES and (d.features >> BLK_F_WRITE_ZEROES) & 1)):
+        return VIRTIO_BLK_S_OK
+    if ((kind == VIRTIO_BLK_T_DISCARD and (d.features >> VIRTIO_BLK_F_DISCARD) & 1)
+            or (kind == VIRTIO_BLK_T_WRITE_ZEROES and (d.features >> VIRTIO_BLK_F_WRITE_ZEROES) & 1)):
         kind = blk_ranges(d, kind, iov, nread, out_len, scratch, n_out)
-        if kind == BLK_S_IOERR:
+        if kind == VIRTIO_BLK_S_IOERR:
             vfe_add_u64(&d.ioerrs, 1)
-        elif kind == BLK_S_UNSUPP:
+        elif kind == VIRTIO_BLK_S_UNSUPP:
             vfe_add_u64(&d.unsupps, 1)
         return <uint8_t>kind
     vfe_add_u64(&d.unsupps, 1)
-    return BLK_S_UNSUPP
+    return VIRTIO_BLK_S_UNSUPP

@@ -32,6 +32,8 @@ from atomics cimport *
 from guard cimport vfe_guarded, vfe_thread_guard_init, vfe_thread_guard_fini, VFE_FAULTED
 from linux cimport iovec, write, now_ns
 from vring cimport Iov, Vring
+from virtio cimport VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD, \
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -78,11 +80,11 @@ cdef enum:
     AIO_ZERO_BUF = 65536
 
 cdef enum:
-    AIO_READ = 0                 # BLK_T_IN: preadv into the writable pieces
-    AIO_WRITE = 1                # BLK_T_OUT: pwritev from the readable pieces
-    AIO_FLUSH = 4                # fdatasync
-    AIO_DISCARD = 11             # fallocate(PUNCH_HOLE | KEEP_SIZE) per range
-    AIO_WRITE_ZEROES = 13        # fallocate(ZERO_RANGE), else pwrite of zeros
+    AIO_READ = VIRTIO_BLK_T_IN           # preadv into the writable pieces
+    AIO_WRITE = VIRTIO_BLK_T_OUT         # pwritev from the readable pieces
+    AIO_FLUSH = VIRTIO_BLK_T_FLUSH       # fdatasync
+    AIO_DISCARD = VIRTIO_BLK_T_DISCARD   # fallocate(PUNCH_HOLE | KEEP_SIZE) per range
+    AIO_WRITE_ZEROES = VIRTIO_BLK_T_WRITE_ZEROES  # fallocate(ZERO_RANGE), else pwrite of zeros
 
 ctypedef struct AioRange:
     uint64_t offset              # bytes
@@ -93,7 +95,7 @@ ctypedef struct AioReq:
     void *ring                   # its AioRing
     uint16_t head
     uint8_t op
-    uint8_t status               # BLK_S_* once done
+    uint8_t status               # VIRTIO_BLK_S_* once done
     uint8_t busy                 # queued, running or done but not reaped: head h is outstanding
     uint32_t epoch               # AioRing.epoch when queued (older: abandoned by a stop)
     uint8_t *status_ptr          # the status byte in guest memory
@@ -264,7 +266,7 @@ cdef inline void aio_complete(AioReq *r, int rc) noexcept nogil:
     """A pool thread finished r: hand it to its ring's worker."""
     cdef AioRing *ring = <AioRing *>r.ring
     cdef uint64_t one = 1
-    r.status = 0 if rc == 0 else 1          # BLK_S_OK / BLK_S_IOERR
+    r.status = VIRTIO_BLK_S_OK if rc == 0 else VIRTIO_BLK_S_IOERR
     if rc != 0:
         r.data_in = 0
     vfe_spin_lock(&ring.lock)

@@ -25,8 +25,8 @@ cdef class BlkDevice(RingDevice):
         if backend == "file" and not path:
             raise ValueError("a file backend needs path=")
         sb = serial.encode() if isinstance(serial, str) else bytes(serial)
-        if len(sb) > BLK_ID_LEN:
-            raise ValueError(f"serial is longer than {BLK_ID_LEN} bytes")
+        if len(sb) > VIRTIO_BLK_ID_BYTES:
+            raise ValueError(f"serial is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         if max_discard_seg > BLK_MAX_RANGES or max_write_zeroes_seg > BLK_MAX_RANGES:
             raise ValueError(f"at most {BLK_MAX_RANGES} discard/write-zeroes ranges per request")
         self.engine = engine
@@ -53,7 +53,7 @@ cdef class BlkDevice(RingDevice):
         else:
             self.d.backend = BACKEND_NULL
         self.d.num_vqs = num_queues
-        self.d.capacity = capacity_bytes // BLK_SECTOR
+        self.d.capacity = capacity_bytes // VIRTIO_BLK_SECTOR_SIZE
         self.d.block_size = block_size
         self.d.read_only = read_only
         memcpy(self.d.serial, <char *>sb, len(sb))
@@ -204,7 +204,7 @@ cdef class BlkDevice(RingDevice):
         if self.d.aio != NULL and not vq.ready:
             ar = &self.d.aio[index]
             aio_drop_abandoned(ar)
-            if ar.size != size and 0 < size <= 32768:
+            if ar.size != size and 0 < size <= MAX_QUEUE_SIZE:
                 if ar.abandoned:
                     # the I/O threads still hold slots of the old array
                     raise RuntimeError(f"ring {index}: {ar.abandoned} request(s) of its last "
@@ -230,10 +230,10 @@ cdef class BlkDevice(RingDevice):
         with nogil:
             e.stop_world()
             self.d.features = features
-            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
+            self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
             for i in range(self.d.num_vqs):
-                self.d.vqs[i].event_idx = (features >> 29) & 1
-                self.d.vqs[i].indirect = (features >> 28) & 1
+                self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
+                self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
@@ -251,7 +251,7 @@ cdef class BlkDevice(RingDevice):
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
-            if not 1 <= queue_size <= 32768 or num_queues < 0:
+            if not 1 <= queue_size <= MAX_QUEUE_SIZE or num_queues < 0:
                 raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
             if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
                 raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
@@ -295,7 +295,7 @@ cdef class BlkDevice(RingDevice):
 
     def read_backend(self, uint64_t offset, uint64_t length):
         """The backend's bytes (tests, debugging); zeros for null."""
-        if offset > self.d.capacity * BLK_SECTOR or length > self.d.capacity * BLK_SECTOR - offset:
+        if offset > self.d.capacity * VIRTIO_BLK_SECTOR_SIZE or length > self.d.capacity * VIRTIO_BLK_SECTOR_SIZE - offset:
             raise ValueError("range outside the device")
         if self.d.backend == BACKEND_FILE:
             return os.pread(self.d.fd, length, offset)

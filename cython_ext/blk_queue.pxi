@@ -19,15 +19,15 @@ cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nrea
     r.data_in = data_in
     r.offset = offset
     r.direct = 0
-    if kind == BLK_T_IN:
+    if kind == VIRTIO_BLK_T_IN:
         r.op = AIO_READ
         r.length = data_in
         r.n = aio_slice(&w.iov[nread], niov - nread, 0, data_in, aio_pieces(r), AIO_MAX_PIECES)
-    elif kind == BLK_T_OUT:
+    elif kind == VIRTIO_BLK_T_OUT:
         r.op = AIO_WRITE
-        r.length = rbytes - BLK_HDR_LEN
-        r.n = aio_slice(w.iov, nread, BLK_HDR_LEN, r.length, aio_pieces(r), AIO_MAX_PIECES)
-    elif kind == BLK_T_FLUSH:
+        r.length = rbytes - VIRTIO_BLK_REQ_HDR_SIZE
+        r.n = aio_slice(w.iov, nread, VIRTIO_BLK_REQ_HDR_SIZE, r.length, aio_pieces(r), AIO_MAX_PIECES)
+    elif kind == VIRTIO_BLK_T_FLUSH:
         r.op = AIO_FLUSH
         r.n = 0
     else:
@@ -36,12 +36,12 @@ cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nrea
         r.n = <int>nranges
     if r.n < 0:
         vfe_add_u64(&d.ioerrs, 1)
-        return BLK_S_IOERR
+        return VIRTIO_BLK_S_IOERR
     if (r.op == AIO_READ or r.op == AIO_WRITE) and d.pool.dfd >= 0:
         # O_DIRECT wants sector-aligned buffers; anything else goes buffered
         r.direct = 1
         for i in range(r.n):
-            if ((<uint64_t>aio_pieces(r)[i].base) | aio_pieces(r)[i].len) & (BLK_SECTOR - 1):
+            if ((<uint64_t>aio_pieces(r)[i].base) | aio_pieces(r)[i].len) & (VIRTIO_BLK_SECTOR_SIZE - 1):
                 r.direct = 0
                 break
     r.busy = 1
@@ -73,7 +73,7 @@ cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint
     inflight_link(&d.inflight[vq.index], head)
     vq.packets += 1
     vq.bytes += nbytes
-    if status != BLK_S_OK:
+    if status != VIRTIO_BLK_S_OK:
         vq.dropped += 1
 
 
@@ -89,7 +89,7 @@ cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogi
     cdef uint8_t status
     cdef Iov st
     rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
-    if rc == 0 and rbytes < BLK_HDR_LEN:
+    if rc == 0 and rbytes < VIRTIO_BLK_REQ_HDR_SIZE:
         rc = E_BLK_HDR
     if rc == 0 and wbytes == 0:
         rc = E_BLK_STATUS
@@ -111,7 +111,7 @@ cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogi
         for c in range(nread, niov):
             log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
     blk_answer(d, vq, head, data_in, status,
-               data_in if data_in else (rbytes - BLK_HDR_LEN if status == BLK_S_OK else 0))
+               data_in if data_in else (rbytes - VIRTIO_BLK_REQ_HDR_SIZE if status == VIRTIO_BLK_S_OK else 0))
     return 1
 
 
@@ -149,15 +149,15 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
         vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
-            if r.op == AIO_READ and r.status == BLK_S_OK:
+            if r.op == AIO_READ and r.status == VIRTIO_BLK_S_OK:
                 p = aio_pieces(r)
                 for k in range(r.n):
                     log_pages(&d.log, p[k].gpa, p[k].len)
             log_pages(&d.log, r.status_gpa, 1)
-        if r.status != BLK_S_OK:
+        if r.status != VIRTIO_BLK_S_OK:
             vfe_add_u64(&d.ioerrs, 1)
         blk_answer(d, vq, r.head, r.data_in, r.status,
-                   r.length if r.status == BLK_S_OK and r.op <= AIO_WRITE else 0)
+                   r.length if r.status == VIRTIO_BLK_S_OK and r.op <= AIO_WRITE else 0)
         done[ndone[0]] = r.head
         ndone[0] += 1
         if ndone[0] == BURST:

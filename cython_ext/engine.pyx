@@ -26,9 +26,12 @@ from inflight cimport *
 from blk_aio cimport *
 from fault cimport *
 from guard cimport *
+from virtio cimport *
 
 import os
 import threading
+
+from vfe.macaddr import format_mac, parse_mac
 
 ENGINE_ABI = VFE_ENGINE_ABI
 
@@ -290,7 +293,7 @@ cdef Worker *worker_new(Switch *sw, int mode, int64_t spin_ns, int event_fd) exc
         raise MemoryError()
     w.lin = <uint8_t *>malloc(LIN_CAP)
     w.seg = <uint8_t *>malloc(SEG_CAP)
-    w.tap_buf = <uint8_t *>malloc(LIN_CAP + 12)
+    w.tap_buf = <uint8_t *>malloc(LIN_CAP + VIRTIO_NET_HDR_MRG_LEN)
     w.sw = sw
     w.mode = mode
     w.spin_ns = spin_ns
@@ -566,12 +569,18 @@ cdef class Engine:
                 self.devices.remove(dev)
 
 
+def ring_area_sizes(uint64_t size, bint event_idx):
+    """(desc, avail, used): the bytes translate_ring maps for a ring of
+    `size` entries (virtio.pxd), for the unit test that checks them against
+    vfe.virtio.layouts.ring_area_sizes."""
+    return (vring_desc_size(size), vring_avail_size(size, event_idx),
+            vring_used_size(size, event_idx))
+
+
 cdef int translate_ring(Vring *vq) noexcept nogil:
-    # avail_event/used_event (2 bytes each) exist only with EVENT_IDX (2.7.6)
-    cdef uint64_t sz = vq.size, ev = 2 if vq.event_idx else 0
-    cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, 16 * sz, True)
-    cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, 4 + 2 * sz + ev, True)
-    cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, 4 + 8 * sz + ev, True)
+    cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, vring_desc_size(vq.size), True)
+    cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, vring_avail_size(vq.size, vq.event_idx), True)
+    cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, vring_used_size(vq.size, vq.event_idx), True)
     if d == 0 or a == 0 or u == 0 or (d & 15) or (a & 1) or (u & 3):
         return E_RING
     vq.desc = <uint8_t *>d
@@ -659,7 +668,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef _StartRecover rec
     cdef int rc
     recovered = None
-    if size <= 0 or size > 32768 or (size & (size - 1)):
+    if size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= 32768")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")

@@ -36,7 +36,7 @@ cdef class NetDevice(RingDevice):
         if self.d.vqs == NULL or self.d.mem == NULL:
             raise MemoryError()
         self.d.num_vqs = num_queues
-        self.d.hdr_len = 12
+        self.d.hdr_len = VIRTIO_NET_HDR_MRG_LEN
         self.d.port = -1
         self.d.tap_fd = -1
         for i in range(num_queues):
@@ -69,22 +69,22 @@ cdef class NetDevice(RingDevice):
     def set_features(self, uint64_t features):
         """Apply negotiated virtio features (header length, offloads, ring features)."""
         cdef int i
-        cdef int v1 = (features >> 32) & 1
-        cdef int mrg = (features >> 15) & 1
+        cdef int v1 = (features >> VIRTIO_F_VERSION_1) & 1
+        cdef int mrg = (features >> VIRTIO_NET_F_MRG_RXBUF) & 1
         cdef Engine e = self.engine
         with nogil:
             e.stop_world()
             self.d.features = features
             self.d.mrg_rxbuf = mrg
-            self.d.hdr_len = 12 if (v1 or mrg) else 10
-            self.d.guest_csum = (features >> 1) & 1
-            self.d.guest_tso4 = (features >> 7) & 1
-            self.d.guest_tso6 = (features >> 8) & 1
-            self.d.guest_ecn = (features >> 9) & 1
-            self.d.log.active = ((features >> 26) & 1) and self.d.log.base != NULL
+            self.d.hdr_len = VIRTIO_NET_HDR_MRG_LEN if (v1 or mrg) else VIRTIO_NET_HDR_LEN
+            self.d.guest_csum = (features >> VIRTIO_NET_F_GUEST_CSUM) & 1
+            self.d.guest_tso4 = (features >> VIRTIO_NET_F_GUEST_TSO4) & 1
+            self.d.guest_tso6 = (features >> VIRTIO_NET_F_GUEST_TSO6) & 1
+            self.d.guest_ecn = (features >> VIRTIO_NET_F_GUEST_ECN) & 1
+            self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
             for i in range(self.d.num_vqs):
-                self.d.vqs[i].event_idx = (features >> 29) & 1
-                self.d.vqs[i].indirect = (features >> 28) & 1
+                self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
+                self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
@@ -158,7 +158,7 @@ cdef class NetDevice(RingDevice):
         cdef Engine e = self.engine
         cdef uint64_t value = 0, prev
         if mac is not None:
-            raw = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
+            raw = parse_mac(mac) if isinstance(mac, str) else bytes(mac)
             if len(raw) != 6:
                 raise ValueError(f"bad MAC address {mac!r}")
             if raw[0] & 1:
@@ -192,7 +192,7 @@ cdef class NetDevice(RingDevice):
         """The configured MAC ("xx:xx:..."), or None."""
         if self.d.port_mac == 0:
             return None
-        return ":".join(f"{b:02x}" for b in self.d.port_mac.to_bytes(6, "big"))
+        return format_mac(self.d.port_mac)
 
     @property
     def learn_limit(self):
@@ -225,7 +225,7 @@ cdef class NetDevice(RingDevice):
         self._logged |= bits
         limit = self.d.learn_limit
         if bits & NOTICE_SPOOF:
-            src = ":".join(f"{b:02x}" for b in self.d.spoof_src.to_bytes(6, "big"))
+            src = format_mac(self.d.spoof_src)
             own = self.port_mac
             out.append(f"port security: dropping frames from source MAC {src}"
                        + (f" (the device's MAC is {own})" if own and own != src
@@ -258,11 +258,11 @@ cdef class NetDevice(RingDevice):
         cdef Worker *w = e.ctl
         cdef _Inject inj
         cdef Iov src
-        cdef uint8_t buf[12 + 1518]
+        cdef uint8_t buf[VIRTIO_NET_HDR_MRG_LEN + 1518]
         cdef uint32_t n = len(frame)
         if n < 14 or n > 1518:
             raise ValueError("frame must be 14..1518 bytes")
-        memset(buf, 0, 12 + n)
+        memset(buf, 0, VIRTIO_NET_HDR_MRG_LEN + n)
         memcpy(buf + self.d.hdr_len, <char *>frame, n)
         src.base = buf
         src.len = self.d.hdr_len + n

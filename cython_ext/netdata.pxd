@@ -10,6 +10,7 @@ from libc.string cimport memcpy, memset
 from atomics cimport *
 from linux cimport *
 from vring cimport *
+from virtio cimport *
 from netpath cimport *
 from switch cimport *
 from fault cimport mem_gone
@@ -116,7 +117,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         niov += cn
         cap += clen
         nchains += 1
-    if t.hdr_len == 12:
+    if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
         w.hdr_out[10] = nchains & 0xFF
         w.hdr_out[11] = (nchains >> 8) & 0xFF
     h.base = w.hdr_out
@@ -225,14 +226,14 @@ cdef inline void soft_frame(Worker *w, int i, Iov *out) noexcept nogil:
 
 
 cdef inline int needs_segmentation(uint8_t gso, int tso4, int tso6, int ecn) noexcept nogil:
-    cdef uint8_t base = gso & 0x7F
-    if base == 0:
+    cdef uint8_t base = gso & ~VIRTIO_NET_HDR_GSO_ECN
+    if base == VIRTIO_NET_HDR_GSO_NONE:
         return 0
-    if (gso & 0x80) and not ecn:
+    if (gso & VIRTIO_NET_HDR_GSO_ECN) and not ecn:
         return 1
-    if base == 1:
+    if base == VIRTIO_NET_HDR_GSO_TCPV4:
         return not tso4
-    if base == 4:
+    if base == VIRTIO_NET_HDR_GSO_TCPV6:
         return not tso6
     return 1                          # UFO is never offered
 
@@ -245,17 +246,17 @@ cdef inline int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint
     cdef int need_seg = needs_segmentation(w.hdr_in[1], t.guest_tso4, t.guest_tso6, t.guest_ecn)
     cdef int i, n, result = R_OK
     cdef Iov seg
-    if not need_seg and not ((w.hdr_in[0] & 1) and not t.guest_csum):
-        memcpy(w.hdr_out, w.hdr_in, 10)
+    if not need_seg and not ((w.hdr_in[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) and not t.guest_csum):
+        memcpy(w.hdr_out, w.hdr_in, VIRTIO_NET_HDR_LEN)
         return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
     n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
     if n < 0:
         count_drop(t, pair)
         return R_DROP
     vfe_add_u64(&t.sw_gso if need_seg else &t.sw_csum, 1)
-    memset(w.hdr_out, 0, 12)
+    memset(w.hdr_out, 0, VIRTIO_NET_HDR_MRG_LEN)
     if t.guest_csum:
-        w.hdr_out[0] = 2              # DATA_VALID: we computed every checksum
+        w.hdr_out[0] = VIRTIO_NET_HDR_F_DATA_VALID     # we computed every checksum
     for i in range(n):
         soft_frame(w, i, &seg)
         if rx_enqueue(w, t, pair, &seg, 1, 0, seg.len) != R_OK:
@@ -279,9 +280,9 @@ cdef inline int tap_write_one(Worker *w, int fd, Iov *src, int nsrc, uint32_t sk
     cdef iovec vec[MAX_IOV + 1]
     cdef int n = 1, i = 0
     cdef uint32_t left = frame_len, off = skip, l
-    memset(w.hdr_out, 0, 12)
+    memset(w.hdr_out, 0, VIRTIO_NET_HDR_MRG_LEN)
     vec[0].iov_base = w.hdr_out
-    vec[0].iov_len = 12
+    vec[0].iov_len = VIRTIO_NET_HDR_MRG_LEN
     while i < nsrc and left > 0:
         if off >= src[i].len:
             off -= src[i].len
@@ -307,7 +308,7 @@ cdef inline int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t ski
     cdef int need_seg = needs_segmentation(w.hdr_in[1], 0, 0, 0)
     cdef int i, n, result = R_OK
     cdef Iov seg
-    if not need_seg and not (w.hdr_in[0] & 1):
+    if not need_seg and not (w.hdr_in[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM):
         return tap_write_one(w, dev.tap_fd, src, nsrc, skip, frame_len)
     n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
     if n < 0:
@@ -326,12 +327,12 @@ cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
     cdef ssize_t n
     cdef Iov frame
     for k in range(BURST):
-        n = read(dev.tap_fd, w.tap_buf, LIN_CAP + 12)
-        if n <= 12:
+        n = read(dev.tap_fd, w.tap_buf, LIN_CAP + VIRTIO_NET_HDR_MRG_LEN)
+        if n <= VIRTIO_NET_HDR_MRG_LEN:
             break
-        memcpy(w.hdr_in, w.tap_buf, 12)
-        frame.base = w.tap_buf + 12
-        frame.len = <uint32_t>(n - 12)
+        memcpy(w.hdr_in, w.tap_buf, VIRTIO_NET_HDR_MRG_LEN)
+        frame.base = w.tap_buf + VIRTIO_NET_HDR_MRG_LEN
+        frame.len = <uint32_t>(n - VIRTIO_NET_HDR_MRG_LEN)
         if deliver(w, dev, 0, &frame, 1, 0, frame.len) != R_OK:
             dev.tap_rx_dropped += 1
         done += 1
@@ -375,7 +376,7 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
     cdef NetDev *t
     d.base = w.hdr_in
     d.len = hl
-    memset(w.hdr_in, 0, 12)
+    memset(w.hdr_in, 0, VIRTIO_NET_HDR_MRG_LEN)
     sg_copy(&d, 1, 0, src, nsrc, 0, hl)
     if frame_len < 14:
         return R_DROP
@@ -417,7 +418,7 @@ cdef inline int tap_send(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t to
     cdef uint32_t hl = dev.hdr_len
     d.base = w.hdr_in
     d.len = hl
-    memset(w.hdr_in, 0, 12)
+    memset(w.hdr_in, 0, VIRTIO_NET_HDR_MRG_LEN)
     sg_copy(&d, 1, 0, src, nsrc, 0, hl)
     if total - hl < 14:
         return R_DROP

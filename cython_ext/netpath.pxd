@@ -3,6 +3,7 @@
 # live in engine.pyx; this file is the map of what they touch.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from vring cimport Vring, MemTable, Iov, DirtyLog, MAX_IOV
+from virtio cimport VIRTIO_NET_HDR_MRG_LEN
 from fault cimport FaultRegistry
 
 cdef enum:
@@ -96,8 +97,8 @@ ctypedef struct Worker:
     Vring *dirty[64]
     uint64_t iterations
     uint64_t sleeps
-    uint8_t hdr_in[12]
-    uint8_t hdr_out[12]
+    uint8_t hdr_in[VIRTIO_NET_HDR_MRG_LEN]
+    uint8_t hdr_out[VIRTIO_NET_HDR_MRG_LEN]
     Iov iov[MAX_IOV]
     Iov rx_iov[MAX_IOV]
     uint16_t rx_head[MAX_IOV]

@@ -14,7 +14,7 @@ cdef class RingDevice:
     cdef uint64_t *features
     cdef FaultDomain *fdom          # its mappings, for the SIGBUS recovery (fault.pxd)
     cdef public int slot
-    cdef public object owner
+    cdef public object model        # the device model these rings belong to (vfe/devices/), for log lines
 
     def __cinit__(self, *args, **kwargs):
         self.vqs = NULL
@@ -97,7 +97,7 @@ cdef class RingDevice:
             e.stop_world()
             self.log.base = <uint8_t *>hva
             self.log.size = size if hva else 0
-            self.log.active = ((self.features[0] >> 26) & 1) and hva != 0
+            self.log.active = ((self.features[0] >> VHOST_F_LOG_ALL) & 1) and hva != 0
             e.start_world()
 
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,

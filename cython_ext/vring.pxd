@@ -10,6 +10,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove
 from atomics cimport *
 from linux cimport write
+from virtio cimport *
 
 cdef enum:
     MAX_REGIONS = 64
@@ -30,13 +31,6 @@ cdef enum:
     E_LEN = -9         # zero or oversized chain
     E_AVAIL = -10      # avail index moved by more than the queue size
     E_RING = -11       # ring addresses not mapped
-
-cdef enum:
-    F_DESC_NEXT = 1
-    F_DESC_WRITE = 2
-    F_DESC_INDIRECT = 4
-    F_AVAIL_NO_INTERRUPT = 1
-    F_USED_NO_NOTIFY = 1
 
 ctypedef struct Region:
     uint64_t gpa
@@ -160,9 +154,9 @@ cdef inline uint8_t *indirect_table(Vring *vq, uint64_t addr, uint32_t dlen, uin
     if in_indirect:
         err[0] = E_NESTED
         return NULL
-    if not vq.indirect or (flags & F_DESC_NEXT):
+    if not vq.indirect or (flags & VRING_DESC_F_NEXT):
         return NULL
-    if dlen == 0 or (dlen & 15) or dlen // 16 > 32768:
+    if dlen == 0 or dlen % VRING_DESC_SIZE or dlen // VRING_DESC_SIZE > MAX_QUEUE_SIZE:
         return NULL
     thva = contig_hva(vq.mem, addr, dlen, False)
     if thva == 0 or (thva & 15):
@@ -196,7 +190,7 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
         if steps > table_size:
             return E_LOOP
         vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
-        if flags & F_DESC_INDIRECT:
+        if flags & VRING_DESC_F_INDIRECT:
             table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
             if table == NULL:
                 return rc
@@ -205,7 +199,7 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
             steps = 0
             in_indirect = 1
             continue
-        if ((flags & F_DESC_WRITE) != 0) != (want_write != 0):
+        if ((flags & VRING_DESC_F_WRITE) != 0) != (want_write != 0):
             return E_DIR
         if dlen:
             rc = map_gpa(vq.mem, addr, dlen, iov, max_iov, niov)
@@ -214,7 +208,7 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
             tlen += dlen
             if tlen > MAX_CHAIN_BYTES:
                 return E_LEN
-        if not (flags & F_DESC_NEXT):
+        if not (flags & VRING_DESC_F_NEXT):
             break
         idx = nxt
     if tlen == 0:
@@ -277,7 +271,7 @@ cdef inline void log_used_ring(Vring *vq) noexcept nogil:
     pages at most, cheaper than tracking which elements moved."""
     if vq.log.active and vq.log_used:
         vfe_fence()
-        log_pages(vq.log, vq.log_guest_addr, 6 + 8 * <uint64_t>vq.size)
+        log_pages(vq.log, vq.log_guest_addr, vring_used_size(vq.size, True))
 
 
 cdef inline void log_used_bytes(Vring *vq, uint64_t off, uint64_t length) noexcept nogil:
@@ -312,7 +306,7 @@ cdef inline void used_publish(Vring *vq) noexcept nogil:
     if vq.event_idx:
         if not need_event(vfe_load_u16(&vq.avail[2 + vq.size]), new_idx, old):
             return
-    elif vfe_load_u16(&vq.avail[0]) & F_AVAIL_NO_INTERRUPT:
+    elif vfe_load_u16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT:
         return
     if vq.call_fd >= 0:
         write(vq.call_fd, &one, 8)
@@ -323,7 +317,7 @@ cdef inline void notify_disable(Vring *vq) noexcept nogil:
     """Ask the guest not to kick (we are polling).  With EVENT_IDX we just stop
     moving avail_event: once the guest passes it, it stops kicking."""
     if not vq.event_idx:
-        vfe_store_u16(<uint16_t *>vq.used, F_USED_NO_NOTIFY)
+        vfe_store_u16(<uint16_t *>vq.used, VRING_USED_F_NO_NOTIFY)
         log_used_bytes(vq, 0, 2)
     vq.notify_enabled = 0
 

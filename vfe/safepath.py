@@ -31,10 +31,15 @@ import errno
 import os
 import stat
 
-__all__ = ["UnsafePath", "check_dir_chain", "check_socket_path", "check_trusted_file",
-           "ensure_private_dir", "make_dirs", "writable_by_others", "trusted_uids"]
+__all__ = ["SUN_PATH_MAX", "UnsafePath", "check_dir_chain", "check_socket_path",
+           "check_trusted_file", "ensure_private_dir", "make_dirs", "writable_by_others",
+           "trusted_uids"]
 
 _MAX_LINKS = 40          # the kernel's own limit on symlinks in one lookup
+
+#: The longest path (in bytes) a Unix socket can be bound or connected at:
+#: sockaddr_un.sun_path is 108 bytes, the terminating NUL included.
+SUN_PATH_MAX = 107
 
 
 class UnsafePath(PermissionError):

@@ -36,6 +36,7 @@ import sys
 
 from vfe.testing.vhost_harness import Connection, FdKind, memfd_maps
 from vfe.vhost.framing import encode_message
+from vfe.virtio.constants import F, bit
 
 NATIVE = False          # pure Python under test: no instrumented engine needed
 MAX_LEN = 2048
@@ -73,14 +74,14 @@ UVA0 = 0x7F00_0000_0000        # where the handshake's memory sits for the front
 
 def _handshake(blk: bool) -> list[tuple[bytes, tuple[FdKind, ...]]]:
     from vfe.testing.vhost_harness import device_spec
-    from vfe.vhost.messages import F_LOG_ALL, MemoryRegion, MemTable, Request, U64
+    from vfe.vhost.messages import MemoryRegion, MemTable, Request, U64
 
     spec = device_spec(blk)
     return [
         (encode_message(Request.SET_PROTOCOL_FEATURES, U64(spec.protocol_features).encode()), ()),
         (encode_message(Request.SET_OWNER), ()),
         (encode_message(Request.SET_FEATURES,
-                        U64(spec.features & ~(1 << F_LOG_ALL)).encode()), ()),
+                        U64(spec.features & ~bit(F.VHOST_LOG_ALL)).encode()), ()),
         (encode_message(Request.SET_MEM_TABLE,
                         MemTable((MemoryRegion(0, 16 << 20, UVA0, 0),)).encode()),
          (FdKind.MEMFD_16M,)),
@@ -194,7 +195,7 @@ def _seeds() -> dict[str, bytes]:
     from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
     from vfe.devices.blk import BLK_PROTOCOL_FEATURES
     from vfe.vhost.messages import (
-        F_LOG_ALL, Config, Inflight, Log, MemoryRegion, MemTable, NEED_REPLY, Request as R,
+        Config, Inflight, Log, MemoryRegion, MemTable, NEED_REPLY, Request as R,
         SingleMemRegion, U64, VringAddr, VringFile, VringState,
     )
 
@@ -226,7 +227,7 @@ def _seeds() -> dict[str, bytes]:
     net_hello = (msg(R.GET_FEATURES) + msg(R.GET_PROTOCOL_FEATURES)
                  + msg(R.SET_PROTOCOL_FEATURES, U64(NET_PROTOCOL_FEATURES))
                  + msg(R.GET_QUEUE_NUM) + msg(R.SET_OWNER)
-                 + msg(R.SET_FEATURES, U64(NET_FEATURES & ~(1 << F_LOG_ALL)))
+                 + msg(R.SET_FEATURES, U64(NET_FEATURES & ~bit(F.VHOST_LOG_ALL)))
                  + msg(R.SET_MEM_TABLE, table, [FdKind.MEMFD_16M]))
     stop = msg(R.GET_VRING_BASE, VringState(0, 0)) + msg(R.GET_VRING_BASE, VringState(1, 0))
     seeds = {
@@ -256,7 +257,7 @@ def _seeds() -> dict[str, bytes]:
         + msg(R.GET_CONFIG, Config(0, 60, 0, bytes(60)))
         + msg(R.GET_INFLIGHT_FD, Inflight(0, 0, 2, 256))
         + msg(R.SET_INFLIGHT_FD, Inflight(1 << 16, 0, 2, 256), [FdKind.MEMFD_64K])
-        + msg(R.SET_FEATURES, U64(BLK_FEATURES & ~(1 << F_LOG_ALL)))
+        + msg(R.SET_FEATURES, U64(BLK_FEATURES & ~bit(F.VHOST_LOG_ALL)))
         + msg(R.SET_MEM_TABLE, table, [FdKind.MEMFD_16M]) + ring(0) + ring(1) + stop
         + msg(R.SET_STATUS, U64(0x0F)),
         "handshake-net-rings": bytes([0x22]) + ring(0) + ring(1) + stop

@@ -17,10 +17,11 @@ import signal
 import sys
 import time
 
-from vfe import __version__
+from vfe import __version__, macaddr
 from vfe.controller import sdnotify
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
+from vfe.virtio.constants import MAX_QUEUE_SIZE
 
 LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
 _BOOL = {"on": True, "yes": True, "true": True, "1": True,
@@ -28,11 +29,9 @@ _BOOL = {"on": True, "yes": True, "true": True, "1": True,
 
 
 def parse_mac(text: str) -> str:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"bad MAC address {text!r} (expected six hex octets like 52:54:00:12:34:56)")
+    """``text`` in lower case, if it is a MAC address (vfe/macaddr.py)."""
     try:
-        [int(p, 16) for p in parts]
+        macaddr.parse_mac(text)
     except ValueError:
         raise ValueError(f"bad MAC address {text!r} (expected six hex octets like 52:54:00:12:34:56)") from None
     return text.lower()
@@ -73,7 +72,7 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
         if "queues" in opts:
             cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
         if "queue-size" in opts:
-            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
+            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, MAX_QUEUE_SIZE)
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
         if "mtu" in opts:
@@ -121,7 +120,7 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
         if "queues" in opts:
             cfg.queues = _int_in(opts["queues"], "queues", 1, 64)
         if "queue-size" in opts:
-            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, 32768)
+            cfg.queue_size = _int_in(opts["queue-size"], "queue-size", 2, MAX_QUEUE_SIZE)
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
         if opts.get("incoming"):

@@ -23,15 +23,17 @@ from typing import Any
 from vfe import __version__
 # default_socket: the name vfe-rpc, vfe-sriov and the tests know it by
 from vfe.cli.common import controller_socket as default_socket
+from vfe.macaddr import parse_mac
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
 from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
+from vfe.virtio.constants import MAX_QUEUE_SIZE
 
 PROG = "virtnet"
 COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
 LOG_LEVELS = ("info", "err", "debug")
 
 MTU_MIN, MTU_MAX = 68, 9216
-QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, 32768
+QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, MAX_QUEUE_SIZE
 MAX_QUEUES_MAX = 65535
 MSIX_MAX = 2048
 SF_NUM_MIN = 1000
@@ -40,7 +42,6 @@ FEATURES_MAX = (1 << 64) - 1
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # used with fullmatch() only: `$` would also match before a trailing newline
-_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _DEC_RE = re.compile(r"[0-9]+")
 _HEX_RE = re.compile(r"0[xX][0-9A-Fa-f]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
@@ -92,9 +93,11 @@ def features_value(text: str) -> int:
 
 
 def mac_value(text: str) -> str:
-    if not _MAC_RE.fullmatch(text):
+    try:
+        parse_mac(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid MAC address {text!r}: expected six hex octets like 0C:C4:7A:FF:22:93")
+            f"invalid MAC address {text!r}: expected six hex octets like 0C:C4:7A:FF:22:93") from None
     return text
 
 

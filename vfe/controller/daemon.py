@@ -316,8 +316,8 @@ class Endpoint:
 
 def _name(dev) -> str:
     """A device's name for the log (its configured name, else its switch port)."""
-    owner = dev.owner
-    return owner.config.name if owner is not None and owner.config.name else f"port{dev.port}"
+    model = dev.model
+    return model.config.name if model is not None and model.config.name else f"port{dev.port}"
 
 
 def _u64(v: int) -> bytes:

@@ -552,7 +552,7 @@ class Inventory:
             if sess is None or sess.log_region is None:
                 raise InventoryError(f"{f.vuid}: no dirty log: the front-end maps one (SET_LOG_BASE) when "
                                      f"a migration starts", code=-61)              # -ENODATA
-            if not sess.owns():
+            if not sess.drives_device():
                 raise InventoryError(f"{f.vuid}: this front-end does not run the device", code=-16)
             rings.set_features(sess.features | (1 << 26) if op == 4 else sess.features)
             log.info("%s: dirty logging %s", f.vuid, "started" if op == 4 else "stopped")

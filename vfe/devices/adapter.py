@@ -1,11 +1,13 @@
 """The one place that knows both sides: it executes the vhost-user
 protocol's actions (vfe/vhost/actions.py) against a device model and the
-engine.  One `Session` per connected front-end."""
+engine, through the device interface (vfe/devices/interface.py).  One
+`Session` per connected front-end."""
 from __future__ import annotations
 
 import logging
 import os
 
+from vfe.devices.interface import VhostDevice
 from vfe.vhost import actions as A
 from vfe.vhost.actions import MemRegion
 from vfe.vhost import inflight
@@ -27,7 +29,7 @@ class Session:
     """A front-end connected to one device: protocol state, guest memory,
     and the translation of actions into engine calls."""
 
-    def __init__(self, device, name: str, send):
+    def __init__(self, device: VhostDevice, name: str, send):
         self.device = device
         self.name = name
         self._send = send                 # send(Reply | Ack-as-Reply) -> None
@@ -40,8 +42,7 @@ class Session:
         # whether the front-end can shrink the memory it shared under us
         # (its files are not sealed with F_SEAL_SHRINK); None before any
         self.memory_can_shrink: bool | None = None
-        if hasattr(device.rings, "rearm_notices"):
-            device.rings.rearm_notices()  # a new front-end: its security events are logged anew
+        device.rearm_notices()            # a new front-end: its security events are logged anew
 
     # -- entry points from the transport
 
@@ -111,11 +112,12 @@ class Session:
                 self.inflight.num_queues, self.inflight.queue_size],
             "started": sorted(self.started),
             "features": self.features,
-            "owner": self.owns(),
+            "owner": self.drives_device(),
         }
 
     @classmethod
-    def restore(cls, device, name: str, send, state: dict, fds: list[int]) -> "Session":
+    def restore(cls, device: VhostDevice, name: str, send, state: dict,
+                fds: list[int]) -> "Session":
         """The session ``export`` described, over the fds received (``fds``).
         Takes the protocol's fds; the memory and log fds stay the caller's
         (they are mapped and dup'ed here)."""
@@ -134,7 +136,7 @@ class Session:
                 self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs)
             self.features = state["features"]
             if state["owner"]:
-                self._take_ownership()
+                self._start_driving()
                 self._start_rings(set(state["started"]))
         except BaseException:
             self.disconnect()             # closes the protocol's fds, unmaps
@@ -176,21 +178,22 @@ class Session:
             raise ProtocolError(fatal)
         return not failed
 
-    # -- ownership of the engine's device
+    # -- which session drives the engine's device
     #
     # A device may have two front-ends at once: during live migration the
     # destination QEMU connects (on the function's second socket) while the
-    # source still runs.  Only one session -- the owner -- drives the
-    # engine's rings, memory table, features and dirty log; the other only
-    # records what it is told.  The destination takes over when it starts a
-    # ring, which QEMU does after the source stopped all of its rings.
+    # source still runs.  Only one session -- the device's driving_session --
+    # drives the engine's rings, memory table, features and dirty log; the
+    # other only records what it is told.  The destination takes over when
+    # it starts a ring, which QEMU does after the source stopped all of its
+    # rings.
 
-    def owns(self) -> bool:
-        return getattr(self.device, "owner", None) is self
+    def drives_device(self) -> bool:
+        return self.device.driving_session is self
 
     def _engine_free(self) -> bool:
-        owner = getattr(self.device, "owner", None)
-        return owner is None or owner is self or not owner.started
+        driver = self.device.driving_session
+        return driver is None or driver is self or not driver.started
 
     def _note_memory(self) -> None:
         """Log, when it changes, whether the guest memory can shrink under us:
@@ -210,28 +213,28 @@ class Session:
         else:
             log.info("%s: guest memory (%s) is sealed against shrinking", self.name, size)
 
-    def _take_ownership(self) -> None:
-        if self.owns():
+    def _start_driving(self) -> None:
+        """Become the device's driving session: the engine gets our features,
+        memory table, dirty log and inflight region."""
+        if self.drives_device():
             return
         if not self._engine_free():
             raise RuntimeError("another front-end is running this device")
         rings = self.device.rings
-        self.device.owner = self
+        self.device.driving_session = self
         rings.set_features(self.features)
         rings.set_memory(engine_table(self.memory))
         lr = self.log_region
         rings.set_log(lr.hva if lr else 0, lr.size if lr else 0)
-        if hasattr(rings, "set_inflight"):
-            self._engine_inflight(self.inflight)
+        self._engine_inflight(self.inflight)
 
     def _engine_inflight(self, ir: inflight.InflightRegion | None) -> None:
         """Hand the engine a region (None: none) with its shape and length:
         the engine checks every ring against them again at its start."""
         if ir is None:
-            self.device.rings.set_inflight(0, 0, 0, 0, 0)
+            self.device.set_inflight(0, 0, 0, 0, 0)
         else:
-            self.device.rings.set_inflight(ir.hva, ir.stride, ir.num_queues, ir.queue_size,
-                                           ir.size)
+            self.device.set_inflight(ir.hva, ir.stride, ir.num_queues, ir.queue_size, ir.size)
 
     def _apply(self, act) -> bool | None:
         """Execute one action (False: a StopRing whose deferred actions failed)."""
@@ -241,20 +244,20 @@ class Session:
                 self._send(act)
             case A.SetFeatures(features=f):
                 self.features = f
-                if self.owns() or getattr(self.device, "owner", None) is None:
+                if self.drives_device() or self.device.driving_session is None:
                     rings.set_features(f)
                 log.debug("%s: features %#x", self.name, f)
             case A.SetMemTable(regions=regions):
                 # map the new table, switch the engine to it, then unmap the old:
                 # a worker never sees an address that is not mapped
                 new = GuestMemory(regions)
-                if self._engine_free() and not self.owns():
+                if self._engine_free() and not self.drives_device():
                     self.memory, old = new, self.memory
                     old.close()
                     self._note_memory()
-                    self._take_ownership()
+                    self._start_driving()
                     return
-                if self.owns():
+                if self.drives_device():
                     rings.set_memory(engine_table(new))
                 self.memory, old = new, self.memory
                 old.close()
@@ -263,14 +266,14 @@ class Session:
                 self.memory.add(r)
                 self._note_memory()
                 if self._engine_free():
-                    self._take_ownership()
+                    self._start_driving()
                     rings.set_memory(engine_table(self.memory))
             case A.RemoveMemRegion(region=r):
-                if self.owns():
+                if self.drives_device():
                     rings.set_memory(engine_table(self.memory, without=r))
                 self.memory.remove(r.gpa, r.size, r.uva)
             case A.StartRing(ring=r):
-                self._take_ownership()
+                self._start_driving()
                 recovered = self._start_ring(r)
                 state = rings.ring_state(r.index)
                 if recovered is not None and recovered >= 0:
@@ -298,7 +301,7 @@ class Session:
                     rings.set_call_fd(i, fd)
             case A.SetLogBase(fd=fd, size=size, offset=offset):
                 new = LogRegion(fd, size, offset)
-                if self.owns():
+                if self.drives_device():
                     rings.set_log(new.hva, new.size)
                 self.log_region, old = new, self.log_region
                 if old is not None:
@@ -321,7 +324,7 @@ class Session:
             case A.SetInflight(fd=fd, mmap_size=size, mmap_offset=off, num_queues=nq,
                                queue_size=qs):
                 new = inflight.InflightRegion(fd, size, off, nq, qs)
-                if self.owns() and hasattr(rings, "set_inflight"):
+                if self.drives_device():
                     try:
                         self._engine_inflight(new)
                     except BaseException:
@@ -335,8 +338,7 @@ class Session:
             case A.SetMtu(mtu=m):
                 self.device.mtu = m
             case A.SendRarp(mac=mac):
-                from vfe.devices.net import rarp_frame
-                rings.inject(rarp_frame(mac))
+                self.device.send_rarp(mac)
             case A.ResetDevice():
                 self._reset()
             case A.CloseFds(fds=fds):
@@ -354,7 +356,7 @@ class Session:
         the engine, and a ring the protocol restarts after the change would
         run on memory the protocol no longer has.  The protocol stopped every
         ring before the change, so none uses it."""
-        if self.owns():
+        if self.drives_device():
             self.device.rings.set_memory([])
         self.memory.close()
         self.memory = GuestMemory()
@@ -364,14 +366,12 @@ class Session:
         for i in list(self.started):
             rings.stop_ring(i)
         self.started.clear()
-        if self.owns():
+        if self.drives_device():
             rings.set_memory([])
             rings.set_log(0, 0)
-            if hasattr(rings, "forget_learned"):
-                rings.forget_learned()    # the guest's MACs left with it
-            if hasattr(rings, "set_inflight"):
-                self._engine_inflight(None)
-            self.device.owner = None
+            self.device.forget_learned()  # the guest's MACs left with it
+            self._engine_inflight(None)
+            self.device.driving_session = None
         self.memory.close()
         self.memory = GuestMemory()
         if self.log_region is not None:

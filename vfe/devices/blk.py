@@ -1,6 +1,7 @@
 """The virtio-blk device model: what it offers through vhost-user (features,
 protocol features, the config space QEMU reads with GET_CONFIG), and its
-request queues inside the engine (cython_ext/blk.pxd)."""
+request queues inside the engine (cython_ext/blk.pxd); a VhostDevice
+(vfe/devices/interface.py)."""
 from __future__ import annotations
 
 import struct
@@ -8,9 +9,7 @@ from dataclasses import dataclass
 
 from vfe.vhost.actions import DeviceSpec
 from vfe.vhost.messages import ProtocolFeature
-from vfe.virtio.constants import F, bit, mask
-
-SECTOR = 512
+from vfe.virtio.constants import VIRTIO_BLK_SECTOR_SIZE, F, bit, mask
 
 # Offered to every blk front-end.  QEMU 7.2's vhost-user-blk passes through
 # the bits in its user_feature_bits (SIZE_MAX .. WRITE_ZEROES, MQ, RO, the
@@ -90,9 +89,9 @@ class BlkConfig:
 
 def blk_config_space(cfg: BlkConfig) -> bytes:
     """The GET_CONFIG bytes for a device (virtio 1.2 5.2.4)."""
-    lbs = cfg.block_size // SECTOR
+    lbs = cfg.block_size // VIRTIO_BLK_SECTOR_SIZE
     return _CONFIG.pack(
-        cfg.capacity_bytes // SECTOR,
+        cfg.capacity_bytes // VIRTIO_BLK_SECTOR_SIZE,
         cfg.size_max, cfg.seg_max,
         0, 0, 0,
         cfg.block_size,
@@ -120,12 +119,12 @@ class BlkDeviceModel:
             max_write_zeroes_seg=config.max_write_zeroes_seg,
             **({"path": config.path, "direct": config.direct, "grow": config.grow}
                if config.bdev == "file" else {}))
-        self.rings.owner = self
+        self.rings.model = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
         self.status = 0
         self.mtu = 0                  # not a net device (Session sets it only with the MTU feature)
-        self.owner = None             # the Session driving the engine (vfe/devices/adapter.py)
+        self.driving_session = None   # the Session driving the engine (vfe/devices/adapter.py)
 
     def spec(self) -> DeviceSpec:
         return DeviceSpec(
@@ -136,6 +135,22 @@ class BlkDeviceModel:
             max_queue_size=self.config.queue_size,
             config=self.config_space,
         )
+
+    # -- the rest of VhostDevice (vfe/devices/interface.py)
+
+    def rearm_notices(self) -> None:
+        """Nothing to re-arm: the switch's security notices are net ports'."""
+
+    def forget_learned(self) -> None:
+        """Nothing learned: a blk device has no switch port."""
+
+    def set_inflight(self, hva: int, stride: int, num_queues: int, queue_size: int,
+                     length: int) -> None:
+        self.rings.set_inflight(hva, stride, num_queues, queue_size, length)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Nothing to announce: blk does not offer the RARP protocol
+        feature, so the protocol refuses SEND_RARP before it gets here."""
 
     def stats(self) -> list[dict]:
         out = []
@@ -164,6 +179,6 @@ class BlkDeviceModel:
 
     def close(self) -> None:
         self.rings.close()
-        # rings.owner points back at us: without this the pair is a reference
+        # rings.model points back at us: without this the pair is a reference
         # cycle, and the engine device's C memory waits for a full GC pass
-        self.rings.owner = None
+        self.rings.model = None

@@ -1,5 +1,5 @@
 """The virtio-net device model: what it offers through vhost-user, and its
-rings inside the engine."""
+rings inside the engine (a VhostDevice, vfe/devices/interface.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,13 +50,13 @@ class NetDeviceModel:
     def __init__(self, engine, config: NetConfig):
         self.config = config
         self.rings = engine.new_net_device(2 * config.queues)
-        self.rings.owner = self
+        self.rings.model = self
         if config.mac:
             self.rings.set_port_mac(config.mac)
         self.features = NET_FEATURES
         self.status = 0
         self.mtu = config.mtu
-        self.owner = None         # the Session driving the engine (vfe/devices/adapter.py)
+        self.driving_session = None   # the Session driving the engine (vfe/devices/adapter.py)
 
     def spec(self) -> DeviceSpec:
         return DeviceSpec(
@@ -66,6 +66,23 @@ class NetDeviceModel:
             max_queues=2 * self.config.queues,
             max_queue_size=self.config.queue_size,
         )
+
+    # -- the rest of VhostDevice (vfe/devices/interface.py)
+
+    def rearm_notices(self) -> None:
+        self.rings.rearm_notices()    # a new front-end: its security events are logged anew
+
+    def forget_learned(self) -> None:
+        self.rings.forget_learned()   # the guest's MACs left with it
+
+    def set_inflight(self, hva: int, stride: int, num_queues: int, queue_size: int,
+                     length: int) -> None:
+        """Nothing to track: net does not offer INFLIGHT_SHMFD, so the
+        protocol never accepts a region for it (this only hears "none")."""
+
+    def send_rarp(self, mac: bytes) -> None:
+        # through the switch, as if the guest had sent it: learned, then flooded
+        self.rings.inject(rarp_frame(mac))
 
     def set_mac(self, mac: str | None) -> None:
         """A new configured MAC (None: none): the switch's port security follows."""
@@ -103,9 +120,9 @@ class NetDeviceModel:
 
     def close(self) -> None:
         self.rings.close()
-        # rings.owner points back at us: without this the pair is a reference
+        # rings.model points back at us: without this the pair is a reference
         # cycle, and the engine device's C memory waits for a full GC pass
-        self.rings.owner = None
+        self.rings.model = None
 
 
 def rarp_frame(mac: bytes) -> bytes:

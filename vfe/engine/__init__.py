@@ -5,6 +5,7 @@ net device's rings and memory table inside it, `BlkDevice` a virtio-blk
 device's request queues, memory table and backend (null or malloc).  See cython_ext/engine.pyx.
 """
 from vfe._engine import ENGINE_ABI, ERROR_NAMES, BlkDevice, Engine, NetDevice, set_kernels
+from vfe.kernels import kernel_addresses    # cheap: numba loads on the first call
 
 __all__ = ["ENGINE_ABI", "ERROR_NAMES", "BlkDevice", "Engine", "NetDevice", "install_kernels", "set_kernels"]
 
@@ -12,7 +13,5 @@ __all__ = ["ENGINE_ABI", "ERROR_NAMES", "BlkDevice", "Engine", "NetDevice", "ins
 def install_kernels() -> None:
     """Hand the Numba kernels' C entry points to the engine (software checksum
     and GSO for guests with different offloads).  Call once, before traffic."""
-    from vfe.kernels import kernel_addresses
-
     addrs = kernel_addresses()
     set_kernels(addrs["finish_csum"], addrs["gso_segment"])

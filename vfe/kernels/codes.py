@@ -6,6 +6,14 @@ values never change; ``vfe/kernels/_numba.py`` repeats them as literals (numba
 bakes globals into its cached machine code) and refuses to import if the two
 copies disagree.
 """
+from vfe.virtio.constants import (
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+)
 
 # Errors (negative int32 return values)
 E_BOUNDS = -1       # an offset/length lies outside the frame or a caller buffer
@@ -26,13 +34,13 @@ ERROR_NAMES = {
     E_CSUM: "E_CSUM",
 }
 
-# gso_type values (virtio 1.2, 5.1.6; same numbers as vfe.virtio.constants)
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_UDP = 3
-GSO_TCPV6 = 4
-GSO_UDP_L4 = 5
-GSO_ECN = 0x80
+# gso_type values (virtio 1.2, 5.1.6), under the kernels' short names
+GSO_NONE = VIRTIO_NET_HDR_GSO_NONE
+GSO_TCPV4 = VIRTIO_NET_HDR_GSO_TCPV4
+GSO_UDP = VIRTIO_NET_HDR_GSO_UDP
+GSO_TCPV6 = VIRTIO_NET_HDR_GSO_TCPV6
+GSO_UDP_L4 = VIRTIO_NET_HDR_GSO_UDP_L4
+GSO_ECN = VIRTIO_NET_HDR_GSO_ECN
 
 __all__ = [
     "E_BOUNDS", "E_PARSE", "E_SPACE", "E_UNSUPPORTED", "E_INVAL", "E_SEGS", "E_CSUM",

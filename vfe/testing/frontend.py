@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from vfe.vhost.messages import (
-    F_LOG_ALL,
-    F_PROTOCOL_FEATURES,
     MEM_TABLE_MAX_REGIONS,
     NEED_REPLY,
     REPLY_FLAGS,
@@ -376,7 +374,7 @@ class Frontend:
         self.features = features
         self._request(Request.SET_FEATURES, U64(features).encode(),
                       ack=self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
-                      and (self.ack_all or bool(features & bit(F_LOG_ALL))))
+                      and (self.ack_all or bool(features & bit(F.VHOST_LOG_ALL))))
 
     def get_protocol_features(self) -> int:
         reply = self.send_message(Request.GET_PROTOCOL_FEATURES)
@@ -529,7 +527,7 @@ class Frontend:
     def negotiate(self, protocol_features: int | None = None) -> None:
         """vhost_user_backend_init + vhost_dev_init, as QEMU 7.2 runs them."""
         self.get_features()
-        if self.backend_features & bit(F_PROTOCOL_FEATURES):
+        if self.backend_features & bit(F.VHOST_USER_PROTOCOL_FEATURES):
             offered = self.get_protocol_features()
             wanted = DEFAULT_PROTOCOL_FEATURES if protocol_features is None else protocol_features
             self.set_protocol_features(offered & wanted)
@@ -587,7 +585,7 @@ class Frontend:
                             used_align=used_align, call=call_after_kick)
         if self.has_protocol_feature(ProtocolFeature.STATUS):
             self.add_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.DRIVER_OK)
-        if self.features & bit(F_PROTOCOL_FEATURES):
+        if self.features & bit(F.VHOST_USER_PROTOCOL_FEATURES):
             for i in range(nrings):
                 self.set_vring_enable(i, enable)
         if sync:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
 from vfe.virtio.constants import (
+    MAX_QUEUE_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -30,6 +31,7 @@ from vfe.virtio.constants import (
     VRING_USED_ELEM_SIZE,
     VRING_USED_F_NO_NOTIFY,
 )
+from vfe.virtio.layouts import ring_area_sizes
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -66,27 +68,28 @@ class RingLayout:
 
     @property
     def desc_len(self) -> int:
-        return VRING_DESC_SIZE * self.size
+        return ring_area_sizes(self.size, event_idx=True).desc
 
     @property
     def avail_len(self) -> int:          # flags, idx, ring[size], used_event
-        return 4 + 2 * self.size + 2
+        return ring_area_sizes(self.size, event_idx=True).avail
 
     @property
     def used_len(self) -> int:           # flags, idx, ring[size], avail_event
-        return 4 + VRING_USED_ELEM_SIZE * self.size + 2
+        return ring_area_sizes(self.size, event_idx=True).used
 
 
 def split_ring_layout(size: int, used_align: int = 4) -> RingLayout:
     """The layout of the legacy/modern split ring: descriptors, then the
     available ring, then the used ring aligned to ``used_align`` (4 for
     virtio 1.x drivers, 4096 for legacy ones)."""
-    if size <= 0 or size & (size - 1) or size > 32768:
+    if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
         raise ValueError(f"ring size {size}")
+    areas = ring_area_sizes(size, event_idx=True)
     desc = 0
-    avail = VRING_DESC_SIZE * size
-    used = _align_up(avail + 4 + 2 * size + 2, used_align)
-    total = used + 4 + VRING_USED_ELEM_SIZE * size + 2
+    avail = areas.desc
+    used = _align_up(avail + areas.avail, used_align)
+    total = used + areas.used
     return RingLayout(size, desc, avail, used, total)
 
 
@@ -121,14 +124,15 @@ class DriverRing:
         self._avail_off = avail_off
         self._used_off = used_off
         # 16-bit views for single aligned stores/loads of shared indices.
-        self._avail16 = mem[avail_off:avail_off + 4 + 2 * size + 2].cast("H")
-        self._used16 = mem[used_off:used_off + 4 + 8 * size + 2].cast("H")
+        areas = ring_area_sizes(size, event_idx=True)    # the event fields are always laid out
+        self._avail16 = mem[avail_off:avail_off + areas.avail].cast("H")
+        self._used16 = mem[used_off:used_off + areas.used].cast("H")
         self._indirect_off = indirect_off
         self._max_indirect = max_indirect
         if init:
-            mem[desc_off:desc_off + 16 * size] = bytes(16 * size)
-            mem[avail_off:avail_off + 6 + 2 * size] = bytes(6 + 2 * size)
-            mem[used_off:used_off + 6 + 8 * size] = bytes(6 + 8 * size)
+            mem[desc_off:desc_off + areas.desc] = bytes(areas.desc)
+            mem[avail_off:avail_off + areas.avail] = bytes(areas.avail)
+            mem[used_off:used_off + areas.used] = bytes(areas.used)
         self._avail_idx = start_idx & 0xFFFF
         self._last_used = start_idx & 0xFFFF
         self._kicked_idx = self._avail_idx

@@ -45,6 +45,7 @@ from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
 from vfe.vhost import actions as A
 from vfe.vhost.framing import FrameAssembler
 from vfe.vhost.messages import Message, ProtocolError, Request, VringState
+from vfe.virtio.layouts import ring_area_sizes
 
 __all__ = ["FdKind", "InvariantViolation", "Connection", "EngineRings", "device_spec"]
 
@@ -168,9 +169,10 @@ class EngineRings:
         raise ValueError(f"engine: uva {uva:#x}+{length} is not inside the memory table")
 
     def _areas(self, r_size: int, desc: int, avail: int, used: int, table=None):
-        return (self._translate(desc, 16 * r_size, table),
-                self._translate(avail, 4 + 2 * r_size, table),
-                self._translate(used, 4 + 8 * r_size, table))
+        sizes = ring_area_sizes(r_size, event_idx=False)
+        return (self._translate(desc, sizes.desc, table),
+                self._translate(avail, sizes.avail, table),
+                self._translate(used, sizes.used, table))
 
     def _check_fd(self, what: str, fd: int) -> None:
         if fd == -1:
@@ -249,22 +251,33 @@ class EngineRings:
         base = ring.base if ring else 0
         return {"last_avail_idx": base, "last_used_idx": base}
 
-    def inject(self, frame: bytes) -> None:
-        pass
 
 
 class _Device:
-    """What Session needs of a device (vfe/devices/net.py, blk.py)."""
+    """What Session needs of a device (vfe/devices/interface.py VhostDevice)."""
 
     def __init__(self, spec: A.DeviceSpec, rings: EngineRings) -> None:
         self._spec = spec
         self.rings = rings
-        self.owner = None
+        self.driving_session = None
         self.status = 0
         self.mtu = 0
 
     def spec(self) -> A.DeviceSpec:
         return self._spec
+
+    def rearm_notices(self) -> None:
+        """No switch here: no security notices."""
+
+    def forget_learned(self) -> None:
+        """No switch here: nothing learned."""
+
+    def set_inflight(self, hva: int, stride: int, num_queues: int, queue_size: int,
+                     length: int) -> None:
+        self.rings.set_inflight(hva, stride, num_queues, queue_size, length)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """No switch here: nothing to announce to."""
 
 
 class _CheckedSession(Session):
@@ -415,7 +428,7 @@ class Connection:
 
     def _check_engine_view(self) -> None:
         s, rings = self.session, self.rings
-        if self.device.owner is not s:
+        if self.device.driving_session is not s:
             if rings.started:
                 raise InvariantViolation("engine runs rings of no session")
             return
@@ -460,7 +473,7 @@ class Connection:
             raise InvariantViolation(f"session ended, the protocol holds {sorted(p.held_fds())}")
         if len(s.memory) or s.log_region is not None or s.inflight is not None:
             raise InvariantViolation("session ended with guest memory, log or inflight mapped")
-        if self.rings.started or self.device.owner is not None:
+        if self.rings.started or self.device.driving_session is not None:
             raise InvariantViolation("session ended with rings running in the engine")
         if self._backend_fds() != self._baseline:
             raise InvariantViolation(f"session ended with {self._backend_fds()} fds open in the "

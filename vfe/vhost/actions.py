@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vfe.virtio.constants import MAX_QUEUE_SIZE
+
 
 @dataclass(frozen=True)
 class MemRegion:
@@ -168,6 +170,6 @@ class DeviceSpec:
     protocol_features: int        # vhost-user protocol feature bits offered
     queue_num: int                # GET_QUEUE_NUM answer (net: queue pairs; blk: queues)
     max_queues: int               # highest vring index + 1 accepted
-    max_queue_size: int = 32768
+    max_queue_size: int = MAX_QUEUE_SIZE
     max_mem_slots: int = 32
     config: bytes = b""           # GET_CONFIG space (blk)

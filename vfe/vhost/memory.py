@@ -106,10 +106,6 @@ class MappedRegion:
     def hva(self) -> int:
         return self.map_hva + self.mmap_offset
 
-    @property
-    def gpa_end(self) -> int:
-        return self.gpa + self.size
-
     def view(self) -> memoryview:
         """A memoryview of exactly the region.  Release it before ``close()``."""
         return memoryview(self.mmap)[self.mmap_offset:self.mmap_offset + self.size]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import ClassVar
 
 # ---------------------------------------------------------------------------
@@ -44,13 +44,7 @@ HEADER_SIZE = HEADER.size               # 12
 VERSION = 0x1
 
 
-class HeaderFlag(IntFlag):
-    VERSION_MASK = 0x3
-    REPLY = 0x4
-    NEED_REPLY = 0x8
-
-
-# Plain ints for the hot checks (IntFlag arithmetic is slow).
+# Header flags
 VERSION_MASK = 0x3
 REPLY = 0x4
 NEED_REPLY = 0x8
@@ -114,19 +108,6 @@ class Request(IntEnum):
     VFE_RELAY_RESUME = 0x7F01
 
 
-class BackendRequest(IntEnum):
-    """Back-end -> front-end requests (VHOST_USER_BACKEND_*), for reference."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-
-
 def request_name(request: int) -> str:
     """``"SET_VRING_KICK"`` for 12, ``"request 99"`` for unknown ids (for logs)."""
     try:
@@ -157,10 +138,9 @@ class ProtocolFeature(IntEnum):
     STATUS = 16
 
 
-#: VHOST_USER_F_PROTOCOL_FEATURES: bit of the *virtio* feature word.
-F_PROTOCOL_FEATURES = 30
-#: VHOST_F_LOG_ALL: bit of the virtio feature word.
-F_LOG_ALL = 26
+# The vhost-user bits of the virtio feature word (VHOST_USER_F_PROTOCOL_FEATURES,
+# VHOST_F_LOG_ALL) are vfe.virtio.constants.F.VHOST_USER_PROTOCOL_FEATURES and
+# F.VHOST_LOG_ALL.
 #: SET_VRING_ADDR flags: VHOST_VRING_F_LOG.
 VRING_F_LOG = 0x1
 #: SET_VRING_KICK/CALL/ERR u64: vring index and "no fd" flag.

@@ -44,6 +44,7 @@ import time
 from typing import Callable
 
 from vfe.rpc.access import allowed, unix_peer
+from vfe.safepath import SUN_PATH_MAX
 from vfe.safepath import check_socket_path as check_unsafe
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
@@ -59,7 +60,6 @@ VFE_RELAY_RESUME = int(getattr(_Request, "VFE_RELAY_RESUME", 0x7F01))
 HANDSHAKE_TIMEOUT = 5.0
 #: Client mode: how often we try QEMU's socket (and re-check a lost VF).
 RETRY_INTERVAL = 0.5
-SUN_PATH_MAX = 107
 
 # The reference's numbers (drivers/common/virtio/virtio_util.h) for the two
 # socket-path conditions that exist here too.

@@ -88,8 +88,11 @@ VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
-VRING_DESC_SIZE = 16
-VRING_USED_ELEM_SIZE = 8
+VRING_DESC_SIZE = 16               # struct virtq_desc
+VRING_HEADER_SIZE = 4              # flags, idx: the head of both the avail and the used ring
+VRING_AVAIL_ELEM_SIZE = 2          # one avail ring entry (a head index)
+VRING_USED_ELEM_SIZE = 8           # struct virtq_used_elem
+VRING_EVENT_SIZE = 2               # used_event / avail_event after the ring (EVENT_IDX)
 MAX_QUEUE_SIZE = 32768
 
 # virtio-net header (5.1.6)
@@ -99,11 +102,29 @@ VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_UDP = 3
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 VIRTIO_NET_HDR_LEN = 10            # legacy header without num_buffers
 VIRTIO_NET_HDR_MRG_LEN = 12        # with num_buffers (VERSION_1 or MRG_RXBUF)
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_S_ANNOUNCE = 2
+
+
+# virtio-blk requests (5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_REQ_HDR_SIZE = 16       # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
+VIRTIO_BLK_ID_BYTES = 20           # GET_ID answer
+VIRTIO_BLK_DISCARD_WZ_SIZE = 16    # struct virtio_blk_discard_write_zeroes
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_SECTOR_SIZE = 512       # capacity and request sectors are always 512 bytes
 
 
 def net_hdr_len(features: int) -> int:

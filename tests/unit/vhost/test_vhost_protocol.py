@@ -87,7 +87,7 @@ def test_set_protocol_features_must_be_offered(drv):
 def test_set_owner_is_idempotent(drv):
     assert drv.send(msg(Request.SET_OWNER)) == []
     assert drv.send(msg(Request.SET_OWNER)) == []
-    assert drv.p.owner
+    assert drv.p.session_owned
 
 
 def test_replies_for_gets(ready):
@@ -121,14 +121,12 @@ def test_bad_header_flags(drv, flags):
 def test_wrong_payload_size(req):
     row = BackendProtocol.TABLE[req]
     lo, hi = row.size
-    p = BackendProtocol(spec())
-    p._protocol_features = ALL_PF          # let every gate pass
+    p = BackendProtocol(spec())          # the size is checked before any feature gate
     fds = list(range(1000, 1000 + row.fds[0]))
     with pytest.raises(ProtocolError, match="payload is"):
         p.receive(msg(req, bytes(hi + 1), fds))
     if lo > 0:
         p = BackendProtocol(spec())
-        p._protocol_features = ALL_PF
         with pytest.raises(ProtocolError, match="payload is"):
             p.receive(msg(req, bytes(lo - 1), fds))
 
@@ -660,7 +658,7 @@ def test_disconnect_closes_everything(ready, fds):
     out = ready.disconnect()
     assert out == [ResetDevice(), CloseFds(tuple(sorted(held)))]
     assert fds.open() == set() and ready.p.held_fds() == frozenset()
-    assert ready.p.protocol_features == 0 and not ready.p.owner
+    assert ready.p.protocol_features == 0 and not ready.p.session_owned
 
 
 def test_disconnect_while_a_stop_is_pending(ready, fds):

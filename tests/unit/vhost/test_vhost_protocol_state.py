@@ -49,8 +49,8 @@ def test_round_trip_keeps_every_observable(fds):
     p.rings_paused({0: 17, 1: 300})
     q, fdmap = moved(p)
     try:
-        assert (q.features, q.protocol_features, q.owner, q.status) == \
-            (p.features, p.protocol_features, p.owner, p.status)
+        assert (q.features, q.protocol_features, q.session_owned, q.status) == \
+            (p.features, p.protocol_features, p.session_owned, p.status)
         assert q.regions == p.regions and q.log_base == p.log_base
         for i, r in p.rings.items():
             s = q.rings[i]
@@ -113,3 +113,18 @@ def test_a_kick_after_the_move_restarts_from_the_recorded_base(fds):
     starts = [a.ring for a in out if type(a).__name__ == "StartRing"]
     assert [(s.index, s.base) for s in starts] == [(1, 42)]
     drv.disconnect()
+
+
+def test_the_handed_over_json_keeps_its_shape(fds):
+    """A live update hands this JSON between two builds: its keys (and
+    SET_OWNER's "owner") are a format, not names in the code."""
+    drv = running(fds)
+    drv.send(msg(Request.SET_OWNER))
+    state = drv.p.export_state()
+    assert sorted(state) == sorted([
+        "version", "fds", "features", "features_set", "protocol_features", "owner",
+        "backend_req_fd", "status", "log", "log_fd", "inflight", "regions", "rings"])
+    assert state["version"] == 1 and state["owner"] is True
+    assert sorted(state["rings"][0]) == sorted([
+        "index", "num", "base", "addr", "kick_fd", "kick_set", "call_fd", "err_fd", "enabled",
+        "started", "told_enabled"])

@@ -11,8 +11,9 @@ from vhost_helpers import MiB, UVA0, msg, ring_addr, u64  # noqa: E402
 
 from vfe.testing.vhost_harness import Connection, FdKind  # noqa: E402
 from vfe.vhost.messages import (  # noqa: E402
-    F_LOG_ALL, MemoryRegion, MemTable, ProtocolFeature, Request, U64, VringFile, VringState,
+    MemoryRegion, MemTable, ProtocolFeature, Request, U64, VringFile, VringState,
 )
+from vfe.virtio.constants import F, bit  # noqa: E402
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def _running_ring(c: Connection) -> None:
     spec = c.spec
     c.handle(u64(Request.SET_PROTOCOL_FEATURES, spec.protocol_features))
     c.handle(msg(Request.SET_OWNER))
-    c.handle(u64(Request.SET_FEATURES, spec.features & ~(1 << F_LOG_ALL)))
+    c.handle(u64(Request.SET_FEATURES, spec.features & ~bit(F.VHOST_LOG_ALL)))
     c.handle(msg(Request.SET_MEM_TABLE, MemTable((MemoryRegion(0, 16 * MiB, UVA0, 0),)),
                  [c.fds.make(FdKind.MEMFD_16M)]))
     c.handle(msg(Request.SET_VRING_NUM, VringState(0, 256)))

@@ -24,9 +24,10 @@ from vhost_helpers import MiB, UVA0, ring_addr  # noqa: E402
 from vfe.testing.vhost_harness import Connection, FdKind  # noqa: E402
 from vfe.vhost.framing import encode_message  # noqa: E402
 from vfe.vhost.messages import (  # noqa: E402
-    F_LOG_ALL, NEED_REPLY, VERSION, Config, Inflight, Log, MemoryRegion, MemTable,
+    NEED_REPLY, VERSION, Config, Inflight, Log, MemoryRegion, MemTable,
     ProtocolFeature, Request, SingleMemRegion, U64, VringAddr, VringFile, VringState,
 )
+from vfe.virtio.constants import F, bit  # noqa: E402
 
 REGION = MemoryRegion(0, 16 * MiB, UVA0, 0)
 EXTRA = MemoryRegion(16 * MiB, 64 * 1024, UVA0 + 16 * MiB, 0)      # fits a MEMFD_64K
@@ -112,7 +113,7 @@ class VhostConnection(RuleBasedStateMachine):
         self.send(Request.GET_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(pf))
         self.send(Request.SET_OWNER)
-        features = spec.features & ~(0 if log_all else 1 << F_LOG_ALL)
+        features = spec.features & ~(0 if log_all else bit(F.VHOST_LOG_ALL))
         self.send(Request.SET_FEATURES, U64(features))
         if memory:
             self.send(Request.SET_MEM_TABLE, MemTable((REGION,)), [FdKind.MEMFD_16M])
