@@ -37,7 +37,7 @@ CYCLES = int(os.environ.get("VFE_SOAK_CYCLES", "1000"))
 WARMUP = 30
 # A hot-plug leaves reference cycles (pyroute2's request and message objects)
 # that only a full GC pass frees -- one every ~130 cycles (freeze_startup_heap
-# in vfe/cli/controller.py): the heap and the obmalloc arenas reach their
+# in vfe/controller/run.py): the heap and the obmalloc arenas reach their
 # working size within ~200 cycles and then stay flat (measured to 3000).
 # Warm up past that: after 30 cycles one more 1 MiB arena is still to come.
 HOTPLUG_WARMUP = 300

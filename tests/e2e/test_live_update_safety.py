@@ -59,7 +59,7 @@ def slow_to_start(root: Path) -> None:
     src = p.read_text()
     anchor = "    raw_argv = list(sys.argv[1:] if argv is None else argv)\n"
     assert anchor in src
-    p.write_text(src.replace(anchor, anchor + "    time.sleep(2)\n", 1))
+    p.write_text(src.replace(anchor, anchor + "    import time\n    time.sleep(2)\n", 1))
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from vfe.testing.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 
-WIRE = ("the controller does not serve the bdev/blk methods: service.build() must call "
-        "vfe.controller.blk_functions.register(HANDLERS, daemon, paths)")
+WIRE = ("the controller does not serve the bdev/blk methods: service.build() must register "
+        "the blk kind (vfe.controller.blk_kind.BlkKind) with the inventory")
 
 
 @pytest.fixture

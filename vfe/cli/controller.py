@@ -10,20 +10,17 @@ Runs in the foreground, logs to stderr, stops cleanly on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import os
-import signal
 import sys
-import time
 
 from vfe import __version__, macaddr
-from vfe.controller import sdnotify
+from vfe.controller.logsetup import LOG_LEVELS, setup_logging
+from vfe.controller.newbuild import load_engine
+from vfe.controller.paths import Paths
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
 from vfe.virtio.constants import MAX_QUEUE_SIZE
 
-LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
 _BOOL = {"on": True, "yes": True, "true": True, "1": True,
          "off": False, "no": False, "false": False, "0": False}
 
@@ -90,6 +87,8 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
         raise argparse.ArgumentTypeError(
             f"unknown blk option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if opts.get("bdev") == "file" and opts.get("path") and not opts.get("size"):
+        # not at the top: importing vfe.engine loads the engine, which a live
+        # update's new process (no --device) must load from --engine-fd first
         from vfe.engine.bdev_file import probe_backing
         try:                                  # a file bdev is as large as its file by default
             opts["size"] = str(max(1, probe_backing(opts["path"]) >> 20))
@@ -179,49 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(level: str) -> None:
-    """journald's view of a service's stderr: `<N>` syslog priority prefixes
-    (journald strips them and records the level), then the seed's
-    `virtio-net-controller[PID]: [LEVEL] file:line:function: message` shape."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter())
-    logging.basicConfig(level=LOG_LEVELS[level], handlers=[handler])
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)   # netlink chatter at debug
-
-
-class JournalFormatter(logging.Formatter):
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def __init__(self):
-        super().__init__()
-        # systemd sets JOURNAL_STREAM when stderr is the journal: only then the
-        # <N> prefix (a terminal or a log file gets the plain line)
-        self.prefix = bool(os.environ.get("JOURNAL_STREAM"))
-
-    def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        prio = f"<{self.PRIORITY.get(record.levelno, 6)}>" if self.prefix else ""
-        return (f"{prio}virtio-net-controller[{record.process}]: [{record.levelname}] "
-                f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
-
-
-def freeze_startup_heap() -> None:
-    """Move what start-up built (numba, llvmlite, pyroute2, ...: ~135k objects
-    that live as long as the process) out of the cyclic GC's sight.
-
-    CPython runs a full collection only when the objects promoted since the
-    last one reach a quarter of the long-lived heap.  Against that heap the
-    reference cycles each hot-plug leaves behind (pyroute2's request and
-    message objects) piled up for ~1100 hot-plug/unplug cycles -- 7 MB, three
-    obmalloc arenas -- before a 0.2 s pass freed them.  Frozen, start-up no
-    longer counts (nor is it scanned): a full pass comes every ~130 cycles,
-    takes a millisecond at most, and memory stays flat.  (A frozen object is still
-    freed by its refcount; only a frozen cycle would never be.)"""
-    gc.collect()          # start-up's own garbage is freed, not frozen
-    gc.freeze()
-    gc.collect()          # the full-collection threshold now counts only what comes after
-
-
 _HANDOVER_ARGS = ("--takeover-fd", "--engine-fd")
 
 
@@ -244,111 +200,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 1 <= args.workers <= 64:
         build_parser().error("--workers must be in 1..64")
+    if args.takeover_fd is not None and args.device:
+        build_parser().error("--takeover-fd is for service mode")
     setup_logging(args.log_level)
     if args.engine_fd is not None:
         # first of all: nothing may import vfe.engine from the build's
         # directory before the checked engine is loaded
         if args.takeover_fd is None:
             build_parser().error("--engine-fd is for a live update's --takeover-fd")
-        from vfe.controller.newbuild import load_engine
         try:
             load_engine(args.engine_fd)
         except Exception as exc:
             logging.getLogger("vfe.controller").error("live update: cannot load the engine: %s", exc)
             return 1
-    # hundreds of functions hold a representor fd and a socket each
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    log = logging.getLogger("vfe.controller")
-
-    from vfe.controller.daemon import Daemon
-    from vfe.engine import Engine
-    from vfe.engine import install_kernels
-
-    install_kernels()
-    engine = Engine(workers=args.workers, mode=args.mode, spin_us=args.spin_us)
-    daemon = Daemon(engine)
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    if args.takeover_fd is not None:
-        if args.device:
-            build_parser().error("--takeover-fd is for service mode")
-        return _take_over(args, raw_argv, daemon, engine, log)
-    try:
-        if args.device:
-            for cfg in args.device:
-                if isinstance(cfg, BlkConfig):
-                    daemon.add_blk_device(cfg)
-                else:
-                    daemon.add_net_device(cfg)
-        else:
-            from vfe.controller import service
-            from vfe.controller.paths import Paths
-            paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
-                                   run_dir=args.run_dir, state_dir=args.state_dir)
-            service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
-                          argv=_own_argv(raw_argv))
-    except OSError as exc:
-        from vfe.safepath import UnsafePath
-        if isinstance(exc, UnsafePath):             # the message names the path and what is wrong
-            log.error("%s", exc)
-        else:
-            log.error("cannot open %s: %s", exc.filename or "socket", exc.strerror or exc)
-        daemon.shutdown()
-        return 1
-    except Exception as exc:
-        from vfe.controller.service import ServiceError
-        if not isinstance(exc, ServiceError):
-            raise
-        log.error("%s", exc)
-        daemon.shutdown()
-        return 1
-    freeze_startup_heap()
-    log.info("v%s serving %d device(s), %d worker(s), %s mode",
-             __version__, len(daemon.endpoints), args.workers, args.mode)
-    sdnotify.notify(ready=1)
-    daemon.run()
-    return 0
-
-
-def _take_over(args, raw_argv, daemon, engine, log) -> int:
-    """The new process of a live update: everything is ready (modules
-    imported, engine running) before the old process pauses a single ring;
-    then build from what it hands over, and serve."""
-    from vfe.controller import service
-    from vfe.controller.paths import Paths
-    from vfe.controller.update import Takeover
-    import vfe.controller.inventory, vfe.controller.recovery, vfe.controller.sf_pool  # noqa: F401
-    import vfe.controller.virtnet_conf, vfe.controller.blk_functions, vfe.rpc.server  # noqa: F401
-    import vfe.ports.representor  # noqa: F401
-    takeover = Takeover(args.takeover_fd)
-    engine.start()
-    freeze_startup_heap()     # now: its full collection must not fall into the data path's gap
-    try:
-        takeover.hello()
-        takeover.receive(daemon)
-        received = time.monotonic()
-        paths = Paths.from_env(root=args.root, conf=args.config, recovery=args.recovery_dir,
-                               run_dir=args.run_dir, state_dir=args.state_dir)
-        inv = service.build(daemon, paths, datapath=args.datapath, host_qmp=args.host_qmp,
-                            argv=_own_argv(raw_argv), takeover=takeover)
-        gap_ms = takeover.done(daemon, inv.rpc)
-    except Exception as exc:
-        log.error("live update: cannot take over: %s", exc)
-        takeover.fail(str(exc))
-        os._exit(1)       # tear nothing down: every socket and netdev is still the old process's
-    inv.updater.state = {"status": "success", "from": takeover.from_version, "to": __version__,
-                         "pid": os.getpid(), "gap_ms": round(gap_ms, 3)}
-    log.info("live update from %s: took over %d function(s) (data path gap %.1f ms: %.1f receiving, "
-             "%.1f building)", takeover.from_version, len(inv.functions), gap_ms,
-             (received - takeover.paused_at) * 1e3, gap_ms - (received - takeover.paused_at) * 1e3)
-    log.info("v%s serving %d device(s), %d worker(s), %s mode",
-             __version__, len(daemon.endpoints), args.workers, args.mode)
-    sdnotify.notify(ready=1)
-    daemon.run()
-    return 0
+    # Only now: the controller imports vfe.engine, which must be the checked
+    # one in a live update's new process (above; vfe/controller/newbuild.py)
+    from vfe.controller import run
+    paths = None if args.device else Paths.from_env(
+        root=args.root, conf=args.config, recovery=args.recovery_dir, run_dir=args.run_dir,
+        state_dir=args.state_dir)
+    return run.main(run.Options(
+        workers=args.workers, mode=args.mode, spin_us=args.spin_us, devices=args.device, paths=paths,
+        datapath=args.datapath, host_qmp=args.host_qmp, argv=_own_argv(raw_argv),
+        takeover_fd=args.takeover_fd))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Recovery files of the virtio-blk side: one JSON file per bdev and one per
-blk controller, so that a restarted controller (SIGKILL, crash, stop/start)
-recreates them with the same VUID, BDF and socket and a QEMU with
-``reconnect=1`` gets its disk back.
+"""Recovery files of the virtio-blk side (the blk kind's codec in the one
+store, recovery.py): one JSON file per bdev and one per blk controller, so
+that a restarted controller (SIGKILL, crash, stop/start) recreates them with
+the same VUID, BDF and socket and a QEMU with ``reconnect=1`` gets its disk
+back.
 
 Layout, under the controller's recovery directory (the seed's
 ``/opt/mellanox/mlnx_virtnet/recovery``)::
@@ -12,7 +13,7 @@ Layout, under the controller's recovery directory (the seed's
                                        "force_in_order", "socket"}
 
 A subdirectory, so that the net functions' files (``<VUID>.json`` directly
-in the recovery directory, recovery.py) stay exactly the seed's: the net
+in the recovery directory, net_recovery.py) stay exactly the seed's: the net
 loader reads only the files there, and the seed's advice after an NV change
 ("delete the files under .../recovery") resets the net functions without
 dropping the disks, whose definition does not depend on the net NV values.
@@ -30,9 +31,9 @@ What a file stands for:
   it sees zeros -- a malloc bdev is scratch space; use an aio bdev for data
   that must survive.
 
-Files are written atomically (paths.atomic_write_text) when a bdev or
-controller is created and removed when it is deleted; a clean shutdown
-keeps them.  ``load()`` reads and checks every file before anything is
+Files are written atomically (by the store) when a bdev or controller is
+created and removed when it is deleted; a clean shutdown keeps them.
+``BlkCodec.load`` reads and checks every file before anything is
 created: JSON, the required fields (others are ignored, for files of a later
 version), field types and ranges, the identity (a controller's VUID,
 BDF and name follow from its pf_id/vf_id and emulation manager, and must
@@ -43,21 +44,20 @@ start with them, like a bad net recovery file, and no file is changed.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from pathlib import Path, PurePath
+from typing import Any, ClassVar, Mapping, NamedTuple
 
-from vfe.controller import blk_functions as bf
-from vfe.controller.paths import atomic_write_text, is_temp_name
-from vfe.controller.recovery import RecoveryError, RecoveryProblem
+from vfe.controller import blk_identity as bi
+from vfe.controller.functions import bdf_str
+from vfe.controller.recovery import RecoveryError, RecoveryProblem, RecoveryStore
 
 BLK_SUBDIR = "blk"
-BDEV_FIELDS = ("name", "bdev_type", "block_size", "num_blocks", "filename")
-CONTROLLER_FIELDS = ("name", "emulation_manager", "pf_id", "vf_id", "vuid", "bdf_raw", "bdev",
-                     "num_queues", "queue_size", "admin_q", "force_in_order", "socket")
+BDEV_DIR = f"{BLK_SUBDIR}/bdevs"              # relative to the recovery directory
+CONTROLLER_DIR = f"{BLK_SUBDIR}/controllers"
+_BLK_VUID_RE = re.compile(r"VBLK[A-Za-z0-9]{1,60}")
 
 
 def _int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
@@ -90,12 +90,9 @@ def _object(data: Any, required: tuple[str, ...]) -> Mapping[str, Any]:
     return data
 
 
-def valid_bdev_name(name: Any) -> bool:
-    return isinstance(name, str) and bool(bf.NAME_RE.fullmatch(name)) and name not in (".", "..")
-
-
 @dataclass
 class BdevRecord:
+    kind: ClassVar[str] = "blk"
     name: str
     bdev_type: str                  # null | malloc | aio
     block_size: int
@@ -103,23 +100,29 @@ class BdevRecord:
     filename: str | None = None     # aio only, absolute
     direct: bool = False            # aio only: O_DIRECT (bdev_aio_create --direct)
 
+    @classmethod
+    def of(cls, b) -> "BdevRecord":
+        """The record of a bdev (bdevs.Bdev; not validated)."""
+        return cls(b.name, b.bdev_type, b.block_size, b.num_blocks,
+                   b.filename if b.bdev_type == "aio" else None, b.direct)
+
     @property
     def size_mb(self) -> int:
         return (self.num_blocks * self.block_size) >> 20
 
     @property
     def file_name(self) -> str:
-        return f"{BLK_SUBDIR}/bdevs/{self.name}.json"
+        return f"{BDEV_DIR}/{self.name}.json"
 
     def validate(self) -> "BdevRecord":
-        if not valid_bdev_name(self.name):
+        if not bi.valid_bdev_name(self.name):
             raise RecoveryError("name", f"{self.name!r} is not a bdev name (letters, digits, _ . : -)")
-        if self.bdev_type not in bf.KINDS:
-            raise RecoveryError("bdev_type", f"{self.bdev_type!r} is not one of {', '.join(bf.KINDS)}")
+        if self.bdev_type not in bi.BDEV_TYPES:
+            raise RecoveryError("bdev_type", f"{self.bdev_type!r} is not one of {', '.join(bi.BDEV_TYPES)}")
         _int("block_size", self.block_size, 0)
-        if self.block_size not in bf.BLOCK_SIZES:
+        if self.block_size not in bi.BLOCK_SIZES:
             raise RecoveryError("block_size", f"{self.block_size} is not one of "
-                                              f"{', '.join(map(str, bf.BLOCK_SIZES))}")
+                                              f"{', '.join(map(str, bi.BLOCK_SIZES))}")
         _int("num_blocks", self.num_blocks, 1)
         total = self.num_blocks * self.block_size
         if total % (1 << 20):
@@ -131,9 +134,9 @@ class BdevRecord:
                 raise RecoveryError("filename", f"{self.filename!r} is not an absolute path")
         elif self.filename is not None:
             raise RecoveryError("filename", f"a {self.bdev_type} bdev has no file")
-        if self.bdev_type == "malloc" and self.size_mb > bf.MAX_MALLOC_MB:
+        if self.bdev_type == "malloc" and self.size_mb > bi.MAX_MALLOC_MB:
             raise RecoveryError("num_blocks", f"a malloc bdev of {self.size_mb} MiB is more than "
-                                              f"{bf.MAX_MALLOC_MB} MiB")
+                                              f"{bi.MAX_MALLOC_MB} MiB")
         return self
 
     def to_json(self) -> dict:
@@ -159,6 +162,7 @@ class BdevRecord:
 
 @dataclass
 class BlkControllerRecord:
+    kind: ClassVar[str] = "blk"
     name: str
     emulation_manager: str
     pf_id: int
@@ -172,18 +176,25 @@ class BlkControllerRecord:
     force_in_order: bool
     socket: str
 
+    @classmethod
+    def of(cls, f) -> "BlkControllerRecord":
+        """The record of a blk function (blk_kind.BlkFunction; not validated)."""
+        return cls(f.name, f.emulation_manager, f.pf_id, None if f.is_pf else f.vf_id, f.vuid,
+                   f.bdf_raw, f.bdev, f.num_queues, f.queue_size, f.admin_q, f.force_in_order,
+                   f.socket)
+
     @property
     def file_name(self) -> str:
-        return f"{BLK_SUBDIR}/controllers/{self.vuid}.json"
+        return f"{CONTROLLER_DIR}/{self.vuid}.json"
 
     def validate(self) -> "BlkControllerRecord":
-        m = bf.IB_DEV_RE.fullmatch(self.emulation_manager) if isinstance(self.emulation_manager, str) else None
+        m = bi.IB_DEV_RE.fullmatch(self.emulation_manager) if isinstance(self.emulation_manager, str) else None
         if m is None:
             raise RecoveryError("emulation_manager", f"{self.emulation_manager!r} is not mlx5_<n>")
-        _int("pf_id", self.pf_id, 0, bf.MAX_PF_ID)
+        _int("pf_id", self.pf_id, 0, bi.MAX_PF_ID)
         if self.vf_id is not None:
-            _int("vf_id", self.vf_id, 0, bf.MAX_VF_ID)
-        name, vuid, raw = bf.blk_identity(m.group(1), self.pf_id, -1 if self.vf_id is None else self.vf_id)
+            _int("vf_id", self.vf_id, 0, bi.MAX_VF_ID)
+        name, vuid, raw = bi.blk_identity(m.group(1), self.pf_id, -1 if self.vf_id is None else self.vf_id)
         _str("vuid", self.vuid)
         if self.vuid != vuid:
             raise RecoveryError("vuid", f"{self.vuid!r}, but pf_id {self.pf_id}"
@@ -192,14 +203,14 @@ class BlkControllerRecord:
         _int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
         if self.bdf_raw != raw:
             raise RecoveryError("bdf_raw", f"{self.bdf_raw}, but {vuid} is at {raw} "
-                                           f"({bf.bdf_str(raw)})")
+                                           f"({bdf_str(raw)})")
         if self.name != name:
             raise RecoveryError("name", f"{self.name!r}, but the controller of {vuid} on "
                                         f"{self.emulation_manager} is {name}")
-        if not valid_bdev_name(self.bdev):
+        if not bi.valid_bdev_name(self.bdev):
             raise RecoveryError("bdev", f"{self.bdev!r} is not a bdev name")
-        _int("num_queues", self.num_queues, 1, bf.MAX_QUEUES)
-        _int("queue_size", self.queue_size, 2, bf.MAX_QUEUE_SIZE)
+        _int("num_queues", self.num_queues, 1, bi.MAX_QUEUES)
+        _int("queue_size", self.queue_size, 2, bi.MAX_QUEUE_SIZE)
         if self.queue_size & (self.queue_size - 1):
             raise RecoveryError("queue_size", f"{self.queue_size} is not a power of 2")
         _bool("admin_q", self.admin_q)
@@ -244,125 +255,74 @@ class BlkLoad(NamedTuple):
     problems: list[RecoveryProblem]
 
 
-class BlkRecoveryStore:
-    """``<recovery dir>/blk``.  With ``enabled=False`` (virtnet.conf
-    ``"recovery": 0``) nothing is written or loaded; deletes still remove
-    files so none goes stale.  ``display_dir`` names the recovery directory
-    in messages (default: its path)."""
 
-    def __init__(self, recovery_dir: str | os.PathLike, enabled: bool = True,
-                 display_dir: str | None = None):
-        self.recovery_dir = Path(recovery_dir)
-        self.dir = self.recovery_dir / BLK_SUBDIR
-        self.enabled = enabled
-        self.display_dir = display_dir or str(self.recovery_dir)
 
-    @property
-    def bdev_dir(self) -> Path:
-        return self.dir / "bdevs"
+class BlkCodec:
+    """The blk kind's records in the store: BdevRecord and BlkControllerRecord."""
 
-    @property
-    def controller_dir(self) -> Path:
-        return self.dir / "controllers"
+    kind = "blk"
 
-    def bdev_path(self, name: str) -> Path:
-        if not valid_bdev_name(name):
-            raise RecoveryError("name", f"{name!r} is not a bdev name")
-        return self.bdev_dir / f"{name}.json"
+    def file_name(self, record: BdevRecord | BlkControllerRecord) -> str:
+        if isinstance(record, BdevRecord):
+            if not bi.valid_bdev_name(record.name):
+                raise RecoveryError("name", f"{record.name!r} is not a bdev name")
+        elif not isinstance(record.vuid, str) or not _BLK_VUID_RE.fullmatch(record.vuid):
+            raise RecoveryError("vuid", f"{record.vuid!r} is not a blk VUID")
+        return record.file_name
 
-    def controller_path(self, vuid: str) -> Path:
-        if not isinstance(vuid, str) or not re.fullmatch(r"VBLK[A-Za-z0-9]{1,60}", vuid):
-            raise RecoveryError("vuid", f"{vuid!r} is not a blk VUID")
-        return self.controller_dir / f"{vuid}.json"
+    def encode(self, record: BdevRecord | BlkControllerRecord) -> dict:
+        return record.validate().to_json()
 
-    # -- writing
-    def save_bdev(self, rec: BdevRecord) -> Path | None:
-        rec.validate()
-        path = self.bdev_path(rec.name)
-        if not self.enabled:
-            return None
-        atomic_write_text(path, json.dumps(rec.to_json(), indent=2) + "\n")
-        return path
+    def decode(self, file_name: str, data: Any) -> BdevRecord | BlkControllerRecord:
+        path = PurePath(file_name)
+        if str(path.parent) == BDEV_DIR:
+            return BdevRecord.from_json(data, path.stem)
+        if str(path.parent) == CONTROLLER_DIR:
+            return BlkControllerRecord.from_json(data, path.stem)
+        raise RecoveryError(None, f"{file_name} is not a blk recovery file")
 
-    def save_controller(self, rec: BlkControllerRecord) -> Path | None:
-        rec.validate()
-        path = self.controller_path(rec.vuid)
-        if not self.enabled:
-            return None
-        atomic_write_text(path, json.dumps(rec.to_json(), indent=2) + "\n")
-        return path
-
-    def delete_bdev(self, name: str) -> bool:
-        try:
-            self.bdev_path(name).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def delete_controller(self, vuid: str) -> bool:
-        try:
-            self.controller_path(vuid).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    # -- reading
-    @staticmethod
-    def _files(d: Path) -> list[Path]:
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.iterdir()
-                      if p.suffix == ".json" and not is_temp_name(p.name) and p.is_file())
-
-    def _problem(self, path: Path, key: str | None, what: str, consequence: str) -> RecoveryProblem:
-        rel = path.relative_to(self.recovery_dir) if path.is_relative_to(self.recovery_dir) else path
-        return RecoveryProblem(path, key, f"recovery file {rel} {what}; fix it, or delete it ({path}) "
-                                          f"and restart: {consequence}")
-
-    def _read(self, path: Path, parse, consequence: str, problems: list) -> Any:
-        try:
-            return parse(json.loads(path.read_text(encoding="utf-8")), path.stem)
-        except json.JSONDecodeError as exc:
-            what = f"is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
-        except (RecoveryError, UnicodeDecodeError) as exc:
-            what = f"is invalid ({exc})"
-        except OSError as exc:
-            what = f"cannot be read ({exc.strerror})"
-        problems.append(self._problem(path, path.stem, what, consequence))
-        return None
-
-    def load(self) -> BlkLoad:
+    def load(self, store: RecoveryStore) -> BlkLoad:
         """Every valid record, and a problem for every file that is not."""
-        if not self.enabled:
-            return BlkLoad([], [], [])
         problems: list[RecoveryProblem] = []
+
+        def problem(path: Path, key: str | None, what: str, consequence: str) -> RecoveryProblem:
+            rel = path.relative_to(store.dir) if path.is_relative_to(store.dir) else path
+            return RecoveryProblem(path, key, f"recovery file {rel} {what}; fix it, or delete it ({path}) "
+                                              f"and restart: {consequence}")
+
+        def read(path: Path, consequence: str) -> Any:
+            rec, what = store.read(path, self.decode)
+            if rec is None:
+                problems.append(problem(path, path.stem, what, consequence))
+            return rec
+
         bdevs: list[BdevRecord] = []
-        for p in self._files(self.bdev_dir):
-            if not valid_bdev_name(p.stem):
-                problems.append(self._problem(p, None, "is not named <bdev name>.json",
-                                              "that bdev is not recreated"))
+        for p in store.json_files(BDEV_DIR):
+            if not bi.valid_bdev_name(p.stem):
+                problems.append(problem(p, None, "is not named <bdev name>.json",
+                                        "that bdev is not recreated"))
                 continue
-            rec = self._read(p, BdevRecord.from_json, f"bdev {p.stem} is then not recreated", problems)
+            rec = read(p, f"bdev {p.stem} is then not recreated")
             if rec is not None:
                 bdevs.append(rec)
         controllers: list[BlkControllerRecord] = []
-        for p in self._files(self.controller_dir):
-            rec = self._read(p, BlkControllerRecord.from_json,
-                             f"controller {p.stem} is then not recreated", problems)
+        for p in store.json_files(CONTROLLER_DIR):
+            rec = read(p, f"controller {p.stem} is then not recreated")
             if rec is not None:
                 controllers.append(rec)
         # references: every controller's bdev has a (valid) file; one controller per bdev
         names = {b.name for b in bdevs}
-        bad_bdev_files = {Path(p.path).stem for p in problems if Path(p.path).parent == self.bdev_dir}
+        bdev_dir = store.dir / BDEV_DIR
+        bad_bdev_files = {Path(p.path).stem for p in problems if Path(p.path).parent == bdev_dir}
         users: dict[str, list[BlkControllerRecord]] = {}
         good: list[BlkControllerRecord] = []
         for c in controllers:
-            path = self.controller_path(c.vuid)
+            path = store.dir / c.file_name
             if c.bdev not in names:
                 why = ("whose recovery file is invalid" if c.bdev in bad_bdev_files
-                       else f"which has no recovery file ({BLK_SUBDIR}/bdevs/{c.bdev}.json)")
-                problems.append(self._problem(path, c.vuid, f"names bdev {c.bdev}, {why}",
-                                              f"controller {c.vuid} is then not recreated"))
+                       else f"which has no recovery file ({BDEV_DIR}/{c.bdev}.json)")
+                problems.append(problem(path, c.vuid, f"names bdev {c.bdev}, {why}",
+                                        f"controller {c.vuid} is then not recreated"))
                 continue
             users.setdefault(c.bdev, []).append(c)
             good.append(c)
@@ -371,7 +331,7 @@ class BlkRecoveryStore:
                 files = " and ".join(c.file_name for c in group)
                 for c in group:
                     problems.append(RecoveryProblem(
-                        self.controller_path(c.vuid), c.vuid,
+                        store.dir / c.file_name, c.vuid,
                         f"recovery files {files} both use bdev {bdev} (a bdev serves one controller); "
                         f"delete one of them and restart"))
                 good = [c for c in good if c.bdev != bdev]

@@ -1,11 +1,12 @@
-"""The emulated PCIe functions the controller manages: their identity
-(VUID, BDF, SF, representor) and the fields `virtnet list/query` show, in
-the seed's order.  Pure data plus formatting; creating and destroying the
-pieces behind a function is the inventory's job (inventory.py)."""
+"""The emulated virtio-net PCIe functions: their identity (VUID, BDF, SF,
+representor) and the fields `virtnet list/query` show, in the seed's order
+(and the BDF arithmetic every kind uses).  Pure data plus formatting;
+creating and destroying the pieces behind a function is the net kind's job
+(net_kind.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # Emulated PCI topology.  Static PFs sit on bus 0x84 after the two network
 # PFs of the DPU's ports (functions 0 and 1), so static PF i is 84:00.(i+2)
@@ -64,6 +65,7 @@ def queue_pairs(max_queues: int) -> int:
 
 @dataclass
 class NetFunction:
+    kind: ClassVar[str] = "net"
     pf_id: int
     vf_id: int                       # -1 for a PF
     device_type: str                 # STATIC | HOTPLUG | VF
@@ -127,29 +129,4 @@ class NetFunction:
             "max_queues_size": self.max_queue_size,
             "net_mac": self.mac,
             "net_mtu": self.mtu,
-        }
-
-    def recovery_record(self) -> dict:
-        """The seed's recovery fields, then vfe's own."""
-        head: dict[str, Any] = {"port_ib_dev": self.ib_dev, "pf_id": self.pf_id}
-        if not self.is_pf:
-            head["vf_id"] = self.vf_id
-        return head | {
-            "function_type": "pf" if self.is_pf else "vf",
-            "bdf_raw": self.bdf_raw,
-            # the seed's files know static and hotplug; a VF is static (it
-            # hangs off a static PF) and its function_type says "vf"
-            "device_type": STATIC if self.device_type == VF else self.device_type,
-            "mac": self.mac,
-            "pf_num": self.pf_num,
-            "sf_num": self.sf_num,
-            "mq": 1 if queue_pairs(self.max_queues) > 1 else 0,
-            "vuid": self.vuid,
-            "mtu": self.mtu,
-            "max_queues": self.max_queues,
-            "max_queue_size": self.max_queue_size,
-            "num_msix": self.num_msix,
-            "features": self.features,
-            "legacy": int(self.legacy),
-            "port": self.port,
         }

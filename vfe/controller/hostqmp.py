@@ -15,12 +15,16 @@ import logging
 import queue
 import threading
 
+from vfe.controller.functions import queue_pairs
+
 log = logging.getLogger("vfe.controller")
 
 
 class HostQmp:
     def __init__(self, path: str, root_ports: list[str] | None = None):
-        from qemu.monitor import Monitor  # the project's sync wrapper around qemu.qmp
+        # optional: only with --host-qmp, and qemu.qmp's asyncio machinery is
+        # not worth loading otherwise (the project's sync wrapper around it)
+        from qemu.monitor import Monitor
         self.path = path
         self.monitor = Monitor(path, name="host")
         self.root_ports = root_ports       # None: discovered from /machine/peripheral
@@ -131,5 +135,4 @@ class HostQmp:
 
 
 def _pairs(f) -> int:
-    from vfe.controller.functions import queue_pairs
     return queue_pairs(f.max_queues)

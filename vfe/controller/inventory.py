@@ -1,566 +1,120 @@
-"""The controller's inventory: which functions exist, and the operations
-`virtnet` asks for (hotplug, unplug, list, query, modify).
+"""The controller's inventory: every function of every kind, the kinds that
+made them, and the `virtnet` verbs that name a function of any kind -- list,
+query, modify, unplug, vf_state -- answered by finding the function and
+handing it to its kind (kind.FunctionKind).
 
-Every operation runs on the daemon's control thread.  Creating a function
-builds its pieces in order -- SF, representor, device model and engine
-rings, vhost-user endpoint, representor link, host hot-plug, recovery file
--- and undoes the ones already built if a later one fails, so a failed
-command leaves nothing half created.
+Registering a kind (net_kind.NetKind, blk_kind.BlkKind) also registers its
+own RPC verbs; ``methods()`` is the inventory's and every kind's, the table
+the controller's RPC server is built with (control.py).  Every operation runs
+on the daemon's control thread.
 """
 from __future__ import annotations
 
-import logging
-import os
-import re
-from typing import Any, Callable
+from typing import Any
 
-from vfe.controller.functions import (
-    HOTPLUG, STATIC, VF, NetFunction, hotplug_pf_location, queue_pairs, static_pf_location,
-    vf_location,
-)
-from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
-from vfe.virtio.constants import F, bit
+from vfe.controller.kind import FunctionKind, InventoryError, Method
 
-log = logging.getLogger("vfe.controller")
-
-MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")      # fullmatch() only
-MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
-DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
-                 "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
-
-
-class InventoryError(Exception):
-    """An operation the user asked for cannot be done; the message says why."""
-
-    def __init__(self, message: str, code: int = -22):   # -EINVAL
-        super().__init__(message)
-        self.code = code
-
-
-def mac_add(mac: str, n: int) -> str:
-    v = (int(mac.replace(":", ""), 16) + n) & 0xFFFFFFFFFFFF
-    return ":".join(f"{(v >> (8 * i)) & 0xFF:02x}" for i in range(5, -1, -1))
-
-
-def _random_mac() -> str:
-    """A locally administered unicast MAC, for VFs without vf.mac_base."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
-
-
-def _int(v) -> int:
-    return int(v, 0) if isinstance(v, str) else int(v)
-
-
-class Undo:
-    """Steps to take back if creation fails half-way (last in, first out)."""
-
-    def __init__(self):
-        self.steps: list[Callable[[], Any]] = []
-
-    def push(self, fn: Callable[[], Any]) -> None:
-        self.steps.append(fn)
-
-    def run(self) -> None:
-        while self.steps:
-            try:
-                self.steps.pop()()
-            except Exception:             # undo as much as possible
-                log.exception("undo step failed")
-
-
-def _destroy_representors(reps: list) -> None:
-    """Delete many representor netdevs at once.  Each deletion waits for an
-    RCU grace period in the kernel (the TAP's last close unregisters it);
-    waits on several threads overlap, so 126 take a fraction of the time of
-    one after the other.  Their data paths are detached already."""
-    if len(reps) < 8:
-        for rep in reps:
-            rep.destroy()
-        return
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="vfe-repdel") as pool:
-        for fut in [pool.submit(rep.destroy) for rep in reps]:
-            try:
-                fut.result()
-            except OSError as exc:
-                log.error("cannot delete a representor: %s", exc)
+VIRTNET_VERBS = ("list", "query", "modify", "unplug", "vf_state")
 
 
 class Inventory:
-    def __init__(self, daemon, paths, limits, conf, sf_pools, recovery_store,
-                 representors, datapath: str = "representor", host=None):
-        self.daemon = daemon
-        self.paths = paths
-        self.limits = limits          # vfe.controller.nvconfig.Limits
-        self.conf = conf              # vfe.controller.virtnet_conf.VirtnetConf
-        self.sf_pools = sf_pools      # {ib_dev: SfPool}: SFs are per RDMA device
-        self.store = recovery_store   # None when recovery is disabled
-        self.representors = representors   # factory: create(name) / attach(name)
-        self.datapath = datapath      # "representor" or "switch"
-        self.host = host              # vfe.controller.hostqmp.HostQmp or None
-        self.functions: list[NetFunction] = []
-        # VUID -> QMP id of hot-plugged PFs already in the host VM (a live
-        # update: the old controller plugged them; plugging again would fail)
-        self.plugged: dict[str, str] = {}
+    def __init__(self):
+        self.functions: list[Any] = []                 # every kind's, in creation order
+        self.kinds: dict[str, FunctionKind] = {}       # in registration order
+        self._methods: dict[str, Method] = {verb: getattr(self, verb) for verb in VIRTNET_VERBS}
 
-    # ------------------------------------------------------------------ lookup
+    def register(self, kind: FunctionKind) -> None:
+        """Add a kind of function and its RPC verbs (each verb has one owner)."""
+        if kind.name in self.kinds:
+            raise ValueError(f"a function kind named {kind.name!r} is registered already")
+        verbs = dict(kind.methods())
+        taken = sorted(set(verbs) & set(self._methods))
+        if taken:
+            raise ValueError(f"function kind {kind.name!r}: RPC method(s) {', '.join(taken)} "
+                             f"registered already")
+        self.kinds[kind.name] = kind
+        self._methods.update(verbs)
 
-    def static_ib_dev(self) -> str:
-        return self.conf.static_pf_device
+    def methods(self) -> dict[str, Method]:
+        """The RPC verbs: the virtnet ones, then every kind's."""
+        return dict(self._methods)
 
-    def pf_num_for(self, ib_dev: str) -> int:
-        c = self.conf
-        if c.is_lag:
-            if ib_dev != c.ib_dev_lag:
-                raise InventoryError(f"ib device {ib_dev!r} is not the LAG device {c.ib_dev_lag!r} (is_lag is 1)")
-            return 0
-        if ib_dev == c.ib_dev_p0:
-            return 0
-        if ib_dev == c.ib_dev_p1 and not c.single_port:
-            return 1
-        names = [c.ib_dev_p0] + ([] if c.single_port else [c.ib_dev_p1])
-        raise InventoryError(f"unknown ib device {ib_dev!r} (this controller has {', '.join(names)})",
-                             code=-19)
+    # -- the functions
 
-    def find(self, pf: int | None = None, vf: int | None = None, vuid: str | None = None) -> NetFunction:
-        for f in self.functions:
-            if vuid is not None:
-                if f.vuid == vuid:
-                    return f
-            elif f.pf_id == pf and f.vf_id == (-1 if vf is None else vf):
-                return f
-        what = f"VUID {vuid}" if vuid is not None else (f"PF {pf}" + (f" VF {vf}" if vf is not None else ""))
-        raise InventoryError(f"no such device: {what}", code=-19)    # -ENODEV
+    def add(self, f) -> None:
+        if f.kind not in self.kinds:
+            raise ValueError(f"{f.vuid}: no function kind {f.kind!r} is registered")
+        self.functions.append(f)
 
-    def pick(self, params: dict) -> NetFunction:
+    def discard(self, f) -> None:
+        """Forget ``f`` (nothing if it is not here)."""
+        self.functions = [x for x in self.functions if x is not f]
+
+    def of_kind(self, name: str) -> list:
+        return [f for f in self.functions if f.kind == name]
+
+    def find(self, pf: int | None = None, vf: int | None = None, vuid: str | None = None,
+             kind: str | None = None):
+        """The function with that VUID (of ``kind``, or any), or -- virtnet's
+        -p PF [-v VF] -- with that index among the functions of a kind
+        virtnet numbers."""
+        if vuid is not None:
+            found = next((f for f in self.functions
+                          if f.vuid == vuid and (kind is None or f.kind == kind)), None)
+        else:
+            want = -1 if vf is None else vf
+            found = next((f for f in self.functions
+                          if self.kinds[f.kind].numbered_by_virtnet and (kind is None or f.kind == kind)
+                          and f.pf_id == pf and f.vf_id == want), None)
+        if found is None:
+            what = (f"VUID {vuid}" if vuid is not None
+                    else f"PF {pf}" + (f" VF {vf}" if vf is not None else ""))
+            raise InventoryError(f"no such device: {what}", code=-19)    # -ENODEV
+        return found
+
+    def pick(self, params: dict, kind: str | None = None):
+        """The function ``params`` name: -u VUID, or -p PF [-v VF]."""
         if params.get("vuid"):
-            return self.find(vuid=params["vuid"])
+            return self.find(vuid=params["vuid"], kind=kind)
         if params.get("pf") is None:
             raise InventoryError("give a device: -p PF [-v VF] or -u VUID")
-        return self.find(pf=int(params["pf"]), vf=None if params.get("vf") is None else int(params["vf"]))
-
-    # ------------------------------------------------------------------ limits
-
-    def max_queues_limit(self) -> int:
-        # -n counts virtqueues including the control queue (seed: bound by
-        # VIRTIO_NET_EMULATION_NUM_MSIX and max_virtq)
-        return min(self.limits.pf_max_queues + 1, MAX_VIRTQ)
-
-    def check_geometry(self, max_queues: int, max_queue_size: int, mtu: int) -> None:
-        lim = self.max_queues_limit()
-        if not 1 <= max_queues <= lim:
-            raise InventoryError(
-                f"max_queues {max_queues} is out of range 1..{lim} (bound by VIRTIO_NET_EMULATION_NUM_MSIX "
-                f"and max_virtq {MAX_VIRTQ})", code=-34)                 # -ERANGE
-        if not 2 <= max_queue_size <= 32768 or max_queue_size & (max_queue_size - 1):
-            raise InventoryError(f"max_queue_size {max_queue_size} is not a power of two in 2..32768",
-                                 code=-34)
-        if not 68 <= mtu <= 9216:
-            raise InventoryError(f"mtu {mtu} is out of range 68..9216", code=-34)
-
-    @staticmethod
-    def check_mac(mac: str) -> str:
-        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
-            raise InventoryError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
-        return mac
-
-    def free_ports(self) -> list[int]:
-        used = {f.port for f in self.functions if f.device_type == HOTPLUG}
-        return [p for p in range(self.limits.hotplug_ports) if p not in used]
-
-    # ------------------------------------------------------------------ building
-
-    def _build(self, f: NetFunction, undo: Undo, recovered: bool) -> None:
-        """Create the pieces behind a function record (SF already reserved)."""
-        rep = None
-        if self.datapath == "representor":
-            # A representor that exists already was left by an earlier run: the
-            # recovered function's, or a pooled SF's whose function was not
-            # recovered (recovery files deleted, recovery disabled): re-open it.
-            stale = self.representors.exists(f.rep_name)
-            try:
-                rep = (self.representors.attach(f.rep_name) if stale
-                       else self.representors.create(f.rep_name, mtu=f.mtu))
-            except OSError as exc:
-                raise InventoryError(f"cannot create representor {f.rep_name}: {exc}", code=-(exc.errno or 5))
-            undo.push(rep.close if stale else rep.destroy)
-            if stale and not recovered:
-                rep.set_mtu(f.mtu)
-            f.representor = rep
-            f.ifindex = rep.ifindex
-        cfg = NetConfig(socket=str(self.paths.endpoint_socket(f.vuid)), queues=queue_pairs(f.max_queues),
-                        queue_size=f.max_queue_size, mtu=f.mtu, mac=f.mac, name=f.vuid)
-        model = NetDeviceModel(self.daemon.engine, cfg)
-        undo.push(model.close)
-        if f.features:
-            # a user's feature mask narrows what the device offers; the
-            # vhost-user bits stay (QEMU needs them to talk to us at all)
-            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
-            model.features = NET_FEATURES & (f.features | keep)
-        f.model = model
-        f.socket = cfg.socket
-        ep = self.daemon.add_endpoint(model, cfg.socket, False, f.vuid)
-        undo.push(lambda: self.daemon.remove_endpoint(ep))
-        f.endpoint = ep
-        if rep is not None:
-            model.rings.set_tap(rep.fd)
-            undo.push(lambda: model.rings.set_tap(-1))
-
-    def _save(self, f: NetFunction) -> None:
-        if self.store is not None and self.store.enabled:
-            from vfe.controller.recovery import RecoveryRecord
-            try:
-                self.store.save(f.vuid, RecoveryRecord.from_json(f.recovery_record(), f.vuid))
-            except OSError as exc:        # the user's error, not an internal one
-                raise InventoryError(f"{f.vuid}: cannot write its recovery file: {exc}",
-                                     code=-(exc.errno or 5)) from None
-
-    def _teardown(self, f: NetFunction, destroy: bool, later: list | None = None) -> None:
-        """Take a function's pieces apart; `destroy` also removes its
-        representor, SF and recovery file (unplug), else they stay for the
-        next start (shutdown).  `later`: collect the representors to delete
-        instead of deleting them here (see _destroy_representors)."""
-        if f.model is not None:
-            f.model.rings.set_tap(-1)
-        if f.endpoint is not None:
-            self.daemon.remove_endpoint(f.endpoint)
-        if f.model is not None:
-            f.model.close()
-        if f.representor is not None:
-            if destroy and later is not None:
-                later.append(f.representor)
-            else:
-                (f.representor.destroy if destroy else f.representor.close)()
-        if destroy:
-            self.sf_pools[f.ib_dev].release(f.sf_num)
-            if self.store is not None:
-                self.store.delete(f.vuid)
-
-    # ------------------------------------------------------------------ start / stop
-
-    def start(self, recovered: list[dict]) -> None:
-        """Static PFs (taking back their recovered identity), then recovered
-        hot-plugged PFs."""
-        by_vuid = {r["vuid"]: r for r in recovered if "vuid" in r}
-        ib = self.static_ib_dev()
-        pf_num = self.pf_num_for(ib)
-        default_base = "00:11:22:33:44:55"
-        for i in range(self.limits.static_pfs):
-            vuid, raw = static_pf_location(i)
-            rec = by_vuid.pop(vuid, None)
-            if rec is not None:
-                self._restore(rec)
-                continue
-            self._create(NetFunction(
-                pf_id=i, vf_id=-1, device_type=STATIC, vuid=vuid, bdf_raw=raw, ib_dev=ib,
-                pf_num=pf_num, sf_num=0, mac=self.conf.static_pf_mac(i) or mac_add(default_base, i), mtu=1500,
-                max_queues=self.max_queues_limit(), max_queue_size=1024,
-                num_msix=self.limits.pf_msix, features=0), preferred_sf=None)
-        for rec in by_vuid.values():
-            if rec.get("device_type") == HOTPLUG:
-                self._restore(rec)
-        for rec in sorted(by_vuid.values(), key=lambda r: (r["pf_id"], r.get("vf_id") or 0)):
-            if rec.get("function_type") == "vf":
-                self._restore(rec)
-
-    def _restore(self, rec: dict) -> None:
-        f = NetFunction(
-            pf_id=rec["pf_id"], vf_id=-1 if rec.get("vf_id") is None else rec["vf_id"],
-            device_type=VF if rec.get("function_type") == "vf" else rec["device_type"],
-            vuid=rec["vuid"], bdf_raw=rec["bdf_raw"], ib_dev=rec["port_ib_dev"], pf_num=rec["pf_num"],
-            sf_num=rec["sf_num"], mac=rec["mac"], mtu=rec.get("mtu") or 1500,
-            max_queues=rec.get("max_queues") or 2, max_queue_size=rec.get("max_queue_size") or 256,
-            num_msix=rec.get("num_msix", self.limits.pf_msix), features=_int(rec.get("features") or 0),
-            legacy=bool(rec.get("legacy", 0)), port=rec.get("port") if rec.get("port") is not None else -1)
-        try:
-            self._create(f, preferred_sf=f.sf_num, recovered=True)
-            log.info("%s: recovered (%s, SF %d, MAC %s)", f.vuid, f.bdf, f.sf_num, f.mac)
-        except (InventoryError, OSError, ValueError) as exc:
-            log.error("%s: cannot recover: %s", f.vuid, exc)
-
-    def _create(self, f: NetFunction, preferred_sf: int | None, recovered: bool = False) -> NetFunction:
-        undo = Undo()
-        try:
-            if not recovered:                      # a recovered SF was kept in use by SfPool.start
-                try:
-                    pool = self.sf_pools[f.ib_dev]
-                    f.sf_num = pool.reserve(preferred_sf, owner=f.vuid)
-                except RuntimeError as exc:       # SfPoolExhausted, SfInUse, SfPoolError
-                    raise InventoryError(str(exc), code=-28) from None
-                # a failed creation gives the SF back as it was (cancel, not release)
-                undo.push(lambda: pool.cancel(f.sf_num))
-            f.sf_index = f.sf_num - 1000
-            self._build(f, undo, recovered)
-            if f.vuid in self.plugged:
-                f.qmp_id = self.plugged.pop(f.vuid)
-            elif f.device_type == HOTPLUG and self.host is not None:
-                f.qmp_id = self.host.plug(f)
-                undo.push(lambda: self.host.unplug(f))
-            self._save(f)
-        except BaseException:
-            undo.run()
-            raise
-        self.functions.append(f)
-        return f
+        return self.find(pf=int(params["pf"]), vf=None if params.get("vf") is None else int(params["vf"]),
+                         kind=kind)
 
     def shutdown(self) -> None:
-        for f in list(self.functions):
-            try:
-                self._teardown(f, destroy=False)
-            except Exception:
-                log.exception("%s: teardown failed", f.vuid)
-        self.functions.clear()
+        """Every kind closes its functions (the last registered first)."""
+        for kind in reversed(list(self.kinds.values())):
+            kind.shutdown()
 
-    # ------------------------------------------------------------------ virtnet operations
+    # -- the virtnet verbs
 
-    def hotplug(self, p: dict) -> dict:
-        ib_dev = p.get("ib_device")
-        if not ib_dev:
-            raise InventoryError("hotplug needs -i IB_DEVICE")
-        pf_num = self.pf_num_for(ib_dev)
-        mac = self.check_mac(p.get("mac", ""))
-        mtu = int(p.get("mtu", 1500))
-        max_queues = int(p.get("max_queues", 2))
-        max_queue_size = int(p.get("max_queue_size", 256))
-        self.check_geometry(max_queues, max_queue_size, mtu)
-        legacy = bool(p.get("legacy"))
-        if legacy:
-            if not self.limits.transitional:
-                raise InventoryError("transitional (legacy) devices are not enabled: set "
-                                     "VIRTIO_NET_EMULATION_PF_PCI_LAYOUT=1 and VIRTIO_EMULATION_HOTPLUG_TRANS=1 "
-                                     "with vfe-mlxconfig and restart the controller", code=-95)
-            n_legacy = sum(1 for f in self.functions if f.legacy)
-            if n_legacy >= self.limits.transitional_max:
-                raise InventoryError(
-                    f"no I/O port space for another transitional device ({n_legacy} of "
-                    f"{self.limits.transitional_max}: (allocated I/O space - 4K) / 4K)", code=-28)
-        free = self.free_ports()
-        if not free:
-            raise InventoryError(f"all {self.limits.hotplug_ports} hot-plug switch ports are in use "
-                                 f"(PCI_SWITCH_EMULATION_NUM_PORT)", code=-28)       # -ENOSPC
-        port = free[0]
-        vuid, raw = hotplug_pf_location(port)
-        pf_id = max([f.pf_id for f in self.functions if f.is_pf], default=-1) + 1
-        sf = p.get("sf_num")
-        f = NetFunction(
-            pf_id=pf_id, vf_id=-1, device_type=HOTPLUG, vuid=vuid, bdf_raw=raw, ib_dev=ib_dev,
-            pf_num=pf_num, sf_num=0, mac=mac, mtu=mtu, max_queues=max_queues,
-            max_queue_size=max_queue_size, num_msix=min(self.limits.pf_msix, max_queues + 1),
-            features=int(p.get("features") or 0), legacy=legacy, port=port)
-        self._create(f, preferred_sf=None if sf is None else int(sf))
-        log.info("%s: hot-plugged at %s (id %d, SF %d, representor %s)", f.vuid, f.bdf, f.pf_id,
-                 f.sf_num, f.rep_name)
-        return {"bdf": f.bdf, "vuid": f.vuid, "id": f.pf_id, "transitional": int(f.legacy),
-                "sf_rep_net_device": f.rep_name, "mac": f.mac}
-
-    def unplug(self, p: dict) -> dict:
-        f = self.pick(p)
-        if f.device_type != HOTPLUG:
-            raise InventoryError(f"{f.vuid} is a {f.device_type} function: only hot-plugged PFs can be "
-                                 f"unplugged", code=-1)                                # -EPERM
-        if self.host is not None and f.qmp_id:
-            self.host.unplug(f)
-        self._teardown(f, destroy=True)
-        self.functions.remove(f)
-        log.info("%s: unplugged", f.vuid)
-        return {"id": f.pf_id, "vuid": f.vuid, "status": "success"}
+    def _listed(self) -> list[tuple[FunctionKind, Any]]:
+        """(kind, function) of every function, in `virtnet list` order: kind
+        by kind, each in its own order."""
+        return [(kind, f) for kind in self.kinds.values()
+                for f in kind.in_list_order(self.of_kind(kind.name))]
 
     def list(self, p: dict) -> dict:
-        return {
-            "controller": {
-                "emulation_manager": self.static_ib_dev(),
-                "max_hotplug_devices": self.limits.hotplug_ports,
-                "max_virt_net_devices": self.limits.static_pfs + self.limits.hotplug_ports,
-                "max_virtq": MAX_VIRTQ,
-                "free_switch_ports": len(self.free_ports()),
-                "supported_features": f"{NET_FEATURES:#x}",
-                "datapath": self.datapath,
-            },
-            "devices": [f.list_entry() for f in self.functions],
-        }
-
-    def _query_one(self, f: NetFunction, brief: bool) -> dict:
-        out = f.list_entry()
-        model = f.model
-        sess = f.endpoint.session if f.endpoint is not None else None
-        out["status"] = "running" if f.bound() else ("connected" if sess is not None else "not connected")
-        out["socket"] = f.socket
-        out["negotiated_features"] = f"{sess.protocol.features:#x}" if sess is not None else "0x0"
-        out["device_status"] = model.status
-        if not brief:
-            out["queues"] = [
-                {"index": s["index"], "type": s["kind"], "size": s["size"],
-                 "state": ("error: " + s["error"]) if s["broken"] else
-                          ("running" if s["ready"] and s["enabled"] else ("disabled" if s["ready"] else "stopped")),
-                 "last_avail_idx": s["last_avail_idx"], "last_used_idx": s["last_used_idx"],
-                 "packets": s["packets"], "bytes": s["bytes"], "dropped": s["dropped"],
-                 "errors": s["errors"]}
-                for s in model.stats()]
-            if getattr(self, "datapath", None) == "switch" and hasattr(model, "switch_stats"):
-                out["switch"] = model.switch_stats()      # port security (its MAC is net_mac)
-        return out
+        controller: dict = {}
+        for kind in self.kinds.values():
+            controller |= kind.summary()
+        return {"controller": controller, "devices": [kind.list_entry(f) for kind, f in self._listed()]}
 
     def query(self, p: dict) -> dict:
         brief = bool(p.get("brief"))
-        targets = self.functions if p.get("all") else [self.pick(p)]
-        return {"devices": [self._query_one(f, brief) for f in targets]}
+        if p.get("all"):
+            return {"devices": [kind.query_entry(f, brief) for kind, f in self._listed()]}
+        f = self.pick(p)
+        return {"devices": [self.kinds[f.kind].query_entry(f, brief)]}
 
     def modify(self, p: dict) -> dict:
         f = self.pick(p)
-        changes: dict[str, Any] = {}
-        if p.get("mac") is not None:
-            changes["mac"] = self.check_mac(p["mac"])
-        if p.get("mtu") is not None:
-            changes["mtu"] = int(p["mtu"])
-        if p.get("features") is not None:
-            changes["features"] = int(p["features"])
-        if p.get("msix_num") is not None:
-            changes["num_msix"] = int(p["msix_num"])
-            if not 1 <= changes["num_msix"] <= self.limits.pf_msix:
-                raise InventoryError(f"msix_num {changes['num_msix']} is out of range 1..{self.limits.pf_msix}",
-                                     code=-34)
-        if p.get("max_queue_size") is not None:
-            changes["max_queue_size"] = int(p["max_queue_size"])
-        if p.get("link_state") is not None and not changes:
-            raise InventoryError("link state follows the guest's vhost-user connection here; it cannot be "
-                                 "forced with modify -e", code=-95)             # -EOPNOTSUPP
-        if not changes:
-            raise InventoryError("nothing to modify: give at least one of -m -t -f -n -q")
-        self.check_geometry(f.max_queues, changes.get("max_queue_size", f.max_queue_size),
-                            changes.get("mtu", f.mtu))
-        if f.bound():
-            raise InventoryError(DEVICE_IN_USE.format(vuid=f.vuid), code=-16)     # -EBUSY
-        old = {k: getattr(f, k) for k in changes}
-        for k, v in changes.items():
-            setattr(f, k, v)
-        try:
-            self._apply_modify(f, changes)
-            self._save(f)
-        except BaseException:
-            for k, v in old.items():
-                setattr(f, k, v)
-            raise
-        log.info("%s: modified %s", f.vuid, ", ".join(f"{k}={v}" for k, v in changes.items()))
-        return {"vuid": f.vuid, "modified": sorted(changes), "status": "success"}
+        return self.kinds[f.kind].modify(f, p)
 
-    def _apply_modify(self, f: NetFunction, changes: dict) -> None:
-        m = f.model
-        if "mtu" in changes:
-            m.mtu = f.mtu
-        if "max_queue_size" in changes:
-            m.config.queue_size = f.max_queue_size
-        if "features" in changes:
-            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
-            m.features = NET_FEATURES & (f.features | keep) if f.features else NET_FEATURES
-        if "mac" in changes:
-            m.set_mac(f.mac)
-        if self.host is not None and f.qmp_id and ({"mac", "mtu"} & set(changes)):
-            # the guest reads MAC and MTU from the PCI function's config space,
-            # which QEMU owns: re-create the function with the new values
-            self.host.replug(f)
-
-    # ------------------------------------------------------------------ SR-IOV
-
-    def vfs_of(self, pf: NetFunction) -> list[NetFunction]:
-        return sorted((f for f in self.functions if f.device_type == VF and f.pf_id == pf.pf_id),
-                      key=lambda f: f.vf_id)
-
-    def sriov_numvfs(self, p: dict) -> dict:
-        """The host's `echo N > .../sriov_numvfs` on a static PF: create VFs
-        0..N-1 (N > 0, none existing) or destroy them all (N = 0).  Without
-        num_vfs, report the current count."""
-        pf = self.pick({"pf": p.get("pf"), "vuid": p.get("vuid")}) if p.get("bdf") is None else \
-            next((f for f in self.functions if f.bdf == p["bdf"] and f.is_pf), None)
-        if pf is None:
-            raise InventoryError(f"no PF at {p['bdf']}", code=-19)
-        vfs = self.vfs_of(pf)
-        n = p.get("num_vfs")
-        if n is None:
-            return {"pf_id": pf.pf_id, "bdf": pf.bdf, "sriov_numvfs": len(vfs),
-                    "sriov_totalvfs": self.limits.vfs_per_pf}
-        n = int(n)
-        if p.get("legacy"):
-            raise InventoryError("Transitional VirtIO-net VF devices are not currently supported", code=-95)
-        if pf.device_type != STATIC:
-            raise InventoryError(f"{pf.vuid} is a hot-plugged PF: SR-IOV VFs are only supported on "
-                                 f"static PFs", code=-95)
-        pool = self.sf_pools[pf.ib_dev]
-        if n == 0:
-            reps: list = []
-            with pool.batch():
-                for f in reversed(vfs):
-                    self._teardown(f, destroy=True, later=reps)
-                    self.functions.remove(f)
-            _destroy_representors(reps)
-            log.info("PF(%d): Unload (%d) VFs finished", pf.pf_id, len(vfs))
-            return {"pf_id": pf.pf_id, "sriov_numvfs": 0, "destroyed": len(vfs)}
-        if vfs:
-            raise InventoryError(f"PF {pf.pf_id} already has {len(vfs)} VFs: write 0 first", code=-16)
-        if n > self.limits.vfs_per_pf:
-            raise InventoryError(f"{n} VFs is more than VIRTIO_NET_EMULATION_NUM_VF="
-                                 f"{self.limits.vfs_per_pf} allows for a PF (SRIOV_EN must be 1)", code=-34)
-        total = sum(1 for f in self.functions if f.device_type == VF)
-        if total + n > self.limits.total_vfs:
-            raise InventoryError(f"{n} more VFs would exceed {self.limits.total_vfs} VFs in all", code=-28)
-        created: list[NetFunction] = []
-        with pool.batch():
-            self._create_vfs(pf, n, created)
-        log.info("PF(%d): Load (%d) VFs finished", pf.pf_id, n)
-        return {"pf_id": pf.pf_id, "sriov_numvfs": n,
-                "vfs": [{"vf_id": f.vf_id, "vuid": f.vuid, "bdf": f.bdf} for f in created]}
-
-    def _create_vfs(self, pf: NetFunction, n: int, created: list[NetFunction]) -> None:
-        try:
-            for vf_id in range(n):
-                vuid, raw = vf_location(pf.vuid, pf.pf_id, vf_id)
-                mac = self.conf.vf_mac(pf.pf_id, vf_id, self.limits.vfs_per_pf) or _random_mac()
-                f = NetFunction(
-                    pf_id=pf.pf_id, vf_id=vf_id, device_type=VF, vuid=vuid, bdf_raw=raw,
-                    ib_dev=pf.ib_dev, pf_num=pf.pf_num, sf_num=0, mac=mac, mtu=1500,
-                    max_queues=min(self.limits.vf_max_queues + 1, MAX_VIRTQ), max_queue_size=1024,
-                    num_msix=self.limits.vf_msix, features=self.conf.vf.features or 0)
-                created.append(self._create(f, preferred_sf=None))
-        except BaseException:
-            for f in reversed(created):       # all or nothing, like the PCI core's enable
-                self._teardown(f, destroy=True)
-                self.functions.remove(f)
-            raise
-
-    # ------------------------------------------------------------------ device state (vhostmgmt vf -o)
-
-    LM_OPS = {1: "running", 2: "quiesced", 3: "freeze", 4: "start_logging", 5: "stop_logging",
-              6: "get_lm_status"}
+    def unplug(self, p: dict) -> dict:
+        f = self.pick(p)
+        return self.kinds[f.kind].unplug(f, p)
 
     def vf_state(self, p: dict) -> dict:
-        """The VFE vDPA device operations: 1 running, 2 quiesced, 3 freeze
-        (the data path stops: guest TX waits in its ring, nothing is lost),
-        4/5 start/stop dirty logging into the log the front-end mapped
-        (QEMU's SET_LOG_BASE), 6 the status."""
         f = self.pick(p)
-        op = int(p.get("op", 6))
-        if op not in self.LM_OPS:
-            raise InventoryError(f"operation {op} is not one of 1..6 ({', '.join(f'{k} {v}' for k, v in self.LM_OPS.items())})")
-        rings = f.model.rings
-        sess = f.endpoint.session if f.endpoint is not None else None
-        if op in (1, 2, 3):
-            rings.set_paused(op != 1)
-            f.lm_state = self.LM_OPS[op]
-            log.info("%s: data path %s", f.vuid, f.lm_state)
-        elif op in (4, 5):
-            if sess is None or sess.log_region is None:
-                raise InventoryError(f"{f.vuid}: no dirty log: the front-end maps one (SET_LOG_BASE) when "
-                                     f"a migration starts", code=-61)              # -ENODATA
-            if not sess.drives_device():
-                raise InventoryError(f"{f.vuid}: this front-end does not run the device", code=-16)
-            rings.set_features(sess.features | (1 << 26) if op == 4 else sess.features)
-            log.info("%s: dirty logging %s", f.vuid, "started" if op == 4 else "stopped")
-        return {"vuid": f.vuid, "bdf": f.bdf, "state": getattr(f, "lm_state", "running"),
-                "logging": rings.logging,
-                "log_size": sess.log_region.size if sess is not None and sess.log_region else 0}
-
-    def version(self, p: dict) -> dict:
-        from vfe import __version__
-        from vfe.engine import ENGINE_ABI
-        return {"controller": {"version": __version__, "engine_abi": ENGINE_ABI, "pid": os.getpid()}}
+        return self.kinds[f.kind].vf_state(f, p)

@@ -31,6 +31,7 @@ import os
 import stat
 import sys
 
+import vfe
 from vfe.safepath import UnsafePath, check_dir_chain, check_trusted_file
 
 __all__ = ["BuildError", "check_build", "engine_path", "pin_engine", "load_engine"]
@@ -149,7 +150,6 @@ def load_engine(fd: int) -> object:
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     if seals & _SEALS != _SEALS:
         raise RuntimeError(f"the engine fd {fd} is not a sealed memfd (seals {seals:#x})")
-    import vfe
     path = f"/proc/self/fd/{fd}"
     loader = importlib.machinery.ExtensionFileLoader("vfe._engine", path)
     spec = importlib.util.spec_from_file_location("vfe._engine", path, loader=loader)

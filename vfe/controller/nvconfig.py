@@ -220,10 +220,6 @@ def canonical_device(device: str) -> str:
                               f"(port 0) and {PORT1_DEVICE} (port 1)")
 
 
-def device_for_port(port: int) -> str:
-    return DEVICES[port]
-
-
 def params_for(device: str) -> tuple[Param, ...]:
     device = canonical_device(device)
     if device == DEFAULT_DEVICE:

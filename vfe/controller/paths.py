@@ -96,9 +96,6 @@ class Paths:
             raise ValueError(f"bad VUID {vuid!r} for a socket name")
         return self.run_dir / f"{vuid}.sock"
 
-    def nvconfig_dir(self) -> Path:
-        return self.state_dir / "nvconfig"
-
     def display(self, path: Path) -> str:
         """``path`` as the seed names it, with the root noted when it is not
         ``/`` -- for messages that tell a user which files to delete."""

@@ -1,48 +1,32 @@
-"""Controller recovery files: one JSON file per function, named by its VUID.
+"""The recovery directory: one store for the records of every kind of
+function, so that a restarted controller (SIGKILL, crash, stop/start)
+recreates each function with the same identity and socket.
 
-The seed's example (a hot-plugged PF)::
+What a kind keeps there, and how, is its codec's business (RecordCodec):
+net_recovery.NetCodec writes the seed's files, ``<VUID>.json`` directly in
+the directory; blk_recovery.BlkCodec writes ``blk/bdevs/<name>.json`` and
+``blk/controllers/<VUID>.json``.  A record names its kind (``record.kind``)
+and the store hands it to the codec of that kind; a record of a kind no codec
+serves is refused (RecoveryError).  The store itself does what is the same
+for every kind: files are JSON objects, replaced atomically
+(paths.atomic_write_text: a controller killed at any moment leaves each file
+old or new, never torn), listed without the temp files a crash may leave,
+and read with one wording for what is wrong with them.
 
-    {"port_ib_dev": "mlx5_0", "pf_id": 0, "function_type": "pf",
-     "bdf_raw": 26624, "device_type": "hotplug", "mac": "0c:c4:7a:ff:22:93",
-     "pf_num": 0, "sf_num": 2000, "mq": 1}
-
-vfe writes exactly those fields, in that order (``vf_id`` after ``pf_id``
-for VFs only, as the example has none for a PF), then its own: ``vuid``,
-``mtu``, ``max_queues``, ``max_queue_size``, ``num_msix``, ``features``,
-``legacy``, ``port`` (a hot-plugged PF's emulated switch port).  A
-file with only the seed's fields (hand-written, or from the product) loads:
-the VUID comes from the file name.
-
-Files are replaced atomically (temp file in the same directory, fsync,
-rename, fsync of the directory), so a controller killed at any moment
-leaves each file old or new, never torn.
-
-``load_all()`` validates every file and returns the good records and the
-problems; ``check_compat()`` refuses a record that no longer matches the
-configuration (LAG switched, NV config changed), with the seed's instruction
-to delete the files.
+With ``enabled=False`` (virtnet.conf ``"recovery": 0``) nothing is written
+and there are no files to load; deletes still remove files, so none goes
+stale.  ``display_dir`` is how messages name the directory (default: its
+path).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Protocol
 
 from vfe.controller.paths import atomic_write_text, is_temp_name
-from vfe.controller.virtnet_conf import ConfigError, VirtnetConf, check_mac
-
-SEED_RECOVERY_DIR = "/opt/mellanox/mlnx_virtnet/recovery"
-SF_NUM_MIN = 1000
-_VUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-SEED_FIELDS = ("port_ib_dev", "pf_id", "vf_id", "function_type", "bdf_raw", "device_type",
-               "mac", "pf_num", "sf_num", "mq")
-VFE_FIELDS = ("vuid", "mtu", "max_queues", "max_queue_size", "num_msix", "features", "legacy", "port")
-FUNCTION_TYPES = ("pf", "vf")
-DEVICE_TYPES = ("static", "hotplug")
 
 
 class RecoveryError(ValueError):
@@ -52,172 +36,6 @@ class RecoveryError(ValueError):
         super().__init__(f"{field_}: {message}" if field_ else message)
         self.field = field_
         self.message = message
-
-
-def valid_vuid(vuid: str) -> bool:
-    return isinstance(vuid, str) and bool(_VUID_RE.fullmatch(vuid)) and not vuid.endswith(".json")
-
-
-def bdf_from_raw(raw: int) -> str:
-    """26624 -> "68:00.0" (bus << 8 | device << 3 | function)."""
-    return f"{(raw >> 8) & 0xFF:02x}:{(raw >> 3) & 0x1F:02x}.{raw & 0x7}"
-
-
-def bdf_to_raw(bdf: str) -> int:
-    """"68:00.0" or "0000:68:00.0" -> 26624."""
-    m = re.fullmatch(r"(?:[0-9A-Fa-f]{4}:)?([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])", bdf.strip())
-    if not m:
-        raise ValueError(f"{bdf!r} is not a PCI address like 85:00.0")
-    bus, dev, fn = int(m.group(1), 16), int(m.group(2), 16), int(m.group(3))
-    if dev > 0x1F:
-        raise ValueError(f"{bdf!r}: device {dev:#x} is above 0x1f")
-    return bus << 8 | dev << 3 | fn
-
-
-@dataclass
-class RecoveryRecord:
-    vuid: str
-    port_ib_dev: str
-    pf_id: int
-    function_type: str           # "pf" | "vf"
-    bdf_raw: int
-    device_type: str             # "static" | "hotplug"
-    mac: str
-    pf_num: int
-    sf_num: int
-    mq: int
-    vf_id: int | None = None     # VFs only
-    # vfe's own
-    mtu: int | None = None
-    max_queues: int | None = None
-    max_queue_size: int | None = None
-    num_msix: int | None = None
-    features: int | None = None
-    legacy: bool = False
-    port: int | None = None      # a hot-plugged PF's emulated switch port (-1/None: none)
-    extra: dict[str, Any] = field(default_factory=dict)   # unknown fields, kept as they were
-
-    @property
-    def bdf(self) -> str:
-        return bdf_from_raw(self.bdf_raw)
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.vuid}.json"
-
-    @property
-    def slot(self) -> int | None:
-        """A hot-plugged PF's switch port: ``port`` when recorded, else
-        ``pf_id`` (a file with only the seed's fields); None for others."""
-        if self.device_type != "hotplug" or self.function_type != "pf":
-            return None
-        return self.port if self.port is not None and self.port >= 0 else self.pf_id
-
-    def validate(self) -> "RecoveryRecord":
-        """Check every field; raises RecoveryError naming the field."""
-        if not valid_vuid(self.vuid):
-            raise RecoveryError("vuid", f"{self.vuid!r} is not a VUID (letters, digits, '_', '.', '-')")
-        _str("port_ib_dev", self.port_ib_dev)
-        _int("pf_id", self.pf_id, 0)
-        ft = self.function_type
-        if ft not in FUNCTION_TYPES:
-            raise RecoveryError("function_type", f"{ft!r} is not one of {', '.join(FUNCTION_TYPES)}")
-        if ft == "vf":
-            if self.vf_id is None:
-                raise RecoveryError("vf_id", "missing (a VF's file needs vf_id)")
-            _int("vf_id", self.vf_id, 0)
-        elif self.vf_id is not None:
-            _int("vf_id", self.vf_id, 0)
-        _int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
-        if self.device_type not in DEVICE_TYPES:
-            raise RecoveryError("device_type", f"{self.device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
-        try:
-            check_mac("mac", self.mac)
-        except ConfigError as exc:
-            raise RecoveryError("mac", exc.message) from None
-        _int("pf_num", self.pf_num, 0)
-        _int("sf_num", self.sf_num, SF_NUM_MIN)
-        _int("mq", self.mq, 0)
-        for name, lo in (("mtu", 68), ("max_queues", 1), ("max_queue_size", 1), ("num_msix", 1),
-                         ("port", -1)):
-            if getattr(self, name) is not None:
-                _int(name, getattr(self, name), lo)
-        if self.features is not None:
-            _int("features", self.features, 0, (1 << 64) - 1)
-        if not isinstance(self.legacy, bool):
-            raise RecoveryError("legacy", f"must be true or false, not {self.legacy!r}")
-        return self
-
-    def to_json(self) -> dict:
-        """The file's content, in the seed's field order."""
-        d: dict[str, Any] = {"port_ib_dev": self.port_ib_dev, "pf_id": self.pf_id}
-        if self.vf_id is not None:
-            d["vf_id"] = self.vf_id
-        d.update(function_type=self.function_type, bdf_raw=self.bdf_raw, device_type=self.device_type,
-                 mac=self.mac, pf_num=self.pf_num, sf_num=self.sf_num, mq=self.mq, vuid=self.vuid)
-        for name in ("mtu", "max_queues", "max_queue_size", "num_msix"):
-            if getattr(self, name) is not None:
-                d[name] = getattr(self, name)
-        if self.features is not None:
-            d["features"] = hex(self.features)
-        d["legacy"] = int(self.legacy)
-        if self.port is not None:
-            d["port"] = self.port
-        for k, v in self.extra.items():
-            d.setdefault(k, v)
-        return d
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], vuid: str | None = None) -> "RecoveryRecord":
-        """A record from a file's content; ``vuid`` (from the file name) is
-        used when the content has none, and must agree when it has one.
-        Raises RecoveryError."""
-        if not isinstance(data, Mapping):
-            raise RecoveryError(None, "not a JSON object")
-        missing = [f for f in SEED_FIELDS if f != "vf_id" and f not in data]
-        if missing:
-            raise RecoveryError(missing[0], f"missing (needed: {', '.join(missing)})")
-        file_vuid = data.get("vuid")
-        if file_vuid is not None and vuid is not None and file_vuid != vuid:
-            raise RecoveryError("vuid", f"{file_vuid!r} but the file is named {vuid}.json")
-        the_vuid = file_vuid if file_vuid is not None else vuid
-        if the_vuid is None:
-            raise RecoveryError("vuid", "missing")
-        ft = data["function_type"]
-        features = data.get("features")
-        if isinstance(features, str):
-            try:
-                features = int(features, 0)
-            except ValueError:
-                raise RecoveryError("features", f"{features!r} is not a number") from None
-        legacy = data.get("legacy", False)
-        if isinstance(legacy, int) and not isinstance(legacy, bool) and legacy in (0, 1):
-            legacy = bool(legacy)
-        rec = cls(
-            vuid=the_vuid, port_ib_dev=data["port_ib_dev"], pf_id=data["pf_id"],
-            function_type=ft.lower() if isinstance(ft, str) else ft,
-            bdf_raw=data["bdf_raw"],
-            device_type=data["device_type"].lower() if isinstance(data["device_type"], str) else data["device_type"],
-            mac=data["mac"], pf_num=data["pf_num"], sf_num=data["sf_num"], mq=data["mq"],
-            vf_id=data.get("vf_id"), mtu=data.get("mtu"), max_queues=data.get("max_queues"),
-            max_queue_size=data.get("max_queue_size"), num_msix=data.get("num_msix"),
-            features=features, legacy=legacy, port=data.get("port"),
-            extra={k: v for k, v in data.items() if k not in SEED_FIELDS and k not in VFE_FIELDS},
-        )
-        return rec.validate()
-
-
-def _int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RecoveryError(name, f"must be an integer, not {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise RecoveryError(name, f"{v} is out of range ({rng})")
-
-
-def _str(name: str, v: Any) -> None:
-    if not isinstance(v, str) or not v:
-        raise RecoveryError(name, f"must be a non-empty string, not {v!r}")
 
 
 @dataclass(frozen=True)
@@ -230,203 +48,91 @@ class RecoveryProblem:
         return self.message
 
 
-class RecoveryLoad(NamedTuple):
-    records: list[RecoveryRecord]
-    problems: list[RecoveryProblem]
+class RecordCodec(Protocol):
+    """How one kind of function is kept in the recovery directory."""
 
+    kind: str       # the FunctionKind.name whose records these are
 
-def _delete_instruction(directory: str) -> str:
-    return f"delete the files under {directory} and restart"
+    def file_name(self, record) -> str:
+        """Where ``record`` lives, relative to the recovery directory
+        (RecoveryError if its key cannot be a file name)."""
+
+    def encode(self, record) -> dict:
+        """The file's JSON object (RecoveryError if the record is invalid)."""
+
+    def decode(self, file_name: str, data: Any):
+        """The record a file holds (RecoveryError if it is invalid)."""
+
+    def load(self, store: "RecoveryStore"):
+        """Every record of the kind in ``store``, checked together; the
+        result has ``problems`` (RecoveryProblem) for the files that are not
+        good."""
 
 
 class RecoveryStore:
-    """The recovery directory.  With ``enabled=False`` (virtnet.conf
-    ``recovery: 0``) nothing is written or loaded; ``delete`` and ``clear``
-    still remove files, so none goes stale.  ``display_dir`` is how messages
-    name the directory (default: its path)."""
-
-    def __init__(self, directory: str | os.PathLike, enabled: bool = True,
-                 display_dir: str | None = None):
+    def __init__(self, directory: str | os.PathLike, codecs: Iterable[RecordCodec],
+                 enabled: bool = True, display_dir: str | None = None):
         self.dir = Path(directory)
+        self.codecs = {c.kind: c for c in codecs}
         self.enabled = enabled
         self.display_dir = display_dir or str(self.dir)
 
-    def path_for(self, vuid: str) -> Path:
-        if not valid_vuid(vuid):
-            raise RecoveryError("vuid", f"{vuid!r} is not a VUID (letters, digits, '_', '.', '-')")
-        return self.dir / f"{vuid}.json"
+    def codec(self, kind: Any) -> RecordCodec:
+        codec = self.codecs.get(kind)
+        if codec is None:
+            raise RecoveryError("kind", f"no recovery files for functions of kind {kind!r} "
+                                        f"(known: {', '.join(sorted(self.codecs))})")
+        return codec
 
-    def save(self, vuid: str, record: RecoveryRecord) -> Path | None:
-        """Write (atomically) the record of function ``vuid``; returns the
-        path, or None when recovery is disabled.  Raises RecoveryError for an
-        invalid record (nothing is written)."""
-        if record.vuid != vuid:
-            raise RecoveryError("vuid", f"record is for {record.vuid!r}, not {vuid!r}")
-        record.validate()
-        path = self.path_for(vuid)
+    # -- writing
+
+    def save(self, record) -> Path | None:
+        """Write (atomically) the file of ``record``; returns its path, or
+        None when recovery is disabled.  Raises RecoveryError for an invalid
+        record (nothing is written)."""
+        codec = self.codec(getattr(record, "kind", None))
+        data = codec.encode(record)
+        path = self.dir / codec.file_name(record)
         if not self.enabled:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record.to_json(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
         return path
 
-    def delete(self, vuid: str) -> bool:
-        """Remove the function's file; False if there was none."""
+    def delete(self, record) -> bool:
+        """Remove the file of ``record`` (only its key counts); False if
+        there was none."""
+        codec = self.codec(getattr(record, "kind", None))
         try:
-            self.path_for(vuid).unlink()
+            (self.dir / codec.file_name(record)).unlink()
         except FileNotFoundError:
             return False
         return True
 
-    def clear(self) -> int:
-        """Remove every recovery file (and temp files a crash left); returns
-        how many recovery files there were."""
-        n = 0
-        if not self.dir.is_dir():
-            return 0
-        for p in self.dir.iterdir():
-            if not p.is_file():
-                continue
-            if is_temp_name(p.name):
-                p.unlink(missing_ok=True)
-            elif p.suffix == ".json":
-                p.unlink(missing_ok=True)
-                n += 1
-        return n
+    # -- reading
 
-    def files(self) -> list[Path]:
-        if not self.dir.is_dir():
+    def load(self, kind: str):
+        """Every record of ``kind`` and the problems of its files (see the
+        kind's codec)."""
+        return self.codec(kind).load(self)
+
+    def json_files(self, subdir: str = "") -> list[Path]:
+        """The ``*.json`` regular files of ``subdir``, sorted, without the
+        temp files of atomic_write_text; none when recovery is disabled."""
+        d = self.dir / subdir
+        if not self.enabled or not d.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir()
+        return sorted(p for p in d.iterdir()
                       if p.suffix == ".json" and not is_temp_name(p.name) and p.is_file())
 
-    def load_all(self) -> RecoveryLoad:
-        """Every valid record, and a problem for every file that is not
-        (unreadable, invalid, or conflicting with another file: same SF,
-        BDF or function).  Nothing when recovery is disabled."""
-        if not self.enabled:
-            return RecoveryLoad([], [])
-        records: list[RecoveryRecord] = []
-        problems: list[RecoveryProblem] = []
-        for p in self.files():
-            vuid = p.stem
-            try:
-                if not valid_vuid(vuid):
-                    raise RecoveryError(None, f"{p.name} is not named <VUID>.json")
-                data = json.loads(p.read_text(encoding="utf-8"))
-                records.append(RecoveryRecord.from_json(data, vuid))
-            except json.JSONDecodeError as exc:
-                problems.append(self._problem(p, vuid, f"is not valid JSON (line {exc.lineno} column "
-                                                       f"{exc.colno}: {exc.msg})"))
-            except (RecoveryError, UnicodeDecodeError) as exc:
-                problems.append(self._problem(p, vuid, f"is invalid ({exc})"))
-            except OSError as exc:
-                problems.append(self._problem(p, vuid, f"cannot be read ({exc.strerror})"))
-        return self._drop_conflicts(records, problems)
-
-    def load_compatible(self, conf: VirtnetConf, nv) -> RecoveryLoad:
-        """``load_all`` plus ``check_compat`` on every record."""
-        records, problems = self.load_all()
-        good = []
-        for r in records:
-            why = check_compat(r, conf, nv, recovery_dir=self.display_dir)
-            if why is None:
-                good.append(r)
-            else:
-                problems.append(RecoveryProblem(self.dir / r.file_name, r.vuid, why))
-        return RecoveryLoad(good, problems)
-
-    def _problem(self, path: Path, vuid: str | None, what: str) -> RecoveryProblem:
-        return RecoveryProblem(path, vuid, f"recovery file {path.name} {what}; fix it or "
-                                           f"{_delete_instruction(self.display_dir)}")
-
-    def _drop_conflicts(self, records: list[RecoveryRecord],
-                        problems: list[RecoveryProblem]) -> RecoveryLoad:
-        keys = {
-            "sf_num": lambda r: (r.port_ib_dev, r.sf_num),
-            "bdf_raw": lambda r: r.bdf_raw,
-            "function": lambda r: (r.device_type, r.function_type, r.pf_id, r.vf_id),
-            "slot": lambda r: ("slot", r.slot) if r.slot is not None else ("no slot", r.vuid),
-        }
-        bad: dict[str, str] = {}
-        for what, key in keys.items():
-            seen: dict[Any, list[RecoveryRecord]] = {}
-            for r in records:
-                seen.setdefault(key(r), []).append(r)
-            for group in seen.values():
-                if len(group) > 1:
-                    names = " and ".join(g.file_name for g in group)
-                    for g in group:
-                        bad.setdefault(g.vuid, f"recovery files {names} describe the same {_WHAT[what]}; "
-                                               f"{_delete_instruction(self.display_dir)}")
-        good = [r for r in records if r.vuid not in bad]
-        problems = problems + [RecoveryProblem(self.dir / f"{v}.json", v, m) for v, m in bad.items()]
-        return RecoveryLoad(good, problems)
-
-
-_WHAT = {"sf_num": "SF", "bdf_raw": "PCI address (bdf_raw)", "function": "function",
-         "slot": "hot-plug switch port"}
-
-
-def check_compat(record: RecoveryRecord, conf: VirtnetConf, nv,
-                 recovery_dir: str | os.PathLike | None = None) -> str | None:
-    """None if ``record`` can be recovered under the current virtnet.conf
-    and NV configuration (``nv``: an NvConfig, a mapping of its values, or
-    a Limits); else the seed's instruction, naming the file and the reason."""
-    reason = _incompatibility(record, conf, nv)
-    if reason is None:
-        return None
-    directory = str(recovery_dir) if recovery_dir is not None else SEED_RECOVERY_DIR
-    return (f"recovery file {record.file_name} does not match the current configuration ({reason}); "
-            f"{_delete_instruction(directory)}")
-
-
-def _incompatibility(r: RecoveryRecord, conf: VirtnetConf, nv) -> str | None:
-    from vfe.controller.nvconfig import Limits, limits
-    lim = nv if isinstance(nv, Limits) else limits(nv)
-    if not lim.enabled:
-        return lim.disabled_reason
-    dev = r.port_ib_dev
-    if dev not in conf.sf_devices:
-        if conf.is_lag:
-            return f"port_ib_dev {dev}, but is_lag is 1 and SFs are on the LAG device {conf.ib_dev_lag}"
-        if dev == conf.ib_dev_lag:
-            return f"port_ib_dev {dev} is the LAG device, but is_lag is 0"
-        return f"port_ib_dev {dev} is not {' or '.join(conf.sf_devices)}"
-    port = conf.pf_num(dev)
-    if r.pf_num != port:
-        return f"pf_num {r.pf_num}, but {dev} is port {port}"
-    if r.function_type == "vf":
-        if r.device_type != "static":
-            return "a VF of a hot-plugged PF (VFs exist on static PFs only)"
-        if r.pf_id >= lim.static_pfs:
-            return f"VF of static PF {r.pf_id}, but VIRTIO_NET_EMULATION_NUM_PF={lim.static_pfs}"
-        if lim.vfs_per_pf == 0:
-            return "a VF, but VIRTIO_NET_EMULATION_NUM_VF is 0 or SRIOV_EN is False"
-        if r.vf_id >= lim.vfs_per_pf:
-            return f"vf_id {r.vf_id}, but VIRTIO_NET_EMULATION_NUM_VF={lim.vfs_per_pf}"
-        if dev != conf.static_pf_device:
-            return f"a VF on {dev}, but ib_dev_for_static_pf is {conf.static_pf_device}"
-        return None
-    if r.device_type == "static":
-        if r.pf_id >= lim.static_pfs:
-            return f"static pf_id {r.pf_id}, but VIRTIO_NET_EMULATION_NUM_PF={lim.static_pfs}"
-        if dev != conf.static_pf_device:
-            return f"a static PF on {dev}, but ib_dev_for_static_pf is {conf.static_pf_device}"
-        return None
-    # hot-plugged PF: it needs its emulated switch port
-    if lim.hotplug_ports == 0:
-        return "a hot-plugged PF, but PCI switch emulation is off (PCI_SWITCH_EMULATION_ENABLE/NUM_PORT)"
-    if r.slot >= lim.hotplug_ports:
-        return (f"a hot-plugged PF on switch port {r.slot}, but PCI_SWITCH_EMULATION_NUM_PORT="
-                f"{lim.hotplug_ports}")
-    if r.port is not None and r.pf_id < lim.static_pfs:
-        # vfe numbers hot-plugged PFs after the static ones (a file written by
-        # vfe has "port"; the seed's own numbering is the slot): more static PFs
-        # now would give two functions the same device index
-        return (f"a hot-plugged PF with device index {r.pf_id}, but VIRTIO_NET_EMULATION_NUM_PF="
-                f"{lim.static_pfs}")
-    if r.legacy and not lim.transitional:
-        return ("a transitional device, but VIRTIO_NET_EMULATION_PF_PCI_LAYOUT and "
-                "VIRTIO_EMULATION_HOTPLUG_TRANS are not both 1")
-    return None
+    def read(self, path: Path, decode: Callable[[str, Any], Any]) -> tuple[Any, str | None]:
+        """(record, None) from ``decode(file name, JSON)``, or (None, what is
+        wrong with the file, worded to follow "recovery file X")."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return decode(str(path.relative_to(self.dir)), data), None
+        except json.JSONDecodeError as exc:
+            return None, f"is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+        except (RecoveryError, UnicodeDecodeError) as exc:
+            return None, f"is invalid ({exc})"
+        except OSError as exc:
+            return None, f"cannot be read ({exc.strerror})"

@@ -2,17 +2,36 @@
 
 Start-up order, as the seed describes the product: apply pending firmware
 (NV) configuration -- the "cold reboot" -- and refuse to run unless
-VIRTIO_NET_EMULATION_ENABLE is set; read virtnet.conf once; open the SF
-pool; check the recovery files against the configuration; create the static
-PFs and recover the hot-plugged ones; then serve `virtnet` on the RPC socket.
+VIRTIO_NET_EMULATION_ENABLE is set; read virtnet.conf once; check the
+recovery files against the configuration; open the SF pools; create the
+static PFs and recover the hot-plugged ones and the blk functions; then
+serve `virtnet` on the RPC socket.
+
+``build`` does it in that order, each object made from the ones before it:
+the recovery store (a codec per kind), the inventory and its kinds (net,
+blk), then the RPC server with the method table they registered.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import types
+from dataclasses import dataclass
 
 from vfe.controller import nvconfig
+from vfe.controller.blk_kind import BlkKind
+from vfe.controller.blk_recovery import BlkCodec, BlkLoad
+from vfe.controller.control import ControlServer
+from vfe.controller.hostqmp import HostQmp
+from vfe.controller.inventory import Inventory
+from vfe.controller.kind import InventoryError
+from vfe.controller.net_kind import NetKind
+from vfe.controller.net_recovery import NetCodec
 from vfe.controller.paths import Paths
+from vfe.controller.recovery import RecoveryStore
+from vfe.controller.sf_pool import SfPool
+from vfe.controller.virtnet_conf import ConfigError, VirtnetConf, load_virtnet_conf
+from vfe.ports import representor
 
 log = logging.getLogger("vfe.controller")
 
@@ -21,33 +40,84 @@ class ServiceError(Exception):
     """The service cannot start; the message tells the user what to do."""
 
 
-def representor_factory():
-    from vfe.ports import representor as rep
-    return types.SimpleNamespace(create=rep.Representor.create, attach=rep.Representor.attach,
-                                 exists=rep.exists)
+@dataclass
+class Service:
+    """A running controller service, as ``build`` made it."""
+
+    inventory: Inventory
+    net: NetKind
+    blk: BlkKind
+    control: ControlServer
+    sf_pools: dict[str, SfPool]
+    host: HostQmp | None
+
+    def stop(self) -> None:
+        """The daemon's shutdown: stop answering, close every function (their
+        files, SFs and representors stay for the next start)."""
+        self.control.close()
+        self.inventory.shutdown()
+        for pool in self.sf_pools.values():
+            pool.stop()
+        if self.host is not None:
+            self.host.close()
 
 
 def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str | None = None,
-          argv: list[str] | None = None, takeover=None):
-    """Everything but the loop: returns the Inventory, serving on daemon.
+          argv: list[str] | None = None, takeover=None) -> Service:
+    """Everything but the loop: the service, serving on ``daemon``.
 
     ``argv`` is the controller's command line (a live update starts the new
     build with it); ``takeover`` (vfe.controller.update.Takeover) makes this
     the new process of a live update: the functions are the old process's,
     served on the sockets, representors and connections it handed over."""
-    from vfe.controller.inventory import Inventory, InventoryError
-    from vfe.controller.recovery import RecoveryStore
-    from vfe.controller.sf_pool import SfPool
-    from vfe.controller.virtnet_conf import ConfigError, load_virtnet_conf
-    from vfe.rpc.protocol import RpcError
-    from vfe.rpc.server import RpcServer
-
     paths.ensure()
+    nv, nv1 = firmware(paths, reboot=takeover is None)
+    lim = nvconfig.limits(nv)
+    conf = virtnet_conf(paths)
+    store = RecoveryStore(paths.recovery_dir, [NetCodec(conf, nv), BlkCodec()], enabled=conf.recovery,
+                          display_dir=paths.display(paths.recovery_dir))
+    net_records, blk_loaded = recovered(store, takeover)
+    pools = sf_pools(paths, conf, nv, nv1, net_records, takeover)
+    host = HostQmp(host_qmp) if host_qmp else None
+
+    inventory = Inventory()
+    net = NetKind(inventory, daemon, paths, lim, conf, pools, store, representors(takeover),
+                  datapath=datapath, host=host,
+                  plugged={} if takeover is None else
+                  {v: e["qmp_id"] for v, e in takeover.extra.items() if e.get("qmp_id")})
+    blk = BlkKind(inventory, daemon, paths, store)
+    inventory.register(net)
+    inventory.register(blk)
+    try:
+        net.start(net_records)
+    except InventoryError as exc:     # a clean refusal, not a traceback
+        inventory.shutdown()
+        raise ServiceError(f"cannot create the functions: {exc}") from None
+    if takeover is not None:
+        resume_run_time_state(net, takeover.extra)
+    # blk functions come back from their files, in a live update too (the
+    # old process wrote them; a malloc bdev, whose data cannot move, refuses
+    # the update before it starts)
+    n_bdevs, n_blk = blk.restore(blk_loaded)
+
+    control = ControlServer(daemon, paths.rpc_socket, inventory.methods(), argv=argv or [], net=net,
+                            bdevs=blk.bdevs,
+                            sock=None if takeover is None else socket.socket(fileno=takeover.rpc_fd))
+    service = Service(inventory, net, blk, control, pools, host)
+    daemon.on_shutdown.append(service.stop)
+    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s), %d recovered bdev(s) "
+             "and %d blk controller(s); virtnet on %s",
+             lim.static_pfs, lim.hotplug_ports, len(net_records), n_bdevs, n_blk, paths.rpc_socket)
+    return service
+
+
+def firmware(paths: Paths, reboot: bool) -> tuple[nvconfig.NvConfig, nvconfig.NvConfig]:
+    """Both ports' NV configuration; at a (cold) start, their pending values
+    applied first (a live update is no reboot).  ServiceError unless
+    emulation is enabled."""
     nv = nvconfig.NvConfig.load(paths.state_dir)
     nv1 = nvconfig.NvConfig.load(paths.state_dir, nvconfig.PORT1_DEVICE)
-    for dev_nv in (nv, nv1):          # the cold reboot applies both ports' pending values
-        if takeover is not None:
-            break                     # a live update is no reboot
+    for dev_nv in (nv, nv1) if reboot else ():
         applied = dev_nv.apply_pending()
         if applied:
             log.info("applied new firmware configuration of %s: %s", dev_nv.device,
@@ -55,34 +125,38 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     reason = nvconfig.service_check(nv)
     if reason:
         raise ServiceError(reason)
-    lim = nvconfig.limits(nv)
+    return nv, nv1
+
+
+def virtnet_conf(paths: Paths) -> VirtnetConf:
     try:
-        conf = load_virtnet_conf(paths.conf)
+        return load_virtnet_conf(paths.conf)
     except ConfigError as exc:
         # the message names the file as the seed does; exc's own text repeats the real path
         key = f"{exc.key}: " if exc.key else ""
         raise ServiceError(f"{paths.display(paths.conf)}: {key}{exc.message}") from None
 
-    store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
-                          display_dir=paths.display(paths.recovery_dir))
-    from vfe.controller import blk_functions
-    from vfe.controller.blk_recovery import BlkRecoveryStore
-    blk_store = BlkRecoveryStore(paths.recovery_dir, enabled=conf.recovery,
-                                 display_dir=paths.display(paths.recovery_dir))
-    # blk functions come back from their files, in a live update too (the
-    # old process wrote them; a malloc bdev, whose data cannot move, refuses
-    # the update before it starts)
-    blk_loaded = blk_store.load()     # checked before anything is created, like the net files
+
+def recovered(store: RecoveryStore, takeover) -> tuple[list[dict], BlkLoad]:
+    """The net functions to recreate (their records as their files hold
+    them: a live update's are the running ones, as they are now) and the
+    blk side's records; every file is checked before anything is created,
+    and a bad one stops the start (ServiceError)."""
+    blk_loaded = store.load("blk")
     if takeover is not None:
-        records = takeover.records     # the running functions, as they are now
+        records = takeover.records
         problems = list(blk_loaded.problems)
     else:
-        loaded = store.load_compatible(conf, nv)
+        loaded = store.load("net")
         problems = list(loaded.problems) + list(blk_loaded.problems)
-        records = [r.to_json() | {"vuid": r.vuid} for r in loaded.records]
+        records = [r.to_json() for r in loaded.records]
     if problems:
         raise ServiceError("; ".join(str(p) for p in problems))
+    return records, blk_loaded
 
+
+def sf_pools(paths: Paths, conf: VirtnetConf, nv, nv1, records: list[dict], takeover) -> dict[str, SfPool]:
+    """One SF pool per RDMA device, keeping the SFs the records use."""
     pools = {}
     for dev in conf.sf_devices:
         port_nv = nv if conf.pf_num(dev) == 0 else nv1
@@ -94,103 +168,22 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         if any(report.values()):
             log.info("SF pool of %s: %s", dev, ", ".join(f"{k} {v}" for k, v in report.items() if v))
         pools[dev] = pool
-    host = None
-    if host_qmp:
-        from vfe.controller.hostqmp import HostQmp
-        host = HostQmp(host_qmp)
-    reps = representor_factory()
-    if takeover is not None:
-        reps = takeover.representor_factory(reps)
-    inv = Inventory(daemon, paths, lim, conf, pools, store, reps, datapath=datapath, host=host)
-    if takeover is not None:
-        inv.plugged = {v: e["qmp_id"] for v, e in takeover.extra.items() if e.get("qmp_id")}
-    try:
-        inv.start(records)
-    except InventoryError as exc:     # a clean refusal, not a traceback
-        inv.shutdown()
-        raise ServiceError(f"cannot create the functions: {exc}") from None
-
-    if takeover is not None:
-        for f in inv.functions:           # what the old process had set at run time
-            extra = takeover.extra.get(f.vuid, {})
-            if extra.get("lm_state"):
-                f.lm_state = extra["lm_state"]
-            if extra.get("paused"):
-                f.model.rings.set_paused(True)
-
-    # vfe-rpc: bdevs and virtio-blk functions, recorded in <recovery>/blk and
-    # shown by virtnet list/query (a copy of the table: the wrappers are this run's)
-    handlers = dict(HANDLERS)
-    blk = blk_functions.register(handlers, daemon, paths, store=blk_store)
-    n_bdevs, n_blk = blk.restore(blk_loaded)
-
-    from vfe.controller.update import LiveUpdate
-    updater = LiveUpdate(daemon, inv, lambda: rpc, argv or [], blk=blk)
-    handlers.update(update_start=lambda inv, p: updater.start(p),
-                    update_status=lambda inv, p: updater.status(p),
-                    version=lambda inv, p: inv.version(p) | _update_version(updater))
-
-    def handle(method: str, params: dict):
-        fn = handlers.get(method)
-        if fn is None:
-            raise RpcError.method_not_found(method)
-        try:
-            if updater.moving:
-                return updater.answer_while_moving(method, params or {}, lambda: fn(inv, params or {}))
-            return fn(inv, params or {})
-        except InventoryError as exc:
-            raise RpcError(exc.code, str(exc)) from None
-
-    if takeover is not None:
-        import socket
-        rpc = RpcServer(paths.rpc_socket, handle, daemon.sel, sock=socket.socket(fileno=takeover.rpc_fd))
-    else:
-        rpc = RpcServer(paths.rpc_socket, handle, daemon.sel)
-    inv.rpc = rpc
-    inv.updater = updater
-
-    def stop():
-        rpc.close()
-        inv.shutdown()
-        for pool in pools.values():
-            pool.stop()
-        if host is not None:
-            host.close()
-
-    daemon.on_shutdown.append(stop)
-    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s), %d recovered bdev(s) "
-             "and %d blk controller(s); virtnet on %s",
-             lim.static_pfs, lim.hotplug_ports, len(records), n_bdevs, n_blk, paths.rpc_socket)
-    return inv
+    return pools
 
 
-def _update_version(updater) -> dict:
-    """`virtnet version` during a live update shows the new controller too."""
-    st = updater.state
-    if st.get("status") in ("in progress", "moving"):
-        return {"update": {"version": st["to"], "pid": st["pid"], "status": st["status"]}}
-    return {}
+def representors(takeover):
+    """The representor netdevs (create / attach / exists); in a live update,
+    the ones handed over first."""
+    real = types.SimpleNamespace(create=representor.Representor.create,
+                                 attach=representor.Representor.attach, exists=representor.exists)
+    return real if takeover is None else takeover.representor_factory(real)
 
 
-def _set_log_level(inv, p: dict) -> dict:
-    from vfe.cli.controller import LOG_LEVELS
-    level = p.get("level")
-    if level not in LOG_LEVELS:
-        from vfe.controller.inventory import InventoryError
-        raise InventoryError(f"log level must be one of {', '.join(LOG_LEVELS)}")
-    logging.getLogger().setLevel(LOG_LEVELS[level])
-    log.info("log level set to %s", level)
-    return {"level": level, "status": "success"}
-
-
-HANDLERS = {
-    "hotplug": lambda inv, p: inv.hotplug(p),
-    "unplug": lambda inv, p: inv.unplug(p),
-    "list": lambda inv, p: inv.list(p),
-    "query": lambda inv, p: inv.query(p),
-    "modify": lambda inv, p: inv.modify(p),
-    "log": _set_log_level,
-    "version": lambda inv, p: inv.version(p),
-    "sriov_numvfs": lambda inv, p: inv.sriov_numvfs(p),
-    "vf_state": lambda inv, p: inv.vf_state(p),
-}
+def resume_run_time_state(net: NetKind, extra: dict[str, dict]) -> None:
+    """What the old process of a live update had set at run time."""
+    for f in net.functions():
+        e = extra.get(f.vuid, {})
+        if e.get("lm_state"):
+            f.lm_state = e["lm_state"]
+        if e.get("paused"):
+            f.model.rings.set_paused(True)

@@ -36,16 +36,22 @@ import errno
 import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 from vfe import __version__
-from vfe.controller import handover
-from vfe.controller.inventory import InventoryError
+from vfe.controller import handover, sdnotify
+from vfe.controller.kind import InventoryError
+from vfe.controller.net_recovery import RecoveryRecord
 from vfe.controller.newbuild import BuildError, check_build, pin_engine
+from vfe.engine import ENGINE_ABI
+from vfe.engine.abi import AbiError, read_abi
+from vfe.ports.representor import Representor
 
 log = logging.getLogger("vfe.controller")
 
@@ -69,14 +75,17 @@ def build_version(root: str) -> str:
 
 
 class LiveUpdate:
-    """The running controller's side."""
+    """The running controller's side: ``rpc`` is virtnet's RPC server (its
+    socket and clients move with the devices), ``net`` the net kind (its
+    functions' records and representors move), ``bdevs`` the blk kind's
+    bdevs (a malloc one refuses the update)."""
 
-    def __init__(self, daemon, inventory, rpc_server_getter, argv: list[str], blk=None):
+    def __init__(self, daemon, rpc, argv: list[str], net, bdevs):
         self.daemon = daemon
-        self.blk = blk                     # blk_functions.BlkRegistry (or None)
-        self.inv = inventory
-        self.rpc = rpc_server_getter       # -> RpcServer (built after us)
+        self.rpc = rpc
         self.argv = list(argv)             # our own command line, for the new process
+        self.net = net
+        self.bdevs = bdevs
         self.proc: subprocess.Popen | None = None
         self.chan: socket.socket | None = None
         self.state: dict = {"status": "idle"}
@@ -85,6 +94,12 @@ class LiveUpdate:
 
     def status(self, p: dict | None = None) -> dict:
         return dict(self.state)
+
+    def took_over(self, from_version: str, gap_ms: float) -> None:
+        """We are the new process of a live update, done: what `virtnet
+        update --status` shows here."""
+        self.state = {"status": "success", "from": from_version, "to": __version__,
+                      "pid": os.getpid(), "gap_ms": round(gap_ms, 3)}
 
     def start(self, p: dict) -> dict:
         if self.proc is not None:
@@ -100,8 +115,7 @@ class LiveUpdate:
             root = check_build(p.get("path"))
         except BuildError as exc:
             raise InventoryError(f"cannot update: {exc}", code=-errno.EPERM) from None
-        malloc = sorted(n for n, b in (self.blk.bdevs.items() if self.blk is not None else ())
-                        if b.kind == "malloc")
+        malloc = self.bdevs.malloc_names()
         if malloc:
             raise InventoryError(f"cannot update while malloc bdev(s) {', '.join(malloc)} exist: their "
                                  "data lives in this process only; delete them (or use aio bdevs) first",
@@ -119,8 +133,6 @@ class LiveUpdate:
         return {"status": "started", "from": __version__, "to": version, "pid": self.proc.pid}
 
     def _spawn(self, root: str, version: str, engine_fd: int, so: str) -> None:
-        from vfe.engine import ENGINE_ABI
-        from vfe.engine.abi import AbiError, read_abi
         try:
             abi = read_abi(engine_fd, name=so)
         except AbiError as exc:
@@ -166,20 +178,18 @@ class LiveUpdate:
         if kind != "hello":
             self._failed(f"the new controller said {kind!r} instead of hello")
             return
-        from vfe.engine import ENGINE_ABI
         if body.get("engine_abi") != ENGINE_ABI:
             self._failed(f"the new controller's engine ABI is {body.get('engine_abi')}, ours {ENGINE_ABI}")
             return
         self._move()
 
     def _functions(self):
-        from vfe.controller.recovery import RecoveryRecord
-        for f in self.inv.functions:
-            record = RecoveryRecord.from_json(f.recovery_record(), f.vuid).to_json() | {"vuid": f.vuid}
+        for f in self.net.functions():
+            record = RecoveryRecord.of(f).validate().to_json()         # as its file has it
             rep = f.representor
             info = None if rep is None or rep.closed else {
                 "name": rep.name, "ifindex": rep.ifindex, "mac": rep.mac, "multi_queue": rep.multi_queue}
-            extra = {"qmp_id": getattr(f, "qmp_id", None), "lm_state": getattr(f, "lm_state", None),
+            extra = {"qmp_id": f.qmp_id, "lm_state": f.lm_state,
                      "paused": bool(f.model.rings.paused) if f.model is not None else False}
             yield f, record, info, extra
 
@@ -198,15 +208,14 @@ class LiveUpdate:
                 if ep.session is not None:
                     ep.session.pause()
                     paused.append(ep)
-            for f in self.inv.functions:
+            for f in self.net.functions():
                 if f.model is not None and f.representor is not None:
                     f.model.rings.set_tap(-1)
                     detached.append(f)
             functions = list(self._functions())
-            rpc = self.rpc()
             handover.send(self.chan, "begin", {"version": __version__, "records": len(functions),
                                                "endpoints": len(endpoints), "paused_at": t0},
-                          [rpc.fileno()])
+                          [self.rpc.fileno()])
             for f, record, info, extra in functions:
                 fds = [f.representor.fd] if info is not None else []
                 handover.send(self.chan, "function", {"record": record, "representor": info,
@@ -270,8 +279,7 @@ class LiveUpdate:
         return result
 
     def _await_answer(self) -> tuple[str, dict]:
-        import selectors
-        rpc = self.rpc()
+        rpc = self.rpc
         moved = [rpc, *rpc.clients]
         own = selectors.DefaultSelector()
         for obj in moved:
@@ -341,7 +349,6 @@ class Takeover:
         self.rpc_fd = -1
 
     def hello(self) -> None:
-        from vfe.engine import ENGINE_ABI
         handover.send(self.chan, "hello", {"version": __version__, "engine_abi": ENGINE_ABI,
                                            "pid": os.getpid()})
 
@@ -374,9 +381,6 @@ class Takeover:
     def representor_factory(self, real):
         """`real` (create/attach/exists) for new names; the handed-over
         representors for theirs."""
-        import types
-        from vfe.ports.representor import Representor
-
         def exists(name: str, **kw) -> bool:
             return name in self.representors or real.exists(name, **kw)
 
@@ -398,7 +402,6 @@ class Takeover:
         if self.representors:
             raise RuntimeError(f"handed-over representors of no function: {', '.join(self.representors)}")
         gap_ms = (time.monotonic() - self.paused_at) * 1e3
-        from vfe.controller import sdnotify
         sdnotify.notify(mainpid=os.getpid())          # systemd: the service is us before the old one exits
         handover.send(self.chan, "done", {"pid": os.getpid(), "gap_ms": gap_ms})
         for ep in daemon.endpoints:

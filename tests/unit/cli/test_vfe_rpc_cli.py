@@ -1,6 +1,6 @@
 """vfe.cli.vfe_rpc: the seed's spdk_rpc.py / snap_rpc.py command lines ->
-RPC method and params; and, through a real RPC socket, the bdev/blk
-registry of vfe.controller.blk_functions on a fake daemon and engine
+RPC method and params; and, through a real RPC socket, the verbs of the
+blk kind (vfe.controller.blk_kind, bdevs) on a fake daemon and engine
 (output, error codes, the EBUSY of a bdev in use)."""
 import errno
 import json
@@ -11,8 +11,11 @@ import types
 import pytest
 
 from vfe.cli import vfe_rpc
-from vfe.controller import blk_functions
-from vfe.controller.inventory import InventoryError
+from vfe.controller.blk_kind import BlkKind
+from vfe.controller.blk_recovery import BlkCodec
+from vfe.controller.inventory import Inventory
+from vfe.controller.kind import InventoryError
+from vfe.controller.recovery import RecoveryStore
 from vfe.rpc import RpcError, RpcServer
 
 
@@ -127,13 +130,16 @@ class FakeDaemon:
 
 
 class Service:
-    """service.py's dispatch: HANDLERS[method](inv, params), InventoryError -> RpcError."""
+    """control.py's dispatch of the inventory's method table: methods[method](params),
+    InventoryError -> RpcError; no recovery files."""
 
     def __init__(self, path, run_dir):
-        self.handlers = {}
         self.daemon = FakeDaemon()
-        self.reg = blk_functions.register(self.handlers, self.daemon,
-                                          types.SimpleNamespace(run_dir=run_dir))
+        self.inventory = Inventory()
+        self.blk = BlkKind(self.inventory, self.daemon, types.SimpleNamespace(run_dir=run_dir),
+                           RecoveryStore(run_dir, [BlkCodec()], enabled=False))
+        self.inventory.register(self.blk)
+        self.handlers = self.inventory.methods()
         self.sel = selectors.DefaultSelector()
         self.server = RpcServer(path, self.handle, self.sel)
         self.path = path
@@ -146,7 +152,7 @@ class Service:
         if fn is None:
             raise RpcError.method_not_found(method)
         try:
-            return fn(None, params or {})
+            return fn(params or {})
         except InventoryError as exc:
             raise RpcError(exc.code, str(exc)) from None
 
@@ -251,17 +257,16 @@ def test_vf_identity_and_errors(capsys, svc):
     assert ok(capsys, svc, "controller_list -c VBLKS0D0F2VF1")[0]["num_queues"] == 4
 
     # a bound function needs --force
-    f = svc.reg.functions["VblkEmu0pf7"]
+    f = svc.blk.find("VblkEmu0pf7")
     f.endpoint.session = types.SimpleNamespace(started=True)
     assert "in use by a guest" in fails(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf7", -errno.EBUSY)
     assert rpc(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf7 --force")[0] == 0
 
-    # shutdown closes every function and frees its bdev; it is on the daemon's hooks
-    rings = svc.reg.functions["VblkEmu0pf0vf0"].model.rings
-    assert svc.daemon.on_shutdown == [svc.reg.shutdown]
-    svc.reg.shutdown()
-    svc.reg.shutdown()
-    assert rings.closed and svc.reg.functions == {} and svc.daemon.endpoints == []
+    # shutdown closes every function and frees its bdev
+    rings = svc.blk.find("VblkEmu0pf0vf0").model.rings
+    svc.inventory.shutdown()
+    svc.inventory.shutdown()
+    assert rings.closed and svc.inventory.functions == [] and svc.daemon.endpoints == []
     assert rpc(capsys, svc, "bdev_malloc_delete Malloc0")[0] == 0
 
 

@@ -531,7 +531,8 @@ def test_names_and_macs_are_matched_whole(parse, text):
 
 
 def test_the_controller_matches_macs_whole():
-    from vfe.controller.inventory import Inventory, InventoryError
-    assert Inventory.check_mac("00:11:22:33:44:55") == "00:11:22:33:44:55"
+    from vfe.controller.kind import InventoryError
+    from vfe.controller.net_kind import NetKind
+    assert NetKind.check_mac("00:11:22:33:44:55") == "00:11:22:33:44:55"
     with pytest.raises(InventoryError, match="bad MAC address"):
-        Inventory.check_mac("00:11:22:33:44:55\n")
+        NetKind.check_mac("00:11:22:33:44:55\n")

@@ -1,7 +1,7 @@
-"""Blk functions in the inventory: their `virtnet list` entry, the recovery
-files of bdevs and blk controllers (written, removed, loaded, bad files),
-restoring them into a fresh registry, and the virtnet methods that see them
-(list, query, modify, unplug, vf_state) -- on a fake daemon and engine."""
+"""The blk kind: its functions' `virtnet list` entry, the recovery files of
+bdevs and blk controllers (written, removed, loaded, bad files), restoring
+them into a fresh inventory, and the virtnet methods that see them (list,
+query, modify, unplug, vf_state) -- on a fake daemon and engine."""
 import errno
 import json
 import logging
@@ -10,11 +10,14 @@ import types
 
 import pytest
 
-from vfe.controller import blk_functions
-from vfe.controller.blk_recovery import BdevRecord, BlkControllerRecord, BlkRecoveryStore
+from vfe.controller.blk_kind import BlkKind
+from vfe.controller.blk_recovery import (
+    BDEV_DIR, BLK_SUBDIR, CONTROLLER_DIR, BdevRecord, BlkCodec, BlkControllerRecord,
+)
 from vfe.controller.functions import NetFunction
-from vfe.controller.inventory import InventoryError
-from vfe.controller.recovery import RecoveryError
+from vfe.controller.inventory import Inventory
+from vfe.controller.kind import InventoryError
+from vfe.controller.recovery import RecoveryError, RecoveryStore
 
 PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager", "max_queues",
              "max_queues_size", "blk_controller", "blk_bdev", "blk_bdev_type", "blk_block_size",
@@ -66,12 +69,20 @@ class FakeDaemon:
 
 @pytest.fixture
 def store(tmp_path):
-    return BlkRecoveryStore(tmp_path / "recovery")
+    return RecoveryStore(tmp_path / "recovery", [BlkCodec()])
 
 
-def registry(tmp_path, store, daemon=None):
-    return blk_functions.BlkRegistry(daemon or FakeDaemon(),
-                                     types.SimpleNamespace(run_dir=str(tmp_path / "run")), store)
+def registry(tmp_path, store, daemon=None) -> BlkKind:
+    """The blk kind, registered in an inventory of its own."""
+    inventory = Inventory()
+    blk = BlkKind(inventory, daemon or FakeDaemon(), types.SimpleNamespace(run_dir=str(tmp_path / "run")),
+                  store)
+    inventory.register(blk)
+    return blk
+
+
+def blk_dir(store):
+    return store.dir / BLK_SUBDIR
 
 
 @pytest.fixture
@@ -83,9 +94,9 @@ def image(tmp_path):
 
 
 def populate(reg, image):
-    reg.bdev_null_create({"name": "Null0", "num_blocks": 2097152, "block_size": 512})
-    reg.bdev_malloc_create({"name": "M0", "num_blocks": 16384, "block_size": 4096})
-    reg.bdev_aio_create({"name": "Aio0", "filename": str(image), "block_size": 4096})
+    reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2097152, "block_size": 512})
+    reg.bdevs.bdev_malloc_create({"name": "M0", "num_blocks": 16384, "block_size": 4096})
+    reg.bdevs.bdev_aio_create({"name": "Aio0", "filename": str(image), "block_size": 4096})
     reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev_type": "spdk",
                                       "bdev": "Null0", "num_queues": 1, "admin_q": True})
     reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "vf_id": 9, "bdev_type": "spdk",
@@ -96,9 +107,10 @@ def populate(reg, image):
 
 
 def files(store) -> dict:
-    if not store.dir.exists():
+    d = blk_dir(store)
+    if not d.exists():
         return {}
-    return {str(p.relative_to(store.dir)): p.read_text() for p in sorted(store.dir.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): p.read_text() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 # -- the list entry ----------------------------------------------------------------
@@ -106,7 +118,7 @@ def files(store) -> dict:
 def test_list_entries_of_a_pf_and_a_vf(tmp_path, store, image):
     reg = registry(tmp_path, store)
     populate(reg, image)
-    entries = [f.list_entry() for f in reg.sorted_functions()]
+    entries = [f.list_entry() for f in reg.in_list_order(reg.functions())]
     assert [tuple(e) for e in entries] == [PF_FIELDS, PF_FIELDS, VF_FIELDS]
     pf0, pf1, vf = entries
     assert pf0 == {"pf_id": 0, "function_type": "static PF", "vuid": "VBLKS0D0F2", "bdf": "a0:00.0",
@@ -153,21 +165,21 @@ def test_files_written_on_create_in_their_order(tmp_path, store, image):
         ("queue_size", 256), ("admin_q", False), ("force_in_order", True), ("socket", sock)]
     assert "vf_id" not in got["controllers/VBLKS0D0F2.json"]
     # no temp file left, nothing in the net functions' directory itself
-    assert [p.name for p in store.recovery_dir.iterdir()] == ["blk"]
+    assert [p.name for p in store.dir.iterdir()] == ["blk"]
 
 
 def test_relative_aio_filename_is_recorded_absolute(tmp_path, store, image, monkeypatch):
     monkeypatch.chdir(image.parent)
     reg = registry(tmp_path, store)
-    reg.bdev_aio_create({"name": "A", "filename": image.name})
-    assert json.loads((store.bdev_dir / "A.json").read_text())["filename"] == str(image)
+    reg.bdevs.bdev_aio_create({"name": "A", "filename": image.name})
+    assert json.loads((store.dir / BDEV_DIR / "A.json").read_text())["filename"] == str(image)
 
 
 def test_deletes_remove_the_files(tmp_path, store, image):
     reg = registry(tmp_path, store)
     populate(reg, image)
     reg.controller_virtio_blk_delete({"name": "VblkEmu0pf0vf9"})
-    reg._delete_bdev("aio", {"name": "Aio0"})
+    reg.bdevs.delete("aio", {"name": "Aio0"})
     assert sorted(files(store)) == ["bdevs/M0.json", "bdevs/Null0.json", "controllers/VBLKS0D0F2.json",
                                     "controllers/VBLKS0D0F3.json"]
 
@@ -177,38 +189,38 @@ def test_shutdown_keeps_the_files(tmp_path, store, image):
     populate(reg, image)
     before = files(store)
     reg.shutdown()
-    assert reg.functions == {} and files(store) == before
+    assert reg.functions() == [] and files(store) == before
 
 
 def test_disabled_store_writes_and_loads_nothing(tmp_path, image):
-    store = BlkRecoveryStore(tmp_path / "recovery", enabled=False)
+    store = RecoveryStore(tmp_path / "recovery", [BlkCodec()], enabled=False)
     populate(registry(tmp_path, store), image)
     assert files(store) == {}
-    assert store.load() == ([], [], [])
+    assert store.load("blk") == ([], [], [])
 
 
 def test_unwritable_store_fails_the_create_and_leaves_nothing(tmp_path, store):
     daemon = FakeDaemon()
     reg = registry(tmp_path, store, daemon)
-    store.dir.mkdir(parents=True)
-    (store.dir / "bdevs").write_text("not a directory")
+    blk_dir(store).mkdir(parents=True)
+    (store.dir / BDEV_DIR).write_text("not a directory")
     with pytest.raises(InventoryError) as exc:
-        reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+        reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
     assert "bdev Null0: cannot write its recovery file" in str(exc.value) and exc.value.code < 0
-    assert reg.bdevs == {}
+    assert reg.bdevs.by_name == {}
 
-    (store.dir / "bdevs").unlink()
-    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
-    (store.dir / "controllers").write_text("not a directory")
+    (store.dir / BDEV_DIR).unlink()
+    reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    (store.dir / CONTROLLER_DIR).write_text("not a directory")
     with pytest.raises(InventoryError) as exc:
         reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Null0"})
     assert "VblkEmu0pf0: cannot write its recovery file" in str(exc.value)
-    assert reg.functions == {} and daemon.endpoints == [] and reg.bdevs["Null0"].claimed_by is None
+    assert reg.functions() == [] and daemon.endpoints == [] and reg.bdevs.by_name["Null0"].claimed_by is None
 
 
 def test_a_failed_create_writes_no_file(tmp_path, store):
     reg = registry(tmp_path, store, FakeDaemon(fail_listen=OSError(errno.EADDRINUSE, "Address in use")))
-    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
     with pytest.raises(InventoryError):
         reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Null0"})
     assert sorted(files(store)) == ["bdevs/Null0.json"]
@@ -218,12 +230,12 @@ def test_bad_bdev_names_never_become_paths(tmp_path, store, image):
     reg = registry(tmp_path, store)
     for name in ("../x", "a/b", ".."):
         with pytest.raises(InventoryError):
-            reg.bdev_aio_create({"name": name, "filename": str(image)})
+            reg.bdevs.bdev_aio_create({"name": name, "filename": str(image)})
         with pytest.raises(InventoryError):
-            reg.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
+            reg.bdevs.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
     with pytest.raises(InventoryError):                 # a block size that is not a number: EINVAL
-        reg.bdev_aio_create({"name": "A", "filename": str(image), "block_size": "x"})
-    assert files(store) == {} and reg.bdevs == {}
+        reg.bdevs.bdev_aio_create({"name": "A", "filename": str(image), "block_size": "x"})
+    assert files(store) == {} and reg.bdevs.by_name == {}
 
 
 @pytest.mark.parametrize("name", ["ok\n", "ok\n../x", "ok;junk", "ok/x", "ok x", "x" * 65])
@@ -232,10 +244,10 @@ def test_names_are_matched_whole(tmp_path, store, image, name):
     fullmatched, from RPC and from recovery files alike."""
     reg = registry(tmp_path, store)
     with pytest.raises(InventoryError, match="bad bdev name"):
-        reg.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
+        reg.bdevs.bdev_null_create({"name": name, "num_blocks": 2048, "block_size": 512})
     with pytest.raises(InventoryError, match="bad bdev name"):
-        reg.bdev_aio_create({"name": name, "filename": str(image)})
-    reg.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+        reg.bdevs.bdev_aio_create({"name": name, "filename": str(image)})
+    reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
     with pytest.raises(InventoryError, match="no emulation manager"):
         reg.controller_virtio_blk_create({"emu_manager": "mlx5_0\n", "pf_id": 0, "bdev": "Null0"})
     with pytest.raises(RecoveryError):
@@ -255,8 +267,8 @@ def test_aio_bdev_files_are_regular_files_or_block_devices(tmp_path, store, imag
         os.mkfifo(odd)
     reg = registry(tmp_path, store)
     with pytest.raises(InventoryError, match=f"is {what}, not a regular file or a block device"):
-        reg.bdev_aio_create({"name": "Aio0", "filename": str(odd)})
-    assert reg.bdevs == {} and files(store) == {}
+        reg.bdevs.bdev_aio_create({"name": "Aio0", "filename": str(odd)})
+    assert reg.bdevs.by_name == {} and files(store) == {}
 
 
 def test_a_file_that_shrank_is_not_grown_back(tmp_path, store, image):
@@ -266,12 +278,12 @@ def test_a_file_that_shrank_is_not_grown_back(tmp_path, store, image):
     daemon = FakeDaemon()
     daemon.engine = Engine()
     reg = registry(tmp_path, store, daemon)
-    reg.bdev_aio_create({"name": "Aio0", "filename": str(image)})
+    reg.bdevs.bdev_aio_create({"name": "Aio0", "filename": str(image)})
     os.truncate(image, 4 << 20)
     with pytest.raises(InventoryError, match=r"smaller than the 8388608 bytes the disk serves \(it is not grown"):
         reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Aio0"})
     assert os.stat(image).st_size == 4 << 20
-    assert reg.functions == {} and daemon.endpoints == []
+    assert reg.functions() == [] and daemon.endpoints == []
 
 
 # -- loading and restoring -------------------------------------------------------------
@@ -279,21 +291,21 @@ def test_a_file_that_shrank_is_not_grown_back(tmp_path, store, image):
 def test_restore_brings_back_the_same_functions(tmp_path, store, image, caplog):
     reg = registry(tmp_path, store)
     populate(reg, image)
-    listed = [f.list_entry() for f in reg.sorted_functions()]
-    sockets = {f.vuid: f.socket for f in reg.functions.values()}
-    bdevs = reg.bdev_get_bdevs({})
+    listed = [f.list_entry() for f in reg.in_list_order(reg.functions())]
+    sockets = {f.vuid: f.socket for f in reg.functions()}
+    bdevs = reg.bdevs.bdev_get_bdevs({})
     before = files(store)
 
-    loaded = store.load()
+    loaded = store.load("blk")
     assert loaded.problems == [] and len(loaded.bdevs) == 3 and len(loaded.controllers) == 3
     daemon = FakeDaemon()
     reg2 = registry(tmp_path, store, daemon)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
         assert reg2.restore(loaded) == (3, 3)
-    assert [f.list_entry() for f in reg2.sorted_functions()] == listed
-    assert {f.vuid: f.socket for f in reg2.functions.values()} == sockets
+    assert [f.list_entry() for f in reg2.in_list_order(reg2.functions())] == listed
+    assert {f.vuid: f.socket for f in reg2.functions()} == sockets
     assert sorted(ep.path for ep in daemon.endpoints) == sorted(sockets.values())
-    assert sorted(reg2.bdev_get_bdevs({}), key=lambda b: b["name"]) == sorted(bdevs, key=lambda b: b["name"])
+    assert sorted(reg2.bdevs.bdev_get_bdevs({}), key=lambda b: b["name"]) == sorted(bdevs, key=lambda b: b["name"])
     assert files(store) == before                      # restoring rewrites nothing
     assert "bdev M0: recovered EMPTY" in caplog.text   # a malloc bdev's contents are gone: said so
     # the aio bdev serves the same file at the same size
@@ -307,17 +319,17 @@ def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, st
     os.truncate(image, 4 << 20)                          # shrunk: not the disk the guest had
     reg = registry(tmp_path, store)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
-        assert reg.restore(store.load()) == (2, 2)
+        assert reg.restore(store.load("blk")) == (2, 2)
     assert "bdev Aio0: cannot recover:" in caplog.text and "smaller than the 8 MiB" in caplog.text
     assert "VBLKS0D0F2VF10: cannot recover VblkEmu0pf0vf9: its bdev Aio0 was not recreated" in caplog.text
-    assert sorted(f.vuid for f in reg.functions.values()) == ["VBLKS0D0F2", "VBLKS0D0F3"]
+    assert sorted(f.vuid for f in reg.functions()) == ["VBLKS0D0F2", "VBLKS0D0F3"]
     assert files(store) == before
 
     image.unlink()                                       # gone: not silently recreated empty
     caplog.clear()
     reg = registry(tmp_path, store)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
-        assert reg.restore(store.load()) == (2, 2)
+        assert reg.restore(store.load("blk")) == (2, 2)
     assert "No such file or directory" in caplog.text and not image.exists()
     assert files(store) == before
 
@@ -326,8 +338,8 @@ def test_grown_aio_file_keeps_the_recorded_size(tmp_path, store, image):
     populate(registry(tmp_path, store), image)
     os.truncate(image, 16 << 20)
     reg = registry(tmp_path, store)
-    reg.restore(store.load())
-    assert reg.bdevs["Aio0"].size_mb == 8
+    reg.restore(store.load("blk"))
+    assert reg.bdevs.by_name["Aio0"].size_mb == 8
 
 
 GOOD_BDEV = {"name": "Null0", "bdev_type": "null", "block_size": 512, "num_blocks": 2048}
@@ -337,7 +349,7 @@ GOOD_CTRL = {"name": "VblkEmu0pf0vf1", "emulation_manager": "mlx5_0", "pf_id": 0
 
 
 def write(store, kind, stem, content):
-    d = store.bdev_dir if kind == "bdev" else store.controller_dir
+    d = store.dir / (BDEV_DIR if kind == "bdev" else CONTROLLER_DIR)
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{stem}.json").write_text(content if isinstance(content, str) else json.dumps(content))
 
@@ -389,13 +401,13 @@ def test_bad_files_are_problems_and_lose_nothing_else(tmp_path, store, image, ki
         write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
     write(store, kind, stem, content)
     before = files(store)
-    loaded = store.load()
+    loaded = store.load("blk")
     msgs = [p.message for p in loaded.problems]
     what = "bdevs" if kind == "bdev" else "controllers"
     assert any(needle in m for m in msgs), msgs
     bad = [m for m in msgs if needle in m][0]
     assert bad.startswith(f"recovery file blk/{what}/{stem}.json "), bad
-    assert f"delete it ({store.dir / what / (stem + '.json')}) and restart" in bad, bad
+    assert f"delete it ({blk_dir(store) / what / (stem + '.json')}) and restart" in bad, bad
     # the others still load; nothing was changed on disk
     assert {"Aio0", "M0"} <= {b.name for b in loaded.bdevs}
     assert {"VBLKS0D0F2VF10", "VBLKS0D0F3"} <= {c.vuid for c in loaded.controllers}
@@ -405,7 +417,7 @@ def test_bad_files_are_problems_and_lose_nothing_else(tmp_path, store, image, ki
 def test_controller_on_a_bad_bdev_file_is_a_problem_too(store):
     write(store, "bdev", "Null0", GOOD_BDEV | {"block_size": 3})
     write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
-    msgs = sorted(p.message for p in store.load().problems)
+    msgs = sorted(p.message for p in store.load("blk").problems)
     assert len(msgs) == 2
     assert "blk/bdevs/Null0.json is invalid (block_size" in msgs[0]
     assert "blk/controllers/VBLKS0D0F2VF2.json names bdev Null0, whose recovery file is invalid" in msgs[1]
@@ -416,77 +428,96 @@ def test_two_controllers_on_one_bdev(store):
     write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
     write(store, "ctrl", "VBLKS0D0F2", GOOD_CTRL | {"name": "VblkEmu0pf0", "vf_id": None,
                                                    "vuid": "VBLKS0D0F2", "bdf_raw": 0xA000})
-    loaded = store.load()
+    loaded = store.load("blk")
     assert loaded.controllers == []
     assert len(loaded.problems) == 2 and all("both use bdev Null0" in p.message for p in loaded.problems)
 
 
 def test_temp_files_and_strays_are_ignored(store):
     write(store, "bdev", "Null0", GOOD_BDEV)
-    (store.bdev_dir / ".Null0.json.abc.tmp").write_text("{")      # a crash during a write
-    (store.bdev_dir / "README").write_text("x")
-    (store.controller_dir).mkdir()
-    (store.controller_dir / "sub.json").mkdir()
-    loaded = store.load()
+    (store.dir / BDEV_DIR / ".Null0.json.abc.tmp").write_text("{")      # a crash during a write
+    (store.dir / BDEV_DIR / "README").write_text("x")
+    (store.dir / CONTROLLER_DIR).mkdir()
+    (store.dir / CONTROLLER_DIR / "sub.json").mkdir()
+    loaded = store.load("blk")
     assert [b.name for b in loaded.bdevs] == ["Null0"] and loaded.problems == []
 
 
 # -- the virtnet methods -----------------------------------------------------------------
 
-class FakeInventory:
-    """Inventory's list/query/modify/unplug/vf_state for one net function."""
-
-    def __init__(self):
-        self.net = {"pf_id": 0, "function_type": "static PF", "vuid": "VNETS0D0F2", "bdf": "84:00.2"}
-
-    def _query_one(self, f, brief):
-        from vfe.controller.inventory import Inventory
-        return Inventory._query_one(self, f, brief)
+class FakeNetFunction:
+    kind = "net"
+    vuid, pf_id, vf_id = "VNETS0D0F2", 0, -1
 
 
-def net_handlers(inv):
-    def query(_inv, p):
-        if p.get("vuid") not in (None, "VNETS0D0F2") and not p.get("all"):
-            raise InventoryError(f"no such device: VUID {p['vuid']}", -19)
-        return {"devices": [dict(inv.net)]}
-    return {"list": lambda _i, p: {"controller": {}, "devices": [dict(inv.net)]},
-            "query": query,
-            "modify": lambda _i, p: {"modified": p["vuid"]},
-            "unplug": lambda _i, p: {"unplugged": p["vuid"]},
-            "vf_state": lambda _i, p: {"net": p["vuid"]}}
+class FakeNetKind:
+    """A net kind with one function, whose virtnet answers name it."""
+
+    name = "net"
+    numbered_by_virtnet = True
+    entry = {"pf_id": 0, "function_type": "static PF", "vuid": "VNETS0D0F2", "bdf": "84:00.2"}
+
+    def methods(self):
+        return {}
+
+    def summary(self):
+        return {"emulation_manager": "mlx5_0"}
+
+    def in_list_order(self, functions):
+        return functions
+
+    def list_entry(self, f):
+        return dict(self.entry)
+
+    def query_entry(self, f, brief):
+        return dict(self.entry)
+
+    def modify(self, f, p):
+        return {"modified": f.vuid}
+
+    def unplug(self, f, p):
+        return {"unplugged": f.vuid}
+
+    def vf_state(self, f, p):
+        return {"net": f.vuid}
 
 
 def test_virtnet_methods_see_blk_functions(tmp_path, store, image):
-    inv = FakeInventory()
-    handlers = net_handlers(inv)
-    reg = blk_functions.register(handlers, FakeDaemon(),
-                                 types.SimpleNamespace(run_dir=str(tmp_path / "run")), store=store)
+    """The inventory's list/query/modify/unplug/vf_state with a net function
+    and blk ones: each reaches its own kind."""
+    inv = Inventory()
+    net = FakeNetKind()
+    inv.register(net)
+    reg = BlkKind(inv, FakeDaemon(), types.SimpleNamespace(run_dir=str(tmp_path / "run")), store)
+    inv.register(reg)
+    inv.add(FakeNetFunction())
+    handlers = inv.methods()
     populate(reg, image)
-    listed = handlers["list"](inv, {})["devices"]
-    assert listed[0] == inv.net                                # the net entry, untouched, first
+    listed = handlers["list"]({})["devices"]
+    assert listed[0] == net.entry                               # the net entry, untouched, first
     assert [d["vuid"] for d in listed] == ["VNETS0D0F2", "VBLKS0D0F2", "VBLKS0D0F3", "VBLKS0D0F2VF10"]
 
-    q = handlers["query"](inv, {"vuid": "VBLKS0D0F2VF10", "brief": True})["devices"]
+    q = handlers["query"]({"vuid": "VBLKS0D0F2VF10", "brief": True})["devices"]
     assert len(q) == 1 and q[0]["vuid"] == "VBLKS0D0F2VF10" and q[0]["type"] == "virtio_blk"
     assert q[0]["socket"] == str(tmp_path / "run" / "VBLKS0D0F2VF10.sock")
     assert (q[0]["status"], q[0]["negotiated_features"]) == ("not connected", "0x0")
-    full = handlers["query"](inv, {"vuid": "VBLKS0D0F2"})["devices"][0]
+    full = handlers["query"]({"vuid": "VBLKS0D0F2"})["devices"][0]
     assert [qq["type"] for qq in full["queues"]] == ["req"]
-    assert [d["vuid"] for d in handlers["query"](inv, {"all": True, "brief": True})["devices"]] == \
+    assert [d["vuid"] for d in handlers["query"]({"all": True, "brief": True})["devices"]] == \
         [d["vuid"] for d in listed]
-    assert handlers["query"](inv, {"vuid": "VNETS0D0F2"})["devices"] == [inv.net]
+    assert handlers["query"]({"vuid": "VNETS0D0F2"})["devices"] == [net.entry]
     with pytest.raises(InventoryError):
-        handlers["query"](inv, {"vuid": "VBLKS0D0F9"})          # neither: the net "no such device"
+        handlers["query"]({"vuid": "VBLKS0D0F9"})          # neither: "no such device"
 
     for cmd in ("modify", "unplug"):
         with pytest.raises(InventoryError) as exc:
-            handlers[cmd](inv, {"vuid": "VBLKS0D0F2", "mac": "00:00:00:00:00:01"})
+            handlers[cmd]({"vuid": "VBLKS0D0F2", "mac": "00:00:00:00:00:01"})
         assert exc.value.code == -errno.EOPNOTSUPP
         assert f"VBLKS0D0F2 is a virtio-blk function (VblkEmu0pf0): virtnet {cmd}" in str(exc.value)
-        assert handlers[cmd](inv, {"vuid": "VNETS0D0F2"})       # net functions as before
-    assert handlers["vf_state"](inv, {"vuid": "VBLKS0D0F2VF10", "op": 6}) == {
+        assert handlers[cmd]({"vuid": "VNETS0D0F2"})       # net functions as before
+    assert handlers["vf_state"]({"vuid": "VBLKS0D0F2VF10", "op": 6}) == {
         "vuid": "VBLKS0D0F2VF10", "bdf": "b0:01.1", "state": "running", "logging": False, "log_size": 0}
     with pytest.raises(InventoryError) as exc:
-        handlers["vf_state"](inv, {"vuid": "VBLKS0D0F2VF10", "op": 2})
+        handlers["vf_state"]({"vuid": "VBLKS0D0F2VF10", "op": 2})
     assert exc.value.code == -errno.EOPNOTSUPP and "only 6 (status)" in str(exc.value)
-    assert handlers["vf_state"](inv, {"vuid": "VNETS0D0F2", "op": 2}) == {"net": "VNETS0D0F2"}
+    assert handlers["vf_state"]({"vuid": "VNETS0D0F2", "op": 2}) == {"net": "VNETS0D0F2"}

@@ -1,13 +1,16 @@
-"""Recovery files: the seed's fields, atomic writes, validation, conflicts, compatibility."""
+"""The net functions' recovery files (net_recovery.NetCodec in the one
+RecoveryStore): the seed's fields, atomic writes, validation, conflicts,
+compatibility."""
 import json
 import os
 
 import pytest
 
-from vfe.controller import recovery as rec_mod
+from vfe.controller import net_recovery
+from vfe.controller.functions import NetFunction
+from vfe.controller.net_recovery import NetCodec, RecoveryRecord, check_compat
 from vfe.controller.nvconfig import DEFAULTS, NvConfig, limits
-from vfe.controller.recovery import (RecoveryError, RecoveryRecord, RecoveryStore, bdf_from_raw,
-                                     bdf_to_raw, check_compat)
+from vfe.controller.recovery import RecoveryError, RecoveryStore
 from vfe.controller.virtnet_conf import parse_virtnet_conf
 
 SEED_FILE = {"port_ib_dev": "mlx5_0", "pf_id": 0, "function_type": "pf", "bdf_raw": 26624,
@@ -40,23 +43,13 @@ def vf(pf_id=0, vf_id=0, **kw):
 
 @pytest.fixture
 def store(tmp_path):
-    return RecoveryStore(tmp_path / "recovery")
-
-
-def test_bdf_conversions():
-    assert bdf_from_raw(26624) == "68:00.0"
-    assert bdf_to_raw("68:00.0") == 26624
-    assert bdf_to_raw("0000:85:04.5") == 0x8500 | 4 << 3 | 5
-    assert bdf_from_raw(bdf_to_raw("83:00.6")) == "83:00.6"
-    for bad in ("85:00", "85:00.8", "zz:00.0", "85:20.0"):
-        with pytest.raises(ValueError):
-            bdf_to_raw(bad)
+    return RecoveryStore(tmp_path / "recovery", [NetCodec()])
 
 
 def test_seed_file_loads(store):
     store.dir.mkdir(parents=True)
     (store.dir / "VNETS1D0F0.json").write_text(json.dumps(SEED_FILE, indent=2))
-    records, problems = store.load_all()
+    records, problems = store.load("net")
     assert problems == []
     [r] = records
     assert r.vuid == "VNETS1D0F0" and r.bdf == "68:00.0" and r.sf_num == 2000 and r.vf_id is None
@@ -65,29 +58,29 @@ def test_seed_file_loads(store):
 
 def test_save_writes_seed_fields_in_order(store):
     r = hotplug(mtu=1500, max_queues=3, max_queue_size=1024, features=0x3000, legacy=True)
-    path = store.save("VNETS1D0F0", r)
+    path = store.save(r)
     assert path == store.dir / "VNETS1D0F0.json"
     data = json.loads(path.read_text())
     assert list(data)[:9] == ["port_ib_dev", "pf_id", "function_type", "bdf_raw", "device_type", "mac",
                               "pf_num", "sf_num", "mq"]
     assert {k: data[k] for k in SEED_FILE} == SEED_FILE
     assert data["vuid"] == "VNETS1D0F0" and data["features"] == "0x3000" and data["legacy"] == 1
-    [back], _ = store.load_all()
+    [back], _ = store.load("net")
     assert back == r
 
 
 def test_vf_file_has_vf_id(store):
-    store.save("VNETS0D0F2VF1", vf())
+    store.save(vf())
     data = json.loads((store.dir / "VNETS0D0F2VF1.json").read_text())
     assert list(data)[:3] == ["port_ib_dev", "pf_id", "vf_id"] and data["vf_id"] == 0
 
 
 def test_save_is_atomic_and_leaves_no_temp(store, monkeypatch):
-    store.save("VNETS1D0F0", hotplug())
+    store.save(hotplug())
     calls = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
-    store.save("VNETS1D0F0", hotplug(mac="0c:c4:7a:ff:22:98"))
+    store.save(hotplug(mac="0c:c4:7a:ff:22:98"))
     assert len(calls) >= 2                      # the file and its directory
     assert [p.name for p in store.dir.iterdir()] == ["VNETS1D0F0.json"]
 
@@ -95,44 +88,41 @@ def test_save_is_atomic_and_leaves_no_temp(store, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        store.save("VNETS1D0F0", hotplug(mac="0c:c4:7a:ff:22:99"))
-    [r], _ = store.load_all()
+        store.save(hotplug(mac="0c:c4:7a:ff:22:99"))
+    [r], _ = store.load("net")
     assert r.mac == "0c:c4:7a:ff:22:98"
     assert [p.name for p in store.dir.iterdir()] == ["VNETS1D0F0.json"]
 
 
 def test_save_refuses_invalid_record(store):
     with pytest.raises(RecoveryError, match="sf_num"):
-        store.save("VNETS1D0F0", hotplug(sf_num=999))
+        store.save(hotplug(sf_num=999))
     with pytest.raises(RecoveryError, match="vuid"):
-        store.save("OTHER", hotplug())
-    with pytest.raises(RecoveryError, match="vuid"):
-        store.save("../x", hotplug(vuid="../x"))
+        store.save(hotplug(vuid="../x"))
     assert not store.dir.exists() or list(store.dir.iterdir()) == []
 
 
-def test_delete_and_clear(store):
-    store.save("VNETS1D0F0", hotplug())
-    store.save("VNETS1D1F0", hotplug("VNETS1D1F0", pf_id=1, bdf_raw=0x6900, sf_num=2001))
-    (store.dir / ".VNETS1D2F0.json.x.tmp").write_text("{")
-    assert store.delete("VNETS1D0F0") is True
-    assert store.delete("VNETS1D0F0") is False
-    assert store.clear() == 1
-    assert list(store.dir.iterdir()) == []
-    assert RecoveryStore(store.dir / "none").clear() == 0
+def test_delete(store):
+    store.save(hotplug())
+    store.save(hotplug("VNETS1D1F0", pf_id=1, bdf_raw=0x6900, sf_num=2001))
+    assert store.delete(hotplug()) is True                  # only the record's key counts
+    assert store.delete(hotplug(mac="0c:c4:7a:ff:22:98")) is False
+    assert [p.name for p in store.dir.iterdir()] == ["VNETS1D1F0.json"]
+    with pytest.raises(RecoveryError, match="vuid"):
+        store.delete(hotplug(vuid="../x"))
 
 
 def test_disabled_store_writes_and_loads_nothing(tmp_path):
-    s = RecoveryStore(tmp_path, enabled=False)
-    assert s.save("VNETS1D0F0", hotplug()) is None
+    s = RecoveryStore(tmp_path, [NetCodec()], enabled=False)
+    assert s.save(hotplug()) is None
     assert list(tmp_path.iterdir()) == []
-    RecoveryStore(tmp_path).save("VNETS1D0F0", hotplug())
-    assert s.load_all() == ([], [])
-    assert s.delete("VNETS1D0F0") is True
+    RecoveryStore(tmp_path, [NetCodec()]).save(hotplug())
+    assert s.load("net") == ([], [])
+    assert s.delete(hotplug()) is True
 
 
 def test_missing_dir_loads_empty(tmp_path):
-    assert RecoveryStore(tmp_path / "nope").load_all() == ([], [])
+    assert RecoveryStore(tmp_path / "nope", [NetCodec()]).load("net") == ([], [])
 
 
 @pytest.mark.parametrize("change,field", [
@@ -146,7 +136,7 @@ def test_missing_dir_loads_empty(tmp_path):
 def test_invalid_files_are_problems(store, change, field):
     store.dir.mkdir(parents=True)
     (store.dir / "VNETS1D0F0.json").write_text(json.dumps(dict(SEED_FILE, **change)))
-    records, problems = store.load_all()
+    records, problems = store.load("net")
     assert records == []
     [p] = problems
     assert p.vuid == "VNETS1D0F0" and field in p.message
@@ -160,7 +150,7 @@ def test_missing_field_and_bad_json(store):
     (store.dir / "C.json").write_text("[]")
     (store.dir / "notes.txt").write_text("ignored")
     (store.dir / ".D.json.abc.tmp").write_text("{")
-    records, problems = store.load_all()
+    records, problems = store.load("net")
     assert records == []
     msgs = sorted(str(p) for p in problems)
     assert len(msgs) == 3
@@ -173,26 +163,26 @@ def test_case_of_seed_strings_is_tolerated(store):
     store.dir.mkdir(parents=True)
     (store.dir / "VNETS1D0F0.json").write_text(json.dumps(dict(SEED_FILE, function_type="PF",
                                                                device_type="Hotplug")))
-    [r], _ = store.load_all()
+    [r], _ = store.load("net")
     assert r.function_type == "pf" and r.device_type == "hotplug"
 
 
 def test_unknown_fields_survive(store):
     store.dir.mkdir(parents=True)
     (store.dir / "VNETS1D0F0.json").write_text(json.dumps(dict(SEED_FILE, future=7)))
-    [r], _ = store.load_all()
+    [r], _ = store.load("net")
     assert r.extra == {"future": 7}
-    store.save(r.vuid, r)
+    store.save(r)
     assert json.loads((store.dir / "VNETS1D0F0.json").read_text())["future"] == 7
 
 
 def test_conflicting_files_are_all_refused(store):
-    store.save("VNETS1D0F0", hotplug())
-    store.save("VNETS1D1F0", hotplug("VNETS1D1F0", pf_id=1, bdf_raw=0x6900))          # same SF
-    store.save("VNETS0D0F2", static(0))
-    store.save("VNETS0D0F3", static(0, vuid="VNETS0D0F3", sf_num=1005, bdf_raw=0x8505))  # same function
-    store.save("VNETS0D0F4", static(1, vuid="VNETS0D0F4"))
-    records, problems = store.load_all()
+    store.save(hotplug())
+    store.save(hotplug("VNETS1D1F0", pf_id=1, bdf_raw=0x6900))          # same SF
+    store.save(static(0))
+    store.save(static(0, vuid="VNETS0D0F3", sf_num=1005, bdf_raw=0x8505))  # same function
+    store.save(static(1, vuid="VNETS0D0F4"))
+    records, problems = store.load("net")
     assert [r.vuid for r in records] == ["VNETS0D0F4"]
     by = {p.vuid: p.message for p in problems}
     assert set(by) == {"VNETS1D0F0", "VNETS1D1F0", "VNETS0D0F2", "VNETS0D0F3"}
@@ -201,9 +191,9 @@ def test_conflicting_files_are_all_refused(store):
 
 
 def test_same_sf_number_on_two_ports_is_fine(store):
-    store.save("A", hotplug("A"))
-    store.save("B", hotplug("B", port_ib_dev="mlx5_1", pf_num=1, pf_id=1, bdf_raw=0x6900))
-    records, problems = store.load_all()
+    store.save(hotplug("A"))
+    store.save(hotplug("B", port_ib_dev="mlx5_1", pf_num=1, pf_id=1, bdf_raw=0x6900))
+    records, problems = store.load("net")
     assert len(records) == 2 and problems == []
 
 
@@ -278,20 +268,23 @@ def test_check_compat_with_nvconfig_and_dir(tmp_path):
 
 
 def test_load_compatible(tmp_path):
-    s = RecoveryStore(tmp_path, display_dir="/opt/mellanox/mlnx_virtnet/recovery (under VFE_ROOT)")
-    s.save("VNETS1D0F0", hotplug())
-    s.save("VNETS0D0F2", static(0))
+    def store(conf):
+        return RecoveryStore(tmp_path, [NetCodec(conf, DEFAULTS)],
+                             display_dir="/opt/mellanox/mlnx_virtnet/recovery (under VFE_ROOT)")
+    s = store(LAG)
+    s.save(hotplug())
+    s.save(static(0))
     s.dir.joinpath("BAD.json").write_text("{}")
-    records, problems = s.load_compatible(LAG, DEFAULTS)
+    records, problems = s.load("net")
     assert records == []
     assert len(problems) == 3
     assert all("(under VFE_ROOT)" in p.message for p in problems)
-    records, problems = s.load_compatible(NON_LAG, DEFAULTS)
+    records, problems = store(NON_LAG).load("net")
     assert sorted(r.vuid for r in records) == ["VNETS0D0F2", "VNETS1D0F0"] and len(problems) == 1
 
 
 def test_seed_recovery_dir_constant():
-    assert rec_mod.SEED_RECOVERY_DIR == "/opt/mellanox/mlnx_virtnet/recovery"
+    assert net_recovery.SEED_RECOVERY_DIR == "/opt/mellanox/mlnx_virtnet/recovery"
 
 
 # -- the switch port of hot-plugged PFs ------------------------------------------------
@@ -310,9 +303,9 @@ def test_hotplug_pf_id_beyond_ports_is_fine_with_port():
 
 
 def test_same_switch_port_conflicts(store):
-    store.save("VNETS1D0F0", hotplug(pf_id=2, port=0))
-    store.save("X", hotplug("X", pf_id=3, port=0, bdf_raw=0x6900, sf_num=2001))
-    records, problems = store.load_all()
+    store.save(hotplug(pf_id=2, port=0))
+    store.save(hotplug("X", pf_id=3, port=0, bdf_raw=0x6900, sf_num=2001))
+    records, problems = store.load("net")
     assert records == [] and all("hot-plug switch port" in p.message for p in problems)
 
 
@@ -323,10 +316,31 @@ def test_inventory_record_shape_round_trips(store):
             "features": 0, "legacy": 0, "port": 0}
     r = RecoveryRecord.from_json(data, "VNETS1D0F0")
     assert r.extra == {} and r.num_msix == 4 and r.port == 0
-    store.save(r.vuid, r)
-    back = json.loads(store.path_for(r.vuid).read_text())
+    store.save(r)
+    back = json.loads((store.dir / "VNETS1D0F0.json").read_text())
     assert back == dict(data, features="0x0")
     with pytest.raises(RecoveryError, match="port"):
         RecoveryRecord.from_json(dict(data, port=-2), "VNETS1D0F0")
     with pytest.raises(RecoveryError, match="num_msix"):
         RecoveryRecord.from_json(dict(data, num_msix=0), "VNETS1D0F0")
+
+
+def test_record_of_a_running_function(store):
+    """What the net kind writes for a function (and hands a live update):
+    the seed's fields in its order, a VF's device_type static."""
+    hp = NetFunction(pf_id=2, vf_id=-1, device_type="hotplug", vuid="VNETS1D0F0", bdf_raw=0x8500,
+                     ib_dev="mlx5_1", pf_num=1, sf_num=1001, mac="00:11:22:33:44:56", mtu=9000,
+                     max_queues=5, max_queue_size=1024, num_msix=4, features=0x3000, legacy=True, port=0)
+    store.save(RecoveryRecord.of(hp))
+    assert list(json.loads((store.dir / "VNETS1D0F0.json").read_text()).items()) == [
+        ("port_ib_dev", "mlx5_1"), ("pf_id", 2), ("function_type", "pf"), ("bdf_raw", 0x8500),
+        ("device_type", "hotplug"), ("mac", "00:11:22:33:44:56"), ("pf_num", 1), ("sf_num", 1001),
+        ("mq", 1), ("vuid", "VNETS1D0F0"), ("mtu", 9000), ("max_queues", 5), ("max_queue_size", 1024),
+        ("num_msix", 4), ("features", "0x3000"), ("legacy", 1), ("port", 0)]
+    vf_ = NetFunction(pf_id=0, vf_id=3, device_type="vf", vuid="VNETS0D0F2VF4", bdf_raw=0x9003,
+                      ib_dev="mlx5_0", pf_num=0, sf_num=1010, mac="00:11:22:33:44:57", mtu=1500,
+                      max_queues=2, max_queue_size=1024, num_msix=2, features=0)
+    assert list(RecoveryRecord.of(vf_).validate().to_json().items())[:9] == [
+        ("port_ib_dev", "mlx5_0"), ("pf_id", 0), ("vf_id", 3), ("function_type", "vf"),
+        ("bdf_raw", 0x9003), ("device_type", "static"), ("mac", "00:11:22:33:44:57"), ("pf_num", 0),
+        ("sf_num", 1010)]
