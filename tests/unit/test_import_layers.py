@@ -281,7 +281,6 @@ def long_modules() -> list[str]:
 ISSUE_12 = pytest.mark.xfail(strict=True, reason="issue 12 in progress")
 
 
-@ISSUE_12
 def test_no_import_cycles():
     found = cycle_violations()
     assert not found, "import cycles in vfe/:\n" + "\n".join(found)
