@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfe.testing.daemon import ControllerProcess
+from vfe.guest.controller_process import ControllerProcess
 
 __all__ = ["controller", "sockdir"]
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from qemu import guest_image as _guest_image
-from qemu.vm import QEMU, VM
+from vfe.guest import guest_image as _guest_image
+from vfe.guest.vm import QEMU, VM
 
 __all__ = ["guest_image", "vm_factory", "vm_pool", "qemu_available"]
 

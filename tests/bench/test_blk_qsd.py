@@ -9,7 +9,7 @@ vdb = RAM (256 MiB).  Guest "vfe" is served by our daemon
 RAM disks are written in full once before measuring, so both back-ends serve
 real pages.
 
-The guest tool /bin/vfe-blkbench (qemu/guest/vfe-blkbench.c: O_DIRECT,
+The guest tool /bin/vfe-blkbench (vfe/guest/files/vfe-blkbench.c: O_DIRECT,
 native AIO) runs each workload against both back-ends alternately, the same
 number of requests each time (calibrated by a warm-up on ours to about
 VFE_BLKBENCH_SECONDS):
@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from qemu.vm import BlkDev
+from vfe.guest.vm import BlkDev
 from tests.conftest_qemu_part import vm_pool
 from vfe.testing import blkbench
-from vfe.testing.daemon import ControllerProcess
+from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.qsd import QsdExport, StorageDaemon, qsd_available
 from vfe.testing.pmd_measure import CpuWatch
 

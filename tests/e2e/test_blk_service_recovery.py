@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu.vm import BlkDev
+from vfe.guest.vm import BlkDev
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from qemu.vm import BlkDev
+from vfe.guest.vm import BlkDev
 from vfe.testing import blkbench
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from qemu.vm import NetDev
+from vfe.guest.vm import NetDev
 from vfe.testing.netns import NetNs
 from vfe.testing.ovs import Ovs
 from vfe.testing.service import ControllerService

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from qemu.vm import NetDev
+from vfe.guest.vm import NetDev
 from vfe.rpc.client import call
 from vfe.rpc.protocol import RpcError
 from vfe.testing.netns import NetNs

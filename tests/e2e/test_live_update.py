@@ -32,7 +32,7 @@ import pytest
 import vfe
 import json
 
-from qemu.vm import BlkDev, NetDev
+from vfe.guest.vm import BlkDev, NetDev
 from vfe.testing.builds import build_dir, engine_of, make_build, set_engine_abi
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService

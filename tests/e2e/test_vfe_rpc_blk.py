@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from qemu.vm import BlkDev
+from vfe.guest.vm import BlkDev
 from vfe.testing.netns import NetNs
 from vfe.testing.service import ControllerService
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu.vm import detect_accel
+from vfe.guest.vm import detect_accel
 from vfe.testing.netns import NetNs
 from vfe.testing.ovs import Ovs
 from vfe.testing.service import ControllerService

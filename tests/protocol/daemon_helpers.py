@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
-from vfe.testing.daemon import ControllerProcess
+from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import PAGE, Frontend, GuestRam, RamRegion
 from vfe.vhost.actions import Ack, DeviceSpec, Reply, StopRing
 from vfe.vhost.messages import REPLY_FLAGS, VERSION, Message, ProtocolError, Request, U64

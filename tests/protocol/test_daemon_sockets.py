@@ -24,7 +24,7 @@ import time
 import pytest
 
 from vfe.testing.backlog import full_backlog
-from vfe.testing.daemon import ControllerProcess
+from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import Frontend
 
 

@@ -1,4 +1,4 @@
-"""Drive the guest's block benchmark, /bin/vfe-blkbench (qemu/guest/vfe-blkbench.c).
+"""Drive the guest's block benchmark, /bin/vfe-blkbench (vfe/guest/files/vfe-blkbench.c).
 
     res = blkbench.run(vm, "/dev/vda", mode="randread", bs=4096, jobs=2, depth=16, seconds=3)
     res["iops"], res["mib_s"], res["lat_p99_us"]
@@ -65,7 +65,7 @@ def parse(output: str) -> dict:
 
 
 def run(vm, device: str, timeout: float | None = None, check: bool = True, **kw) -> dict:
-    """Run the tool in ``vm`` (a qemu.vm.VM); return its result dict.
+    """Run the tool in ``vm`` (a vfe.guest.vm.VM); return its result dict.
     check=True raises BlkbenchError unless it exited 0 (no I/O error, no
     mismatch)."""
     cmd = command(device, **kw)

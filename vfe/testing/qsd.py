@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfe.testing.daemon import LoggedProcess
+from vfe.guest.controller_process import LoggedProcess
 
 QSD = os.environ.get("VFE_QSD", "qemu-storage-daemon")
 

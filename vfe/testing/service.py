@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from vfe.testing.daemon import LoggedProcess
+from vfe.guest.controller_process import LoggedProcess
 
 
 class ControllerService(LoggedProcess):

@@ -5,9 +5,9 @@
     rc, out = vm.run("ip link set eth0 up")
     vm.shutdown()
 
-Each VM runs the guest built by qemu.guest_image (Debian kernel + busybox
+Each VM runs the guest built by vfe.guest.guest_image (Debian kernel + busybox
 initramfs). Serial port 1 (ttyS0) is the kernel console, port 2 (ttyS1) the
-shell that ``run()`` drives (see qemu/console.py); both are logged, merged
+shell that ``run()`` drives (see vfe/guest/console.py); both are logged, merged
 in time order, to ``<workdir>/<name>.serial.log``. QEMU's own stdout/stderr
 go to ``<workdir>/<name>.qemu.log``. Sockets live in a private short
 directory under /tmp (unix socket paths are limited to 107 bytes) that
@@ -40,14 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from qemu import guest_image
-from qemu.console import ConsoleError, GuestTimeout, ShellConsole, shell_quote
-from qemu.monitor import ExecuteError, Monitor
+from vfe.guest import guest_image
+from vfe.guest.console import ConsoleError, GuestTimeout, ShellConsole, shell_quote
+from vfe.qmp import ExecuteError, Monitor
 
 __all__ = ["VM", "NetDev", "BlkDev", "BgJob", "VMError", "GuestTimeout", "ExecuteError",
            "detect_accel", "KERNEL_ARGS", "main"]
 
-log = logging.getLogger("qemu.vm")
+log = logging.getLogger("vfe.guest.vm")
 
 QEMU = os.environ.get("VFE_QEMU", "qemu-system-x86_64")
 

@@ -2,7 +2,7 @@
 guests on its vhost-user sockets, a ping each way and a TCP throughput
 figure; everything is torn down afterwards, also on failure or Ctrl-C.
 
-    python3 -m vfe.cli.demo [--mb N] [--queues N] [--keep]
+    python3 -m vfe.guest.demo [--mb N] [--queues N] [--keep]
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.mb <= 200:
         p.error("--mb must be in 1..200 (the guests keep the data in RAM)")
 
-    from qemu import guest_image
-    from qemu.vm import VM, NetDev
-    from vfe.testing.daemon import ControllerProcess
+    from vfe.guest import guest_image
+    from vfe.guest.controller_process import ControllerProcess
+    from vfe.guest.vm import VM, NetDev
 
     work = Path(tempfile.mkdtemp(prefix="vfe-demo-", dir="/tmp"))
     socks = [str(work / "vm1.sock"), str(work / "vm2.sock")]

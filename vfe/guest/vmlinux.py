@@ -139,7 +139,7 @@ def extract_file(bzimage_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-if __name__ == "__main__":  # python3 -m qemu.vmlinux BZIMAGE OUT
+if __name__ == "__main__":  # python3 -m vfe.guest.vmlinux BZIMAGE OUT
     import sys
     elf = extract_vmlinux(Path(sys.argv[1]).read_bytes())
     Path(sys.argv[2]).write_bytes(elf)

@@ -1,4 +1,4 @@
-"""Run a virtio-net-controller process for tests and the demo.
+"""Run a virtio-net-controller process for the demo and tests.
 
 Started by PID and stopped by PID (SIGTERM, then SIGKILL); its stderr goes
 to a log file that tests print when they fail."""

@@ -1,6 +1,6 @@
 /*
  * vfe-blkbench: a small block I/O benchmark for the vfe test guest (a busybox
- * initramfs has no fio).  Built static by qemu/guest_image.py and installed
+ * initramfs has no fio).  Built static by vfe/guest/guest_image.py and installed
  * as /bin/vfe-blkbench.
  *
  *   vfe-blkbench [-m MODE] [-b BYTES] [-j JOBS] [-d DEPTH] [-T SECONDS]

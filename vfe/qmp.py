@@ -5,6 +5,9 @@ event loop, which breaks when the caller already runs a loop (pytest-asyncio,
 our own asyncio daemons) and ties every VM to one thread. Here each monitor
 owns a private event loop in a daemon thread and callers block on
 ``run_coroutine_threadsafe`` futures, so it works from any thread.
+
+A leaf: the controller's hot-plug into a running QEMU (controller/hostqmp.py)
+and the test guest's VMs (vfe/guest/vm.py) both use it.
 """
 
 from __future__ import annotations

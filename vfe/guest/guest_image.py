@@ -1,6 +1,6 @@
 """Build the vfe test guest: a Debian kernel plus a busybox initramfs.
 
-    python3 -m qemu.guest_image [--dir DIR] [--force]
+    python3 -m vfe.guest.guest_image [--dir DIR] [--force]
 
 Cache layout (default <repo>/.guest, or $VFE_GUEST_DIR):
 
@@ -9,7 +9,7 @@ Cache layout (default <repo>/.guest, or $VFE_GUEST_DIR):
     vmlinuz                       the bzImage (symlink into root/boot)
     vmlinux                       ELF extracted from it (PVH boot, faster on TCG)
     initrd.img                    gzip'd newc cpio: busybox, virtio modules, /init,
-                                  the guest tools (qemu/guest/*.c, built static)
+                                  the guest tools (vfe/guest/files/*.c, built static)
     stamp                         builder version + hash of every input
 
 Nothing is installed on the host: the kernel package is only downloaded and
@@ -32,13 +32,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qemu import initramfs, vmlinux
+from vfe.guest import initramfs, vmlinux
 
 # Bump when the layout of the image changes in a way the input hash misses.
 BUILDER_VERSION = "vfe-guest-4"
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST_FILES = Path(__file__).resolve().parent / "guest"
+REPO = Path(__file__).resolve().parents[2]
+GUEST_FILES = Path(__file__).resolve().parent / "files"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 
 # Wanted in the guest, in load order. Some may be built in (=y) in another
@@ -48,7 +48,7 @@ VIRTIO_MODULES = [
     "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk",
 ]
 BUSYBOX = Path("/bin/busybox")
-# C tools of the guest (qemu/guest/NAME.c -> /bin/NAME), linked static: the
+# C tools of the guest (files/NAME.c -> /bin/NAME), linked static: the
 # initramfs has no libc.  Needs gcc and glibc's static libc.a (libc6-dev).
 CC = os.environ.get("VFE_GUEST_CC", "gcc")
 CFLAGS = ["-O2", "-static", "-pthread", "-s", "-Wall"]
@@ -333,7 +333,7 @@ def _ensure_vmlinux(cache: Path, bz_src: Path, version: str, force: bool) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m qemu.guest_image",
+    ap = argparse.ArgumentParser(prog="python3 -m vfe.guest.guest_image",
                                  description="Build the vfe test guest (kernel + initramfs).")
     ap.add_argument("--dir", type=Path, default=None, help=f"cache dir (default {default_dir()})")
     ap.add_argument("--force", action="store_true", help="re-download and rebuild everything")
