@@ -5,7 +5,7 @@ Two guests, identical (``-smp 2``, 256 MiB, vhost-user-blk-pci with
 vdb = RAM (256 MiB).  Guest "vfe" is served by our daemon
 (``--mode adaptive``, 1 worker: ``bdev=null`` and ``bdev=malloc``), guest
 "qsd" by qemu-storage-daemon (``null-co,read-zeroes=on`` and a file on
-/dev/shm, ``cache.direct=off,aio=io_uring``: see vfe/testing/qsd.py).  The
+/dev/shm, ``cache.direct=off,aio=io_uring``: see tests/harness/qsd.py).  The
 RAM disks are written in full once before measuring, so both back-ends serve
 real pages.
 
@@ -50,10 +50,10 @@ import pytest
 
 from vfe.guest.vm import BlkDev
 from tests.conftest_qemu_part import vm_pool
-from vfe.testing import blkbench
+from tests.harness import blkbench
 from vfe.guest.controller_process import ControllerProcess
-from vfe.testing.qsd import QsdExport, StorageDaemon, qsd_available
-from vfe.testing.pmd_measure import CpuWatch
+from tests.harness.qsd import QsdExport, StorageDaemon, qsd_available
+from tests.harness.pmd_measure import CpuWatch
 
 pytestmark = [
     pytest.mark.bench,

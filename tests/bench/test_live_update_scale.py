@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 import vfe
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
 from test_live_update import make_build, virtnet, wait_update  # noqa: E402
-from vfe.testing.builds import build_dir  # noqa: E402
+from tests.harness.builds import build_dir  # noqa: E402
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e]
 PFS, VFS = 4, 126

@@ -28,7 +28,7 @@ import pytest
 from vfe.cli import virtnet
 from vfe.rpc.client import call
 from vfe.testing.frontend import Frontend
-from vfe.testing.netns import NetNs
+from tests.harness.netns import NetNs
 
 from tests.e2e.service_helpers import SEED_HOTPLUG, links, make_service
 

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from vfe.guest.vm import BlkDev
-from vfe.testing import blkbench
+from tests.harness import blkbench
 
 pytestmark = pytest.mark.e2e
 

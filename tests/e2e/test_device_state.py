@@ -13,8 +13,8 @@ import pytest
 from vfe.guest.vm import NetDev
 from vfe.rpc.client import call
 from vfe.rpc.protocol import RpcError
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

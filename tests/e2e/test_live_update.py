@@ -33,9 +33,9 @@ import vfe
 import json
 
 from vfe.guest.vm import BlkDev, NetDev
-from vfe.testing.builds import build_dir, engine_of, make_build, set_engine_abi
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.builds import build_dir, engine_of, make_build, set_engine_abi
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

@@ -22,8 +22,8 @@ import time
 import pytest
 
 from vfe.ports.representor import Representor
-from vfe.testing.netns import NetNs
-from vfe.testing.ovs import Ovs, OvsError
+from tests.harness.netns import NetNs
+from tests.harness.ovs import Ovs, OvsError
 
 pytestmark = [
     pytest.mark.e2e,

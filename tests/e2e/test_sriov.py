@@ -14,8 +14,8 @@ import tempfile
 import pytest
 
 from vfe.guest.vm import NetDev
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

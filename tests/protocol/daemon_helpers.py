@@ -4,7 +4,7 @@ test_daemon_rings.py).
 
 - ``Daemon``: one controller subprocess shared by a test module (it takes
   ~2 s to start), with log marks/waits and /proc counters.
-- ``open_frontend`` / ``close_frontend``: a started ``vfe.testing.Frontend``
+- ``open_frontend`` / ``close_frontend``: a started ``vfe.testing.frontend.Frontend``
   on a device socket, and a close that waits until the daemon has let it go
   (the daemon refuses a second front-end while one is attached).
 - ``exchange``: unicast frames both ways between two front-ends through the

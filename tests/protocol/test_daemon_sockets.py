@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from vfe.testing.backlog import full_backlog
+from tests.harness.backlog import full_backlog
 from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import Frontend
 

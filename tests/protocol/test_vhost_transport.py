@@ -9,7 +9,7 @@ import pytest
 from vfe.vhost.actions import Ack, Reply
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import Message, ProtocolError, Request, U64, VringState
-from vfe.testing.backlog import finishes, full_backlog
+from tests.harness.backlog import finishes, full_backlog
 from vfe.vhost.transport import Connection, PeerClosed, connect, is_served, listen, try_connect
 
 

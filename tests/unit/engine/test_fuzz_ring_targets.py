@@ -11,7 +11,7 @@ import os
 import random
 import sys
 
-from vfe.testing.guarded import run_forked
+from tests.harness.guarded import run_forked
 
 FUZZ = os.path.join(os.path.dirname(__file__), "..", "..", "fuzz")
 

@@ -24,7 +24,7 @@ from vfe.ports.representor import (IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_
                                    VNET_HDR_LEN, Representor, RepresentorError, exists,
                                    list_representors, pack_vnet_hdr, parse_representor_name,
                                    representor_name, unpack_vnet_hdr, validate_name)
-from vfe.testing.netns import NetNs
+from tests.harness.netns import NetNs
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"),

@@ -24,7 +24,7 @@ from vfe.rpc import (
 )
 from vfe.rpc.protocol import encode_request
 from vfe.safepath import UnsafePath
-from vfe.testing.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
+from tests.harness.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 
 
 class Loop:

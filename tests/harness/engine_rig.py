@@ -11,7 +11,7 @@ engine's unit tests (tests/unit/engine) and the ring fuzz targets
   on its switch, or a blk device, over a `Guest`; rings run one burst at a
   time in the calling thread (`RingDevice.run_burst`).
 
-Run cases that may crash through `vfe.testing.guarded.run_forked`.
+Run cases that may crash through `tests.harness.guarded.run_forked`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import struct
 from enum import IntEnum
 
 from vfe.engine import Engine
-from vfe.testing.guarded import PAGE, GuardedArea
+from tests.harness.guarded import PAGE, GuardedArea
 
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 FEAT_MRG_RXBUF = 1 << 15

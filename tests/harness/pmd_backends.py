@@ -2,7 +2,7 @@
 front-end: DPDK's own net_vhost (testpmd "B", :class:`dpdk_vhost_backend`)
 and our daemon (:class:`vhost_daemon`, a virtio-net-controller process), with
 testpmd "A" on virtio_user ports connected to either (:func:`frontend`).
-The process harness itself is vfe/testing/testpmd.py."""
+The process harness itself is tests/harness/testpmd.py."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import subprocess
 import time
 from typing import Iterable, Sequence
 
-from vfe.testing.testpmd import (
+from tests.harness.testpmd import (
     BACKEND_CORES, FRONTEND_CORES, TestPmd, TestPmdError, vhost, virtio_user,
 )
 

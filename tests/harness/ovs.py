@@ -64,7 +64,7 @@ class Ovs:
 
     def __init__(self, netns=None, *, userspace_tso: bool = False, workdir: str | None = None,
                  keep: bool | None = None, timeout: float = 10.0):
-        self.netns = netns  # a NetNs (vfe.testing.netns) or a namespace name, or None
+        self.netns = netns  # a NetNs (tests.harness.netns) or a namespace name, or None
         self.userspace_tso = userspace_tso
         self.timeout = timeout
         self.keep = bool(os.environ.get("VFE_KEEP_OVS")) if keep is None else keep

@@ -2,7 +2,7 @@
 throughput on the front-end's counters (:func:`measure_loop`), CPU use of
 the processes involved (:class:`CpuWatch`), exact forwarding counts
 (:func:`send_count`, :func:`check_forward_counts`).  The process harness is
-vfe/testing/testpmd.py, the back-ends vfe/testing/pmd_backends.py."""
+tests/harness/testpmd.py, the back-ends tests/harness/pmd_backends.py."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from vfe.testing.pmd_backends import frontend
-from vfe.testing.testpmd import FwdStats, PortStats, TestPmd, TestPmdError
+from tests.harness.pmd_backends import frontend
+from tests.harness.testpmd import FwdStats, PortStats, TestPmd, TestPmdError
 
 __all__ = ["LoopResult", "CountResult", "CpuWatch", "drain", "measure_loop", "time_packets",
            "send_count", "check_forward_counts"]

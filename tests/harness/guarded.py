@@ -1,6 +1,6 @@
 """Memory between PROT_NONE guard pages, and a way to run code that may
 crash in a forked child -- for tests and fuzzing of the engine's ring code
-in-process (vfe/testing/engine_rig.py).
+in-process (tests/harness/engine_rig.py).
 
 An access one byte before or after a `GuardedArea` faults (SIGSEGV)
 instead of silently reading or writing whatever is mapped next to it, so

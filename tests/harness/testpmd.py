@@ -8,7 +8,7 @@ types one command and waits for the next ``testpmd> `` prompt.
 
 Typical use::
 
-    from vfe.testing import testpmd as tp
+    from tests.harness import testpmd as tp
 
     with tp.dpdk_vhost_backend(sock0, sock1):          # testpmd B: net_vhost, io fwd
         with tp.TestPmd([tp.virtio_user(sock0), tp.virtio_user(sock1)],
@@ -19,8 +19,8 @@ Typical use::
 
     tp.check_forward_counts(sock0, sock1, frame_size=1518)  # any back-end on sock0/1
 
-(The back-ends are in vfe/testing/pmd_backends.py, the measurements in
-vfe/testing/pmd_measure.py; this module answers for both.)
+(The back-ends are in tests/harness/pmd_backends.py, the measurements in
+tests/harness/pmd_measure.py; this module answers for both.)
 
 Every instance gets its own EAL ``--file-prefix``; :meth:`TestPmd.close`
 quits testpmd (``quit``; then SIGTERM; then SIGKILL, all by PID) and
@@ -63,8 +63,8 @@ __all__ = [
     "virtio_user", "vhost", "testpmd_available", "parse_port_stats", "parse_fwd_stats",
 ]
 
-# The back-ends (vfe/testing/pmd_backends.py) and the measurements
-# (vfe/testing/pmd_measure.py) live in their own modules; they import this
+# The back-ends (tests/harness/pmd_backends.py) and the measurements
+# (tests/harness/pmd_measure.py) live in their own modules; they import this
 # one, and `tp.measure_loop`, `tp.dpdk_vhost_backend`, ... keep working
 # through __getattr__ below (loaded on first use, so no import cycle).
 _ELSEWHERE = {
@@ -78,7 +78,7 @@ def __getattr__(name: str):
     for module, names in _ELSEWHERE.items():
         if name in names:
             import importlib
-            return getattr(importlib.import_module(f"vfe.testing.{module}"), name)
+            return getattr(importlib.import_module(f"tests.harness.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TESTPMD = "dpdk-testpmd"
