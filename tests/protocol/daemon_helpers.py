@@ -22,8 +22,6 @@ Imported by file name from tests/protocol (keep the name unique).
 from __future__ import annotations
 
 import contextlib
-
-import ctypes
 import itertools
 import mmap
 import os
@@ -38,8 +36,10 @@ from dataclasses import dataclass
 
 from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
 from vfe.guest.controller_process import ControllerProcess
-from vfe.testing.frontend import PAGE, Frontend, GuestRam, RamRegion
+from vfe.testing.frontend import Frontend
+from vfe.testing.guest_ram import PAGE, GuestRam, RamRegion
 from vfe.vhost.actions import Ack, DeviceSpec, Reply, StopRing
+from vfe.vhost.memory import address_of
 from vfe.vhost.messages import REPLY_FLAGS, VERSION, Message, ProtocolError, Request, U64
 from vfe.vhost.protocol import BackendProtocol
 from vfe.vhost.transport import PeerClosed
@@ -173,14 +173,6 @@ class Daemon:
 
 _mac_counter = itertools.count(1)
 _token_counter = itertools.count(1)
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    anchor = ctypes.c_char.from_buffer(mm)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor                      # no buffer export left behind
 
 
 def new_mac(tag: int = 0) -> bytes:
@@ -408,7 +400,7 @@ class GuardedRam(GuestRam):
         mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
         self._maps.append(mm)
         self._mm = mm
-        base = _address_of(mm)
+        base = address_of(mm)
         whole = memoryview(mm)
         off0 = guard
         off1 = guard + size0 + guard

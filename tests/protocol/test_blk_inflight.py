@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from blk_helpers import S_OK, T_IN, T_OUT, BlkDaemon, BlkQueue  # noqa: E402
 from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
 
-from vfe.testing.frontend import Frontend, NackError  # noqa: E402
+from vfe.testing.channel import NackError  # noqa: E402
+from vfe.testing.frontend import Frontend  # noqa: E402
 from vfe.vhost.transport import PeerClosed  # noqa: E402
 from vfe.vhost import inflight as layout  # noqa: E402
 from vfe.vhost.messages import Inflight, ProtocolFeature, Request  # noqa: E402

@@ -32,7 +32,8 @@ from blk_helpers import (  # noqa: E402
     T_WRITE_ZEROES, BlkQueue, ranges,
 )
 
-from vfe.testing.frontend import NEVER_ACK, Frontend, NackError  # noqa: E402
+from vfe.testing.channel import NackError  # noqa: E402
+from vfe.testing.frontend import NEVER_ACK, Frontend  # noqa: E402
 from vfe.vhost.messages import ProtocolFeature, Request  # noqa: E402
 from vfe.virtio.constants import F, bit  # noqa: E402
 

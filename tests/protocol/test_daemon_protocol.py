@@ -34,7 +34,8 @@ from daemon_helpers import (  # noqa: E402
 )
 
 from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, rarp_frame  # noqa: E402
-from vfe.testing.frontend import DEFAULT_PROTOCOL_FEATURES, GuestRam, NackError  # noqa: E402
+from vfe.testing.channel import DEFAULT_PROTOCOL_FEATURES, NackError  # noqa: E402
+from vfe.testing.guest_ram import GuestRam  # noqa: E402
 from vfe.vhost.actions import DeviceSpec  # noqa: E402
 from vfe.vhost.framing import MAX_PAYLOAD_SIZE  # noqa: E402
 from vfe.vhost.messages import (  # noqa: E402

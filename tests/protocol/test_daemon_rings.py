@@ -40,7 +40,8 @@ from daemon_helpers import (  # noqa: E402
 )
 
 from vfe.engine import ERROR_NAMES  # noqa: E402
-from vfe.testing.frontend import FrontRing, GuestRam  # noqa: E402
+from vfe.testing.frontend import FrontRing  # noqa: E402
+from vfe.testing.guest_ram import GuestRam  # noqa: E402
 from vfe.testing.ring import DriverRing, RingLayout  # noqa: E402
 from vfe.virtio.constants import F, bit  # noqa: E402
 

@@ -55,7 +55,8 @@ from daemon_helpers import (  # noqa: E402
     MiB, close_frontend, daemon_fixtures, frame, new_token, open_frontend, send_one,
 )
 
-from vfe.testing.frontend import NEVER_ACK, PAGE, Frontend  # noqa: E402
+from vfe.testing.frontend import NEVER_ACK, Frontend  # noqa: E402
+from vfe.testing.guest_ram import PAGE  # noqa: E402
 from vfe.vhost.messages import ProtocolFeature  # noqa: E402
 from vfe.virtio.constants import F, Status, bit  # noqa: E402
 

@@ -41,7 +41,9 @@ from daemon_helpers import (  # noqa: E402
     serving,
 )
 
-from vfe.testing.frontend import PAGE, Frontend, GuestRam, NackError  # noqa: E402
+from vfe.testing.channel import NackError  # noqa: E402
+from vfe.testing.frontend import Frontend  # noqa: E402
+from vfe.testing.guest_ram import PAGE, GuestRam  # noqa: E402
 
 daemon, daemon_guard = daemon_fixtures({"a": "queues=2", "b": "", "c": ""})
 

@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from vhost_backend_loop import DummyBackend  # noqa: E402
 
-from vfe.testing.frontend import Frontend, NackError  # noqa: E402
+from vfe.testing.channel import NackError  # noqa: E402
+from vfe.testing.frontend import Frontend  # noqa: E402
 from vfe.vhost.actions import (  # noqa: E402
     AddMemRegion, DeviceSpec, EnableRing, SetFeatures, SetLogBase, SetMemTable, SetStatus,
     StartRing, StopRing,
