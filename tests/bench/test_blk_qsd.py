@@ -48,12 +48,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from vfe.guest.vm import BlkDev
-from tests.conftest_qemu_part import vm_pool
+from tests.guest_fixtures import vm_pool
 from tests.harness import blkbench
-from vfe.guest.controller_process import ControllerProcess
-from tests.harness.qsd import QsdExport, StorageDaemon, qsd_available
 from tests.harness.pmd_measure import CpuWatch
+from tests.harness.qsd import QsdExport, StorageDaemon, qsd_available
+from vfe.guest.controller_process import ControllerProcess
+from vfe.guest.vm import BlkDev
 
 pytestmark = [
     pytest.mark.bench,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from vfe.guest.vm import BlkDev
 from tests.harness.netns import NetNs
 from tests.harness.service import ControllerService
+from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
 

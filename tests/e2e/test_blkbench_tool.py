@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from vfe.guest.vm import BlkDev
 from tests.harness import blkbench
+from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
 

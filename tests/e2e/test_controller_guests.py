@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from vfe.guest.vm import NetDev
 from tests.harness.netns import NetNs
 from tests.harness.ovs import Ovs
 from tests.harness.service import ControllerService
+from vfe.guest.vm import NetDev
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("ovs-vswitchd") is None, reason="openvswitch-switch missing")]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest_fixtures import vm_pool
 from vfe.guest.console import GuestTimeout
 from vfe.guest.vm import NetDev
-from tests.conftest_qemu_part import vm_pool
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import time
 
 import pytest
 
-from vfe.ports.representor import Representor
 from tests.harness.netns import NetNs
 from tests.harness.ovs import Ovs, OvsError
+from vfe.ports.representor import Representor
 
 pytestmark = [
     pytest.mark.e2e,

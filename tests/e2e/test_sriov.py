@@ -13,9 +13,9 @@ import tempfile
 
 import pytest
 
-from vfe.guest.vm import NetDev
 from tests.harness.netns import NetNs
 from tests.harness.service import ControllerService
+from vfe.guest.vm import NetDev
 
 pytestmark = pytest.mark.e2e
 

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from vfe.guest.vm import detect_accel
 from tests.harness.netns import NetNs
 from tests.harness.ovs import Ovs
 from tests.harness.service import ControllerService
+from vfe.guest.vm import detect_accel
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("ovs-vswitchd") is None, reason="openvswitch-switch missing")]

@@ -25,13 +25,8 @@ Input layout (ring_input.py has the encoders; zeros once it runs out):
 """
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers  # noqa: E402
-
-from tests.harness.engine_rig import (  # noqa: E402
+from tests.fuzz.ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers
+from tests.harness.engine_rig import (
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, PAGE, Guest, NetRig,
     ring_at_ends,
 )

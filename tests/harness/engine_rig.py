@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-from vfe.engine import Engine
 from tests.harness.guarded import PAGE, GuardedArea
+from vfe.engine import Engine
 
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 FEAT_MRG_RXBUF = 1 << 15

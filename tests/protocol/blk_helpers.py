@@ -9,7 +9,7 @@ import struct
 import tempfile
 import time
 
-from daemon_helpers import Daemon
+from tests.protocol.daemon_helpers import Daemon
 
 from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import Frontend

@@ -19,7 +19,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,22 +26,21 @@ from typing import Callable
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.daemon_helpers import (
     MiB, Cut, Memfd, ack_value, close_frontend, cut_after, daemon_fixtures, exchange,
     expect_dropped, frame, new_token, open_frontend, qemu_start_sequence, recv_token, send_one,
 )
 
-from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, rarp_frame  # noqa: E402
-from vfe.testing.channel import DEFAULT_PROTOCOL_FEATURES, NackError  # noqa: E402
-from vfe.testing.guest_ram import GuestRam  # noqa: E402
-from vfe.vhost.actions import DeviceSpec  # noqa: E402
-from vfe.vhost.framing import MAX_PAYLOAD_SIZE  # noqa: E402
-from vfe.vhost.messages import (  # noqa: E402
+from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, rarp_frame
+from vfe.testing.channel import DEFAULT_PROTOCOL_FEATURES, NackError
+from vfe.testing.guest_ram import GuestRam
+from vfe.vhost.actions import DeviceSpec
+from vfe.vhost.framing import MAX_PAYLOAD_SIZE
+from vfe.vhost.messages import (
     HEADER, NEED_REPLY, REPLY_FLAGS, VERSION, Config, Log, MemoryRegion, MemTable,
     ProtocolFeature, Request, SingleMemRegion, U64, VringAddr, VringFile, VringState,
 )
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.virtio.constants import F, bit
 
 PF = ProtocolFeature
 NO_REPLY_ACK = DEFAULT_PROTOCOL_FEATURES & ~bit(PF.REPLY_ACK)

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
+from tests.harness.unprivileged import NOBODY, needs_root, python_nobody
 from vfe.rpc import access
 from vfe.rpc.access import Peer, RefusalLog, is_privileged, tcp_peer, unix_peer
 from vfe.safepath import UnsafePath, ensure_private_dir
-from tests.harness.unprivileged import NOBODY, needs_root, python_nobody
 
 
 # -- Unix sockets ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fixtures for tests that boot QEMU guests (imported by tests/conftest.py).
+"""Fixtures for tests that boot QEMU guests (a pytest plugin: tests/conftest.py loads it).
 
     def test_x(vm_factory):
         vm = vm_factory(name="a", nics=[NetDev(socket=sock)])   # started
@@ -23,8 +23,6 @@ import pytest
 
 from vfe.guest import guest_image as _guest_image
 from vfe.guest.vm import QEMU, VM
-
-__all__ = ["guest_image", "vm_factory", "vm_pool", "qemu_available"]
 
 
 def qemu_available() -> bool:

@@ -1,4 +1,4 @@
-"""Fixtures that run virtio-net-controller processes (imported by tests/conftest.py).
+"""Fixtures that run virtio-net-controller processes (a pytest plugin: tests/conftest.py loads it).
 
     def test_x(controller):
         ctl = controller(["net,socket=/path/a.sock", ...])    # started, sockets listening
@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 
 from vfe.guest.controller_process import ControllerProcess
-
-__all__ = ["controller", "sockdir"]
 
 
 @pytest.fixture
