@@ -1,6 +1,6 @@
 """Shared helpers for the tests that drive a real virtio-net-controller
-process over real vhost-user sockets (test_daemon_protocol.py,
-test_daemon_rings.py).
+process over real vhost-user sockets (daemon_protocol/, test_daemon_rings.py,
+...).
 
 - ``Daemon``: one controller subprocess shared by a test module (it takes
   ~2 s to start), with log marks/waits and /proc counters.
@@ -16,8 +16,6 @@ test_daemon_rings.py).
 - ``qemu_start_sequence``: the requests ``Frontend.start`` sends, computed
   without a daemon (the sans-I/O protocol answers them), to parametrize
   "disconnect after message k".
-
-Imported by file name from tests/protocol (keep the name unique).
 """
 from __future__ import annotations
 
@@ -525,7 +523,8 @@ class Memfd:
 
 
 # ---------------------------------------------------------------------------
-# Fixtures (a test module does ``daemon, daemon_guard = daemon_fixtures({...})``)
+# Fixtures (a test module, or a package's conftest.py, does
+# ``daemon, daemon_guard = daemon_fixtures({...})``)
 
 
 @contextlib.contextmanager
@@ -542,13 +541,14 @@ def serving(d):
         d.cleanup()
 
 
-def daemon_fixtures(devices: dict[str, str]):
-    """A module-scoped ``daemon`` fixture and an autouse ``daemon_guard``
-    that fails a test after which the daemon died or logged a traceback
-    (and restarts it for the next test)."""
+def daemon_fixtures(devices: dict[str, str], scope: str = "module"):
+    """A ``daemon`` fixture (one daemon per module, or per package with
+    ``scope="package"`` in a package's conftest.py) and an autouse
+    ``daemon_guard`` that fails a test after which the daemon died or logged
+    a traceback (and restarts it for the next test)."""
     import pytest
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture(scope=scope)
     def daemon():
         with serving(Daemon(devices)) as d:
             yield d
