@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "vfe"
 LAYERS_FILE = Path(__file__).with_name("import_layers.txt")
@@ -277,21 +275,16 @@ def long_modules() -> list[str]:
     return out
 
 
-ISSUE_12 = pytest.mark.xfail(strict=True, reason="issue 12 in progress")
-
-
 def test_no_import_cycles():
     found = cycle_violations()
     assert not found, "import cycles in vfe/:\n" + "\n".join(found)
 
 
-@ISSUE_12
 def test_imports_go_down_the_layers():
     found = layer_violations()
     assert not found, f"imports against {LAYERS_FILE.name}:\n" + "\n".join(found)
 
 
-@ISSUE_12
 def test_no_module_over_the_size_limit():
     found = long_modules()
     assert not found, "\n".join(found)
