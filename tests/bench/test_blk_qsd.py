@@ -5,11 +5,11 @@ Two guests, identical (``-smp 2``, 256 MiB, vhost-user-blk-pci with
 vdb = RAM (256 MiB).  Guest "vfe" is served by our daemon
 (``--mode adaptive``, 1 worker: ``bdev=null`` and ``bdev=malloc``), guest
 "qsd" by qemu-storage-daemon (``null-co,read-zeroes=on`` and a file on
-/dev/shm, ``cache.direct=off,aio=io_uring``: see vfe/testing/qsd.py).  The
+/dev/shm, ``cache.direct=off,aio=io_uring``: see tests/harness/qsd.py).  The
 RAM disks are written in full once before measuring, so both back-ends serve
 real pages.
 
-The guest tool /bin/vfe-blkbench (qemu/guest/vfe-blkbench.c: O_DIRECT,
+The guest tool /bin/vfe-blkbench (vfe/guest/files/vfe-blkbench.c: O_DIRECT,
 native AIO) runs each workload against both back-ends alternately, the same
 number of requests each time (calibrated by a warm-up on ours to about
 VFE_BLKBENCH_SECONDS):
@@ -48,12 +48,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from qemu.vm import BlkDev
-from tests.conftest_qemu_part import vm_pool
-from vfe.testing import blkbench
-from vfe.testing.daemon import ControllerProcess
-from vfe.testing.qsd import QsdExport, StorageDaemon, qsd_available
-from vfe.testing.pmd_measure import CpuWatch
+from tests.guest_fixtures import vm_pool
+from tests.harness import blkbench
+from tests.harness.pmd_measure import CpuWatch
+from tests.harness.qsd import QsdExport, StorageDaemon, qsd_available
+from vfe.guest.controller_process import ControllerProcess
+from vfe.guest.vm import BlkDev
 
 pytestmark = [
     pytest.mark.bench,

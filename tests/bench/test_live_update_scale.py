@@ -6,7 +6,6 @@ controller reports.  Not a timed test: the numbers are reported.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,12 +16,10 @@ from pathlib import Path
 import pytest
 
 import vfe
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
-from test_live_update import make_build, virtnet, wait_update  # noqa: E402
-from vfe.testing.builds import build_dir  # noqa: E402
+from tests.e2e.test_live_update import make_build, virtnet, wait_update
+from tests.harness.builds import build_dir
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e]
 PFS, VFS = 4, 126

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e]
 PFS, VFS = 4, 126

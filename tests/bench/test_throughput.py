@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vfe.testing import testpmd as tp
+from tests.harness import testpmd as tp
 
 pytestmark = [
     pytest.mark.bench,

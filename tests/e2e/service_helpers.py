@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vfe.testing.service import ControllerService
+from tests.harness.service import ControllerService
 
 # The seed's command lines ("Creating Modern Hotplug VirtIO-net PF Device").
 SEED_MAC = "0C:C4:7A:FF:22:93"

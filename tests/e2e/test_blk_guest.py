@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from qemu.vm import BlkDev, NetDev
+from vfe.guest.vm import BlkDev, NetDev
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from qemu.vm import BlkDev
+from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu.vm import BlkDev
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
+from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from qemu.vm import BlkDev
-from vfe.testing import blkbench
+from tests.harness import blkbench
+from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from qemu.vm import NetDev
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
+from vfe.guest.vm import NetDev
 from vfe.rpc.client import call
 from vfe.rpc.protocol import RpcError
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

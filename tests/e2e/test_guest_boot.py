@@ -1,9 +1,9 @@
-"""The test guest and its launcher (qemu/), before any vfe backend exists.
+"""The test guest and its launcher (vfe/guest/), before any vfe backend exists.
 
 1. A guest without NICs boots, runs commands and reports exit codes.
 2. Two guests with one vhost-user NIC each, served by DPDK's own vhost
    backend (testpmd, io forwarding between its two ports), ping each other
-   and move a file over TCP. That proves the NIC arguments of qemu.vm
+   and move a file over TCP. That proves the NIC arguments of vfe.guest.vm
    (shared memfd RAM, vectors=0 under TCG, sizes) against a reference
    backend.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu.console import GuestTimeout
-from qemu.vm import NetDev
-from tests.conftest_qemu_part import vm_pool
+from tests.guest_fixtures import vm_pool
+from vfe.guest.console import GuestTimeout
+from vfe.guest.vm import NetDev
 
 pytestmark = pytest.mark.e2e
 

@@ -32,10 +32,10 @@ import pytest
 import vfe
 import json
 
-from qemu.vm import BlkDev, NetDev
-from vfe.testing.builds import build_dir, engine_of, make_build, set_engine_abi
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.builds import build_dir, engine_of, make_build, set_engine_abi
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
+from vfe.guest.vm import BlkDev, NetDev
 
 pytestmark = pytest.mark.e2e
 

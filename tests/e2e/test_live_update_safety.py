@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 import vfe
+from tests.harness.builds import build_dir, engine_of, make_build
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 from vfe.rpc.client import RpcError, call
-from vfe.testing.builds import build_dir, engine_of, make_build
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

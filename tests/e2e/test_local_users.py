@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
-from vfe.testing.unprivileged import NOBODY, can_switch_user, run_nobody
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
+from tests.harness.unprivileged import NOBODY, can_switch_user, run_nobody
 
 from tests.e2e.service_helpers import assert_unchanged, hotplug_args, snapshot
 

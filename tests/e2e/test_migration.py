@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qemu.vm import VM, BgJob, NetDev
+from vfe.guest.vm import VM, BgJob, NetDev
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,7 @@ def test_blk_disk_written_during_migration_reads_back_intact(controller, vm_fact
     reads back intact: no request lost or done twice at the switch-over."""
     sb, sb2 = os.path.join(sockdir, "d.sock"), os.path.join(sockdir, "d-in.sock")
     ctl = controller([f"blk,socket={sb},incoming={sb2},bdev=malloc,size=64,queues=2"])
-    from qemu.vm import BlkDev
+    from vfe.guest.vm import BlkDev
     cur = vm_factory("b0", qmp=True, smp=2, blks=[BlkDev(sb, num_queues=2)])
     cur.wait_booted(90)
     mb = 32

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from qemu.vm import NetDev
+from vfe.guest.vm import NetDev
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import time
 
 import pytest
 
+from tests.harness.netns import NetNs
+from tests.harness.ovs import Ovs, OvsError
 from vfe.ports.representor import Representor
-from vfe.testing.netns import NetNs
-from vfe.testing.ovs import Ovs, OvsError
 
 pytestmark = [
     pytest.mark.e2e,

@@ -13,9 +13,9 @@ import tempfile
 
 import pytest
 
-from qemu.vm import NetDev
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
+from vfe.guest.vm import NetDev
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vfe.testing import testpmd
+from tests.harness import testpmd
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not testpmd.testpmd_available(), reason="dpdk-testpmd not installed (scripts/setup)")]

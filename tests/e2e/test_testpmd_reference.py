@@ -1,14 +1,14 @@
 """The testpmd harness against DPDK's own vhost-user back-end.
 
 testpmd "B" (two net_vhost server ports, io forwarding) stands where our
-daemon will be; vfe.testing.testpmd.check_forward_counts starts testpmd "A"
+daemon will be; tests.harness.testpmd.check_forward_counts starts testpmd "A"
 with two virtio_user client ports on the same sockets and checks that the
 frames sent on one port arrive on the other with equal counts.  The same
 function runs against virtio-net-controller in the daemon's own tests.
 """
 import pytest
 
-from vfe.testing import testpmd as tp
+from tests.harness import testpmd as tp
 
 needs_testpmd = [
     pytest.mark.e2e,

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu.vm import detect_accel
-from vfe.testing.netns import NetNs
-from vfe.testing.ovs import Ovs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.ovs import Ovs
+from tests.harness.service import ControllerService
+from vfe.guest.vm import detect_accel
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("ovs-vswitchd") is None, reason="openvswitch-switch missing")]

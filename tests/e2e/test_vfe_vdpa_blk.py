@@ -19,8 +19,8 @@ import pytest
 
 from tests.e2e.test_vfe_vdpa import Vhostd, short_root  # noqa: F401 (fixture)
 from tests.e2e.test_vfe_rpc_blk import ok, run
-from vfe.testing.netns import NetNs
-from vfe.testing.service import ControllerService
+from tests.harness.netns import NetNs
+from tests.harness.service import ControllerService
 
 pytestmark = pytest.mark.e2e
 

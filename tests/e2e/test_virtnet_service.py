@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import vfe
-from vfe.testing.netns import NetNs
+from tests.harness.netns import NetNs
 
 from tests.e2e.service_helpers import (
     HOTPLUG_OUTPUT_FIELDS, PF_LIST_FIELDS, REP_RE, SEED_CONF, SEED_HOTPLUG, SEED_LAG_CONF, SEED_MAC,

@@ -5,15 +5,13 @@ software checksum or segmentation, at a region's end, across two
 regions), block requests of every type on both backends, an inflight
 region fresh and with requests to resubmit, a duplicate head -- plus a
 few broken rings.  Run it after changing an input layout:
-``python3 tests/fuzz/make_seeds.py``."""
+``python3 -m tests.fuzz.make_seeds``."""
 from __future__ import annotations
 
 import os
 import struct
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import enc_desc, enc_ring, enc_table  # noqa: E402
+from tests.fuzz.ring_input import enc_desc, enc_ring, enc_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NEXT, WRITE, INDIRECT = 1, 2, 4

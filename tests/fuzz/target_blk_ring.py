@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers  # noqa: E402
-
-from vfe.testing.engine_rig import (  # noqa: E402
+from tests.fuzz.ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers
+from tests.harness.engine_rig import (
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, BlkRig, Guest, ring_at_ends,
 )
-from vfe.testing.guarded import GuardedArea  # noqa: E402
+from tests.harness.guarded import GuardedArea
 
 DESC, AVAIL, USED, BUF, BUF2 = range(5)
 REGIONS = [(0x10000, PAGE), (0x20000, PAGE), (0x30000, PAGE), (0x100000, 2 * PAGE),

@@ -8,7 +8,7 @@ offloads -- frames b did not negotiate offloads for go through the
 software checksum/GSO kernels).  One TX burst runs in the calling thread
 (`run_burst`); frames a sends reach b's RX ring through the engine's
 switch.  Every ring area and buffer region lies between PROT_NONE pages
-(vfe/testing/engine_rig.py), with the rings ending exactly at the guards:
+(tests/harness/engine_rig.py), with the rings ending exactly at the guards:
 an out-of-bounds access is a crash.  A ring stopping on a bad chain is a
 normal outcome; a crash or any Python exception is a finding.
 
@@ -25,13 +25,8 @@ Input layout (ring_input.py has the encoders; zeros once it runs out):
 """
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers  # noqa: E402
-
-from vfe.testing.engine_rig import (  # noqa: E402
+from tests.fuzz.ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers
+from tests.harness.engine_rig import (
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, PAGE, Guest, NetRig,
     ring_at_ends,
 )

@@ -2,7 +2,7 @@
 
 The input decides the message bytes, how they are cut into ``recvmsg``
 chunks, and which real fds (memfds of 4 KiB, 64 KiB or 16 MiB, eventfds,
-pipe ends) ride on which chunk.  It runs through vfe.testing.vhost_harness,
+pipe ends) ride on which chunk.  It runs through tests.harness.vhost_harness,
 which checks after every message that fds, mappings and ring states are
 consistent, and after each session (EOF or a dropped connection) that every
 fd is closed and every mapping released.  Only ``ProtocolError`` may come
@@ -34,7 +34,7 @@ import os
 import struct
 import sys
 
-from vfe.testing.vhost_harness import Connection, FdKind, memfd_maps
+from tests.harness.vhost_harness import Connection, FdKind, memfd_maps
 from vfe.vhost.framing import encode_message
 from vfe.virtio.constants import F, bit
 
@@ -73,7 +73,7 @@ UVA0 = 0x7F00_0000_0000        # where the handshake's memory sits for the front
 
 
 def _handshake(blk: bool) -> list[tuple[bytes, tuple[FdKind, ...]]]:
-    from vfe.testing.vhost_harness import device_spec
+    from tests.harness.vhost_harness import device_spec
     from vfe.vhost.messages import MemoryRegion, MemTable, Request, U64
 
     spec = device_spec(blk)

@@ -9,9 +9,9 @@ import struct
 import tempfile
 import time
 
-from daemon_helpers import Daemon
+from tests.protocol.daemon_helpers import Daemon
 
-from vfe.testing.daemon import ControllerProcess
+from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import Frontend
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_GET_LIFETIME, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 10, 11, 13

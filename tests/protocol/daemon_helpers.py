@@ -1,10 +1,10 @@
 """Shared helpers for the tests that drive a real virtio-net-controller
-process over real vhost-user sockets (test_daemon_protocol.py,
-test_daemon_rings.py).
+process over real vhost-user sockets (daemon_protocol/, test_daemon_rings.py,
+...).
 
 - ``Daemon``: one controller subprocess shared by a test module (it takes
   ~2 s to start), with log marks/waits and /proc counters.
-- ``open_frontend`` / ``close_frontend``: a started ``vfe.testing.Frontend``
+- ``open_frontend`` / ``close_frontend``: a started ``vfe.testing.frontend.Frontend``
   on a device socket, and a close that waits until the daemon has let it go
   (the daemon refuses a second front-end while one is attached).
 - ``exchange``: unicast frames both ways between two front-ends through the
@@ -16,14 +16,10 @@ test_daemon_rings.py).
 - ``qemu_start_sequence``: the requests ``Frontend.start`` sends, computed
   without a daemon (the sans-I/O protocol answers them), to parametrize
   "disconnect after message k".
-
-Imported by file name from tests/protocol (keep the name unique).
 """
 from __future__ import annotations
 
 import contextlib
-
-import ctypes
 import itertools
 import mmap
 import os
@@ -37,9 +33,11 @@ import time
 from dataclasses import dataclass
 
 from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
-from vfe.testing.daemon import ControllerProcess
-from vfe.testing.frontend import PAGE, Frontend, GuestRam, RamRegion
+from vfe.guest.controller_process import ControllerProcess
+from vfe.testing.frontend import Frontend
+from vfe.testing.guest_ram import PAGE, GuestRam, RamRegion
 from vfe.vhost.actions import Ack, DeviceSpec, Reply, StopRing
+from vfe.vhost.memory import address_of
 from vfe.vhost.messages import REPLY_FLAGS, VERSION, Message, ProtocolError, Request, U64
 from vfe.vhost.protocol import BackendProtocol
 from vfe.vhost.transport import PeerClosed
@@ -173,14 +171,6 @@ class Daemon:
 
 _mac_counter = itertools.count(1)
 _token_counter = itertools.count(1)
-
-
-def _address_of(mm: mmap.mmap) -> int:
-    anchor = ctypes.c_char.from_buffer(mm)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor                      # no buffer export left behind
 
 
 def new_mac(tag: int = 0) -> bytes:
@@ -408,7 +398,7 @@ class GuardedRam(GuestRam):
         mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
         self._maps.append(mm)
         self._mm = mm
-        base = _address_of(mm)
+        base = address_of(mm)
         whole = memoryview(mm)
         off0 = guard
         off1 = guard + size0 + guard
@@ -533,7 +523,8 @@ class Memfd:
 
 
 # ---------------------------------------------------------------------------
-# Fixtures (a test module does ``daemon, daemon_guard = daemon_fixtures({...})``)
+# Fixtures (a test module, or a package's conftest.py, does
+# ``daemon, daemon_guard = daemon_fixtures({...})``)
 
 
 @contextlib.contextmanager
@@ -550,13 +541,14 @@ def serving(d):
         d.cleanup()
 
 
-def daemon_fixtures(devices: dict[str, str]):
-    """A module-scoped ``daemon`` fixture and an autouse ``daemon_guard``
-    that fails a test after which the daemon died or logged a traceback
-    (and restarts it for the next test)."""
+def daemon_fixtures(devices: dict[str, str], scope: str = "module"):
+    """A ``daemon`` fixture (one daemon per module, or per package with
+    ``scope="package"`` in a package's conftest.py) and an autouse
+    ``daemon_guard`` that fails a test after which the daemon died or logged
+    a traceback (and restarts it for the next test)."""
     import pytest
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture(scope=scope)
     def daemon():
         with serving(Daemon(devices)) as d:
             yield d

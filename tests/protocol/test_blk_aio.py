@@ -12,18 +12,16 @@ daemon driven by the Python front-end:
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from blk_helpers import (  # noqa: E402
+from tests.protocol.blk_helpers import (
     S_OK, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES, BlkDaemon, BlkQueue, ranges,
 )
-from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
+from tests.protocol.daemon_helpers import MiB, close_frontend, serving
 
-from vfe.testing.frontend import Frontend  # noqa: E402
+from vfe.testing.frontend import Frontend
 
 SIZE_MB = 512
 

@@ -21,20 +21,19 @@ import os
 import re
 import signal
 import struct
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from blk_helpers import S_OK, T_IN, T_OUT, BlkDaemon, BlkQueue  # noqa: E402
-from daemon_helpers import MiB, close_frontend, serving  # noqa: E402
+from tests.protocol.blk_helpers import S_OK, T_IN, T_OUT, BlkDaemon, BlkQueue
+from tests.protocol.daemon_helpers import MiB, close_frontend, serving
 
-from vfe.testing.frontend import Frontend, NackError  # noqa: E402
-from vfe.vhost.transport import PeerClosed  # noqa: E402
-from vfe.vhost import inflight as layout  # noqa: E402
-from vfe.vhost.messages import Inflight, ProtocolFeature, Request  # noqa: E402
-from vfe.virtio.constants import bit  # noqa: E402
+from vfe.testing.channel import NackError
+from vfe.testing.frontend import Frontend
+from vfe.vhost import inflight as layout
+from vfe.vhost.messages import Inflight, ProtocolFeature, Request
+from vfe.vhost.transport import PeerClosed
+from vfe.virtio.constants import bit
 
 SIZE_MB = 256
 QSIZE = 64

@@ -18,23 +18,22 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.daemon_helpers import (
     Memfd, MiB, close_frontend, exchange, new_mac, open_frontend, serving,
 )
-from blk_helpers import (  # noqa: E402
+from tests.protocol.blk_helpers import (
     BlkDaemon, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_GET_LIFETIME, T_IN, T_OUT,
     T_WRITE_ZEROES, BlkQueue, ranges,
 )
 
-from vfe.testing.frontend import NEVER_ACK, Frontend, NackError  # noqa: E402
-from vfe.vhost.messages import ProtocolFeature, Request  # noqa: E402
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.testing.channel import NackError
+from vfe.testing.frontend import NEVER_ACK, Frontend
+from vfe.vhost.messages import ProtocolFeature, Request
+from vfe.virtio.constants import F, bit
 
 SERIAL = b"VFE-BLK-SERIAL-00001"          # exactly 20 bytes: no NUL terminator
 CAPACITY = 64 * 2048                        # blk0, sectors

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon_helpers import (close_frontend, daemon_fixtures, exchange, frame, new_token,
-                            open_frontend, recv_token)
+from tests.protocol.daemon_helpers import (close_frontend, daemon_fixtures, exchange, frame,
+                                            new_token, open_frontend, recv_token)
 
 daemon, daemon_guard = daemon_fixtures({"a": "queues=1", "b": "queues=1"})
 

@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.daemon_helpers import (
     F_INDIRECT, F_NEXT, F_WRITE, MiB, GuardedRam, RawRing, close_frontend, daemon_fixtures,
     exchange, frame, new_token, open_frontend, recv_token, send_one, write_table,
 )
 
-from vfe.engine import ERROR_NAMES  # noqa: E402
-from vfe.testing.frontend import FrontRing, GuestRam  # noqa: E402
-from vfe.testing.ring import DriverRing, RingLayout  # noqa: E402
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.engine import ERROR_NAMES
+from vfe.testing.frontend import FrontRing
+from vfe.testing.guest_ram import GuestRam
+from vfe.testing.ring import DriverRing, RingLayout
+from vfe.virtio.constants import F, bit
 
 HEAD, NEXT, LOOP, ADDR, INDIRECT, NESTED, DIR, IOV, LEN, AVAIL = range(1, 11)
 QSIZE = 256

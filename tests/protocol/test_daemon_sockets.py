@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from vfe.testing.backlog import full_backlog
-from vfe.testing.daemon import ControllerProcess
+from tests.harness.backlog import full_backlog
+from vfe.guest.controller_process import ControllerProcess
 from vfe.testing.frontend import Frontend
 
 

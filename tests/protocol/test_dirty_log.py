@@ -45,19 +45,18 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.daemon_helpers import (
     MiB, close_frontend, daemon_fixtures, frame, new_token, open_frontend, send_one,
 )
 
-from vfe.testing.frontend import NEVER_ACK, PAGE, Frontend  # noqa: E402
-from vfe.vhost.messages import ProtocolFeature  # noqa: E402
-from vfe.virtio.constants import F, Status, bit  # noqa: E402
+from vfe.testing.frontend import NEVER_ACK, Frontend
+from vfe.testing.guest_ram import PAGE
+from vfe.vhost.messages import ProtocolFeature
+from vfe.virtio.constants import F, Status, bit
 
 daemon, daemon_guard = daemon_fixtures({"a": "", "b": ""})
 

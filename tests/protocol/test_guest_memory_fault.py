@@ -28,20 +28,20 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import sys
 import threading
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from blk_helpers import S_OK, T_FLUSH, T_IN, BlkDaemon, BlkQueue  # noqa: E402
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.blk_helpers import S_OK, T_FLUSH, T_IN, BlkDaemon, BlkQueue
+from tests.protocol.daemon_helpers import (
     MiB, close_frontend, daemon_fixtures, exchange, frame, new_token, open_frontend, recv_token,
     serving,
 )
 
-from vfe.testing.frontend import PAGE, Frontend, GuestRam, NackError  # noqa: E402
+from vfe.testing.channel import NackError
+from vfe.testing.frontend import Frontend
+from vfe.testing.guest_ram import PAGE, GuestRam
 
 daemon, daemon_guard = daemon_fixtures({"a": "queues=2", "b": "", "c": ""})
 

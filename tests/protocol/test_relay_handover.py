@@ -14,9 +14,9 @@ import socket
 import tempfile
 import threading
 
-from daemon_helpers import close_frontend, daemon_fixtures, exchange, new_mac, open_frontend
+from tests.harness.unprivileged import needs_root, python_nobody
+from tests.protocol.daemon_helpers import close_frontend, daemon_fixtures, exchange, new_mac, open_frontend
 from vfe.testing.frontend import Frontend
-from vfe.testing.unprivileged import needs_root, python_nobody
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import Request
 from vfe.vhost.transport import Connection, Listener, PeerClosed

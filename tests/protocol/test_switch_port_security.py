@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from daemon_helpers import (  # noqa: E402
+from tests.protocol.daemon_helpers import (
     close_frontend, daemon_fixtures, frame, new_token, open_frontend, recv_token, send_one,
 )
 

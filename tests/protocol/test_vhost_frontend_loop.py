@@ -2,24 +2,22 @@
 over a real socketpair: the QEMU 7.2 sequence starts every ring with the
 right fields, and the front-end's data path round-trips through a loopback."""
 import os
-import sys
 import threading
-import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vhost_backend_loop import DummyBackend  # noqa: E402
+from tests.protocol.vhost_backend_loop import DummyBackend
 
-from vfe.testing.frontend import Frontend, NackError  # noqa: E402
-from vfe.vhost.actions import (  # noqa: E402
+from vfe.testing.channel import NackError
+from vfe.testing.frontend import Frontend
+from vfe.vhost.actions import (
     AddMemRegion, DeviceSpec, EnableRing, SetFeatures, SetLogBase, SetMemTable, SetStatus,
     StartRing, StopRing,
 )
-from vfe.vhost.messages import ProtocolFeature, Request, U64  # noqa: E402
-from vfe.vhost.protocol import BackendProtocol  # noqa: E402
-from vfe.vhost.transport import Connection, PeerClosed, connect  # noqa: E402
-from vfe.virtio.constants import F, Status, bit, mask  # noqa: E402
+from vfe.vhost.messages import ProtocolFeature, Request, U64
+from vfe.vhost.protocol import BackendProtocol
+from vfe.vhost.transport import Connection, PeerClosed, connect
+from vfe.virtio.constants import F, Status, bit, mask
 
 FEATURES = mask(F.VERSION_1, F.NET_MAC, F.NET_MRG_RXBUF, F.RING_EVENT_IDX, F.RING_INDIRECT_DESC,
                 F.VHOST_LOG_ALL, F.VHOST_USER_PROTOCOL_FEATURES)
@@ -28,20 +26,14 @@ PROTOCOL_FEATURES = sum(1 << p for p in (PF.MQ, PF.LOG_SHMFD, PF.RARP, PF.REPLY_
                                          PF.CONFIG, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS,
                                          PF.STATUS))
 
+pytestmark = pytest.mark.no_fd_leaks
+
 
 def make_spec(**kw):
     base = dict(features=FEATURES, protocol_features=PROTOCOL_FEATURES, queue_num=4, max_queues=8,
                 max_queue_size=1024, max_mem_slots=32)
     base.update(kw)
     return DeviceSpec(**base)
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks():
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    time.sleep(0.01)
-    assert set(os.listdir("/proc/self/fd")) - before == set(), "fds leaked"
 
 
 @pytest.fixture

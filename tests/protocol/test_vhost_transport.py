@@ -6,23 +6,13 @@ import time
 
 import pytest
 
+from tests.harness.backlog import finishes, full_backlog
 from vfe.vhost.actions import Ack, Reply
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import Message, ProtocolError, Request, U64, VringState
-from vfe.testing.backlog import finishes, full_backlog
 from vfe.vhost.transport import Connection, PeerClosed, connect, is_served, listen, try_connect
 
-
-def open_fds():
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks():
-    before = open_fds()
-    yield
-    time.sleep(0.01)
-    assert open_fds() - before == set(), "fds leaked"
+pytestmark = pytest.mark.no_fd_leaks
 
 
 @pytest.fixture

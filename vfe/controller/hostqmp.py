@@ -24,7 +24,7 @@ class HostQmp:
     def __init__(self, path: str, root_ports: list[str] | None = None):
         # optional: only with --host-qmp, and qemu.qmp's asyncio machinery is
         # not worth loading otherwise (the project's sync wrapper around it)
-        from qemu.monitor import Monitor
+        from vfe.qmp import Monitor
         self.path = path
         self.monitor = Monitor(path, name="host")
         self.root_ports = root_ports       # None: discovered from /machine/peripheral

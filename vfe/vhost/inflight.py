@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import struct
 
-from .memory import GuestMemoryError, _address_of, _mmap_fd
+from .memory import GuestMemoryError, address_of, _mmap_fd
 
 HEADER_SIZE = 16
 DESC_SIZE = 16
@@ -75,7 +75,7 @@ class InflightRegion:
         self.size = mmap_size
         self.offset = mmap_offset
         self.mmap = _mmap_fd(fd, mmap_offset + mmap_size)
-        self._map_hva = _address_of(self.mmap)
+        self._map_hva = address_of(self.mmap)
         try:
             self.fd = os.dup(fd)
         except OSError as exc:

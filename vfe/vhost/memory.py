@@ -75,7 +75,8 @@ def file_seals(fd: int) -> int | None:
         return None
 
 
-def _address_of(mm: mmap.mmap) -> int:
+def address_of(mm: mmap.mmap) -> int:
+    """The address of the first byte of the mapping ``mm`` in this process."""
     anchor = ctypes.c_char.from_buffer(mm)
     try:
         return ctypes.addressof(anchor)
@@ -130,7 +131,7 @@ def map_region(region: MemRegion) -> MappedRegion:
     except OSError as exc:
         mm.close()
         raise GuestMemoryError(f"fd {region.fd}: {exc.strerror}") from None
-    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, _address_of(mm), fd,
+    return MappedRegion(region.gpa, region.size, region.uva, region.mmap_offset, mm, address_of(mm), fd,
                         file_seals(fd))
 
 
@@ -303,7 +304,7 @@ class LogRegion:
         self.size = size
         self.offset = offset
         self.mmap = _mmap_fd(fd, offset + size)
-        self._map_hva = _address_of(self.mmap)
+        self._map_hva = address_of(self.mmap)
         try:
             self.fd = os.dup(fd)          # for a live update (module docstring)
         except OSError as exc:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import vfe
+from tests.harness.builds import build_dir, engine_of, make_build
 from vfe.controller.newbuild import BuildError, check_build, load_engine, pin_engine
 from vfe.engine import ENGINE_ABI
 from vfe.engine.abi import AbiError, read_abi
-from vfe.testing.builds import build_dir, engine_of, make_build
 
 OTHER_UID = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, /run)")

@@ -1,5 +1,5 @@
 """The virtio-blk request path and the inflight region code, driven
-in-process on guarded memory (vfe/testing/engine_rig.py), each case in a
+in-process on guarded memory (tests/harness/engine_rig.py), each case in a
 forked child (a crash fails the test naming the signal):
 
 - request chains: heads and next indices out of range, loops, indirect
@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from vfe.testing.engine_rig import (
+from tests.harness.engine_rig import (
     F_INDIRECT, F_NEXT, F_WRITE, PAGE, BlkRig, Guest, RingError, blk_header, ring_at_ends,
     table_bytes,
 )
-from vfe.testing.guarded import GuardedArea, run_forked
+from tests.harness.guarded import GuardedArea, run_forked
 
 SIZE = 8
 DESC, AVAIL, USED, BUF, BUF2 = range(5)

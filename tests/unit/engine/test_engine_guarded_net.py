@@ -1,5 +1,5 @@
 """The net data path's chain walks, driven in-process on guarded memory
-(vfe/testing/engine_rig.py): every ring area and buffer region sits between
+(tests/harness/engine_rig.py): every ring area and buffer region sits between
 PROT_NONE pages, with the structure under test ending exactly at a guard,
 so a read or write one byte out of bounds kills the case (SIGSEGV) instead
 of passing.  Each case runs in a forked child (run_forked): a crash fails
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-from vfe.testing.engine_rig import (
+from tests.harness.engine_rig import (
     F_INDIRECT, F_NEXT, F_WRITE, FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, Guest,
     NetRig, RingError, ring_at_ends, table_bytes,
 )
-from vfe.testing.guarded import run_forked
+from tests.harness.guarded import run_forked
 
 SIZE = 8
 # regions: TX ring of a (desc, avail, used), RX ring of b (desc, avail,

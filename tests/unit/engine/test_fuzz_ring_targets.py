@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 import random
-import sys
 
-from vfe.testing.guarded import run_forked
+from tests.harness.guarded import run_forked
 
 FUZZ = os.path.join(os.path.dirname(__file__), "..", "..", "fuzz")
 
@@ -26,8 +25,7 @@ def _inputs(name: str) -> list[str]:
 
 
 def _replay(target: str, corpus: str, random_inputs: int) -> dict:
-    sys.path.insert(0, FUZZ)
-    mod = importlib.import_module(target)
+    mod = importlib.import_module(f"tests.fuzz.{target}")
     mod.setup()
     seen = {}
     for path in _inputs(corpus):

@@ -1,4 +1,4 @@
-"""The guest image's C tools (qemu/guest/*.c): compiled static, a missing
+"""The guest image's C tools (vfe/guest/files/*.c): compiled static, a missing
 compiler or static libc is a clear error, and the initramfs is rebuilt when
 a tool's source changes (the inputs hash)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu import guest_image
+from vfe.guest import guest_image
 
 needs_gcc = pytest.mark.skipif(shutil.which(guest_image.CC) is None, reason="no gcc")
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-import kframes as F
+from tests.unit.kernels import kframes as F
 import vfe.kernels as K
 from vfe.virtio import constants as VC
 

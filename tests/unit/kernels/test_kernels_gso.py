@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-import kframes as F
+from tests.unit.kernels import kframes as F
 from vfe import kernels as K
 
 

@@ -18,13 +18,13 @@ import time
 
 import pytest
 
+from tests.harness.netns import NetNs
 from vfe.ports import representor as rep_mod
 from vfe.ports.representor import (IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TAP,
                                    IFF_VNET_HDR, MAX_READ, TUNGETIFF, TUNGETVNETHDRSZ,
                                    VNET_HDR_LEN, Representor, RepresentorError, exists,
                                    list_representors, pack_vnet_hdr, parse_representor_name,
                                    representor_name, unpack_vnet_hdr, validate_name)
-from vfe.testing.netns import NetNs
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"),
@@ -294,14 +294,14 @@ def test_survives_a_crash_in_the_current_netns(ns):
     creates the representor, then dies by SIGKILL; the netdev and its ifindex
     survive and a new process re-attaches."""
     child = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {ROOT!r})
+        import os, signal
         from vfe.ports.representor import Representor
         r = Representor.create({REP!r}, mtu=1400)
         print(r.ifindex, r.mac, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    p = ns.run(sys.executable, "-c", child, check=False)
+    path = os.pathsep.join(d for d in (ROOT, os.environ.get("PYTHONPATH")) if d)
+    p = ns.run(sys.executable, "-c", child, check=False, env=dict(os.environ, PYTHONPATH=path))
     assert p.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), p.stderr
     ifindex, mac = p.stdout.split()
     r = Representor.attach(REP, netns=ns.path)

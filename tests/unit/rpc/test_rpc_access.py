@@ -15,10 +15,10 @@ import time
 
 import pytest
 
+from tests.harness.unprivileged import NOBODY, needs_root, python_nobody
 from vfe.rpc import access
 from vfe.rpc.access import Peer, RefusalLog, is_privileged, tcp_peer, unix_peer
 from vfe.safepath import UnsafePath, ensure_private_dir
-from vfe.testing.unprivileged import NOBODY, needs_root, python_nobody
 
 
 # -- Unix sockets ---------------------------------------------------------------------
@@ -79,7 +79,7 @@ else:
 @needs_root()
 def test_tcp_peer_of_an_unprivileged_client(listener):
     import subprocess
-    from vfe.testing.unprivileged import SETPRIV
+    from tests.harness.unprivileged import SETPRIV
     host, port = listener.getsockname()
     proc = subprocess.Popen([*SETPRIV, sys.executable, "-c", TCP_CLIENT, host, str(port), "stay"],
                             stdout=subprocess.PIPE, text=True)

@@ -22,9 +22,9 @@ from vfe.rpc import (
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
     RpcClient, RpcConnectionError, RpcError, RpcServer, call, method_table,
 )
+from tests.harness.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 from vfe.rpc.protocol import encode_request
 from vfe.safepath import UnsafePath
-from vfe.testing.unprivileged import NOBODY, SETPRIV, exchange_nobody, needs_root, public_dir
 
 
 class Loop:

@@ -1,26 +1,24 @@
 """BackendProtocol: handlers, checks, readiness, REPLY_ACK and fd ownership (no sockets)."""
 import itertools
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vhost_helpers import (  # noqa: E402
+from tests.unit.vhost.vhost_helpers import (
     ALL_PF, MiB, NET_FEATURES, UVA0, Driver, Fds, default_region, mem_table, msg, negotiate,
     ring_addr, setup_ring, spec, u64,
 )
 
-from vfe.vhost.actions import (  # noqa: E402
+from vfe.vhost.actions import (
     Ack, AddMemRegion, CloseFds, EnableRing, MemRegion, Reply, ResetDevice, SendRarp,
     SetCallFd, SetFeatures, SetLogBase, SetMtu, SetStatus, StartRing, StopRing,
 )
-from vfe.vhost.messages import (  # noqa: E402
+from vfe.vhost.messages import (
     Config, Log, MemoryRegion, MemTable, ProtocolError, ProtocolFeature, Request, SingleMemRegion, U64,
     VringFile, VringState,
 )
-from vfe.vhost.protocol import BackendProtocol  # noqa: E402
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.vhost.protocol import BackendProtocol
+from vfe.virtio.constants import F, bit
 
 PF = ProtocolFeature
 

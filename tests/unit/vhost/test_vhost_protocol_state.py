@@ -2,18 +2,16 @@
 connection's state machine in another process, mid-conversation."""
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vhost_helpers import (  # noqa: E402
+from tests.unit.vhost.vhost_helpers import (
     Driver, Fds, default_region, mem_table, msg, negotiate, setup_ring, spec, u64,
 )
 
-from vfe.vhost.actions import CloseFds, Reply, StopRing  # noqa: E402
-from vfe.vhost.messages import Log, Request, VringFile, VringState  # noqa: E402
-from vfe.vhost.protocol import BackendProtocol  # noqa: E402
+from vfe.vhost.actions import CloseFds, Reply, StopRing
+from vfe.vhost.messages import Log, Request, VringFile, VringState
+from vfe.vhost.protocol import BackendProtocol
 
 
 @pytest.fixture

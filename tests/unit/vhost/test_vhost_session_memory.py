@@ -1,19 +1,16 @@
 """Session (vfe/devices/adapter.py) memory table changes that fail to map,
-with real memfds and real mappings (vfe/testing/vhost_harness.py)."""
+with real memfds and real mappings (tests/harness/vhost_harness.py)."""
 import logging
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vhost_helpers import MiB, UVA0, msg, ring_addr, u64  # noqa: E402
+from tests.unit.vhost.vhost_helpers import MiB, UVA0, msg, ring_addr, u64
 
-from vfe.testing.vhost_harness import Connection, FdKind  # noqa: E402
-from vfe.vhost.messages import (  # noqa: E402
+from tests.harness.vhost_harness import Connection, FdKind
+from vfe.vhost.messages import (
     MemoryRegion, MemTable, ProtocolFeature, Request, U64, VringFile, VringState,
 )
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.virtio.constants import F, bit
 
 
 @pytest.fixture

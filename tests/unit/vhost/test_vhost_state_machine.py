@@ -3,7 +3,7 @@
 Any sequence of messages -- valid and invalid, with real fds (memfds,
 eventfds, pipe ends), whole or cut into two recvmsg chunks -- and of engine
 failures and disconnects must leave fds, mappings and ring states
-consistent.  The harness (vfe/testing/vhost_harness.py) checks after every
+consistent.  The harness (tests/harness/vhost_harness.py) checks after every
 message: each fd handed over is held or was closed exactly once, the mapped
 memory is the protocol's table and the engine's, a running ring has a size,
 addresses in the table and a kick, with the fds the protocol holds, and a
@@ -13,21 +13,19 @@ SET_VRING_BASE said, or where the engine stopped the ring since.
 """
 import logging
 import os
-import sys
 
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vhost_helpers import MiB, UVA0, ring_addr  # noqa: E402
+from tests.unit.vhost.vhost_helpers import MiB, UVA0, ring_addr
 
-from vfe.testing.vhost_harness import Connection, FdKind  # noqa: E402
-from vfe.vhost.framing import encode_message  # noqa: E402
-from vfe.vhost.messages import (  # noqa: E402
+from tests.harness.vhost_harness import Connection, FdKind
+from vfe.vhost.framing import encode_message
+from vfe.vhost.messages import (
     NEED_REPLY, VERSION, Config, Inflight, Log, MemoryRegion, MemTable,
     ProtocolFeature, Request, SingleMemRegion, U64, VringAddr, VringFile, VringState,
 )
-from vfe.virtio.constants import F, bit  # noqa: E402
+from vfe.virtio.constants import F, bit
 
 REGION = MemoryRegion(0, 16 * MiB, UVA0, 0)
 EXTRA = MemoryRegion(16 * MiB, 64 * 1024, UVA0 + 16 * MiB, 0)      # fits a MEMFD_64K

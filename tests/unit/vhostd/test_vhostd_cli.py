@@ -16,10 +16,10 @@ import threading
 
 import pytest
 
-from vhostd_fakes import FakeController, FakeRelay, pf, vf
+from tests.harness.unprivileged import needs_root, public_dir, run_nobody
+from tests.unit.vhostd.vhostd_fakes import FakeController, FakeRelay, pf, vf
 from vfe.cli import vhostd as vhostd_cli
 from vfe.cli import vhostmgmt
-from vfe.testing.unprivileged import needs_root, public_dir, run_nobody
 from vfe.vhostd.rpc import RpcServer
 from vfe.vhostd.service import VhostService
 

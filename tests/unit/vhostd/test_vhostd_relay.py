@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
-from vfe.testing.unprivileged import NOBODY, SETPRIV, needs_root, public_dir
-from vfe.testing.backlog import finishes, full_backlog
+from tests.harness.backlog import finishes, full_backlog
+from tests.harness.unprivileged import NOBODY, SETPRIV, needs_root, public_dir
+from tests.unit.vhostd.vhostd_fakes import FEATURES, GET_FEATURES, FakeEndpoint, inode, pump
 from vfe.vhost.framing import encode_message
 from vfe.vhost.messages import REPLY_FLAGS
 from vfe.vhost.transport import Connection, Listener

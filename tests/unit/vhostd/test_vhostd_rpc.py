@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from vfe.testing.unprivileged import exchange_nobody, needs_root, public_dir
+from tests.harness.unprivileged import exchange_nobody, needs_root, public_dir
 from vfe.vhostd.rpc import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, PERMISSION_DENIED,
                             TOO_MANY_CLIENTS, JsonStream, ParseError, RpcServer, dispatch)
 

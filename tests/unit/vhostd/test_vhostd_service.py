@@ -9,7 +9,7 @@ import selectors
 
 import pytest
 
-from vhostd_fakes import FakeController, FakeRelay, pf, vf
+from tests.unit.vhostd.vhostd_fakes import FakeController, FakeRelay, pf, vf
 from vfe.rpc.client import RpcConnectionError
 from vfe.rpc.protocol import RpcError
 from vfe.vhostd.controller_client import Controller
