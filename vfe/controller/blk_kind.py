@@ -44,6 +44,7 @@ from vfe.controller.kind import InventoryError, Method, delete_record, query_ent
 from vfe.controller.params import bool_param, int_param, str_param
 from vfe.controller.recovery import RecoveryStore
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
+from vfe.safepath import SUN_PATH_MAX
 
 log = logging.getLogger("vfe.controller.blk")
 
@@ -183,8 +184,8 @@ class BlkKind:
 
         name, vuid, raw = blk_identity(m.group(1), pf_id, vf_id)
         sock = os.path.join(os.fspath(self.paths.run_dir), f"{vuid}.sock")
-        if len(os.fsencode(sock)) > 107:
-            raise InventoryError(f"socket path {sock} is longer than 107 bytes; use a shorter run dir",
+        if len(os.fsencode(sock)) > SUN_PATH_MAX:
+            raise InventoryError(f"socket path {sock} is longer than {SUN_PATH_MAX} bytes; use a shorter run dir",
                                  -errno.ENAMETOOLONG)
         cfg = BlkConfig(socket=sock, bdev="file" if b.bdev_type == "aio" else b.bdev_type, path=b.filename,
                         direct=b.direct, size_mb=b.size_mb, block_size=b.block_size,

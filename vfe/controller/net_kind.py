@@ -11,8 +11,6 @@ the inventory's (inventory.py), beside the other kinds'.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -24,28 +22,16 @@ from vfe.controller.kind import InventoryError, Method, query_entry, save_record
 from vfe.controller.net_recovery import RecoveryRecord
 from vfe.controller.recovery import RecoveryStore
 from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
+from vfe.macaddr import is_mac, mac_add, random_local_mac
 from vfe.virtio.constants import F, bit
 
 log = logging.getLogger("vfe.controller")
 
-MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")      # fullmatch() only
 MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
 DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
                  "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
 LM_OPS = {1: "running", 2: "quiesced", 3: "freeze", 4: "start_logging", 5: "stop_logging",
           6: "get_lm_status"}
-
-
-def mac_add(mac: str, n: int) -> str:
-    v = (int(mac.replace(":", ""), 16) + n) & 0xFFFFFFFFFFFF
-    return ":".join(f"{(v >> (8 * i)) & 0xFF:02x}" for i in range(5, -1, -1))
-
-
-def _random_mac() -> str:
-    """A locally administered unicast MAC, for VFs without vf.mac_base."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 def _int(v) -> int:
@@ -159,7 +145,7 @@ class NetKind:
 
     @staticmethod
     def check_mac(mac: str) -> str:
-        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
+        if not is_mac(mac):
             raise InventoryError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
         return mac
 
@@ -489,7 +475,7 @@ class NetKind:
         try:
             for vf_id in range(n):
                 vuid, raw = vf_location(pf.vuid, pf.pf_id, vf_id)
-                mac = self.conf.vf_mac(pf.pf_id, vf_id, self.limits.vfs_per_pf) or _random_mac()
+                mac = self.conf.vf_mac(pf.pf_id, vf_id, self.limits.vfs_per_pf) or random_local_mac()
                 f = NetFunction(
                     pf_id=pf.pf_id, vf_id=vf_id, device_type=VF, vuid=vuid, bdf_raw=raw,
                     ib_dev=pf.ib_dev, pf_num=pf.pf_num, sf_num=0, mac=mac, mtu=1500,

@@ -1,17 +1,7 @@
-"""Where the controller keeps its files.
-
-The seed's paths are the defaults, all under a prefix taken from
-``$VFE_ROOT`` (default ``/``) so that tests and unprivileged users can run a
-whole emulated DPU inside a directory:
-
-    conf          <root>/opt/mellanox/mlnx_virtnet/virtnet.conf
-    recovery dir  <root>/opt/mellanox/mlnx_virtnet/recovery/
-    state dir     <root>/var/lib/vfe/          (NV config, SF pools)
-    run dir       <root>/run/virtnet/          (virtnet.sock, <VUID>.sock)
-    vfe-vhostd    <root>/run/vfe-vhostd/       (vf-<BDF>: a VF's default QEMU socket)
-
-Explicit arguments (the daemon's flags) override each one; a relative
-explicit path is taken relative to the current directory, not to the root.
+"""Where the controller keeps its files: the defaults of vfe/paths.py (the
+seed's paths under ``$VFE_ROOT``), each overridable by the daemon's flags; a
+relative explicit path is taken relative to the current directory, not to
+the root.
 
 Also here: ``atomic_write_text``/``atomic_write_json``, the one way every
 module of the controller replaces a file (temp file in the same directory,
@@ -27,24 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from vfe.safepath import ensure_private_dir, make_dirs
-
-ENV_ROOT = "VFE_ROOT"
-
-CONF_REL = "opt/mellanox/mlnx_virtnet/virtnet.conf"
-RECOVERY_REL = "opt/mellanox/mlnx_virtnet/recovery"
-STATE_REL = "var/lib/vfe"
-RUN_REL = "run/virtnet"
-VHOSTD_RUN_REL = "run/vfe-vhostd"
-
-RPC_SOCKET_NAME = "virtnet.sock"
-
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-SUN_PATH_MAX = 107
+from vfe import paths as defaults
+from vfe.safepath import SUN_PATH_MAX, ensure_private_dir, make_dirs
 
 
 class SocketPathTooLong(ValueError):
-    """A Unix socket path that the kernel would refuse (longer than 107 bytes)."""
+    """A Unix socket path that the kernel would refuse (longer than SUN_PATH_MAX bytes)."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +43,7 @@ class Paths:
         """The paths for this process: ``root`` (else ``$VFE_ROOT``, else
         ``/``) prefixes every default; the other arguments override one path
         each.  Nothing is created (see ``ensure``)."""
-        env = os.environ if env is None else env
-        if root is None:
-            root = env.get(ENV_ROOT) or "/"
-        root_p = Path(os.path.abspath(os.fspath(root)))
+        root_p = defaults.root(env) if root is None else Path(os.path.abspath(os.fspath(root)))
 
         def pick(explicit, rel: str) -> Path:
             if explicit is not None and os.fspath(explicit) != "":
@@ -77,10 +52,10 @@ class Paths:
 
         return cls(
             root=root_p,
-            conf=pick(conf, CONF_REL),
-            recovery_dir=pick(recovery, RECOVERY_REL),
-            state_dir=pick(state_dir, STATE_REL),
-            run_dir=pick(run_dir, RUN_REL),
+            conf=pick(conf, defaults.CONF_REL),
+            recovery_dir=pick(recovery, defaults.RECOVERY_REL),
+            state_dir=pick(state_dir, defaults.STATE_REL),
+            run_dir=pick(run_dir, defaults.RUN_REL),
         )
 
     # -- derived paths -------------------------------------------------------
@@ -88,7 +63,7 @@ class Paths:
     @property
     def rpc_socket(self) -> Path:
         """The controller's JSON-RPC socket, where ``virtnet`` connects."""
-        return self.run_dir / RPC_SOCKET_NAME
+        return self.run_dir / defaults.RPC_SOCKET_NAME
 
     def endpoint_socket(self, vuid: str) -> Path:
         """A function's vhost-user socket (``<run dir>/<VUID>.sock``)."""
@@ -132,11 +107,6 @@ class Paths:
         return path
 
 
-def vhostd_run_dir(env: Mapping[str, str] | None = None) -> Path:
-    """vfe-vhostd's run directory, ``$VFE_ROOT/run/vfe-vhostd`` (root's,
-    where no other user can put a socket first -- unlike /tmp)."""
-    env = os.environ if env is None else env
-    return Path(os.path.abspath(env.get(ENV_ROOT) or "/")) / VHOSTD_RUN_REL
 
 
 # -- atomic file replacement ----------------------------------------------------

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vfe.macaddr import is_mac, mac_add
+
 MAC_LEN = len("00:11:22:33:44:55")
 MAX_VFS_PER_PF = 126
 _IB_DEV_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -64,25 +66,9 @@ def check_mac(key: str, value: Any) -> str:
     if len(value) != MAC_LEN:
         raise ConfigError(key, f"MAC address {value!r} has {len(value)} characters, not {MAC_LEN} "
                                f"(like 00:11:22:33:44:55)")
-    mac_to_int(value, key)
+    if not is_mac(value):
+        raise ConfigError(key, f"{value!r} is not six hex octets separated by ':' (like 00:11:22:33:44:55)")
     return value.lower()
-
-
-def mac_to_int(mac: str, key: str = "mac") -> int:
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
-        raise ConfigError(key, f"{mac!r} is not six hex octets separated by ':' (like 00:11:22:33:44:55)")
-    return int("".join(parts), 16)
-
-
-def int_to_mac(value: int) -> str:
-    value &= (1 << 48) - 1
-    return ":".join(f"{(value >> s) & 0xFF:02x}" for s in range(40, -8, -8))
-
-
-def mac_add(mac: str, n: int) -> str:
-    """``mac`` + ``n`` as a 48-bit number (wrapping), lower case."""
-    return int_to_mac(mac_to_int(mac) + n)
 
 
 # -- the configuration ------------------------------------------------------------
