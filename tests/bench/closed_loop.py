@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from tests.harness import pmd_backends as backends
+from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,21 +87,21 @@ class Backend:
 
 class DpdkBackend(Backend):
     def serve(self, sockets):
-        b = tp.dpdk_vhost_backend(*sockets, queues=self.args.queues,
+        b = backends.dpdk_vhost_backend(*sockets, queues=self.args.queues,
                                   cores=[0, 1], main_lcore=self.args.backend_main_lcore)
         return _Wrap(b, lambda pmd: [pmd.pid])
 
 
 class OursBackend(Backend):
     def serve(self, sockets):
-        argv = tp.controller_argv(sockets, mode=self.args.mode, binary=self.args.controller,
+        argv = backends.controller_argv(sockets, mode=self.args.mode, binary=self.args.controller,
                                   extra=self.args.controller_arg, queues=self.args.queues)
         log = None
         if self.args.keep_logs:
             os.makedirs(self.args.keep_logs, exist_ok=True)
             log = os.path.join(self.args.keep_logs, f"controller-{int(time.time())}.log")
         cpus = [int(c) for c in self.args.controller_cpus.split(",") if c.strip()] or None
-        d = tp.vhost_daemon(argv, sockets, cpus=cpus, log_path=log)
+        d = backends.vhost_daemon(argv, sockets, cpus=cpus, log_path=log)
         return _Wrap(d, lambda dm: [dm.pid])
 
 
@@ -118,12 +120,12 @@ class _Wrap:
         return self.cm.__exit__(*exc)
 
 
-def one_run(backend: Backend, args, workdir: str) -> list[tp.LoopResult]:
+def one_run(backend: Backend, args, workdir: str) -> list[measure.LoopResult]:
     """Start the back-end and the front-end, measure every frame size."""
     socks = [os.path.join(workdir, f"{backend.name}-{i}.sock") for i in range(2)]
     results = []
     with backend.serve(socks) as srv:
-        with tp.frontend(socks, queues=args.queues, queue_size=args.queue_size,
+        with backends.frontend(socks, queues=args.queues, queue_size=args.queue_size,
                          mrg_rxbuf=not args.no_mrg_rxbuf, cores=[0, 1],
                          main_lcore=args.frontend_main_lcore) as a:
             a.wait_link_up(20)
@@ -133,7 +135,7 @@ def one_run(backend: Backend, args, workdir: str) -> list[tp.LoopResult]:
                 for attempt in range(args.retries + 1):
                     if args.wait_quiet > 0:
                         wait_quiet(own, args.wait_quiet, args.quiet_threshold)
-                    r = tp.measure_loop(a, args.seconds, size, burst_first=args.bursts,
+                    r = measure.measure_loop(a, args.seconds, size, burst_first=args.bursts,
                                         warmup=args.warmup, own_pids=srv.pids)
                     if best is None or r.foreign_cpu < best.foreign_cpu:
                         best = r
@@ -159,7 +161,7 @@ def wait_quiet(own_pids, max_wait: float, threshold: float) -> bool:
     deadline = time.monotonic() + max_wait
     said = False
     while True:
-        with tp.CpuWatch(own_pids) as c:
+        with measure.CpuWatch(own_pids) as c:
             time.sleep(0.5)
         if c.foreign <= threshold:
             return True
@@ -171,7 +173,7 @@ def wait_quiet(own_pids, max_wait: float, threshold: float) -> bool:
             said = True
 
 
-def summarize(runs: dict[str, dict[int, list[tp.LoopResult]]], sizes) -> list[dict]:
+def summarize(runs: dict[str, dict[int, list[measure.LoopResult]]], sizes) -> list[dict]:
     rows = []
     for size in sizes:
         row = {"frame_size": size}
@@ -297,17 +299,17 @@ def main(argv=None) -> int:
     if args.only == "dpdk":
         vfe_skipped = "not run (--only dpdk)"
     else:
-        binary = args.controller or shutil.which(tp.CONTROLLER)
+        binary = args.controller or shutil.which(backends.CONTROLLER)
         if binary and os.access(binary, os.X_OK):
             args.controller = binary
             backends.append(OursBackend("vfe", args))
         else:
-            vfe_skipped = f"{tp.CONTROLLER} not installed: our side skipped"
+            vfe_skipped = f"{backends.CONTROLLER} not installed: our side skipped"
             progress(vfe_skipped)
     if not backends:
         return 2
 
-    runs: dict[str, dict[int, list[tp.LoopResult]]] = {b.name: {} for b in backends}
+    runs: dict[str, dict[int, list[measure.LoopResult]]] = {b.name: {} for b in backends}
     workdir = tempfile.mkdtemp(prefix="vfe-bench-")
     try:
         for rnd in range(args.rounds):

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.harness import pmd_backends as backends
+from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
 pytestmark = [
@@ -42,21 +44,21 @@ def _packets(frame_size: int) -> int:
 def reference_loop(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench-dpdk")
     socks = [str(d / "a.sock"), str(d / "b.sock")]
-    with tp.dpdk_vhost_backend(*socks) as b:
-        with tp.frontend(socks) as a:
+    with backends.dpdk_vhost_backend(*socks) as b:
+        with backends.frontend(socks) as a:
             a.wait_link_up()
             yield a, [b.pid]
 
 
 @pytest.fixture(scope="module")
 def vfe_loop(tmp_path_factory):
-    binary = shutil.which(tp.CONTROLLER)
+    binary = shutil.which(backends.CONTROLLER)
     if not binary:
-        pytest.skip(f"{tp.CONTROLLER} not installed")
+        pytest.skip(f"{backends.CONTROLLER} not installed")
     d = tmp_path_factory.mktemp("bench-vfe")
     socks = [str(d / "a.sock"), str(d / "b.sock")]
-    with tp.vhost_daemon(tp.controller_argv(socks, binary=binary), socks, cpus=[0]) as dm:
-        with tp.frontend(socks) as a:
+    with backends.vhost_daemon(backends.controller_argv(socks, binary=binary), socks, cpus=[0]) as dm:
+        with backends.frontend(socks) as a:
             a.wait_link_up()
             yield a, [dm.pid]
 
@@ -65,13 +67,13 @@ def _run(benchmark, loop, frame_size):
     a, own = loop
     packets = _packets(frame_size)
     # calibrate: a slow back-end gets fewer packets per round (noted in extra_info)
-    probe = tp.measure_loop(a, 1.0, frame_size, burst_first=4, warmup=0.5, own_pids=own)
+    probe = measure.measure_loop(a, 1.0, frame_size, burst_first=4, warmup=0.5, own_pids=own)
     if probe.mpps <= 0:
         pytest.fail(f"no traffic through the loop at {frame_size} B: {probe}")
     if packets / (probe.mpps * 1e6) > MAX_ROUND_SECONDS and "VFE_BENCH_PACKETS" not in os.environ:
         packets = max(10_000, int(float(f"{probe.mpps * 1e6 * 2:.1g}")))
 
-    tp.drain(a)
+    measure.drain(a)
     a.set_fwd("io")
     a.set_txpkts(frame_size)
     a.start(tx_first=4)
@@ -80,11 +82,11 @@ def _run(benchmark, loop, frame_size):
         time.sleep(0.5)
 
         def target():
-            elapsed, got = tp.time_packets(a, packets)
+            elapsed, got = measure.time_packets(a, packets)
             samples.append((elapsed, got))
             return got
 
-        with tp.CpuWatch([a.pid, *own]) as cpu:
+        with measure.CpuWatch([a.pid, *own]) as cpu:
             benchmark.pedantic(target, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     finally:
         a.stop()

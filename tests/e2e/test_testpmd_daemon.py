@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from tests.harness import pmd_measure as measure
 from tests.harness import testpmd
 
 pytestmark = [pytest.mark.e2e,
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.e2e,
 def test_testpmd_counts_through_daemon(controller, sockdir, frame_size, mrg_rxbuf, queues):
     sa, sb = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
     ctl = controller([f"net,socket={sa},queues={queues}", f"net,socket={sb},queues={queues}"])
-    res = testpmd.check_forward_counts(sa, sb, frame_size=frame_size, mrg_rxbuf=mrg_rxbuf, queues=queues)
+    res = measure.check_forward_counts(sa, sb, frame_size=frame_size, mrg_rxbuf=mrg_rxbuf, queues=queues)
     # counts equal in both directions (checked inside), and every frame sent
     for tx_port, sent, rx_port, got in res.pairs():
         assert sent == got == 32 * 4 * queues, res
@@ -31,6 +32,6 @@ def test_testpmd_counts_across_modes_and_workers(controller, sockdir, mode, work
     """The same counts with busy polling and with rings spread over two worker threads."""
     sa, sb = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
     controller([f"net,socket={sa},queues=2", f"net,socket={sb},queues=2"], mode=mode, workers=workers)
-    res = testpmd.check_forward_counts(sa, sb, frame_size=64, queues=2)
+    res = measure.check_forward_counts(sa, sb, frame_size=64, queues=2)
     for tx_port, sent, rx_port, got in res.pairs():
         assert sent == got == 32 * 4 * 2, res

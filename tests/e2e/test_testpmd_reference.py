@@ -1,13 +1,15 @@
 """The testpmd harness against DPDK's own vhost-user back-end.
 
 testpmd "B" (two net_vhost server ports, io forwarding) stands where our
-daemon will be; tests.harness.testpmd.check_forward_counts starts testpmd "A"
+daemon will be; tests.harness.measure.check_forward_counts starts testpmd "A"
 with two virtio_user client ports on the same sockets and checks that the
 frames sent on one port arrive on the other with equal counts.  The same
 function runs against virtio-net-controller in the daemon's own tests.
 """
 import pytest
 
+from tests.harness import pmd_backends as backends
+from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
 needs_testpmd = [
@@ -28,7 +30,7 @@ MEM_MB = 256  # starts faster than the default 512 and is plenty here
 def _backend(tmp_path_factory, queues):
     d = tmp_path_factory.mktemp(f"vhost{queues}q")
     socks = (str(d / "a.sock"), str(d / "b.sock"))
-    with tp.dpdk_vhost_backend(*socks, queues=queues, mem_mb=MEM_MB):
+    with backends.dpdk_vhost_backend(*socks, queues=queues, mem_mb=MEM_MB):
         yield socks
 
 
@@ -46,7 +48,7 @@ def reference_2q(tmp_path_factory):
 @pytest.mark.parametrize("mrg_rxbuf", [True, False], ids=["mrg", "nomrg"])
 @pytest.mark.parametrize("frame_size", [64, 1518])
 def test_forward_counts(reference, frame_size, mrg_rxbuf):
-    res = tp.check_forward_counts(*reference, frame_size=frame_size, mrg_rxbuf=mrg_rxbuf,
+    res = measure.check_forward_counts(*reference, frame_size=frame_size, mrg_rxbuf=mrg_rxbuf,
                                   queues=1, mem_mb=MEM_MB)
     # 4 bursts of 32 on each port, all of them accepted and delivered
     assert res.tx == {0: 128, 1: 128}
@@ -57,7 +59,7 @@ def test_forward_counts(reference, frame_size, mrg_rxbuf):
 @e2e
 def test_forward_counts_two_queues(reference_2q):
     # one stream per (port, queue): 2 x 4 bursts of 32 on each port
-    res = tp.check_forward_counts(*reference_2q, frame_size=64, queues=2, mem_mb=MEM_MB)
+    res = measure.check_forward_counts(*reference_2q, frame_size=64, queues=2, mem_mb=MEM_MB)
     assert res.tx == {0: 256, 1: 256}
     assert res.rx == {0: 256, 1: 256}
 
@@ -134,6 +136,6 @@ def test_vdev_strings():
     assert tp.vhost("/v", queues=2, client=True, name="net_vhost1") == \
         "net_vhost1,iface=/v,queues=2,client=1"
     assert tp.vhost("/v").startswith("net_vhost")
-    assert tp.controller_argv(["/a", "/b"], binary="vnc", queues=2) == [
+    assert backends.controller_argv(["/a", "/b"], binary="vnc", queues=2) == [
         "vnc", "--device", "net,socket=/a,queues=2", "--device", "net,socket=/b,queues=2",
         "--mode", "poll"]

@@ -9,18 +9,20 @@ types one command and waits for the next ``testpmd> `` prompt.
 Typical use::
 
     from tests.harness import testpmd as tp
+    from tests.harness.pmd_backends import dpdk_vhost_backend
+    from tests.harness.pmd_measure import check_forward_counts, measure_loop
 
-    with tp.dpdk_vhost_backend(sock0, sock1):          # testpmd B: net_vhost, io fwd
+    with dpdk_vhost_backend(sock0, sock1):             # testpmd B: net_vhost, io fwd
         with tp.TestPmd([tp.virtio_user(sock0), tp.virtio_user(sock1)],
                         cores=[0, 1], main_lcore=0) as a:   # A: forwards on core 1
             a.wait_link_up()
-            r = tp.measure_loop(a, seconds=5, frame_size=64, burst_first=4)
+            r = measure_loop(a, seconds=5, frame_size=64, burst_first=4)
             print(r.mpps, r.gbps)
 
-    tp.check_forward_counts(sock0, sock1, frame_size=1518)  # any back-end on sock0/1
+    check_forward_counts(sock0, sock1, frame_size=1518)     # any back-end on sock0/1
 
 (The back-ends are in tests/harness/pmd_backends.py, the measurements in
-tests/harness/pmd_measure.py; this module answers for both.)
+tests/harness/pmd_measure.py; both build on this module.)
 
 Every instance gets its own EAL ``--file-prefix``; :meth:`TestPmd.close`
 quits testpmd (``quit``; then SIGTERM; then SIGKILL, all by PID) and
@@ -62,24 +64,6 @@ __all__ = [
     "TestPmd", "TestPmdError", "PortStats", "FwdStats",
     "virtio_user", "vhost", "testpmd_available", "parse_port_stats", "parse_fwd_stats",
 ]
-
-# The back-ends (tests/harness/pmd_backends.py) and the measurements
-# (tests/harness/pmd_measure.py) live in their own modules; they import this
-# one, and `tp.measure_loop`, `tp.dpdk_vhost_backend`, ... keep working
-# through __getattr__ below (loaded on first use, so no import cycle).
-_ELSEWHERE = {
-    "pmd_backends": ("CONTROLLER", "dpdk_vhost_backend", "frontend", "vhost_daemon", "controller_argv"),
-    "pmd_measure": ("LoopResult", "CountResult", "CpuWatch", "drain", "measure_loop", "time_packets",
-                    "send_count", "check_forward_counts"),
-}
-
-
-def __getattr__(name: str):
-    for module, names in _ELSEWHERE.items():
-        if name in names:
-            import importlib
-            return getattr(importlib.import_module(f"tests.harness.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TESTPMD = "dpdk-testpmd"
 PROMPT = b"testpmd> "

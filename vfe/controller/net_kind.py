@@ -264,7 +264,7 @@ class NetKind:
             if not recovered:                      # a recovered SF was kept in use by SfPool.start
                 try:
                     pool = self.sf_pools[f.ib_dev]
-                    f.sf_num = pool.reserve(preferred_sf, owner=f.vuid)
+                    f.sf_num = pool.reserve(preferred_sf, vuid=f.vuid)
                 except RuntimeError as exc:       # SfPoolExhausted, SfInUse, SfPoolError
                     raise InventoryError(str(exc), code=-28) from None
                 # a failed creation gives the SF back as it was (cancel, not release)

@@ -6,7 +6,7 @@ port, and an SF is in one of three states:
 
     free     not created; any number >= 1000 that is neither of the others
     pooled   created but idle, ready for the next function (the "SF pool")
-    in use   attached to a function (``owner`` is its VUID, when given)
+    in use   attached to a function (the function's VUID is kept, when given)
 
 What the seed says, and how it maps here:
 
@@ -125,7 +125,8 @@ class SfPool:
         """How many more functions can get an SF (pooled + still creatable)."""
         return len(self._pooled) + max(0, self.total - self.created)
 
-    def owner(self, n: int) -> str | None:
+    def user_of(self, n: int) -> str | None:
+        """The VUID of the function SF ``n`` is attached to, if known."""
         return self._in_use.get(n)
 
     def stats(self) -> dict:
@@ -137,23 +138,23 @@ class SfPool:
 
     def start(self, keep: Iterable[int] | Mapping[int, str | None] = ()) -> dict[str, list[int]]:
         """Called once when the controller starts.  ``keep``: the SFs of the
-        functions being recovered (a mapping gives their owners); they stay
+        functions being recovered (a mapping gives their functions' VUIDs); they stay
         (or become) in use.  Every other SF a previous run left in use
         returns to the pool (or is destroyed with sf_pool_force_destroy);
         pooled SFs beyond PF_TOTAL_SF are destroyed; then the pool is filled
         to sf_pool_percent.  Returns what happened, for the log."""
-        owners = dict(keep) if isinstance(keep, Mapping) else {n: self._in_use.get(n) for n in keep}
-        for n in owners:
+        users = dict(keep) if isinstance(keep, Mapping) else {n: self._in_use.get(n) for n in keep}
+        for n in users:
             self._check_number(n)
         report: dict[str, list[int]] = {"kept": [], "pooled": [], "destroyed": [], "created": []}
         for n in sorted(self._in_use):
-            if n not in owners:
+            if n not in users:
                 del self._in_use[n]
                 self._pooled.add(n)
                 report["pooled"].append(n)
-        for n, owner in sorted(owners.items()):
+        for n, vuid in sorted(users.items()):
             self._pooled.discard(n)
-            self._in_use[n] = owner if owner is not None else self._in_use.get(n)
+            self._in_use[n] = vuid if vuid is not None else self._in_use.get(n)
             report["kept"].append(n)
         self._fresh.clear()
         self._save()
@@ -178,7 +179,7 @@ class SfPool:
 
     # -- functions ------------------------------------------------------------
 
-    def reserve(self, preferred: int | None = None, owner: str | None = None) -> int:
+    def reserve(self, preferred: int | None = None, vuid: str | None = None) -> int:
         """An SF for a new function: ``preferred`` if given (``hotplug -u``),
         else a pooled one (the lowest), else the lowest free number, created.
         Raises SfPoolExhausted, SfInUse or SfPoolError."""
@@ -211,15 +212,9 @@ class SfPool:
             n = self._lowest_free()
             self._create(n)
             self._fresh.add(n)
-        self._in_use[n] = owner
+        self._in_use[n] = vuid
         self._save()
         return n
-
-    def set_owner(self, n: int, owner: str | None) -> None:
-        if n not in self._in_use:
-            raise SfPoolError(f"SF {n} on {self.ib_dev} is not in use")
-        self._in_use[n] = owner
-        self._save()
 
     def release(self, n: int) -> None:
         """A function is gone: its SF goes back to the pool (not destroyed)."""

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 from vfe.guest import guest_image
 from vfe.guest.console import ConsoleError, GuestTimeout, ShellConsole, shell_quote
+from vfe.macaddr import format_mac
 from vfe.qmp import ExecuteError, Monitor
 
 __all__ = ["VM", "NetDev", "BlkDev", "BgJob", "VMError", "GuestTimeout", "ExecuteError",
@@ -286,7 +287,7 @@ class VM:
     def _mac(self, index: int) -> str:
         # Distinct per VM name and test process; 52:54:00 is QEMU's prefix.
         h = zlib.crc32(f"{self.name}/{os.getpid()}".encode())
-        return f"52:54:00:{h >> 8 & 0xFF:02x}:{h & 0xFF:02x}:{index:02x}"
+        return format_mac(bytes((0x52, 0x54, 0x00, h >> 8 & 0xFF, h & 0xFF, index & 0xFF)))
 
     def build_args(self) -> list[str]:
         """The QEMU command line (needs self.rundir and the image)."""

@@ -29,9 +29,9 @@ def pool(tmp_path, total=4, percent=0, force=False, hooks=None, **kw):
 def test_numbers_start_at_1000(tmp_path):
     p, h = pool(tmp_path)
     p.start()
-    assert [p.reserve(owner=f"V{i}") for i in range(3)] == [1000, 1001, 1002]
+    assert [p.reserve(vuid=f"V{i}") for i in range(3)] == [1000, 1001, 1002]
     assert h.created == [1000, 1001, 1002]
-    assert p.owner(1001) == "V1"
+    assert p.user_of(1001) == "V1"
 
 
 def test_exhaustion(tmp_path):
@@ -68,7 +68,7 @@ def test_release_pools_and_reuses_without_destroying(tmp_path):
 def test_preferred_number(tmp_path):
     p, h = pool(tmp_path)
     p.start()
-    assert p.reserve(2000, owner="VNETS1D0F0") == 2000
+    assert p.reserve(2000, vuid="VNETS1D0F0") == 2000
     assert p.reserve() == 1000
     with pytest.raises(SfInUse, match="VNETS1D0F0"):
         p.reserve(2000)
@@ -156,8 +156,8 @@ def test_percent_pre_creates_pool(tmp_path):
 def test_persistence_across_restart(tmp_path):
     p, _ = pool(tmp_path, total=8)
     p.start()
-    a = p.reserve(owner="A")
-    b = p.reserve(owner="B")
+    a = p.reserve(vuid="A")
+    b = p.reserve(vuid="B")
     p.release(b)
     data = json.loads((tmp_path / "sf_pool.mlx5_0.json").read_text())
     assert data == {"ib_dev": "mlx5_0", "in_use": {str(a): "A"}, "pooled": [b]}
@@ -171,7 +171,7 @@ def test_persistence_across_restart(tmp_path):
 def test_start_pools_unrecovered_sfs(tmp_path):
     p, _ = pool(tmp_path, total=8)
     p.start()
-    a, b = p.reserve(owner="A"), p.reserve(owner="B")
+    a, b = p.reserve(vuid="A"), p.reserve(vuid="B")
     q, h = pool(tmp_path, total=8)
     report = q.start(keep=[a])                   # b's function was not recovered (recovery: 0, ...)
     assert report["pooled"] == [b] and report["kept"] == [a]
@@ -256,7 +256,7 @@ def test_batch_saves_once_at_the_end(tmp_path, monkeypatch):
     real = mod.atomic_write_json
     monkeypatch.setattr(mod, "atomic_write_json", lambda path, obj: (writes.append(obj), real(path, obj)))
     with p.batch():
-        got = [p.reserve(None, owner=f"VF{i}") for i in range(3)]
+        got = [p.reserve(None, vuid=f"VF{i}") for i in range(3)]
         with p.batch():                       # nested: still one save, at the outer end
             p.release(got[0])
         assert writes == []
