@@ -14,11 +14,11 @@ import logging
 import sys
 
 from vfe import __version__, macaddr
-from vfe.controller.logsetup import LOG_LEVELS, setup_logging
 from vfe.controller.newbuild import load_engine
 from vfe.controller.paths import Paths
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
+from vfe.journal import LOG_LEVELS, setup_logging
 from vfe.virtio.constants import MAX_QUEUE_SIZE
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True,
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--workers must be in 1..64")
     if args.takeover_fd is not None and args.device:
         build_parser().error("--takeover-fd is for service mode")
-    setup_logging(args.log_level)
+    setup_logging("virtio-net-controller", args.log_level)
     if args.engine_fd is not None:
         # first of all: nothing may import vfe.engine from the build's
         # directory before the checked engine is loaded

@@ -23,30 +23,12 @@ import sys
 
 from vfe import __version__
 from vfe.cli.common import controller_socket
+from vfe.journal import LOG_LEVELS, setup_logging
 from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
 from vfe.vhostd.controller_client import Controller
 from vfe.vhostd.loop import Loop
 from vfe.vhostd.rpc import RpcServer
 from vfe.vhostd.service import VhostService
-
-LOG_LEVELS = {"err": logging.ERROR, "info": logging.INFO, "debug": logging.DEBUG}
-
-
-class JournalFormatter(logging.Formatter):
-    """`vfe-vhostd[PID]: [LEVEL] file:line:function: message`, with the
-    syslog priority prefix when stderr is the journal."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.prefix = bool(os.environ.get("JOURNAL_STREAM"))
-
-    def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        prio = f"<{self.PRIORITY.get(record.levelno, 6)}>" if self.prefix else ""
-        return (f"{prio}vfe-vhostd[{record.process}]: [{record.levelname}] "
-                f"{record.filename}:{record.lineno}:{record.funcName}: {msg}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter())
-    logging.basicConfig(level=LOG_LEVELS[args.log_level], handlers=[handler])
+    setup_logging("vfe-vhostd", args.log_level)
     log = logging.getLogger("vfe.vhostd")
     if len(args.iface) > 120:                     # the reference's MAX_IF_PATH_LEN
         log.error("Invalid iface length")

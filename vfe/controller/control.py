@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 from vfe import __version__
 from vfe.controller.kind import InventoryError, Method
-from vfe.controller.logsetup import LOG_LEVELS
 from vfe.controller.update import LiveUpdate
 from vfe.engine import ENGINE_ABI
+from vfe.journal import LOG_LEVELS
 from vfe.rpc.protocol import RpcError
 from vfe.rpc.server import RpcServer
 
