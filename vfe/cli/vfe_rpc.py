@@ -18,7 +18,9 @@ import argparse
 import json
 import sys
 
-from vfe.cli.virtnet import default_socket
+from vfe.cli.common import controller_socket as default_socket
+from vfe.rpc.client import RpcConnectionError, call
+from vfe.rpc.protocol import RpcError
 
 
 def _positive(text: str) -> int:
@@ -141,9 +143,6 @@ def build_request(argv: list[str]) -> tuple[argparse.Namespace, str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vfe.rpc.client import RpcConnectionError, call
-    from vfe.rpc.protocol import RpcError
-
     args, method, params = build_request(sys.argv[1:] if argv is None else argv)
     path = args.socket or default_socket()
     try:

@@ -20,6 +20,7 @@ import shutil
 import sys
 from typing import Any
 
+import vfe
 from vfe import __version__
 # default_socket: the name vfe-rpc, vfe-sriov and the tests know it by
 from vfe.cli.common import controller_socket as default_socket
@@ -311,7 +312,6 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict]:
             return "update_status", {}
         # this virtnet belongs to the newly installed build: that is the
         # controller the running one hands its devices to
-        import vfe
         root = os.path.dirname(os.path.dirname(os.path.abspath(vfe.__file__)))
         return "update_start", {"path": root}
     raise ValueError(f"unknown command {cmd!r}")

@@ -13,6 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from vfe.guest import guest_image
+from vfe.guest.controller_process import ControllerProcess
+from vfe.guest.vm import VM, NetDev
+
 
 def step(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
@@ -26,10 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.mb <= 200:
         p.error("--mb must be in 1..200 (the guests keep the data in RAM)")
-
-    from vfe.guest import guest_image
-    from vfe.guest.controller_process import ControllerProcess
-    from vfe.guest.vm import VM, NetDev
 
     work = Path(tempfile.mkdtemp(prefix="vfe-demo-", dir="/tmp"))
     socks = [str(work / "vm1.sock"), str(work / "vm2.sock")]

@@ -16,6 +16,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -140,7 +141,6 @@ def extract_file(bzimage_path: Path, out_path: Path) -> Path:
 
 
 if __name__ == "__main__":  # python3 -m vfe.guest.vmlinux BZIMAGE OUT
-    import sys
     elf = extract_vmlinux(Path(sys.argv[1]).read_bytes())
     Path(sys.argv[2]).write_bytes(elf)
     print(f"{sys.argv[2]}: {len(elf)} bytes, PVH note: {has_pvh_note(elf)}")
