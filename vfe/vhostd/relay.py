@@ -44,7 +44,7 @@ import time
 from typing import Callable
 
 from vfe.rpc.access import allowed, unix_peer
-from vfe.safepath import SUN_PATH_MAX
+from vfe.safepath import SocketPathTooLong, check_sun_path
 from vfe.safepath import check_socket_path as check_unsafe
 from vfe.vhost import transport
 from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
@@ -142,9 +142,10 @@ def handshake(ctrl: Connection, request: int, fds: tuple[int, ...] = (),
 
 def check_socket_path(path: str, client: bool) -> None:
     """The checks a provisioning request gets before anything is created."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise RelayError(-errno.ENAMETOOLONG,
-                         f"socket path {path} is longer than the {SUN_PATH_MAX} bytes a Unix socket allows")
+    try:
+        check_sun_path(path)
+    except SocketPathTooLong as exc:
+        raise RelayError(-errno.ENAMETOOLONG, str(exc)) from None
     try:                   # a directory others write, or another user's socket in /tmp
         check_unsafe(path)
     except transport.UnsafePath as exc:
