@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from vfe.vhost.messages import MEM_TABLE_MAX_REGIONS, Inflight, ProtocolError, ProtocolFeature
 from vfe.vhost.transport import Connection, close_fds
-from vfe.virtio.constants import F, Status, bit, net_hdr_len
+from vfe.virtio.constants import VRING_DESC_SIZE, F, Status, bit, net_hdr_len
 
 from .channel import FrontendChannel
 from .guest_ram import PAGE, GuestRam, MiB
@@ -208,7 +208,7 @@ class Frontend(FrontendChannel):
             max_indirect = 16
             # indirect tables start 16-byte aligned, as a driver's kmalloc'd ones do
             indirect_off = (layout.total + 15) & ~15
-            area = indirect_off + size * max_indirect * 16
+            area = indirect_off + size * max_indirect * VRING_DESC_SIZE
             ring_gpa = self.memory.alloc(area, align=PAGE)
             buf_gpa = self.memory.alloc(size * buf_size, align=PAGE)
             region, off = self.memory.region_of(ring_gpa)
