@@ -27,13 +27,13 @@ from vfe.cli.common import controller_socket as default_socket
 from vfe.macaddr import parse_mac
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
 from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
-from vfe.virtio.constants import MAX_QUEUE_SIZE
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN
 
 PROG = "virtnet"
 COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
 LOG_LEVELS = ("info", "err", "debug")
 
-MTU_MIN, MTU_MAX = 68, 9216
+MTU_MIN, MTU_MAX = VIRTIO_NET_MTU_MIN, 9216       # the controller's own maximum
 QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, MAX_QUEUE_SIZE
 MAX_QUEUES_MAX = 65535
 MSIX_MAX = 2048

@@ -254,7 +254,7 @@ class VhostService:
         relay.start()                                  # RelayError -> errno
         self.vfs[bdf] = ProvisionedVF(bdf, pf.bdf, vuid, path, vm_uuid, relay, kind)
         log.info("VF %s (%s) provisioned on %s%s", bdf, vuid, path,
-                 " (resumed the controller's front-end)" if getattr(relay, "resumed", False) else "")
+                 " (resumed the controller's front-end)" if relay.resumed else "")
         return with_errno({}, 0)
 
     def _endpoint(self, vuid: str) -> str:
