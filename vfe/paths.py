@@ -44,6 +44,11 @@ def root(env: Mapping[str, str] | None = None) -> Path:
     return Path(os.path.abspath(env.get(ENV_ROOT) or "/"))
 
 
+def endpoint_socket_name(vuid: str) -> str:
+    """A function's vhost-user socket in the controller's run dir."""
+    return f"{vuid}.sock"
+
+
 def controller_socket(env: Mapping[str, str] | None = None) -> str:
     """The controller's JSON-RPC socket for a command line:
     ``$VIRTNET_SOCKET`` as given, else ``<root>/run/virtnet/virtnet.sock``."""

@@ -67,7 +67,7 @@ class Paths:
         refuse it."""
         if not vuid or "/" in vuid or vuid in (".", ".."):
             raise ValueError(f"bad VUID {vuid!r} for a socket name")
-        path = self.run_dir / f"{vuid}.sock"
+        path = self.run_dir / defaults.endpoint_socket_name(vuid)
         check_sun_path(path, fix="choose a shorter run dir (--run-dir) or VFE_ROOT")
         return path
 
