@@ -101,12 +101,12 @@ cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, i
         steps += 1
         if steps > table_size:
             return E_LOOP
-        vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
+        vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
         if flags & VRING_DESC_F_INDIRECT:
             table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
             if table == NULL:
                 return rc
-            table_size = dlen // 16
+            table_size = dlen // VRING_DESC_SIZE
             idx = 0
             steps = 0
             in_indirect = 1

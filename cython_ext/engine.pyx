@@ -577,6 +577,21 @@ def ring_area_sizes(uint64_t size, bint event_idx):
             vring_used_size(size, event_idx))
 
 
+def log_page_size():
+    """VHOST_LOG_PAGE as log_pages (vring.pxd) marks it, for the unit test
+    that checks it against vfe.vhost.messages.LOG_PAGE."""
+    return VHOST_LOG_PAGE
+
+
+def inflight_layout():
+    """The inflight region's sizes and field offsets as inflight.pxd has
+    them, for the unit test that checks them against vfe/vhost/inflight.py."""
+    return {"header_size": IF_HDR, "desc_size": IF_DESC,
+            "version": IF_VERSION, "desc_num": IF_DESC_NUM, "last_batch_head": IF_LAST_BATCH,
+            "used_idx": IF_USED_IDX,
+            "desc_inflight": IF_D_INFLIGHT, "desc_next": IF_D_NEXT, "desc_counter": IF_D_COUNTER}
+
+
 cdef int translate_ring(Vring *vq) noexcept nogil:
     cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, vring_desc_size(vq.size), True)
     cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, vring_avail_size(vq.size, vq.event_idx), True)
@@ -669,7 +684,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef int rc
     recovered = None
     if size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
-        raise ValueError(f"ring size {size} is not a power of two <= 32768")
+        raise ValueError(f"ring size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
     if vq.mem.fault_addr:

@@ -29,6 +29,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from atomics cimport *
 
+# Sizes and field offsets; the engine's inflight_layout() hands them to
+# tests/unit/virtio/test_virtio_c_side.py, which checks them against
+# vfe/vhost/inflight.py's structs.
 cdef enum:
     IF_HDR = 16                 # QueueRegionSplit header
     IF_DESC = 16                # one DescStateSplit
@@ -36,6 +39,7 @@ cdef enum:
     IF_DESC_NUM = 10
     IF_LAST_BATCH = 12
     IF_USED_IDX = 14
+    IF_D_INFLIGHT = 0
     IF_D_NEXT = 6
     IF_D_COUNTER = 8
 
@@ -67,7 +71,7 @@ cdef inline void inflight_take(InflightQueue *iq, uint16_t head) noexcept nogil:
     d = if_desc(iq.region, head)
     vfe_store_u64(<uint64_t *>(d + IF_D_COUNTER), iq.counter)
     iq.counter += 1
-    vfe_store_release_u8(d, 1)
+    vfe_store_release_u8(d + IF_D_INFLIGHT, 1)
 
 
 cdef inline void inflight_link(InflightQueue *iq, uint16_t head) noexcept nogil:
@@ -91,7 +95,7 @@ cdef inline void inflight_clear(InflightQueue *iq, uint16_t *heads, int n,
         return
     for i in range(n):
         if heads[i] < iq.ndesc:
-            vfe_store_release_u8(if_desc(iq.region, heads[i]), 0)
+            vfe_store_release_u8(if_desc(iq.region, heads[i]) + IF_D_INFLIGHT, 0)
     vfe_store_release_u16(<uint16_t *>(iq.region + IF_USED_IDX), used_idx)
 
 
@@ -140,7 +144,7 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
         return IF_BAD_VERSION
     if version == 0:
         for i in range(size):
-            vfe_store_u8(if_desc(q, i), 0)
+            vfe_store_u8(if_desc(q, i) + IF_D_INFLIGHT, 0)
         vfe_store_u16(<uint16_t *>(q + IF_DESC_NUM), size)
         vfe_store_u16(<uint16_t *>(q + IF_LAST_BATCH), 0)
         vfe_store_u16(hdr_used, used_idx)
@@ -157,13 +161,13 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
         steps = 0
         # a list longer than the ring is corrupt: stop there
         while n > 0 and steps < size and h < size:
-            vfe_store_u8(if_desc(q, h), 0)
+            vfe_store_u8(if_desc(q, h) + IF_D_INFLIGHT, 0)
             h = vfe_load_u16(<uint16_t *>(if_desc(q, h) + IF_D_NEXT))
             n -= 1
             steps += 1
         vfe_store_release_u16(hdr_used, used_idx)
     for i in range(size):
-        if vfe_load_u8(if_desc(q, i)) == 1:
+        if vfe_load_u8(if_desc(q, i) + IF_D_INFLIGHT) == 1:
             scratch[count].head = i
             scratch[count].counter = vfe_load_u64(<uint64_t *>(if_desc(q, i) + IF_D_COUNTER))
             if scratch[count].counter >= top:

@@ -118,8 +118,9 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         cap += clen
         nchains += 1
     if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
-        w.hdr_out[10] = nchains & 0xFF
-        w.hdr_out[11] = (nchains >> 8) & 0xFF
+        # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
+        w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
+        w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
     h.base = w.hdr_out
     h.len = t.hdr_len
     sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)

@@ -13,6 +13,12 @@ from linux cimport write
 from virtio cimport *
 
 cdef enum:
+    # One dirty-log bit covers this many bytes of guest memory (the vhost-user
+    # spec's VHOST_LOG_PAGE; vfe.vhost.messages.LOG_PAGE, checked by
+    # tests/unit/virtio/test_virtio_c_side.py).
+    VHOST_LOG_PAGE = 4096
+
+cdef enum:
     MAX_REGIONS = 64
     MAX_IOV = 1024           # descriptors (or region pieces) of one chain
     MAX_CHAIN_BYTES = 262144 # a chain longer than this is a guest bug
@@ -189,12 +195,12 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, int want_write, Iov *iov,
         steps += 1
         if steps > table_size:
             return E_LOOP
-        vfe_read_desc(table + 16 * idx, &addr, &dlen, &flags, &nxt)
+        vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
         if flags & VRING_DESC_F_INDIRECT:
             table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
             if table == NULL:
                 return rc
-            table_size = dlen // 16
+            table_size = dlen // VRING_DESC_SIZE
             idx = 0
             steps = 0
             in_indirect = 1
@@ -253,13 +259,13 @@ cdef inline int avail_head(Vring *vq, uint16_t i) noexcept nogil:
 
 
 cdef inline void log_pages(DirtyLog *lg, uint64_t gpa, uint64_t length) noexcept nogil:
-    """Mark the 4 KiB pages of [gpa, gpa+length) dirty.  The caller fenced
+    """Mark the VHOST_LOG_PAGE pages of [gpa, gpa+length) dirty.  The caller fenced
     after writing the data, so QEMU never copies a page before its bit shows."""
     cdef uint64_t page, last
     if length == 0:
         return
-    page = gpa >> 12
-    last = (gpa + length - 1) >> 12
+    page = gpa // VHOST_LOG_PAGE
+    last = (gpa + length - 1) // VHOST_LOG_PAGE
     while page <= last:
         if (page >> 3) < lg.size:
             vfe_fetch_or_u8(lg.base + (page >> 3), <uint8_t>(1 << (page & 7)))
@@ -282,7 +288,7 @@ cdef inline void log_used_bytes(Vring *vq, uint64_t off, uint64_t length) noexce
 
 
 cdef inline void used_push(Vring *vq, uint32_t id, uint32_t length) noexcept nogil:
-    cdef uint8_t *e = vq.used + 4 + 8 * (vq.last_used_idx & vq.mask)
+    cdef uint8_t *e = vq.used + VRING_HEADER_SIZE + VRING_USED_ELEM_SIZE * (vq.last_used_idx & vq.mask)
     vfe_store_u32(<uint32_t *>e, id)
     vfe_store_u32(<uint32_t *>(e + 4), length)
     vq.last_used_idx += 1
@@ -326,8 +332,9 @@ cdef inline void notify_enable(Vring *vq) noexcept nogil:
     """Ask for a kick on the next avail entry.  The caller fences and re-checks
     avail->idx afterwards: the guest may have added work before seeing this."""
     if vq.event_idx:
-        vfe_store_u16(<uint16_t *>(vq.used + 4 + 8 * vq.size), vq.last_avail_idx)
-        log_used_bytes(vq, 4 + 8 * <uint64_t>vq.size, 2)
+        # avail_event: right after the used ring's elements
+        vfe_store_u16(<uint16_t *>(vq.used + vring_used_size(vq.size, False)), vq.last_avail_idx)
+        log_used_bytes(vq, vring_used_size(vq.size, False), VRING_EVENT_SIZE)
     else:
         vfe_store_u16(<uint16_t *>vq.used, 0)
         log_used_bytes(vq, 0, 2)

@@ -11,6 +11,10 @@ the same facts here; this module imports nothing of vfe's, so any layer may.
     state dir     <root>/var/lib/vfe/          (NV config, SF pools)
     run dir       <root>/run/virtnet/          (virtnet.sock, <VUID>.sock)
     vfe-vhostd    <root>/run/vfe-vhostd/       (vhostd.sock; vf-<BDF>: a VF's default QEMU socket)
+
+The command lines that talk to the controller (virtnet, vfe-rpc, vfe-sriov,
+vfe-vhostd) find its socket with ``controller_socket()``: ``$VIRTNET_SOCKET``
+names another.
 """
 from __future__ import annotations
 
@@ -28,12 +32,31 @@ VHOSTD_RUN_REL = "run/vfe-vhostd"
 
 #: the controller's JSON-RPC socket in its run dir, where virtnet connects
 RPC_SOCKET_NAME = "virtnet.sock"
+#: the command lines' way to name the controller's socket instead
+ENV_CONTROLLER_SOCKET = "VIRTNET_SOCKET"
+#: vfe-vhostd's RPC socket in its run dir ($VFE_VHOSTD_SOCKET names another)
+VHOSTD_SOCKET_NAME = "vhostd.sock"
 
 
 def root(env: Mapping[str, str] | None = None) -> Path:
     """``$VFE_ROOT`` as an absolute path, else ``/``."""
     env = os.environ if env is None else env
     return Path(os.path.abspath(env.get(ENV_ROOT) or "/"))
+
+
+def endpoint_socket_name(vuid: str) -> str:
+    """A function's vhost-user socket in the controller's run dir."""
+    return f"{vuid}.sock"
+
+
+def controller_socket(env: Mapping[str, str] | None = None) -> str:
+    """The controller's JSON-RPC socket for a command line:
+    ``$VIRTNET_SOCKET`` as given, else ``<root>/run/virtnet/virtnet.sock``."""
+    env = os.environ if env is None else env
+    given = env.get(ENV_CONTROLLER_SOCKET)
+    if given:
+        return given
+    return str(root(env) / RUN_REL / RPC_SOCKET_NAME)
 
 
 def vhostd_run_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -17,12 +17,14 @@ controller build was expected (and have root run it).  Two kinds of check:
   directory others may write (sticky ``/tmp``) the socket itself must be
   ours: absent (we create it), or present and owned by our uid.  Where
   others cannot write, whatever is there was put there by root or by us.
+- ``check_sun_path(path)``: a socket path the kernel can bind or connect at
+  (no longer than ``SUN_PATH_MAX`` bytes); ``SocketPathTooLong`` if not.
 - ``ensure_private_dir(path)``: the directory of a control socket (the run
   dir).  Missing directories are made with exactly the mode asked for; then
   its chain as above, sticky allowed on the way but not for the directory
   itself: nobody but root or us may add, rename or remove anything in it.
 
-Every refusal is an ``UnsafePath`` (a PermissionError) whose message names
+Every other refusal is an ``UnsafePath`` (a PermissionError) whose message names
 the path, the directory and what is wrong with it, and says what to do.
 """
 from __future__ import annotations
@@ -31,15 +33,39 @@ import errno
 import os
 import stat
 
-__all__ = ["SUN_PATH_MAX", "UnsafePath", "check_dir_chain", "check_socket_path",
-           "check_trusted_file", "ensure_private_dir", "make_dirs", "writable_by_others",
+__all__ = ["SUN_PATH_MAX", "SocketPathTooLong", "UnsafePath", "check_dir_chain", "check_socket_path",
+           "check_sun_path", "check_trusted_file", "ensure_private_dir", "make_dirs", "writable_by_others",
            "trusted_uids"]
-
-_MAX_LINKS = 40          # the kernel's own limit on symlinks in one lookup
 
 #: The longest path (in bytes) a Unix socket can be bound or connected at:
 #: sockaddr_un.sun_path is 108 bytes, the terminating NUL included.
 SUN_PATH_MAX = 107
+
+
+class SocketPathTooLong(OSError, ValueError):
+    """A Unix socket path longer than ``SUN_PATH_MAX`` bytes: ENAMETOOLONG,
+    with the path as ``filename`` and, as ``strerror``, what it is and how
+    long; also a ValueError (a bad argument, for callers checking one).
+    ``str()`` names the path too."""
+
+    def __init__(self, path: str, nbytes: int, what: str, fix: str = ""):
+        fix = f"; {fix}" if fix else ""
+        super().__init__(errno.ENAMETOOLONG,
+                         f"{what} is {nbytes} bytes, longer than the {SUN_PATH_MAX} a Unix socket allows{fix}",
+                         path)
+        self.message = f"{what} {path} is {nbytes} bytes, longer than the {SUN_PATH_MAX} a Unix socket allows{fix}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_sun_path(path: str | os.PathLike, what: str = "socket path", fix: str = "") -> None:
+    """Raise SocketPathTooLong if ``path`` does not fit a sockaddr_un (its
+    bytes, not its characters, count); ``what`` names it in the message and
+    ``fix``, if given, says what to do about it."""
+    nbytes = len(os.fsencode(path))
+    if nbytes > SUN_PATH_MAX:
+        raise SocketPathTooLong(os.fspath(path), nbytes, what, fix)
 
 
 class UnsafePath(PermissionError):

@@ -31,7 +31,6 @@ Input layout (ring_input.py has the encoders; zeros once it runs out):
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 
 from tests.fuzz.ring_input import Cursor, Places, avail_heads, compact_desc, write_buffers
@@ -39,6 +38,7 @@ from tests.harness.engine_rig import (
     FEAT_EVENT_IDX, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, BlkRig, Guest, ring_at_ends,
 )
 from tests.harness.guarded import GuardedArea
+from vfe.vhost.inflight import DESC_STATE, QUEUE_HEADER
 
 DESC, AVAIL, USED, BUF, BUF2 = range(5)
 REGIONS = [(0x10000, PAGE), (0x20000, PAGE), (0x30000, PAGE), (0x100000, 2 * PAGE),
@@ -81,9 +81,9 @@ def _inflight_region(c: Cursor, size: int, used_base: int, rig: BlkRig) -> None:
     desc_num = size if dsel < 0xE0 else c.u16()
     last_batch = c.u16()
     used_idx = (used_base - c.u8()) & 0xFFFF
-    entries = b"".join(struct.pack("<B5xHQ", c.u8(), c.u8() % (2 * size), c.u8())
+    entries = b"".join(DESC_STATE.pack(c.u8(), c.u8() % (2 * size), c.u8())
                        for _ in range(min(qs, (length - 16) // 16 if length > 16 else 0)))
-    q = struct.pack("<QHHHH", 0, version, desc_num, last_batch, used_idx) + entries
+    q = QUEUE_HEADER.pack(0, version, desc_num, last_batch, used_idx) + entries
     length = min(length, PAGE)
     off = PAGE - length                      # the region ends at the guard page
     _inflight.fill(0)

@@ -4,6 +4,7 @@ listen and where we connect; root's own directories and our own socket in
 sticky /tmp are fine."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -12,7 +13,8 @@ import uuid
 import pytest
 
 from vfe.rpc.server import RpcServer
-from vfe.safepath import UnsafePath, check_dir_chain, check_socket_path
+from vfe.safepath import (SUN_PATH_MAX, SocketPathTooLong, UnsafePath, check_dir_chain, check_socket_path,
+                          check_sun_path)
 from vfe.vhost import transport
 
 OTHER_UID = 65534          # nobody
@@ -212,3 +214,18 @@ def test_a_directory_swapped_for_a_symlink_before_its_chmod_changes_nothing_else
     with pytest.raises(UnsafePath, match=f"{open_dir}/run, just made, is not a directory any more"):
         safepath.ensure_private_dir(f"{open_dir}/run")
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+
+
+def test_sun_path_limit_counts_bytes():
+    """sockaddr_un.sun_path holds 107 bytes and a NUL: a path of 107 bytes
+    fits, one more does not -- bytes, so 54 two-byte characters don't."""
+    assert SUN_PATH_MAX == 107
+    check_sun_path("/" + "x" * 106)
+    with pytest.raises(SocketPathTooLong) as ei:
+        check_sun_path("/" + "\u00e9" * 54, "vhost-user socket")
+    exc = ei.value
+    assert isinstance(exc, OSError) and isinstance(exc, ValueError)
+    assert exc.errno == errno.ENAMETOOLONG and exc.filename == "/" + "\u00e9" * 54
+    assert exc.strerror == "vhost-user socket is 109 bytes, longer than the 107 a Unix socket allows"
+    assert str(exc) == f"vhost-user socket {exc.filename} is 109 bytes, longer than the 107 a Unix socket allows"
+

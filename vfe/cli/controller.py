@@ -19,7 +19,7 @@ from vfe.controller.paths import Paths
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
 from vfe.journal import LOG_LEVELS, setup_logging
-from vfe.virtio.constants import MAX_QUEUE_SIZE
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MAX, VIRTIO_NET_MTU_MIN
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True,
          "off": False, "no": False, "false": False, "0": False}
@@ -73,7 +73,7 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
             if cfg.queue_size & (cfg.queue_size - 1):
                 raise ValueError(f"queue-size={cfg.queue_size} is not a power of two")
         if "mtu" in opts:
-            cfg.mtu = _int_in(opts["mtu"], "mtu", 68, 65535)
+            cfg.mtu = _int_in(opts["mtu"], "mtu", VIRTIO_NET_MTU_MIN, VIRTIO_NET_MTU_MAX)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return cfg

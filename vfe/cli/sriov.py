@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from vfe.cli.virtnet import default_socket
+from vfe.paths import controller_socket
 from vfe.rpc.client import call
 from vfe.rpc.protocol import RpcError
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("num_vfs must be >= 0")
     params = {"pf": args.pf, "bdf": args.bdf, "num_vfs": args.num_vfs, "legacy": args.legacy}
     try:
-        out = call(args.socket or default_socket(), "sriov_numvfs", params, timeout=600)
+        out = call(args.socket or controller_socket(), "sriov_numvfs", params, timeout=600)
     except RpcError as exc:
         print(f"Error: {exc.message} (code {exc.code})", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from vfe.cli.common import controller_socket as default_socket
+from vfe.paths import controller_socket
 from vfe.rpc.client import RpcConnectionError, call
 from vfe.rpc.protocol import RpcError
 
@@ -144,7 +144,7 @@ def build_request(argv: list[str]) -> tuple[argparse.Namespace, str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args, method, params = build_request(sys.argv[1:] if argv is None else argv)
-    path = args.socket or default_socket()
+    path = args.socket or controller_socket()
     try:
         result = call(path, method, params, timeout=args.timeout)
     except RpcConnectionError as exc:

@@ -22,8 +22,8 @@ import signal
 import sys
 
 from vfe import __version__
-from vfe.cli.common import controller_socket
 from vfe.journal import LOG_LEVELS, setup_logging
+from vfe.paths import controller_socket
 from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
 from vfe.vhostd.controller_client import Controller
 from vfe.vhostd.loop import Loop

@@ -22,18 +22,17 @@ from typing import Any
 
 import vfe
 from vfe import __version__
-# default_socket: the name vfe-rpc, vfe-sriov and the tests know it by
-from vfe.cli.common import controller_socket as default_socket
 from vfe.macaddr import parse_mac
+from vfe.paths import controller_socket
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
 from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
-from vfe.virtio.constants import MAX_QUEUE_SIZE
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN
 
 PROG = "virtnet"
 COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
 LOG_LEVELS = ("info", "err", "debug")
 
-MTU_MIN, MTU_MAX = 68, 9216
+MTU_MIN, MTU_MAX = VIRTIO_NET_MTU_MIN, 9216       # the controller's own maximum
 QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, MAX_QUEUE_SIZE
 MAX_QUEUES_MAX = 65535
 MSIX_MAX = 2048
@@ -373,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         ns = parse_args(argv)
     except SystemExit as exc:       # -h, -v, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    path = getattr(ns, "socket", None) or default_socket()
+    path = getattr(ns, "socket", None) or controller_socket()
     timeout = getattr(ns, "timeout", None) or DEFAULT_TIMEOUT
     if ns.command == "version":
         return _version(path, timeout)

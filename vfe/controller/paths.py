@@ -18,11 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vfe import paths as defaults
-from vfe.safepath import SUN_PATH_MAX, ensure_private_dir, make_dirs
-
-
-class SocketPathTooLong(ValueError):
-    """A Unix socket path that the kernel would refuse (longer than SUN_PATH_MAX bytes)."""
+from vfe.safepath import check_sun_path, ensure_private_dir, make_dirs
 
 
 @dataclass(frozen=True)
@@ -66,10 +62,14 @@ class Paths:
         return self.run_dir / defaults.RPC_SOCKET_NAME
 
     def endpoint_socket(self, vuid: str) -> Path:
-        """A function's vhost-user socket (``<run dir>/<VUID>.sock``)."""
+        """A function's vhost-user socket (``<run dir>/<VUID>.sock``);
+        SocketPathTooLong (an OSError and a ValueError) if the kernel would
+        refuse it."""
         if not vuid or "/" in vuid or vuid in (".", ".."):
             raise ValueError(f"bad VUID {vuid!r} for a socket name")
-        return self.run_dir / f"{vuid}.sock"
+        path = self.run_dir / defaults.endpoint_socket_name(vuid)
+        check_sun_path(path, fix="choose a shorter run dir (--run-dir) or VFE_ROOT")
+        return path
 
     def display(self, path: Path) -> str:
         """``path`` as the seed names it, with the root noted when it is not
@@ -94,19 +94,6 @@ class Paths:
             make_dirs(d, 0o755)        # never group/world-writable, whatever the umask
         ensure_private_dir(self.run_dir, what="run directory")
         return self
-
-    def check_socket_path(self, path: Path | None = None) -> Path:
-        """Raise SocketPathTooLong if ``path`` (default: the RPC socket) does
-        not fit a sockaddr_un; the message says how to fix it."""
-        path = self.rpc_socket if path is None else Path(path)
-        n = len(os.fsencode(str(path)))
-        if n > SUN_PATH_MAX:
-            raise SocketPathTooLong(
-                f"socket path {path} is {n} bytes, longer than the {SUN_PATH_MAX} a Unix "
-                f"socket allows; choose a shorter run dir (--run-dir) or VFE_ROOT")
-        return path
-
-
 
 
 # -- atomic file replacement ----------------------------------------------------

@@ -10,7 +10,7 @@ initramfs). Serial port 1 (ttyS0) is the kernel console, port 2 (ttyS1) the
 shell that ``run()`` drives (see vfe/guest/console.py); both are logged, merged
 in time order, to ``<workdir>/<name>.serial.log``. QEMU's own stdout/stderr
 go to ``<workdir>/<name>.qemu.log``. Sockets live in a private short
-directory under /tmp (unix socket paths are limited to 107 bytes) that
+directory under /tmp (unix socket paths are limited to 107 bytes, safepath.SUN_PATH_MAX) that
 ``shutdown()`` removes; the logs stay for post-mortems.
 
 Every started QEMU is tracked by PID and stopped by ``shutdown()``, by
@@ -30,7 +30,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from vfe.guest import guest_image
 from vfe.guest.console import ConsoleError, GuestTimeout, ShellConsole, shell_quote
 from vfe.macaddr import format_mac
 from vfe.qmp import ExecuteError, Monitor
+from vfe.safepath import check_sun_path
 
 __all__ = ["VM", "NetDev", "BlkDev", "BgJob", "VMError", "GuestTimeout", "ExecuteError",
            "detect_accel", "KERNEL_ARGS"]
@@ -352,8 +352,7 @@ class VM:
         if self.image is None:
             self.image = guest_image.build()
         for nic in self.nics:
-            if len(nic.socket) > 107:
-                raise ValueError(f"socket path longer than 107 bytes: {nic.socket}")
+            check_sun_path(nic.socket)          # SocketPathTooLong, a ValueError
             if not nic.server and not os.path.exists(nic.socket):
                 # QEMU as vhost-user client fails at once without it (facts.md).
                 log.warning("%s: %s does not exist yet; QEMU will fail to connect",

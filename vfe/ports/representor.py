@@ -86,8 +86,10 @@ from typing import Iterator, Union
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vfe.virtio.constants import VIRTIO_NET_HDR_MRG_LEN
+
 __all__ = [
-    "Representor", "RepresentorError", "VnetHdr", "VNET_HDR_LEN", "MAX_READ",
+    "Representor", "RepresentorError", "VnetHdr", "MAX_READ",
     "pack_vnet_hdr", "unpack_vnet_hdr", "validate_name", "representor_name",
     "parse_representor_name", "exists", "list_representors", "enter_netns",
 ]
@@ -95,7 +97,6 @@ __all__ = [
 # --- <linux/if_tun.h> ------------------------------------------------------
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
-TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
 TUNGETVNETHDRSZ = 0x800454D7
@@ -113,22 +114,11 @@ IFF_PERSIST = 0x0800
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
 DEFAULT_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-
-# --- <linux/virtio_net.h> ----------------------------------------------------
-VNET_HDR_LEN = 12  # struct virtio_net_hdr_mrg_rxbuf
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_UDP = 3
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 #: read buffer size that never truncates a frame: header + 64 KiB GSO frame
 #: (IP total length <= 65535) + Ethernet/VLAN header, rounded up.
-MAX_READ = 12 + 65536 + 64
+MAX_READ = VIRTIO_NET_HDR_MRG_LEN + 65536 + 64
 
 IFNAMSIZ = 16
 _IFREQ = "16sH22x"  # struct ifreq: name, flags (union padded to 40 bytes)
@@ -360,7 +350,7 @@ class Representor:
 
     @staticmethod
     def _configure_fd(fd: int, offloads: int) -> None:
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VIRTIO_NET_HDR_MRG_LEN))
         with contextlib.suppress(OSError):  # no-op on little-endian hosts
             fcntl.ioctl(fd, TUNSETVNETLE, struct.pack("i", 1))
         fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
@@ -565,7 +555,7 @@ class Representor:
     # -- convenience I/O (control plane and tests; the engine uses .fd) --------
     def write_frame(self, frame: bytes, hdr: bytes | None = None) -> int:
         """Write one Ethernet frame preceded by ``hdr`` (default: 12 zero bytes)."""
-        return os.write(self.fileno(), (hdr if hdr is not None else bytes(VNET_HDR_LEN)) + frame)
+        return os.write(self.fileno(), (hdr if hdr is not None else bytes(VIRTIO_NET_HDR_MRG_LEN)) + frame)
 
     def read_frame(self, bufsize: int = MAX_READ) -> tuple[VnetHdr, bytes] | None:
         """One (header, Ethernet frame) or None when nothing is queued."""
@@ -573,7 +563,7 @@ class Representor:
             data = os.read(self.fileno(), bufsize)
         except BlockingIOError:
             return None
-        return unpack_vnet_hdr(data), data[VNET_HDR_LEN:]
+        return unpack_vnet_hdr(data), data[VIRTIO_NET_HDR_MRG_LEN:]
 
     # -- static helpers ------------------------------------------------------
     exists = staticmethod(exists)

@@ -70,14 +70,6 @@ ERR_INVALID = -_errno.EINVAL
 ERR_NO_SPACE = -_errno.ENOSPC
 ERR_NOT_SUPPORTED = -_errno.EOPNOTSUPP
 
-STANDARD_MESSAGES = {
-    PARSE_ERROR: "Parse error",
-    INVALID_REQUEST: "Invalid Request",
-    METHOD_NOT_FOUND: "Method not found",
-    INVALID_PARAMS: "Invalid params",
-    INTERNAL_ERROR: "Internal error",
-}
-
 MAX_LINE = 1 << 20          # bytes per message line, newline excluded
 
 

@@ -44,7 +44,7 @@ from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
     encode_error, encode_result,
 )
-from vfe.safepath import SUN_PATH_MAX, check_socket_path, ensure_private_dir
+from vfe.safepath import check_socket_path, check_sun_path, ensure_private_dir
 from vfe.vhost.transport import is_served
 
 log = logging.getLogger("vfe.rpc")
@@ -77,8 +77,7 @@ def listen_unix(path: str, mode: int = 0o600, backlog: int = 16, what: str = "RP
     """A non-blocking listening Unix socket at ``path`` with file mode
     ``mode``, in a directory no one else can write (created if missing); a
     socket file left by a crashed server is replaced, a live one is not."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise OSError(errno.ENAMETOOLONG, f"{what} socket path is longer than {SUN_PATH_MAX} bytes", path)
+    check_sun_path(path, f"{what} socket path")   # SocketPathTooLong, an OSError (ENAMETOOLONG)
     ensure_private_dir(os.path.dirname(os.path.abspath(path)), what=f"{what} socket directory")
     check_socket_path(path, f"{what} socket")     # UnsafePath: others could squat it
     _remove_stale(path, what)

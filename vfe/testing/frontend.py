@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 from vfe.vhost.messages import MEM_TABLE_MAX_REGIONS, Inflight, ProtocolError, ProtocolFeature
 from vfe.vhost.transport import Connection, close_fds
-from vfe.virtio.constants import F, Status, bit, net_hdr_len
+from vfe.virtio.constants import (VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN, VRING_DESC_SIZE, F, Status, bit,
+                                  net_hdr_len)
 
 from .channel import FrontendChannel
 from .guest_ram import PAGE, GuestRam, MiB
@@ -208,7 +209,7 @@ class Frontend(FrontendChannel):
             max_indirect = 16
             # indirect tables start 16-byte aligned, as a driver's kmalloc'd ones do
             indirect_off = (layout.total + 15) & ~15
-            area = indirect_off + size * max_indirect * 16
+            area = indirect_off + size * max_indirect * VRING_DESC_SIZE
             ring_gpa = self.memory.alloc(area, align=PAGE)
             buf_gpa = self.memory.alloc(size * buf_size, align=PAGE)
             region, off = self.memory.region_of(ring_gpa)
@@ -368,7 +369,9 @@ class Frontend(FrontendChannel):
                 data = self.memory.read(ring.slot_gpa(slot), used.length)  # type: ignore[union-attr]
                 if remaining == 0:
                     pending = [data]
-                    nbufs = struct.unpack_from("<H", data, 10)[0] if mrg and len(data) >= 12 else 1
+                    # num_buffers follows the header's first VIRTIO_NET_HDR_LEN bytes
+                    nbufs = (struct.unpack_from("<H", data, VIRTIO_NET_HDR_LEN)[0]
+                             if mrg and len(data) >= VIRTIO_NET_HDR_MRG_LEN else 1)
                     remaining = max(nbufs, 1) - 1
                 else:
                     pending.append(data)

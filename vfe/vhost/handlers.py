@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from vfe.virtio.constants import MAX_QUEUE_SIZE, F
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MAX, VIRTIO_NET_MTU_MIN, F
 
 from .actions import (
     AddMemRegion,
@@ -44,6 +44,7 @@ from .messages import (
     Log,
     MemTable,
     Message,
+    Payload,
     ProtocolError,
     ProtocolFeature,
     Request,
@@ -58,9 +59,6 @@ from .readiness import forget_kick, quiesce
 
 log = logging.getLogger("vfe.vhost.protocol")
 
-_MTU_MIN, _MTU_MAX = 68, 65535
-
-
 class Refused(Exception):
     """A well-formed request we decline (SET_CONFIG, an invalid MTU): Ack(ok=False)
     when REPLY_ACK is in effect, otherwise logged and ignored.  Never fatal."""
@@ -74,7 +72,7 @@ class Row:
     """How one request is checked and handled."""
 
     handler: Handler
-    payload: type                       # messages.py payload class (decode/is_valid)
+    payload: type[Payload]              # messages.py payload class (sizes, decode, is_valid)
     fds: tuple[int, int] = (0, 0)       # (min, max) fds accepted
     protocol_feature: ProtocolFeature | None = None   # must be negotiated
     offered_feature: int | None = None  # virtio feature bit the device must offer
@@ -85,10 +83,7 @@ class Row:
 
     @property
     def size(self) -> tuple[int, int]:
-        p = self.payload
-        if hasattr(p, "MIN_SIZE"):
-            return (p.MIN_SIZE, p.MAX_SIZE)
-        return (p.SIZE, p.SIZE)
+        return (self.payload.MIN_SIZE, self.payload.MAX_SIZE)
 
 
 # -- checks shared by handlers ----------------------------------------------------
@@ -350,8 +345,8 @@ def send_rarp(spec: DeviceSpec, s: ConnectionState, msg: Message, p: U64) -> lis
 
 
 def net_set_mtu(spec: DeviceSpec, s: ConnectionState, msg: Message, p: U64) -> list:
-    if not _MTU_MIN <= p.value <= _MTU_MAX:
-        raise Refused(f"MTU {p.value} outside {_MTU_MIN}..{_MTU_MAX}")
+    if not VIRTIO_NET_MTU_MIN <= p.value <= VIRTIO_NET_MTU_MAX:
+        raise Refused(f"MTU {p.value} outside {VIRTIO_NET_MTU_MIN}..{VIRTIO_NET_MTU_MAX}")
     return [SetMtu(p.value)]
 
 

@@ -15,7 +15,8 @@ queue region per virtqueue, back to back, each padded to INFLIGHT_ALIGN:
       u16 last_batch_head @12              u64 counter   @8  (fetch order)
       u16 used_idx     @14
 
-The engine (cython_ext/inflight.pxd) reads and writes it; this module only
+The engine (cython_ext/inflight.pxd, whose IF_* sizes and offsets a unit
+test checks against the structs here) reads and writes it; this module only
 sizes, allocates and maps it.
 """
 from __future__ import annotations
@@ -25,8 +26,12 @@ import struct
 
 from .memory import GuestMemoryError, address_of, _mmap_fd
 
-HEADER_SIZE = 16
-DESC_SIZE = 16
+#: QueueRegionSplit: features, version, desc_num, last_batch_head, used_idx
+QUEUE_HEADER = struct.Struct("<QHHHH")
+#: DescStateSplit: inflight, (padding), next, counter
+DESC_STATE = struct.Struct("<B5xHQ")
+HEADER_SIZE = QUEUE_HEADER.size      # 16
+DESC_SIZE = DESC_STATE.size          # 16
 INFLIGHT_ALIGN = 64          # one cache line: queue regions never share a line
 VERSION = 1
 
@@ -49,7 +54,7 @@ def allocate(num_queues: int, queue_size: int) -> tuple[int, int]:
     fd = os.memfd_create("vfe-inflight", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)            # zero-filled
-        header = struct.pack("<QHHHH", 0, VERSION, queue_size, 0, 0)
+        header = QUEUE_HEADER.pack(0, VERSION, queue_size, 0, 0)
         stride = queue_region_size(queue_size)
         for q in range(num_queues):
             os.pwrite(fd, header, q * stride)
@@ -89,14 +94,14 @@ class InflightRegion:
 
     def queue_header(self, q: int) -> tuple[int, int, int, int, int]:
         """(features, version, desc_num, last_batch_head, used_idx) of queue q (tests, logs)."""
-        return struct.unpack_from("<QHHHH", self.mmap, self.offset + q * self.stride)
+        return QUEUE_HEADER.unpack_from(self.mmap, self.offset + q * self.stride)
 
     def inflight_heads(self, q: int) -> dict[int, int]:
         """{head: counter} of queue q's entries marked inflight (tests, logs)."""
         base = self.offset + q * self.stride + HEADER_SIZE
         out = {}
         for i in range(self.queue_size):
-            flag, counter = struct.unpack_from("<B7xQ", self.mmap, base + DESC_SIZE * i)
+            flag, _, counter = DESC_STATE.unpack_from(self.mmap, base + DESC_SIZE * i)
             if flag:
                 out[i] = counter
         return out
@@ -109,4 +114,4 @@ class InflightRegion:
 
 
 __all__ = ["GuestMemoryError", "InflightRegion", "allocate", "queue_region_size", "region_size",
-           "HEADER_SIZE", "DESC_SIZE", "INFLIGHT_ALIGN", "VERSION"]
+           "QUEUE_HEADER", "DESC_STATE", "HEADER_SIZE", "DESC_SIZE", "INFLIGHT_ALIGN", "VERSION"]

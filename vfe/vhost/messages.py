@@ -5,8 +5,10 @@ Names and numbers follow QEMU's docs/interop/vhost-user.rst ("front-end" /
 (little-endian on every host we run on); the layouts below use ``<`` so that
 they are exact and padding-free.
 
-Every payload type is a frozen dataclass with:
+Every payload type is a frozen dataclass deriving from ``Payload`` with:
 
+- ``MIN_SIZE``/``MAX_SIZE``: the lengths it may have on the wire (a
+  fixed-size type sets ``SIZE``, and both bounds are that);
 - ``decode(data) -> instance``: exact-size parse, ``ProtocolError`` otherwise;
 - ``encode() -> bytes``;
 - ``is_valid() -> bool``: *syntax-only* checks (reserved bits, ranges that
@@ -170,8 +172,24 @@ def _end_fits(start: int, length: int) -> bool:
 # Payloads
 
 
+class Payload:
+    """The base of every payload type: the dispatcher checks a message's
+    length against ``MIN_SIZE``..``MAX_SIZE`` before it decodes it.  A
+    fixed-size type sets ``SIZE`` instead, which gives both."""
+
+    __slots__ = ()
+    MIN_SIZE: ClassVar[int]
+    MAX_SIZE: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        size = cls.__dict__.get("SIZE")
+        if size is not None:
+            cls.MIN_SIZE = cls.MAX_SIZE = size
+
+
 @dataclass(frozen=True, slots=True)
-class U64:
+class U64(Payload):
     """A single 64-bit integer."""
 
     value: int
@@ -192,7 +210,7 @@ class U64:
 
 
 @dataclass(frozen=True, slots=True)
-class VringState:
+class VringState(Payload):
     """struct vhost_vring_state: a 32-bit index and a 32-bit number."""
 
     index: int
@@ -214,7 +232,7 @@ class VringState:
 
 
 @dataclass(frozen=True, slots=True)
-class VringFile:
+class VringFile(Payload):
     """The u64 of SET_VRING_KICK/CALL/ERR: index in bits 0-7, bit 8 = no fd."""
 
     index: int
@@ -241,7 +259,7 @@ class VringFile:
 
 
 @dataclass(frozen=True, slots=True)
-class VringAddr:
+class VringAddr(Payload):
     """struct vhost_vring_addr.  Ring addresses are the front-end's user
     addresses (``_uva``); ``log_guest_addr`` is guest-physical."""
 
@@ -280,7 +298,7 @@ class VringAddr:
 
 
 @dataclass(frozen=True, slots=True)
-class MemoryRegion:
+class MemoryRegion(Payload):
     """One region: guest address, size, user address, mmap offset."""
 
     gpa: int
@@ -309,7 +327,7 @@ class MemoryRegion:
 
 
 @dataclass(frozen=True, slots=True)
-class MemTable:
+class MemTable(Payload):
     """Memory regions description: u32 count, u32 padding, up to 8 regions.
 
     QEMU sends ``8 + n * 32`` bytes; some front-ends send the whole
@@ -352,7 +370,7 @@ class MemTable:
 
 
 @dataclass(frozen=True, slots=True)
-class SingleMemRegion:
+class SingleMemRegion(Payload):
     """ADD_MEM_REG / REM_MEM_REG payload: u64 padding then one region."""
 
     region: MemoryRegion
@@ -372,7 +390,7 @@ class SingleMemRegion:
 
 
 @dataclass(frozen=True, slots=True)
-class Log:
+class Log(Payload):
     """Log description: mmap size and offset of the dirty log in its fd."""
 
     size: int
@@ -395,7 +413,7 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
-class Inflight:
+class Inflight(Payload):
     """Inflight description (GET/SET_INFLIGHT_FD).  The C struct is 8-byte
     aligned, so QEMU sends 24 bytes: 20 of fields and 4 of tail padding."""
 
@@ -427,7 +445,7 @@ class ConfigFlag(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Config:
+class Config(Payload):
     """Virtio device config space: offset, size, flags, then ``size`` bytes."""
 
     offset: int
@@ -463,7 +481,7 @@ class Config:
 
 
 @dataclass(frozen=True, slots=True)
-class Empty:
+class Empty(Payload):
     """No payload (GET_FEATURES, SET_OWNER, ...)."""
 
     SIZE: ClassVar[int] = 0

@@ -27,14 +27,12 @@ docs/vfe-vdpa.md.
 import os
 from typing import Mapping
 
-from vfe.paths import vhostd_run_dir
+from vfe.paths import VHOSTD_SOCKET_NAME, vhostd_run_dir
 
 DEFAULT_PORT = 12190
 DEFAULT_ADDRESS = "127.0.0.1"
 
-#: vfe-vhostd's RPC socket, in its run dir under $VFE_ROOT (vfe/paths.py);
-#: $VFE_VHOSTD_SOCKET names another
-SOCKET_NAME = "vhostd.sock"
+#: $VFE_VHOSTD_SOCKET names another RPC socket than vfe/paths.py's default
 ENV_SOCKET = "VFE_VHOSTD_SOCKET"
 ENV_PORT = "VFE_VHOSTD_PORT"
 
@@ -44,7 +42,7 @@ def default_socket(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     if env.get(ENV_SOCKET):
         return os.path.abspath(env[ENV_SOCKET])
-    return str(vhostd_run_dir(env) / SOCKET_NAME)
+    return str(vhostd_run_dir(env) / VHOSTD_SOCKET_NAME)
 
 
 def default_port(env: Mapping[str, str] | None = None) -> int:

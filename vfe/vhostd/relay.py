@@ -44,17 +44,13 @@ import time
 from typing import Callable
 
 from vfe.rpc.access import allowed, unix_peer
-from vfe.safepath import SUN_PATH_MAX
+from vfe.safepath import SocketPathTooLong, check_sun_path
 from vfe.safepath import check_socket_path as check_unsafe
 from vfe.vhost import transport
-from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError
-from vfe.vhost.messages import Request as _Request
+from vfe.vhost.messages import REPLY, VERSION, Message, ProtocolError, Request
 from vfe.vhost.transport import Connection, close_fds
 
 log = logging.getLogger("vfe.vhostd")
-
-VFE_RELAY_HELLO = int(getattr(_Request, "VFE_RELAY_HELLO", 0x7F00))
-VFE_RELAY_RESUME = int(getattr(_Request, "VFE_RELAY_RESUME", 0x7F01))
 
 #: How long the controller may take to answer HELLO / RESUME.
 HANDSHAKE_TIMEOUT = 5.0
@@ -142,9 +138,10 @@ def handshake(ctrl: Connection, request: int, fds: tuple[int, ...] = (),
 
 def check_socket_path(path: str, client: bool) -> None:
     """The checks a provisioning request gets before anything is created."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise RelayError(-errno.ENAMETOOLONG,
-                         f"socket path {path} is longer than the {SUN_PATH_MAX} bytes a Unix socket allows")
+    try:
+        check_sun_path(path)
+    except SocketPathTooLong as exc:
+        raise RelayError(-errno.ENAMETOOLONG, str(exc)) from None
     try:                   # a directory others write, or another user's socket in /tmp
         check_unsafe(path)
     except transport.UnsafePath as exc:
@@ -248,7 +245,7 @@ class Relay:
     def _try_resume(self) -> None:
         ctrl = connect_endpoint(self.endpoint, self.handshake_timeout)     # RelayError: the VF is unreachable
         try:
-            code, fds, rest = handshake(ctrl, VFE_RELAY_RESUME, (), self.handshake_timeout)
+            code, fds, rest = handshake(ctrl, Request.VFE_RELAY_RESUME, (), self.handshake_timeout)
         except (OSError, ProtocolError) as exc:
             # an older controller, or one that took us for a front-end
             log.debug("%s: no front-end to resume (%s)", self.name, exc)
@@ -295,7 +292,7 @@ class Relay:
             qemu.close()
             raise
         try:
-            code, fds, rest = handshake(ctrl, VFE_RELAY_HELLO, (qemu.fileno(),), self.handshake_timeout)
+            code, fds, rest = handshake(ctrl, Request.VFE_RELAY_HELLO, (qemu.fileno(),), self.handshake_timeout)
         except TimeoutError as exc:
             ctrl.close()
             qemu.close()

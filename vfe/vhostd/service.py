@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vfe import __version__
-from vfe.paths import vhostd_run_dir
+from vfe.paths import endpoint_socket_name, vhostd_run_dir
 from vfe.safepath import make_dirs
 from vfe.vhostd.controller_client import Controller, function_kind
 from vfe.vhostd.errors import (ERR_ADD_PF_ALREADY_ADD, ERR_ADD_PF_DEVICEID_NOT_SUPPORT, ERR_ADD_VF_ALREADY_ADD,
@@ -254,7 +254,7 @@ class VhostService:
         relay.start()                                  # RelayError -> errno
         self.vfs[bdf] = ProvisionedVF(bdf, pf.bdf, vuid, path, vm_uuid, relay, kind)
         log.info("VF %s (%s) provisioned on %s%s", bdf, vuid, path,
-                 " (resumed the controller's front-end)" if getattr(relay, "resumed", False) else "")
+                 " (resumed the controller's front-end)" if relay.resumed else "")
         return with_errno({}, 0)
 
     def _endpoint(self, vuid: str) -> str:
@@ -264,7 +264,7 @@ class VhostService:
             devices = []
         if devices and devices[0].get("socket"):
             return str(devices[0]["socket"])
-        return os.path.join(os.path.dirname(self.controller.socket_path), f"{vuid}.sock")
+        return os.path.join(os.path.dirname(self.controller.socket_path), endpoint_socket_name(vuid))
 
     def _vf_exists(self, vuid: str, bdf: str) -> bool | None:
         try:

@@ -108,6 +108,9 @@ VIRTIO_NET_HDR_LEN = 10            # legacy header without num_buffers
 VIRTIO_NET_HDR_MRG_LEN = 12        # with num_buffers (VERSION_1 or MRG_RXBUF)
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_S_ANNOUNCE = 2
+# config.mtu with NET_MTU (5.1.4.1: "between 68 and 65535 inclusive")
+VIRTIO_NET_MTU_MIN = 68
+VIRTIO_NET_MTU_MAX = 65535
 
 
 # virtio-blk requests (5.2.6)

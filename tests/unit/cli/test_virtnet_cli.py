@@ -13,6 +13,7 @@ import pytest
 import vfe
 from vfe import __version__
 from vfe.cli import virtnet
+from vfe.paths import controller_socket
 from vfe.rpc import RpcError, RpcServer
 
 # The seed's text ("User Frontend"), whose extraction collapsed the spacing.
@@ -387,11 +388,20 @@ def test_socket_from_env(capsys, controller, monkeypatch, tmp_path):
 def test_socket_from_vfe_root(capsys, controller, monkeypatch, tmp_path):
     root = tmp_path / "root"
     monkeypatch.setenv("VFE_ROOT", str(root))
-    assert virtnet.default_socket() == str(root / "run" / "virtnet" / "virtnet.sock")
-    c = controller({"list": [1]}, path=virtnet.default_socket())
+    assert controller_socket() == str(root / "run" / "virtnet" / "virtnet.sock")
+    c = controller({"list": [1]}, path=controller_socket())
     assert run(capsys, "list") == (0, "[\n  1\n]\n", "")
     monkeypatch.delenv("VFE_ROOT")
-    assert virtnet.default_socket() == "/run/virtnet/virtnet.sock"
+    assert controller_socket() == "/run/virtnet/virtnet.sock"
+
+
+def test_controller_socket_env():
+    """$VIRTNET_SOCKET as given (the CLIs pass it on unchanged), else under
+    the absolute $VFE_ROOT, where the controller puts it."""
+    assert controller_socket({"VIRTNET_SOCKET": "rel/x.sock", "VFE_ROOT": "/r"}) == "rel/x.sock"
+    assert controller_socket({"VFE_ROOT": "/r/"}) == "/r/run/virtnet/virtnet.sock"
+    assert controller_socket({"VFE_ROOT": ""}) == "/run/virtnet/virtnet.sock"
+    assert controller_socket({"VFE_ROOT": "r"}) == os.path.join(os.getcwd(), "r/run/virtnet/virtnet.sock")
 
 
 def test_application_error(capsys, controller):

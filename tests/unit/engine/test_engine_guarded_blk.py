@@ -24,6 +24,7 @@ from tests.harness.engine_rig import (
     table_bytes,
 )
 from tests.harness.guarded import GuardedArea, run_forked
+from vfe.vhost.inflight import DESC_STATE, QUEUE_HEADER
 
 SIZE = 8
 DESC, AVAIL, USED, BUF, BUF2 = range(5)
@@ -274,7 +275,7 @@ def test_set_inflight_refuses_a_shape_its_length_cannot_hold():
 
 
 def _header(version, desc_num, last_batch, used_idx):
-    return struct.pack("<QHHHH", 0, version, desc_num, last_batch, used_idx)
+    return QUEUE_HEADER.pack(0, version, desc_num, last_batch, used_idx)
 
 
 def test_inflight_header_version_and_desc_num_are_checked():
@@ -308,7 +309,7 @@ def test_inflight_entries_full_of_garbage():
         entries = b""
         for i, f in enumerate(flags):
             nxt = [0xFFFF, i, (i + 1) % SIZE, 0x8000][i % 4]
-            entries += struct.pack("<B5xHQ", f, nxt, 0xFFFF_FFFF_FFFF_FFFF - i)
+            entries += DESC_STATE.pack(f, nxt, 0xFFFF_FFFF_FFFF_FFFF - i)
         b.area.write(b.off, hdr + entries)
         sts = {}
         for h in (0, 2, 4, 6):                          # the flag-1 heads: 2-descriptor requests

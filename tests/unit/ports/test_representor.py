@@ -22,9 +22,10 @@ from tests.harness.netns import NetNs
 from vfe.ports import representor as rep_mod
 from vfe.ports.representor import (IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TAP,
                                    IFF_VNET_HDR, MAX_READ, TUNGETIFF, TUNGETVNETHDRSZ,
-                                   VNET_HDR_LEN, Representor, RepresentorError, exists,
+                                   Representor, RepresentorError, exists,
                                    list_representors, pack_vnet_hdr, parse_representor_name,
                                    representor_name, unpack_vnet_hdr, validate_name)
+from vfe.virtio.constants import VIRTIO_NET_HDR_MRG_LEN
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"),
@@ -146,7 +147,7 @@ def test_create_attributes(ns, rep):
     assert not flags & IFF_MULTI_QUEUE
     sz = bytearray(4)
     fcntl.ioctl(rep.fd, TUNGETVNETHDRSZ, sz)
-    assert struct.unpack("i", sz)[0] == VNET_HDR_LEN == 12
+    assert struct.unpack("i", sz)[0] == VIRTIO_NET_HDR_MRG_LEN == 12
     info = rep.info()
     assert info["mtu"] == 1500 and info["persist"] and not info["up"]
     assert info["ifindex"] == rep.ifindex and info["name"] == REP

@@ -2,7 +2,7 @@
 import pytest
 
 from vfe.vhost.messages import (
-    Config, Empty, Inflight, Log, MemoryRegion, MemTable, ProtocolError, ProtocolFeature,
+    Config, Empty, Inflight, Log, MemoryRegion, MemTable, Payload, ProtocolError, ProtocolFeature,
     Request, SingleMemRegion, U64, VringAddr, VringFile, VringState, REPLY_FLAGS, NEED_REPLY,
     HEADER_SIZE, request_name,
 )
@@ -128,3 +128,16 @@ def test_inflight_and_log_validity():
     assert Inflight(4096, 0, 1, 128).is_valid()
     assert not Inflight(4096, 0, 0, 128).is_valid()
     assert Log(8192, 0).is_valid() and not Log(0, 0).is_valid() and not Log(2**63, 1).is_valid()
+
+
+@pytest.mark.parametrize("cls", [U64, VringState, VringFile, VringAddr, MemoryRegion, SingleMemRegion,
+                                 Log, Inflight, Empty], ids=lambda c: c.__name__)
+def test_a_fixed_size_payload_has_its_size_as_both_bounds(cls):
+    assert issubclass(cls, Payload) and cls.MIN_SIZE == cls.MAX_SIZE == cls.SIZE
+    assert len(cls.decode(bytes(cls.SIZE)).encode()) == cls.SIZE
+
+
+def test_variable_size_payload_bounds():
+    assert (MemTable.MIN_SIZE, MemTable.MAX_SIZE) == (8, 8 + 8 * MemoryRegion.SIZE)
+    assert (Config.MIN_SIZE, Config.MAX_SIZE) == (12, 12 + 4096)
+    assert not hasattr(MemTable, "SIZE") and not hasattr(Config, "SIZE")

@@ -3,13 +3,18 @@
 The compiled loop cannot import Python constants, so virtio.pxd repeats the
 ones it needs; here every constant it declares must exist in vfe.virtio with
 the same value, and its ring-area arithmetic must give vfe.virtio.layouts'
-sizes (read back through the compiled module)."""
+sizes (read back through the compiled module).  Likewise the vhost-user
+shared memory the engine writes: the dirty log's page (vring.pxd) and the
+inflight region's layout (inflight.pxd) are vfe.vhost's."""
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
 from vfe import _engine
+from vfe.vhost import inflight
+from vfe.vhost.messages import LOG_PAGE
 from vfe.virtio import constants
 from vfe.virtio.layouts import ring_area_sizes
 
@@ -71,3 +76,23 @@ def test_ring_area_sizes_agree_with_the_engine(size, event_idx):
 def test_ring_area_sizes():
     assert ring_area_sizes(256, False) == (4096, 4 + 512, 4 + 2048)
     assert ring_area_sizes(256, True) == (4096, 4 + 512 + 2, 4 + 2048 + 2)
+
+
+def test_dirty_log_page_agrees_with_the_engine():
+    assert _engine.log_page_size() == LOG_PAGE == 4096
+
+
+def test_inflight_layout_agrees_with_the_engine():
+    """Fields packed by vfe/vhost/inflight.py's structs are where the
+    engine's IF_* offsets read them."""
+    c = _engine.inflight_layout()
+    assert (c["header_size"], c["desc_size"]) == (inflight.HEADER_SIZE, inflight.DESC_SIZE) == (16, 16)
+    header = inflight.QUEUE_HEADER.pack(0x1122334455667788, 0xA1A2, 0xB1B2, 0xC1C2, 0xD1D2)
+    assert struct.unpack_from("<Q", header, 0)[0] == 0x1122334455667788
+    for field, value in (("version", 0xA1A2), ("desc_num", 0xB1B2), ("last_batch_head", 0xC1C2),
+                         ("used_idx", 0xD1D2)):
+        assert struct.unpack_from("<H", header, c[field])[0] == value, field
+    desc = inflight.DESC_STATE.pack(0xE1, 0xF1F2, 0x0102030405060708)
+    assert desc[c["desc_inflight"]] == 0xE1
+    assert struct.unpack_from("<H", desc, c["desc_next"])[0] == 0xF1F2
+    assert struct.unpack_from("<Q", desc, c["desc_counter"])[0] == 0x0102030405060708
