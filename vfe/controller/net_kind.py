@@ -5,7 +5,8 @@ query, modify, sriov_numvfs, vhostmgmt's device operations).
 Creating a function builds its pieces in order -- SF, representor, device
 model and engine rings, vhost-user endpoint, representor link, host
 hot-plug, recovery file -- and undoes the ones already built if a later one
-fails, so a failed command leaves nothing half created.  The functions are
+fails, so a failed command leaves nothing half created.  Removing one takes
+its recovery file first, so a failure leaves it whole.  The functions are
 the inventory's (inventory.py), beside the other kinds'.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vfe.controller.functions import (
     queue_pairs, static_pf_location, vf_location,
 )
 from vfe.controller.kind import (
-    VF_STATE_OPS, InventoryError, Method, Undo, query_entry, save_record,
+    VF_STATE_OPS, InventoryError, Method, Undo, delete_record, query_entry, save_record,
 )
 from vfe.controller.net_recovery import NetCodec, RecoveryLoad, RecoveryRecord
 from vfe.controller.recovery import RecoveryStore
@@ -189,11 +190,23 @@ class NetKind:
         if self.store.enabled:
             save_record(self.store, f.vuid, RecoveryRecord.of(f))
 
+    def _remove(self, f: NetFunction, later: list | None = None) -> None:
+        """Take a function away for good (unplug, VFs gone): its recovery
+        file first -- if that cannot go, the function stays whole and the
+        error says why, where a file left behind would bring the function
+        back at the next start -- then its pieces, representor and SF."""
+        delete_record(self.store, f.vuid, RecoveryRecord.of(f))
+        self._teardown(f, destroy=True, later=later)
+        self.inventory.discard(f)
+
     def _teardown(self, f: NetFunction, destroy: bool, later: list | None = None) -> None:
-        """Take a function's pieces apart; `destroy` also removes its
-        representor, SF and recovery file (unplug), else they stay for the
-        next start (shutdown).  `later`: collect the representors to delete
-        instead of deleting them here (see _destroy_representors)."""
+        """Take a function's pieces apart; `destroy` also takes it out of
+        the host VM and removes its representor and SF (its recovery file
+        is gone already: _remove), else they stay for the next start
+        (shutdown).  `later`: collect the representors to delete instead of
+        deleting them here (see _destroy_representors)."""
+        if destroy and self.host is not None and f.qmp_id:
+            self.host.unplug(f)
         if f.model is not None:
             f.model.rings.set_tap(-1)
         if f.endpoint is not None:
@@ -207,7 +220,6 @@ class NetKind:
                 (f.representor.destroy if destroy else f.representor.close)()
         if destroy:
             self.sf_pools[f.ib_dev].release(f.sf_num)
-            self.store.delete(RecoveryRecord.of(f))
 
     # ------------------------------------------------------------------ start / stop
 
@@ -354,10 +366,7 @@ class NetKind:
         if f.device_type != HOTPLUG:
             raise InventoryError(f"{f.vuid} is a {f.device_type} function: only hot-plugged PFs can be "
                                  f"unplugged", code=-errno.EPERM)
-        if self.host is not None and f.qmp_id:
-            self.host.unplug(f)
-        self._teardown(f, destroy=True)
-        self.inventory.discard(f)
+        self._remove(f)
         log.info("%s: unplugged", f.vuid)
         return {"id": f.pf_id, "vuid": f.vuid, "status": "success"}
 
@@ -463,11 +472,12 @@ class NetKind:
         pool = self.sf_pools[pf.ib_dev]
         if n == 0:
             reps: list = []
-            with pool.batch():
-                for f in reversed(vfs):
-                    self._teardown(f, destroy=True, later=reps)
-                    self.inventory.discard(f)
-            _destroy_representors(reps)
+            try:
+                with pool.batch():
+                    for f in reversed(vfs):
+                        self._remove(f, later=reps)
+            finally:                          # the VFs gone so far, if one could not go
+                _destroy_representors(reps)
             log.info("PF(%d): Unload (%d) VFs finished", pf.pf_id, len(vfs))
             return {"pf_id": pf.pf_id, "sriov_numvfs": 0, "destroyed": len(vfs)}
         if vfs:
@@ -501,8 +511,7 @@ class NetKind:
                 created.append(self._create(f, preferred_sf=None))
         except BaseException:
             for f in reversed(created):       # all or nothing, like the PCI core's enable
-                self._teardown(f, destroy=True)
-                self.inventory.discard(f)
+                self._remove(f)
             raise
 
     # ------------------------------------------------------------------ device state (vhostmgmt vf -o)

@@ -1,9 +1,15 @@
 """The net kind without an engine: it restores its functions from the typed
-records its codec loads (a seed-only file takes vfe's defaults)."""
+records its codec loads (a seed-only file takes vfe's defaults), and it
+removes a function's recovery file before the function -- a file that
+cannot go leaves the function whole and the error reported."""
+import errno
 import json
 import types
 
+import pytest
+
 from vfe.controller.inventory import Inventory
+from vfe.controller.kind import InventoryError
 from vfe.controller.net_kind import ALWAYS_OFFERED, NetKind
 from vfe.controller.nvconfig import limits
 from vfe.controller.recovery import RecoveryStore
@@ -46,6 +52,13 @@ class FakeDaemon:
 
     def remove_endpoint(self, ep):
         self.endpoints.remove(ep)
+
+
+class UndeletableStore(RecoveryStore):
+    """A recovery directory whose files cannot be removed."""
+
+    def delete(self, record):
+        raise PermissionError(errno.EACCES, "Permission denied")
 
 
 def service(tmp_path, store_class=RecoveryStore, files=(), nv=NO_STATIC_PFS):
@@ -97,3 +110,29 @@ def test_unplug_removes_the_file_then_the_function(tmp_path):
     assert svc.inv.functions == [] and rings.closed and svc.kind.daemon.endpoints == []
     assert not (svc.store.dir / "VNETS1D0F0.json").exists()
     assert svc.pools["mlx5_0"].user_of(2000) is None and 2000 in svc.pools["mlx5_0"].pooled
+
+
+def test_a_file_that_cannot_go_keeps_its_function(tmp_path):
+    """Were the function torn down first, the file left behind would bring
+    it back at the next start; so the file goes first, and if it cannot, the
+    function stays as it was and the user hears why."""
+    svc = service(tmp_path, store_class=UndeletableStore, files=[("VNETS1D0F0", SEED_FILE)])
+    [f] = svc.inv.functions
+    with pytest.raises(InventoryError, match="VNETS1D0F0: cannot remove its recovery file: .*Permission "
+                                             "denied") as exc:
+        svc.inv.methods()["unplug"]({"vuid": "VNETS1D0F0"})
+    assert exc.value.code == -errno.EACCES
+    assert svc.inv.functions == [f] and not f.model.rings.closed and svc.kind.daemon.endpoints == [f.endpoint]
+    assert svc.pools["mlx5_0"].user_of(2000) == "VNETS1D0F0"
+    assert (svc.store.dir / "VNETS1D0F0.json").exists()
+
+
+def test_vfs_whose_files_cannot_go_stay(tmp_path):
+    svc = service(tmp_path, store_class=UndeletableStore,
+                  nv={"VIRTIO_NET_EMULATION_NUM_PF": 1, "SRIOV_EN": 1, "VIRTIO_NET_EMULATION_NUM_VF": 4})
+    sriov = svc.inv.methods()["sriov_numvfs"]
+    assert sriov({"pf": 0, "num_vfs": 2})["sriov_numvfs"] == 2
+    with pytest.raises(InventoryError, match="cannot remove its recovery file"):
+        sriov({"pf": 0, "num_vfs": 0})
+    assert sriov({"pf": 0})["sriov_numvfs"] == 2
+    assert all(not f.model.rings.closed for f in svc.inv.functions)
