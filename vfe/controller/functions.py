@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from vfe.controller.kind import driver_bound, list_head
 
 # The largest MTU a function may have: the product's (`virtnet hotplug -t`,
-# `modify -t`: 68..9216, docs/virtnet.md).
+# `modify -t`: 68..9216, docs/virtnet.md), below virtio's VIRTIO_NET_MTU_MAX.
 MAX_MTU = 9216
 # The static PFs' MACs when virtnet.conf names no base (pf_mac,
 # static_pf.mac_base): this base + the PF's index.

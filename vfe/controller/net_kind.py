@@ -28,7 +28,7 @@ from vfe.controller.recovery import RecoveryStore
 from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
 from vfe.macaddr import is_mac, mac_add, random_local_mac
-from vfe.virtio.constants import MAX_QUEUE_SIZE, F, bit
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN, F, bit
 
 log = logging.getLogger("vfe.controller")
 
@@ -138,8 +138,9 @@ class NetKind:
         if not 2 <= max_queue_size <= MAX_QUEUE_SIZE or max_queue_size & (max_queue_size - 1):
             raise InventoryError(f"max_queue_size {max_queue_size} is not a power of two in "
                                  f"2..{MAX_QUEUE_SIZE}", code=-errno.ERANGE)
-        if not 68 <= mtu <= MAX_MTU:
-            raise InventoryError(f"mtu {mtu} is out of range 68..{MAX_MTU}", code=-errno.ERANGE)
+        if not VIRTIO_NET_MTU_MIN <= mtu <= MAX_MTU:
+            raise InventoryError(f"mtu {mtu} is out of range {VIRTIO_NET_MTU_MIN}..{MAX_MTU}",
+                                 code=-errno.ERANGE)
 
     @staticmethod
     def check_mac(mac: str) -> str:

@@ -36,6 +36,7 @@ from vfe.controller.recovery import (
 from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.controller.virtnet_conf import ConfigError, VirtnetConf, check_mac
 from vfe.paths import RECOVERY_REL
+from vfe.virtio.constants import VIRTIO_NET_MTU_MIN
 
 SEED_RECOVERY_DIR = "/" + RECOVERY_REL          # the product's, named in its instructions
 _VUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -130,8 +131,8 @@ class RecoveryRecord:
         check_int("pf_num", self.pf_num, 0)
         check_int("sf_num", self.sf_num, SF_NUM_MIN)
         check_int("mq", self.mq, 0)
-        for name, lo in (("mtu", 68), ("max_queues", 1), ("max_queue_size", 1), ("num_msix", 1),
-                         ("port", -1)):
+        for name, lo in (("mtu", VIRTIO_NET_MTU_MIN), ("max_queues", 1), ("max_queue_size", 1),
+                         ("num_msix", 1), ("port", -1)):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), lo)
         if self.features is not None:
