@@ -36,11 +36,15 @@ from typing import Any, ClassVar
 
 from vfe.controller.bdevs import Bdevs
 from vfe.controller.blk_identity import (
-    DEFAULT_QUEUE_SIZE, IB_DEV_RE, MAX_PF_ID, MAX_QUEUE_SIZE, MAX_QUEUES, MAX_VF_ID, blk_identity,
+    BLK_MAX_QUEUE_SIZE, BLK_MAX_QUEUES, DEFAULT_QUEUE_SIZE, IB_DEV_RE, MAX_PF_ID, MAX_VF_ID,
+    blk_identity,
 )
-from vfe.controller.blk_recovery import BlkControllerRecord, BlkLoad
+from vfe.controller.blk_recovery import BlkCodec, BlkControllerRecord, BlkLoad
 from vfe.controller.functions import bdf_str
-from vfe.controller.kind import InventoryError, Method, delete_record, query_entry, save_record
+from vfe.controller.kind import (
+    VF_STATE_STATUS, InventoryError, Method, Undo, delete_record, driver_bound, list_head, query_entry,
+    save_record,
+)
 from vfe.controller.params import bool_param, int_param, str_param
 from vfe.controller.recovery import RecoveryStore
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
@@ -53,7 +57,6 @@ NOT_NET = ("{vuid} is a virtio-blk function ({name}): virtnet {cmd} manages virt
 HINTS = {"modify": "a blk function is changed by deleting and re-creating it "
                    "(vfe-rpc controller_virtio_blk_delete / controller_virtio_blk_create)",
          "unplug": "delete it with vfe-rpc controller_virtio_blk_delete {name}"}
-VF_STATE_STATUS = 6
 
 
 @dataclass
@@ -92,9 +95,7 @@ class BlkFunction:
         parent_pf_id, function_type, vuid, bdf, max_queues,
         max_queues_size), then "type": "virtio_blk" (net entries have no
         "type") and the blk_* fields."""
-        head: dict[str, Any] = ({"pf_id": self.pf_id} if self.is_pf
-                                else {"vf_id": self.vf_id, "parent_pf_id": self.pf_id})
-        return head | {
+        return list_head(self) | {
             "function_type": "static PF" if self.is_pf else "VF",
             "vuid": self.vuid,
             "bdf": self.bdf,
@@ -110,10 +111,9 @@ class BlkFunction:
         }
 
     def bound(self) -> bool:
-        ep = self.endpoint
-        return ep is not None and ep.session is not None and bool(ep.session.started)
+        return driver_bound(self.endpoint)
 
-    def entry(self) -> dict:
+    def controller_list_entry(self) -> dict:
         """Its controller_list entry."""
         return {"name": self.name, "emulation_manager": self.emulation_manager,
                 "type": "virtio_blk", "function_type": "PF" if self.vf_id < 0 else "VF",
@@ -137,6 +137,7 @@ class BlkKind:
         self.daemon = daemon
         self.paths = paths
         self.store = store
+        self.codec = BlkCodec()
         self.bdevs = Bdevs(store)
 
     def functions(self) -> list[BlkFunction]:
@@ -164,8 +165,8 @@ class BlkKind:
         if bdev_type != "spdk":
             raise InventoryError(f"bdev_type {bdev_type!r} is not supported (only spdk)", -errno.EOPNOTSUPP)
         bdev_name = str_param(p, "bdev")
-        nq = int_param(p, "num_queues", 1, lo=1, hi=MAX_QUEUES)
-        qs = int_param(p, "queue_size", DEFAULT_QUEUE_SIZE, lo=2, hi=MAX_QUEUE_SIZE)
+        nq = int_param(p, "num_queues", 1, lo=1, hi=BLK_MAX_QUEUES)
+        qs = int_param(p, "queue_size", DEFAULT_QUEUE_SIZE, lo=2, hi=BLK_MAX_QUEUE_SIZE)
         if qs & (qs - 1):
             raise InventoryError(f"queue_size must be a power of 2, not {qs}")
         admin_q, in_order = bool_param(p, "admin_q"), bool_param(p, "force_in_order")
@@ -192,31 +193,37 @@ class BlkKind:
                         queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
         f = BlkFunction(name, ib, pf_id, vf_id, vuid, raw, b.name, nq, qs, admin_q, in_order,
                         sock, bdev_type=b.bdev_type, block_size=b.block_size, num_blocks=b.num_blocks)
+        undo = Undo()
         try:
-            f.model = BlkDeviceModel(self.daemon.engine, cfg)
-        except OSError as exc:        # its file shrank, was replaced by a symlink or a FIFO...
-            raise InventoryError(f"cannot create the blk device on {bdev_name}: {exc.strerror or exc}",
-                                 -(exc.errno or errno.EIO)) from None
-        except (ValueError, MemoryError) as exc:
-            raise InventoryError(f"cannot create the blk device on {bdev_name}: {exc}",
-                                 -errno.ENOMEM) from None
-        try:
-            f.endpoint = self.daemon.add_endpoint(f.model, sock, False, vuid)
-        except OSError as exc:
-            f.model.close()
-            raise InventoryError(f"cannot listen on {sock}: {exc.strerror or exc}",
-                                 -(exc.errno or errno.EIO)) from None
-        if save:             # the last step, as for a net function: a failure undoes the rest
-            try:
+            self._build(f, cfg, undo)
+            if save:         # the last step, as for a net function: a failure undoes the rest
                 save_record(self.store, name, BlkControllerRecord.of(f))
-            except BaseException:
-                self._close(f)
-                raise
+        except BaseException:
+            undo.run()
+            raise
         self.inventory.add(f)
         b.claimed_by = name
         log.info("%s: virtio-blk %s %s on bdev %s, %d queue(s) of %d, socket %s",
                  name, vuid, f.bdf, b.name, nq, qs, sock)
         return {"name": name, "vuid": vuid, "pci_bdf": f.bdf, "socket": sock}
+
+    def _build(self, f: BlkFunction, cfg: BlkConfig, undo: Undo) -> None:
+        """The device model and its vhost-user endpoint."""
+        try:
+            f.model = BlkDeviceModel(self.daemon.engine, cfg)
+        except OSError as exc:        # its file shrank, was replaced by a symlink or a FIFO...
+            raise InventoryError(f"cannot create the blk device on {f.bdev}: {exc.strerror or exc}",
+                                 -(exc.errno or errno.EIO)) from None
+        except (ValueError, MemoryError) as exc:
+            raise InventoryError(f"cannot create the blk device on {f.bdev}: {exc}",
+                                 -errno.ENOMEM) from None
+        undo.push(f.model.close)
+        try:
+            f.endpoint = self.daemon.add_endpoint(f.model, f.socket, False, f.vuid)
+        except OSError as exc:
+            raise InventoryError(f"cannot listen on {f.socket}: {exc.strerror or exc}",
+                                 -(exc.errno or errno.EIO)) from None
+        undo.push(lambda: self.daemon.remove_endpoint(f.endpoint))
 
     def find(self, key: str) -> BlkFunction:
         """The blk function named ``key`` (its controller name or VUID)."""
@@ -229,8 +236,8 @@ class BlkKind:
     def controller_list(self, p: dict) -> list:
         key = p.get("name") or p.get("vuid")
         if key:
-            return [self.find(key).entry()]
-        return [f.entry() for f in self.functions()]
+            return [self.find(key).controller_list_entry()]
+        return [f.controller_list_entry() for f in self.functions()]
 
     def controller_virtio_blk_delete(self, p: dict) -> bool:
         key = p.get("name") or p.get("vuid")
@@ -268,12 +275,12 @@ class BlkKind:
         for f in self.functions():
             self._close(f)
 
-    def restore(self, loaded: BlkLoad) -> tuple[int, int]:
+    def restore(self, loaded: BlkLoad) -> str:
         """Recreate the bdevs and controllers of a BlkLoad (already checked),
         without rewriting their files.  One that cannot be recreated (an aio
         file gone or shrunk, a socket that cannot be served) is logged and
-        skipped; its file stays for the next start.  Returns (bdevs,
-        controllers) recreated."""
+        skipped; its file stays for the next start.  Returns how many bdevs
+        and controllers were recreated, for the start-up log line."""
         nb = self.bdevs.restore(loaded.bdevs)
         nc = 0
         for r in loaded.controllers:
@@ -291,7 +298,14 @@ class BlkKind:
                             made["socket"], r.socket)
             log.info("%s: recovered %s (%s, bdev %s, socket %s)", r.vuid, r.name, made["pci_bdf"],
                      r.bdev, made["socket"])
-        return nb, nc
+        return f"{nb} recovered bdev(s) and {nc} blk controller(s)"
+
+    def update_refusal(self) -> str | None:
+        malloc = self.bdevs.malloc_names()
+        if not malloc:
+            return None
+        return (f"cannot update while malloc bdev(s) {', '.join(malloc)} exist: their data lives in this "
+                f"process only; delete them (or use aio bdevs) first")
 
     # -- in the virtnet verbs (the inventory's)
 
@@ -301,9 +315,6 @@ class BlkKind:
     def in_list_order(self, functions: list[BlkFunction]) -> list[BlkFunction]:
         """PFs, then VFs, by (pf_id, vf_id)."""
         return sorted(functions, key=lambda f: (f.vf_id >= 0, f.pf_id, f.vf_id))
-
-    def list_entry(self, f: BlkFunction) -> dict:
-        return f.list_entry()
 
     def query_entry(self, f: BlkFunction, brief: bool) -> dict:
         return query_entry(f, brief)          # the same fields as a net function's

@@ -52,33 +52,14 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 from vfe.controller import blk_identity as bi
 from vfe.controller.functions import bdf_str
-from vfe.controller.recovery import RecoveryError, RecoveryProblem, RecoveryStore
+from vfe.controller.recovery import (
+    RecoveryError, RecoveryProblem, RecoveryStore, check_bool, check_int, check_str,
+)
 
 BLK_SUBDIR = "blk"
 BDEV_DIR = f"{BLK_SUBDIR}/bdevs"              # relative to the recovery directory
 CONTROLLER_DIR = f"{BLK_SUBDIR}/controllers"
 _BLK_VUID_RE = re.compile(r"VBLK[A-Za-z0-9]{1,60}")
-
-
-def _int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RecoveryError(name, f"must be an integer, not {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise RecoveryError(name, f"{v} is out of range ({rng})")
-    return v
-
-
-def _bool(name: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise RecoveryError(name, f"must be true or false, not {v!r}")
-    return v
-
-
-def _str(name: str, v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise RecoveryError(name, f"must be a non-empty string, not {v!r}")
-    return v
 
 
 def _object(data: Any, required: tuple[str, ...]) -> Mapping[str, Any]:
@@ -119,17 +100,17 @@ class BdevRecord:
             raise RecoveryError("name", f"{self.name!r} is not a bdev name (letters, digits, _ . : -)")
         if self.bdev_type not in bi.BDEV_TYPES:
             raise RecoveryError("bdev_type", f"{self.bdev_type!r} is not one of {', '.join(bi.BDEV_TYPES)}")
-        _int("block_size", self.block_size, 0)
+        check_int("block_size", self.block_size, 0)
         if self.block_size not in bi.BLOCK_SIZES:
             raise RecoveryError("block_size", f"{self.block_size} is not one of "
                                               f"{', '.join(map(str, bi.BLOCK_SIZES))}")
-        _int("num_blocks", self.num_blocks, 1)
+        check_int("num_blocks", self.num_blocks, 1)
         total = self.num_blocks * self.block_size
         if total % (1 << 20):
             raise RecoveryError("num_blocks", f"{self.num_blocks} blocks of {self.block_size} bytes "
                                               f"is not a whole number of MiB")
         if self.bdev_type == "aio":
-            _str("filename", self.filename)
+            check_str("filename", self.filename)
             if not os.path.isabs(self.filename):
                 raise RecoveryError("filename", f"{self.filename!r} is not an absolute path")
         elif self.filename is not None:
@@ -191,16 +172,16 @@ class BlkControllerRecord:
         m = bi.IB_DEV_RE.fullmatch(self.emulation_manager) if isinstance(self.emulation_manager, str) else None
         if m is None:
             raise RecoveryError("emulation_manager", f"{self.emulation_manager!r} is not mlx5_<n>")
-        _int("pf_id", self.pf_id, 0, bi.MAX_PF_ID)
+        check_int("pf_id", self.pf_id, 0, bi.MAX_PF_ID)
         if self.vf_id is not None:
-            _int("vf_id", self.vf_id, 0, bi.MAX_VF_ID)
+            check_int("vf_id", self.vf_id, 0, bi.MAX_VF_ID)
         name, vuid, raw = bi.blk_identity(m.group(1), self.pf_id, -1 if self.vf_id is None else self.vf_id)
-        _str("vuid", self.vuid)
+        check_str("vuid", self.vuid)
         if self.vuid != vuid:
             raise RecoveryError("vuid", f"{self.vuid!r}, but pf_id {self.pf_id}"
                                         + (f" vf_id {self.vf_id}" if self.vf_id is not None else "")
                                         + f" is {vuid}")
-        _int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
+        check_int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
         if self.bdf_raw != raw:
             raise RecoveryError("bdf_raw", f"{self.bdf_raw}, but {vuid} is at {raw} "
                                            f"({bdf_str(raw)})")
@@ -209,13 +190,13 @@ class BlkControllerRecord:
                                         f"{self.emulation_manager} is {name}")
         if not bi.valid_bdev_name(self.bdev):
             raise RecoveryError("bdev", f"{self.bdev!r} is not a bdev name")
-        _int("num_queues", self.num_queues, 1, bi.MAX_QUEUES)
-        _int("queue_size", self.queue_size, 2, bi.MAX_QUEUE_SIZE)
+        check_int("num_queues", self.num_queues, 1, bi.BLK_MAX_QUEUES)
+        check_int("queue_size", self.queue_size, 2, bi.BLK_MAX_QUEUE_SIZE)
         if self.queue_size & (self.queue_size - 1):
             raise RecoveryError("queue_size", f"{self.queue_size} is not a power of 2")
-        _bool("admin_q", self.admin_q)
-        _bool("force_in_order", self.force_in_order)
-        _str("socket", self.socket)
+        check_bool("admin_q", self.admin_q)
+        check_bool("force_in_order", self.force_in_order)
+        check_str("socket", self.socket)
         return self
 
     def to_json(self) -> dict:
@@ -253,8 +234,6 @@ class BlkLoad(NamedTuple):
     bdevs: list[BdevRecord]
     controllers: list[BlkControllerRecord]
     problems: list[RecoveryProblem]
-
-
 
 
 class BlkCodec:

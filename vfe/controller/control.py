@@ -1,5 +1,5 @@
 """virtnet's RPC socket: one method table -- the inventory's verbs and every
-kind's (inventory.methods()), and the controller's own: `log`, `version`,
+kind's (Inventory.methods()), and the controller's own: `log`, `version`,
 `update_start`, `update_status` -- served by one RpcServer in the daemon's
 loop.  An InventoryError becomes the JSON-RPC error of its code and message;
 while a live update moves every device, the answers are the LiveUpdate's
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Mapping
+from typing import Any
 
 from vfe import __version__
+from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError, Method
 from vfe.controller.update import LiveUpdate
 from vfe.engine import ENGINE_ABI
@@ -35,16 +36,17 @@ def set_log_level(p: dict) -> dict:
 
 class ControlServer:
     """The RPC server on ``path`` (or on the listening socket ``sock`` a live
-    update handed over), serving ``methods`` and the controller's own verbs.
-    ``argv``, ``net`` and ``bdevs`` are for the LiveUpdate (update.py)."""
+    update handed over), serving the verbs of ``inventory`` and its kinds and
+    the controller's own.  ``argv`` and ``inventory`` are for the LiveUpdate
+    (update.py) too."""
 
-    def __init__(self, daemon, path, methods: Mapping[str, Method], *, argv: list[str], net, bdevs,
+    def __init__(self, daemon, path, inventory: Inventory, *, argv: list[str],
                  sock: socket.socket | None = None):
-        self.methods: dict[str, Method] = dict(methods, log=set_log_level, version=self.version,
-                                               update_start=self.update_start,
+        self.methods: dict[str, Method] = dict(inventory.methods(), log=set_log_level,
+                                               version=self.version, update_start=self.update_start,
                                                update_status=self.update_status)
         self.rpc = RpcServer(path, self.handle, daemon.sel, sock=sock)
-        self.updater = LiveUpdate(daemon, self.rpc, argv, net, bdevs)
+        self.updater = LiveUpdate(daemon, self.rpc, argv, inventory)
 
     def close(self) -> None:
         self.rpc.close()

@@ -1,12 +1,21 @@
 """The emulated virtio-net PCIe functions: their identity (VUID, BDF, SF,
-representor) and the fields `virtnet list/query` show, in the seed's order
-(and the BDF arithmetic every kind uses).  Pure data plus formatting;
-creating and destroying the pieces behind a function is the net kind's job
-(net_kind.py)."""
+representor, default MACs), the product's limits on them, and the fields
+`virtnet list/query` show, in the seed's order (and the BDF arithmetic every
+kind uses).  Pure data plus formatting; creating and destroying the pieces
+behind a function is the net kind's job (net_kind.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from vfe.controller.kind import driver_bound, list_head
+
+# The largest MTU a function may have: the product's (`virtnet hotplug -t`,
+# `modify -t`: 68..9216, docs/virtnet.md), below virtio's VIRTIO_NET_MTU_MAX.
+MAX_MTU = 9216
+# The static PFs' MACs when virtnet.conf names no base (pf_mac,
+# static_pf.mac_base): this base + the PF's index.
+DEFAULT_STATIC_PF_MAC_BASE = "00:11:22:33:44:55"
 
 # Emulated PCI topology.  Static PFs sit on bus 0x84 after the two network
 # PFs of the DPU's ports (functions 0 and 1), so static PF i is 84:00.(i+2)
@@ -106,14 +115,11 @@ class NetFunction:
 
     def bound(self) -> bool:
         """A guest driver is using the device: its rings run."""
-        ep = self.endpoint
-        return ep is not None and ep.session is not None and bool(ep.session.started)
+        return driver_bound(self.endpoint)
 
     def list_entry(self) -> dict:
         """The `virtnet list` fields, in the seed's order."""
-        head: dict[str, Any] = ({"pf_id": self.pf_id} if self.is_pf
-                                else {"vf_id": self.vf_id, "parent_pf_id": self.pf_id})
-        return head | {
+        return list_head(self) | {
             "function_type": FUNCTION_TYPE[self.device_type],
             "vuid": self.vuid,
             "bdf": self.bdf,

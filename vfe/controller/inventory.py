@@ -10,18 +10,18 @@ on the daemon's control thread.
 """
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from vfe.controller.kind import FunctionKind, InventoryError, Method
-
-VIRTNET_VERBS = ("list", "query", "modify", "unplug", "vf_state")
 
 
 class Inventory:
     def __init__(self):
         self.functions: list[Any] = []                 # every kind's, in creation order
         self.kinds: dict[str, FunctionKind] = {}       # in registration order
-        self._methods: dict[str, Method] = {verb: getattr(self, verb) for verb in VIRTNET_VERBS}
+        self._methods: dict[str, Method] = {"list": self.list, "query": self.query, "modify": self.modify,
+                                            "unplug": self.unplug, "vf_state": self.vf_state}
 
     def register(self, kind: FunctionKind) -> None:
         """Add a kind of function and its RPC verbs (each verb has one owner)."""
@@ -69,7 +69,7 @@ class Inventory:
         if found is None:
             what = (f"VUID {vuid}" if vuid is not None
                     else f"PF {pf}" + (f" VF {vf}" if vf is not None else ""))
-            raise InventoryError(f"no such device: {what}", code=-19)    # -ENODEV
+            raise InventoryError(f"no such device: {what}", code=-errno.ENODEV)
         return found
 
     def pick(self, params: dict, kind: str | None = None):
@@ -98,7 +98,7 @@ class Inventory:
         controller: dict = {}
         for kind in self.kinds.values():
             controller |= kind.summary()
-        return {"controller": controller, "devices": [kind.list_entry(f) for kind, f in self._listed()]}
+        return {"controller": controller, "devices": [f.list_entry() for _, f in self._listed()]}
 
     def query(self, p: dict) -> dict:
         brief = bool(p.get("brief"))

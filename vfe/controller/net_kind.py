@@ -5,54 +5,48 @@ query, modify, sriov_numvfs, vhostmgmt's device operations).
 Creating a function builds its pieces in order -- SF, representor, device
 model and engine rings, vhost-user endpoint, representor link, host
 hot-plug, recovery file -- and undoes the ones already built if a later one
-fails, so a failed command leaves nothing half created.  The functions are
+fails, so a failed command leaves nothing half created.  Removing one takes
+its recovery file first, so a failure leaves it whole.  The functions are
 the inventory's (inventory.py), beside the other kinds'.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from vfe.controller.functions import (
-    HOTPLUG, STATIC, VF, NetFunction, hotplug_pf_location, queue_pairs, static_pf_location,
-    vf_location,
+    DEFAULT_STATIC_PF_MAC_BASE, HOTPLUG, MAX_MTU, STATIC, VF, NetFunction, hotplug_pf_location,
+    queue_pairs, static_pf_location, vf_location,
 )
-from vfe.controller.kind import InventoryError, Method, query_entry, save_record
-from vfe.controller.net_recovery import RecoveryRecord
+from vfe.controller.kind import (
+    VF_STATE_OPS, InventoryError, Method, Undo, delete_record, query_entry, save_record,
+)
+from vfe.controller.net_recovery import NetCodec, RecoveryLoad, RecoveryRecord
 from vfe.controller.recovery import RecoveryStore
+from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
 from vfe.macaddr import is_mac, mac_add, random_local_mac
-from vfe.virtio.constants import F, bit
+from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN, F, bit
 
 log = logging.getLogger("vfe.controller")
 
-MAX_VIRTQ = 64              # virtqueues a function may have (the engine's 32 pairs)
+# Virtqueues a function may have: the controller's max_virtq, as `virtnet
+# list` shows it.  64 gives 32 RX/TX pairs (queue_pairs); the engine's
+# NetDevice would take up to 128 (256 rings, cython_ext/net_device.pxi).
+MAX_VIRTQ = 64
 DEVICE_IN_USE = ("device {vuid} is in use by the guest's virtio driver; unbind it in the "
                  "guest first (echo <bdf> > /sys/bus/pci/drivers/virtio-pci/unbind)")
-LM_OPS = {1: "running", 2: "quiesced", 3: "freeze", 4: "start_logging", 5: "stop_logging",
-          6: "get_lm_status"}
+# the vhost-user bits a user's feature mask never takes away: QEMU needs them
+# to talk to us at all
+ALWAYS_OFFERED = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
 
 
-def _int(v) -> int:
-    return int(v, 0) if isinstance(v, str) else int(v)
-
-
-class Undo:
-    """Steps to take back if creation fails half-way (last in, first out)."""
-
-    def __init__(self):
-        self.steps: list[Callable[[], Any]] = []
-
-    def push(self, fn: Callable[[], Any]) -> None:
-        self.steps.append(fn)
-
-    def run(self) -> None:
-        while self.steps:
-            try:
-                self.steps.pop()()
-            except Exception:             # undo as much as possible
-                log.exception("undo step failed")
+def offered_features(features: int) -> int:
+    """The feature bits a function offers: a user's mask (``features``, 0
+    for none) narrows the device's set, keeping ALWAYS_OFFERED."""
+    return NET_FEATURES & (features | ALWAYS_OFFERED) if features else NET_FEATURES
 
 
 def _destroy_representors(reps: list) -> None:
@@ -77,16 +71,17 @@ class NetKind:
     configuration's (nvconfig.Limits); ``conf``: virtnet.conf; ``sf_pools``:
     {ib_dev: SfPool}; ``representors``: create(name) / attach(name) /
     exists(name); ``datapath``: "representor" or "switch"; ``host``: a
-    hostqmp.HostQmp or None; ``plugged``: VUID -> QMP id of hot-plugged PFs
-    already in the host VM (a live update: the old controller plugged them;
-    plugging again would fail)."""
+    hostqmp.HostQmp or None; ``run_time_state``: in a live update, what the
+    old process had set at run time, by VUID -- ``qmp_id`` of a hot-plugged
+    PF already in the host VM (the old controller plugged it; plugging again
+    would fail), ``lm_state`` and ``paused`` (vf_state)."""
 
     name = "net"
     numbered_by_virtnet = True
 
     def __init__(self, inventory, daemon, paths, limits, conf, sf_pools, store: RecoveryStore,
                  representors, *, datapath: str = "representor", host=None,
-                 plugged: dict[str, str] | None = None):
+                 run_time_state: dict[str, dict] | None = None):
         self.inventory = inventory
         self.daemon = daemon
         self.paths = paths
@@ -97,7 +92,10 @@ class NetKind:
         self.representors = representors
         self.datapath = datapath
         self.host = host
-        self.plugged = dict(plugged or {})
+        self.run_time_state = dict(run_time_state or {})
+        self.plugged = {v: e["qmp_id"] for v, e in self.run_time_state.items() if e.get("qmp_id")}
+        # with the configuration, the codec refuses the records it no longer matches
+        self.codec = NetCodec(conf, limits)
 
     def functions(self) -> list[NetFunction]:
         return self.inventory.of_kind(self.name)
@@ -122,7 +120,7 @@ class NetKind:
             return 1
         names = [c.ib_dev_p0] + ([] if c.single_port else [c.ib_dev_p1])
         raise InventoryError(f"unknown ib device {ib_dev!r} (this controller has {', '.join(names)})",
-                             code=-19)
+                             code=-errno.ENODEV)
 
     # ------------------------------------------------------------------ limits
 
@@ -136,12 +134,13 @@ class NetKind:
         if not 1 <= max_queues <= lim:
             raise InventoryError(
                 f"max_queues {max_queues} is out of range 1..{lim} (bound by VIRTIO_NET_EMULATION_NUM_MSIX "
-                f"and max_virtq {MAX_VIRTQ})", code=-34)                 # -ERANGE
-        if not 2 <= max_queue_size <= 32768 or max_queue_size & (max_queue_size - 1):
-            raise InventoryError(f"max_queue_size {max_queue_size} is not a power of two in 2..32768",
-                                 code=-34)
-        if not 68 <= mtu <= 9216:
-            raise InventoryError(f"mtu {mtu} is out of range 68..9216", code=-34)
+                f"and max_virtq {MAX_VIRTQ})", code=-errno.ERANGE)
+        if not 2 <= max_queue_size <= MAX_QUEUE_SIZE or max_queue_size & (max_queue_size - 1):
+            raise InventoryError(f"max_queue_size {max_queue_size} is not a power of two in "
+                                 f"2..{MAX_QUEUE_SIZE}", code=-errno.ERANGE)
+        if not VIRTIO_NET_MTU_MIN <= mtu <= MAX_MTU:
+            raise InventoryError(f"mtu {mtu} is out of range {VIRTIO_NET_MTU_MIN}..{MAX_MTU}",
+                                 code=-errno.ERANGE)
 
     @staticmethod
     def check_mac(mac: str) -> str:
@@ -167,7 +166,8 @@ class NetKind:
                 rep = (self.representors.attach(f.rep_name) if stale
                        else self.representors.create(f.rep_name, mtu=f.mtu))
             except OSError as exc:
-                raise InventoryError(f"cannot create representor {f.rep_name}: {exc}", code=-(exc.errno or 5))
+                raise InventoryError(f"cannot create representor {f.rep_name}: {exc}",
+                                     code=-(exc.errno or errno.EIO))
             undo.push(rep.close if stale else rep.destroy)
             if stale and not recovered:
                 rep.set_mtu(f.mtu)
@@ -177,11 +177,7 @@ class NetKind:
                         queue_size=f.max_queue_size, mtu=f.mtu, mac=f.mac, name=f.vuid)
         model = NetDeviceModel(self.daemon.engine, cfg)
         undo.push(model.close)
-        if f.features:
-            # a user's feature mask narrows what the device offers; the
-            # vhost-user bits stay (QEMU needs them to talk to us at all)
-            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
-            model.features = NET_FEATURES & (f.features | keep)
+        model.features = offered_features(f.features)
         f.model = model
         f.socket = cfg.socket
         ep = self.daemon.add_endpoint(model, cfg.socket, False, f.vuid)
@@ -195,11 +191,23 @@ class NetKind:
         if self.store.enabled:
             save_record(self.store, f.vuid, RecoveryRecord.of(f))
 
+    def _remove(self, f: NetFunction, later: list | None = None) -> None:
+        """Take a function away for good (unplug, VFs gone): its recovery
+        file first -- if that cannot go, the function stays whole and the
+        error says why, where a file left behind would bring the function
+        back at the next start -- then its pieces, representor and SF."""
+        delete_record(self.store, f.vuid, RecoveryRecord.of(f))
+        self._teardown(f, destroy=True, later=later)
+        self.inventory.discard(f)
+
     def _teardown(self, f: NetFunction, destroy: bool, later: list | None = None) -> None:
-        """Take a function's pieces apart; `destroy` also removes its
-        representor, SF and recovery file (unplug), else they stay for the
-        next start (shutdown).  `later`: collect the representors to delete
-        instead of deleting them here (see _destroy_representors)."""
+        """Take a function's pieces apart; `destroy` also takes it out of
+        the host VM and removes its representor and SF (its recovery file
+        is gone already: _remove), else they stay for the next start
+        (shutdown).  `later`: collect the representors to delete instead of
+        deleting them here (see _destroy_representors)."""
+        if destroy and self.host is not None and f.qmp_id:
+            self.host.unplug(f)
         if f.model is not None:
             f.model.rings.set_tap(-1)
         if f.endpoint is not None:
@@ -213,18 +221,34 @@ class NetKind:
                 (f.representor.destroy if destroy else f.representor.close)()
         if destroy:
             self.sf_pools[f.ib_dev].release(f.sf_num)
-            self.store.delete(RecoveryRecord.of(f))
 
     # ------------------------------------------------------------------ start / stop
 
-    def start(self, recovered: list[dict]) -> None:
-        """Static PFs (taking back their recovered identity), then recovered
-        hot-plugged PFs, then recovered VFs.  ``recovered``: records as their
-        files hold them (RecoveryRecord.to_json)."""
-        by_vuid = {r["vuid"]: r for r in recovered if "vuid" in r}
+    def restore(self, loaded: RecoveryLoad) -> str:
+        """The SF pools keep the SFs of the recovered functions; then static
+        PFs (taking back their recovered identity), recovered hot-plugged
+        PFs, recovered VFs; then, in a live update, what the old process had
+        set at run time.  ``loaded``: the records of the recovery files, or a
+        live update's (the old process's functions as they run)."""
+        records = loaded.records
+        for dev, pool in self.sf_pools.items():
+            report = pool.start(keep={r.sf_num: r.vuid for r in records if r.port_ib_dev == dev})
+            if any(report.values()):
+                log.info("SF pool of %s: %s", dev, ", ".join(f"{k} {v}" for k, v in report.items() if v))
+        self._create_all(records)
+        for f in self.functions():
+            e = self.run_time_state.get(f.vuid, {})
+            if e.get("lm_state"):
+                f.lm_state = e["lm_state"]
+            if e.get("paused"):
+                f.model.rings.set_paused(True)
+        return (f"{self.limits.static_pfs} static PF(s), {self.limits.hotplug_ports} hot-plug port(s), "
+                f"{len(records)} recovered function(s)")
+
+    def _create_all(self, records: list[RecoveryRecord]) -> None:
+        by_vuid = {r.vuid: r for r in records}
         ib = self.static_ib_dev()
         pf_num = self.pf_num_for(ib)
-        default_base = "00:11:22:33:44:55"
         for i in range(self.limits.static_pfs):
             vuid, raw = static_pf_location(i)
             rec = by_vuid.pop(vuid, None)
@@ -233,25 +257,28 @@ class NetKind:
                 continue
             self._create(NetFunction(
                 pf_id=i, vf_id=-1, device_type=STATIC, vuid=vuid, bdf_raw=raw, ib_dev=ib,
-                pf_num=pf_num, sf_num=0, mac=self.conf.static_pf_mac(i) or mac_add(default_base, i), mtu=1500,
+                pf_num=pf_num, sf_num=0, mtu=1500,
+                mac=self.conf.static_pf_mac(i) or mac_add(DEFAULT_STATIC_PF_MAC_BASE, i),
                 max_queues=self.max_queues_limit(), max_queue_size=1024,
                 num_msix=self.limits.pf_msix, features=0), preferred_sf=None)
         for rec in by_vuid.values():
-            if rec.get("device_type") == HOTPLUG:
+            if rec.device_type == HOTPLUG:
                 self._restore(rec)
-        for rec in sorted(by_vuid.values(), key=lambda r: (r["pf_id"], r.get("vf_id") or 0)):
-            if rec.get("function_type") == "vf":
+        for rec in sorted(by_vuid.values(), key=lambda r: (r.pf_id, r.vf_id or 0)):
+            if rec.function_type == "vf":
                 self._restore(rec)
 
-    def _restore(self, rec: dict) -> None:
+    def _restore(self, rec: RecoveryRecord) -> None:
+        """Recreate a recorded function; a field its file lacks (the seed's
+        files have none of vfe's) takes vfe's default."""
         f = NetFunction(
-            pf_id=rec["pf_id"], vf_id=-1 if rec.get("vf_id") is None else rec["vf_id"],
-            device_type=VF if rec.get("function_type") == "vf" else rec["device_type"],
-            vuid=rec["vuid"], bdf_raw=rec["bdf_raw"], ib_dev=rec["port_ib_dev"], pf_num=rec["pf_num"],
-            sf_num=rec["sf_num"], mac=rec["mac"], mtu=rec.get("mtu") or 1500,
-            max_queues=rec.get("max_queues") or 2, max_queue_size=rec.get("max_queue_size") or 256,
-            num_msix=rec.get("num_msix", self.limits.pf_msix), features=_int(rec.get("features") or 0),
-            legacy=bool(rec.get("legacy", 0)), port=rec.get("port") if rec.get("port") is not None else -1)
+            pf_id=rec.pf_id, vf_id=-1 if rec.vf_id is None else rec.vf_id,
+            device_type=VF if rec.function_type == "vf" else rec.device_type,
+            vuid=rec.vuid, bdf_raw=rec.bdf_raw, ib_dev=rec.port_ib_dev, pf_num=rec.pf_num,
+            sf_num=rec.sf_num, mac=rec.mac, mtu=rec.mtu or 1500,
+            max_queues=rec.max_queues or 2, max_queue_size=rec.max_queue_size or 256,
+            num_msix=self.limits.pf_msix if rec.num_msix is None else rec.num_msix,
+            features=rec.features or 0, legacy=rec.legacy, port=-1 if rec.port is None else rec.port)
         try:
             self._create(f, preferred_sf=f.sf_num, recovered=True)
             log.info("%s: recovered (%s, SF %d, MAC %s)", f.vuid, f.bdf, f.sf_num, f.mac)
@@ -266,10 +293,10 @@ class NetKind:
                     pool = self.sf_pools[f.ib_dev]
                     f.sf_num = pool.reserve(preferred_sf, vuid=f.vuid)
                 except RuntimeError as exc:       # SfPoolExhausted, SfInUse, SfPoolError
-                    raise InventoryError(str(exc), code=-28) from None
+                    raise InventoryError(str(exc), code=-errno.ENOSPC) from None
                 # a failed creation gives the SF back as it was (cancel, not release)
                 undo.push(lambda: pool.cancel(f.sf_num))
-            f.sf_index = f.sf_num - 1000
+            f.sf_index = f.sf_num - SF_NUM_MIN
             self._build(f, undo, recovered)
             if f.vuid in self.plugged:
                 f.qmp_id = self.plugged.pop(f.vuid)
@@ -291,6 +318,9 @@ class NetKind:
                 log.exception("%s: teardown failed", f.vuid)
             self.inventory.discard(f)
 
+    def update_refusal(self) -> None:
+        return None        # a live update hands every net function over (update.py)
+
     # ------------------------------------------------------------------ virtnet operations
 
     def hotplug(self, p: dict) -> dict:
@@ -308,16 +338,16 @@ class NetKind:
             if not self.limits.transitional:
                 raise InventoryError("transitional (legacy) devices are not enabled: set "
                                      "VIRTIO_NET_EMULATION_PF_PCI_LAYOUT=1 and VIRTIO_EMULATION_HOTPLUG_TRANS=1 "
-                                     "with vfe-mlxconfig and restart the controller", code=-95)
+                                     "with vfe-mlxconfig and restart the controller", code=-errno.EOPNOTSUPP)
             n_legacy = sum(1 for f in self.functions() if f.legacy)
             if n_legacy >= self.limits.transitional_max:
                 raise InventoryError(
                     f"no I/O port space for another transitional device ({n_legacy} of "
-                    f"{self.limits.transitional_max}: (allocated I/O space - 4K) / 4K)", code=-28)
+                    f"{self.limits.transitional_max}: (allocated I/O space - 4K) / 4K)", code=-errno.ENOSPC)
         free = self.free_ports()
         if not free:
             raise InventoryError(f"all {self.limits.hotplug_ports} hot-plug switch ports are in use "
-                                 f"(PCI_SWITCH_EMULATION_NUM_PORT)", code=-28)       # -ENOSPC
+                                 f"(PCI_SWITCH_EMULATION_NUM_PORT)", code=-errno.ENOSPC)
         port = free[0]
         vuid, raw = hotplug_pf_location(port)
         pf_id = max([f.pf_id for f in self.functions() if f.is_pf], default=-1) + 1
@@ -336,11 +366,8 @@ class NetKind:
     def unplug(self, f: NetFunction, p: dict) -> dict:
         if f.device_type != HOTPLUG:
             raise InventoryError(f"{f.vuid} is a {f.device_type} function: only hot-plugged PFs can be "
-                                 f"unplugged", code=-1)                                # -EPERM
-        if self.host is not None and f.qmp_id:
-            self.host.unplug(f)
-        self._teardown(f, destroy=True)
-        self.inventory.discard(f)
+                                 f"unplugged", code=-errno.EPERM)
+        self._remove(f)
         log.info("%s: unplugged", f.vuid)
         return {"id": f.pf_id, "vuid": f.vuid, "status": "success"}
 
@@ -357,9 +384,6 @@ class NetKind:
 
     def in_list_order(self, functions: list[NetFunction]) -> list[NetFunction]:
         return functions                  # as created: the seed's order
-
-    def list_entry(self, f: NetFunction) -> dict:
-        return f.list_entry()
 
     def query_entry(self, f: NetFunction, brief: bool) -> dict:
         out = query_entry(f, brief)
@@ -379,18 +403,18 @@ class NetKind:
             changes["num_msix"] = int(p["msix_num"])
             if not 1 <= changes["num_msix"] <= self.limits.pf_msix:
                 raise InventoryError(f"msix_num {changes['num_msix']} is out of range 1..{self.limits.pf_msix}",
-                                     code=-34)
+                                     code=-errno.ERANGE)
         if p.get("max_queue_size") is not None:
             changes["max_queue_size"] = int(p["max_queue_size"])
         if p.get("link_state") is not None and not changes:
             raise InventoryError("link state follows the guest's vhost-user connection here; it cannot be "
-                                 "forced with modify -e", code=-95)             # -EOPNOTSUPP
+                                 "forced with modify -e", code=-errno.EOPNOTSUPP)
         if not changes:
             raise InventoryError("nothing to modify: give at least one of -m -t -f -n -q")
         self.check_geometry(f.max_queues, changes.get("max_queue_size", f.max_queue_size),
                             changes.get("mtu", f.mtu))
         if f.bound():
-            raise InventoryError(DEVICE_IN_USE.format(vuid=f.vuid), code=-16)     # -EBUSY
+            raise InventoryError(DEVICE_IN_USE.format(vuid=f.vuid), code=-errno.EBUSY)
         old = {k: getattr(f, k) for k in changes}
         for k, v in changes.items():
             setattr(f, k, v)
@@ -411,8 +435,7 @@ class NetKind:
         if "max_queue_size" in changes:
             m.config.queue_size = f.max_queue_size
         if "features" in changes:
-            keep = bit(F.VHOST_USER_PROTOCOL_FEATURES) | bit(F.VHOST_LOG_ALL)
-            m.features = NET_FEATURES & (f.features | keep) if f.features else NET_FEATURES
+            m.features = offered_features(f.features)
         if "mac" in changes:
             m.set_mac(f.mac)
         if self.host is not None and f.qmp_id and ({"mac", "mtu"} & set(changes)):
@@ -434,7 +457,7 @@ class NetKind:
             if p.get("bdf") is None else \
             next((f for f in self.functions() if f.bdf == p["bdf"] and f.is_pf), None)
         if pf is None:
-            raise InventoryError(f"no PF at {p['bdf']}", code=-19)
+            raise InventoryError(f"no PF at {p['bdf']}", code=-errno.ENODEV)
         vfs = self.vfs_of(pf)
         n = p.get("num_vfs")
         if n is None:
@@ -442,28 +465,33 @@ class NetKind:
                     "sriov_totalvfs": self.limits.vfs_per_pf}
         n = int(n)
         if p.get("legacy"):
-            raise InventoryError("Transitional VirtIO-net VF devices are not currently supported", code=-95)
+            raise InventoryError("Transitional VirtIO-net VF devices are not currently supported",
+                                 code=-errno.EOPNOTSUPP)
         if pf.device_type != STATIC:
             raise InventoryError(f"{pf.vuid} is a hot-plugged PF: SR-IOV VFs are only supported on "
-                                 f"static PFs", code=-95)
+                                 f"static PFs", code=-errno.EOPNOTSUPP)
         pool = self.sf_pools[pf.ib_dev]
         if n == 0:
             reps: list = []
-            with pool.batch():
-                for f in reversed(vfs):
-                    self._teardown(f, destroy=True, later=reps)
-                    self.inventory.discard(f)
-            _destroy_representors(reps)
+            try:
+                with pool.batch():
+                    for f in reversed(vfs):
+                        self._remove(f, later=reps)
+            finally:                          # the VFs gone so far, if one could not go
+                _destroy_representors(reps)
             log.info("PF(%d): Unload (%d) VFs finished", pf.pf_id, len(vfs))
             return {"pf_id": pf.pf_id, "sriov_numvfs": 0, "destroyed": len(vfs)}
         if vfs:
-            raise InventoryError(f"PF {pf.pf_id} already has {len(vfs)} VFs: write 0 first", code=-16)
+            raise InventoryError(f"PF {pf.pf_id} already has {len(vfs)} VFs: write 0 first",
+                                 code=-errno.EBUSY)
         if n > self.limits.vfs_per_pf:
             raise InventoryError(f"{n} VFs is more than VIRTIO_NET_EMULATION_NUM_VF="
-                                 f"{self.limits.vfs_per_pf} allows for a PF (SRIOV_EN must be 1)", code=-34)
+                                 f"{self.limits.vfs_per_pf} allows for a PF (SRIOV_EN must be 1)",
+                                 code=-errno.ERANGE)
         total = sum(1 for f in self.functions() if f.device_type == VF)
         if total + n > self.limits.total_vfs:
-            raise InventoryError(f"{n} more VFs would exceed {self.limits.total_vfs} VFs in all", code=-28)
+            raise InventoryError(f"{n} more VFs would exceed {self.limits.total_vfs} VFs in all",
+                                 code=-errno.ENOSPC)
         created: list[NetFunction] = []
         with pool.batch():
             self._create_vfs(pf, n, created)
@@ -484,8 +512,7 @@ class NetKind:
                 created.append(self._create(f, preferred_sf=None))
         except BaseException:
             for f in reversed(created):       # all or nothing, like the PCI core's enable
-                self._teardown(f, destroy=True)
-                self.inventory.discard(f)
+                self._remove(f)
             raise
 
     # ------------------------------------------------------------------ device state (vhostmgmt vf -o)
@@ -496,20 +523,21 @@ class NetKind:
         4/5 start/stop dirty logging into the log the front-end mapped
         (QEMU's SET_LOG_BASE), 6 the status."""
         op = int(p.get("op", 6))
-        if op not in LM_OPS:
-            raise InventoryError(f"operation {op} is not one of 1..6 ({', '.join(f'{k} {v}' for k, v in LM_OPS.items())})")
+        if op not in VF_STATE_OPS:
+            raise InventoryError(f"operation {op} is not one of 1..6 "
+                                 f"({', '.join(f'{k} {v}' for k, v in VF_STATE_OPS.items())})")
         rings = f.model.rings
         sess = f.endpoint.session if f.endpoint is not None else None
         if op in (1, 2, 3):
             rings.set_paused(op != 1)
-            f.lm_state = LM_OPS[op]
+            f.lm_state = VF_STATE_OPS[op]
             log.info("%s: data path %s", f.vuid, f.lm_state)
         elif op in (4, 5):
             if sess is None or sess.log_region is None:
                 raise InventoryError(f"{f.vuid}: no dirty log: the front-end maps one (SET_LOG_BASE) when "
-                                     f"a migration starts", code=-61)              # -ENODATA
+                                     f"a migration starts", code=-errno.ENODATA)
             if not sess.drives_device():
-                raise InventoryError(f"{f.vuid}: this front-end does not run the device", code=-16)
+                raise InventoryError(f"{f.vuid}: this front-end does not run the device", code=-errno.EBUSY)
             rings.set_features(sess.features | bit(F.VHOST_LOG_ALL) if op == 4 else sess.features)
             log.info("%s: dirty logging %s", f.vuid, "started" if op == 4 else "stopped")
         return {"vuid": f.vuid, "bdf": f.bdf, "state": f.lm_state,

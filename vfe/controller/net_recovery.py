@@ -30,11 +30,15 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 from vfe.controller.functions import STATIC, VF, NetFunction, bdf_str, queue_pairs
 from vfe.controller.nvconfig import Limits, limits
-from vfe.controller.recovery import RecoveryError, RecoveryProblem, RecoveryStore
+from vfe.controller.recovery import (
+    RecoveryError, RecoveryProblem, RecoveryStore, check_bool, check_int, check_str,
+)
+from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.controller.virtnet_conf import ConfigError, VirtnetConf, check_mac
+from vfe.paths import RECOVERY_REL
+from vfe.virtio.constants import VIRTIO_NET_MTU_MIN
 
-SEED_RECOVERY_DIR = "/opt/mellanox/mlnx_virtnet/recovery"
-SF_NUM_MIN = 1000
+SEED_RECOVERY_DIR = "/" + RECOVERY_REL          # the product's, named in its instructions
 _VUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 SEED_FIELDS = ("port_ib_dev", "pf_id", "vf_id", "function_type", "bdf_raw", "device_type",
@@ -106,35 +110,34 @@ class RecoveryRecord:
         """Check every field; raises RecoveryError naming the field."""
         if not valid_vuid(self.vuid):
             raise RecoveryError("vuid", f"{self.vuid!r} is not a VUID (letters, digits, '_', '.', '-')")
-        _str("port_ib_dev", self.port_ib_dev)
-        _int("pf_id", self.pf_id, 0)
+        check_str("port_ib_dev", self.port_ib_dev)
+        check_int("pf_id", self.pf_id, 0)
         ft = self.function_type
         if ft not in FUNCTION_TYPES:
             raise RecoveryError("function_type", f"{ft!r} is not one of {', '.join(FUNCTION_TYPES)}")
         if ft == "vf":
             if self.vf_id is None:
                 raise RecoveryError("vf_id", "missing (a VF's file needs vf_id)")
-            _int("vf_id", self.vf_id, 0)
+            check_int("vf_id", self.vf_id, 0)
         elif self.vf_id is not None:
-            _int("vf_id", self.vf_id, 0)
-        _int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
+            check_int("vf_id", self.vf_id, 0)
+        check_int("bdf_raw", self.bdf_raw, 0, 0xFFFF)
         if self.device_type not in DEVICE_TYPES:
             raise RecoveryError("device_type", f"{self.device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
         try:
             check_mac("mac", self.mac)
         except ConfigError as exc:
             raise RecoveryError("mac", exc.message) from None
-        _int("pf_num", self.pf_num, 0)
-        _int("sf_num", self.sf_num, SF_NUM_MIN)
-        _int("mq", self.mq, 0)
-        for name, lo in (("mtu", 68), ("max_queues", 1), ("max_queue_size", 1), ("num_msix", 1),
-                         ("port", -1)):
+        check_int("pf_num", self.pf_num, 0)
+        check_int("sf_num", self.sf_num, SF_NUM_MIN)
+        check_int("mq", self.mq, 0)
+        for name, lo in (("mtu", VIRTIO_NET_MTU_MIN), ("max_queues", 1), ("max_queue_size", 1),
+                         ("num_msix", 1), ("port", -1)):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), lo)
+                check_int(name, getattr(self, name), lo)
         if self.features is not None:
-            _int("features", self.features, 0, (1 << 64) - 1)
-        if not isinstance(self.legacy, bool):
-            raise RecoveryError("legacy", f"must be true or false, not {self.legacy!r}")
+            check_int("features", self.features, 0, (1 << 64) - 1)
+        check_bool("legacy", self.legacy)
         return self
 
     def to_json(self) -> dict:
@@ -194,19 +197,6 @@ class RecoveryRecord:
             extra={k: v for k, v in data.items() if k not in SEED_FIELDS and k not in VFE_FIELDS},
         )
         return rec.validate()
-
-
-def _int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RecoveryError(name, f"must be an integer, not {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise RecoveryError(name, f"{v} is out of range ({rng})")
-
-
-def _str(name: str, v: Any) -> None:
-    if not isinstance(v, str) or not v:
-        raise RecoveryError(name, f"must be a non-empty string, not {v!r}")
 
 
 class RecoveryLoad(NamedTuple):

@@ -11,7 +11,9 @@ serves is refused (RecoveryError).  The store itself does what is the same
 for every kind: files are JSON objects, replaced atomically
 (paths.atomic_write_text: a controller killed at any moment leaves each file
 old or new, never torn), listed without the temp files a crash may leave,
-and read with one wording for what is wrong with them.
+and read with one wording for what is wrong with them; and the codecs check
+their records' fields with the same checks (check_int, check_str,
+check_bool), worded alike.
 
 With ``enabled=False`` (virtnet.conf ``"recovery": 0``) nothing is written
 and there are no files to load; deletes still remove files, so none goes
@@ -36,6 +38,30 @@ class RecoveryError(ValueError):
         super().__init__(f"{field_}: {message}" if field_ else message)
         self.field = field_
         self.message = message
+
+
+def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    """``v``, an integer (not a bool) in lo..hi (no upper bound without hi)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RecoveryError(name, f"must be an integer, not {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise RecoveryError(name, f"{v} is out of range ({rng})")
+    return v
+
+
+def check_str(name: str, v: Any) -> str:
+    """``v``, a non-empty string."""
+    if not isinstance(v, str) or not v:
+        raise RecoveryError(name, f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def check_bool(name: str, v: Any) -> bool:
+    """``v``, true or false (not 0 or 1)."""
+    if not isinstance(v, bool):
+        raise RecoveryError(name, f"must be true or false, not {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -70,12 +96,24 @@ class RecordCodec(Protocol):
 
 
 class RecoveryStore:
-    def __init__(self, directory: str | os.PathLike, codecs: Iterable[RecordCodec],
+    """The recovery directory ``directory`` and the codecs of the kinds kept
+    there: given here, or each registered by the service as it registers the
+    kind (``register``)."""
+
+    def __init__(self, directory: str | os.PathLike, codecs: Iterable[RecordCodec] = (),
                  enabled: bool = True, display_dir: str | None = None):
         self.dir = Path(directory)
-        self.codecs = {c.kind: c for c in codecs}
+        self.codecs: dict[str, RecordCodec] = {}
         self.enabled = enabled
         self.display_dir = display_dir or str(self.dir)
+        for c in codecs:
+            self.register(c)
+
+    def register(self, codec: RecordCodec) -> None:
+        """Keep the records of ``codec.kind`` with ``codec`` (one per kind)."""
+        if codec.kind in self.codecs:
+            raise ValueError(f"a recovery codec for kind {codec.kind!r} is registered already")
+        self.codecs[codec.kind] = codec
 
     def codec(self, kind: Any) -> RecordCodec:
         codec = self.codecs.get(kind)

@@ -22,7 +22,7 @@ from vfe import __version__
 from vfe.controller import sdnotify, service
 from vfe.controller.daemon import Daemon
 from vfe.controller.paths import Paths
-from vfe.controller.update import Takeover
+from vfe.controller.update import HANDED_OVER_KIND, Takeover
 from vfe.devices.blk import BlkConfig
 from vfe.devices.net import NetConfig
 from vfe.engine import Engine, install_kernels
@@ -129,7 +129,7 @@ def take_over(opts: Options, daemon: Daemon, engine: Engine) -> int:
         os._exit(1)       # tear nothing down: every socket and netdev is still the old process's
     svc.control.updater.took_over(takeover.from_version, gap_ms)
     log.info("live update from %s: took over %d function(s) (data path gap %.1f ms: %.1f receiving, "
-             "%.1f building)", takeover.from_version, len(svc.net.functions()), gap_ms,
+             "%.1f building)", takeover.from_version, len(svc.inventory.of_kind(HANDED_OVER_KIND)), gap_ms,
              (received - takeover.paused_at) * 1e3, gap_ms - (received - takeover.paused_at) * 1e3)
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), opts.workers, opts.mode)

@@ -3,13 +3,15 @@
 Start-up order, as the seed describes the product: apply pending firmware
 (NV) configuration -- the "cold reboot" -- and refuse to run unless
 VIRTIO_NET_EMULATION_ENABLE is set; read virtnet.conf once; check the
-recovery files against the configuration; open the SF pools; create the
-static PFs and recover the hot-plugged ones and the blk functions; then
-serve `virtnet` on the RPC socket.
+recovery files against the configuration; create the static PFs and
+recover the hot-plugged ones and the blk functions; then serve `virtnet` on
+the RPC socket.
 
 ``build`` does it in that order, each object made from the ones before it:
-the recovery store (a codec per kind), the inventory and its kinds (net,
-blk), then the RPC server with the method table they registered.
+the net kind's SF pools and host VM, the kinds (registered with the
+inventory, their codecs with the recovery store), every kind's records
+loaded and checked, each kind restoring its own, then the RPC server with
+the method table the kinds registered.
 """
 from __future__ import annotations
 
@@ -17,16 +19,15 @@ import logging
 import socket
 import types
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from vfe.controller import nvconfig
 from vfe.controller.blk_kind import BlkKind
-from vfe.controller.blk_recovery import BlkCodec, BlkLoad
 from vfe.controller.control import ControlServer
 from vfe.controller.hostqmp import HostQmp
 from vfe.controller.inventory import Inventory
-from vfe.controller.kind import InventoryError
+from vfe.controller.kind import FunctionKind, InventoryError
 from vfe.controller.net_kind import NetKind
-from vfe.controller.net_recovery import NetCodec
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
 from vfe.controller.sf_pool import SfPool
@@ -45,8 +46,6 @@ class Service:
     """A running controller service, as ``build`` made it."""
 
     inventory: Inventory
-    net: NetKind
-    blk: BlkKind
     control: ControlServer
     sf_pools: dict[str, SfPool]
     host: HostQmp | None
@@ -71,43 +70,39 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
     the new process of a live update: the functions are the old process's,
     served on the sockets, representors and connections it handed over."""
     paths.ensure()
-    nv, nv1 = firmware(paths, reboot=takeover is None)
-    lim = nvconfig.limits(nv)
+    nv_port0, nv_port1 = firmware(paths, reboot=takeover is None)
+    lim = nvconfig.limits(nv_port0)
     conf = virtnet_conf(paths)
-    store = RecoveryStore(paths.recovery_dir, [NetCodec(conf, nv), BlkCodec()], enabled=conf.recovery,
+    store = RecoveryStore(paths.recovery_dir, enabled=conf.recovery,
                           display_dir=paths.display(paths.recovery_dir))
-    net_records, blk_loaded = recovered(store, takeover)
-    pools = sf_pools(paths, conf, nv, nv1, net_records, takeover)
+    # Net only, so named here: the SF pools (one per port, sized by its NV
+    # configuration), the host VM's QMP, and the representors -- in a live
+    # update the old process's, handed over with its functions' run-time state.
+    pools = sf_pools(paths, conf, nv_port0, nv_port1, takeover)
     host = HostQmp(host_qmp) if host_qmp else None
-
     inventory = Inventory()
-    net = NetKind(inventory, daemon, paths, lim, conf, pools, store, representors(takeover),
-                  datapath=datapath, host=host,
-                  plugged={} if takeover is None else
-                  {v: e["qmp_id"] for v, e in takeover.extra.items() if e.get("qmp_id")})
-    blk = BlkKind(inventory, daemon, paths, store)
-    inventory.register(net)
-    inventory.register(blk)
+    kinds: list[FunctionKind] = [
+        NetKind(inventory, daemon, paths, lim, conf, pools, store, representor_factory(takeover),
+                datapath=datapath, host=host,
+                run_time_state=None if takeover is None else takeover.run_time_state),
+        BlkKind(inventory, daemon, paths, store),
+    ]
+    for kind in kinds:
+        inventory.register(kind)
+        store.register(kind.codec)
     try:
-        net.start(net_records)
-    except InventoryError as exc:     # a clean refusal, not a traceback
-        inventory.shutdown()
-        raise ServiceError(f"cannot create the functions: {exc}") from None
-    if takeover is not None:
-        resume_run_time_state(net, takeover.extra)
-    # blk functions come back from their files, in a live update too (the
-    # old process wrote them; a malloc bdev, whose data cannot move, refuses
-    # the update before it starts)
-    n_bdevs, n_blk = blk.restore(blk_loaded)
+        restored = restore(store, kinds, takeover)
+    except ServiceError:
+        inventory.shutdown()          # the functions made before the one that failed
+        if host is not None:
+            host.close()
+        raise
 
-    control = ControlServer(daemon, paths.rpc_socket, inventory.methods(), argv=argv or [], net=net,
-                            bdevs=blk.bdevs,
+    control = ControlServer(daemon, paths.rpc_socket, inventory, argv=argv or [],
                             sock=None if takeover is None else socket.socket(fileno=takeover.rpc_fd))
-    service = Service(inventory, net, blk, control, pools, host)
+    service = Service(inventory, control, pools, host)
     daemon.on_shutdown.append(service.stop)
-    log.info("%d static PF(s), %d hot-plug port(s), %d recovered function(s), %d recovered bdev(s) "
-             "and %d blk controller(s); virtnet on %s",
-             lim.static_pfs, lim.hotplug_ports, len(net_records), n_bdevs, n_blk, paths.rpc_socket)
+    log.info("%s; virtnet on %s", ", ".join(restored), paths.rpc_socket)
     return service
 
 
@@ -115,17 +110,17 @@ def firmware(paths: Paths, reboot: bool) -> tuple[nvconfig.NvConfig, nvconfig.Nv
     """Both ports' NV configuration; at a (cold) start, their pending values
     applied first (a live update is no reboot).  ServiceError unless
     emulation is enabled."""
-    nv = nvconfig.NvConfig.load(paths.state_dir)
-    nv1 = nvconfig.NvConfig.load(paths.state_dir, nvconfig.PORT1_DEVICE)
-    for dev_nv in (nv, nv1) if reboot else ():
+    nv_port0 = nvconfig.NvConfig.load(paths.state_dir)
+    nv_port1 = nvconfig.NvConfig.load(paths.state_dir, nvconfig.PORT1_DEVICE)
+    for dev_nv in (nv_port0, nv_port1) if reboot else ():
         applied = dev_nv.apply_pending()
         if applied:
             log.info("applied new firmware configuration of %s: %s", dev_nv.device,
                      ", ".join(f"{k}={new}" for k, (_, new) in applied.items()))
-    reason = nvconfig.service_check(nv)
+    reason = nvconfig.service_check(nv_port0)
     if reason:
         raise ServiceError(reason)
-    return nv, nv1
+    return nv_port0, nv_port1
 
 
 def virtnet_conf(paths: Paths) -> VirtnetConf:
@@ -137,53 +132,47 @@ def virtnet_conf(paths: Paths) -> VirtnetConf:
         raise ServiceError(f"{paths.display(paths.conf)}: {key}{exc.message}") from None
 
 
-def recovered(store: RecoveryStore, takeover) -> tuple[list[dict], BlkLoad]:
-    """The net functions to recreate (their records as their files hold
-    them: a live update's are the running ones, as they are now) and the
-    blk side's records; every file is checked before anything is created,
-    and a bad one stops the start (ServiceError)."""
-    blk_loaded = store.load("blk")
-    if takeover is not None:
-        records = takeover.records
-        problems = list(blk_loaded.problems)
-    else:
-        loaded = store.load("net")
-        problems = list(loaded.problems) + list(blk_loaded.problems)
-        records = [r.to_json() for r in loaded.records]
+def restore(store: RecoveryStore, kinds: list[FunctionKind], takeover) -> list[str]:
+    """Every kind's functions back (load_recovery, then each kind's
+    restore, in registration order); what each restored, for the log."""
+    loaded = load_recovery(store, kinds, takeover)
+    try:
+        return [kind.restore(loaded[kind.name]) for kind in kinds]
+    except InventoryError as exc:     # a clean refusal, not a traceback
+        raise ServiceError(f"cannot create the functions: {exc}") from None
+
+
+def load_recovery(store: RecoveryStore, kinds: Iterable[FunctionKind], takeover) -> dict[str, Any]:
+    """Every kind's records, by kind: what its codec loads from the files --
+    or, for the kinds a live update hands over, the running functions'
+    records as the old process sent them.  Every file is checked before
+    anything is created, and a bad one stops the start (ServiceError)."""
+    loaded = {}
+    for kind in kinds:
+        handed = None if takeover is None else takeover.handed_over(kind.name)
+        loaded[kind.name] = handed if handed is not None else store.load(kind.name)
+    problems = [p for load in loaded.values() for p in load.problems]
     if problems:
         raise ServiceError("; ".join(str(p) for p in problems))
-    return records, blk_loaded
+    return loaded
 
 
-def sf_pools(paths: Paths, conf: VirtnetConf, nv, nv1, records: list[dict], takeover) -> dict[str, SfPool]:
-    """One SF pool per RDMA device, keeping the SFs the records use."""
+def sf_pools(paths: Paths, conf: VirtnetConf, nv_port0, nv_port1, takeover) -> dict[str, SfPool]:
+    """One SF pool per RDMA device (the net kind starts them, keeping the
+    SFs its recovered functions use)."""
     pools = {}
     for dev in conf.sf_devices:
-        port_nv = nv if conf.pf_num(dev) == 0 else nv1
-        pool = SfPool(paths.state_dir, total=port_nv.current["PF_TOTAL_SF"],
-                      percent=conf.sf_pool_percent,
-                      force_destroy=bool(conf.sf_pool_force_destroy) and takeover is None,
-                      ib_dev=dev)
-        report = pool.start(keep={r["sf_num"]: r["vuid"] for r in records if r["port_ib_dev"] == dev})
-        if any(report.values()):
-            log.info("SF pool of %s: %s", dev, ", ".join(f"{k} {v}" for k, v in report.items() if v))
-        pools[dev] = pool
+        port_nv = nv_port0 if conf.pf_num(dev) == 0 else nv_port1
+        pools[dev] = SfPool(paths.state_dir, total=port_nv.current["PF_TOTAL_SF"],
+                            percent=conf.sf_pool_percent,
+                            force_destroy=bool(conf.sf_pool_force_destroy) and takeover is None,
+                            ib_dev=dev)
     return pools
 
 
-def representors(takeover):
+def representor_factory(takeover):
     """The representor netdevs (create / attach / exists); in a live update,
     the ones handed over first."""
     real = types.SimpleNamespace(create=representor.Representor.create,
                                  attach=representor.Representor.attach, exists=representor.exists)
     return real if takeover is None else takeover.representor_factory(real)
-
-
-def resume_run_time_state(net: NetKind, extra: dict[str, dict]) -> None:
-    """What the old process of a live update had set at run time."""
-    for f in net.functions():
-        e = extra.get(f.vuid, {})
-        if e.get("lm_state"):
-            f.lm_state = e["lm_state"]
-        if e.get("paused"):
-            f.model.rings.set_paused(True)

@@ -46,8 +46,9 @@ import types
 
 from vfe import __version__
 from vfe.controller import handover, sdnotify
+from vfe.controller.functions import NetFunction
 from vfe.controller.kind import InventoryError
-from vfe.controller.net_recovery import RecoveryRecord
+from vfe.controller.net_recovery import RecoveryLoad, RecoveryRecord
 from vfe.controller.newbuild import BuildError, check_build, pin_engine
 from vfe.engine import ENGINE_ABI
 from vfe.engine.abi import AbiError, read_abi
@@ -56,6 +57,11 @@ from vfe.ports.representor import Representor
 log = logging.getLogger("vfe.controller")
 
 MOVE_TIMEOUT = 60.0            # the new process builds every function before answering
+# The kind whose functions are handed over as they run -- records, representor
+# fds, QMP ids, vf_state -- rather than read back from their files: only net
+# functions have representors and run-time state (blk functions come back from
+# the files the old process wrote; their endpoints move like every endpoint).
+HANDED_OVER_KIND = NetFunction.kind
 
 # The seed: an update the running controller cannot do means the other build is wrong
 VERSION_HINT = ("the controller version you are trying to install is not compatible with the "
@@ -76,16 +82,15 @@ def build_version(root: str) -> str:
 
 class LiveUpdate:
     """The running controller's side: ``rpc`` is virtnet's RPC server (its
-    socket and clients move with the devices), ``net`` the net kind (its
-    functions' records and representors move), ``bdevs`` the blk kind's
-    bdevs (a malloc one refuses the update)."""
+    socket and clients move with the devices), ``inventory`` the functions
+    (the net ones' records and representors move; any kind may refuse the
+    update: FunctionKind.update_refusal)."""
 
-    def __init__(self, daemon, rpc, argv: list[str], net, bdevs):
+    def __init__(self, daemon, rpc, argv: list[str], inventory):
         self.daemon = daemon
         self.rpc = rpc
         self.argv = list(argv)             # our own command line, for the new process
-        self.net = net
-        self.bdevs = bdevs
+        self.inventory = inventory
         self.proc: subprocess.Popen | None = None
         self.chan: socket.socket | None = None
         self.state: dict = {"status": "idle"}
@@ -115,11 +120,10 @@ class LiveUpdate:
             root = check_build(p.get("path"))
         except BuildError as exc:
             raise InventoryError(f"cannot update: {exc}", code=-errno.EPERM) from None
-        malloc = self.bdevs.malloc_names()
-        if malloc:
-            raise InventoryError(f"cannot update while malloc bdev(s) {', '.join(malloc)} exist: their "
-                                 "data lives in this process only; delete them (or use aio bdevs) first",
-                                 code=-errno.EBUSY)
+        for kind in self.inventory.kinds.values():
+            refusal = kind.update_refusal()
+            if refusal:
+                raise InventoryError(refusal, code=-errno.EBUSY)
         version = build_version(root)
         try:
             engine_fd, so = pin_engine(root)       # the bytes checked are the bytes the new process loads
@@ -154,7 +158,7 @@ class LiveUpdate:
         except OSError as exc:
             ours.close()
             raise InventoryError(f"cannot start {sys.executable}: {exc.strerror}",
-                                 code=-(exc.errno or 5)) from None
+                                 code=-(exc.errno or errno.EIO)) from None
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -183,8 +187,11 @@ class LiveUpdate:
             return
         self._move()
 
+    def _handed_over(self) -> list:
+        return self.inventory.of_kind(HANDED_OVER_KIND)
+
     def _functions(self):
-        for f in self.net.functions():
+        for f in self._handed_over():
             record = RecoveryRecord.of(f).validate().to_json()         # as its file has it
             rep = f.representor
             info = None if rep is None or rep.closed else {
@@ -208,7 +215,7 @@ class LiveUpdate:
                 if ep.session is not None:
                     ep.session.pause()
                     paused.append(ep)
-            for f in self.net.functions():
+            for f in self._handed_over():
                 if f.model is not None and f.representor is not None:
                     f.model.rings.set_tap(-1)
                     detached.append(f)
@@ -342,9 +349,9 @@ class Takeover:
         self.chan.setblocking(True)
         self.from_version = "?"
         self.paused_at = 0.0
-        self.records: list[dict] = []
+        self.records: list[RecoveryRecord] = []
         self.representors: dict[str, tuple[dict, int]] = {}
-        self.extra: dict[str, dict] = {}
+        self.run_time_state: dict[str, dict] = {}     # by VUID: the "extra" of each function
         self.received: list[handover.Received] = []
         self.rpc_fd = -1
 
@@ -364,9 +371,9 @@ class Takeover:
                 self.paused_at = body.get("paused_at", 0.0)
                 self.rpc_fd = got.claim(0)
             elif kind == "function":
-                rec = body["record"]
+                rec = RecoveryRecord.from_json(body["record"])
                 self.records.append(rec)
-                self.extra[rec["vuid"]] = body.get("extra") or {}
+                self.run_time_state[rec.vuid] = body.get("extra") or {}
                 if body.get("representor"):
                     info = body["representor"]
                     self.representors[info["name"]] = (info, got.claim(0))
@@ -377,6 +384,11 @@ class Takeover:
                 return
             else:
                 raise handover.HandoverError(f"unexpected {kind!r} message")
+
+    def handed_over(self, kind: str) -> RecoveryLoad | None:
+        """The records of ``kind``'s functions as the old process ran them;
+        None for a kind whose records come from its files."""
+        return RecoveryLoad(list(self.records), []) if kind == HANDED_OVER_KIND else None
 
     def representor_factory(self, real):
         """`real` (create/attach/exists) for new names; the handed-over

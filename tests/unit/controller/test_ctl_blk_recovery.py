@@ -192,6 +192,17 @@ def test_shutdown_keeps_the_files(tmp_path, store, image):
     assert reg.functions() == [] and files(store) == before
 
 
+def test_a_malloc_bdev_refuses_a_live_update(tmp_path, store, image):
+    """Its data lives in this process only; null and aio bdevs move."""
+    reg = registry(tmp_path, store)
+    reg.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    assert reg.update_refusal() is None
+    reg.bdevs.bdev_malloc_create({"name": "M1", "size_mb": 1})
+    reg.bdevs.bdev_malloc_create({"name": "M0", "size_mb": 1})
+    assert reg.update_refusal() == ("cannot update while malloc bdev(s) M0, M1 exist: their data lives in "
+                                    "this process only; delete them (or use aio bdevs) first")
+
+
 def test_disabled_store_writes_and_loads_nothing(tmp_path, image):
     store = RecoveryStore(tmp_path / "recovery", [BlkCodec()], enabled=False)
     populate(registry(tmp_path, store), image)
@@ -301,7 +312,7 @@ def test_restore_brings_back_the_same_functions(tmp_path, store, image, caplog):
     daemon = FakeDaemon()
     reg2 = registry(tmp_path, store, daemon)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
-        assert reg2.restore(loaded) == (3, 3)
+        assert reg2.restore(loaded) == "3 recovered bdev(s) and 3 blk controller(s)"
     assert [f.list_entry() for f in reg2.in_list_order(reg2.functions())] == listed
     assert {f.vuid: f.socket for f in reg2.functions()} == sockets
     assert sorted(ep.path for ep in daemon.endpoints) == sorted(sockets.values())
@@ -319,7 +330,7 @@ def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, st
     os.truncate(image, 4 << 20)                          # shrunk: not the disk the guest had
     reg = registry(tmp_path, store)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
-        assert reg.restore(store.load("blk")) == (2, 2)
+        assert reg.restore(store.load("blk")) == "2 recovered bdev(s) and 2 blk controller(s)"
     assert "bdev Aio0: cannot recover:" in caplog.text and "smaller than the 8 MiB" in caplog.text
     assert "VBLKS0D0F2VF10: cannot recover VblkEmu0pf0vf9: its bdev Aio0 was not recreated" in caplog.text
     assert sorted(f.vuid for f in reg.functions()) == ["VBLKS0D0F2", "VBLKS0D0F3"]
@@ -329,7 +340,7 @@ def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, st
     caplog.clear()
     reg = registry(tmp_path, store)
     with caplog.at_level(logging.INFO, logger="vfe.controller.blk"):
-        assert reg.restore(store.load("blk")) == (2, 2)
+        assert reg.restore(store.load("blk")) == "2 recovered bdev(s) and 2 blk controller(s)"
     assert "No such file or directory" in caplog.text and not image.exists()
     assert files(store) == before
 
@@ -449,6 +460,9 @@ class FakeNetFunction:
     kind = "net"
     vuid, pf_id, vf_id = "VNETS0D0F2", 0, -1
 
+    def list_entry(self):
+        return dict(FakeNetKind.entry)
+
 
 class FakeNetKind:
     """A net kind with one function, whose virtnet answers name it."""
@@ -465,9 +479,6 @@ class FakeNetKind:
 
     def in_list_order(self, functions):
         return functions
-
-    def list_entry(self, f):
-        return dict(self.entry)
 
     def query_entry(self, f, brief):
         return dict(self.entry)

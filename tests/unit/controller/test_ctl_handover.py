@@ -1,11 +1,15 @@
 """The live update's channel (vfe/controller/handover.py): JSON datagrams
-with their fds, more fds than one message can carry, and bad input."""
+with their fds, more fds than one message can carry, and bad input; what
+the new process makes of the functions handed over (update.Takeover)."""
 import os
 import socket
+import types
 
 import pytest
 
 from vfe.controller import handover
+from vfe.controller.net_recovery import RecoveryRecord
+from vfe.controller.update import HANDED_OVER_KIND, Takeover
 
 
 @pytest.fixture
@@ -71,3 +75,30 @@ def test_received_closes_what_nobody_claimed():
         with pytest.raises(OSError):
             os.fstat(fds[i])
     os.close(kept)
+
+
+def test_the_new_side_gets_the_records_typed(pair):
+    """A function's record crosses as its file's JSON (features in hex) and
+    comes out as the RecoveryRecord the codec would load, for the kind
+    handed over only; its run-time state is kept by VUID."""
+    a, b = pair
+    record = RecoveryRecord(vuid="VNETS1D0F0", port_ib_dev="mlx5_0", pf_id=2, function_type="pf",
+                            bdf_raw=0x8500, device_type="hotplug", mac="0c:c4:7a:ff:22:93", pf_num=0,
+                            sf_num=1001, mq=1, mtu=1500, max_queues=3, max_queue_size=256, num_msix=4,
+                            features=0x3000, legacy=True, port=0)
+    takeover = Takeover(os.dup(b.fileno()))
+    rpc = _pipes(1)
+    try:
+        handover.send(a, "begin", {"version": "0.9", "paused_at": 1.5}, rpc)
+        handover.send(a, "function", {"record": record.validate().to_json(), "representor": None,
+                                      "extra": {"qmp_id": None, "lm_state": "freeze", "paused": True}})
+        handover.send(a, "end")
+        takeover.receive(types.SimpleNamespace(inherited={}))
+    finally:
+        handover.close_fds(rpc)
+        os.close(takeover.rpc_fd)
+        takeover.chan.close()
+    loaded = takeover.handed_over(HANDED_OVER_KIND)
+    assert loaded.records == [record] and loaded.problems == []
+    assert takeover.handed_over("blk") is None                 # blk functions come back from their files
+    assert takeover.run_time_state == {"VNETS1D0F0": {"qmp_id": None, "lm_state": "freeze", "paused": True}}

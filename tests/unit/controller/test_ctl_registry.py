@@ -14,17 +14,24 @@ from vfe.controller.bdevs import Bdev
 from vfe.controller.blk_kind import BlkFunction, BlkKind
 from vfe.controller.blk_recovery import BdevRecord, BlkCodec, BlkControllerRecord
 from vfe.controller.control import ControlServer
-from vfe.controller.inventory import VIRTNET_VERBS, Inventory
+from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
 from vfe.controller.net_kind import NetKind
 from vfe.controller.net_recovery import NetCodec, RecoveryRecord
-from vfe.controller.recovery import RecoveryError, RecoveryStore
+from vfe.controller.recovery import RecoveryError, RecoveryProblem, RecoveryStore
+from vfe.controller.service import ServiceError, restore
 from vfe.rpc.protocol import RpcError
+
+
+VIRTNET_VERBS = ("list", "query", "modify", "unplug", "vf_state")
 
 
 class Fn:
     def __init__(self, kind, vuid, pf_id, vf_id=-1):
         self.kind, self.vuid, self.pf_id, self.vf_id = kind, vuid, pf_id, vf_id
+
+    def list_entry(self):
+        return {"vuid": self.vuid, "by": self.kind}
 
 
 class Kind:
@@ -45,9 +52,6 @@ class Kind:
 
     def in_list_order(self, functions):
         return sorted(functions, key=lambda f: f.vuid, reverse=self.reverse)
-
-    def list_entry(self, f):
-        return {"vuid": f.vuid, "by": self.name}
 
     def query_entry(self, f, brief):
         return {"vuid": f.vuid, "by": self.name, "brief": brief}
@@ -211,13 +215,75 @@ def test_a_record_of_an_unknown_kind_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_has_one_codec_per_kind(tmp_path):
+    store = RecoveryStore(tmp_path)
+    store.register(NetCodec())
+    with pytest.raises(ValueError, match="codec for kind 'net' is registered already"):
+        store.register(NetCodec())
+    assert list(store.codecs) == ["net"]
+
+
+# -- start-up: every kind's records loaded and checked, then each kind restores its own ------
+
+class Restoring:
+    """A kind whose codec loads ``problems`` and whose restore records what it got."""
+
+    def __init__(self, name, log, problems=(), fails=False):
+        self.name, self.log, self.fails = name, log, fails
+        self.codec = types.SimpleNamespace(
+            kind=name, load=lambda store: types.SimpleNamespace(source="files", problems=list(problems)))
+
+    def restore(self, loaded):
+        self.log.append((self.name, loaded.source))
+        if self.fails:
+            raise InventoryError("no SF left")
+        return f"{self.name} back"
+
+
+def kinds_and_store(tmp_path, log, **kw):
+    kinds = [Restoring("a", log), Restoring("b", log, **kw)]
+    store = RecoveryStore(tmp_path)
+    for kind in kinds:
+        store.register(kind.codec)
+    return kinds, store
+
+
+def test_each_kind_restores_its_own_records_in_order(tmp_path):
+    log = []
+    kinds, store = kinds_and_store(tmp_path, log)
+    assert restore(store, kinds, None) == ["a back", "b back"]
+    assert log == [("a", "files"), ("b", "files")]
+
+
+def test_a_bad_file_of_any_kind_stops_the_start_before_anything_is_made(tmp_path):
+    log = []
+    kinds, store = kinds_and_store(tmp_path, log, problems=[RecoveryProblem(tmp_path / "x", "X", "x is bad")])
+    with pytest.raises(ServiceError, match="^x is bad$"):
+        restore(store, kinds, None)
+    assert log == []
+
+
+def test_a_live_update_hands_over_the_records_of_its_kind(tmp_path):
+    log = []
+    kinds, store = kinds_and_store(tmp_path, log)
+    takeover = types.SimpleNamespace(handed_over=lambda kind: types.SimpleNamespace(
+        source="old process", problems=[]) if kind == "a" else None)
+    restore(store, kinds, takeover)
+    assert log == [("a", "old process"), ("b", "files")]
+
+
+def test_a_kind_that_cannot_restore_is_a_clean_refusal(tmp_path):
+    log = []
+    kinds, store = kinds_and_store(tmp_path, log, fails=True)
+    with pytest.raises(ServiceError, match="^cannot create the functions: no SF left$"):
+        restore(store, kinds, None)
+
+
 # -- the RPC server's table ---------------------------------------------------------------
 
 def test_the_control_servers_table(tmp_path, inv):
     daemon = types.SimpleNamespace(sel=selectors.DefaultSelector())
-    bdevs = types.SimpleNamespace(malloc_names=lambda: [])
-    ctl = ControlServer(daemon, str(tmp_path / "virtnet.sock"), inv.methods(), argv=[], net=None,
-                        bdevs=bdevs)
+    ctl = ControlServer(daemon, str(tmp_path / "virtnet.sock"), inv, argv=[])
     try:
         assert set(ctl.methods) == set(inv.methods()) | {"log", "version", "update_start", "update_status"}
         assert ctl.handle("unplug", {"vuid": "B1"}) == ("b", "unplug", "B1")
