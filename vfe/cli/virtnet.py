@@ -22,6 +22,8 @@ from typing import Any
 
 import vfe
 from vfe import __version__
+from vfe.controller.functions import MAX_MTU
+from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.macaddr import parse_mac
 from vfe.paths import controller_socket
 from vfe.rpc.client import DEFAULT_TIMEOUT, RpcConnectionError, call
@@ -32,11 +34,10 @@ PROG = "virtnet"
 COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
 LOG_LEVELS = ("info", "err", "debug")
 
-MTU_MIN, MTU_MAX = VIRTIO_NET_MTU_MIN, 9216       # the controller's own maximum
+MTU_MIN, MTU_MAX = VIRTIO_NET_MTU_MIN, MAX_MTU    # the controller's own maximum
 QUEUE_SIZE_MIN, QUEUE_SIZE_MAX = 2, MAX_QUEUE_SIZE
 MAX_QUEUES_MAX = 65535
 MSIX_MAX = 2048
-SF_NUM_MIN = 1000
 FEATURES_MAX = (1 << 64) - 1
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
