@@ -478,12 +478,6 @@ class Limits:
     def vf_max_queues(self) -> int:
         return 2 * self.vf_max_queue_pairs
 
-    def msix(self, function_type: str) -> int:
-        return self.vf_msix if function_type.lower() == "vf" else self.pf_msix
-
-    def max_queue_pairs(self, function_type: str) -> int:
-        return self.vf_max_queue_pairs if function_type.lower() == "vf" else self.pf_max_queue_pairs
-
 
 def _values(nv) -> Mapping[str, int]:
     if isinstance(nv, NvConfig):

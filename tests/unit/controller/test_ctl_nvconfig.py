@@ -273,7 +273,6 @@ def test_limits_defaults():
     assert lim.pf_msix == 10 and lim.pf_max_queue_pairs == 4 and lim.pf_max_queues == 8
     assert lim.transitional is False and lim.transitional_max == 0
     assert lim.pf_total_sf == 64
-    assert lim.max_queue_pairs("pf") == 4
 
 
 def test_limits_disabled_bounds_everything():
@@ -299,7 +298,6 @@ def test_limits_vfs_need_sriov_and_msix_is_min():
     lim = limits(dict(v, SRIOV_EN=1, NUM_VF_MSIX=64, VIRTIO_NET_EMULATION_NUM_MSIX=8))
     assert (lim.vfs_per_pf, lim.total_vfs) == (16, 16)
     assert lim.vf_msix == 8 and lim.vf_max_queue_pairs == 3 and lim.vf_max_queues == 6
-    assert lim.msix("vf") == 8
     assert limits(dict(v, SRIOV_EN=1, VIRTIO_NET_EMULATION_NUM_PF=0)).total_vfs == 0
 
 
