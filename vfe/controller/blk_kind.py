@@ -40,7 +40,7 @@ from vfe.controller.blk_identity import (
     blk_identity,
 )
 from vfe.controller.blk_recovery import BlkCodec, BlkControllerRecord, BlkLoad
-from vfe.controller.functions import bdf_str
+from vfe.controller.functions import PciIdentity
 from vfe.controller.kind import (
     VF_STATE_STATUS, InventoryError, Method, Undo, delete_record, driver_bound, list_head, query_entry,
     save_record,
@@ -60,7 +60,7 @@ HINTS = {"modify": "a blk function is changed by deleting and re-creating it "
 
 
 @dataclass
-class BlkFunction:
+class BlkFunction(PciIdentity):
     kind: ClassVar[str] = "blk"
     name: str
     emulation_manager: str
@@ -80,14 +80,6 @@ class BlkFunction:
     bdev_type: str = ""
     block_size: int = 0
     num_blocks: int = 0
-
-    @property
-    def bdf(self) -> str:
-        return bdf_str(self.bdf_raw)
-
-    @property
-    def is_pf(self) -> bool:
-        return self.vf_id < 0
 
     def list_entry(self) -> dict:
         """The function's `virtnet list` entry: the net entries' identity

@@ -39,6 +39,23 @@ def bdf_str(raw: int) -> str:
     return f"{raw >> 8:02x}:{(raw >> 3) & 0x1F:02x}.{raw & 7:x}"
 
 
+class PciIdentity:
+    """What every kind's function derives from its PCI address: the BDF as
+    the host shows it, and whether it is a PF (vf_id < 0).  A mixin for the
+    kinds' dataclasses, which hold bdf_raw and vf_id."""
+
+    bdf_raw: int
+    vf_id: int
+
+    @property
+    def bdf(self) -> str:
+        return bdf_str(self.bdf_raw)
+
+    @property
+    def is_pf(self) -> bool:
+        return self.vf_id < 0
+
+
 def static_pf_location(pf_index: int) -> tuple[str, int]:
     fn = STATIC_PF_FIRST_FN + pf_index
     # more than 6 static PFs spill into device numbers, 8 functions each
@@ -73,7 +90,7 @@ def queue_pairs(max_queues: int) -> int:
 
 
 @dataclass
-class NetFunction:
+class NetFunction(PciIdentity):
     kind: ClassVar[str] = "net"
     pf_id: int
     vf_id: int                       # -1 for a PF
@@ -100,14 +117,6 @@ class NetFunction:
     representor: Any = field(default=None, repr=False)
     qmp_id: str | None = None
     lm_state: str = "running"        # vhostmgmt vf -o: running / quiesced / freeze
-
-    @property
-    def bdf(self) -> str:
-        return bdf_str(self.bdf_raw)
-
-    @property
-    def is_pf(self) -> bool:
-        return self.vf_id < 0
 
     @property
     def rep_name(self) -> str:
