@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from tests.harness import pmd_backends as backends
+from tests.harness import pmd_backends
 from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
@@ -87,21 +87,21 @@ class Backend:
 
 class DpdkBackend(Backend):
     def serve(self, sockets):
-        b = backends.dpdk_vhost_backend(*sockets, queues=self.args.queues,
+        b = pmd_backends.dpdk_vhost_backend(*sockets, queues=self.args.queues,
                                   cores=[0, 1], main_lcore=self.args.backend_main_lcore)
         return _Wrap(b, lambda pmd: [pmd.pid])
 
 
 class OursBackend(Backend):
     def serve(self, sockets):
-        argv = backends.controller_argv(sockets, mode=self.args.mode, binary=self.args.controller,
+        argv = pmd_backends.controller_argv(sockets, mode=self.args.mode, binary=self.args.controller,
                                   extra=self.args.controller_arg, queues=self.args.queues)
         log = None
         if self.args.keep_logs:
             os.makedirs(self.args.keep_logs, exist_ok=True)
             log = os.path.join(self.args.keep_logs, f"controller-{int(time.time())}.log")
         cpus = [int(c) for c in self.args.controller_cpus.split(",") if c.strip()] or None
-        d = backends.vhost_daemon(argv, sockets, cpus=cpus, log_path=log)
+        d = pmd_backends.vhost_daemon(argv, sockets, cpus=cpus, log_path=log)
         return _Wrap(d, lambda dm: [dm.pid])
 
 
@@ -125,7 +125,7 @@ def one_run(backend: Backend, args, workdir: str) -> list[measure.LoopResult]:
     socks = [os.path.join(workdir, f"{backend.name}-{i}.sock") for i in range(2)]
     results = []
     with backend.serve(socks) as srv:
-        with backends.frontend(socks, queues=args.queues, queue_size=args.queue_size,
+        with pmd_backends.frontend(socks, queues=args.queues, queue_size=args.queue_size,
                          mrg_rxbuf=not args.no_mrg_rxbuf, cores=[0, 1],
                          main_lcore=args.frontend_main_lcore) as a:
             a.wait_link_up(20)
@@ -299,12 +299,12 @@ def main(argv=None) -> int:
     if args.only == "dpdk":
         vfe_skipped = "not run (--only dpdk)"
     else:
-        binary = args.controller or shutil.which(backends.CONTROLLER)
+        binary = args.controller or shutil.which(pmd_backends.CONTROLLER)
         if binary and os.access(binary, os.X_OK):
             args.controller = binary
             backends.append(OursBackend("vfe", args))
         else:
-            vfe_skipped = f"{backends.CONTROLLER} not installed: our side skipped"
+            vfe_skipped = f"{pmd_backends.CONTROLLER} not installed: our side skipped"
             progress(vfe_skipped)
     if not backends:
         return 2

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.harness import pmd_backends as backends
+from tests.harness import pmd_backends
 from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
@@ -44,21 +44,21 @@ def _packets(frame_size: int) -> int:
 def reference_loop(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench-dpdk")
     socks = [str(d / "a.sock"), str(d / "b.sock")]
-    with backends.dpdk_vhost_backend(*socks) as b:
-        with backends.frontend(socks) as a:
+    with pmd_backends.dpdk_vhost_backend(*socks) as b:
+        with pmd_backends.frontend(socks) as a:
             a.wait_link_up()
             yield a, [b.pid]
 
 
 @pytest.fixture(scope="module")
 def vfe_loop(tmp_path_factory):
-    binary = shutil.which(backends.CONTROLLER)
+    binary = shutil.which(pmd_backends.CONTROLLER)
     if not binary:
-        pytest.skip(f"{backends.CONTROLLER} not installed")
+        pytest.skip(f"{pmd_backends.CONTROLLER} not installed")
     d = tmp_path_factory.mktemp("bench-vfe")
     socks = [str(d / "a.sock"), str(d / "b.sock")]
-    with backends.vhost_daemon(backends.controller_argv(socks, binary=binary), socks, cpus=[0]) as dm:
-        with backends.frontend(socks) as a:
+    with pmd_backends.vhost_daemon(pmd_backends.controller_argv(socks, binary=binary), socks, cpus=[0]) as dm:
+        with pmd_backends.frontend(socks) as a:
             a.wait_link_up()
             yield a, [dm.pid]
 

@@ -8,7 +8,7 @@ function runs against virtio-net-controller in the daemon's own tests.
 """
 import pytest
 
-from tests.harness import pmd_backends as backends
+from tests.harness import pmd_backends
 from tests.harness import pmd_measure as measure
 from tests.harness import testpmd as tp
 
@@ -30,7 +30,7 @@ MEM_MB = 256  # starts faster than the default 512 and is plenty here
 def _backend(tmp_path_factory, queues):
     d = tmp_path_factory.mktemp(f"vhost{queues}q")
     socks = (str(d / "a.sock"), str(d / "b.sock"))
-    with backends.dpdk_vhost_backend(*socks, queues=queues, mem_mb=MEM_MB):
+    with pmd_backends.dpdk_vhost_backend(*socks, queues=queues, mem_mb=MEM_MB):
         yield socks
 
 
@@ -136,6 +136,6 @@ def test_vdev_strings():
     assert tp.vhost("/v", queues=2, client=True, name="net_vhost1") == \
         "net_vhost1,iface=/v,queues=2,client=1"
     assert tp.vhost("/v").startswith("net_vhost")
-    assert backends.controller_argv(["/a", "/b"], binary="vnc", queues=2) == [
+    assert pmd_backends.controller_argv(["/a", "/b"], binary="vnc", queues=2) == [
         "vnc", "--device", "net,socket=/a,queues=2", "--device", "net,socket=/b,queues=2",
         "--mode", "poll"]
