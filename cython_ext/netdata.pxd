@@ -109,7 +109,8 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         rc = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains)) if nchains < MAX_IOV else E_IOV
         if rc >= 0:
             head = <uint16_t>rc
-            rc = walk_chain(vq, head, ALL_WRITABLE, NET_MAX_CHAIN, &w.rx_iov[niov], MAX_IOV - niov, &buf)
+            rc = walk_chain(vq, head, ALL_WRITABLE, NET_MAX_CHAIN, &w.rx_iov[niov],
+                            MAX_IOV - niov, &buf)
         if rc < 0:
             break_ring(w, vq, rc)
             rx_unlock(w, vq)
