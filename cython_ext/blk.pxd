@@ -1,7 +1,7 @@
 # The virtio-blk data path (virtio 1.2, 5.2): a block device as the engine
-# sees it, the walk of a request chain (readable header and data, then
-# writable data and the status byte), and the request itself against the
-# device's backend (null or malloc).  Everything here is nogil and creates
+# sees it and a request against the device's backend (null or malloc).  Its
+# chain (readable header and data, then writable data and the status byte)
+# is walked by vring.pxd's walk_chain, READABLE_THEN_WRITABLE.  Everything here is nogil and creates
 # no Python object; the worker glue (blk_burst) lives in engine.pyx.
 #
 # Every value the guest wrote is untrusted.  A chain we cannot even answer
@@ -33,7 +33,7 @@ cdef enum:
     BLK_ASYNC = 0xFF         # blk_request: validated, the I/O goes to the pool (not a status)
 
 # A request chain longer than this is a guest bug (we offer seg_max * size_max
-# far below it): the ring stops, as for a net chain over MAX_CHAIN_BYTES.
+# far below it): the ring stops, as for a net chain over NET_MAX_CHAIN.
 cdef enum:
     BLK_MAX_CHAIN = 64 * 1024 * 1024
 
@@ -74,64 +74,6 @@ ctypedef struct BlkDev:
     uint64_t write_bytes
     uint64_t ioerrs
     uint64_t unsupps
-
-
-cdef inline int walk_chain_rw(Vring *vq, uint16_t head, Iov *iov, int max_iov, int *niov,
-                              int *nread, uint64_t *rbytes, uint64_t *wbytes) noexcept nogil:
-    """Follow a request chain: device-readable descriptors, then
-    device-writable ones (a readable one after a writable one is E_DIR).
-    iov[0:nread] are the readable pieces, iov[nread:niov] the writable ones.
-    Validates like walk_chain (indices, loops, nesting, mapping).  Zero-length
-    descriptors are skipped.  Returns 0 or an E_* code."""
-    cdef uint8_t *table = vq.desc
-    cdef uint32_t table_size = vq.size
-    cdef uint32_t idx = head
-    cdef uint32_t steps = 0
-    cdef int in_indirect = 0, seen_write = 0, rc
-    cdef uint64_t addr, thva, rb = 0, wb = 0
-    cdef uint32_t dlen
-    cdef uint16_t flags, nxt
-    niov[0] = 0
-    nread[0] = 0
-    if head >= vq.size:
-        return E_HEAD
-    while True:
-        if idx >= table_size:
-            return E_NEXT
-        steps += 1
-        if steps > table_size:
-            return E_LOOP
-        vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
-        if flags & VRING_DESC_F_INDIRECT:
-            table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
-            if table == NULL:
-                return rc
-            table_size = dlen // VRING_DESC_SIZE
-            idx = 0
-            steps = 0
-            in_indirect = 1
-            continue
-        if flags & VRING_DESC_F_WRITE:
-            seen_write = 1
-        elif seen_write:
-            return E_DIR
-        if dlen:
-            rc = map_gpa(vq.mem, addr, dlen, iov, max_iov, niov)
-            if rc < 0:
-                return rc
-            if flags & VRING_DESC_F_WRITE:
-                wb += dlen
-            else:
-                rb += dlen
-                nread[0] = niov[0]
-            if rb + wb > BLK_MAX_CHAIN:
-                return E_LEN
-        if not (flags & VRING_DESC_F_NEXT):
-            break
-        idx = nxt
-    rbytes[0] = rb
-    wbytes[0] = wb
-    return 0
 
 
 cdef inline void sg_zero(Iov *dst, int ndst, uint64_t length) noexcept nogil:

@@ -83,12 +83,14 @@ cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogi
     when migrating, and push its used entry (published by the caller).
     Returns 1 if answered, 0 if queued for the I/O threads (answered when
     reaped), or the E_* code that stopped the ring."""
-    cdef int c, rc, niov = 0, nread = 0
-    cdef uint64_t rbytes = 0, wbytes = 0, offset = 0
+    cdef int c, rc, niov, nread
+    cdef uint64_t rbytes, wbytes, offset = 0
     cdef uint32_t data_in, kind = 0, nranges = 0
     cdef uint8_t status
     cdef Iov st
-    rc = walk_chain_rw(vq, head, w.iov, MAX_IOV, &niov, &nread, &rbytes, &wbytes)
+    cdef Chain req
+    rc = walk_chain(vq, head, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN, w.iov, MAX_IOV, &req)
+    niov, nread, rbytes, wbytes = req.niov, req.nread, req.rbytes, req.wbytes
     if rc == 0 and rbytes < VIRTIO_BLK_REQ_HDR_SIZE:
         rc = E_BLK_HDR
     if rc == 0 and wbytes == 0:

@@ -18,6 +18,7 @@ from guard cimport vfe_signal_fence
 
 cdef enum:
     STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
+    NET_MAX_CHAIN = 262144        # bytes in one TX chain or RX buffer: more is a guest bug
 
 
 # ---------------------------------------------------------------- rings
@@ -69,10 +70,11 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     """Write w.hdr_out + the frame into the destination's RX ring (mergeable
     buffers when negotiated), publish used->idx and interrupt if wanted."""
     cdef Vring *vq = pick_rx(t, pair)
-    cdef uint32_t need, cap = 0, remaining, l, clen = 0
-    cdef int n, nchains = 0, niov = 0, cn = 0, rc, c
+    cdef uint32_t need, cap = 0, remaining, l
+    cdef int n, nchains = 0, niov = 0, rc, c
     cdef uint16_t head
     cdef Iov h
+    cdef Chain buf
     if vq == NULL:
         return R_DROP
     rx_lock(w, vq)
@@ -107,15 +109,16 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         rc = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains)) if nchains < MAX_IOV else E_IOV
         if rc >= 0:
             head = <uint16_t>rc
-            rc = walk_chain(vq, head, 1, &w.rx_iov[niov], MAX_IOV - niov, &cn, &clen)
+            rc = walk_chain(vq, head, ALL_WRITABLE, NET_MAX_CHAIN, &w.rx_iov[niov],
+                            MAX_IOV - niov, &buf)
         if rc < 0:
             break_ring(w, vq, rc)
             rx_unlock(w, vq)
             return R_DROP
         w.rx_head[nchains] = head
-        w.rx_cap[nchains] = clen
-        niov += cn
-        cap += clen
+        w.rx_cap[nchains] = <uint32_t>buf.wbytes
+        niov += buf.niov
+        cap += <uint32_t>buf.wbytes
         nchains += 1
     if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
         # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
@@ -434,6 +437,7 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef uint32_t total = 0
     cdef uint16_t head
     cdef int64_t t
+    cdef Chain frame
     if n <= 0:
         if n < 0:
             break_ring(w, vq, n)
@@ -444,7 +448,9 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         rc = avail_head(vq, vq.last_avail_idx)
         if rc >= 0:
             head = <uint16_t>rc
-            rc = walk_chain(vq, head, 0, w.iov, MAX_IOV, &niov, &total)
+            rc = walk_chain(vq, head, ALL_READABLE, NET_MAX_CHAIN, w.iov, MAX_IOV, &frame)
+            niov = frame.niov
+            total = <uint32_t>frame.rbytes
         if rc == 0 and total <= <uint32_t>dev.hdr_len:
             rc = E_LEN
         if rc < 0:
