@@ -51,7 +51,9 @@ def run_vfe_rig(size: int, bursts: int) -> None:
     from tests.harness.engine_rig import (F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF,
                                           FEAT_VERSION_1, PAGE, Guest, NetRig, RawRing)
     slot = 2048
-    g = Guest([(0x100000, 16 * PAGE), (0x200000, 2 * RING * slot)])
+    # one memory region, as testpmd's virtio_user shares it (the daemon logs
+    # "guest memory (1 region(s), 512 MiB)"): rings first, then the buffers
+    g = Guest([(0x100000, 0x100000 + 2 * RING * slot)])
     rig = NetRig(g, FEAT_VERSION_1 | FEAT_INDIRECT | FEAT_MRG_RXBUF)
     base = 0x100000
     tx = RawRing(g, RING, base, base + 0x4000, base + 0x6000)
