@@ -1,10 +1,20 @@
-"""Instructions per packet of the net data path, for docs/performance.md
+"""Instructions (and cycles) per packet of the net data path, for docs/performance.md
 "Per-packet profile": our engine's TX burst -> switch -> RX burst in-process
 (`vfe` mode), or DPDK's net_vhost testpmd under callgrind in the bench's
 closed loop (`dpdk` mode).  Needs valgrind; dpdk mode needs dpdk-testpmd.
 
-  python3 -m tests.bench.profile_engine vfe  --size 64 --bursts 400
-  python3 -m tests.bench.profile_engine dpdk --size 64 --seconds 10
+  python3 -m tests.bench.profile_engine vfe    --size 64 --bursts 400
+  python3 -m tests.bench.profile_engine dpdk   --size 64 --seconds 8
+  python3 -m tests.bench.profile_engine daemon --size 64 --seconds 8
+  python3 -m tests.bench.profile_engine cycles --size 64 --rounds 3 --seconds 3
+
+daemon: our virtio-net-controller (this checkout, --mode poll, core 0)
+under callgrind, instrumentation switched on once the loop runs; packets =
+what testpmd A received; reports the poll worker thread.
+
+cycles: no tool; both back-ends natively in alternating rounds; cycles per
+packet = CPU time (utime+stime from /proc/<pid>/task/<tid>/stat) of the
+back-end's busiest thread x "cpu MHz" from /proc/cpuinfo / packets A received.
 
 vfe: runs itself under `valgrind --tool=callgrind --toggle-collect=*net_tx_burst`
 (so only the engine's burst function and what it calls are counted: the code
@@ -466,8 +476,8 @@ def main(argv=None) -> None:
     p.add_argument("mode", choices=["vfe", "dpdk", "daemon", "cycles", "_vfe_rig"])
     p.add_argument("--size", type=int, default=64, help="frame bytes (without the virtio header)")
     p.add_argument("--bursts", type=int, default=400, help="vfe: bursts of 32 frames")
-    p.add_argument("--seconds", type=float, default=10.0, help="dpdk: measured window under callgrind")
-    p.add_argument("--warmup", type=float, default=3.0, help="dpdk: seconds before the window")
+    p.add_argument("--seconds", type=float, default=10.0, help="dpdk/daemon: window under callgrind; cycles: timed window")
+    p.add_argument("--warmup", type=float, default=3.0, help="dpdk/daemon/cycles: seconds before the window")
     p.add_argument("--rounds", type=int, default=3, help="cycles: alternating rounds")
     p.add_argument("--top", type=int, default=25, help="functions listed")
     p.add_argument("--out", default="/tmp/vfe-profile", help="where the callgrind files go")
