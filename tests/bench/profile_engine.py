@@ -113,14 +113,12 @@ def _annotate(path: str, inclusive: bool, top: int) -> list[tuple[int, str]]:
     return rows[:top]
 
 
-def _report(path: str, packets: int, top: int, match: str | None = None) -> None:
+def _report(path: str, packets: int, top: int) -> None:
     total = _total_ir(path)
     print(f"{path}: {total:,} Ir, {packets:,} packets, {total / max(packets, 1):.0f} Ir/packet")
     for inclusive in (True, False):
         print(f"  {'inclusive' if inclusive else 'self'} Ir/packet:")
         for ir, name in _annotate(path, inclusive, top):
-            if match and not re.search(match, name):
-                continue
             print(f"    {ir / max(packets, 1):8.1f}  {name[:150]}")
 
 
