@@ -59,7 +59,7 @@ def _frame(size: int) -> bytes:
 def run_vfe_rig(size: int, bursts: int) -> None:
     """The measured workload (runs inside callgrind)."""
     from tests.harness.engine_rig import (F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF,
-                                          FEAT_VERSION_1, PAGE, Guest, NetRig, RawRing)
+                                          FEAT_VERSION_1, Guest, NetRig, RawRing)
     slot = 2048
     # one memory region, as testpmd's virtio_user shares it (the daemon logs
     # "guest memory (1 region(s), 512 MiB)"): rings first, then the buffers
