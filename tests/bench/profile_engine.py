@@ -37,9 +37,11 @@ the callgrind files in --out for callgrind_annotate.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -310,6 +312,7 @@ def dpdk(args) -> None:
                 f"--callgrind-out-file={prefix} dpdk-testpmd \"$@\" 2>>{prefix}.log\n")
     os.chmod(wrapper, 0o755)
     tmp = tempfile.mkdtemp(prefix="vfe-prof-")
+    atexit.register(shutil.rmtree, tmp, True)
     socks = [os.path.join(tmp, "s0"), os.path.join(tmp, "s1")]
     # the wrapper execs valgrind, so testpmd B's pid is valgrind's
     with dpdk_vhost_backend(*socks, testpmd=wrapper, start_timeout=300) as b:
@@ -359,6 +362,7 @@ def daemon(args) -> None:
     for old in glob.glob(prefix + "*"):
         os.unlink(old)
     tmp = tempfile.mkdtemp(prefix="vfe-prof-")
+    atexit.register(shutil.rmtree, tmp, True)
     socks = [os.path.join(tmp, "s0"), os.path.join(tmp, "s1")]
     # instrumentation off until the window: fully instrumented, the daemon
     # does not finish the vhost-user handshake within 300 s
@@ -448,6 +452,7 @@ def cycles(args) -> None:
     from tests.harness.pmd_backends import controller_argv, dpdk_vhost_backend, frontend, vhost_daemon
 
     tmp = tempfile.mkdtemp(prefix="vfe-prof-")
+    atexit.register(shutil.rmtree, tmp, True)
     socks = [os.path.join(tmp, "s0"), os.path.join(tmp, "s1")]
     order = ["dpdk", "vfe", "vfe", "dpdk"] * args.rounds
     for name in order[: 2 * args.rounds]:
