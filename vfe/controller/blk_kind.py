@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,7 +47,7 @@ from vfe.controller.kind import (
 from vfe.controller.params import bool_param, int_param, str_param
 from vfe.controller.recovery import RecoveryStore
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
-from vfe.safepath import SUN_PATH_MAX
+from vfe.safepath import SUN_PATH_MAX, SocketPathTooLong
 
 log = logging.getLogger("vfe.controller.blk")
 
@@ -176,10 +175,11 @@ class BlkKind:
                 raise InventoryError(f"a blk controller for {what} already exists: {f.name}", -errno.EEXIST)
 
         name, vuid, raw = blk_identity(m.group(1), pf_id, vf_id)
-        sock = os.path.join(os.fspath(self.paths.run_dir), f"{vuid}.sock")
-        if len(os.fsencode(sock)) > SUN_PATH_MAX:
-            raise InventoryError(f"socket path {sock} is longer than {SUN_PATH_MAX} bytes; use a shorter run dir",
-                                 -errno.ENAMETOOLONG)
+        try:
+            sock = str(self.paths.endpoint_socket(vuid))
+        except SocketPathTooLong as exc:
+            raise InventoryError(f"socket path {exc.filename} is longer than {SUN_PATH_MAX} bytes; "
+                                 f"use a shorter run dir", -errno.ENAMETOOLONG) from None
         cfg = BlkConfig(socket=sock, bdev="file" if b.bdev_type == "aio" else b.bdev_type, path=b.filename,
                         direct=b.direct, size_mb=b.size_mb, block_size=b.block_size,
                         queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)

@@ -15,6 +15,7 @@ from vfe.controller.blk_kind import BlkKind
 from vfe.controller.blk_recovery import BlkCodec
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
+from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
 from vfe.rpc import RpcError, RpcServer
 
@@ -136,7 +137,7 @@ class Service:
     def __init__(self, path, run_dir):
         self.daemon = FakeDaemon()
         self.inventory = Inventory()
-        self.blk = BlkKind(self.inventory, self.daemon, types.SimpleNamespace(run_dir=run_dir),
+        self.blk = BlkKind(self.inventory, self.daemon, Paths.from_env(run_dir=run_dir),
                            RecoveryStore(run_dir, [BlkCodec()], enabled=False))
         self.inventory.register(self.blk)
         self.handlers = self.inventory.methods()

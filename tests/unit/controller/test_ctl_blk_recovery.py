@@ -17,6 +17,7 @@ from vfe.controller.blk_recovery import (
 from vfe.controller.functions import NetFunction
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
+from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryError, RecoveryStore
 
 PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager", "max_queues",
@@ -75,7 +76,7 @@ def store(tmp_path):
 def registry(tmp_path, store, daemon=None) -> BlkKind:
     """The blk kind, registered in an inventory of its own."""
     inventory = Inventory()
-    blk = BlkKind(inventory, daemon or FakeDaemon(), types.SimpleNamespace(run_dir=str(tmp_path / "run")),
+    blk = BlkKind(inventory, daemon or FakeDaemon(), Paths.from_env(run_dir=str(tmp_path / "run")),
                   store)
     inventory.register(blk)
     return blk
@@ -499,7 +500,7 @@ def test_virtnet_methods_see_blk_functions(tmp_path, store, image):
     inv = Inventory()
     net = FakeNetKind()
     inv.register(net)
-    reg = BlkKind(inv, FakeDaemon(), types.SimpleNamespace(run_dir=str(tmp_path / "run")), store)
+    reg = BlkKind(inv, FakeDaemon(), Paths.from_env(run_dir=str(tmp_path / "run")), store)
     inv.register(reg)
     inv.add(FakeNetFunction())
     handlers = inv.methods()
@@ -532,3 +533,20 @@ def test_virtnet_methods_see_blk_functions(tmp_path, store, image):
         handlers["vf_state"]({"vuid": "VBLKS0D0F2VF10", "op": 2})
     assert exc.value.code == -errno.EOPNOTSUPP and "only 6 (status)" in str(exc.value)
     assert handlers["vf_state"]({"vuid": "VNETS0D0F2", "op": 2}) == {"net": "VNETS0D0F2"}
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path, store):
+    """The function's socket (<run dir>/<VUID>.sock) must fit a sockaddr_un:
+    refused before anything is made, saying what to do."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    inventory = Inventory()
+    blk = BlkKind(inventory, FakeDaemon(), Paths.from_env(run_dir=str(deep)), store)
+    inventory.register(blk)
+    blk.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    with pytest.raises(InventoryError) as err:
+        blk.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev_type": "spdk",
+                                          "bdev": "Null0"})
+    assert err.value.code == -errno.ENAMETOOLONG
+    assert str(err.value) == (f"socket path {deep}/VBLKS0D0F2.sock is longer than 107 bytes; "
+                              f"use a shorter run dir")
+    assert inventory.functions == [] and blk.daemon.endpoints == []
