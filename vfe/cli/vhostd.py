@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("vfe.vhostd")
     if len(args.iface) > 120:                     # the reference's MAX_IF_PATH_LEN
         log.error("Invalid iface length")
-        return 1
+        return os.EX_CONFIG        # a bad command line: systemd must not restart it in a loop
 
     controller = Controller(args.controller_socket or controller_socket())
     sel = selectors.DefaultSelector()
