@@ -15,6 +15,7 @@ import logging
 import sys
 
 from vfe import __version__, macaddr
+from vfe.controller.metrics_http import parse_address
 from vfe.controller.newbuild import load_engine
 from vfe.controller.paths import Paths
 from vfe.devices.blk import BlkConfig
@@ -78,6 +79,13 @@ def parse_device(text: str) -> NetConfig | BlkConfig:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return cfg
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse_blk(opts: dict[str, str]) -> BlkConfig:
@@ -163,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-us", type=int, default=50,
                    help="adaptive mode: idle microseconds before a worker sleeps (default 50)")
     p.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    p.add_argument("--metrics", metavar="HOST:PORT", type=metrics_address, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (per-queue counters, "
+                        "functions, SF pools, the process), e.g. 127.0.0.1:9100")
     svc = p.add_argument_group("service mode (no --device): the emulated DPU managed with virtnet")
     svc.add_argument("--root", help="prefix of every default path (default: $VFE_ROOT or /)")
     svc.add_argument("--config", help="virtnet.conf (default <root>/opt/mellanox/mlnx_virtnet/virtnet.conf)")
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     return run.main(run.Options(
         workers=args.workers, mode=args.mode, spin_us=args.spin_us, devices=args.device, paths=paths,
         datapath=args.datapath, host_qmp=args.host_qmp, argv=_own_argv(raw_argv),
-        takeover_fd=args.takeover_fd))
+        takeover_fd=args.takeover_fd, metrics=args.metrics))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`virtnet`: the virtio-net-controller command line interface.
 
-    virtnet [-h] [-v] {hotplug,unplug,list,query,modify,log,version,update} ...
+    virtnet [-h] [-v] {hotplug,unplug,list,query,modify,log,version,update,stats} ...
 
 Each sub-command is one JSON-RPC call to the running controller over its Unix
 socket (`--socket PATH`, default `$VIRTNET_SOCKET` or
@@ -31,7 +31,7 @@ from vfe.rpc.protocol import METHOD_NOT_FOUND, RpcError
 from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN
 
 PROG = "virtnet"
-COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update")
+COMMANDS = ("hotplug", "unplug", "list", "query", "modify", "log", "version", "update", "stats")
 LOG_LEVELS = ("info", "err", "debug")
 
 MTU_MIN, MTU_MAX = VIRTIO_NET_MTU_MIN, MAX_MTU    # the controller's own maximum
@@ -231,6 +231,17 @@ def build_parser() -> VirtnetParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("-s", "--start", action="store_true", help="start the live update")
     g.add_argument("-t", "--status", action="store_true", help="show the live update status")
+
+    p = add("stats", "show the counters of all or individual device(s)",
+            "examples:\n  virtnet stats -a\n  virtnet stats -p 0 -v 0\n  virtnet stats -u VNETS1D0F0\n\n"
+            "Per queue (rx: to the guest, tx: from it; req: a blk request queue): packets or\n"
+            "requests, bytes, drops, ring errors, interrupts; per device: offloads done in\n"
+            "software, port security, blk requests by type. The numbers /metrics serves.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("-a", "--all", action="store_true", help="all devices")
+    g.add_argument("-p", "--pf", type=pf_index, help="PF device index")
+    g.add_argument("-u", "--vuid", type=vuid_value, help="VUID of the device")
+    p.add_argument("-v", "--vf", type=vf_index, help="VF device index (with -p)")
     return parser
 
 
@@ -275,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     ns = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
     choices = parser._subparsers_action.choices
-    if ns.command in ("query", "modify") and ns.vf is not None and ns.pf is None:
+    if ns.command in ("query", "modify", "stats") and ns.vf is not None and ns.pf is None:
         choices[ns.command].error("argument -v/--vf: needs -p/--pf (the VF's parent PF)")
     if ns.command == "modify":
         fields = ("mac", "mtu", "features", "msix_num", "max_queue_size", "link_state")
@@ -299,6 +310,8 @@ def build_request(ns: argparse.Namespace) -> tuple[str, dict]:
         return "list", {}
     if cmd == "query":
         return "query", {"all": ns.all, "pf": ns.pf, "vf": ns.vf, "vuid": ns.vuid, "brief": ns.brief}
+    if cmd == "stats":
+        return "stats", {"all": ns.all, "pf": ns.pf, "vf": ns.vf, "vuid": ns.vuid}
     if cmd == "modify":
         return "modify", {"pf": ns.pf, "vf": ns.vf, "vuid": ns.vuid, "mac": ns.mac, "mtu": ns.mtu,
                           "features": ns.features, "msix_num": ns.msix_num,

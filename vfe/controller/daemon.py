@@ -407,8 +407,8 @@ class Daemon:
                             ep.readable()
                     elif kind == "probe":
                         ep.probe_readable(key.fileobj)
-                    elif kind in ("rpc", "update"):
-                        ep.on_readable()          # the RPC server or a client; a live update's channel
+                    elif kind in ("rpc", "update", "http"):
+                        ep.on_readable()          # the RPC server or a client; a live update's channel; /metrics
                     elif kind == "engine":
                         self._log_engine_events()
                     elif kind == "stop":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from vfe.controller.kind import FunctionKind, InventoryError, Method
+from vfe.controller.kind import FunctionKind, InventoryError, Method, stats_entry
 
 
 class Inventory:
@@ -21,7 +21,8 @@ class Inventory:
         self.functions: list[Any] = []                 # every kind's, in creation order
         self.kinds: dict[str, FunctionKind] = {}       # in registration order
         self._methods: dict[str, Method] = {"list": self.list, "query": self.query, "modify": self.modify,
-                                            "unplug": self.unplug, "vf_state": self.vf_state}
+                                            "unplug": self.unplug, "vf_state": self.vf_state,
+                                            "stats": self.stats}
 
     def register(self, kind: FunctionKind) -> None:
         """Add a kind of function and its RPC verbs (each verb has one owner)."""
@@ -106,6 +107,12 @@ class Inventory:
             return {"devices": [kind.query_entry(f, brief) for kind, f in self._listed()]}
         f = self.pick(p)
         return {"devices": [self.kinds[f.kind].query_entry(f, brief)]}
+
+    def stats(self, p: dict) -> dict:
+        """`virtnet stats`: the counters of every function (all) or of one,
+        the same numbers /metrics serves (metrics.py)."""
+        chosen = [f for _, f in self._listed()] if p.get("all") else [self.pick(p)]
+        return {"devices": [stats_entry(f) for f in chosen]}
 
     def modify(self, p: dict) -> dict:
         f = self.pick(p)

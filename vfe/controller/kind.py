@@ -156,6 +156,13 @@ def query_entry(f: Function, brief: bool) -> dict:
     return out
 
 
+def stats_entry(f: Function) -> dict:
+    """A function's `virtnet stats` entry: who it is, then its device
+    model's counters (per queue and per device)."""
+    return {"vuid": f.vuid, "kind": f.kind, "pf_id": f.pf_id,
+            "vf_id": None if f.vf_id < 0 else f.vf_id} | f.model.counters()
+
+
 def save_record(store, what: str, record) -> None:
     """Write a recovery file; a failure is the user's error (disk full,
     permissions), reported as such."""

@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 from vfe import __version__
-from vfe.controller import sdnotify, service
+from prometheus_client import generate_latest
+
+from vfe.controller import metrics, sdnotify, service
 from vfe.controller.daemon import Daemon
+from vfe.controller.metrics_http import MetricsServer
 from vfe.controller.paths import Paths
 from vfe.controller.update import HANDED_OVER_KIND, Takeover
 from vfe.devices.blk import BlkConfig
@@ -44,6 +47,7 @@ class Options:
     host_qmp: str | None = None
     argv: list[str] = field(default_factory=list)    # our own, for a live update's new process
     takeover_fd: int | None = None     # we are a live update's new process
+    metrics: tuple[str, int] | None = None   # --metrics HOST:PORT: serve /metrics there
 
 
 def freeze_startup_heap() -> None:
@@ -80,6 +84,7 @@ def main(opts: Options) -> int:
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     if opts.takeover_fd is not None:
         return take_over(opts, daemon, engine)
+    svc = None
     try:
         if opts.devices:
             for cfg in opts.devices:
@@ -88,8 +93,8 @@ def main(opts: Options) -> int:
                 else:
                     daemon.add_net_device(cfg)
         else:
-            service.build(daemon, opts.paths, datapath=opts.datapath, host_qmp=opts.host_qmp,
-                          argv=opts.argv)
+            svc = service.build(daemon, opts.paths, datapath=opts.datapath, host_qmp=opts.host_qmp,
+                                argv=opts.argv)
     except OSError as exc:
         if isinstance(exc, UnsafePath):             # the message names the path and what is wrong
             log.error("%s", exc)
@@ -101,12 +106,42 @@ def main(opts: Options) -> int:
         log.error("%s", exc)
         daemon.shutdown()
         return os.EX_CONFIG        # refused configuration: systemd must not restart it in a loop
+    if opts.metrics is not None and not serve_metrics(opts, daemon, svc):
+        daemon.shutdown()
+        return 1
     freeze_startup_heap()
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), opts.workers, opts.mode)
     sdnotify.notify(ready=1)
     daemon.run()
     return 0
+
+
+def serve_metrics(opts: Options, daemon: Daemon, svc: service.Service | None) -> bool:
+    """Serve /metrics on opts.metrics: the devices' counters, and in
+    service mode the functions and SF pools.  False (logged) if the address
+    cannot be had."""
+    def devices():
+        seen: set[int] = set()
+        for ep in list(daemon.endpoints):
+            model = ep.device
+            if id(model) not in seen:       # a device's incoming= socket is a second endpoint
+                seen.add(id(model))
+                yield model.config.name or ep.name, model
+
+    collectors: list = [metrics.DeviceCollector(devices)]
+    if svc is not None:
+        collectors.append(metrics.ControllerCollector(lambda: list(svc.inventory.functions),
+                                                      lambda: svc.sf_pools))
+    reg = metrics.registry(collectors)
+    try:
+        server = MetricsServer(daemon.sel, opts.metrics, lambda: generate_latest(reg))
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", *opts.metrics, exc.strerror or exc)
+        return False
+    daemon.on_shutdown.append(server.close)
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", *server.address)
+    return True
 
 
 def take_over(opts: Options, daemon: Daemon, engine: Engine) -> int:
@@ -128,6 +163,8 @@ def take_over(opts: Options, daemon: Daemon, engine: Engine) -> int:
         takeover.fail(str(exc))
         os._exit(1)       # tear nothing down: every socket and netdev is still the old process's
     svc.control.updater.took_over(takeover.from_version, gap_ms)
+    if opts.metrics is not None:
+        serve_metrics(opts, daemon, svc)    # the old process's port is shared until it exits (SO_REUSEPORT)
     log.info("live update from %s: took over %d function(s) (data path gap %.1f ms: %.1f receiving, "
              "%.1f building)", takeover.from_version, len(svc.inventory.of_kind(HANDED_OVER_KIND)), gap_ms,
              (received - takeover.paused_at) * 1e3, gap_ms - (received - takeover.paused_at) * 1e3)

@@ -160,6 +160,19 @@ class BlkDeviceModel:
             out.append(s)
         return out
 
+    def counters(self) -> dict:
+        """What `virtnet stats` and /metrics show: per request queue, the
+        engine's counters; per device, requests and bytes by type and the
+        file backend's I/O threads."""
+        queues = []
+        for i in range(self.rings.num_rings):
+            s = dict(self.rings.ring_stats(i))
+            s["requests"] = s.pop("packets")       # a blk ring's "packets" are requests
+            s["failed"] = s.pop("dropped")         # answered with an error status
+            queues.append({"queue": i, "direction": "req"} | s)
+        aio = {f"aio_{k}": v for k, v in self.rings.aio_stats().items()}
+        return {"queues": queues, "device": self.rings.blk_stats() | aio}
+
     def summary(self) -> str:
         """One line of totals for the log (at disconnect and shutdown)."""
         s = self.rings.blk_stats()

@@ -102,6 +102,15 @@ class NetDeviceModel:
             out.append(s)
         return out
 
+    def counters(self) -> dict:
+        """What `virtnet stats` and /metrics show: per queue, the engine's
+        counters of the ring (rx: to the guest, tx: from it); per device,
+        the software offloads, port security and representor counters."""
+        queues = [{"queue": i, "direction": "rx" if i % 2 == 0 else "tx"} | self.rings.ring_stats(i)
+                  for i in range(self.rings.num_rings)]
+        device = self.rings.offload_stats() | self.rings.switch_stats() | self.rings.tap_stats()
+        return {"queues": queues, "device": device}
+
     def summary(self) -> str:
         """One line of totals for the log (at disconnect and shutdown)."""
         tot = {"rx": [0, 0, 0], "tx": [0, 0, 0]}

@@ -43,12 +43,12 @@ log level: info/err/debug
 """
 
 EXPECTED_HELP = f"""\
-usage: virtnet [-h] [-v] {{hotplug,unplug,list,query,modify,log,version,update}} ...
+usage: virtnet [-h] [-v] {{hotplug,unplug,list,query,modify,log,version,update,stats}} ...
 
 Nvidia virtio-net-controller command line interface v{__version__}
 
 positional arguments:
-  {{hotplug,unplug,list,query,modify,log,version,update}}
+  {{hotplug,unplug,list,query,modify,log,version,update,stats}}
                         ** Use -h for sub-command usage
     hotplug             hotplug virtnet device
     unplug              unplug virtnet device
@@ -58,6 +58,7 @@ positional arguments:
     log                 set log level
     version             show virtnet version
     update              live update the controller
+    stats               show the counters of all or individual device(s)
 
 optional arguments:
   -h, --help            show this help message and exit
@@ -102,10 +103,11 @@ def test_main_help_exact(capsys):
 def test_main_help_matches_the_seed_line_by_line(capsys):
     _, out, _ = run(capsys, "-h")
     seed = (SEED_HELP.replace("{hotplug,unplug,list,query,modify,log}",
-                              "{hotplug,unplug,list,query,modify,log,version,update}")
+                              "{hotplug,unplug,list,query,modify,log,version,update,stats}")
             .replace("v1.0.9", f"v{__version__}")
             .replace("log set log level\n", "log set log level\nversion show virtnet version\n"
-                                            "update live update the controller\n"))
+                                            "update live update the controller\n"
+                                            "stats show the counters of all or individual device(s)\n"))
     assert collapse(out) == collapse(seed)
 
 
@@ -114,7 +116,7 @@ def test_main_usage_stays_on_one_line(capsys, monkeypatch, columns):
     monkeypatch.setenv("COLUMNS", columns)
     _, out, _ = run(capsys, "--help")
     assert out.splitlines()[0] == \
-        "usage: virtnet [-h] [-v] {hotplug,unplug,list,query,modify,log,version,update} ..."
+        "usage: virtnet [-h] [-v] {hotplug,unplug,list,query,modify,log,version,update,stats} ..."
 
 
 def test_log_help_exact_and_matches_the_seed(capsys):
@@ -233,7 +235,7 @@ def test_normalize_argv():
 # -- bad input: usage errors, exit 2 --------------------------------------------------
 
 BAD = [
-    ("", "the following arguments are required: {hotplug,unplug,list,query,modify,log,version,update}"),
+    ("", "the following arguments are required: {hotplug,unplug,list,query,modify,log,version,update,stats}"),
     ("frob", "invalid choice: 'frob'"),
     ("hotplug -i mlx5_0 -m 0C:C4:7A:FF:22:9 -t 1500 -n 3 -s 1024",
      "argument -m/--mac: invalid MAC address '0C:C4:7A:FF:22:9': expected six hex octets"),

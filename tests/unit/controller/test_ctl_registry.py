@@ -23,7 +23,7 @@ from vfe.controller.service import ServiceError, restore
 from vfe.rpc.protocol import RpcError
 
 
-VIRTNET_VERBS = ("list", "query", "modify", "unplug", "vf_state")
+VIRTNET_VERBS = ("list", "query", "modify", "unplug", "vf_state", "stats")
 
 
 class Fn:
