@@ -18,6 +18,7 @@ memfd-backed shared memory, ``vectors=0`` through ``<qemu:override>``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_vfe_vdpa import PF_BDF, SEED_MAC, SEED_NV, VF_BDF, Vhostd, sriov
 from tests.harness.libvirt import GuestDomain, Libvirtd, VhostUserDisk, VhostUserNic, libvirtd_available
 from tests.harness.netns import NetNs
 from tests.harness.service import ControllerService
@@ -36,6 +38,27 @@ pytestmark = [pytest.mark.e2e,
                                  reason="libvirtd/virsh missing (apt libvirt-daemon-system, scripts/setup)")]
 
 PATTERN_KB = 256          # the disk pattern: small, TCG is slow
+
+# The seed's VFE vDPA block ("Add a virtio-net interface and a virtio-blk
+# interface in vm xml"), verbatim.
+SEED_COMMANDLINE = """<qemu:commandline> <qemu:arg value='-chardev'/> <qemu:arg value='socket,id=char0,\
+path=/tmp/vfe-net0,server=on'/> <qemu:arg value='-netdev'/> <qemu:arg value='type=vhost-user,id=vdpa,\
+chardev=char0,queues=4'/> <qemu:arg value='-device'/> <qemu:arg value='virtio-net-pci,netdev=vdpa,\
+mac=00:00:00:00:33:00,page-per-vq=on,rx_queue_size=1024,tx_queue_size=1024,mq=on'/> <qemu:arg \
+value='-chardev'/> <qemu:arg value='socket,id=char1,path=/tmp/vfe-blk0,server=on'/> <qemu:arg \
+value='-device'/> <qemu:arg value='vhost-user-blk-pci,chardev=char1,page-per-vq=on,num-queues=4,\
+disable-legacy=on,disable-modern=off'/> </qemu:commandline>"""
+BLK_PF_BDF, BLK_VF_BDF = "0000:a0:00.0", "0000:b0:00.0"    # the seed's 0000:af:00.3 / 0000:af:05.1
+
+
+def seed_qemu_args(net_sock: str, blk_sock: str) -> list[str]:
+    """The seed's arguments with docs/libvirt.md's substitutions: the two
+    socket paths, and vectors=0 on virtio-net-pci under TCG (facts.md)."""
+    args = re.findall(r"<qemu:arg value='([^']*)'/>", SEED_COMMANDLINE)
+    assert len(args) == 10, args
+    subst = {"/tmp/vfe-net0": net_sock, "/tmp/vfe-blk0": blk_sock}
+    args = [re.sub(r"path=([^,]*)", lambda m: "path=" + subst[m[1]], a) for a in args]
+    return [a + ",vectors=0" if a.startswith("virtio-net-pci,") else a for a in args]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +176,47 @@ def test_device_sockets_net_between_two_domains_and_blk(libvirtd, domains, contr
     write_pattern(a)
     xml = libvirtd.virsh("dumpxml", "lv-a")
     assert "type='vhostuser'" in xml and "<access mode='shared'/>" in xml
+
+
+def test_seed_vfe_vdpa_commandline_block(libvirtd, domains, short_root):
+    """The seed's order: DPU side, vfe-vhostd --client, provisioning
+    (`vhostmgmt vf -a ... -v SOCKET` before the socket exists), then
+    `virsh start`; QEMU (server=on) starts once vfe-vhostd connected."""
+    root, peer = Path(short_root), "10.7.0.100"
+    net_sock, blk_sock = str(root / "vfe-net0"), str(root / "vfe-blk0")
+    with NetNs() as ns:
+        svc = ControllerService(root / "root", ns)
+        vhostd = Vhostd(svc, root)
+        try:
+            svc.mlxconfig("s", *SEED_NV)
+            svc.start()
+            sriov(svc, "-p", "0", "1")
+            rep = svc.virtnet_json("query", "-p", "0", "-v", "0")["devices"][0]["sf_rep_net_device"]
+            ns.run("ip", "addr", "add", f"{peer}/24", "dev", rep)
+            ns.run("ip", "link", "set", "dev", rep, "up")
+            svc.virtnet("modify", "-p", "0", "-v", "0", "device", "-m", SEED_MAC, check=True)
+            svc.virtnet("modify", "-p", "0", "-v", "0", "device", "-q", "1024", check=True)
+            vfe_rpc(svc, "bdev_null_create", "Null0", "1024", "512")
+            vfe_rpc(svc, "controller_virtio_blk_create", "--pf_id", "0", "--bdev_type", "spdk", "mlx5_0",
+                    "--bdev", "Null0", "--num_queues", "1", "--admin_q")
+            vfe_rpc(svc, "bdev_null_create", "Null1", "64", "512")      # a bdev serves one controller here
+            vfe_rpc(svc, "controller_virtio_blk_create", "mlx5_0", "--pf_id", "0", "--vf_id", "0",
+                    "--bdev_type", "spdk", "--bdev", "Null1", "--force_in_order", "--num_queues", "4")
+
+            vhostd.start()
+            for pf_bdf, vf_bdf, sock in ((PF_BDF, VF_BDF, net_sock), (BLK_PF_BDF, BLK_VF_BDF, blk_sock)):
+                assert vhostd.mgmt_result("mgmtpf", "-a", pf_bdf)["errno"] == 0
+                assert vhostd.mgmt_result("vf", "-a", vf_bdf, "-v", sock)["errno"] == 0
+
+            dom = domains("lv-seed", qemu_args=seed_qemu_args(net_sock, blk_sock))
+            boot(dom, "10.7.0.1")
+            assert dom.run("cat /sys/class/net/eth0/address", check=True)[1].strip() == SEED_MAC
+            ping(dom, peer)
+            assert dom.run("cat /sys/block/vda/size", check=True)[1].strip() == str(64 * 2048)
+            zeros = dom.run("dd if=/dev/zero bs=64k count=4 2>/dev/null | md5sum", check=True)[1]
+            assert dom.run("dd if=/dev/vda bs=64k count=4 iflag=direct 2>/dev/null | md5sum",
+                           timeout=60, check=True)[1] == zeros
+            assert "front-end relayed by vfe-vhostd" in svc.log()
+        finally:
+            vhostd.stop()
+            svc.stop()
