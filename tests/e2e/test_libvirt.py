@@ -8,8 +8,9 @@ memfd-backed shared memory, ``vectors=0`` through ``<qemu:override>``.
    the guest pings an address on the PF's representor and writes a pattern
    to the disk.  ``virsh destroy`` + ``virsh start``: both sockets are taken
    again, the guest pings and reads its pattern back.
-2. ``--device`` sockets: two domains on two ``net`` sockets ping each other;
-   one has a ``--device blk`` disk and reads back what it wrote.
+2. ``--device`` sockets: two domains on two ``net`` sockets ping each other
+   (one the controller listens on, one it connects to: ``client=on``, QEMU
+   the server); one has a ``--device blk`` disk and reads back what it wrote.
 3. The seed's VFE vDPA ``<qemu:commandline>`` block (QEMU the server on
    /tmp/vfe-net0-like paths) with docs/libvirt.md's substitutions: vfe-vhostd
    --client relays it to an SR-IOV VF, provisioned with vhostmgmt; the guest
@@ -163,9 +164,10 @@ def test_hotplug_pf_and_blk_function_then_destroy_and_start(libvirtd, domains, s
 
 def test_device_sockets_net_between_two_domains_and_blk(libvirtd, domains, controller, sockdir):
     sa, sb, sd = (str(Path(sockdir) / n) for n in ("a.sock", "b.sock", "d.sock"))
-    controller([f"net,socket={sa}", f"net,socket={sb}", f"blk,socket={sd},bdev=malloc,size=8"])
+    # b's device is the client of QEMU's socket (client=on; <source mode='server'>)
+    ctl = controller([f"net,socket={sa}", f"net,socket={sb},client=on", f"blk,socket={sd},bdev=malloc,size=8"])
     a = domains("lv-a", interfaces=[VhostUserNic(sa, "52:54:00:1f:00:01")], disks=[VhostUserDisk(sd)])
-    b = domains("lv-b", interfaces=[VhostUserNic(sb, "52:54:00:1f:00:02")])
+    b = domains("lv-b", interfaces=[VhostUserNic(sb, "52:54:00:1f:00:02", mode="server")])
     a.start()
     b.start()
     for dom, addr in ((a, "10.9.0.1"), (b, "10.9.0.2")):
@@ -174,6 +176,7 @@ def test_device_sockets_net_between_two_domains_and_blk(libvirtd, domains, contr
     ping(a, "10.9.0.2")
     ping(b, "10.9.0.1")
     write_pattern(a)
+    assert "net1: front-end connected" in ctl.log()
     xml = libvirtd.virsh("dumpxml", "lv-a")
     assert "type='vhostuser'" in xml and "<access mode='shared'/>" in xml
 
