@@ -188,6 +188,7 @@ class Libvirtd:
         Idempotent; never raises for a half-started daemon."""
         if self.proc is not None and self.proc.poll() is None:
             for name in list(self.domains):
+                self.record_pid(name)
                 with contextlib.suppress(Exception):
                     self.domains[name].destroy()
                 with contextlib.suppress(Exception):
@@ -332,9 +333,10 @@ class GuestDomain:
     memory_mb: int = 256
     kernel_args: str = ""
 
-    libvirtd: Libvirtd | None = None
-    workdir: Path | None = None
-    console: ShellConsole | None = None
+    # set by Libvirtd.define() and start()
+    libvirtd: Libvirtd | None = field(default=None, init=False, repr=False)
+    workdir: Path | None = field(default=None, init=False, repr=False)
+    console: ShellConsole | None = field(default=None, init=False, repr=False)
 
     @property
     def shell_socket(self) -> Path:
@@ -401,8 +403,10 @@ class GuestDomain:
         """``virsh start``, then connect to the shell's socket at once: QEMU
         made it before libvirt let the CPUs run, and a socket chardev drops
         what the guest prints while nobody is connected."""
-        self.libvirtd.virsh("start", self.name)
-        self.libvirtd.record_pid(self.name)
+        try:
+            self.libvirtd.virsh("start", self.name)
+        finally:                 # a QEMU may run even when virsh gave up waiting for it
+            self.libvirtd.record_pid(self.name)
         self.console = ShellConsole(str(self.shell_socket), self.name)
         try:
             self.console.connect(timeout=10)
