@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MAX, VIRTIO_NET_MTU_MIN, F
+from vfe.virtio.layouts import PackedBase
 
 from .actions import (
     AddMemRegion,
@@ -126,6 +127,15 @@ def _check_inflight_shape(spec: DeviceSpec, p: Inflight) -> None:
     if not _is_pow2(p.queue_size) or p.queue_size > limit:
         raise ProtocolError(f"inflight region for queues of {p.queue_size} entries "
                             f"(power of 2 up to {limit})")
+
+
+def _check_packed_base(index: int, num: int, base: int) -> None:
+    """A packed ring's base names slots of the ring (its index bits below
+    the size: the engine reads and writes descriptors there)."""
+    position = PackedBase.decode(base)
+    if num and not position.fits(num):
+        raise ProtocolError(f"ring {index}: packed base {base:#x} (avail {position.avail_idx}, "
+                            f"used {position.used_idx}) outside a ring of {num}")
 
 
 def _check_fits_inflight(index: int, num: int, p: Inflight | None) -> None:
@@ -258,12 +268,18 @@ def set_vring_addr(spec: DeviceSpec, s: ConnectionState, msg: Message, p: VringA
 
 
 def set_vring_base(spec: DeviceSpec, s: ConnectionState, msg: Message, p: VringState) -> list:
-    if p.num > 0xFFFF:
-        raise ProtocolError(f"ring {p.index}: base {p.num} > 65535")
     ring = s.ring(p.index)
+    if s.packed:
+        # 32 bits: avail index and wrap counter, used index and wrap counter
+        _check_packed_base(p.index, ring.num, p.num)
+        base = PackedBase.decode(p.num).encode()
+    elif p.num > 0xFFFF:
+        raise ProtocolError(f"ring {p.index}: base {p.num} > 65535")
+    else:
+        base = p.num
     if ring.started:
         raise ProtocolError(f"ring {p.index}: SET_VRING_BASE while the ring runs")
-    ring.base = p.num
+    ring.base = base
     return []
 
 
@@ -389,24 +405,27 @@ def get_status(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Empty) -> 
 def get_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     # QEMU sends mmap_size/offset 0 and the shape it wants; the reply
     # (with the new region's fd) comes from the caller, which allocates it.
+    # The layout follows the acked features: QEMU sends SET_FEATURES first.
     _check_inflight_shape(spec, p)
-    return [GetInflight(p.num_queues, p.queue_size)]
+    return [GetInflight(p.num_queues, p.queue_size, s.packed)]
 
 
 def set_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     _check_inflight_shape(spec, p)
-    need = inflight_region_size(p.num_queues, p.queue_size)
+    need = inflight_region_size(p.num_queues, p.queue_size, s.packed)
     if p.mmap_size < need:
-        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} queues "
-                            f"of {p.queue_size} need {need}")
+        layout = "packed" if s.packed else "split"
+        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} {layout} "
+                            f"queues of {p.queue_size} need {need}")
     for index, ring in sorted(s.rings.items()):
         if ring.num:
             _check_fits_inflight(index, ring.num, p)
     fd = msg.fds[0]
     s.inflight = p
+    s.inflight_packed = s.packed
     # Rings read the region when they start: running ones restart with it.
     return quiesce(s, s.started_rings(), [
-        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size),
+        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size, s.packed),
         CloseFds((fd,))])
 
 
