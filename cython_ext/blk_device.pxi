@@ -195,7 +195,7 @@ cdef class BlkDevice(RingDevice):
                 "direct": self.d.pool.direct_ios, "errors": self.d.pool.errors}
 
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """RingDevice.start_ring, after giving a file bdev's queue its
         request slots (one per head; the ring is stopped, none is in use)."""
