@@ -153,6 +153,7 @@ cdef class BlkDevice(RingDevice):
                 for i in range(self.d.num_vqs):
                     free(self.d.inflight[i].resubmit)
                 free(self.d.inflight)
+            packed_free(self.d.vqs, self.d.num_vqs)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -194,7 +195,7 @@ cdef class BlkDevice(RingDevice):
                 "direct": self.d.pool.direct_ios, "errors": self.d.pool.errors}
 
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """RingDevice.start_ring, after giving a file bdev's queue its
         request slots (one per head; the ring is stopped, none is in use)."""
@@ -234,6 +235,7 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
                 self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
+                self.d.vqs[i].packed = (features >> VIRTIO_F_RING_PACKED) & 1
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 

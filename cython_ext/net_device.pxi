@@ -57,6 +57,7 @@ cdef class NetDevice(RingDevice):
         self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
+            packed_free(self.d.vqs, self.d.num_vqs)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -85,6 +86,7 @@ cdef class NetDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
                 self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
+                self.d.vqs[i].packed = (features >> VIRTIO_F_RING_PACKED) & 1
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 

@@ -99,6 +99,17 @@ ctypedef struct Vring:
     int reported             # Python has logged `broken`
     int kind                 # RING_NET (dev is a NetDev, TX/RX) or RING_BLK (a BlkDev request queue)
     void *dev
+    # packed rings (packed.pxd says what the fields above mean for them)
+    int packed               # VIRTIO_F_RING_PACKED negotiated: this ring is packed
+    int avail_wrap           # the wrap counter of last_avail_idx's lap
+    int used_wrap            # the wrap counter of last_used_idx's lap
+    int flushed_used_wrap    # used_wrap as last published (interrupt decisions)
+    uint16_t pending_slot    # first used descriptor of the unpublished batch: its flags go last
+    uint16_t pending_flags
+    uint32_t pending_span    # slots the unpublished batch covers (0: none)
+    uint16_t *id_ndesc       # per buffer id: slots its chain took (blk completions); RX scratch
+    uint64_t desc_gpa        # the descriptor ring's guest-physical address (dirty log)
+    uint64_t dev_event_gpa   # the device event suppression area's (dirty log)
 
 
 cdef inline uint64_t contig_hva(MemTable *mt, uint64_t addr, uint64_t length, bint by_uva) noexcept nogil:
