@@ -37,8 +37,8 @@ class VringConfig:
     desc_uva: int
     avail_uva: int
     used_uva: int
-    log_guest_addr: int   # guest-physical address of what the device writes answers to:
-                          # split the used ring, packed the descriptor ring
+    log_guest_addr: int   # the used ring's guest-physical address (packed rings: unused, the
+                          # engine logs the descriptor ring and the device event area)
     log_used: bool        # VHOST_VRING_F_LOG in SET_VRING_ADDR flags
     base: int             # next avail index to process (SET_VRING_BASE; packed: QEMU's
                           # 32-bit encoding, vfe/virtio/layouts.py PackedBase)
@@ -121,25 +121,22 @@ class SetLogBase:
 class GetInflight:
     """GET_INFLIGHT_FD: allocate a new inflight region for ``num_queues``
     rings of ``queue_size`` entries and reply with its description and fd
-    (vfe/vhost/inflight.py; ``packed``: the packed layout)."""
+    (vfe/vhost/inflight.py)."""
 
     num_queues: int
     queue_size: int
-    packed: bool = False
 
 
 @dataclass(frozen=True)
 class SetInflight:
     """SET_INFLIGHT_FD: map the front-end's inflight region (borrowed fd) and
-    track the rings in it from their next start.  ``fd`` -1: drop the region.
-    ``packed``: the region has the packed layout."""
+    track the rings in it from their next start.  ``fd`` -1: drop the region."""
 
     fd: int
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
-    packed: bool = False
 
 
 @dataclass(frozen=True)

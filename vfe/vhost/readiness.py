@@ -34,13 +34,12 @@ def effective_enabled(s: ConnectionState, ring: RingRecord) -> bool:
     return True
 
 
-def _region_for_uva(s: ConnectionState, uva: int, length: int):
-    """The memory region holding [uva, uva + length), or None."""
+def _region_for_uva(s: ConnectionState, uva: int, length: int) -> bool:
     for r in s.regions:
         reg = r.region
         if reg.uva <= uva and uva + length <= reg.uva + reg.size:
-            return reg
-    return None
+            return True
+    return False
 
 
 def areas_mapped(s: ConnectionState, ring: RingRecord) -> bool:
@@ -48,12 +47,12 @@ def areas_mapped(s: ConnectionState, ring: RingRecord) -> bool:
     assert ring.addr is not None
     areas = ring_area_sizes(ring.num, event_idx=bool(s.features >> F.RING_EVENT_IDX & 1),
                             packed=s.packed)
-    return (_region_for_uva(s, ring.addr.desc_uva, areas.desc) is not None
-            and _region_for_uva(s, ring.addr.avail_uva, areas.avail) is not None
-            and _region_for_uva(s, ring.addr.used_uva, areas.used) is not None)
+    return (_region_for_uva(s, ring.addr.desc_uva, areas.desc)
+            and _region_for_uva(s, ring.addr.avail_uva, areas.avail)
+            and _region_for_uva(s, ring.addr.used_uva, areas.used))
 
 
-def _packed_fits(s: ConnectionState, ring: RingRecord) -> bool:
+def _packed_fits(ring: RingRecord) -> bool:
     """A packed ring's event suppression areas are 4-aligned (2.8.10;
     SET_VRING_ADDR's syntax check allows a split avail ring at 2), and its
     base names slots of the ring (a SET_VRING_NUM may have shrunk it)."""
@@ -67,12 +66,6 @@ def _packed_fits(s: ConnectionState, ring: RingRecord) -> bool:
         log.warning("ring %d: packed base %#x is outside a ring of %d; not starting it",
                     ring.index, ring.base, ring.num)
         return False
-    if (s.inflight is not None and ring.index < s.inflight.num_queues
-            and s.inflight_packed != s.packed):
-        log.warning("ring %d: the inflight region has the %s layout, the ring is %s; not "
-                    "starting it before a new SET_INFLIGHT_FD", ring.index,
-                    "packed" if s.inflight_packed else "split", "packed" if s.packed else "split")
-        return False
     return True
 
 
@@ -83,25 +76,10 @@ def _ready(s: ConnectionState, ring: RingRecord) -> bool:
         log.warning("ring %d: descriptor/avail/used areas are not inside one memory region; "
                     "not starting it", ring.index)
         return False
-    if s.packed and not _packed_fits(s, ring):
+    if s.packed and not _packed_fits(ring):
         return False
     return True
 
-
-def _log_guest_addr(s: ConnectionState, ring: RingRecord) -> int:
-    """Where the dirty log starts for what the device writes answers to.
-    Split: the used ring, as SET_VRING_ADDR's log_guest_addr says.  Packed:
-    the device writes used descriptors into the descriptor ring, but QEMU
-    sends the device event area's address there (vhost.c: used_phys), so
-    the descriptor ring's guest-physical address is taken from the memory
-    table (_ready checked that one region holds the ring)."""
-    addr = ring.addr
-    assert addr is not None
-    if not s.packed:
-        return addr.log_guest_addr
-    reg = _region_for_uva(s, addr.desc_uva, ring_area_sizes(ring.num, False, packed=True).desc)
-    assert reg is not None
-    return reg.gpa + addr.desc_uva - reg.uva
 
 
 def vring_config(s: ConnectionState, ring: RingRecord) -> VringConfig:
@@ -111,7 +89,7 @@ def vring_config(s: ConnectionState, ring: RingRecord) -> VringConfig:
     return VringConfig(
         index=ring.index, size=ring.num,
         desc_uva=addr.desc_uva, avail_uva=addr.avail_uva, used_uva=addr.used_uva,
-        log_guest_addr=_log_guest_addr(s, ring), log_used=addr.log,
+        log_guest_addr=addr.log_guest_addr, log_used=addr.log,
         base=PackedBase.decode(ring.base).encode() if s.packed else ring.base & 0xFFFF,
         kick_fd=ring.kick_fd, call_fd=ring.call_fd,
         enabled=effective_enabled(s, ring),

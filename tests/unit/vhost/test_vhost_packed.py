@@ -8,7 +8,7 @@ from tests.unit.vhost.vhost_helpers import (
 )
 
 from vfe.vhost.actions import Ack, CloseFds, GetInflight, Reply, SetInflight, StartRing
-from vfe.vhost.inflight import queue_region_size, region_size
+from vfe.vhost.inflight import region_size
 from vfe.vhost.messages import (
     Inflight, ProtocolError, ProtocolFeature, Request, VringAddr, VringFile, VringState,
 )
@@ -176,86 +176,65 @@ def test_packed_driver_event_area_must_be_4_aligned(fds, caplog):
     d.disconnect()
 
 
-def test_packed_log_address_is_the_descriptor_rings(fds):
-    """QEMU sends the device event area's address as log_guest_addr; used
-    descriptors are written into the descriptor ring, so that is logged."""
+def test_packed_log_address_is_passed_on(fds):
+    """QEMU sends the device event area's address as log_guest_addr; the
+    engine logs what it writes (descriptor ring, device event area) from
+    the memory table itself, so the address goes on as it came."""
     d = device(fds=fds)
     addr = packed_addr(1)
     (ring,) = starts(setup(d, fds, 1, flags=1, log_gpa=addr.used_uva - UVA0))
-    assert ring.log_used and ring.log_guest_addr == addr.desc_uva - UVA0
-    d.disconnect()
-    d = device(features=SPLIT_ACK, fds=fds)            # split: as the front-end said
-    from tests.unit.vhost.vhost_helpers import ring_addr
-    d.send(msg(Request.SET_VRING_NUM, VringState(1, 256)))
-    d.send(msg(Request.SET_VRING_ADDR, ring_addr(1, 256, flags=1, log_gpa=0x1234_5678)))
-    out = d.send(msg(Request.SET_VRING_KICK, VringFile(1, False), [fds.one()]))
-    assert starts(out)[0].log_guest_addr == 0x1234_5678
+    assert ring.log_used and ring.log_guest_addr == addr.used_uva - UVA0
     d.disconnect()
 
 
 # -- inflight -------------------------------------------------------------------------
 
 
-def test_inflight_layout_follows_the_acked_features(fds):
+def test_get_inflight_fd_with_packed_rings_answers_none(fds):
+    """The engine tracks no packed ring: size 0 tells QEMU there is no region."""
     d = device(pf=INFLIGHT_PF, fds=fds)
     assert d.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128))) == [
-        GetInflight(2, 128, True)]
+        Reply(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128).encode())]
     split = device(features=SPLIT_ACK, pf=INFLIGHT_PF, fds=fds)
     assert split.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128))) == [
-        GetInflight(2, 128, False)]
-    # the per-queue sizes: 32-byte header and entries, 64-aligned (DPDK's formula gives the same)
-    assert queue_region_size(128, packed=True) == 4160       # 32 + 32 * 128, 64-aligned
-    assert queue_region_size(3, packed=True) == 128
-    assert queue_region_size(128) == 2112                    # 16 + 16 * 128, 64-aligned
+        GetInflight(2, 128)]
     d.disconnect()
     split.disconnect()
 
 
-def test_set_inflight_fd_packed_needs_the_packed_size(fds):
+def test_set_inflight_fd_with_packed_rings_is_refused(fds):
     d = device(pf=INFLIGHT_PF, fds=fds)
     fd = fds.one()
-    small = Inflight(region_size(2, 256), 0, 2, 256)          # a split-sized region
-    out = d.send(msg(Request.SET_INFLIGHT_FD, small, [fd], need_reply=True))
+    out = d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256), 0, 2, 256), [fd],
+                     need_reply=True))
     assert out == [CloseFds((fd,)), Ack(Request.SET_INFLIGHT_FD, ok=False)]
-    fd = fds.one()
-    info = Inflight(region_size(2, 256, packed=True), 0, 2, 256)
-    out = d.send(msg(Request.SET_INFLIGHT_FD, info, [fd]))
-    assert SetInflight(fd, info.mmap_size, 0, 2, 256, True) in out
+    assert d.p.inflight is None
     d.disconnect()
 
 
-def test_a_ring_does_not_start_on_an_inflight_region_of_the_other_layout(fds, caplog):
-    """A guest's firmware drove the rings split, its OS acks RING_PACKED:
-    rings wait for the front-end's new region."""
+def test_acking_packed_drops_a_split_drivers_inflight_region(fds):
+    """A guest's firmware drove the rings split with a region; its OS acks
+    RING_PACKED: the region goes (the engine would refuse packed rings on
+    it), and the packed rings start without one."""
     d = device(features=SPLIT_ACK, pf=INFLIGHT_PF, fds=fds)
-    info = Inflight(region_size(2, 256), 0, 2, 256)
-    d.send(msg(Request.SET_INFLIGHT_FD, info, [fds.one()]))
-    d.send(u64(Request.SET_FEATURES, PACKED_ACK))
-    assert starts(setup(d, fds, 0)) == []
-    assert "inflight region has the split layout" in caplog.text
-    info = Inflight(region_size(2, 256, packed=True), 0, 2, 256)
-    out = d.send(msg(Request.SET_INFLIGHT_FD, info, [fds.one()]))
-    assert len(starts(out)) == 1
+    d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256), 0, 2, 256), [fds.one()]))
+    assert d.p.inflight is not None
+    out = d.send(u64(Request.SET_FEATURES, PACKED_ACK))
+    assert SetInflight(-1, 0, 0, 0, 0) in out and d.p.inflight is None
+    assert len(starts(setup(d, fds, 0))) == 1
     d.disconnect()
 
 
 # -- a live update's hand-over ------------------------------------------------------------
 
 
-def test_hand_over_keeps_packed_bases_and_the_inflight_layout(fds):
-    d = device(pf=INFLIGHT_PF, fds=fds)
-    d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256, True), 0, 2, 256),
-               [fds.one()]))
+def test_hand_over_keeps_packed_bases(fds):
+    d = device(fds=fds)
     setup(d, fds, 0, base=0x8002_0002)
     d.p.rings_paused({0: 0x0009_800B})
     state = d.p.export_state()
-    assert state["inflight_packed"] is True
     assert state["rings"][0]["base"] == 0x0009_800B
     q = BackendProtocol.from_state(d.p.spec, state, list(state["fds"]))
-    assert q.rings[0].base == 0x0009_800B
     (ring,) = q.running_rings()
     assert ring.base == 0x0009_800B
-    # a state from a build before packed rings has no "inflight_packed"
-    del state["inflight_packed"]
-    old = BackendProtocol.from_state(d.p.spec, state, list(state["fds"]))
-    assert old.export_state()["inflight_packed"] is False
+    q.disconnect()
