@@ -248,6 +248,8 @@ class Session:
             case A.Reply():
                 self._send(act)
             case A.SetFeatures(features=f):
+                if (f & ~self.features) >> F.RING_PACKED & 1:
+                    log.info("%s: packed virtqueues (VIRTIO_F_RING_PACKED)", self.name)
                 self.features = f
                 if self.drives_device() or self.device.driving_session is None:
                     rings.set_features(f)
