@@ -249,13 +249,16 @@ cdef class BlkDevice(RingDevice):
         `length` bytes and holds `queue_size` entries per queue; a ring
         larger than that will not start.  The caller unmaps an old region
         only after this returns; queues the region does not cover run
-        untracked."""
+        untracked.  The layout (split or packed) is the negotiated
+        features' (inflight_layout)."""
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
             if not 1 <= queue_size <= MAX_QUEUE_SIZE or num_queues < 0:
                 raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
-            if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
+            if stride < ((PIF_HDR + PIF_DESC * <uint64_t>queue_size)
+                         if (self.d.features >> VIRTIO_F_RING_PACKED) & 1
+                         else (IF_HDR + IF_DESC * <uint64_t>queue_size)):
                 raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
                                  f"{queue_size} entries")
             if <uint64_t>num_queues * stride > length:

@@ -126,7 +126,10 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
 
 cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
     """Publish used->idx for the answered heads, then clear their inflight marks."""
-    ring_publish(vq)
+    if vq.packed:
+        packed_blk_flush(vq, iq, done, ndone)
+        return
+    used_publish(vq)
     inflight_clear(iq, done, ndone[0], vq.last_used_idx)
     ndone[0] = 0
 
