@@ -304,6 +304,14 @@ cdef inline void ring_used_push(Vring *vq, uint16_t id, uint32_t length) noexcep
 
 # -- control (world stopped)
 
+cdef inline void packed_set_layout(Vring *vq, int packed) noexcept nogil:
+    """SET_FEATURES decides the layout; a running ring's cannot change
+    under it (its cursors would mean nothing): that stops it (E_RING)."""
+    if vq.ready and vq.packed != packed:
+        vq.broken = -E_RING
+    vq.packed = packed
+
+
 cdef inline uint64_t uva_to_gpa(MemTable *mt, uint64_t uva) noexcept nogil:
     cdef int i
     for i in range(mt.n):

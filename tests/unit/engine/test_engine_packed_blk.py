@@ -343,6 +343,55 @@ def test_region_cursors_and_chains_out_of_range_are_refused(header, descs, messa
     run_forked(case)
 
 
+def test_a_kept_batch_whose_cursor_is_out_of_range_is_refused():
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        _write_region(area, off, (0, 1, SIZE, 0, 0, 0x7FFF, 0, 1, 1), {})
+        b.ring.write_desc(0, 0, 1, 3, (1 << 7) | (1 << 15))       # "the guest saw it"
+        with pytest.raises(ValueError, match="out of range"):
+            b.start(FRESH_BASE)
+    run_forked(case)
+
+
+def test_a_region_whose_free_list_is_broken_leaves_requests_untracked():
+    """free_head 0xFFFF: nothing can be recorded, so nothing is; the
+    request is served all the same and the region is as it was."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        _write_region(area, off, (0, 1, SIZE, 0xFFFF, 0xFFFF, 0, 0, 1, 1), {})
+        assert b.start(FRESH_BASE) == 0
+        before = area.read(0, area.size)
+        st, _ = b.request(2, T_FLUSH)
+        assert b.burst() == 1
+        assert b.ring.take_used() == [(2, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        changed = [i for i, (x, y) in enumerate(zip(before, area.read(0, area.size))) if x != y]
+        assert all(off + 16 <= i < off + 22 for i in changed), changed    # the cursors only
+    run_forked(case)
+
+
+def test_a_request_whose_region_entry_was_scribbled_on_is_answered(tmp_path):
+    """The front-end rewrites the `last` link of an outstanding request's
+    entry: the completion does not follow it (out of range), the request
+    is answered, nothing outside the region is touched."""
+    path = str(tmp_path / "disk.img")
+    open(path, "wb").close()
+
+    def case():
+        b = PBlk(backend="file", path=path, start=False)
+        area, off, qlen = _region(b)
+        assert b.start(FRESH_BASE) == -1
+        st, _ = b.request(1, T_OUT, 8, b"\x42" * 512)
+        b.burst()
+        area.write(off + 32 + 4, struct.pack("<H", 0xFFFF))           # entry 0's `last`
+        b.dev.stop_ring(0)
+        assert b.ring.take_used() == [(1, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        assert area.read(off + 32, 1) == b"\x00"                       # not inflight any more
+        b.rig.close()
+    run_forked(case)
+
+
 @pytest.mark.parametrize("entry,expected", [
     ((1, 0xFFFF, 0, 2, 0, 3, 0, 16, None), RingError.NEXT),       # chain link out of the region
     ((1, 1, 1, 2, 0, 3, F_INDIRECT, 16, None), RingError.INDIRECT),  # indirect, not last
