@@ -4,7 +4,7 @@
 
 cdef class BlkDevice(RingDevice):
     """The engine's side of one virtio-blk device: its request queues, its
-    memory table and its backend (null or malloc).  Same ring-control
+    memory table and its backend (null, malloc or file).  Same ring-control
     methods as NetDevice, so the device adapter's Session drives it alike."""
     cdef BlkDev *d
 

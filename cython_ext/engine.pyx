@@ -447,11 +447,12 @@ cdef class Engine:
 
     def new_blk_device(self, int num_queues, uint64_t capacity_bytes, int block_size=512,
                        str backend="null", bint read_only=False, serial="", **limits):
-        # backend "file" needs limits["path"]: the file is mapped MAP_SHARED and
-        # served like RAM; FLUSH msyncs it
         """A virtio-blk device with `num_queues` request queues over a null
-        (reads zeros, drops writes) or malloc (RAM) backend of
-        `capacity_bytes`.  `limits`: max_discard_sectors, max_discard_seg,
+        (reads zeros, drops writes), malloc (RAM) or file backend of
+        `capacity_bytes`.  A file backend needs limits["path"]: its requests
+        go to the I/O threads (blk_aio.pxd: preadv/pwritev straight into guest
+        memory, FLUSH is fdatasync), so a slow disk never holds a worker.
+        `limits`: max_discard_sectors, max_discard_seg,
         max_write_zeroes_sectors, max_write_zeroes_seg (the config space's)."""
         return BlkDevice(self, num_queues, capacity_bytes, block_size, backend, read_only,
                          serial, **limits)
