@@ -1,5 +1,6 @@
 # The virtio-blk data path (virtio 1.2, 5.2): a block device as the engine
-# sees it and a request against the device's backend (null or malloc).  Its
+# sees it and a request against the device's backend (null, malloc, or a
+# file handed to the I/O threads of blk_aio.pxd).  Its
 # chain (readable header and data, then writable data and the status byte)
 # is walked by vring.pxd's walk_chain, READABLE_THEN_WRITABLE.  Everything here is nogil and creates
 # no Python object; the worker glue (blk_burst) lives in engine.pyx.

@@ -4,7 +4,7 @@
 
 cdef class BlkDevice(RingDevice):
     """The engine's side of one virtio-blk device: its request queues, its
-    memory table and its backend (null or malloc).  Same ring-control
+    memory table and its backend (null, malloc or file).  Same ring-control
     methods as NetDevice, so the device adapter's Session drives it alike."""
     cdef BlkDev *d
 
@@ -235,7 +235,7 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
                 self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
-                self.d.vqs[i].packed = (features >> VIRTIO_F_RING_PACKED) & 1
+                packed_set_layout(&self.d.vqs[i], (features >> VIRTIO_F_RING_PACKED) & 1)
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 
@@ -249,13 +249,16 @@ cdef class BlkDevice(RingDevice):
         `length` bytes and holds `queue_size` entries per queue; a ring
         larger than that will not start.  The caller unmaps an old region
         only after this returns; queues the region does not cover run
-        untracked."""
+        untracked.  The layout (split or packed) is the negotiated
+        features' (inflight_layout)."""
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
             if not 1 <= queue_size <= MAX_QUEUE_SIZE or num_queues < 0:
                 raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
-            if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
+            if stride < ((PIF_HDR + PIF_DESC * <uint64_t>queue_size)
+                         if (self.d.features >> VIRTIO_F_RING_PACKED) & 1
+                         else (IF_HDR + IF_DESC * <uint64_t>queue_size)):
                 raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
                                  f"{queue_size} entries")
             if <uint64_t>num_queues * stride > length:

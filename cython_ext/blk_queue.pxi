@@ -70,7 +70,8 @@ cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint
     """The request at `head` is done (its status byte written and logged):
     its used entry, the last-batch list, the ring's counters."""
     ring_used_push(vq, head, data_in + 1)
-    inflight_link(&d.inflight[vq.index], head)
+    if not vq.packed:                        # a packed ring's entries go back at the publish
+        inflight_link(&d.inflight[vq.index], head)
     vq.packets += 1
     vq.bytes += nbytes
     if status != VIRTIO_BLK_S_OK:
@@ -126,7 +127,10 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
 
 cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
     """Publish used->idx for the answered heads, then clear their inflight marks."""
-    ring_publish(vq)
+    if vq.packed:
+        packed_blk_flush(vq, iq, done, ndone)
+        return
+    used_publish(vq)
     inflight_clear(iq, done, ndone[0], vq.last_used_idx)
     ndone[0] = 0
 

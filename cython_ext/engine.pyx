@@ -447,11 +447,12 @@ cdef class Engine:
 
     def new_blk_device(self, int num_queues, uint64_t capacity_bytes, int block_size=512,
                        str backend="null", bint read_only=False, serial="", **limits):
-        # backend "file" needs limits["path"]: the file is mapped MAP_SHARED and
-        # served like RAM; FLUSH msyncs it
         """A virtio-blk device with `num_queues` request queues over a null
-        (reads zeros, drops writes) or malloc (RAM) backend of
-        `capacity_bytes`.  `limits`: max_discard_sectors, max_discard_seg,
+        (reads zeros, drops writes), malloc (RAM) or file backend of
+        `capacity_bytes`.  A file backend needs limits["path"]: its requests
+        go to the I/O threads (blk_aio.pxd: preadv/pwritev straight into guest
+        memory, FLUSH is fdatasync), so a slow disk never holds a worker.
+        `limits`: max_discard_sectors, max_discard_seg,
         max_write_zeroes_sectors, max_write_zeroes_seg (the config space's)."""
         return BlkDevice(self, num_queues, capacity_bytes, block_size, backend, read_only,
                          serial, **limits)
@@ -588,9 +589,20 @@ def log_page_size():
     return VHOST_LOG_PAGE
 
 
-def inflight_layout():
+def inflight_layout(bint packed=False):
     """The inflight region's sizes and field offsets as inflight.pxd has
-    them, for the unit test that checks them against vfe/vhost/inflight.py."""
+    them (split rings' QueueRegionSplit, or with `packed` the
+    QueueRegionPacked layout), for the unit test that checks them against
+    vfe/vhost/inflight.py."""
+    if packed:
+        return {"header_size": PIF_HDR, "desc_size": PIF_DESC,
+                "version": PIF_VERSION, "desc_num": PIF_DESC_NUM,
+                "free_head": PIF_FREE_HEAD, "old_free_head": PIF_OLD_FREE_HEAD,
+                "used_idx": PIF_USED_IDX, "old_used_idx": PIF_OLD_USED_IDX,
+                "used_wrap_counter": PIF_USED_WRAP, "old_used_wrap_counter": PIF_OLD_USED_WRAP,
+                "desc_inflight": PIF_D_INFLIGHT, "desc_next": PIF_D_NEXT, "desc_last": PIF_D_LAST,
+                "desc_num_descs": PIF_D_NUM, "desc_counter": PIF_D_COUNTER, "desc_id": PIF_D_ID,
+                "desc_flags": PIF_D_FLAGS, "desc_len": PIF_D_LEN, "desc_addr": PIF_D_ADDR}
     return {"header_size": IF_HDR, "desc_size": IF_DESC,
             "version": IF_VERSION, "desc_num": IF_DESC_NUM, "last_batch_head": IF_LAST_BATCH,
             "used_idx": IF_USED_IDX,
@@ -691,6 +703,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef _IfEntry *scratch = NULL
     cdef uint16_t *resubmit = NULL
     cdef _StartRecover rec
+    cdef _PackedRecover prec
     cdef int rc
     recovered = None
     if vq.packed:
@@ -699,8 +712,6 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         if (base & 0x7FFF) >= <uint64_t>size or ((base >> 16) & 0x7FFF) >= <uint64_t>size or base >> 32:
             raise ValueError(f"ring {index}: packed base {base:#x} names a slot outside "
                              f"the ring of {size}")
-        if iq != NULL and iq.region != NULL:
-            raise ValueError(f"ring {index}: inflight tracking of packed rings is not supported")
     elif size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
     if vq.ready:
@@ -740,9 +751,14 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
             free(iq.resubmit)
             iq.resubmit, resubmit = resubmit, NULL
             iq.nresubmit = iq.resubmit_pos = 0
-            rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
-            ring_touch(e, vq, index, _start_recover, <void *>&rec)
-            rc = rec.rc
+            if vq.packed:
+                prec.vq, prec.iq, prec.scratch = vq, iq, scratch
+                ring_touch(e, vq, index, _start_recover_packed, <void *>&prec)
+                rc = prec.rc
+            else:
+                rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
+                ring_touch(e, vq, index, _start_recover, <void *>&rec)
+                rc = rec.rc
             if rc == IF_TOO_SMALL:
                 raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
                                  f"entries per queue, the ring has {size}")
@@ -754,7 +770,10 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
                 raise ValueError(f"ring {index}: the inflight region tracks "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
                                  f"entries, the ring has {size}")
-            if rc >= 0:
+            if rc == IF_CORRUPT:
+                raise ValueError(f"ring {index}: the inflight region's cursors or chains "
+                                 f"are out of range")
+            if rc >= 0 and not vq.packed:
                 vq.last_avail_idx = <uint16_t>(vq.last_used_idx + rc)
                 vq.shadow_avail_idx = vq.last_avail_idx
             recovered = rc

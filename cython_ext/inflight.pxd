@@ -49,6 +49,30 @@ cdef enum:
     IF_BAD_SIZE = -2            # desc_num differs from the ring size
     IF_BAD_VERSION = -3         # a version we do not know (not 0 or 1)
     IF_TOO_SMALL = -4           # the region holds fewer entries than the ring has
+    IF_CORRUPT = -5             # packed: a cursor or a chain in the region is out of range
+
+# The packed layout (QueueRegionPacked, DescStatePacked): inflight_layout(packed=True)
+# hands these to the same unit test.
+cdef enum:
+    PIF_HDR = 32
+    PIF_DESC = 32
+    PIF_VERSION = 8
+    PIF_DESC_NUM = 10
+    PIF_FREE_HEAD = 12
+    PIF_OLD_FREE_HEAD = 14
+    PIF_USED_IDX = 16
+    PIF_OLD_USED_IDX = 18
+    PIF_USED_WRAP = 20
+    PIF_OLD_USED_WRAP = 21
+    PIF_D_INFLIGHT = 0
+    PIF_D_NEXT = 2
+    PIF_D_LAST = 4
+    PIF_D_NUM = 6
+    PIF_D_COUNTER = 8
+    PIF_D_ID = 16
+    PIF_D_FLAGS = 18
+    PIF_D_LEN = 20
+    PIF_D_ADDR = 24
 
 ctypedef struct InflightQueue:
     uint8_t *region             # this queue's QueueRegionSplit; NULL: not tracked
@@ -57,6 +81,10 @@ ctypedef struct InflightQueue:
     uint16_t *resubmit          # heads left inflight, in counter order (malloc'd at start)
     int nresubmit
     int resubmit_pos            # next one to serve
+    # packed rings: the chain being taken (pinflight_record)
+    uint32_t take_head          # its first entry
+    uint32_t take_last          # its latest entry
+    int take_bad                # the free list ran out or is corrupt: not recorded
 
 
 cdef inline uint8_t *if_desc(uint8_t *q, uint32_t head) noexcept nogil:
@@ -180,3 +208,241 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
     iq.resubmit_pos = 0
     iq.counter = top
     return count
+
+
+# ---------------------------------------------------------------- packed rings
+#
+# A packed ring's slots are overwritten by used descriptors, so the region
+# keeps a copy of every descriptor taken (addr, len, flags, id) in entries
+# drawn from a free list; a chain's first entry also holds inflight, its
+# counter, `num` (its slots) and `last` (its last entry).  free_head and
+# used_idx/used_wrap_counter move as we go; old_free_head, old_used_idx and
+# old_used_wrap_counter are their values at the last commit point (a whole
+# chain taken, or a batch of used descriptors published), to which
+# recovery rolls back unless the guest already saw the batch.
+#
+# Runtime:
+#   taking a chain:  each ring descriptor copied into the next free entry
+#                    (pinflight_record); then the first entry's num, last,
+#                    counter, inflight = 1, then old_free_head = free_head
+#                    (pinflight_take_done)
+#   used written:    nothing yet (the request's entries are known by id)
+#   batch published: pinflight_return before the publish (entries back on
+#                    the free list, used_idx/wrap), pinflight_commit after
+#                    it (inflight = 0, the old_* fields = the current ones)
+# Recovery (ring start, world stopped): pinflight_recover.
+
+cdef inline uint8_t *pif_desc(uint8_t *q, uint32_t e) noexcept nogil:
+    return q + PIF_HDR + PIF_DESC * e
+
+
+cdef inline void pinflight_record(InflightQueue *iq, uint32_t k, uint64_t addr, uint32_t dlen,
+                                  uint16_t flags, uint16_t id) noexcept nogil:
+    """Descriptor k (0: the chain's first) of the chain being taken."""
+    cdef uint8_t *q = iq.region
+    cdef uint32_t e
+    cdef uint8_t *d
+    if q == NULL:
+        return
+    if k == 0:
+        iq.take_bad = 0
+    if iq.take_bad:
+        return
+    e = vfe_load_u16(<uint16_t *>(q + PIF_FREE_HEAD))
+    if e >= iq.ndesc:
+        iq.take_bad = 1               # the front-end broke its region: the chain goes untracked
+        return
+    d = pif_desc(q, e)
+    vfe_store_u64(<uint64_t *>(d + PIF_D_ADDR), addr)
+    vfe_store_u32(<uint32_t *>(d + PIF_D_LEN), dlen)
+    vfe_store_u16(<uint16_t *>(d + PIF_D_FLAGS), flags)
+    vfe_store_u16(<uint16_t *>(d + PIF_D_ID), id)
+    if k == 0:
+        iq.take_head = e
+    iq.take_last = e
+    vfe_store_u16(<uint16_t *>(q + PIF_FREE_HEAD), vfe_load_u16(<uint16_t *>(d + PIF_D_NEXT)))
+
+
+cdef inline uint32_t pinflight_take_done(InflightQueue *iq, uint16_t nslots) noexcept nogil:
+    """The chain pinflight_record copied is taken: mark it inflight and
+    commit the free list.  Returns its first entry (the request's handle
+    for pinflight_return), or iq.ndesc if it is not tracked."""
+    cdef uint8_t *q = iq.region
+    cdef uint8_t *h
+    if q == NULL or iq.take_bad:
+        return iq.ndesc
+    h = pif_desc(q, iq.take_head)
+    vfe_store_u16(<uint16_t *>(h + PIF_D_NUM), nslots)
+    vfe_store_u16(<uint16_t *>(h + PIF_D_LAST), <uint16_t>iq.take_last)
+    vfe_store_u64(<uint64_t *>(h + PIF_D_COUNTER), iq.counter)
+    iq.counter += 1
+    vfe_store_release_u8(h + PIF_D_INFLIGHT, 1)
+    vfe_store_release_u16(<uint16_t *>(q + PIF_OLD_FREE_HEAD),
+                          vfe_load_u16(<uint16_t *>(q + PIF_FREE_HEAD)))
+    return iq.take_head
+
+
+cdef inline void pinflight_return(InflightQueue *iq, uint16_t *entries, int n, uint16_t used_idx,
+                                  int used_wrap) noexcept nogil:
+    """Before the batch whose requests' first entries are `entries` is
+    published: their entries back on the free list, and the used cursor
+    it publishes."""
+    cdef uint8_t *q = iq.region
+    cdef uint16_t *free_head
+    cdef uint32_t e, last
+    cdef int i
+    if q == NULL or n == 0:
+        return
+    free_head = <uint16_t *>(q + PIF_FREE_HEAD)
+    for i in range(n):
+        e = entries[i]
+        if e >= iq.ndesc:
+            continue                   # untracked (pinflight_take_done said so)
+        last = vfe_load_u16(<uint16_t *>(pif_desc(q, e) + PIF_D_LAST))
+        if last >= iq.ndesc:
+            continue
+        vfe_store_u16(<uint16_t *>(pif_desc(q, last) + PIF_D_NEXT), vfe_load_u16(free_head))
+        vfe_store_u16(free_head, <uint16_t>e)
+    vfe_store_u16(<uint16_t *>(q + PIF_USED_IDX), used_idx)
+    vfe_store_release_u8(q + PIF_USED_WRAP, <uint8_t>used_wrap)
+
+
+cdef inline void pinflight_commit(InflightQueue *iq, uint16_t *entries, int n) noexcept nogil:
+    """The batch is published: its requests are no longer inflight, and
+    the region's current state becomes the one recovery keeps."""
+    cdef uint8_t *q = iq.region
+    cdef int i
+    if q == NULL or n == 0:
+        return
+    for i in range(n):
+        if entries[i] < iq.ndesc:
+            vfe_store_release_u8(pif_desc(q, entries[i]) + PIF_D_INFLIGHT, 0)
+    vfe_store_u16(<uint16_t *>(q + PIF_OLD_FREE_HEAD), vfe_load_u16(<uint16_t *>(q + PIF_FREE_HEAD)))
+    vfe_store_u16(<uint16_t *>(q + PIF_OLD_USED_IDX), vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)))
+    vfe_store_release_u8(q + PIF_OLD_USED_WRAP, vfe_load_u8(q + PIF_USED_WRAP))
+
+
+cdef inline void _pif_keep_current(uint8_t *q) noexcept nogil:
+    """Recovery: the interrupted batch reached the guest; keep it."""
+    vfe_store_u16(<uint16_t *>(q + PIF_OLD_FREE_HEAD), vfe_load_u16(<uint16_t *>(q + PIF_FREE_HEAD)))
+    vfe_store_u16(<uint16_t *>(q + PIF_OLD_USED_IDX), vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)))
+    vfe_store_u8(q + PIF_OLD_USED_WRAP, vfe_load_u8(q + PIF_USED_WRAP))
+
+
+cdef inline void _pif_roll_back(uint8_t *q) noexcept nogil:
+    """Recovery: back to the last commit point (an unfinished take or batch)."""
+    vfe_store_u16(<uint16_t *>(q + PIF_FREE_HEAD), vfe_load_u16(<uint16_t *>(q + PIF_OLD_FREE_HEAD)))
+    vfe_store_u16(<uint16_t *>(q + PIF_USED_IDX), vfe_load_u16(<uint16_t *>(q + PIF_OLD_USED_IDX)))
+    vfe_store_u8(q + PIF_USED_WRAP, vfe_load_u8(q + PIF_OLD_USED_WRAP))
+
+
+cdef inline int pinflight_recover(InflightQueue *iq, uint16_t size, uint8_t *ring,
+                                  uint16_t *used_idx, int *used_wrap, uint32_t *nslots,
+                                  _IfEntry *scratch) noexcept nogil:
+    """A packed ring of `size` slots (descriptor ring at `ring`) starts
+    with this queue's region; *used_idx/*used_wrap hold the front-end's
+    base.  Results as inflight_recover's, and IF_CORRUPT for a region whose
+    cursors or chains are out of range (nothing resubmitted then).
+
+    Version 0: initialise it (free list 0, 1, ..., the base's used cursor).
+    Otherwise: if used_idx moved since the last commit, the batch being
+    published counts if the ring shows its first used descriptor, else it
+    is rolled back; entries on the free list are not inflight; the
+    inflight chains are collected into iq.resubmit in counter order, and
+    *used_idx/*used_wrap become the region's, *nslots the slots those
+    chains hold (the ring's avail cursor is that many slots further)."""
+    cdef uint8_t *q = iq.region
+    cdef uint16_t version, old_used, flags, num
+    cdef uint32_t i, e, steps
+    cdef uint32_t total = 0
+    cdef int count = 0
+    cdef uint64_t top = 0
+    cdef int wrap
+    cdef uint16_t want
+    if size > iq.ndesc:
+        return IF_TOO_SMALL
+    version = vfe_load_u16(<uint16_t *>(q + PIF_VERSION))
+    if version > 1:
+        return IF_BAD_VERSION
+    if version == 0:
+        for i in range(size):
+            vfe_store_u8(pif_desc(q, i) + PIF_D_INFLIGHT, 0)
+            vfe_store_u16(<uint16_t *>(pif_desc(q, i) + PIF_D_NEXT), <uint16_t>(i + 1))
+        vfe_store_u16(<uint16_t *>(q + PIF_DESC_NUM), size)
+        vfe_store_u16(<uint16_t *>(q + PIF_FREE_HEAD), 0)
+        vfe_store_u16(<uint16_t *>(q + PIF_OLD_FREE_HEAD), 0)
+        vfe_store_u16(<uint16_t *>(q + PIF_USED_IDX), used_idx[0])
+        vfe_store_u16(<uint16_t *>(q + PIF_OLD_USED_IDX), used_idx[0])
+        vfe_store_u8(q + PIF_USED_WRAP, <uint8_t>used_wrap[0])
+        vfe_store_u8(q + PIF_OLD_USED_WRAP, <uint8_t>used_wrap[0])
+        vfe_store_release_u16(<uint16_t *>(q + PIF_VERSION), 1)
+        iq.counter = 0
+        iq.nresubmit = 0
+        iq.resubmit_pos = 0
+        nslots[0] = 0
+        return IF_FRESH
+    if vfe_load_u16(<uint16_t *>(q + PIF_DESC_NUM)) != size:
+        return IF_BAD_SIZE
+    old_used = vfe_load_u16(<uint16_t *>(q + PIF_OLD_USED_IDX))
+    if old_used >= size:
+        return IF_CORRUPT
+    if vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)) != old_used:
+        # the batch was published iff its first slot shows a used descriptor of its lap
+        wrap = vfe_load_u8(q + PIF_OLD_USED_WRAP) & 1
+        want = (1 << 7 | 1 << 15) if wrap else 0
+        flags = vfe_load_u16(<uint16_t *>(ring + 16 * old_used + 14))
+        if (flags & (1 << 7 | 1 << 15)) == want:
+            _pif_keep_current(q)
+        else:
+            _pif_roll_back(q)
+    else:
+        _pif_roll_back(q)
+    used_idx[0] = vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX))
+    used_wrap[0] = vfe_load_u8(q + PIF_USED_WRAP) & 1
+    if used_idx[0] >= size:
+        return IF_CORRUPT
+    # entries on the free list carry nothing
+    e = vfe_load_u16(<uint16_t *>(q + PIF_FREE_HEAD))
+    steps = 0
+    while e < size and steps < size:
+        vfe_store_u8(pif_desc(q, e) + PIF_D_INFLIGHT, 0)
+        e = vfe_load_u16(<uint16_t *>(pif_desc(q, e) + PIF_D_NEXT))
+        steps += 1
+    for i in range(size):
+        if vfe_load_u8(pif_desc(q, i) + PIF_D_INFLIGHT) != 1:
+            continue
+        num = vfe_load_u16(<uint16_t *>(pif_desc(q, i) + PIF_D_NUM))
+        total += num
+        if num == 0 or total > size:
+            return IF_CORRUPT
+        scratch[count].head = i
+        scratch[count].counter = vfe_load_u64(<uint64_t *>(pif_desc(q, i) + PIF_D_COUNTER))
+        if scratch[count].counter >= top:
+            top = scratch[count].counter + 1
+        count += 1
+    qsort(scratch, count, sizeof(_IfEntry), _if_cmp)
+    for i in range(<uint32_t>count):
+        iq.resubmit[i] = <uint16_t>scratch[i].head
+    iq.nresubmit = count
+    iq.resubmit_pos = 0
+    iq.counter = top
+    nslots[0] = total
+    return count
+
+
+cdef inline int pinflight_chain(InflightQueue *iq, uint32_t first, uint32_t size, uint32_t *entry,
+                                uint64_t *addr, uint32_t *dlen, uint16_t *flags,
+                                uint16_t *id) noexcept nogil:
+    """Step through a resubmitted chain's copies: *entry is the one to read
+    (start at `first`); its fields out, *entry moved to the next.  -1 if
+    the entry is outside the region."""
+    cdef uint8_t *d
+    if entry[0] >= iq.ndesc or entry[0] >= size:
+        return -1
+    d = pif_desc(iq.region, entry[0])
+    addr[0] = vfe_load_u64(<uint64_t *>(d + PIF_D_ADDR))
+    dlen[0] = vfe_load_u32(<uint32_t *>(d + PIF_D_LEN))
+    flags[0] = vfe_load_u16(<uint16_t *>(d + PIF_D_FLAGS))
+    id[0] = vfe_load_u16(<uint16_t *>(d + PIF_D_ID))
+    entry[0] = vfe_load_u16(<uint16_t *>(d + PIF_D_NEXT))
+    return 0

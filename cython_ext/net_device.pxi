@@ -86,7 +86,7 @@ cdef class NetDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
                 self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
-                self.d.vqs[i].packed = (features >> VIRTIO_F_RING_PACKED) & 1
+                packed_set_layout(&self.d.vqs[i], (features >> VIRTIO_F_RING_PACKED) & 1)
             retranslate_rings(self.d.vqs, self.d.num_vqs)
             e.start_world()
 

@@ -25,6 +25,7 @@ from atomics cimport *
 from linux cimport write
 from virtio cimport *
 from vring cimport *
+from inflight cimport InflightQueue, pinflight_record
 
 cdef enum:
     # descriptor flags besides vring.pxd's NEXT/WRITE/INDIRECT (2.8.22)
@@ -94,7 +95,7 @@ cdef inline int packed_walk_table(Vring *vq, Chain *c, Iov *iov, int max_iov, Ch
 
 cdef inline int packed_take(Vring *vq, uint32_t *slot, int *wrap, ChainDir direction,
                             uint64_t limit, Iov *iov, int max_iov, Chain *c, uint16_t *id,
-                            uint16_t *ndesc) noexcept nogil:
+                            uint16_t *ndesc, InflightQueue *track) noexcept nogil:
     """Walk the chain at cursor (*slot, *wrap) into iov[0:max_iov].
 
     Returns 0 if the driver has not made that slot available (nothing
@@ -103,7 +104,8 @@ cdef inline int packed_take(Vring *vq, uint32_t *slot, int *wrap, ChainDir direc
     E_* code.  Each descriptor is read once: its flags with acquire, then
     the rest, so no field is trusted from before the driver published it;
     every later descriptor of the chain must be available in its own lap
-    (the driver writes the head's flags last)."""
+    (the driver writes the head's flags last).  With `track` (a blk queue's
+    inflight region, else NULL) each descriptor is copied there as read."""
     cdef uint32_t pos = slot[0]
     cdef int lap = wrap[0]
     cdef uint32_t n = 0
@@ -122,6 +124,8 @@ cdef inline int packed_take(Vring *vq, uint32_t *slot, int *wrap, ChainDir direc
         addr = vfe_load_u64(<uint64_t *>d)
         dlen = vfe_load_u32(<uint32_t *>(d + 8))
         bid = vfe_load_u16(<uint16_t *>(d + PACKED_DESC_ID))
+        if track != NULL:
+            pinflight_record(track, n, addr, dlen, flags, bid)
         n += 1
         packed_step(vq, &pos, &lap, 1)
         if flags & VRING_DESC_F_INDIRECT:
@@ -300,6 +304,14 @@ cdef inline void ring_used_push(Vring *vq, uint16_t id, uint32_t length) noexcep
 
 # -- control (world stopped)
 
+cdef inline void packed_set_layout(Vring *vq, int packed) noexcept nogil:
+    """SET_FEATURES decides the layout; a running ring's cannot change
+    under it (its cursors would mean nothing): that stops it (E_RING)."""
+    if vq.ready and vq.packed != packed:
+        vq.broken = -E_RING
+    vq.packed = packed
+
+
 cdef inline uint64_t uva_to_gpa(MemTable *mt, uint64_t uva) noexcept nogil:
     cdef int i
     for i in range(mt.n):
@@ -356,9 +368,10 @@ cdef inline uint32_t packed_base(Vring *vq) noexcept nogil:
 
 
 cdef inline int packed_alloc(Vring *vq) noexcept nogil:
-    """The ring's per-id scratch (vq.id_ndesc, `size` entries) for a start; -1 if no memory."""
+    """The ring's per-id scratch for a start (vq.id_ndesc: `size` chain
+    lengths, then `size` inflight entries); -1 if no memory."""
     free(vq.id_ndesc)
-    vq.id_ndesc = <uint16_t *>malloc(vq.size * sizeof(uint16_t))
+    vq.id_ndesc = <uint16_t *>malloc(2 * <size_t>vq.size * sizeof(uint16_t))
     return 0 if vq.id_ndesc != NULL else -1
 
 

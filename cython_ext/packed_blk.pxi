@@ -1,52 +1,163 @@
 # virtio-blk request queues on packed rings: blk_queue.pxi's blk_burst for
-# the packed layout.  Included by engine.pyx (after blk_queue.pxi, whose
-# serving, reaping and answering it shares).
+# the packed layout, its inflight tracking (inflight.pxd's packed half) and
+# the recovery at ring start.  Included by engine.pyx (after blk_queue.pxi,
+# whose serving, reaping and answering it shares).
 #
 # A request is known by its buffer id (< size, checked by packed_take),
 # which must be unique while the request is outstanding (2.8.20: E_DUP
 # otherwise, as for a split head).  Requests may finish out of order: each
 # used descriptor goes to the next used slot, and the used cursor moves on
 # by the slots that request's own chain took (vq.id_ndesc[id], noted when
-# taken), which is how the driver follows it.
+# taken), which is how the driver follows it.  vq.id_ndesc[size + id] is
+# the request's first entry in the inflight region.
+
+
+cdef void packed_blk_flush(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
+    """blk_flush_done for a packed ring: the answered requests' region
+    entries back on its free list with the used cursor, the publish, then
+    the commit (inflight.pxd)."""
+    cdef uint16_t entries[BURST]
+    cdef int i, n = ndone[0]
+    for i in range(n):
+        entries[i] = vq.id_ndesc[vq.size + done[i]]
+    pinflight_return(iq, entries, n, vq.last_used_idx, vq.used_wrap)
+    packed_publish(vq)
+    pinflight_commit(iq, entries, n)
+    ndone[0] = 0
+
+
+cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, Iov *iov,
+                                  int max_iov, Chain *c, uint16_t *id,
+                                  uint16_t *ndesc) noexcept nogil:
+    """A request a previous process left inflight, from the copies of its
+    descriptors in the region (its ring slots may hold used descriptors
+    now): the same checks as packed_take's, with the region's entry links
+    and `num` instead of consecutive slots.  Returns 0 or an E_* code."""
+    cdef uint32_t entry = first, k
+    cdef uint16_t num, flags, bid = 0
+    cdef uint64_t addr
+    cdef uint32_t dlen
+    cdef uint8_t *table
+    cdef int rc
+    chain_start(c)
+    num = vfe_load_u16(<uint16_t *>(pif_desc(iq.region, first) + PIF_D_NUM))
+    if num == 0 or num > vq.size:
+        return E_LOOP
+    for k in range(num):
+        if pinflight_chain(iq, first, vq.size, &entry, &addr, &dlen, &flags, &bid) < 0:
+            return E_NEXT
+        if flags & VRING_DESC_F_INDIRECT:
+            if k + 1 != num:
+                return E_INDIRECT          # an indirect descriptor ends its chain
+            table = indirect_table(vq, addr, dlen, flags, 0, &rc)
+            if table == NULL:
+                return rc
+            rc = packed_walk_table(vq, c, iov, max_iov, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN,
+                                   table, dlen // VRING_DESC_SIZE)
+        else:
+            rc = chain_add(vq.mem, c, iov, max_iov, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN,
+                           addr, dlen, flags)
+        if rc < 0:
+            return rc
+    if bid >= vq.size:
+        return E_PACKED_ID
+    id[0] = bid
+    ndesc[0] = num
+    return chain_end(c, READABLE_THEN_WRITABLE)
+
+
+cdef int packed_blk_take(Worker *w, Vring *vq, BlkDev *d, uint16_t id, uint16_t ndesc,
+                         uint32_t entry, Chain *req, uint16_t *done, int *ndone) noexcept nogil:
+    """Serve request `id` (its chain in w.iov), taken from the ring or the
+    region: note its slots and region entry, check it is not outstanding
+    already.  Returns what blk_serve_chain does."""
+    cdef int rc = blk_head_free(vq, d, id)
+    if rc < 0:
+        break_ring(w, vq, rc)
+        return rc
+    vq.id_ndesc[id] = ndesc
+    vq.id_ndesc[vq.size + id] = <uint16_t>entry
+    rc = blk_serve_chain(w, vq, d, id, req, 0)
+    if rc > 0:
+        done[ndone[0]] = id
+        ndone[0] += 1
+        if ndone[0] == BURST:
+            packed_blk_flush(vq, &d.inflight[vq.index], done, ndone)
+    return rc
 
 
 cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
     """One pass over a packed virtio-blk queue: answer what the I/O threads
-    finished, then up to BURST requests the driver made available; publish
+    finished, serve what a previous process left inflight (in fetch
+    order), then up to BURST requests the driver made available; publish
     the used descriptors."""
     cdef BlkDev *d = <BlkDev *>vq.dev
     cdef InflightQueue *iq = &d.inflight[vq.index]
+    cdef InflightQueue *track = iq if iq.region != NULL else NULL
     cdef uint16_t done[BURST]
-    cdef int k, rc, ndone = 0, work
-    cdef uint32_t slot
+    cdef int k = 0, rc, ndone = 0, work
+    cdef uint32_t slot, entry
     cdef int wrap
     cdef uint16_t id, ndesc
     cdef Chain req
     work = blk_reap(vq, d, done, &ndone)
+    while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
+        entry = inflight_next_resubmit(iq)
+        rc = packed_resubmitted_chain(vq, iq, entry, w.iov, MAX_IOV, &req, &id, &ndesc)
+        if rc < 0:
+            break_ring(w, vq, rc)
+            break
+        if packed_blk_take(w, vq, d, id, ndesc, entry, &req, done, &ndone) < 0:
+            break
+        k += 1
+    work += k
     if take_new and not vq.broken:
-        for k in range(BURST):
+        while k < BURST:
             slot = vq.last_avail_idx
             wrap = vq.avail_wrap
             rc = packed_take(vq, &slot, &wrap, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN, w.iov,
-                             MAX_IOV, &req, &id, &ndesc)
+                             MAX_IOV, &req, &id, &ndesc, track)
             if rc == 0:
                 break
-            if rc > 0:
-                rc = blk_head_free(vq, d, id)
             if rc < 0:
                 break_ring(w, vq, rc)
                 break
-            vq.id_ndesc[id] = ndesc
+            # inflight before anything else happens to it: a crash from
+            # here on leaves it for the next process to serve
+            entry = pinflight_take_done(iq, ndesc) if track != NULL else iq.ndesc
             vq.last_avail_idx = <uint16_t>slot
             vq.avail_wrap = wrap
-            rc = blk_serve_chain(w, vq, d, id, &req, 0)
-            if rc < 0:
+            if packed_blk_take(w, vq, d, id, ndesc, entry, &req, done, &ndone) < 0:
                 break
             work += 1
-            if rc > 0:
-                done[ndone] = id
-                ndone += 1
-                if ndone == BURST:
-                    blk_flush_done(vq, iq, done, &ndone)
-    blk_flush_done(vq, iq, done, &ndone)
+            k += 1
+    packed_blk_flush(vq, iq, done, &ndone)
     return work
+
+
+# Recovery at ring start (engine.pyx ring_start, world stopped, guarded)
+
+ctypedef struct _PackedRecover:
+    Vring *vq
+    InflightQueue *iq
+    _IfEntry *scratch
+    int rc
+
+
+cdef int _start_recover_packed(void *arg) noexcept nogil:
+    """pinflight_recover, then the ring's cursors from it: used where the
+    region says, avail as many slots on as the resubmitted chains hold."""
+    cdef _PackedRecover *a = <_PackedRecover *>arg
+    cdef Vring *vq = a.vq
+    cdef uint16_t used = vq.last_used_idx
+    cdef int used_wrap = vq.used_wrap
+    cdef uint32_t nslots = 0, avail
+    a.rc = pinflight_recover(a.iq, vq.size, vq.desc, &used, &used_wrap, &nslots, a.scratch)
+    if a.rc >= 0:
+        avail = used
+        vq.last_used_idx = vq.flushed_used_idx = used
+        vq.used_wrap = vq.flushed_used_wrap = used_wrap
+        vq.avail_wrap = used_wrap
+        packed_step(vq, &avail, &vq.avail_wrap, nslots)
+        vq.last_avail_idx = <uint16_t>avail
+    return 0

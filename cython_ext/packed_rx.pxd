@@ -31,7 +31,7 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         if nchains >= MAX_IOV:
             return E_IOV
         rc = packed_take(vq, &slot, &wrap, ALL_WRITABLE, limit, &w.rx_iov[niov],
-                         MAX_IOV - niov, &buf, &id, &ndesc)
+                         MAX_IOV - niov, &buf, &id, &ndesc, NULL)
         if rc == 0:
             return R_NO_ROOM
         if rc < 0:

@@ -107,7 +107,7 @@ ctypedef struct Vring:
     uint16_t pending_slot    # first used descriptor of the unpublished batch: its flags go last
     uint16_t pending_flags
     uint32_t pending_span    # slots the unpublished batch covers (0: none)
-    uint16_t *id_ndesc       # per buffer id: slots its chain took (blk completions); RX scratch
+    uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
     uint64_t desc_gpa        # the descriptor ring's guest-physical address (dirty log)
     uint64_t dev_event_gpa   # the device event suppression area's (dirty log)
 

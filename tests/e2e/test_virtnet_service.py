@@ -486,7 +486,7 @@ def test_bad_virtnet_conf_and_disabled_emulation_refuse_to_start(services, ns):
         svc.start(wait=False)
     for name, svc in svcs.items():
         rc, log = wait_exit(svc)
-        assert rc == 1, (name, log)
+        assert rc == os.EX_CONFIG, (name, log)   # the units' RestartPreventExitStatus
         assert re.search(r"\[ERROR\] .*" + cases[name][1], log), (name, log)
         assert "Traceback" not in log and "serving" not in log, (name, log)
         assert run_files(svc) == [] and recovery_files(svc) == {}, name

@@ -3,6 +3,7 @@
     virtio-net-controller --device net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N]
                           --device blk,socket=PATH,bdev=null|malloc,size=MB,block-size=512
                                    [,queues=N][,ro=on][,serial=STR][,client=on]
+                          --device blk,socket=PATH,bdev=file,path=FILE[,size=MB][,direct=on]...
                           [--device ...] [--mode poll|adaptive] [--workers N]
 
 Runs in the foreground, logs to stderr, stops cleanly on SIGTERM/SIGINT.
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; incoming= is a second socket of the same device for the "
                         "destination QEMU of a live migration), or "
                         "blk,socket=PATH,bdev=null|malloc,size=MB[,block-size=512][,queues=N]"
-                        "[,ro=on][,serial=STR][,client=on]")
+                        "[,ro=on][,serial=STR][,client=on], or blk,socket=PATH,bdev=file,path=FILE"
+                        "[,size=MB][,direct=on] and the same options (a file bdev is as large as "
+                        "its file unless size= says)")
     p.add_argument("--mode", choices=["poll", "adaptive"], default="adaptive",
                    help="poll: busy-poll like DPDK; adaptive: poll while busy, then sleep on kicks (default)")
     p.add_argument("--workers", type=int, default=1, help="data-path worker threads (default 1)")

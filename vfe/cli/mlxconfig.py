@@ -8,7 +8,8 @@
 New values apply when virtio-net-controller next starts (vfe's "cold
 reboot").  The state lives under $VFE_ROOT (default /) in var/lib/vfe, or
 --state-dir.  Errors print "-E- ..." to stderr and exit 1 with nothing
-written.
+written.  The confirmation is read from the terminal, from a pipe
+(`yes | vfe-mlxconfig ...`) or answered by -y, as with mlxconfig.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "New values apply when virtio-net-controller next starts.")
     p.add_argument("-d", "--dev", dest="device", metavar="DEVICE",
                    help=f"device: {DEVICES[0]} (port 0, all parameters) or {DEVICES[1]} (port 1, "
-                        f"per-port parameters); 03:00.0 / 03:00.1 also work")
+                        f"per-port parameters); the PCI address 03:00.0 / 03:00.1 or the RDMA "
+                        f"device mlx5_0 / mlx5_1 also work")
     p.add_argument("-y", "--yes", action="store_true", help="answer yes to the confirmation")
     p.add_argument("-e", "--enable_verbosity", action="store_true",
                    help="accepted for mlxconfig compatibility (q always shows Default, Current, Next Boot)")
@@ -113,23 +115,34 @@ def _parse_assignments(params: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _check_can_confirm(args) -> None:
-    """Refuse up front (before printing anything) when no one can answer."""
+def _piped_answer(args) -> str | None:
+    """The answer a pipe gives (`yes | vfe-mlxconfig ... s ...`, as with
+    mlxconfig), read before anything is printed: a pipe that ends without
+    one is refused up front, so nothing is shown or written.  None when -y
+    answers or a person at a terminal will."""
     if args.yes:
-        return
+        return None
     stdin = sys.stdin
-    if stdin is None or not stdin.isatty():
-        raise UsageError("stdin is not a terminal, so the change cannot be confirmed: "
-                         "add -y to apply it without asking")
+    if stdin is not None and stdin.isatty():
+        return None
+    answer = stdin.readline() if stdin is not None else ""
+    if not answer:
+        raise UsageError("no answer to the confirmation on stdin (it is not a terminal and "
+                         "ended): pipe one in (yes | vfe-mlxconfig ...) or add -y")
+    return answer
 
 
-def _confirm(args, prompt: str, out) -> bool:
+def _confirm(args, prompt: str, piped: str | None, out) -> bool:
     if args.yes:
         out.write(prompt + "y\n")
         return True
-    out.write(prompt)
-    out.flush()
-    answer = sys.stdin.readline()
+    if piped is not None:
+        answer = piped
+        out.write(prompt + answer.strip() + "\n")   # echoed: the transcript reads like a terminal's
+    else:
+        out.write(prompt)
+        out.flush()
+        answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -169,9 +182,9 @@ def _run(args, out) -> int:
     if cmd == "r":
         if args.params:
             raise UsageError("r takes no parameters")
-        _check_can_confirm(args)
+        piped = _piped_answer(args)
         out.write("\n".join(_header(1, nv.device)) + "\n")
-        if not _confirm(args, f" Reset configuration for device {nv.device}? (y/n) [n] : ", out):
+        if not _confirm(args, f" Reset configuration for device {nv.device}? (y/n) [n] : ", piped, out):
             out.write("-I- Aborted by user.\n")
             return 1
         nv.reset()
@@ -195,13 +208,13 @@ def _run(args, out) -> int:
     if errors:
         raise UsageError("\n-E- ".join(errors))
     parsed, warnings = nv.check(updates)
-    _check_can_confirm(args)
+    piped = _piped_answer(args)
     rows = [("", k, [nv.show(k, nv.next[k]), nv.show(k, v)]) for k, v in parsed.items()]
     out.write("\n".join(_header(1, nv.device) + _table(["Next Boot", "New"], rows)) + "\n")
     for w in warnings:
         out.write(f"-W- {w}\n")
     out.write("\n")
-    if not _confirm(args, APPLY_PROMPT, out):
+    if not _confirm(args, APPLY_PROMPT, piped, out):
         out.write("-I- Aborted by user.\n")
         return 1
     nv.set(parsed)

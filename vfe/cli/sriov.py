@@ -13,6 +13,7 @@ import json
 import sys
 
 from vfe.paths import controller_socket
+from vfe.progressline import ProgressLine
 from vfe.rpc.client import call
 from vfe.rpc.protocol import RpcError
 
@@ -30,11 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_vfs is not None and args.num_vfs < 0:
         p.error("num_vfs must be >= 0")
     params = {"pf": args.pf, "bdf": args.bdf, "num_vfs": args.num_vfs, "legacy": args.legacy}
+    # on a terminal, how far the controller is (creating 504 VFs takes seconds)
+    bar = ProgressLine("destroying VFs" if args.num_vfs == 0 else "creating VFs")
     try:
-        out = call(args.socket or controller_socket(), "sriov_numvfs", params, timeout=600)
+        out = call(args.socket or controller_socket(), "sriov_numvfs", params, timeout=600,
+                   on_progress=bar.update if bar.active and args.num_vfs is not None else None)
     except RpcError as exc:
+        bar.close()
         print(f"Error: {exc.message} (code {exc.code})", file=sys.stderr)
         return 1
+    bar.close()
     print(json.dumps(out, indent=2))
     return 0
 

@@ -2,6 +2,7 @@
 
     vfe-vhostd [--client] [--iface PREFIX] [--socket PATH] [--tcp] [--port 12190]
                [--controller-socket PATH]
+    vfe-vhostd [EAL options] -- [the options above]    (the seed's dpdk-vfe-vdpa line)
 
 Relays vhost-user between QEMU's sockets and the controller's endpoints of
 the provisioned VFs (vfe/vhostd/relay.py) and serves JSON-RPC for
@@ -25,6 +26,7 @@ from vfe import __version__
 from vfe.journal import LOG_LEVELS, setup_logging
 from vfe.paths import controller_socket
 from vfe.vhostd import DEFAULT_ADDRESS, DEFAULT_PORT, default_port, default_socket
+from vfe.vhostd import eal_args
 from vfe.vhostd.controller_client import Controller
 from vfe.vhostd.loop import Loop
 from vfe.vhostd.rpc import RpcServer
@@ -34,8 +36,12 @@ from vfe.vhostd.service import VhostService
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vfe-vhostd",
+        usage="%(prog)s [EAL options --] [options]",
         description="VFE vDPA host service: relays QEMU's vhost-user sockets to virtio-net-controller's "
-                    "functions and serves JSON-RPC for vhostmgmt.")
+                    "functions and serves JSON-RPC for vhostmgmt.",
+        epilog="As dpdk-vfe-vdpa, it takes DPDK EAL options before `--` (e.g. -a 0000:00:00.0 "
+               "--log-level=.,8 --vfio-vf-token=UUID -- --client): they are checked and logged, "
+               "and change nothing but the log level (8: debug).")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s v{__version__}")
     p.add_argument("--client", action="store_true",
                    help="connect to the vhost-user sockets (QEMU runs them with server=on); "
@@ -55,17 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller-socket", metavar="PATH", default=None,
                    help="virtio-net-controller's RPC socket (default $VIRTNET_SOCKET or "
                         "$VFE_ROOT/run/virtnet/virtnet.sock)")
-    p.add_argument("--log-level", choices=list(LOG_LEVELS), default="info")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), default=None,
+                   help="err, info (default) or debug; wins over the EAL's --log-level")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging("vfe-vhostd", args.log_level)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        eal = eal_args.parse(argv)
+    except eal_args.EalError as exc:
+        print(f"vfe-vhostd: {exc}", file=sys.stderr)
+        return 2                   # a usage error, as argparse's
+    args = build_parser().parse_args(eal.app_argv)
+    if args.log_level is not None:
+        eal.log_level = None          # the application's own option wins
+    setup_logging("vfe-vhostd", args.log_level or eal.log_level or "info")
     log = logging.getLogger("vfe.vhostd")
+    if eal.note():
+        log.info("%s", eal.note())
     if len(args.iface) > 120:                     # the reference's MAX_IF_PATH_LEN
         log.error("Invalid iface length")
-        return 1
+        return os.EX_CONFIG        # a bad command line: systemd must not restart it in a loop
 
     controller = Controller(args.controller_socket or controller_socket())
     sel = selectors.DefaultSelector()

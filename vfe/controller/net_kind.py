@@ -28,6 +28,7 @@ from vfe.controller.recovery import RecoveryStore
 from vfe.controller.sf_pool import SF_NUM_MIN
 from vfe.devices.net import NET_FEATURES, NetConfig, NetDeviceModel
 from vfe.macaddr import is_mac, mac_add, random_local_mac
+from vfe.rpc import progress
 from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MIN, F, bit
 
 log = logging.getLogger("vfe.controller")
@@ -475,8 +476,9 @@ class NetKind:
             reps: list = []
             try:
                 with pool.batch():
-                    for f in reversed(vfs):
+                    for k, f in enumerate(reversed(vfs), 1):
                         self._remove(f, later=reps)
+                        progress.report(k, len(vfs))
             finally:                          # the VFs gone so far, if one could not go
                 _destroy_representors(reps)
             log.info("PF(%d): Unload (%d) VFs finished", pf.pf_id, len(vfs))
@@ -510,6 +512,7 @@ class NetKind:
                     max_queues=min(self.limits.vf_max_queues + 1, MAX_VIRTQ), max_queue_size=1024,
                     num_msix=self.limits.vf_msix, features=self.conf.vf.features or 0)
                 created.append(self._create(f, preferred_sf=None))
+                progress.report(len(created), n)
         except BaseException:
             for f in reversed(created):       # all or nothing, like the PCI core's enable
                 self._remove(f)

@@ -33,11 +33,15 @@ DEFAULT_DEVICE = "/dev/mst/mt41686_pciconf0"
 PORT1_DEVICE = "/dev/mst/mt41686_pciconf0.1"
 DEVICES = (DEFAULT_DEVICE, PORT1_DEVICE)
 
-# PCI addresses of the two ECPFs as the DPU's Arm OS sees them, accepted as
-# aliases like mlxconfig accepts a BDF for -d.
+# What else mlxconfig's -d accepts for the two ECPFs: the mst name without
+# /dev/mst, the PCI address as the DPU's Arm OS sees it (with or without
+# the domain), and the RDMA device (mlx5_0 is port 0, mlx5_1 port 1: the
+# names virtnet.conf's ib_dev_p0/p1 and the seed's commands use).
 _ALIASES = {
     "mt41686_pciconf0": DEFAULT_DEVICE, "03:00.0": DEFAULT_DEVICE, "0000:03:00.0": DEFAULT_DEVICE,
+    "mlx5_0": DEFAULT_DEVICE,
     "mt41686_pciconf0.1": PORT1_DEVICE, "03:00.1": PORT1_DEVICE, "0000:03:00.1": PORT1_DEVICE,
+    "mlx5_1": PORT1_DEVICE,
 }
 
 MAX_HOTPLUG_PORTS = 16       # seed: "hot plug up to 16 virtio-net PCIe PF"
@@ -214,8 +218,8 @@ def canonical_device(device: str) -> str:
     d = device.strip()
     if d in DEVICES:
         return d
-    if d in _ALIASES:
-        return _ALIASES[d]
+    if d.lower() in _ALIASES:          # PCI addresses in either case, like lspci -s
+        return _ALIASES[d.lower()]
     raise NvConfigError(None, f"Failed to open device: {device}. vfe emulates {DEFAULT_DEVICE} "
                               f"(port 0) and {PORT1_DEVICE} (port 1)")
 

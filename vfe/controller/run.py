@@ -100,7 +100,7 @@ def main(opts: Options) -> int:
     except service.ServiceError as exc:
         log.error("%s", exc)
         daemon.shutdown()
-        return 1
+        return os.EX_CONFIG        # refused configuration: systemd must not restart it in a loop
     freeze_startup_heap()
     log.info("v%s serving %d device(s), %d worker(s), %s mode",
              __version__, len(daemon.endpoints), opts.workers, opts.mode)

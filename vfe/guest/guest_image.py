@@ -20,6 +20,7 @@ builders (parallel test sessions).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vfe.guest import initramfs, vmlinux
+from vfe.progressline import ProgressLine
 
 # Bump when the layout of the image changes in a way the input hash misses.
 BUILDER_VERSION = "vfe-guest-4"
@@ -82,7 +84,17 @@ def default_dir() -> Path:
     return Path.home() / ".cache" / "vfe" / "guest"
 
 
+# the build's steps: one terminal line, redrawn; nothing in a log or a pipe
+_steps = ProgressLine("guest image", sys.stderr)
+
+
 def log(msg: str) -> None:
+    _steps.step(msg)
+
+
+def warn(msg: str) -> None:
+    """What the user should know whatever stderr is."""
+    _steps.close()
     print(f"guest-image: {msg}", file=sys.stderr, flush=True)
 
 
@@ -284,7 +296,7 @@ def build(directory: Path | str | None = None, force: bool = False,
     """Build (or reuse) the guest image in ``directory``; return its paths."""
     cache = Path(directory) if directory else default_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
+    with open(cache / ".lock", "w") as lock, contextlib.closing(_steps):
         fcntl.flock(lock, fcntl.LOCK_EX)
         version = fetch_kernel(cache, force=force)
         modroot = _module_root(cache, version)
@@ -324,7 +336,7 @@ def _ensure_vmlinux(cache: Path, bz_src: Path, version: str, force: bool) -> Pat
         if not vmlinux.has_pvh_note(elf.read_bytes()):
             raise vmlinux.ExtractError("vmlinux has no PVH entry note (CONFIG_PVH=n)")
     except vmlinux.ExtractError as e:
-        log(f"no ELF vmlinux ({e}); guests will boot the bzImage")
+        warn(f"no ELF vmlinux ({e}); guests will boot the bzImage")
         elf.unlink(missing_ok=True)
         stamp.write_text(f"none {version}")
         return None

@@ -13,10 +13,14 @@ import itertools
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from vfe.rpc.access import allowed, unix_peer
-from vfe.rpc.protocol import MAX_LINE, LineBuffer, RpcError, encode_request, parse_response
+from vfe.rpc.progress import PROGRESS_METHOD, PROGRESS_PARAM
+from vfe.rpc.protocol import MAX_LINE, LineBuffer, Notification, RpcError, encode_request, parse_response
+
+# on_progress(done, total): what a long call reports while it runs (vfe.rpc.progress)
+ProgressCallback = Callable[[int, int], None]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -67,10 +71,15 @@ class RpcClient:
             raise RpcConnectionError(-errno.EPERM, f"the process serving {self.path} runs as "
                                                    f"{server or 'an unknown user'}, not root: not talking to it")
 
-    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None,
+             on_progress: ProgressCallback | None = None) -> Any:
+        """`method(params)`'s result.  With on_progress, the server is asked
+        to report the call's progress, and each report is passed to it."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         rid = next(self._ids)
+        if on_progress is not None:
+            params = {**(params or {}), PROGRESS_PARAM: True}
         try:
             self.sock.settimeout(timeout)
             try:
@@ -88,6 +97,10 @@ class RpcClient:
                 except ValueError as exc:
                     raise RpcConnectionError(-errno.EPROTO,
                                              f"bad response from virtio-net-controller: {exc}") from None
+                if isinstance(resp, Notification):
+                    if on_progress is not None and resp.method == PROGRESS_METHOD:
+                        _progress(on_progress, resp.params, rid)
+                    continue                  # anything else a server may tell: not ours to act on
                 if resp.id != rid and not (resp.id is None and resp.error is not None):
                     raise RpcConnectionError(-errno.EPROTO,
                                              f"response for request {resp.id!r}, expected {rid}")
@@ -129,8 +142,15 @@ class RpcClient:
         self.close()
 
 
+def _progress(on_progress: ProgressCallback, params: dict, rid: int) -> None:
+    """Pass a well-formed report of our call on; ignore any other."""
+    done, total = params.get("done"), params.get("total")
+    if params.get("id") == rid and all(type(v) is int and v >= 0 for v in (done, total)):
+        on_progress(done, total)
+
+
 def call(path: str | os.PathLike, method: str, params: dict | None = None,
-         timeout: float = DEFAULT_TIMEOUT) -> Any:
+         timeout: float = DEFAULT_TIMEOUT, on_progress: ProgressCallback | None = None) -> Any:
     """Connect, call `method(params)`, return its result; raises RpcError."""
     with RpcClient(path, timeout) as client:
-        return client.call(method, params)
+        return client.call(method, params, on_progress=on_progress)

@@ -133,6 +133,11 @@ def encode_request(id: int | str | None, method: str, params: dict | None = None
     return _dumps(msg)
 
 
+def encode_notification(method: str, params: dict) -> bytes:
+    """A message that expects no answer (no "id"): the server's progress."""
+    return _dumps({"jsonrpc": JSONRPC_VERSION, "method": method, "params": params})
+
+
 def encode_result(id: int | str | None, result: Any) -> bytes:
     """Raises TypeError/ValueError if `result` is not JSON-serializable."""
     return _dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "result": result})
@@ -295,12 +300,23 @@ class Response:
     error: RpcError | None = None
 
 
-def parse_response(line: bytes) -> Response:
-    """One response line -> Response; ValueError if it is not a valid
-    JSON-RPC 2.0 response."""
+@dataclass
+class Notification:
+    """A server-to-client message without an id (vfe.rpc.progress)."""
+    method: str
+    params: dict
+
+
+def parse_response(line: bytes) -> Response | Notification:
+    """One line from the server -> Response, or Notification (a "method" and
+    no "id"); ValueError if it is neither in valid JSON-RPC 2.0."""
     msg = loads_line(line.strip())
     if not isinstance(msg, dict) or msg.get("jsonrpc") != JSONRPC_VERSION:
         raise ValueError("not a JSON-RPC 2.0 response")
+    if "method" in msg and "id" not in msg:
+        if not isinstance(msg["method"], str) or not isinstance(msg.get("params", {}), dict):
+            raise ValueError("malformed notification")
+        return Notification(msg["method"], msg.get("params", {}))
     rid = msg.get("id")
     if not _valid_id(rid) or "id" not in msg:
         raise ValueError("response without a valid id")

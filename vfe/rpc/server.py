@@ -37,12 +37,14 @@ import os
 import selectors
 import socket
 import stat
+import time
 from typing import Any, Callable, Iterator, Mapping, Sized
 
+from vfe.rpc import progress
 from vfe.rpc.access import Peer, RefusalLog, allowed, unix_peer
 from vfe.rpc.protocol import (
     INTERNAL_ERROR, MAX_LINE, ErrorResponse, Request, RpcConnection, RpcError,
-    encode_error, encode_result,
+    encode_error, encode_notification, encode_result,
 )
 from vfe.safepath import check_socket_path, check_sun_path, ensure_private_dir
 from vfe.vhost.transport import is_served
@@ -53,6 +55,7 @@ Handler = Callable[[str, dict], Any]
 
 RECV_SIZE = 65536
 HIGH_WATER = 1 << 20        # stop handling a client's requests while this much output is queued
+PROGRESS_INTERVAL = 0.1     # seconds between a call's progress notifications (the last one always goes)
 ACCEPT_BURST = 16
 MAX_CLIENTS = 64
 
@@ -250,9 +253,33 @@ class RpcClientConnection:
             log.debug("%s: bad request: %s", self.name, item.message)
             self.out += item.encode()
             return
-        reply = self.server.execute(item)
+        if item.params.pop(progress.PROGRESS_PARAM, None) is True and not item.notification:
+            with progress.reporting(self._progress_sink(item.id)):
+                reply = self.server.execute(item)
+        else:
+            reply = self.server.execute(item)
         if reply is not None and not item.notification:
             self.out += reply
+
+    def _progress_sink(self, rid) -> progress.Sink:
+        """Queue the call's progress ahead of its reply and try to send it now
+        (the loop is busy in the call): at most every PROGRESS_INTERVAL, and
+        never more than a little, so a caller that does not read costs us
+        nothing -- its reports are dropped, not its answer."""
+        last = [0.0]
+
+        def sink(done: int, total: int) -> None:
+            now = time.monotonic()
+            if (now - last[0] < PROGRESS_INTERVAL and done < total) or len(self.out) > RECV_SIZE:
+                return
+            last[0] = now
+            self.out += encode_notification(progress.PROGRESS_METHOD,
+                                            {"id": rid, "done": done, "total": total})
+            try:
+                self._flush()
+            except OSError:
+                pass                  # the caller went: the loop finds out when it answers
+        return sink
 
     def _set_events(self, events: int) -> None:
         if events != self.events and not self.closed:

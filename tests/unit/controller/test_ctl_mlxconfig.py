@@ -88,12 +88,54 @@ def test_set_with_y(root, capsys):
     assert nv.next["PF_TOTAL_SF"] == 508 and nv.current["PF_TOTAL_SF"] == 64
 
 
-def test_set_refuses_non_tty_without_y(root, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+def test_set_refuses_a_pipe_that_ends_without_an_answer(root, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     rc, out, err = run(capsys, "-d", DEV, "s", "PF_TOTAL_SF=100")
-    assert rc == 1 and "-y" in err and "terminal" in err
+    assert rc == 1 and "-y" in err and "no answer" in err
     assert out == ""
     assert not NvConfig.file_for(state(root)).exists()
+
+
+@pytest.mark.parametrize("piped", ["y\n", "yes\n", "y\ny\ny\n", "Y"])
+def test_set_confirmed_from_a_pipe(root, capsys, monkeypatch, piped):
+    """`yes | mlxconfig -d ... s ...` is how mlxconfig users script it."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+    rc, out, err = run(capsys, "-d", DEV, "s", "PF_TOTAL_SF=100")
+    assert rc == 0, err
+    assert f"Apply new Configuration? (y/n) [n] : {piped.splitlines()[0]}\n" in out and "Done!" in out
+    assert NvConfig.load(state(root)).next["PF_TOTAL_SF"] == 100
+
+
+@pytest.mark.parametrize("piped", ["n\n", "\n", "maybe\n"])
+def test_set_declined_from_a_pipe(root, capsys, monkeypatch, piped):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+    rc, out, _ = run(capsys, "-d", DEV, "s", "PF_TOTAL_SF=100")
+    assert rc == 1 and "Aborted" in out and "Done" not in out
+    assert NvConfig.load(state(root)).next["PF_TOTAL_SF"] == 64
+
+
+def test_reset_confirmed_from_a_pipe(root, capsys, monkeypatch):
+    run(capsys, "-d", DEV, "-y", "s", "PF_TOTAL_SF=100")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("yes\n"))
+    rc, out, err = run(capsys, "-d", DEV, "r")
+    assert rc == 0, err
+    assert NvConfig.load(state(root)).next["PF_TOTAL_SF"] == 64
+
+
+@pytest.mark.parametrize("name,port1", [("mlx5_0", False), ("mlx5_1", True), ("03:00.0", False),
+                                        ("0000:03:00.1", True), ("0000:03:00.1".upper(), True),
+                                        ("mt41686_pciconf0.1", True)])
+def test_device_names_mlxconfig_accepts(root, capsys, name, port1):
+    rc, out, err = run(capsys, "-d", name, "-y", "s", "PF_SF_BAR_SIZE=12")
+    assert rc == 0, err
+    dev = PORT1_DEVICE if port1 else DEV
+    assert f"Device:         {dev}" in out
+    assert NvConfig.load(state(root), dev).next["PF_SF_BAR_SIZE"] == 12
+
+
+def test_unknown_device_name_refused(root, capsys):
+    rc, out, err = run(capsys, "-d", "mlx5_2", "q")
+    assert rc == 1 and "Failed to open device: mlx5_2" in err and out == ""
 
 
 def test_set_confirmed_on_tty(root, capsys, monkeypatch):

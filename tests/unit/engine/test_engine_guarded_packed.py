@@ -386,3 +386,17 @@ def test_a_broken_packed_ring_leaves_the_others_running():
         assert n.g.read(rx_buf + HDR, len(FRAME)) == FRAME
         assert n.tx_broken() == RingError.PACKED_ID
     run_forked(case)
+
+
+def test_a_running_ring_whose_layout_changes_stops():
+    """SET_FEATURES flipping RING_PACKED under running rings: they stop
+    (E_RING) instead of reading one layout as the other."""
+    def case():
+        n = Net()
+        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert n.tx_broken() == RingError.RING
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        n.send()
+        assert n.delivered() == [] and n.rx_broken() == 0
+    run_forked(case)

@@ -3,16 +3,21 @@
 reads, writes, flushes and GET_ID on a RAM disk; a file disk whose
 requests finish at the I/O threads (their used descriptors each move the
 used cursor by their own chain's slots); a buffer id posted again while
-its request is outstanding (E_DUP); the stop's base after a drain."""
+its request is outstanding (E_DUP); the stop's base after a drain; the
+packed inflight region (initialised, a new process resubmitting from its
+copies, a half-published batch kept or rolled back, garbage refused)."""
 from __future__ import annotations
+
+import struct
 
 import pytest
 
+from vfe import _engine
 from tests.harness.engine_rig import (
-    F_WRITE, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, BlkRig, Guest, RingError, blk_header,
+    F_INDIRECT, F_WRITE, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, BlkRig, Guest, RingError, blk_header,
 )
 from tests.harness.guarded import GuardedArea, run_forked
-from tests.harness.packed_ring import FEAT_RING_PACKED, FRESH_BASE, packed_at_ends
+from tests.harness.packed_ring import F_AVAIL, FEAT_RING_PACKED, FRESH_BASE, packed_at_ends
 
 SIZE = 8
 DESC, DRV, DEV, BUF, BUF2 = range(5)
@@ -177,13 +182,247 @@ def test_a_request_without_header_or_status_stops_the_ring():
     run_forked(case)
 
 
-def test_inflight_tracking_is_refused_on_a_packed_queue():
-    """Until the packed inflight layout is served, a packed queue with an
-    inflight region does not start (rather than write the split layout)."""
+# -- inflight tracking (the packed layout of QueueRegionPacked / DescStatePacked)
+
+PIF_HEADER = struct.Struct("<QHHHHHHBB7x")       # features .. old_used_wrap_counter, padding
+PIF_DESC = struct.Struct("<BxHHHQHHIQ")          # inflight, next, last, num, counter, id, flags, len, addr
+
+
+def test_the_engine_s_packed_inflight_layout():
+    c = _engine.inflight_layout(packed=True)
+    assert (c["header_size"], c["desc_size"]) == (PIF_HEADER.size + 3, PIF_DESC.size) == (32, 32)
+    h = PIF_HEADER.pack(0, 0xA1A2, 0xB1B2, 0xC1C2, 0xC3C4, 0xD1D2, 0xD3D4, 0xE1, 0xE2)
+    for field, fmt, value in (("version", "<H", 0xA1A2), ("desc_num", "<H", 0xB1B2),
+                              ("free_head", "<H", 0xC1C2), ("old_free_head", "<H", 0xC3C4),
+                              ("used_idx", "<H", 0xD1D2), ("old_used_idx", "<H", 0xD3D4),
+                              ("used_wrap_counter", "<B", 0xE1),
+                              ("old_used_wrap_counter", "<B", 0xE2)):
+        assert struct.unpack_from(fmt, h, c[field])[0] == value, field
+    d = PIF_DESC.pack(0x11, 0x2122, 0x3132, 0x4142, 0x5152535455565758, 0x6162, 0x7172,
+                      0x81828384, 0x9192939495969798)
+    for field, fmt, value in (("desc_inflight", "<B", 0x11), ("desc_next", "<H", 0x2122),
+                              ("desc_last", "<H", 0x3132), ("desc_num_descs", "<H", 0x4142),
+                              ("desc_counter", "<Q", 0x5152535455565758), ("desc_id", "<H", 0x6162),
+                              ("desc_flags", "<H", 0x7172), ("desc_len", "<I", 0x81828384),
+                              ("desc_addr", "<Q", 0x9192939495969798)):
+        assert struct.unpack_from(fmt, d, c[field])[0] == value, field
+
+
+def _region(b: PBlk, size: int = SIZE):
+    """A packed inflight region for queue 0 ending at a guard page."""
+    qlen = 32 + 32 * size
+    area = GuardedArea(PAGE, name="inflight")
+    off = area.end_offset(qlen)
+    b.dev.set_inflight(area.addr + off, qlen, 1, size, qlen)
+    return area, off, qlen
+
+
+def test_a_fresh_region_is_initialised_and_the_base_stands():
     def case():
         b = PBlk(start=False)
-        area = GuardedArea(PAGE, name="inflight")
-        b.rig.inflight(area, 0, SIZE, 16 + 16 * SIZE)
-        with pytest.raises(ValueError, match="inflight"):
+        area, off, qlen = _region(b)
+        base = 5 | 1 << 15 | (5 | 1 << 15) << 16
+        assert b.start(base) == -1
+        hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
+        assert hdr[1:] == (1, SIZE, 0, 0, 5, 5, 1, 1)
+        nexts = [PIF_DESC.unpack(area.read(off + 32 + 32 * i, 32))[1] for i in range(SIZE)]
+        assert nexts == list(range(1, SIZE + 1))
+        st = b.dev.ring_state(0)
+        assert (st["last_avail_idx"], st["last_used_idx"]) == (5, 5)
+    run_forked(case)
+
+
+def test_a_new_process_resubmits_what_the_old_one_left_inflight(tmp_path):
+    """Device A takes three requests (3, 2 and 3 slots) to its I/O threads
+    and is never served again (its process "died"); device B starts the
+    same ring with the same region and a stale base: it resubmits all
+    three in fetch order from the region's copies (their slots now may
+    hold anything), answers them, and the ring continues behind them."""
+    path = str(tmp_path / "disk.img")
+    with open(path, "wb") as f:
+        f.write(b"\x77" * 64 * 512)
+
+    def case():
+        a = PBlk(backend="file", path=path, start=False)
+        area, off, qlen = _region(a)
+        assert a.start(FRESH_BASE) == -1
+        st5, buf5 = a.request(5, T_IN, 8, in_len=512)
+        st6, _ = a.request(6, T_FLUSH)
+        st7, buf7 = a.request(7, T_IN, 16, in_len=512)
+        a.burst()
+        hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
+        assert hdr[3] == hdr[4] == 8                     # free_head = old_free_head: 8 entries taken
+        heads = [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) == b"\x01"]
+        assert heads == [0, 3, 5]
+        # the "crash": A's slots 0-7 get scribbled on; B comes up with the same region
+        for slot in range(SIZE):
+            a.ring.write_desc(slot, 0xDEAD, 1, 0xFFFF, F_AVAIL)     # neither used nor available in lap 0
+        b = PBlk.__new__(PBlk)
+        b.g, b.size, b.ring = a.g, SIZE, a.ring
+        b.rig = BlkRig(a.g, "malloc", features=PACKED)
+        b.dev = b.rig.dev
+        b.dev.set_inflight(area.addr + off, qlen, 1, SIZE, qlen)
+        assert b.start(FRESH_BASE) == 3
+        assert b.dev.inflight_pending(0) == 3
+        st = b.dev.ring_state(0)
+        assert (st["last_avail_idx"], st["avail_wrap"], st["last_used_idx"], st["used_wrap"]) \
+            == (0, 0, 0, 1)
+        assert b.burst() == 3
+        assert b.ring.take_used() == [(5, 513), (6, 1), (7, 513)]
+        assert [b.g.read(x, 1) for x in (st5, st6, st7)] == [bytes([S_OK])] * 3
+        hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
+        assert hdr[5:] == (0, 0, 0, 0)                   # used cursor: a whole lap, wrap 0
+        assert all(area.read(off + 32 + 32 * e, 1) == b"\x00" for e in range(SIZE))
+        # and the ring goes on
+        st, _ = b.request(1, T_FLUSH)
+        assert b.burst() == 1
+        assert b.ring.take_used() == [(1, 1)]
+    run_forked(case)
+
+
+def _write_region(area, off, header, descs):
+    """The header, entries `descs` {entry: fields}, and every other entry
+    free, linked to the next (entries 2.. after a 2-entry chain)."""
+    area.write(off, PIF_HEADER.pack(*header) + b"\0\0\0")
+    for e in range(SIZE):
+        d = descs.get(e, (0, e + 1, 0, 0, 0, 0, 0, 0, 0))
+        area.write(off + 32 + 32 * e, PIF_DESC.pack(*d))
+
+
+def test_a_batch_the_guest_saw_is_kept_and_one_it_did_not_is_rolled_back():
+    """used_idx moved since old_used_idx (a batch was being published when
+    the process died): if the ring shows the used descriptor at
+    old_used_idx the batch stands (its request is not resubmitted), else
+    the region goes back to its old_* state (the request is)."""
+    def case(published):
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        base = b.g.start(BUF2)
+        b.g.write(base, blk_header(T_FLUSH))
+        # one request of 2 slots in entries 0, 1 (inflight), batch 0 -> 2 half published
+        descs = {0: (1, 1, 1, 2, 0, 3, 0, 16, base), 1: (0, 2, 0, 0, 0, 3, F_WRITE, 1, base + 48)}
+        _write_region(area, off, (0, 1, SIZE, 0, 2, 2, 0, 1, 1), descs)
+        if published:
+            b.ring.write_desc(0, 0, 1, 3, (1 << 7) | (1 << 15))   # used descriptor, lap 1
+        recovered = b.start(FRESH_BASE)
+        st = b.dev.ring_state(0)
+        if published:
+            assert recovered == 0
+            assert (st["last_avail_idx"], st["last_used_idx"]) == (2, 2)
+        else:
+            assert recovered == 1
+            assert (st["last_avail_idx"], st["last_used_idx"]) == (2, 0)
+            assert b.burst() == 1
+            assert b.ring.take_used() == [(3, 1)]
+            assert b.g.read(base + 48, 1) == bytes([S_OK])
+    run_forked(case, True)
+    run_forked(case, False)
+
+
+@pytest.mark.parametrize("header,descs,message", [
+    ((0, 7, SIZE, 0, 0, 0, 0, 1, 1), {}, "version 7"),
+    ((0, 1, SIZE * 2, 0, 0, 0, 0, 1, 1), {}, "tracks 16 entries"),
+    ((0, 1, SIZE, 0, 0, SIZE, SIZE, 1, 1), {}, "out of range"),            # used cursor
+    # the free list empty (free_head = size), inflight chains holding more slots than the ring
+    ((0, 1, SIZE, SIZE, SIZE, 0, 0, 1, 1), {2: (1, 0, 0, SIZE + 1, 0, 0, 0, 0, 0)},
+     "out of range"),
+    ((0, 1, SIZE, SIZE, SIZE, 0, 0, 1, 1), {2: (1, 0, 0, 5, 0, 0, 0, 0, 0),
+                                            4: (1, 0, 0, 5, 0, 0, 0, 0, 0)}, "out of range"),
+])
+def test_region_cursors_and_chains_out_of_range_are_refused(header, descs, message):
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        _write_region(area, off, header, descs)
+        before = area.read(0, area.size)
+        with pytest.raises(ValueError, match=message):
             b.start(FRESH_BASE)
+        if "version" in message or "tracks" in message:
+            assert area.read(0, area.size) == before
+        assert not b.dev.ring_state(0)["ready"]
+    run_forked(case)
+
+
+def test_a_kept_batch_whose_cursor_is_out_of_range_is_refused():
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        _write_region(area, off, (0, 1, SIZE, 0, 0, 0x7FFF, 0, 1, 1), {})
+        b.ring.write_desc(0, 0, 1, 3, (1 << 7) | (1 << 15))       # "the guest saw it"
+        with pytest.raises(ValueError, match="out of range"):
+            b.start(FRESH_BASE)
+    run_forked(case)
+
+
+def test_a_region_whose_free_list_is_broken_leaves_requests_untracked():
+    """free_head 0xFFFF: nothing can be recorded, so nothing is; the
+    request is served all the same and the region is as it was."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        _write_region(area, off, (0, 1, SIZE, 0xFFFF, 0xFFFF, 0, 0, 1, 1), {})
+        assert b.start(FRESH_BASE) == 0
+        before = area.read(0, area.size)
+        st, _ = b.request(2, T_FLUSH)
+        assert b.burst() == 1
+        assert b.ring.take_used() == [(2, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        changed = [i for i, (x, y) in enumerate(zip(before, area.read(0, area.size))) if x != y]
+        assert all(off + 16 <= i < off + 22 for i in changed), changed    # the cursors only
+    run_forked(case)
+
+
+def test_a_request_whose_region_entry_was_scribbled_on_is_answered(tmp_path):
+    """The front-end rewrites the `last` link of an outstanding request's
+    entry: the completion does not follow it (out of range), the request
+    is answered, nothing outside the region is touched."""
+    path = str(tmp_path / "disk.img")
+    open(path, "wb").close()
+
+    def case():
+        b = PBlk(backend="file", path=path, start=False)
+        area, off, qlen = _region(b)
+        assert b.start(FRESH_BASE) == -1
+        st, _ = b.request(1, T_OUT, 8, b"\x42" * 512)
+        b.burst()
+        area.write(off + 32 + 4, struct.pack("<H", 0xFFFF))           # entry 0's `last`
+        b.dev.stop_ring(0)
+        assert b.ring.take_used() == [(1, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        assert area.read(off + 32, 1) == b"\x00"                       # not inflight any more
+        b.rig.close()
+    run_forked(case)
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ((1, 0xFFFF, 0, 2, 0, 3, 0, 16, None), RingError.NEXT),       # chain link out of the region
+    ((1, 1, 1, 2, 0, 3, F_INDIRECT, 16, None), RingError.INDIRECT),  # indirect, not last
+    ((1, 1, 1, 2, 0, 3, 0, 16, 0xFFFF_0000), RingError.ADDR),
+    ((1, 1, 1, 1, 0, SIZE, 0, 16, None), RingError.PACKED_ID),   # id of its (only) entry
+])
+def test_garbage_resubmitted_chains_stop_the_ring(entry, expected):
+    """An inflight entry whose copies are garbage is checked like a ring
+    chain when resubmitted: the ring stops, nothing outside the region or
+    guest memory is touched."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        base = b.g.start(BUF2)
+        b.g.write(base, blk_header(T_FLUSH))
+        e = list(entry)
+        e[8] = base if e[8] is None else e[8]
+        descs = {0: tuple(e), 1: (0, 2, 0, 0, 0, 3, F_WRITE, 1, base + 48)}
+        _write_region(area, off, (0, 1, SIZE, 2, 2, 0, 0, 1, 1), descs)
+        assert b.start(FRESH_BASE) == 1
+        b.burst()
+        assert b.broken() == expected, b.dev.ring_state(0)
+        assert b.ring.take_used() == []
+    run_forked(case)
+
+
+def test_set_inflight_sizes_packed_queue_regions_by_the_packed_layout():
+    def case():
+        b = PBlk(start=False)
+        a = GuardedArea(PAGE)
+        with pytest.raises(ValueError, match="cannot hold 8 entries"):
+            b.dev.set_inflight(a.addr, 16 + 16 * SIZE, 1, SIZE, PAGE)     # a split queue's size
+        b.dev.set_inflight(a.addr, 32 + 32 * SIZE, 1, SIZE, PAGE)
     run_forked(case)

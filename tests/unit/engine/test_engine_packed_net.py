@@ -339,3 +339,57 @@ def test_dirty_log_covers_used_descriptors_and_written_buffers():
         assert not logged(w.tx_buf)                               # read, not written
         assert not logged(w.g.start(RXA))                         # the driver's area
     run_forked(case)
+
+
+def _until(cond, what: str, limit: float = 20.0) -> None:
+    """Wait for a condition a worker thread brings about (a bound against
+    hangs, not a measurement)."""
+    import time
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_an_idle_worker_asks_for_kicks_and_a_kick_wakes_it(event_idx):
+    """Adaptive mode on a packed TX ring: before sleeping the worker asks
+    for a kick in the device area (ENABLE, or DESC naming the next slot
+    and its wrap counter with EVENT_IDX); a frame and a kick wake it, and
+    the frame arrives."""
+    from tests.harness.packed_ring import EVENT_DESC
+    from vfe.engine import Engine
+    feat = PACKED | ((1 << 29) if event_idx else 0)
+
+    def case():
+        g = Guest(REGIONS)
+        rig = NetRig.__new__(NetRig)
+        rig.guest, rig.engine = g, Engine(workers=1, mode="adaptive", spin_us=0)
+        rig.a, rig.b = rig.engine.new_net_device(2), rig.engine.new_net_device(2)
+        for d in (rig.a, rig.b):
+            d.set_memory(g.table())
+            d.set_features(feat)
+        tx = packed_at_ends(g, 8, TXD, TXA, TXU)
+        rx = packed_at_ends(g, 8, RXD, RXA, RXU)
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        rig.a.start_ring(1, 8, *tx.addresses, FRESH_BASE, kick, -1, True)
+        rig.b.start_ring(0, 8, *rx.addresses, FRESH_BASE, -1, -1, True)
+        rx_buf = g.start(BUF) + PAGE
+        rx.post([(rx_buf, 512, F_WRITE)], 0)
+        rig.engine.start()
+        try:
+            armed = (0 | 1 << 15, EVENT_DESC) if event_idx else (0, EVENT_ENABLE)
+            _until(lambda: tx.device_event() == armed, f"device area {armed}")
+            blob = bytes(HDR) + frame(5)
+            g.write(g.start(BUF), blob)
+            tx.post([(g.start(BUF), len(blob), 0)], 0)
+            os.eventfd_write(kick, 1)
+            _until(lambda: rx.is_used(0, 1), "the frame delivered")
+            assert g.read(rx_buf + HDR, 60) == frame(5)
+            armed = (1 | 1 << 15, EVENT_DESC) if event_idx else (0, EVENT_ENABLE)
+            _until(lambda: tx.device_event() == armed, f"re-armed at {armed}")
+        finally:
+            rig.engine.stop()
+        assert rig.a.ring_state(1)["broken"] == 0
+    run_forked(case)
