@@ -19,6 +19,7 @@ from tests.protocol.daemon_helpers import (
 from vfe.testing.channel import NackError
 from vfe.testing.frontend import Frontend
 from vfe.testing.packed_ring import PackedDriverRing
+from vfe.vhost.inflight import region_size
 from vfe.virtio.constants import F, bit
 from vfe.virtio.layouts import PACKED_BASE_RESET, PackedBase
 
@@ -143,7 +144,9 @@ def test_blk_requests_on_packed_queues(daemon):
     try:
         fe.start(rings=2, queue_size=16, buf_size=64, mem_size=32 * MiB, packed=True)
         assert fe.features & bit(F.RING_PACKED)
-        assert fe.inflight is None             # no region for packed rings
+        # QEMU's order: features, then the region, in the packed layout
+        assert fe.inflight is not None
+        assert fe.inflight.mmap_size == region_size(2, 16, packed=True)
         queues = [BlkQueue(fe, i) for i in range(2)]
         # more requests than a ring holds: both queues wrap
         for k in range(40):

@@ -115,6 +115,8 @@ class Session:
             "inflight": None if self.inflight is None else [
                 keep(self.inflight.fd), self.inflight.size, self.inflight.offset,
                 self.inflight.num_queues, self.inflight.queue_size],
+            # a key of its own: a build before packed rings reads "inflight" as 5 values
+            "inflight_packed": self.inflight is not None and self.inflight.packed,
             "started": sorted(self.started),
             "features": self.features,
             "owner": self.drives_device(),
@@ -138,7 +140,8 @@ class Session:
                 self.log_region = LogRegion(fds[i], size, offset)
             if state.get("inflight") is not None:
                 i, size, offset, nq, qs = state["inflight"]
-                self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs)
+                self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs,
+                                                        state.get("inflight_packed", False))
             self.features = state["features"]
             if state["owner"]:
                 self._start_driving()
@@ -313,9 +316,9 @@ class Session:
                 self.log_region, old = new, self.log_region
                 if old is not None:
                     old.close()
-            case A.GetInflight(num_queues=nq, queue_size=qs):
+            case A.GetInflight(num_queues=nq, queue_size=qs, packed=packed):
                 try:
-                    fd, size = inflight.allocate(nq, qs)
+                    fd, size = inflight.allocate(nq, qs, packed)
                 except OSError as exc:
                     # the reply is mandatory: size 0 tells QEMU there is no region
                     log.error("%s: cannot allocate an inflight region: %s", self.name, exc)
@@ -326,18 +329,19 @@ class Session:
                                        fds=(fd,)))
                 finally:
                     os.close(fd)          # the front-end keeps the region; it sends it back
-                log.debug("%s: inflight region of %d bytes for %d queues of %d", self.name,
-                          size, nq, qs)
+                log.debug("%s: inflight region of %d bytes for %d %s queues of %d", self.name,
+                          size, nq, "packed" if packed else "split", qs)
             case A.SetInflight(fd=-1):
-                # dropped (the rings became packed): the engine tracks none from now
+                # dropped (its layout is not the rings'): the engine tracks none until
+                # the next SET_INFLIGHT_FD
                 if self.drives_device():
                     self._engine_inflight(None)
                 if self.inflight is not None:
                     self.inflight.close()
                     self.inflight = None
             case A.SetInflight(fd=fd, mmap_size=size, mmap_offset=off, num_queues=nq,
-                               queue_size=qs):
-                new = inflight.InflightRegion(fd, size, off, nq, qs)
+                               queue_size=qs, packed=packed):
+                new = inflight.InflightRegion(fd, size, off, nq, qs, packed)
                 if self.drives_device():
                     try:
                         self._engine_inflight(new)

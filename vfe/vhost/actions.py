@@ -121,22 +121,25 @@ class SetLogBase:
 class GetInflight:
     """GET_INFLIGHT_FD: allocate a new inflight region for ``num_queues``
     rings of ``queue_size`` entries and reply with its description and fd
-    (vfe/vhost/inflight.py)."""
+    (vfe/vhost/inflight.py; ``packed``: the packed layout)."""
 
     num_queues: int
     queue_size: int
+    packed: bool = False
 
 
 @dataclass(frozen=True)
 class SetInflight:
     """SET_INFLIGHT_FD: map the front-end's inflight region (borrowed fd) and
-    track the rings in it from their next start.  ``fd`` -1: drop the region."""
+    track the rings in it from their next start.  ``fd`` -1: drop the region.
+    ``packed``: the region has the packed layout."""
 
     fd: int
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
+    packed: bool = False
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,15 @@ def set_features(spec: DeviceSpec, s: ConnectionState, msg: Message, p: U64) -> 
     s.features = features
     s.features_set = True
     actions: list = [SetFeatures(features)]
-    if s.packed and s.inflight is not None:
-        # The engine tracks no packed ring in an inflight region: the region a
-        # split driver had (a guest's firmware) goes, and GET_INFLIGHT_FD will
-        # answer "none".  No ring runs (the features could not change).
-        log.info("RING_PACKED acked: the inflight region is dropped (packed rings are not "
-                 "tracked in one)")
+    if s.inflight is not None and s.inflight_packed != s.packed:
+        # The region's layout is the other one (a guest's firmware drove the
+        # rings split, its OS acks RING_PACKED): it goes, and the front-end
+        # gets a new one (QEMU frees its copy at the reset between them and
+        # asks GET_INFLIGHT_FD after these features).  No ring runs: the
+        # features could not have changed.
+        log.info("RING_PACKED %s: the %s inflight region is dropped",
+                 "acked" if s.packed else "no longer acked",
+                 "packed" if s.inflight_packed else "split")
         s.inflight = None
         actions.append(SetInflight(-1, 0, 0, 0, 0))
     return actions
@@ -414,34 +417,28 @@ def get_status(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Empty) -> 
 def get_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     # QEMU sends mmap_size/offset 0 and the shape it wants; the reply
     # (with the new region's fd) comes from the caller, which allocates it.
+    # The layout follows the acked features: QEMU 7.2 sends SET_FEATURES
+    # first (vhost_dev_prepare_inflight).
     _check_inflight_shape(spec, p)
-    if s.packed:
-        # The engine does not track packed rings in a region.  Size 0 is
-        # "no region" (QEMU 7.2 vhost_user_get_inflight_fd): QEMU sends no
-        # SET_INFLIGHT_FD and runs the device without one (it sends
-        # SET_FEATURES before this, vhost_dev_prepare_inflight).
-        log.info("GET_INFLIGHT_FD with packed rings: none (packed rings are not tracked)")
-        return [Reply(msg.request, Inflight(0, 0, p.num_queues, p.queue_size).encode())]
-    return [GetInflight(p.num_queues, p.queue_size)]
+    return [GetInflight(p.num_queues, p.queue_size, s.packed)]
 
 
 def set_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     _check_inflight_shape(spec, p)
-    if s.packed:
-        raise ProtocolError("an inflight region for packed rings (not tracked: GET_INFLIGHT_FD "
-                            "answered none)")
-    need = inflight_region_size(p.num_queues, p.queue_size)
+    need = inflight_region_size(p.num_queues, p.queue_size, s.packed)
     if p.mmap_size < need:
-        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} queues "
-                            f"of {p.queue_size} need {need}")
+        layout = "packed " if s.packed else ""
+        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} {layout}"
+                            f"queues of {p.queue_size} need {need}")
     for index, ring in sorted(s.rings.items()):
         if ring.num:
             _check_fits_inflight(index, ring.num, p)
     fd = msg.fds[0]
     s.inflight = p
+    s.inflight_packed = s.packed
     # Rings read the region when they start: running ones restart with it.
     return quiesce(s, s.started_rings(), [
-        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size),
+        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size, s.packed),
         CloseFds((fd,))])
 
 

@@ -37,10 +37,10 @@ Packed rings (VIRTIO_F_RING_PACKED acked): the bases of SET_VRING_BASE and
 GET_VRING_BASE carry QEMU's 32-bit encoding (vfe/virtio/layouts.py
 ``PackedBase``): avail index and wrap counter, used index and wrap counter.
 SET_VRING_BASE refuses index bits outside the ring; the ring's areas are
-the descriptor ring and the two 4-byte event suppression areas.  The engine
-tracks no packed ring in an inflight region: GET_INFLIGHT_FD answers "none"
-(size 0), SET_INFLIGHT_FD is refused, and acking RING_PACKED drops a region
-set before (a split driver's, e.g. a guest's firmware).
+the descriptor ring and the two 4-byte event suppression areas.  The
+inflight region's layout (vfe/vhost/inflight.py) follows the acked
+features when it is made and set; acking or dropping RING_PACKED drops a
+region of the other layout (e.g. a guest's firmware's, split).
 
 Stopping: GET_VRING_BASE on a started ring emits ``StopRing``; the caller
 stops it, then calls ``ring_stopped(index, last_avail_idx)`` and executes what

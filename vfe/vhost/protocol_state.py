@@ -105,6 +105,7 @@ class ConnectionState:
         self.log: Log | None = None
         self.log_fd = -1
         self.inflight: Inflight | None = None
+        self.inflight_packed = False          # the region has the packed layout
         self.status = 0
         self.deferred: list = []              # actions waiting for every stopping ring
 
@@ -146,6 +147,7 @@ class ConnectionState:
             "inflight": None if self.inflight is None else [
                 self.inflight.mmap_size, self.inflight.mmap_offset, self.inflight.num_queues,
                 self.inflight.queue_size],
+            "inflight_packed": self.inflight_packed,
             "regions": [[r.region.gpa, r.region.size, r.region.uva, r.region.mmap_offset, r.refs]
                         for r in self.regions],
             "rings": [{
@@ -184,6 +186,7 @@ class ConnectionState:
         self.log = None if state["log"] is None else Log(*state["log"])
         self.log_fd = fd(state["log_fd"])
         self.inflight = None if state.get("inflight") is None else Inflight(*state["inflight"])
+        self.inflight_packed = state.get("inflight_packed", False)   # older builds: split only
         self.regions = [RegionRecord(MemRegion(gpa, size, uva, off, -1), refs)
                         for gpa, size, uva, off, refs in state["regions"]]
         for rs in state["rings"]:

@@ -1,14 +1,21 @@
 """BackendProtocol with packed rings (VIRTIO_F_RING_PACKED acked): the
 32-bit bases of SET/GET_VRING_BASE, ring areas, the dirty-log address,
 the inflight layout, and the hand-over JSON (no sockets, no engine)."""
+import os
+import struct
+
 import pytest
 
 from tests.unit.vhost.vhost_helpers import (
     ALL_PF, NET_FEATURES, UVA0, Driver, Fds, default_region, mem_table, msg, negotiate, spec, u64,
 )
 
-from vfe.vhost.actions import Ack, CloseFds, GetInflight, Reply, SetInflight, StartRing
-from vfe.vhost.inflight import region_size
+from vfe.vhost.actions import Ack, CloseFds, GetInflight, Reply, SetFeatures, SetInflight, StartRing
+from vfe.vhost.inflight import (
+    PACKED_DESC_SIZE, PACKED_DESC_STATE, PACKED_HEADER_SIZE, PACKED_QUEUE_HEADER, InflightRegion,
+    allocate,
+    queue_region_size, region_size,
+)
 from vfe.vhost.messages import (
     Inflight, ProtocolError, ProtocolFeature, Request, VringAddr, VringFile, VringState,
 )
@@ -190,51 +197,113 @@ def test_packed_log_address_is_passed_on(fds):
 # -- inflight -------------------------------------------------------------------------
 
 
-def test_get_inflight_fd_with_packed_rings_answers_none(fds):
-    """The engine tracks no packed ring: size 0 tells QEMU there is no region."""
+def test_inflight_layout_follows_the_acked_features(fds):
     d = device(pf=INFLIGHT_PF, fds=fds)
     assert d.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128))) == [
-        Reply(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128).encode())]
+        GetInflight(2, 128, True)]
     split = device(features=SPLIT_ACK, pf=INFLIGHT_PF, fds=fds)
     assert split.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128))) == [
-        GetInflight(2, 128)]
+        GetInflight(2, 128, False)]
+    # per queue: a 32-byte header and 32-byte entries, 64-aligned (DPDK's
+    # get_pervq_shm_size_packed gives the same)
+    assert queue_region_size(128, packed=True) == 4160
+    assert queue_region_size(3, packed=True) == 128
+    assert queue_region_size(128) == 2112
     d.disconnect()
     split.disconnect()
 
 
-def test_set_inflight_fd_with_packed_rings_is_refused(fds):
+def _offsets(fmt: str) -> list[int]:
+    """Each field's offset in a little-endian struct format (pad bytes "x" skipped)."""
+    codes = [c for c in fmt.lstrip("<").replace("7x", "") if c != "x"]
+    out, prefix = [], "<"
+    for c in fmt.lstrip("<"):
+        if c.isdigit():
+            break
+        if c != "x":
+            out.append(struct.calcsize(prefix))
+        prefix += c
+    assert len(out) == len(codes)
+    return out
+
+
+def test_packed_inflight_structs_are_the_engines():
+    from vfe import _engine
+    lay = _engine.inflight_layout(packed=True)
+    assert (lay["header_size"], lay["desc_size"]) == (PACKED_HEADER_SIZE, PACKED_DESC_SIZE)
+    assert PACKED_QUEUE_HEADER.size <= PACKED_HEADER_SIZE
+    header = ["version", "desc_num", "free_head", "old_free_head", "used_idx", "old_used_idx",
+              "used_wrap_counter", "old_used_wrap_counter"]            # after u64 features
+    assert [lay[k] for k in header] == _offsets(PACKED_QUEUE_HEADER.format)[1:]
+    desc = ["desc_inflight", "desc_next", "desc_last", "desc_num_descs", "desc_counter",
+            "desc_id", "desc_flags", "desc_len", "desc_addr"]
+    assert [lay[k] for k in desc] == _offsets(PACKED_DESC_STATE.format)
+
+
+def test_packed_inflight_region_is_left_for_the_engine_to_initialise():
+    fd, size = allocate(2, 8, packed=True)
+    try:
+        assert size == 2 * queue_region_size(8, packed=True)
+        assert os.pread(fd, size, 0) == bytes(size)        # version 0: the engine initialises it
+        region = InflightRegion(fd, size, 0, 2, 8, packed=True)
+        assert region.stride == queue_region_size(8, packed=True)
+        assert region.queue_header(1)[1] == 0 and region.inflight_heads(1) == {}
+        region.close()
+        with pytest.raises(Exception, match="too small"):
+            InflightRegion(fd, region_size(2, 8), 0, 2, 8, packed=True)
+    finally:
+        os.close(fd)
+
+
+def test_set_inflight_fd_packed_needs_the_packed_size(fds):
     d = device(pf=INFLIGHT_PF, fds=fds)
     fd = fds.one()
-    out = d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256), 0, 2, 256), [fd],
-                     need_reply=True))
+    small = Inflight(region_size(2, 256), 0, 2, 256)          # a split-sized region
+    out = d.send(msg(Request.SET_INFLIGHT_FD, small, [fd], need_reply=True))
     assert out == [CloseFds((fd,)), Ack(Request.SET_INFLIGHT_FD, ok=False)]
-    assert d.p.inflight is None
+    fd = fds.one()
+    info = Inflight(region_size(2, 256, packed=True), 0, 2, 256)
+    out = d.send(msg(Request.SET_INFLIGHT_FD, info, [fd]))
+    assert SetInflight(fd, info.mmap_size, 0, 2, 256, True) in out
+    assert len(starts(setup(d, fds, 0))) == 1
     d.disconnect()
 
 
-def test_acking_packed_drops_a_split_drivers_inflight_region(fds):
-    """A guest's firmware drove the rings split with a region; its OS acks
-    RING_PACKED: the region goes (the engine would refuse packed rings on
-    it), and the packed rings start without one."""
-    d = device(features=SPLIT_ACK, pf=INFLIGHT_PF, fds=fds)
-    d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256), 0, 2, 256), [fds.one()]))
+@pytest.mark.parametrize("first,then", [(SPLIT_ACK, PACKED_ACK), (PACKED_ACK, SPLIT_ACK)])
+def test_a_region_of_the_other_layout_is_dropped(fds, first, then):
+    """A guest's firmware drove the rings split with a region, its OS acks
+    RING_PACKED (or the other way): the region goes, and the next one
+    comes in the new layout."""
+    d = device(features=first, pf=INFLIGHT_PF, fds=fds)
+    old_packed = bool(first & bit(F.RING_PACKED))
+    d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256, old_packed), 0, 2, 256),
+               [fds.one()]))
     assert d.p.inflight is not None
-    out = d.send(u64(Request.SET_FEATURES, PACKED_ACK))
+    assert d.send(u64(Request.SET_FEATURES, first)) == [SetFeatures(first)]   # same: kept
+    out = d.send(u64(Request.SET_FEATURES, then))
     assert SetInflight(-1, 0, 0, 0, 0) in out and d.p.inflight is None
-    assert len(starts(setup(d, fds, 0))) == 1
+    assert d.send(msg(Request.GET_INFLIGHT_FD, Inflight(0, 0, 2, 256))) == [
+        GetInflight(2, 256, not old_packed)]
     d.disconnect()
 
 
 # -- a live update's hand-over ------------------------------------------------------------
 
 
-def test_hand_over_keeps_packed_bases(fds):
-    d = device(fds=fds)
+def test_hand_over_keeps_packed_bases_and_the_inflight_layout(fds):
+    d = device(pf=INFLIGHT_PF, fds=fds)
+    d.send(msg(Request.SET_INFLIGHT_FD, Inflight(region_size(2, 256, True), 0, 2, 256),
+               [fds.one()]))
     setup(d, fds, 0, base=0x8002_0002)
     d.p.rings_paused({0: 0x0009_800B})
     state = d.p.export_state()
+    assert state["inflight_packed"] is True
     assert state["rings"][0]["base"] == 0x0009_800B
     q = BackendProtocol.from_state(d.p.spec, state, list(state["fds"]))
     (ring,) = q.running_rings()
     assert ring.base == 0x0009_800B
     q.disconnect()
+    # a state from a build before packed rings has no "inflight_packed"
+    del state["inflight_packed"]
+    old = BackendProtocol.from_state(d.p.spec, state, list(state["fds"]))
+    assert old.export_state()["inflight_packed"] is False
