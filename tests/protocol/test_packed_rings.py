@@ -9,6 +9,8 @@ One daemon serves the module: net devices a and b (2 queue pairs each), a
 malloc disk."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.protocol.blk_helpers import BlkDaemon, BlkQueue
@@ -154,5 +156,39 @@ def test_blk_requests_on_packed_queues(daemon):
             data = bytes((k + j) & 0xFF for j in range(4096))
             q.write(8 * k, data, pieces=1 + k % 3, indirect=k % 4 == 3)
             assert q.read(8 * k, 4096, pieces=1 + k % 2) == data
+    finally:
+        close_frontend(daemon, fe)
+
+
+def test_blk_from_split_to_packed_swaps_the_inflight_region(daemon):
+    """A guest's firmware drives the disk split (with a split inflight
+    region), then its OS acks RING_PACKED: the daemon drops the split region
+    at SET_FEATURES, takes a packed one, and serves the packed queues."""
+    daemon.wait_detached("disk")
+    fe = Frontend.connect(daemon.paths["disk"])
+    fe.dev = "disk"
+    try:
+        fe.start(rings=2, queue_size=16, buf_size=64, mem_size=32 * MiB)
+        assert fe.inflight.mmap_size == region_size(2, 16)
+        BlkQueue(fe, 0).write(0, b"\x11" * 4096)
+        fe.stop()
+        # the reset: QEMU frees its region; the OS's start acks RING_PACKED first
+        fe.inflight_map.close()
+        os.close(fe.inflight_fd)
+        fe.inflight, fe.inflight_fd, fe.inflight_map = None, -1, None
+        mark = daemon.mark()
+        fe.set_features(fe.features | bit(F.RING_PACKED))
+        fe.sync()
+        daemon.wait_log("RING_PACKED acked: the split inflight region is dropped", since=mark)
+        fe.setup_inflight(2, 16)
+        assert fe.inflight.mmap_size == region_size(2, 16, packed=True)
+        for i in (0, 1):
+            fe.setup_ring(i, 16, buf_size=64)
+        fe.sync()
+        q = BlkQueue(fe, 1)
+        assert isinstance(q.ring.driver, PackedDriverRing)
+        assert q.read(0, 4096) == b"\x11" * 4096
+        q.write(8, b"\x22" * 4096)
+        assert BlkQueue(fe, 0).read(8, 4096) == b"\x22" * 4096
     finally:
         close_frontend(daemon, fe)
