@@ -68,13 +68,10 @@ cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, 
 
 cdef int packed_blk_take(Worker *w, Vring *vq, BlkDev *d, uint16_t id, uint16_t ndesc,
                          uint32_t entry, Chain *req, uint16_t *done, int *ndone) noexcept nogil:
-    """Serve request `id` (its chain in w.iov), taken from the ring or the
-    region: note its slots and region entry, check it is not outstanding
-    already.  Returns what blk_serve_chain does."""
-    cdef int rc = blk_head_free(vq, d, id)
-    if rc < 0:
-        break_ring(w, vq, rc)
-        return rc
+    """Serve request `id` (its chain in w.iov, not outstanding: the caller
+    checked), taken from the ring or the region: note its slots and region
+    entry.  Returns what blk_serve_chain does."""
+    cdef int rc
     vq.id_ndesc[id] = ndesc
     vq.id_ndesc[vq.size + id] = <uint16_t>entry
     rc = blk_serve_chain(w, vq, d, id, req, 0)
@@ -104,6 +101,8 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
         entry = inflight_next_resubmit(iq)
         rc = packed_resubmitted_chain(vq, iq, entry, w.iov, MAX_IOV, &req, &id, &ndesc)
+        if rc == 0:
+            rc = blk_head_free(vq, d, id)
         if rc < 0:
             break_ring(w, vq, rc)
             break
@@ -119,11 +118,14 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
                              MAX_IOV, &req, &id, &ndesc, track)
             if rc == 0:
                 break
+            if rc > 0:
+                rc = blk_head_free(vq, d, id)
             if rc < 0:
                 break_ring(w, vq, rc)
                 break
-            # inflight before anything else happens to it: a crash from
-            # here on leaves it for the next process to serve
+            # inflight before anything else happens to it (a copy posted
+            # while outstanding never is): a crash from here on leaves it
+            # for the next process to serve
             entry = pinflight_take_done(iq, ndesc) if track != NULL else iq.ndesc
             vq.last_avail_idx = <uint16_t>slot
             vq.avail_wrap = wrap

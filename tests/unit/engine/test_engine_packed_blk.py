@@ -426,3 +426,24 @@ def test_set_inflight_sizes_packed_queue_regions_by_the_packed_layout():
             b.dev.set_inflight(a.addr, 16 + 16 * SIZE, 1, SIZE, PAGE)     # a split queue's size
         b.dev.set_inflight(a.addr, 32 + 32 * SIZE, 1, SIZE, PAGE)
     run_forked(case)
+
+
+def test_a_copy_posted_while_outstanding_is_never_marked_inflight(tmp_path):
+    """E_DUP with a region: the copy stops the ring before it is marked,
+    so after the stop nothing is left for a next process to resubmit."""
+    path = str(tmp_path / "disk.img")
+    open(path, "wb").close()
+
+    def case():
+        b = PBlk(backend="file", path=path, start=False)
+        area, off, qlen = _region(b)
+        assert b.start(FRESH_BASE) == -1
+        b.request(4, T_OUT, 8, b"\x5a" * 1024)
+        b.request(4, T_OUT, 16, b"\x66" * 1024, at=5)
+        b.burst()
+        assert b.broken() == RingError.DUP
+        b.dev.stop_ring(0)
+        assert b.ring.take_used() == [(4, 1)]
+        assert [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) != b"\x00"] == []
+        b.rig.close()
+    run_forked(case)

@@ -393,3 +393,57 @@ def test_an_idle_worker_asks_for_kicks_and_a_kick_wakes_it(event_idx):
             rig.engine.stop()
         assert rig.a.ring_state(1)["broken"] == 0
     run_forked(case)
+
+
+@pytest.mark.parametrize("flags", [2, 3, 0xFFFF])
+def test_driver_event_flags_the_device_cannot_honour_interrupt(flags):
+    """DESC without EVENT_IDX, or a value the spec does not define: the
+    driver gets its interrupt (missing one could hang it)."""
+    def case():
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        w = World(call_fd=efd)
+        w.post_rx(0)
+        w.rx.set_driver_event(flags, 0xFFFF)
+        w.send(frame(0))
+        assert os.eventfd_read(efd) == 1
+    run_forked(case)
+
+
+@pytest.mark.parametrize("frames", [2, 4])
+def test_dirty_log_of_a_batch_that_wraps_the_ring(frames):
+    """A ring of 4 straddling a page boundary (slots 0-2 on one page, slot
+    3 on the next), the batch starting at slot 3: the used descriptors'
+    pages on both sides of the wrap are logged (2 frames: slots 3 and 0;
+    4 frames: the whole ring), and nothing past the ring."""
+    from tests.harness.packed_ring import PackedRing
+
+    def case():
+        g = Guest([(0x10000, 3 * PAGE), (0x20000, PAGE), (0x30000, PAGE), (0x50000, PAGE),
+                   (0x60000, PAGE), (0x70000, PAGE), (0x100000, 2 * PAGE)])
+        log = GuardedArea(PAGE, name="log")
+        feat = PACKED | FEAT_LOG_ALL
+        rig = NetRig(g, feat)
+        desc = 0x10000 + PAGE - 48
+        tx = PackedRing(g, 4, desc, 0x20000, 0x30000)
+        rx = packed_at_ends(g, 8, 3, 4, 5)
+        base = 3 | 1 << 15 | (3 | 1 << 15) << 16
+        tx.next_avail = tx.next_used = 3
+        rig.a.start_ring(1, 4, *tx.addresses, base, -1, -1, True, True)
+        rig.b.start_ring(0, 8, *rx.addresses, FRESH_BASE, -1, -1, True, True)
+        rig.a.set_log(log.addr, log.size)
+        buf = g.start(6)
+        for i in range(frames):
+            rx.post([(buf + PAGE + 512 * i, 512, F_WRITE)], i)
+            blob = bytes(HDR) + frame(i)
+            g.write(buf + 128 * i, blob)
+            tx.post([(buf + 128 * i, len(blob), 0)], i)
+        assert rig.a.run_burst(1) == frames
+        bits = log.read(0, log.size)
+
+        def logged(gpa):
+            page = gpa // PAGE
+            return bool(bits[page >> 3] & (1 << (page & 7)))
+        assert logged(desc) and logged(desc + 48)            # slot 0's page and slot 3's
+        assert not logged(0x10000 + 2 * PAGE)                # past the ring
+        assert tx.take_used()[:frames] == [(i, 0) for i in range(frames)]   # (zeroed slots look used)
+    run_forked(case)
