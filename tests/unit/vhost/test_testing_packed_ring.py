@@ -45,14 +45,16 @@ def test_chain_is_made_available_head_last_with_its_laps_bits():
     assert desc(mem, 1) == (0x2000, 20, i, VRING_DESC_F_WRITE | AVAIL)
     r.publish()
     assert desc(mem, 0)[3] == VRING_DESC_F_NEXT | AVAIL
+    device_uses(mem, 0, i, 20, wrap=True)
+    assert [u.token for u in r.get_used()] == ["a"]
     # a chain across the end of the ring: its second slot is in the next lap
     r.add_chain([(0x3000, 30, False)], token="b")
     r.add_chain([(0x4000, 40, False), (0x5000, 50, False)], token="c")
     assert desc(mem, 3)[3] == VRING_DESC_F_NEXT | AVAIL
     assert desc(mem, 0)[3] == USED                       # wrap counter 0: AVAIL 0, USED 1
-    assert r.position == PackedBase(1, False, 0, True)
+    assert r.position == PackedBase(1, False, 2, True)
     with pytest.raises(RingError, match="ring full"):
-        r.add_chain([(0, 1, False)])
+        r.add_chain([(0, 1, False), (0, 1, False)])
 
 
 def test_used_descriptors_free_their_chains_slots():
