@@ -14,6 +14,11 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not testpmd.testpmd_available(), reason="dpdk-testpmd not installed (scripts/setup)")]
 
 
+def test_packed_vq_vdev_string():
+    assert testpmd.virtio_user("/s", name="net_virtio_user0", packed_vq=True) == \
+        "net_virtio_user0,path=/s,queues=1,queue_size=256,mrg_rxbuf=1,packed_vq=1"
+
+
 @pytest.mark.parametrize("queues", [1, 2])
 @pytest.mark.parametrize("mrg_rxbuf", [True, False], ids=["mrg", "nomrg"])
 @pytest.mark.parametrize("frame_size", [64, 1518])
