@@ -225,19 +225,31 @@ cdef class BlkDevice(RingDevice):
                                      kick_fd, call_fd, enabled, log_used, log_guest_addr)
 
     def set_features(self, uint64_t features):
-        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
-        cdef int i
+        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES).
+        RuntimeError, nothing applied, if RING_PACKED would change the
+        layout of a started ring (packed_layout_fits)."""
+        cdef int packed = (features >> VIRTIO_F_RING_PACKED) & 1
+        cdef bint fits
         cdef Engine e = self.engine
         with nogil:
             e.stop_world()
-            self.d.features = features
-            self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
-            for i in range(self.d.num_vqs):
-                self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
-                self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
-                packed_set_layout(&self.d.vqs[i], (features >> VIRTIO_F_RING_PACKED) & 1)
-            retranslate_rings(self.d.vqs, self.d.num_vqs)
+            fits = packed_layout_fits(self.d.vqs, self.d.num_vqs, packed)
+            if fits:
+                self._apply_features(features, packed)
             e.start_world()
+        if not fits:
+            raise RuntimeError("SET_FEATURES would change the layout (RING_PACKED) of a started ring")
+
+    cdef void _apply_features(self, uint64_t features, int packed) noexcept nogil:
+        """set_features' work, world stopped."""
+        cdef int i
+        self.d.features = features
+        self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
+        for i in range(self.d.num_vqs):
+            self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
+            self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
+            self.d.vqs[i].packed = packed
+        retranslate_rings(self.d.vqs, self.d.num_vqs)
 
     cdef InflightQueue *_inflight(self, int index):
         return &self.d.inflight[index]

@@ -304,12 +304,16 @@ cdef inline void ring_used_push(Vring *vq, uint16_t id, uint32_t length) noexcep
 
 # -- control (world stopped)
 
-cdef inline void packed_set_layout(Vring *vq, int packed) noexcept nogil:
-    """SET_FEATURES decides the layout; a running ring's cannot change
-    under it (its cursors would mean nothing): that stops it (E_RING)."""
-    if vq.ready and vq.packed != packed:
-        vq.broken = -E_RING
-    vq.packed = packed
+cdef inline bint packed_layout_fits(Vring *vqs, int n, int packed) noexcept nogil:
+    """SET_FEATURES may choose the layout of stopped rings only: a started
+    ring's cursors, per-id scratch, queued resubmissions and requests at
+    the I/O threads mean nothing in the other layout.  False if a started
+    ring has the other one."""
+    cdef int i
+    for i in range(n):
+        if vqs[i].ready and vqs[i].packed != packed:
+            return False
+    return True
 
 
 cdef inline uint64_t uva_to_gpa(MemTable *mt, uint64_t uva) noexcept nogil:

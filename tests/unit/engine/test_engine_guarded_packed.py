@@ -388,15 +388,20 @@ def test_a_broken_packed_ring_leaves_the_others_running():
     run_forked(case)
 
 
-def test_a_running_ring_whose_layout_changes_stops():
-    """SET_FEATURES flipping RING_PACKED under running rings: they stop
-    (E_RING) instead of reading one layout as the other."""
+def test_a_running_ring_s_layout_cannot_change():
+    """SET_FEATURES flipping RING_PACKED under running rings is refused
+    (nothing applied): they would read one layout as the other.  The
+    rings go on; once stopped, the layout may change."""
     def case():
         n = Net()
-        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
-        assert n.tx_broken() == RingError.RING
+        with pytest.raises(RuntimeError, match="layout"):
+            n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert n.rig.a.ring_state(1)["packed"] and n.tx_broken() == 0
         a, ln = n.frame_at()
         n.tx.post([(a, ln, 0)], 0)
-        n.send()
-        assert n.delivered() == [] and n.rx_broken() == 0
+        assert n.send() == 1
+        assert n.delivered() == [FRAME] and n.rx_broken() == 0
+        n.rig.a.stop_ring(1)
+        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert not n.rig.a.ring_state(1)["packed"]
     run_forked(case)

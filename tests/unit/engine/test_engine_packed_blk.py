@@ -8,6 +8,7 @@ packed inflight region (initialised, a new process resubmitting from its
 copies, a half-published batch kept or rolled back, garbage refused)."""
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -445,5 +446,50 @@ def test_a_copy_posted_while_outstanding_is_never_marked_inflight(tmp_path):
         b.dev.stop_ring(0)
         assert b.ring.take_used() == [(4, 1)]
         assert [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) != b"\x00"] == []
+        b.rig.close()
+    run_forked(case)
+
+
+# -- found by review: crash windows, region layouts, reposted ids
+
+def _flush_chain(b: PBlk, k: int, region: int = BUF2) -> tuple[int, int]:
+    """A FLUSH request's header (and status at +48) in `region` at 64 * k."""
+    base = b.g.start(region) + 64 * k
+    b.g.write(base, blk_header(T_FLUSH))
+    return base, base + 48
+
+
+def _inflight_flushes(b: PBlk, area, off, bases, used=(0, 1), free_head=None):
+    """The region after a process took FLUSH requests ids 0.. (2 entries,
+    2 slots each: entries 2k, 2k+1) whose headers are at `bases`, answered
+    none, and died: used cursor `used` (idx, wrap), the rest free."""
+    descs = {}
+    for k, base in enumerate(bases):
+        descs[2 * k] = (1, 2 * k + 1, 2 * k + 1, 2, k, k, 0, 16, base)
+        descs[2 * k + 1] = (0, 2 * k + 2, 0, 0, 0, k, F_WRITE, 1, base + 48)
+    fh = 2 * len(bases) if free_head is None else free_head
+    _write_region(area, off, (0, 1, SIZE, fh, fh, used[0], used[0], used[1], used[1]), descs)
+
+
+def test_flipping_the_layout_of_a_running_queue_is_refused(tmp_path):
+    """SET_FEATURES without RING_PACKED while the packed queue runs with
+    requests at the I/O threads: refused, the queue stays packed, and its
+    stop answers the requests in the packed layout."""
+    path = str(tmp_path / "disk.img")
+    open(path, "wb").close()
+
+    def case():
+        b = PBlk(backend="file", path=path)
+        b.request(5, T_OUT, 8, b"\x11" * 1024)
+        b.request(6, T_FLUSH)
+        b.burst()
+        with pytest.raises(RuntimeError, match="layout"):
+            b.dev.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert b.dev.ring_state(0)["packed"] and b.broken() == 0
+        base = b.dev.stop_ring(0)
+        assert sorted(b.ring.take_used()) == [(5, 1), (6, 1)]
+        assert base == 5 | 1 << 15 | (5 | 1 << 15) << 16
+        b.dev.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)         # stopped: allowed
+        assert not b.dev.ring_state(0)["packed"]
         b.rig.close()
     run_forked(case)
