@@ -493,3 +493,24 @@ def test_flipping_the_layout_of_a_running_queue_is_refused(tmp_path):
         assert not b.dev.ring_state(0)["packed"]
         b.rig.close()
     run_forked(case)
+
+
+def test_a_batch_cut_short_shows_the_driver_no_used_descriptor():
+    """Three resubmitted requests; the third's memory vanishes (SIGBUS,
+    caught) after the first two were answered but before their batch was
+    published.  Neither of their slots may show a used descriptor: a
+    process killed there would otherwise leave the guest a used descriptor
+    it never published, which the next process answers again."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        bases = [_flush_chain(b, 0)[0], _flush_chain(b, 1)[0], _flush_chain(b, 0, region=BUF)[0]]
+        _inflight_flushes(b, area, off, bases)
+        for slot in range(6):
+            b.ring.write_desc(slot, 0, 0, 0, F_AVAIL)            # what the driver left: lap 1, available
+        assert b.start(FRESH_BASE) == 3
+        os.ftruncate(b.g.areas[BUF][1].fd, 0)                    # BUF's pages are gone
+        b.dev.stop_ring(0)
+        assert b.broken() == RingError.FAULT
+        assert [b.ring.read_desc(s)[3] for s in range(6)] == [F_AVAIL] * 6
+    run_forked(case)
