@@ -229,7 +229,8 @@ cdef inline int inflight_recover(InflightQueue *iq, uint16_t size, uint16_t used
 #   used written:    nothing yet (the request's entries are known by id)
 #   batch published: pinflight_return before the publish (entries back on
 #                    the free list, used_idx/wrap), pinflight_commit after
-#                    it (inflight = 0, the old_* fields = the current ones)
+#                    the used descriptors are visible and before the
+#                    interrupt (inflight = 0, the old_* fields = the current ones)
 # Recovery (ring start, world stopped): pinflight_recover.
 
 cdef inline uint8_t *pif_desc(uint8_t *q, uint32_t e) noexcept nogil:
@@ -358,7 +359,6 @@ cdef inline int pinflight_recover(InflightQueue *iq, uint16_t size, uint8_t *rin
     cdef int count = 0
     cdef uint64_t top = 0
     cdef int wrap
-    cdef uint16_t want
     if size > iq.ndesc:
         return IF_TOO_SMALL
     version = vfe_load_u16(<uint16_t *>(q + PIF_VERSION))
@@ -387,11 +387,14 @@ cdef inline int pinflight_recover(InflightQueue *iq, uint16_t size, uint8_t *rin
     if old_used >= size:
         return IF_CORRUPT
     if vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)) != old_used:
-        # the batch was published iff its first slot shows a used descriptor of its lap
+        # the batch was published iff its first slot's USED bit is the
+        # batch's wrap counter: it stays so when the driver, having seen the
+        # used descriptor, makes the slot available for the next lap (AVAIL
+        # flips, USED keeps); before the publish the slot shows the
+        # driver's available descriptor of the batch's lap (USED opposite)
         wrap = vfe_load_u8(q + PIF_OLD_USED_WRAP) & 1
-        want = (1 << 7 | 1 << 15) if wrap else 0
         flags = vfe_load_u16(<uint16_t *>(ring + 16 * old_used + 14))
-        if (flags & (1 << 7 | 1 << 15)) == want:
+        if ((flags & (1 << 15)) != 0) == (wrap != 0):
             _pif_keep_current(q)
         else:
             _pif_roll_back(q)

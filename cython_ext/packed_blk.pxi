@@ -14,15 +14,20 @@
 
 cdef void packed_blk_flush(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
     """blk_flush_done for a packed ring: the answered requests' region
-    entries back on its free list with the used cursor, the publish, then
-    the commit (inflight.pxd)."""
+    entries back on its free list with the used cursor, the used
+    descriptors made visible, the commit (inflight.pxd), and only then the
+    interrupt: a process killed on the way must not leave a guest that
+    was told about a batch its region does not have committed."""
     cdef uint16_t entries[BURST]
     cdef int i, n = ndone[0]
+    cdef bint exposed
     for i in range(n):
         entries[i] = vq.id_ndesc[vq.size + done[i]]
     pinflight_return(iq, entries, n, vq.last_used_idx, vq.used_wrap)
-    packed_publish(vq)
+    exposed = packed_expose(vq)
     pinflight_commit(iq, entries, n)
+    if exposed:
+        packed_signal(vq)
     ndone[0] = 0
 
 

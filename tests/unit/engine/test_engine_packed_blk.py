@@ -514,3 +514,23 @@ def test_a_batch_cut_short_shows_the_driver_no_used_descriptor():
         assert b.broken() == RingError.FAULT
         assert [b.ring.read_desc(s)[3] for s in range(6)] == [F_AVAIL] * 6
     run_forked(case)
+
+
+@pytest.mark.parametrize("first_slot_flags,kept", [
+    (F_AVAIL | (1 << 15), True),      # the used descriptor of lap 1
+    (1 << 15, True),                  # the driver took it and made the slot available in lap 0
+    (F_AVAIL, False),                 # still the driver's available descriptor of lap 1
+])
+def test_a_half_published_batch_is_decided_by_the_used_bit(first_slot_flags, kept):
+    """used_idx moved 0 -> 2 (wrap 1): the batch was published iff slot 0's
+    USED bit is the batch's wrap counter, even once the driver reposted it."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        base, st = _flush_chain(b, 0)
+        descs = {0: (1, 1, 1, 2, 0, 3, 0, 16, base), 1: (0, 2, 0, 0, 0, 3, F_WRITE, 1, st)}
+        _write_region(area, off, (0, 1, SIZE, 0, 2, 2, 0, 1, 1), descs)
+        b.ring.write_desc(0, 0, 1, 3, first_slot_flags)
+        assert b.start(FRESH_BASE) == (0 if kept else 1)
+        assert b.dev.ring_state(0)["last_used_idx"] == (2 if kept else 0)
+    run_forked(case)
