@@ -386,7 +386,9 @@ cdef inline int pinflight_recover(InflightQueue *iq, uint16_t size, uint8_t *rin
     old_used = vfe_load_u16(<uint16_t *>(q + PIF_OLD_USED_IDX))
     if old_used >= size:
         return IF_CORRUPT
-    if vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)) != old_used:
+    # a batch of exactly `size` slots moves only the wrap counter
+    if (vfe_load_u16(<uint16_t *>(q + PIF_USED_IDX)) != old_used
+            or (vfe_load_u8(q + PIF_USED_WRAP) & 1) != (vfe_load_u8(q + PIF_OLD_USED_WRAP) & 1)):
         # the batch was published iff its first slot's USED bit is the
         # batch's wrap counter: it stays so when the driver, having seen the
         # used descriptor, makes the slot available for the next lap (AVAIL

@@ -534,3 +534,26 @@ def test_a_half_published_batch_is_decided_by_the_used_bit(first_slot_flags, kep
         assert b.start(FRESH_BASE) == (0 if kept else 1)
         assert b.dev.ring_state(0)["last_used_idx"] == (2 if kept else 0)
     run_forked(case)
+
+
+def test_a_half_published_batch_of_exactly_the_ring_is_kept():
+    """A batch of SIZE slots moves the used cursor a whole lap: only its
+    wrap counter changes.  The guest saw it, so nothing is resubmitted."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        descs = {}
+        for k in range(4):
+            base, st = _flush_chain(b, k)
+            descs[2 * k] = (1, 2 * k + 1, 2 * k + 1, 2, k, k, 0, 16, base)
+            descs[2 * k + 1] = (0, SIZE, 0, 0, 0, k, F_WRITE, 1, st)
+        # returned to the free list (0 -> 1 -> ... -> 7), used cursor 0/1 -> 0/0; not committed
+        for k in range(4):
+            descs[2 * k + 1] = descs[2 * k + 1][:1] + (2 * k + 2,) + descs[2 * k + 1][2:]
+        _write_region(area, off, (0, 1, SIZE, 0, SIZE, 0, 0, 0, 1), descs)
+        b.ring.write_desc(0, 0, 1, 0, F_AVAIL | (1 << 15))       # slot 0: used, lap 1
+        assert b.start(FRESH_BASE) == 0
+        st = b.dev.ring_state(0)
+        assert (st["last_used_idx"], st["used_wrap"], st["last_avail_idx"], st["avail_wrap"]) \
+            == (0, 0, 0, 0)
+    run_forked(case)
