@@ -259,10 +259,13 @@ cdef class BlkDevice(RingDevice):
         """Track queue i (< num_queues) in the inflight region at hva + i *
         stride from its next start (hva 0: stop tracking).  The region is
         `length` bytes and holds `queue_size` entries per queue; a ring
-        larger than that will not start.  The caller unmaps an old region
-        only after this returns; queues the region does not cover run
-        untracked.  The layout (split or packed) is the negotiated
-        features' (inflight_layout)."""
+        larger than that, or than `stride` holds in its layout, will not
+        start.  The caller unmaps an old region only after this returns;
+        queues the region does not cover run untracked.  The layout (split
+        or packed) is the ring's at its start (inflight_layout); the
+        stride is checked here against the features negotiated so far
+        too.  A packed region should start zeroed (version 0: ring_start
+        initialises it); one with version 1 must be a packed one."""
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
@@ -283,7 +286,12 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 if hva != 0 and i < num_queues:
                     self.d.inflight[i].region = <uint8_t *>hva + i * stride
-                    self.d.inflight[i].ndesc = queue_size
+                    self.d.inflight[i].stride = stride
+                    self.d.inflight[i].queue_size = queue_size
+                    # a running ring records from now on, within its size
+                    # (ring_start sets it for the others)
+                    self.d.inflight[i].ndesc = (self.d.vqs[i].size if self.d.vqs[i].ready
+                                                and self.d.vqs[i].size <= queue_size else 0)
                 else:
                     self.d.inflight[i].region = NULL
                     self.d.inflight[i].ndesc = 0

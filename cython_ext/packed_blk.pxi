@@ -31,25 +31,23 @@ cdef void packed_blk_flush(Vring *vq, InflightQueue *iq, uint16_t *done, int *nd
     ndone[0] = 0
 
 
-cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, Iov *iov,
-                                  int max_iov, Chain *c, uint16_t *id,
+cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, uint16_t num,
+                                  Iov *iov, int max_iov, Chain *c, uint16_t *id,
                                   uint16_t *ndesc) noexcept nogil:
     """A request a previous process left inflight, from the copies of its
     descriptors in the region (its ring slots may hold used descriptors
     now): the same checks as packed_take's, with the region's entry links
-    and `num` instead of consecutive slots.  Returns 0 or an E_* code."""
+    instead of consecutive slots, and the `num` (1..size) recovery read
+    (the region's may have changed since).  Returns 0 or an E_* code."""
     cdef uint32_t entry = first, k
-    cdef uint16_t num, flags, bid = 0
+    cdef uint16_t flags, bid = 0
     cdef uint64_t addr
     cdef uint32_t dlen
     cdef uint8_t *table
     cdef int rc
     chain_start(c)
-    num = vfe_load_u16(<uint16_t *>(pif_desc(iq.region, first) + PIF_D_NUM))
-    if num == 0 or num > vq.size:
-        return E_LOOP
     for k in range(num):
-        if pinflight_chain(iq, first, vq.size, &entry, &addr, &dlen, &flags, &bid) < 0:
+        if pinflight_chain(iq, &entry, &addr, &dlen, &flags, &bid) < 0:
             return E_NEXT
         if flags & VRING_DESC_F_INDIRECT:
             if k + 1 != num:
@@ -100,12 +98,13 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
     cdef int k = 0, rc, ndone = 0, work
     cdef uint32_t slot, entry
     cdef int wrap
-    cdef uint16_t id, ndesc
+    cdef uint16_t id, ndesc, num
     cdef Chain req
     work = blk_reap(vq, d, done, &ndone)
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
+        num = iq.resubmit_num[iq.resubmit_pos]
         entry = inflight_next_resubmit(iq)
-        rc = packed_resubmitted_chain(vq, iq, entry, w.iov, MAX_IOV, &req, &id, &ndesc)
+        rc = packed_resubmitted_chain(vq, iq, entry, num, w.iov, MAX_IOV, &req, &id, &ndesc)
         if rc == 0:
             rc = blk_head_free(vq, d, id)
         if rc < 0:
@@ -148,6 +147,7 @@ ctypedef struct _PackedRecover:
     Vring *vq
     InflightQueue *iq
     _IfEntry *scratch
+    uint8_t *seen
     int rc
 
 
@@ -159,7 +159,8 @@ cdef int _start_recover_packed(void *arg) noexcept nogil:
     cdef uint16_t used = vq.last_used_idx
     cdef int used_wrap = vq.used_wrap
     cdef uint32_t nslots = 0, avail
-    a.rc = pinflight_recover(a.iq, vq.size, vq.desc, &used, &used_wrap, &nslots, a.scratch)
+    a.rc = pinflight_recover(a.iq, vq.size, vq.desc, &used, &used_wrap, &nslots, a.scratch,
+                             a.seen)
     if a.rc >= 0:
         avail = used
         vq.last_used_idx = vq.flushed_used_idx = used

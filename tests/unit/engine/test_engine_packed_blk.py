@@ -338,8 +338,7 @@ def test_region_cursors_and_chains_out_of_range_are_refused(header, descs, messa
         before = area.read(0, area.size)
         with pytest.raises(ValueError, match=message):
             b.start(FRESH_BASE)
-        if "version" in message or "tracks" in message:
-            assert area.read(0, area.size) == before
+        assert area.read(0, area.size) == before           # refused before anything is written
         assert not b.dev.ring_state(0)["ready"]
     run_forked(case)
 
@@ -556,4 +555,91 @@ def test_a_half_published_batch_of_exactly_the_ring_is_kept():
         st = b.dev.ring_state(0)
         assert (st["last_used_idx"], st["used_wrap"], st["last_avail_idx"], st["avail_wrap"]) \
             == (0, 0, 0, 0)
+    run_forked(case)
+
+
+def test_a_region_sized_for_split_rings_is_refused_once_packed_is_negotiated():
+    """set_inflight before SET_FEATURES: the stride was checked for the
+    split layout; a packed ring must not start with it (its 32-byte
+    entries would run past the region)."""
+    def case():
+        b = PBlk(start=False)
+        b.dev.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        qlen = 16 + 16 * SIZE
+        area = GuardedArea(PAGE, name="inflight")
+        off = area.end_offset(qlen)
+        b.dev.set_inflight(area.addr + off, qlen, 1, SIZE, qlen)
+        b.dev.set_features(PACKED)
+        before = area.read(0, area.size)
+        with pytest.raises(ValueError, match="room for"):
+            b.start(FRESH_BASE)
+        assert area.read(0, area.size) == before
+        assert not b.dev.ring_state(0)["ready"]
+    run_forked(case)
+
+
+def test_a_region_initialised_for_a_split_ring_is_refused_by_a_packed_one():
+    """Version 1 and desc_num written, everything else zero (a split
+    ring's fresh region): as a packed region its free list loops on entry
+    0, so it is refused, untouched, instead of starting on garbage."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        area.write(off, PIF_HEADER.pack(0, 1, SIZE, 0, 0, 0, 0, 0, 0) + b"\0\0\0")
+        before = area.read(0, area.size)
+        with pytest.raises(ValueError, match="out of range|corrupt"):
+            b.start(FRESH_BASE)
+        assert area.read(0, area.size) == before
+    run_forked(case)
+
+
+def test_a_cyclic_free_list_is_refused():
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        descs = {e: (0, (e + 1) % 3, 0, 0, 0, 0, 0, 0, 0) for e in range(3)}   # 0 -> 1 -> 2 -> 0
+        _write_region(area, off, (0, 1, SIZE, 0, 0, 0, 0, 1, 1), descs)
+        before = area.read(0, area.size)
+        with pytest.raises(ValueError, match="out of range|corrupt"):
+            b.start(FRESH_BASE)
+        assert area.read(0, area.size) == before
+    run_forked(case)
+
+
+@pytest.mark.parametrize("num", [0, 1, SIZE + 1, 0xFFFF])
+def test_a_resubmitted_chain_keeps_the_length_recovery_saw(num):
+    """The front-end rewrites an inflight entry's `num` after the start:
+    the resubmission still walks the chain recovery counted."""
+    def case():
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        base, st = _flush_chain(b, 0)
+        _inflight_flushes(b, area, off, [base])
+        assert b.start(FRESH_BASE) == 1
+        area.write(off + 32 + 6, struct.pack("<H", num))          # entry 0's num
+        assert b.burst() == 1
+        assert b.broken() == 0
+        assert b.ring.take_used() == [(0, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        assert (b.dev.ring_state(0)["last_used_idx"]) == 2
+    run_forked(case)
+
+
+def test_region_entries_past_the_ring_are_never_used():
+    """A region with room for 16 entries per queue, a ring of 8, and a
+    free list the front-end pointed at entry 12: requests go untracked,
+    entry 12 is left alone."""
+    def case():
+        b = PBlk(start=False)
+        qlen = 32 + 32 * 16
+        area = GuardedArea(PAGE, name="inflight")
+        off = area.end_offset(qlen)
+        b.dev.set_inflight(area.addr + off, qlen, 1, 16, qlen)
+        _write_region(area, off, (0, 1, SIZE, SIZE, SIZE, 0, 0, 1, 1), {})
+        assert b.start(FRESH_BASE) == 0
+        area.write(off + 12, struct.pack("<HH", 12, 12))           # free_head, old_free_head
+        entry12 = area.read(off + 32 + 32 * 12, 32)
+        st, _ = b.request(2, T_FLUSH)
+        assert b.burst() == 1
+        assert b.ring.take_used() == [(2, 1)]
+        assert area.read(off + 32 + 32 * 12, 32) == entry12
     run_forked(case)
