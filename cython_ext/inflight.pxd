@@ -285,6 +285,15 @@ cdef inline uint32_t pinflight_take_done(InflightQueue *iq, uint16_t nslots) noe
     return iq.take_head
 
 
+cdef inline void pinflight_take_abort(InflightQueue *iq) noexcept nogil:
+    """The chain pinflight_record copied is not taken (the ring stops on
+    it): its entries back on the free list, which is as the last commit
+    left it (takes and batches commit as they finish)."""
+    if iq.region != NULL:
+        vfe_store_u16(<uint16_t *>(iq.region + PIF_FREE_HEAD),
+                      vfe_load_u16(<uint16_t *>(iq.region + PIF_OLD_FREE_HEAD)))
+
+
 cdef inline void pinflight_return(InflightQueue *iq, uint16_t *entries, int n, uint16_t used_idx,
                                   int used_wrap) noexcept nogil:
     """Before the batch whose requests' first entries are `entries` is

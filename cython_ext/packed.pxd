@@ -20,7 +20,7 @@
 #   used                          the device's event suppression area
 # Sizes need not be powers of two (2.8.10.1), so nothing here masks.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from atomics cimport *
 from linux cimport write
 from virtio cimport *
@@ -401,14 +401,17 @@ cdef inline uint32_t packed_base(Vring *vq) noexcept nogil:
 
 cdef inline int packed_alloc(Vring *vq) noexcept nogil:
     """The ring's per-id scratch for a start (vq.id_ndesc: `size` chain
-    lengths, then `size` inflight entries) and its unpublished batch
-    (vq.pending: `size` used descriptors); -1 if no memory."""
+    lengths, then `size` inflight entries; vq.id_out: none outstanding)
+    and its unpublished batch (vq.pending: `size` used descriptors); -1 if
+    no memory."""
     free(vq.id_ndesc)
     free(vq.pending)
+    free(vq.id_out)
     vq.id_ndesc = <uint16_t *>malloc(2 * <size_t>vq.size * sizeof(uint16_t))
     vq.pending = <uint32_t *>malloc(<size_t>vq.size * sizeof(uint32_t))
+    vq.id_out = <uint8_t *>calloc(vq.size, 1)
     vq.npending = 0
-    return 0 if vq.id_ndesc != NULL and vq.pending != NULL else -1
+    return 0 if vq.id_ndesc != NULL and vq.pending != NULL and vq.id_out != NULL else -1
 
 
 cdef inline void packed_free(Vring *vqs, int n) noexcept nogil:
@@ -419,5 +422,7 @@ cdef inline void packed_free(Vring *vqs, int n) noexcept nogil:
     for i in range(n):
         free(vqs[i].id_ndesc)
         free(vqs[i].pending)
+        free(vqs[i].id_out)
         vqs[i].id_ndesc = NULL
         vqs[i].pending = NULL
+        vqs[i].id_out = NULL

@@ -5,7 +5,8 @@
 #
 # A request is known by its buffer id (< size, checked by packed_take),
 # which must be unique while the request is outstanding (2.8.20: E_DUP
-# otherwise, as for a split head).  Requests may finish out of order: each
+# otherwise, as for a split head): from its take until its used descriptor
+# is published (vq.id_out), on every backend.  Requests may finish out of order: each
 # used descriptor goes to the next used slot, and the used cursor moves on
 # by the slots that request's own chain took (vq.id_ndesc[id], noted when
 # taken), which is how the driver follows it.  vq.id_ndesc[size + id] is
@@ -26,6 +27,8 @@ cdef void packed_blk_flush(Vring *vq, InflightQueue *iq, uint16_t *done, int *nd
     pinflight_return(iq, entries, n, vq.last_used_idx, vq.used_wrap)
     exposed = packed_expose(vq)
     pinflight_commit(iq, entries, n)
+    for i in range(n):
+        vq.id_out[done[i]] = 0
     if exposed:
         packed_signal(vq)
     ndone[0] = 0
@@ -69,12 +72,23 @@ cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, 
     return chain_end(c, READABLE_THEN_WRITABLE)
 
 
+cdef inline int packed_blk_id_free(Vring *vq, BlkDev *d, uint16_t id) noexcept nogil:
+    """0 if buffer `id` may be taken now; E_DUP while a request of that id
+    is outstanding -- also one answered in this burst whose used
+    descriptor is not published yet: its copy would overwrite the chain
+    length and region entry the publish needs."""
+    if vq.id_out[id]:
+        return E_DUP
+    return blk_head_free(vq, d, id)
+
+
 cdef int packed_blk_take(Worker *w, Vring *vq, BlkDev *d, uint16_t id, uint16_t ndesc,
                          uint32_t entry, Chain *req, uint16_t *done, int *ndone) noexcept nogil:
     """Serve request `id` (its chain in w.iov, not outstanding: the caller
     checked), taken from the ring or the region: note its slots and region
     entry.  Returns what blk_serve_chain does."""
     cdef int rc
+    vq.id_out[id] = 1
     vq.id_ndesc[id] = ndesc
     vq.id_ndesc[vq.size + id] = <uint16_t>entry
     rc = blk_serve_chain(w, vq, d, id, req, 0)
@@ -106,7 +120,7 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
         entry = inflight_next_resubmit(iq)
         rc = packed_resubmitted_chain(vq, iq, entry, num, w.iov, MAX_IOV, &req, &id, &ndesc)
         if rc == 0:
-            rc = blk_head_free(vq, d, id)
+            rc = packed_blk_id_free(vq, d, id)
         if rc < 0:
             break_ring(w, vq, rc)
             break
@@ -123,8 +137,10 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
             if rc == 0:
                 break
             if rc > 0:
-                rc = blk_head_free(vq, d, id)
+                rc = packed_blk_id_free(vq, d, id)
             if rc < 0:
+                if track != NULL:
+                    pinflight_take_abort(iq)
                 break_ring(w, vq, rc)
                 break
             # inflight before anything else happens to it (a copy posted

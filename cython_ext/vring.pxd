@@ -109,6 +109,7 @@ ctypedef struct Vring:
     uint16_t pending_slot    # the batch's first slot
     uint32_t pending_span    # slots the unpublished batch covers (dirty log)
     uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
+    uint8_t *id_out          # blk, per buffer id: taken, its used descriptor not yet published
     uint64_t desc_gpa        # the descriptor ring's guest-physical address (dirty log)
     uint64_t dev_event_gpa   # the device event suppression area's (dirty log)
 

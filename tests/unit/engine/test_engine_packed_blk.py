@@ -281,6 +281,15 @@ def test_a_new_process_resubmits_what_the_old_one_left_inflight(tmp_path):
     run_forked(case)
 
 
+def _free_list(area, off) -> list[int]:
+    """The region's free list from free_head (at most SIZE + 1 entries)."""
+    free, e = [], PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))[3]
+    while e < SIZE and len(free) <= SIZE:
+        free.append(e)
+        e = PIF_DESC.unpack(area.read(off + 32 + 32 * e, 32))[1]
+    return free
+
+
 def _write_region(area, off, header, descs):
     """The header, entries `descs` {entry: fields}, and every other entry
     free, linked to the next (entries 2.. after a 2-entry chain)."""
@@ -445,6 +454,7 @@ def test_a_copy_posted_while_outstanding_is_never_marked_inflight(tmp_path):
         b.dev.stop_ring(0)
         assert b.ring.take_used() == [(4, 1)]
         assert [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) != b"\x00"] == []
+        assert sorted(_free_list(area, off)) == list(range(SIZE))     # the copy's entries too
         b.rig.close()
     run_forked(case)
 
@@ -642,4 +652,23 @@ def test_region_entries_past_the_ring_are_never_used():
         assert b.burst() == 1
         assert b.ring.take_used() == [(2, 1)]
         assert area.read(off + 32 + 32 * 12, 32) == entry12
+    run_forked(case)
+
+
+@pytest.mark.parametrize("backend", ["malloc", "null"])
+def test_an_id_posted_twice_in_one_burst_stops_the_ring_on_any_backend(backend):
+    """The copy comes before the first one's used descriptor is published:
+    E_DUP, and the region stays consistent (nothing inflight, every entry
+    back on the free list once the first one is answered)."""
+    def case():
+        b = PBlk(backend=backend, start=False)
+        area, off, qlen = _region(b)
+        assert b.start(FRESH_BASE) == -1
+        st, _ = b.request(4, T_FLUSH)
+        b.request(4, T_FLUSH, at=5)
+        b.burst()
+        assert b.broken() == RingError.DUP
+        assert b.ring.take_used() == [(4, 1)] and b.g.read(st, 1) == bytes([S_OK])
+        assert [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) != b"\x00"] == []
+        assert sorted(_free_list(area, off)) == list(range(SIZE))
     run_forked(case)
