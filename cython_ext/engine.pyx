@@ -687,7 +687,7 @@ cdef int ring_touch(Engine e, Vring *vq, int index, vfe_guarded_fn fn, void *arg
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                 bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
-    """Start a ring at avail index `base` (stop-the-world).  `polled` rings
+    """Start a ring at avail index `base` (< 0x10000) (stop-the-world).  `polled` rings
     (net TX, every blk queue) join their worker's list and its epoll set.
 
     With an inflight region (`iq`, blk queues after SET_INFLIGHT_FD) the
@@ -715,6 +715,8 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
                              f"the ring of {size}")
     elif size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+    elif base > 0xFFFF:
+        raise ValueError(f"ring {index}: split ring base {base:#x} is not a 16-bit index")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
     if vq.mem.fault_addr:

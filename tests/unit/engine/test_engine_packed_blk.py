@@ -672,3 +672,17 @@ def test_an_id_posted_twice_in_one_burst_stops_the_ring_on_any_backend(backend):
         assert [e for e in range(SIZE) if area.read(off + 32 + 32 * e, 1) != b"\x00"] == []
         assert sorted(_free_list(area, off)) == list(range(SIZE))
     run_forked(case)
+
+
+@pytest.mark.parametrize("base", [0x1_0000, 0x8000_8000])
+def test_a_split_ring_refuses_a_base_above_16_bits(base):
+    def case():
+        b = PBlk(start=False)
+        b.dev.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        split = [b.g.hva(b.g.start(r)) for r in (DESC, DRV, DEV)]
+        assert b.dev.start_ring(0, SIZE, *split, 0, -1, -1, True) is None
+        b.dev.stop_ring(0)
+        with pytest.raises(ValueError, match="base"):
+            b.dev.start_ring(0, SIZE, *split, base, -1, -1, True)
+        assert not b.dev.ring_state(0)["ready"]
+    run_forked(case)
