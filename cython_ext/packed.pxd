@@ -180,6 +180,10 @@ cdef inline bint packed_need_event(Vring *vq, uint16_t old, int old_wrap) noexce
         return False
     if flags != VRING_PACKED_EVENT_FLAG_DESC or not vq.event_idx:
         return True               # ENABLE, or a value we do not know: interrupting is safe
+    # a plain load is enough: an aligned 16-bit load does not tear, the
+    # acquire of flags orders it after the driver's off_wrap-then-flags
+    # writes, and a driver moving off_wrap while we read it re-checks the
+    # used ring after writing it, as it does for a split ring's used_event
     off_wrap = vfe_load_u16(vq.avail)
     off = off_wrap & 0x7FFF
     # both cursors onto one line: the old one a lap back if it wrapped, the
@@ -371,9 +375,13 @@ cdef inline int packed_translate(Vring *vq) noexcept nogil:
 cdef inline int packed_set_base(Vring *vq, uint64_t base) noexcept nogil:
     """SET_VRING_BASE as QEMU encodes it for packed rings: bits 0-14 the
     next slot to read, 15 its wrap counter, 16-30 the next used slot, 31
-    its wrap counter; bits 16-31 all 0 (front-ends that send only the
-    avail half) mean used = avail.  -1 if an index is >= size or bits
-    above 31 are set; nothing changed then."""
+    its wrap counter.  Bits 16-31 all 0 mean used = avail: DPDK's vhost
+    library encodes only the avail half (and sets used = avail on
+    SET_VRING_BASE), so a front-end that kept such a value sends that.
+    QEMU's encoding of a used cursor of slot 0, wrap counter 0 is the same
+    value; our rings stop with used = avail (a blk queue drains first), so
+    the two readings agree for what packed_base answered.  -1 if an index
+    is >= size or bits above 31 are set; nothing changed then."""
     cdef uint32_t avail = base & 0x7FFF, used = (base >> 16) & 0x7FFF
     cdef int avail_wrap = (base >> PACKED_WRAP_BIT) & 1, used_wrap = (base >> 31) & 1
     if base >> 32:
