@@ -686,3 +686,28 @@ def test_a_split_ring_refuses_a_base_above_16_bits(base):
             b.dev.start_ring(0, SIZE, *split, base, -1, -1, True)
         assert not b.dev.ring_state(0)["ready"]
     run_forked(case)
+
+
+def test_dirty_log_of_a_packed_queue():
+    """Migrating (LOG_ALL, log_used): the used descriptors' page, the data
+    a read wrote, every status byte and the device event area (written at
+    the start: no kicks wanted) are logged; the data a write only read,
+    and the driver's event area, are not."""
+    def case():
+        b = PBlk(start=False)
+        b.dev.set_features(PACKED | (1 << 26))
+        log = GuardedArea(PAGE, name="log")
+        b.dev.set_log(log.addr, log.size)
+        b.dev.start_ring(0, SIZE, *b.ring.addresses, FRESH_BASE, -1, -1, True, True)
+        st_in, into = b.request(1, T_IN, 8, in_len=512)              # data page 0x100000
+        st_out, _ = b.request(4, T_OUT, 8, b"\x33" * 512)           # data page 0x101000
+        assert b.burst() == 2
+        bits = log.read(0, log.size)
+
+        def logged(gpa):
+            page = gpa // 4096
+            return bool(bits[page >> 3] & (1 << (page & 7)))
+        assert logged(b.ring.desc_gpa) and logged(into) and logged(st_in) and logged(st_out)
+        assert logged(b.ring.device_gpa)
+        assert not logged(b.g.start(BUF) + PAGE) and not logged(b.ring.driver_gpa)
+    run_forked(case)
