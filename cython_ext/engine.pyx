@@ -687,7 +687,7 @@ cdef int ring_touch(Engine e, Vring *vq, int index, vfe_guarded_fn fn, void *arg
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
                 uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                 bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
-    """Start a ring at avail index `base` (stop-the-world).  `polled` rings
+    """Start a ring at avail index `base` (< 0x10000) (stop-the-world).  `polled` rings
     (net TX, every blk queue) join their worker's list and its epoll set.
 
     With an inflight region (`iq`, blk queues after SET_INFLIGHT_FD) the
@@ -705,6 +705,7 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
     cdef _StartRecover rec
     cdef _PackedRecover prec
     cdef int rc
+    cdef uint64_t room = 0
     recovered = None
     if vq.packed:
         if size <= 0 or size > MAX_QUEUE_SIZE:
@@ -714,14 +715,28 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
                              f"the ring of {size}")
     elif size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+    elif base > 0xFFFF:
+        raise ValueError(f"ring {index}: split ring base {base:#x} is not a 16-bit index")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
     if vq.mem.fault_addr:
         raise ValueError(f"ring {index}: the device's guest memory vanished "
                          f"({fault_text(vq.mem)}); it needs a new memory table")
     if iq != NULL and iq.region != NULL:
-        scratch = <_IfEntry *>malloc(size * sizeof(_IfEntry))
-        resubmit = <uint16_t *>malloc(size * sizeof(uint16_t))
+        # the entries the region holds in this ring's layout: set_inflight
+        # checked its length against the features of that moment only
+        if vq.packed:
+            room = (iq.stride - PIF_HDR) // PIF_DESC if iq.stride >= PIF_HDR else 0
+        else:
+            room = (iq.stride - IF_HDR) // IF_DESC if iq.stride >= IF_HDR else 0
+        if room > iq.queue_size:
+            room = iq.queue_size
+        if <uint64_t>size > room:
+            raise ValueError(f"ring {index}: the inflight region has room for {room} "
+                             f"entries per queue, the ring has {size} "
+                             f"({'packed' if vq.packed else 'split'} layout)")
+        scratch = <_IfEntry *>malloc(size * (sizeof(_IfEntry) + 1))
+        resubmit = <uint16_t *>malloc(2 * size * sizeof(uint16_t))
         if scratch == NULL or resubmit == NULL:
             free(scratch)
             free(resubmit)
@@ -750,18 +765,18 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         if resubmit != NULL:
             free(iq.resubmit)
             iq.resubmit, resubmit = resubmit, NULL
+            iq.resubmit_num = iq.resubmit + size
             iq.nresubmit = iq.resubmit_pos = 0
+            iq.ndesc = size                 # every index into the region from now on
             if vq.packed:
                 prec.vq, prec.iq, prec.scratch = vq, iq, scratch
+                prec.seen = <uint8_t *>(scratch + size)
                 ring_touch(e, vq, index, _start_recover_packed, <void *>&prec)
                 rc = prec.rc
             else:
                 rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
                 ring_touch(e, vq, index, _start_recover, <void *>&rec)
                 rc = rec.rc
-            if rc == IF_TOO_SMALL:
-                raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
-                                 f"entries per queue, the ring has {size}")
             if rc == IF_BAD_VERSION:
                 raise ValueError(f"ring {index}: the inflight region has version "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_VERSION))} "
@@ -772,7 +787,8 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
                                  f"entries, the ring has {size}")
             if rc == IF_CORRUPT:
                 raise ValueError(f"ring {index}: the inflight region's cursors or chains "
-                                 f"are out of range")
+                                 f"are out of range, or its free list loops (not a packed "
+                                 f"region)")
             if rc >= 0 and not vq.packed:
                 vq.last_avail_idx = <uint16_t>(vq.last_used_idx + rc)
                 vq.shadow_avail_idx = vq.last_avail_idx

@@ -20,7 +20,7 @@
 #   used                          the device's event suppression area
 # Sizes need not be powers of two (2.8.10.1), so nothing here masks.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from atomics cimport *
 from linux cimport write
 from virtio cimport *
@@ -157,29 +157,6 @@ cdef inline int packed_take(Vring *vq, uint32_t *slot, int *wrap, ChainDir direc
     return 1
 
 
-cdef inline void packed_used_push(Vring *vq, uint16_t id, uint32_t length,
-                                  uint16_t ndesc) noexcept nogil:
-    """Write a used descriptor for buffer `id` (a chain of ndesc slots) at
-    our used cursor and move past the chain.  id and len first, then flags
-    with a release store -- except the first of a batch, whose flags
-    packed_publish writes last, so the driver sees the batch at once."""
-    cdef uint8_t *d = vq.desc + VRING_DESC_SIZE * vq.last_used_idx
-    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
-    cdef uint32_t pos = vq.last_used_idx
-    if length:
-        flags |= VRING_DESC_F_WRITE
-    vfe_store_u16(<uint16_t *>(d + PACKED_DESC_ID), id)
-    vfe_store_u32(<uint32_t *>(d + 8), length)
-    if vq.pending_span == 0:
-        vq.pending_slot = vq.last_used_idx
-        vq.pending_flags = flags
-    else:
-        vfe_store_release_u16(<uint16_t *>(d + PACKED_DESC_FLAGS), flags)
-    vq.pending_span += ndesc
-    packed_step(vq, &pos, &vq.used_wrap, ndesc)
-    vq.last_used_idx = <uint16_t>pos
-
-
 cdef inline void packed_log_descs(Vring *vq, uint32_t first, uint32_t count) noexcept nogil:
     """Log descriptor slots [first, first+count) (mod size) of the ring."""
     cdef uint32_t tail
@@ -203,6 +180,10 @@ cdef inline bint packed_need_event(Vring *vq, uint16_t old, int old_wrap) noexce
         return False
     if flags != VRING_PACKED_EVENT_FLAG_DESC or not vq.event_idx:
         return True               # ENABLE, or a value we do not know: interrupting is safe
+    # a plain load is enough: an aligned 16-bit load does not tear, the
+    # acquire of flags orders it after the driver's off_wrap-then-flags
+    # writes, and a driver moving off_wrap while we read it re-checks the
+    # used ring after writing it, as it does for a split ring's used_event
     off_wrap = vfe_load_u16(vq.avail)
     off = off_wrap & 0x7FFF
     # both cursors onto one line: the old one a lap back if it wrapped, the
@@ -214,19 +195,33 @@ cdef inline bint packed_need_event(Vring *vq, uint16_t old, int old_wrap) noexce
     return need_event(off, new_idx, old)
 
 
-cdef inline void packed_publish(Vring *vq) noexcept nogil:
-    """Make the batch pushed since the last publish visible (its first
-    used descriptor's flags), log it, and interrupt the guest if it asked."""
-    cdef uint64_t one = 1
-    cdef uint16_t old = vq.flushed_used_idx
-    cdef int old_wrap = vq.flushed_used_wrap
-    if vq.pending_span == 0:
-        return
-    vfe_store_release_u16(packed_flags_at(vq, vq.pending_slot), vq.pending_flags)
+cdef inline bint packed_expose(Vring *vq) noexcept nogil:
+    """Make the batch pushed since the last publish visible: its used
+    descriptors' flags, each a release store, the first one's last, so
+    the driver, which reads from the first, sees the batch at once.  Log
+    it.  False if there was none."""
+    cdef uint32_t i, p
+    if vq.npending == 0:
+        return False
+    i = vq.npending
+    while i > 0:
+        i -= 1
+        p = vq.pending[i]
+        vfe_store_release_u16(packed_flags_at(vq, p & 0xFFFF), <uint16_t>(p >> 16))
     if vq.log.active and vq.log_used:
         vfe_fence()
         packed_log_descs(vq, vq.pending_slot, vq.pending_span)
+    vq.npending = 0
     vq.pending_span = 0
+    return True
+
+
+cdef inline void packed_signal(Vring *vq) noexcept nogil:
+    """After packed_expose: interrupt the guest if its event suppression
+    asks for it (the used cursor moved from where it last saw it)."""
+    cdef uint64_t one = 1
+    cdef uint16_t old = vq.flushed_used_idx
+    cdef int old_wrap = vq.flushed_used_wrap
     vq.flushed_used_idx = vq.last_used_idx
     vq.flushed_used_wrap = vq.used_wrap
     vfe_fence()
@@ -235,6 +230,42 @@ cdef inline void packed_publish(Vring *vq) noexcept nogil:
     if vq.call_fd >= 0:
         write(vq.call_fd, &one, 8)
         vq.calls += 1
+
+
+cdef inline void packed_publish(Vring *vq) noexcept nogil:
+    """Publish the batch pushed since the last publish and interrupt the
+    guest if it asked."""
+    if packed_expose(vq):
+        packed_signal(vq)
+
+
+cdef inline void packed_used_push(Vring *vq, uint16_t id, uint32_t length,
+                                  uint16_t ndesc) noexcept nogil:
+    """Write a used descriptor for buffer `id` (a chain of ndesc slots) at
+    our used cursor and move past the chain: its id and len now, its flags
+    only at the publish (packed_expose).  Until then the slot still shows
+    the driver's available descriptor, also to a driver looking at it after
+    we died: a used descriptor the guest can see is always published.  A
+    batch never holds more than the ring: a driver that reposts faster
+    than we publish (net rings) gets the batch so far published first."""
+    cdef uint8_t *d
+    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
+    cdef uint32_t pos
+    if vq.npending >= vq.size:
+        packed_publish(vq)
+    d = vq.desc + VRING_DESC_SIZE * vq.last_used_idx
+    pos = vq.last_used_idx
+    if length:
+        flags |= VRING_DESC_F_WRITE
+    vfe_store_u16(<uint16_t *>(d + PACKED_DESC_ID), id)
+    vfe_store_u32(<uint32_t *>(d + 8), length)
+    if vq.npending == 0:
+        vq.pending_slot = vq.last_used_idx
+    vq.pending[vq.npending] = pos | (<uint32_t>flags << 16)
+    vq.npending += 1
+    vq.pending_span += ndesc
+    packed_step(vq, &pos, &vq.used_wrap, ndesc)
+    vq.last_used_idx = <uint16_t>pos
 
 
 cdef inline void packed_log_event(Vring *vq) noexcept nogil:
@@ -304,12 +335,16 @@ cdef inline void ring_used_push(Vring *vq, uint16_t id, uint32_t length) noexcep
 
 # -- control (world stopped)
 
-cdef inline void packed_set_layout(Vring *vq, int packed) noexcept nogil:
-    """SET_FEATURES decides the layout; a running ring's cannot change
-    under it (its cursors would mean nothing): that stops it (E_RING)."""
-    if vq.ready and vq.packed != packed:
-        vq.broken = -E_RING
-    vq.packed = packed
+cdef inline bint packed_layout_fits(Vring *vqs, int n, int packed) noexcept nogil:
+    """SET_FEATURES may choose the layout of stopped rings only: a started
+    ring's cursors, per-id scratch, queued resubmissions and requests at
+    the I/O threads mean nothing in the other layout.  False if a started
+    ring has the other one."""
+    cdef int i
+    for i in range(n):
+        if vqs[i].ready and vqs[i].packed != packed:
+            return False
+    return True
 
 
 cdef inline uint64_t uva_to_gpa(MemTable *mt, uint64_t uva) noexcept nogil:
@@ -340,9 +375,13 @@ cdef inline int packed_translate(Vring *vq) noexcept nogil:
 cdef inline int packed_set_base(Vring *vq, uint64_t base) noexcept nogil:
     """SET_VRING_BASE as QEMU encodes it for packed rings: bits 0-14 the
     next slot to read, 15 its wrap counter, 16-30 the next used slot, 31
-    its wrap counter; bits 16-31 all 0 (front-ends that send only the
-    avail half) mean used = avail.  -1 if an index is >= size or bits
-    above 31 are set; nothing changed then."""
+    its wrap counter.  Bits 16-31 all 0 mean used = avail: DPDK's vhost
+    library encodes only the avail half (and sets used = avail on
+    SET_VRING_BASE), so a front-end that kept such a value sends that.
+    QEMU's encoding of a used cursor of slot 0, wrap counter 0 is the same
+    value; our rings stop with used = avail (a blk queue drains first), so
+    the two readings agree for what packed_base answered.  -1 if an index
+    is >= size or bits above 31 are set; nothing changed then."""
     cdef uint32_t avail = base & 0x7FFF, used = (base >> 16) & 0x7FFF
     cdef int avail_wrap = (base >> PACKED_WRAP_BIT) & 1, used_wrap = (base >> 31) & 1
     if base >> 32:
@@ -357,6 +396,7 @@ cdef inline int packed_set_base(Vring *vq, uint64_t base) noexcept nogil:
     vq.used_wrap = used_wrap
     vq.flushed_used_idx = <uint16_t>used
     vq.flushed_used_wrap = used_wrap
+    vq.npending = 0
     vq.pending_span = 0
     return 0
 
@@ -369,10 +409,17 @@ cdef inline uint32_t packed_base(Vring *vq) noexcept nogil:
 
 cdef inline int packed_alloc(Vring *vq) noexcept nogil:
     """The ring's per-id scratch for a start (vq.id_ndesc: `size` chain
-    lengths, then `size` inflight entries); -1 if no memory."""
+    lengths, then `size` inflight entries; vq.id_out: none outstanding)
+    and its unpublished batch (vq.pending: `size` used descriptors); -1 if
+    no memory."""
     free(vq.id_ndesc)
+    free(vq.pending)
+    free(vq.id_out)
     vq.id_ndesc = <uint16_t *>malloc(2 * <size_t>vq.size * sizeof(uint16_t))
-    return 0 if vq.id_ndesc != NULL else -1
+    vq.pending = <uint32_t *>malloc(<size_t>vq.size * sizeof(uint32_t))
+    vq.id_out = <uint8_t *>calloc(vq.size, 1)
+    vq.npending = 0
+    return 0 if vq.id_ndesc != NULL and vq.pending != NULL and vq.id_out != NULL else -1
 
 
 cdef inline void packed_free(Vring *vqs, int n) noexcept nogil:
@@ -382,4 +429,8 @@ cdef inline void packed_free(Vring *vqs, int n) noexcept nogil:
         return
     for i in range(n):
         free(vqs[i].id_ndesc)
+        free(vqs[i].pending)
+        free(vqs[i].id_out)
         vqs[i].id_ndesc = NULL
+        vqs[i].pending = NULL
+        vqs[i].id_out = NULL

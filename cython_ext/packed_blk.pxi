@@ -5,7 +5,8 @@
 #
 # A request is known by its buffer id (< size, checked by packed_take),
 # which must be unique while the request is outstanding (2.8.20: E_DUP
-# otherwise, as for a split head).  Requests may finish out of order: each
+# otherwise, as for a split head): from its take until its used descriptor
+# is published (vq.id_out), on every backend.  Requests may finish out of order: each
 # used descriptor goes to the next used slot, and the used cursor moves on
 # by the slots that request's own chain took (vq.id_ndesc[id], noted when
 # taken), which is how the driver follows it.  vq.id_ndesc[size + id] is
@@ -14,37 +15,42 @@
 
 cdef void packed_blk_flush(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
     """blk_flush_done for a packed ring: the answered requests' region
-    entries back on its free list with the used cursor, the publish, then
-    the commit (inflight.pxd)."""
+    entries back on its free list with the used cursor, the used
+    descriptors made visible, the commit (inflight.pxd), and only then the
+    interrupt: a process killed on the way must not leave a guest that
+    was told about a batch its region does not have committed."""
     cdef uint16_t entries[BURST]
     cdef int i, n = ndone[0]
+    cdef bint exposed
     for i in range(n):
         entries[i] = vq.id_ndesc[vq.size + done[i]]
     pinflight_return(iq, entries, n, vq.last_used_idx, vq.used_wrap)
-    packed_publish(vq)
+    exposed = packed_expose(vq)
     pinflight_commit(iq, entries, n)
+    for i in range(n):
+        vq.id_out[done[i]] = 0
+    if exposed:
+        packed_signal(vq)
     ndone[0] = 0
 
 
-cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, Iov *iov,
-                                  int max_iov, Chain *c, uint16_t *id,
+cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, uint16_t num,
+                                  Iov *iov, int max_iov, Chain *c, uint16_t *id,
                                   uint16_t *ndesc) noexcept nogil:
     """A request a previous process left inflight, from the copies of its
     descriptors in the region (its ring slots may hold used descriptors
     now): the same checks as packed_take's, with the region's entry links
-    and `num` instead of consecutive slots.  Returns 0 or an E_* code."""
+    instead of consecutive slots, and the `num` (1..size) recovery read
+    (the region's may have changed since).  Returns 0 or an E_* code."""
     cdef uint32_t entry = first, k
-    cdef uint16_t num, flags, bid = 0
+    cdef uint16_t flags, bid = 0
     cdef uint64_t addr
     cdef uint32_t dlen
     cdef uint8_t *table
     cdef int rc
     chain_start(c)
-    num = vfe_load_u16(<uint16_t *>(pif_desc(iq.region, first) + PIF_D_NUM))
-    if num == 0 or num > vq.size:
-        return E_LOOP
     for k in range(num):
-        if pinflight_chain(iq, first, vq.size, &entry, &addr, &dlen, &flags, &bid) < 0:
+        if pinflight_chain(iq, &entry, &addr, &dlen, &flags, &bid) < 0:
             return E_NEXT
         if flags & VRING_DESC_F_INDIRECT:
             if k + 1 != num:
@@ -66,12 +72,23 @@ cdef int packed_resubmitted_chain(Vring *vq, InflightQueue *iq, uint32_t first, 
     return chain_end(c, READABLE_THEN_WRITABLE)
 
 
+cdef inline int packed_blk_id_free(Vring *vq, BlkDev *d, uint16_t id) noexcept nogil:
+    """0 if buffer `id` may be taken now; E_DUP while a request of that id
+    is outstanding -- also one answered in this burst whose used
+    descriptor is not published yet: its copy would overwrite the chain
+    length and region entry the publish needs."""
+    if vq.id_out[id]:
+        return E_DUP
+    return blk_head_free(vq, d, id)
+
+
 cdef int packed_blk_take(Worker *w, Vring *vq, BlkDev *d, uint16_t id, uint16_t ndesc,
                          uint32_t entry, Chain *req, uint16_t *done, int *ndone) noexcept nogil:
     """Serve request `id` (its chain in w.iov, not outstanding: the caller
     checked), taken from the ring or the region: note its slots and region
     entry.  Returns what blk_serve_chain does."""
     cdef int rc
+    vq.id_out[id] = 1
     vq.id_ndesc[id] = ndesc
     vq.id_ndesc[vq.size + id] = <uint16_t>entry
     rc = blk_serve_chain(w, vq, d, id, req, 0)
@@ -95,14 +112,15 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
     cdef int k = 0, rc, ndone = 0, work
     cdef uint32_t slot, entry
     cdef int wrap
-    cdef uint16_t id, ndesc
+    cdef uint16_t id, ndesc, num
     cdef Chain req
     work = blk_reap(vq, d, done, &ndone)
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
+        num = iq.resubmit_num[iq.resubmit_pos]
         entry = inflight_next_resubmit(iq)
-        rc = packed_resubmitted_chain(vq, iq, entry, w.iov, MAX_IOV, &req, &id, &ndesc)
+        rc = packed_resubmitted_chain(vq, iq, entry, num, w.iov, MAX_IOV, &req, &id, &ndesc)
         if rc == 0:
-            rc = blk_head_free(vq, d, id)
+            rc = packed_blk_id_free(vq, d, id)
         if rc < 0:
             break_ring(w, vq, rc)
             break
@@ -119,8 +137,10 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
             if rc == 0:
                 break
             if rc > 0:
-                rc = blk_head_free(vq, d, id)
+                rc = packed_blk_id_free(vq, d, id)
             if rc < 0:
+                if track != NULL:
+                    pinflight_take_abort(iq)
                 break_ring(w, vq, rc)
                 break
             # inflight before anything else happens to it (a copy posted
@@ -143,6 +163,7 @@ ctypedef struct _PackedRecover:
     Vring *vq
     InflightQueue *iq
     _IfEntry *scratch
+    uint8_t *seen
     int rc
 
 
@@ -154,7 +175,8 @@ cdef int _start_recover_packed(void *arg) noexcept nogil:
     cdef uint16_t used = vq.last_used_idx
     cdef int used_wrap = vq.used_wrap
     cdef uint32_t nslots = 0, avail
-    a.rc = pinflight_recover(a.iq, vq.size, vq.desc, &used, &used_wrap, &nslots, a.scratch)
+    a.rc = pinflight_recover(a.iq, vq.size, vq.desc, &used, &used_wrap, &nslots, a.scratch,
+                             a.seen)
     if a.rc >= 0:
         avail = used
         vq.last_used_idx = vq.flushed_used_idx = used

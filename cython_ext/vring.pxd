@@ -104,10 +104,12 @@ ctypedef struct Vring:
     int avail_wrap           # the wrap counter of last_avail_idx's lap
     int used_wrap            # the wrap counter of last_used_idx's lap
     int flushed_used_wrap    # used_wrap as last published (interrupt decisions)
-    uint16_t pending_slot    # first used descriptor of the unpublished batch: its flags go last
-    uint16_t pending_flags
-    uint32_t pending_span    # slots the unpublished batch covers (0: none)
+    uint32_t *pending        # the unpublished batch's used descriptors, slot | flags << 16, in push order
+    uint32_t npending        # how many (<= size): no flags are written before the publish
+    uint16_t pending_slot    # the batch's first slot
+    uint32_t pending_span    # slots the unpublished batch covers (dirty log)
     uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
+    uint8_t *id_out          # blk, per buffer id: taken, its used descriptor not yet published
     uint64_t desc_gpa        # the descriptor ring's guest-physical address (dirty log)
     uint64_t dev_event_gpa   # the device event suppression area's (dirty log)
 

@@ -70,18 +70,23 @@ def _avail_bits(kind: int, wrap: int) -> int:
     return (mine, mine, mine, other, F_AVAIL | F_USED, 0)[kind % 6]
 
 
-def _ring(c: Cursor, size: int, regions: tuple[int, int, int]):
-    ring = packed_at_ends(_g, size, *regions)
+def packed_ring_from(c: Cursor, g: Guest, places: Places, size: int,
+                     regions: tuple[int, int, int]):
+    """A packed ring of `size` at the ends of `regions` (descriptors,
+    driver area, device area) from the input (the layout above: size
+    descriptors with their avail bits, start slot, wrap counter, the
+    driver's event area).  Returns it and its base in QEMU's encoding."""
+    ring = packed_at_ends(g, size, *regions)
     descs = []
     for _ in range(size):
-        addr, length, flags, nxt = _SPLIT.unpack(compact_desc(c, _places, size))
+        addr, length, flags, nxt = _SPLIT.unpack(compact_desc(c, places, size))
         descs.append((addr, length, nxt, flags, c.u8()))
     start, wrap = c.u8() % size, c.u8() & 1
     for slot, (addr, length, id_, flags, kind) in enumerate(descs):
         lap = wrap if slot >= start else wrap ^ 1        # the slots behind the cursor are next lap's
-        _g.write(ring.desc_gpa + 16 * slot,
-                 _PACKED.pack(addr, length, id_, (flags & ~(F_AVAIL | F_USED)) | _avail_bits(kind, lap)))
-    _g.write(ring.driver_gpa, struct.pack("<HH", c.u16(), c.u16()))
+        g.write(ring.desc_gpa + 16 * slot,
+                _PACKED.pack(addr, length, id_, (flags & ~(F_AVAIL | F_USED)) | _avail_bits(kind, lap)))
+    g.write(ring.driver_gpa, struct.pack("<HH", c.u16(), c.u16()))
     return ring, start | wrap << 15 | (start | wrap << 15) << 16
 
 
@@ -96,8 +101,8 @@ def fuzz_one(data: bytes) -> None:
     try:
         a.set_features(fa)
         b.set_features(fb)
-        tx, tx_base = _ring(c, size, (TXD, TXA, TXU))
-        rx, rx_base = _ring(c, size, (RXD, RXA, RXU))
+        tx, tx_base = packed_ring_from(c, _g, _places, size, (TXD, TXA, TXU))
+        rx, rx_base = packed_ring_from(c, _g, _places, size, (RXD, RXA, RXU))
         write_buffers(c, _places, size, _g, _g.start(BUF), PAGE)
         b.start_ring(0, size, *rx.addresses, rx_base, -1, -1, True)
         a.start_ring(1, size, *tx.addresses, tx_base, -1, -1, True)

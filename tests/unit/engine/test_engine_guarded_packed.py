@@ -17,11 +17,14 @@ import struct
 import pytest
 
 from tests.harness.engine_rig import (
-    F_INDIRECT, F_NEXT, F_WRITE, FEAT_INDIRECT, FEAT_VERSION_1, PAGE, Guest, NetRig, RingError,
+    F_INDIRECT, F_NEXT, F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, PAGE, Guest, NetRig,
+    RingError,
 )
+from tests.harness import userfault
 from tests.harness.guarded import run_forked
 from tests.harness.packed_ring import (
-    F_AVAIL, F_USED, FEAT_RING_PACKED, FRESH_BASE, avail_flags, packed_at_ends, packed_table,
+    F_AVAIL, F_USED, FEAT_RING_PACKED, FRESH_BASE, PackedRing, avail_flags, packed_at_ends,
+    packed_table,
 )
 
 SIZE = 8
@@ -388,15 +391,54 @@ def test_a_broken_packed_ring_leaves_the_others_running():
     run_forked(case)
 
 
-def test_a_running_ring_whose_layout_changes_stops():
-    """SET_FEATURES flipping RING_PACKED under running rings: they stop
-    (E_RING) instead of reading one layout as the other."""
+def test_a_running_ring_s_layout_cannot_change():
+    """SET_FEATURES flipping RING_PACKED under running rings is refused
+    (nothing applied): they would read one layout as the other.  The
+    rings go on; once stopped, the layout may change."""
     def case():
         n = Net()
-        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
-        assert n.tx_broken() == RingError.RING
+        with pytest.raises(RuntimeError, match="layout"):
+            n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert n.rig.a.ring_state(1)["packed"] and n.tx_broken() == 0
         a, ln = n.frame_at()
         n.tx.post([(a, ln, 0)], 0)
-        n.send()
-        assert n.delivered() == [] and n.rx_broken() == 0
+        assert n.send() == 1
+        assert n.delivered() == [FRAME] and n.rx_broken() == 0
+        n.rig.a.stop_ring(1)
+        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert not n.rig.a.ring_state(1)["packed"]
+    run_forked(case)
+
+
+@pytest.mark.skipif(not userfault.available(), reason="needs userfaultfd")
+def test_an_rx_frame_that_would_take_more_slots_than_the_ring_stops_it():
+    """Mergeable buffers, a ring of 8 whose slot 0 ends one page and slots
+    1-7 fill the next, eight 16-byte buffers and a frame needing nine.
+    While the engine reads slot 1 (the page's first touch, userfaultfd)
+    the driver makes slot 0 available again, for the next lap: the walk
+    would take slot 0 twice for one frame (nine chains in a ring of 8).
+    E_LOOP, nothing used."""
+    def case():
+        regions = list(REGIONS)
+        regions[RXD] = (0x50000, 2 * PAGE)
+        g = Guest(regions)
+        rig = NetRig(g, PACKED | FEAT_MRG_RXBUF)
+        tx = packed_at_ends(g, SIZE, TXD, TXA, TXU)
+        rx = PackedRing(g, SIZE, g.start(RXD) + PAGE - 16, g.end(RXA) - 4, g.end(RXU) - 4)
+        rig.a.start_ring(1, SIZE, *tx.addresses, FRESH_BASE, -1, -1, True)
+        rig.b.start_ring(0, SIZE, *rx.addresses, FRESH_BASE, -1, -1, True)
+        rx_buf = g.start(BUF) + PAGE
+        for i in range(SIZE):
+            rx.post([(rx_buf + 16 * i, 16, F_WRITE)], i)
+        a = g.start(BUF)
+        body = FRAME + bytes(SIZE * 16 + 4 - len(FRAME))       # 12 + 132 bytes: 9 buffers
+        g.write(a, bytes(HDR) + body)
+        tx.post([(a, HDR + len(body), 0)], 0)
+        area = g.areas[RXD][1]
+        touch = userfault.FirstTouch(area, 1, area.read(PAGE, PAGE),
+                                     lambda: rx.set_flags(0, F_USED | F_WRITE))
+        rig.a.run_burst(1)
+        touch.close()
+        assert rig.b.ring_state(0)["broken"] == RingError.LOOP
+        assert rx.take_used() == [] and rx.read_desc(0)[3] == F_USED | F_WRITE
     run_forked(case)

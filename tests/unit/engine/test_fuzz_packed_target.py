@@ -1,10 +1,13 @@
-"""The packed-ring fuzz target (tests/fuzz/target_packed_ring.py) as a
-regression test: a hand-built input that delivers a frame (the target
-reaches the deep path), then a few thousand random inputs, in a forked
-child (a crash fails the test naming the signal)."""
+"""The packed-ring fuzz targets (tests/fuzz/target_packed_ring.py and
+target_packed_blk.py) as regression tests: for each a hand-built input
+that reaches the deep path (a frame delivered; a request a previous
+process left in the inflight region resubmitted and served), then a few
+thousand random inputs, in a forked child (a crash fails the test naming
+the signal)."""
 from __future__ import annotations
 
 import random
+import struct
 
 from tests.harness.guarded import run_forked
 
@@ -41,3 +44,38 @@ def _replay(n_random: int) -> dict:
 def test_packed_ring_target_delivers_and_survives_random_inputs():
     seen = run_forked(_replay, 3000, timeout=120)
     assert seen == {"tx": 0, "rx": 0, "received": 1}
+
+
+def resubmitting_input() -> bytes:
+    """A malloc disk, a packed ring of 8 at slot 0 of lap 1 with nothing
+    available, and a packed inflight region (version 1) holding one FLUSH
+    request left inflight by a previous process: buffer id 3, its header
+    (entry 0) at the buffers' start, its status (entry 1) at buffers + 64;
+    entries 2.. free."""
+    idle = _desc(0, 0, 0, 0, 0, NOT_AVAILABLE)
+    ring = idle * 8 + bytes([0, 1]) + bytes(4)
+    region = bytes([0, 0, 0x80, 0, 2, 2, 0, 0, 1, 1])
+    region += bytes([1, 1, 1, 2, 0]) + bytes([0, 0, 16, 0, 3])       # the header's copy
+    region += bytes([0, 2, 0, 0, 0]) + bytes([0, 4, 1, 2, 3])        # the status's copy (WRITE)
+    for e in range(2, 8):
+        region += bytes([0, e + 1, 0, 0, 0]) + bytes(5)
+    flush = struct.pack("<IIQ", 4, 0, 0)
+    return bytes([8, 7]) + ring + region + bytes([0, 0, 0]) + flush
+
+
+def _replay_blk(n_random: int) -> dict:
+    from tests.fuzz import target_packed_blk as t
+    t.setup()
+    t.fuzz_one(resubmitting_input())
+    dev = t.last_device
+    out = {"broken": dev.ring_state(0)["broken"], "served": dev.ring_stats(0)["packets"],
+           "flushes": dev.blk_stats()["flushes"]}
+    rnd = random.Random(17)
+    for _ in range(n_random):
+        t.fuzz_one(rnd.randbytes(rnd.randrange(900)))
+    return out
+
+
+def test_packed_blk_target_resubmits_and_survives_random_inputs():
+    seen = run_forked(_replay_blk, 3000, timeout=120)
+    assert seen == {"broken": 0, "served": 1, "flushes": 1}
