@@ -153,6 +153,7 @@ cdef class BlkDevice(RingDevice):
                 for i in range(self.d.num_vqs):
                     free(self.d.inflight[i].resubmit)
                 free(self.d.inflight)
+            packed_free(self.d.vqs, self.d.num_vqs)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -194,7 +195,7 @@ cdef class BlkDevice(RingDevice):
                 "direct": self.d.pool.direct_ios, "errors": self.d.pool.errors}
 
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """RingDevice.start_ring, after giving a file bdev's queue its
         request slots (one per head; the ring is stopped, none is in use)."""
@@ -224,18 +225,31 @@ cdef class BlkDevice(RingDevice):
                                      kick_fd, call_fd, enabled, log_used, log_guest_addr)
 
     def set_features(self, uint64_t features):
-        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES)."""
-        cdef int i
+        """Apply negotiated virtio features (ring features, DISCARD/WRITE_ZEROES).
+        RuntimeError, nothing applied, if RING_PACKED would change the
+        layout of a started ring (packed_layout_fits)."""
+        cdef int packed = (features >> VIRTIO_F_RING_PACKED) & 1
+        cdef bint fits
         cdef Engine e = self.engine
         with nogil:
             e.stop_world()
-            self.d.features = features
-            self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
-            for i in range(self.d.num_vqs):
-                self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
-                self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
-            retranslate_rings(self.d.vqs, self.d.num_vqs)
+            fits = packed_layout_fits(self.d.vqs, self.d.num_vqs, packed)
+            if fits:
+                self._apply_features(features, packed)
             e.start_world()
+        if not fits:
+            raise RuntimeError("SET_FEATURES would change the layout (RING_PACKED) of a started ring")
+
+    cdef void _apply_features(self, uint64_t features, int packed) noexcept nogil:
+        """set_features' work, world stopped."""
+        cdef int i
+        self.d.features = features
+        self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
+        for i in range(self.d.num_vqs):
+            self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
+            self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
+            self.d.vqs[i].packed = packed
+        retranslate_rings(self.d.vqs, self.d.num_vqs)
 
     cdef InflightQueue *_inflight(self, int index):
         return &self.d.inflight[index]
@@ -245,15 +259,21 @@ cdef class BlkDevice(RingDevice):
         """Track queue i (< num_queues) in the inflight region at hva + i *
         stride from its next start (hva 0: stop tracking).  The region is
         `length` bytes and holds `queue_size` entries per queue; a ring
-        larger than that will not start.  The caller unmaps an old region
-        only after this returns; queues the region does not cover run
-        untracked."""
+        larger than that, or than `stride` holds in its layout, will not
+        start.  The caller unmaps an old region only after this returns;
+        queues the region does not cover run untracked.  The layout (split
+        or packed) is the ring's at its start (inflight_layout); the
+        stride is checked here against the features negotiated so far
+        too.  A packed region should start zeroed (version 0: ring_start
+        initialises it); one with version 1 must be a packed one."""
         cdef Engine e = self.engine
         cdef int i
         if hva != 0:
             if not 1 <= queue_size <= MAX_QUEUE_SIZE or num_queues < 0:
                 raise ValueError(f"inflight region for {num_queues} queues of {queue_size} entries")
-            if stride < IF_HDR + IF_DESC * <uint64_t>queue_size:
+            if stride < ((PIF_HDR + PIF_DESC * <uint64_t>queue_size)
+                         if (self.d.features >> VIRTIO_F_RING_PACKED) & 1
+                         else (IF_HDR + IF_DESC * <uint64_t>queue_size)):
                 raise ValueError(f"inflight queue regions of {stride} bytes cannot hold "
                                  f"{queue_size} entries")
             if <uint64_t>num_queues * stride > length:
@@ -266,7 +286,12 @@ cdef class BlkDevice(RingDevice):
             for i in range(self.d.num_vqs):
                 if hva != 0 and i < num_queues:
                     self.d.inflight[i].region = <uint8_t *>hva + i * stride
-                    self.d.inflight[i].ndesc = queue_size
+                    self.d.inflight[i].stride = stride
+                    self.d.inflight[i].queue_size = queue_size
+                    # a running ring records from now on, within its size
+                    # (ring_start sets it for the others)
+                    self.d.inflight[i].ndesc = (self.d.vqs[i].size if self.d.vqs[i].ready
+                                                and self.d.vqs[i].size <= queue_size else 0)
                 else:
                     self.d.inflight[i].region = NULL
                     self.d.inflight[i].ndesc = 0

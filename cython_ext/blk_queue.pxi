@@ -69,8 +69,9 @@ cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint
                      uint64_t nbytes) noexcept nogil:
     """The request at `head` is done (its status byte written and logged):
     its used entry, the last-batch list, the ring's counters."""
-    used_push(vq, head, data_in + 1)
-    inflight_link(&d.inflight[vq.index], head)
+    ring_used_push(vq, head, data_in + 1)
+    if not vq.packed:                        # a packed ring's entries go back at the publish
+        inflight_link(&d.inflight[vq.index], head)
     vq.packets += 1
     vq.bytes += nbytes
     if status != VIRTIO_BLK_S_OK:
@@ -78,18 +79,25 @@ cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint
 
 
 cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
-    """Serve the request at `head`: walk its chain, run it against the
-    backend, write the status byte, log what we wrote into guest memory
-    when migrating, and push its used entry (published by the caller).
-    Returns 1 if answered, 0 if queued for the I/O threads (answered when
-    reaped), or the E_* code that stopped the ring."""
-    cdef int c, rc, niov, nread
+    """Serve the request at split ring head `head` (blk_serve_chain)."""
+    cdef Chain req
+    cdef int rc = walk_chain(vq, head, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN, w.iov, MAX_IOV, &req)
+    return blk_serve_chain(w, vq, d, head, &req, rc)
+
+
+cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *req,
+                         int rc) noexcept nogil:
+    """Serve request `head` (a split head or a packed buffer id), whose
+    chain the ring's walk put in w.iov (*req; rc the walk's result): run it
+    against the backend, write the status byte, log what we wrote into
+    guest memory when migrating, and push its used entry (published by
+    the caller).  Returns 1 if answered, 0 if queued for the I/O threads
+    (answered when reaped), or the E_* code that stopped the ring."""
+    cdef int c, niov, nread
     cdef uint64_t rbytes, wbytes, offset = 0
     cdef uint32_t data_in, kind = 0, nranges = 0
     cdef uint8_t status
     cdef Iov st
-    cdef Chain req
-    rc = walk_chain(vq, head, READABLE_THEN_WRITABLE, BLK_MAX_CHAIN, w.iov, MAX_IOV, &req)
     niov, nread, rbytes, wbytes = req.niov, req.nread, req.rbytes, req.wbytes
     if rc == 0 and rbytes < VIRTIO_BLK_REQ_HDR_SIZE:
         rc = E_BLK_HDR
@@ -119,6 +127,9 @@ cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogi
 
 cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, int *ndone) noexcept nogil:
     """Publish used->idx for the answered heads, then clear their inflight marks."""
+    if vq.packed:
+        packed_blk_flush(vq, iq, done, ndone)
+        return
     used_publish(vq)
     inflight_clear(iq, done, ndone[0], vq.last_used_idx)
     ndone[0] = 0
@@ -230,6 +241,8 @@ cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
     cdef uint16_t done[BURST]
     cdef int n, k, rc, ndone = 0, work
     cdef uint16_t head
+    if vq.packed:
+        return packed_blk_burst(w, vq, take_new)
     work = blk_reap(vq, d, done, &ndone)
     k = 0
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:

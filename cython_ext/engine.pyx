@@ -27,6 +27,8 @@ from blk_aio cimport *
 from fault cimport *
 from guard cimport *
 from virtio cimport *
+from packed cimport *
+from packed_tx cimport net_burst
 
 import os
 import threading
@@ -55,6 +57,8 @@ ERROR_NAMES = {
     -E_BLK_STATUS: "block request has no device-writable status byte",
     -E_DUP: "descriptor head posted again while its request is outstanding",
     -E_FAULT: "guest memory vanished",
+    -E_PACKED_CHAIN: "packed descriptor chain continues into a slot not made available",
+    -E_PACKED_ID: "packed buffer id out of range",
 }
 
 # How long a blk queue's stop waits for requests at the I/O threads (with
@@ -121,6 +125,7 @@ def set_kernels(uint64_t csum_addr, uint64_t gso_addr):
 
 
 include "blk_queue.pxi"
+include "packed_blk.pxi"
 
 
 # ---------------------------------------------------------------- worker loop
@@ -165,7 +170,7 @@ cdef int iter_serve(void *arg) noexcept nogil:
         elif ring_usable(vq) and not (<NetDev *>vq.dev).paused:
             w.cur = vq
             vfe_signal_fence()
-            work += net_tx_burst(w, vq)
+            work += net_burst(w, vq)
     vfe_signal_fence()
     w.cur = NULL
     for i in range(w.ntaps):
@@ -181,11 +186,11 @@ cdef int iter_arm(void *arg) noexcept nogil:
     cdef Vring *vq
     for i in range(w.nrings):
         if ring_usable(w.rings[i]):
-            notify_enable(w.rings[i])
+            ring_notify_enable(w.rings[i])
     vfe_fence()
     for i in range(w.nrings):
         vq = w.rings[i]
-        if ring_usable(vq) and ((avail_count(vq) != 0 and not vq.stopping)
+        if ring_usable(vq) and ((ring_pending(vq) and not vq.stopping)
                                 or (vq.kind == RING_BLK and blk_has_work(vq))):
             pending = 1
     return pending
@@ -197,7 +202,7 @@ cdef int iter_disarm(void *arg) noexcept nogil:
     cdef int i
     for i in range(w.nrings):
         if w.rings[i].ready and not mem_gone(w.rings[i]):
-            notify_disable(w.rings[i])
+            ring_notify_disable(w.rings[i])
     return 0
 
 
@@ -212,7 +217,7 @@ cdef int after_fault(void *arg) noexcept nogil:
     w.cur = NULL
     flush_rx(w)
     if vq != NULL and vq.kind == RING_NET and vq.ready and not mem_gone(vq):
-        used_publish(vq)
+        ring_publish(vq)
     return 0
 
 
@@ -584,9 +589,20 @@ def log_page_size():
     return VHOST_LOG_PAGE
 
 
-def inflight_layout():
+def inflight_layout(bint packed=False):
     """The inflight region's sizes and field offsets as inflight.pxd has
-    them, for the unit test that checks them against vfe/vhost/inflight.py."""
+    them (split rings' QueueRegionSplit, or with `packed` the
+    QueueRegionPacked layout), for the unit test that checks them against
+    vfe/vhost/inflight.py."""
+    if packed:
+        return {"header_size": PIF_HDR, "desc_size": PIF_DESC,
+                "version": PIF_VERSION, "desc_num": PIF_DESC_NUM,
+                "free_head": PIF_FREE_HEAD, "old_free_head": PIF_OLD_FREE_HEAD,
+                "used_idx": PIF_USED_IDX, "old_used_idx": PIF_OLD_USED_IDX,
+                "used_wrap_counter": PIF_USED_WRAP, "old_used_wrap_counter": PIF_OLD_USED_WRAP,
+                "desc_inflight": PIF_D_INFLIGHT, "desc_next": PIF_D_NEXT, "desc_last": PIF_D_LAST,
+                "desc_num_descs": PIF_D_NUM, "desc_counter": PIF_D_COUNTER, "desc_id": PIF_D_ID,
+                "desc_flags": PIF_D_FLAGS, "desc_len": PIF_D_LEN, "desc_addr": PIF_D_ADDR}
     return {"header_size": IF_HDR, "desc_size": IF_DESC,
             "version": IF_VERSION, "desc_num": IF_DESC_NUM, "last_batch_head": IF_LAST_BATCH,
             "used_idx": IF_USED_IDX,
@@ -594,6 +610,8 @@ def inflight_layout():
 
 
 cdef int translate_ring(Vring *vq) noexcept nogil:
+    if vq.packed:
+        return packed_translate(vq)
     cdef uint64_t d = contig_hva(vq.mem, vq.desc_uva, vring_desc_size(vq.size), True)
     cdef uint64_t a = contig_hva(vq.mem, vq.avail_uva, vring_avail_size(vq.size, vq.event_idx), True)
     cdef uint64_t u = contig_hva(vq.mem, vq.used_uva, vring_used_size(vq.size, vq.event_idx), True)
@@ -640,7 +658,7 @@ cdef int _start_recover(void *arg) noexcept nogil:
 
 
 cdef int _start_quiet(void *arg) noexcept nogil:
-    notify_disable(<Vring *>arg)
+    ring_notify_disable(<Vring *>arg)
     return 0
 
 
@@ -667,33 +685,58 @@ cdef int ring_touch(Engine e, Vring *vq, int index, vfe_guarded_fn fn, void *arg
 
 
 cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                 bint log_used, uint64_t log_guest_addr, bint polled, InflightQueue *iq=NULL):
-    """Start a ring at avail index `base` (stop-the-world).  `polled` rings
+    """Start a ring at avail index `base` (< 0x10000) (stop-the-world).  `polled` rings
     (net TX, every blk queue) join their worker's list and its epoll set.
 
     With an inflight region (`iq`, blk queues after SET_INFLIGHT_FD) the
     region decides instead of `base`: heads left inflight are queued for
     resubmission and the ring continues at used->idx + their number.
     Returns None (no region), -1 (a new region, `base` stands) or the
-    number of heads resubmitted."""
+    number of heads resubmitted.
+
+    A packed ring (packed.pxd) may have any size up to MAX_QUEUE_SIZE, and
+    `base` holds both its cursors and wrap counters (packed_set_base)."""
     cdef Worker *w = e.workers[vq.worker]
     cdef epoll_event ev
     cdef _IfEntry *scratch = NULL
     cdef uint16_t *resubmit = NULL
     cdef _StartRecover rec
+    cdef _PackedRecover prec
     cdef int rc
+    cdef uint64_t room = 0
     recovered = None
-    if size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
+    if vq.packed:
+        if size <= 0 or size > MAX_QUEUE_SIZE:
+            raise ValueError(f"packed ring size {size} is not in 1..{MAX_QUEUE_SIZE}")
+        if (base & 0x7FFF) >= <uint64_t>size or ((base >> 16) & 0x7FFF) >= <uint64_t>size or base >> 32:
+            raise ValueError(f"ring {index}: packed base {base:#x} names a slot outside "
+                             f"the ring of {size}")
+    elif size <= 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
         raise ValueError(f"ring size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+    elif base > 0xFFFF:
+        raise ValueError(f"ring {index}: split ring base {base:#x} is not a 16-bit index")
     if vq.ready:
         raise RuntimeError(f"ring {index} is already started")
     if vq.mem.fault_addr:
         raise ValueError(f"ring {index}: the device's guest memory vanished "
                          f"({fault_text(vq.mem)}); it needs a new memory table")
     if iq != NULL and iq.region != NULL:
-        scratch = <_IfEntry *>malloc(size * sizeof(_IfEntry))
-        resubmit = <uint16_t *>malloc(size * sizeof(uint16_t))
+        # the entries the region holds in this ring's layout: set_inflight
+        # checked its length against the features of that moment only
+        if vq.packed:
+            room = (iq.stride - PIF_HDR) // PIF_DESC if iq.stride >= PIF_HDR else 0
+        else:
+            room = (iq.stride - IF_HDR) // IF_DESC if iq.stride >= IF_HDR else 0
+        if room > iq.queue_size:
+            room = iq.queue_size
+        if <uint64_t>size > room:
+            raise ValueError(f"ring {index}: the inflight region has room for {room} "
+                             f"entries per queue, the ring has {size} "
+                             f"({'packed' if vq.packed else 'split'} layout)")
+        scratch = <_IfEntry *>malloc(size * (sizeof(_IfEntry) + 1))
+        resubmit = <uint16_t *>malloc(2 * size * sizeof(uint16_t))
         if scratch == NULL or resubmit == NULL:
             free(scratch)
             free(resubmit)
@@ -711,19 +754,29 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
         vq.used_uva = used_uva
         if translate_ring(vq) < 0:
             raise ValueError(f"ring {index}: addresses are not inside guest memory")
-        vq.last_avail_idx = base
-        vq.shadow_avail_idx = base
-        ring_touch(e, vq, index, _start_read_used, <void *>vq)
+        if vq.packed:
+            if packed_alloc(vq) < 0:
+                raise MemoryError()
+            packed_set_base(vq, base)
+        else:
+            vq.last_avail_idx = base
+            vq.shadow_avail_idx = base
+            ring_touch(e, vq, index, _start_read_used, <void *>vq)
         if resubmit != NULL:
             free(iq.resubmit)
             iq.resubmit, resubmit = resubmit, NULL
+            iq.resubmit_num = iq.resubmit + size
             iq.nresubmit = iq.resubmit_pos = 0
-            rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
-            ring_touch(e, vq, index, _start_recover, <void *>&rec)
-            rc = rec.rc
-            if rc == IF_TOO_SMALL:
-                raise ValueError(f"ring {index}: the inflight region has room for {iq.ndesc} "
-                                 f"entries per queue, the ring has {size}")
+            iq.ndesc = size                 # every index into the region from now on
+            if vq.packed:
+                prec.vq, prec.iq, prec.scratch = vq, iq, scratch
+                prec.seen = <uint8_t *>(scratch + size)
+                ring_touch(e, vq, index, _start_recover_packed, <void *>&prec)
+                rc = prec.rc
+            else:
+                rec.iq, rec.scratch, rec.size, rec.used_idx = iq, scratch, <uint16_t>size, vq.last_used_idx
+                ring_touch(e, vq, index, _start_recover, <void *>&rec)
+                rc = rec.rc
             if rc == IF_BAD_VERSION:
                 raise ValueError(f"ring {index}: the inflight region has version "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_VERSION))} "
@@ -732,7 +785,11 @@ cdef ring_start(Engine e, Vring *vq, int index, int size, uint64_t desc_uva, uin
                 raise ValueError(f"ring {index}: the inflight region tracks "
                                  f"{vfe_load_u16(<uint16_t *>(iq.region + IF_DESC_NUM))} "
                                  f"entries, the ring has {size}")
-            if rc >= 0:
+            if rc == IF_CORRUPT:
+                raise ValueError(f"ring {index}: the inflight region's cursors or chains "
+                                 f"are out of range, or its free list loops (not a packed "
+                                 f"region)")
+            if rc >= 0 and not vq.packed:
                 vq.last_avail_idx = <uint16_t>(vq.last_used_idx + rc)
                 vq.shadow_avail_idx = vq.last_avail_idx
             recovered = rc
@@ -790,13 +847,14 @@ cdef void blk_drain(Engine e, Vring *vq) noexcept nogil:
         e.stop_world()
 
 
-cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
-    """Stop a ring; return the next avail index it would process.  A blk
-    queue first finishes the heads it took (resubmissions not yet served),
-    so the index is exact: nothing below it is left unanswered."""
+cdef uint32_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
+    """Stop a ring; return the next avail index it would process (a
+    packed ring: packed_base's cursors and wrap counters).  A blk queue
+    first finishes the heads it took (resubmissions not yet served), so the
+    index is exact: nothing below it is left unanswered."""
     cdef Worker *w = e.workers[vq.worker]
     cdef int i
-    cdef uint16_t base
+    cdef uint32_t base
     e._lock.acquire()            # e.ctl's scratch space is shared with inject()
     with nogil:
         e.stop_world()
@@ -815,7 +873,7 @@ cdef uint16_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
                 epoll_ctl(w.epfd, EPOLL_CTL_DEL, vq.kick_fd, NULL)
         vq.kick_fd = -1
         vq.call_fd = -1
-        base = vq.last_avail_idx
+        base = packed_base(vq) if vq.packed else vq.last_avail_idx
         vfe_spin_unlock(&vq.lock)
         e.start_world()
     e._lock.release()

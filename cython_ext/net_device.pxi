@@ -57,6 +57,7 @@ cdef class NetDevice(RingDevice):
         self._unregister_faults()
         self.vqs = NULL
         if self.d != NULL:
+            packed_free(self.d.vqs, self.d.num_vqs)
             free(self.d.vqs)
             free(self.d.mem)
             free(self.d)
@@ -67,26 +68,39 @@ cdef class NetDevice(RingDevice):
         return self.d.port if self.d != NULL else -1
 
     def set_features(self, uint64_t features):
-        """Apply negotiated virtio features (header length, offloads, ring features)."""
-        cdef int i
-        cdef int v1 = (features >> VIRTIO_F_VERSION_1) & 1
-        cdef int mrg = (features >> VIRTIO_NET_F_MRG_RXBUF) & 1
+        """Apply negotiated virtio features (header length, offloads, ring
+        features).  RuntimeError, nothing applied, if RING_PACKED would
+        change the layout of a started ring (packed_layout_fits)."""
+        cdef int packed = (features >> VIRTIO_F_RING_PACKED) & 1
+        cdef bint fits
         cdef Engine e = self.engine
         with nogil:
             e.stop_world()
-            self.d.features = features
-            self.d.mrg_rxbuf = mrg
-            self.d.hdr_len = VIRTIO_NET_HDR_MRG_LEN if (v1 or mrg) else VIRTIO_NET_HDR_LEN
-            self.d.guest_csum = (features >> VIRTIO_NET_F_GUEST_CSUM) & 1
-            self.d.guest_tso4 = (features >> VIRTIO_NET_F_GUEST_TSO4) & 1
-            self.d.guest_tso6 = (features >> VIRTIO_NET_F_GUEST_TSO6) & 1
-            self.d.guest_ecn = (features >> VIRTIO_NET_F_GUEST_ECN) & 1
-            self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
-            for i in range(self.d.num_vqs):
-                self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
-                self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
-            retranslate_rings(self.d.vqs, self.d.num_vqs)
+            fits = packed_layout_fits(self.d.vqs, self.d.num_vqs, packed)
+            if fits:
+                self._apply_features(features, packed)
             e.start_world()
+        if not fits:
+            raise RuntimeError("SET_FEATURES would change the layout (RING_PACKED) of a started ring")
+
+    cdef void _apply_features(self, uint64_t features, int packed) noexcept nogil:
+        """set_features' work, world stopped."""
+        cdef int i
+        cdef int v1 = (features >> VIRTIO_F_VERSION_1) & 1
+        cdef int mrg = (features >> VIRTIO_NET_F_MRG_RXBUF) & 1
+        self.d.features = features
+        self.d.mrg_rxbuf = mrg
+        self.d.hdr_len = VIRTIO_NET_HDR_MRG_LEN if (v1 or mrg) else VIRTIO_NET_HDR_LEN
+        self.d.guest_csum = (features >> VIRTIO_NET_F_GUEST_CSUM) & 1
+        self.d.guest_tso4 = (features >> VIRTIO_NET_F_GUEST_TSO4) & 1
+        self.d.guest_tso6 = (features >> VIRTIO_NET_F_GUEST_TSO6) & 1
+        self.d.guest_ecn = (features >> VIRTIO_NET_F_GUEST_ECN) & 1
+        self.d.log.active = ((features >> VHOST_F_LOG_ALL) & 1) and self.d.log.base != NULL
+        for i in range(self.d.num_vqs):
+            self.d.vqs[i].event_idx = (features >> VIRTIO_RING_F_EVENT_IDX) & 1
+            self.d.vqs[i].indirect = (features >> VIRTIO_RING_F_INDIRECT_DESC) & 1
+            self.d.vqs[i].packed = packed
+        retranslate_rings(self.d.vqs, self.d.num_vqs)
 
     cdef bint _polled(self, int index):
         return index & 1          # workers poll the TX rings; RX rings are filled by senders

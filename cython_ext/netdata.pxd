@@ -15,6 +15,8 @@ from netpath cimport *
 from switch cimport *
 from fault cimport mem_gone
 from guard cimport vfe_signal_fence
+from packed cimport ring_publish
+from packed_rx cimport packed_rx_fill
 
 cdef enum:
     STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
@@ -81,6 +83,14 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     if not ring_usable(vq):
         rx_unlock(w, vq)
         return R_DROP
+    if vq.packed:
+        rc = packed_rx_fill(w, t, vq, src, nsrc, skip, frame_len, NET_MAX_CHAIN)
+        if rc < 0:
+            break_ring(w, vq, rc)
+        elif rc == R_OK:
+            defer_publish(w, vq)
+        rx_unlock(w, vq)
+        return R_DROP if rc < 0 else rc
     need = t.hdr_len + frame_len
     # re-read avail->idx on the ring's first delivery of a burst, then trust
     # the cached value while it lasts
@@ -165,7 +175,7 @@ cdef inline void defer_publish(Worker *w, Vring *vq) noexcept nogil:
         w.dirty[w.ndirty] = vq
         w.ndirty += 1
     else:
-        used_publish(vq)
+        ring_publish(vq)
 
 
 cdef inline void flush_rx(Worker *w) noexcept nogil:
@@ -176,7 +186,7 @@ cdef inline void flush_rx(Worker *w) noexcept nogil:
         vq = w.dirty[i]
         rx_lock(w, vq)
         if vq.ready and not mem_gone(vq):
-            used_publish(vq)
+            ring_publish(vq)
         rx_unlock(w, vq)
     w.ndirty = 0
 

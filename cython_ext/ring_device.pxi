@@ -101,7 +101,7 @@ cdef class RingDevice:
             e.start_world()
 
     def start_ring(self, int index, int size, uint64_t desc_uva, uint64_t avail_uva,
-                   uint64_t used_uva, int base, int kick_fd, int call_fd, bint enabled,
+                   uint64_t used_uva, uint64_t base, int kick_fd, int call_fd, bint enabled,
                    bint log_used=False, uint64_t log_guest_addr=0):
         """Start a ring at avail index `base`.  Raises ValueError if its
         addresses are not inside the memory table.  Returns what ring_start
@@ -130,7 +130,7 @@ cdef class RingDevice:
                 if vq.kind == RING_BLK:
                     work = blk_burst(w, vq, not vq.stopping)
                 elif not (<NetDev *>vq.dev).paused:
-                    work = net_tx_burst(w, vq)
+                    work = net_burst(w, vq)
             e.start_world()
         return work
 
@@ -166,4 +166,7 @@ cdef class RingDevice:
             "error": ring_error(vq) if vq.broken else "",
             "last_avail_idx": vq.last_avail_idx, "last_used_idx": vq.last_used_idx,
             "worker": vq.worker,
+            "packed": bool(vq.packed),
+            "avail_wrap": vq.avail_wrap if vq.packed else None,
+            "used_wrap": vq.used_wrap if vq.packed else None,
         }

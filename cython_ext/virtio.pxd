@@ -33,6 +33,7 @@ cdef enum:
     VIRTIO_RING_F_INDIRECT_DESC = 28
     VIRTIO_RING_F_EVENT_IDX = 29
     VIRTIO_F_VERSION_1 = 32
+    VIRTIO_F_RING_PACKED = 34
 
 # virtio-net header (5.1.6)
 cdef enum:

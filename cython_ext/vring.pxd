@@ -99,6 +99,19 @@ ctypedef struct Vring:
     int reported             # Python has logged `broken`
     int kind                 # RING_NET (dev is a NetDev, TX/RX) or RING_BLK (a BlkDev request queue)
     void *dev
+    # packed rings (packed.pxd says what the fields above mean for them)
+    int packed               # VIRTIO_F_RING_PACKED negotiated: this ring is packed
+    int avail_wrap           # the wrap counter of last_avail_idx's lap
+    int used_wrap            # the wrap counter of last_used_idx's lap
+    int flushed_used_wrap    # used_wrap as last published (interrupt decisions)
+    uint32_t *pending        # the unpublished batch's used descriptors, slot | flags << 16, in push order
+    uint32_t npending        # how many (<= size): no flags are written before the publish
+    uint16_t pending_slot    # the batch's first slot
+    uint32_t pending_span    # slots the unpublished batch covers (dirty log)
+    uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
+    uint8_t *id_out          # blk, per buffer id: taken, its used descriptor not yet published
+    uint64_t desc_gpa        # the descriptor ring's guest-physical address (dirty log)
+    uint64_t dev_event_gpa   # the device event suppression area's (dirty log)
 
 
 cdef inline uint64_t contig_hva(MemTable *mt, uint64_t addr, uint64_t length, bint by_uva) noexcept nogil:

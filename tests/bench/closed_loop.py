@@ -127,7 +127,7 @@ def one_run(backend: Backend, args, workdir: str) -> list[measure.LoopResult]:
     with backend.serve(socks) as srv:
         with pmd_backends.frontend(socks, queues=args.queues, queue_size=args.queue_size,
                          mrg_rxbuf=not args.no_mrg_rxbuf, cores=[0, 1],
-                         main_lcore=args.frontend_main_lcore) as a:
+                         main_lcore=args.frontend_main_lcore, packed_vq=args.packed) as a:
             a.wait_link_up(20)
             own = [a.pid, *srv.pids]
             for size in args.sizes:
@@ -225,7 +225,8 @@ def record(path: str, report: dict, table_md: str) -> None:
         f"{m['cpu']}, {m['nproc']} CPUs, kernel {m['kernel']}.",
         f"{p['rounds']} alternating rounds, {p['seconds']} s windows after {p['warmup']} s warm-up, "
         f"tx_first {p['bursts']}, {p['queues']} queue pair(s), ring {p['queue_size']}, "
-        f"mrg_rxbuf={'off' if p['no_mrg_rxbuf'] else 'on'}. Median (min-max) of the runs; "
+        f"mrg_rxbuf={'off' if p['no_mrg_rxbuf'] else 'on'}"
+        f"{', packed virtqueues' if p.get('packed') else ''}. Median (min-max) of the runs; "
         f"Mpps = packets received by testpmd A on both ports; Gbit/s = their L2 bytes x 8.",
         "",
         table_md,
@@ -260,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--no-mrg-rxbuf", action="store_true")
+    ap.add_argument("--packed", action="store_true",
+                    help="packed virtqueues: testpmd A's ports get packed_vq=1 (both back-ends)")
     ap.add_argument("--frontend-main-lcore", type=int, default=tp.FRONTEND_CORES[1],
                     help="testpmd A main lcore of 0,1 (default 0: forwarding on core 1)")
     ap.add_argument("--backend-main-lcore", type=int, default=tp.BACKEND_CORES[1],
@@ -339,7 +342,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "params": {k: getattr(args, k) for k in ("sizes", "rounds", "seconds", "warmup", "bursts",
                                                   "quiet_threshold", "retries", "wait_quiet",
-                                                  "queues", "queue_size", "no_mrg_rxbuf",
+                                                  "queues", "queue_size", "no_mrg_rxbuf", "packed",
                                                   "frontend_main_lcore", "backend_main_lcore",
                                                   "controller_cpus", "mode")},
         "rows": rows,

@@ -191,9 +191,11 @@ def fuzz_one(data: bytes) -> None:
 
 
 def _seeds() -> dict[str, bytes]:
-    from vfe.devices.blk import BLK_FEATURES
-    from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
+    from tests.harness.vhost_harness import device_spec
+    from vfe.devices.net import NET_PROTOCOL_FEATURES
     from vfe.devices.blk import BLK_PROTOCOL_FEATURES
+    BLK_FEATURES = device_spec(True).features         # what the target's devices offer
+    NET_FEATURES = device_spec(False).features
     from vfe.vhost.messages import (
         Config, Inflight, Log, MemoryRegion, MemTable, NEED_REPLY, Request as R,
         SingleMemRegion, U64, VringAddr, VringFile, VringState,

@@ -47,6 +47,8 @@ class RingError(IntEnum):
     BLK_STATUS = 13
     DUP = 14
     FAULT = 16                 # the guest memory vanished (SIGBUS caught)
+    PACKED_CHAIN = 20          # packed rings (cython_ext/packed.pxd)
+    PACKED_ID = 21
 
 
 class Guest:

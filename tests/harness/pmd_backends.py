@@ -204,12 +204,12 @@ def frontend(sockets: Sequence[str], queues: int = 1, queue_size: int = 256,
              mrg_rxbuf: bool = True, server: bool = False,
              cores: str | Sequence[int] = FRONTEND_CORES[0],
              main_lcore: int | None = FRONTEND_CORES[1], macs: Sequence[str | None] | None = None,
-             **kw) -> TestPmd:
+             packed_vq: bool = False, **kw) -> TestPmd:
     """testpmd "A": one virtio_user port per socket (vhost-user client unless
-    ``server``), io forwarding, not started."""
+    ``server``; packed virtqueues with ``packed_vq``), io forwarding, not started."""
     macs = list(macs) if macs else [None] * len(sockets)
     vdevs = [virtio_user(s, queues=queues, queue_size=queue_size, mrg_rxbuf=mrg_rxbuf,
-                         server=server, mac=m, name=f"net_virtio_user{i}")
+                         server=server, mac=m, name=f"net_virtio_user{i}", packed_vq=packed_vq)
              for i, (s, m) in enumerate(zip(sockets, macs))]
     kw.setdefault("name", "virtio-user")
     pmd = TestPmd(vdevs, cores=cores, main_lcore=main_lcore, forward_mode="io",

@@ -105,8 +105,10 @@ def _next_name(kind: str) -> str:
 
 
 def virtio_user(path: str, queues: int = 1, queue_size: int = 256, mrg_rxbuf: bool = True,
-                server: bool = False, mac: str | None = None, name: str | None = None) -> str:
-    """``net_virtio_userN,path=...,queues=...,queue_size=...,mrg_rxbuf=0|1[,server=1][,mac=..]``.
+                server: bool = False, mac: str | None = None, name: str | None = None,
+                packed_vq: bool = False) -> str:
+    """``net_virtio_userN,path=...,queues=...,queue_size=...,mrg_rxbuf=0|1[,server=1][,mac=..]
+    [,packed_vq=1]`` (``packed_vq``: packed virtqueues, when the back-end offers them).
 
     ``server=False`` (the default) makes testpmd the vhost-user *client*: the
     back-end (our daemon, or DPDK's net_vhost) owns and listens on ``path``.
@@ -119,6 +121,8 @@ def virtio_user(path: str, queues: int = 1, queue_size: int = 256, mrg_rxbuf: bo
         s += ",server=1"
     if mac:
         s += f",mac={mac}"
+    if packed_vq:
+        s += ",packed_vq=1"
     return s
 
 

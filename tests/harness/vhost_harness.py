@@ -45,7 +45,8 @@ from vfe.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
 from vfe.vhost import actions as A
 from vfe.vhost.framing import FrameAssembler
 from vfe.vhost.messages import Message, ProtocolError, Request, VringState
-from vfe.virtio.layouts import ring_area_sizes
+from vfe.virtio.constants import F
+from vfe.virtio.layouts import PackedBase, ring_area_sizes
 
 __all__ = ["FdKind", "InvariantViolation", "Connection", "EngineRings", "device_spec"]
 
@@ -120,12 +121,15 @@ class HandedFds:
         self.unsent.clear()
 
 
-def device_spec(blk: bool) -> A.DeviceSpec:
-    """The specs the daemon's net and blk devices offer (2 queue pairs / 2 queues)."""
+def device_spec(blk: bool, packed: bool = False) -> A.DeviceSpec:
+    """The specs the daemon's net and blk devices offer (2 queue pairs / 2
+    queues); RING_PACKED only with ``packed`` (the state machines model
+    split rings' 16-bit bases)."""
+    ring = 0 if packed else 1 << F.RING_PACKED
     if blk:
-        return A.DeviceSpec(features=BLK_FEATURES, protocol_features=BLK_PROTOCOL_FEATURES,
+        return A.DeviceSpec(features=BLK_FEATURES & ~ring, protocol_features=BLK_PROTOCOL_FEATURES,
                             queue_num=2, max_queues=2, max_queue_size=256, config=bytes(range(60)))
-    return A.DeviceSpec(features=NET_FEATURES, protocol_features=NET_PROTOCOL_FEATURES,
+    return A.DeviceSpec(features=NET_FEATURES & ~ring, protocol_features=NET_PROTOCOL_FEATURES,
                         queue_num=2, max_queues=4, max_queue_size=1024)
 
 
@@ -168,8 +172,12 @@ class EngineRings:
         # what the real engine does (its own last check): refuse the start
         raise ValueError(f"engine: uva {uva:#x}+{length} is not inside the memory table")
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.features >> F.RING_PACKED & 1)
+
     def _areas(self, r_size: int, desc: int, avail: int, used: int, table=None):
-        sizes = ring_area_sizes(r_size, event_idx=False)
+        sizes = ring_area_sizes(r_size, event_idx=False, packed=self.packed)
         return (self._translate(desc, sizes.desc, table),
                 self._translate(avail, sizes.avail, table),
                 self._translate(used, sizes.used, table))
@@ -213,9 +221,10 @@ class EngineRings:
             raise InvariantViolation(f"engine: start of ring {index} (device has {self.num_rings})")
         if index in self.started:
             raise InvariantViolation(f"engine: ring {index} started twice")
-        if size <= 0 or size & (size - 1) or not 0 <= base <= 0xFFFF:
+        if (size <= 0 or size & (size - 1)
+                or not (PackedBase.decode(base).fits(size) if self.packed else 0 <= base <= 0xFFFF)):
             raise InvariantViolation(f"engine: ring {index} size {size} base {base}")
-        if desc % 16 or avail % 2 or used % 4:
+        if desc % 16 or avail % (4 if self.packed else 2) or used % 4:
             raise InvariantViolation(f"engine: ring {index} areas misaligned")
         hvas = self._areas(size, desc, avail, used)
         self._check_fd("kick", kick)
@@ -230,7 +239,13 @@ class EngineRings:
         ring = self.started.pop(index, None)
         if ring is None:
             raise InvariantViolation(f"engine: stop of ring {index}, which does not run")
-        base = (ring.base + self.stop_step) & 0xFFFF
+        if self.packed:       # both positions move on, a wrap flips their counters
+            pos = PackedBase.decode(ring.base)
+            avail, used = pos.avail_idx + self.stop_step, pos.used_idx + self.stop_step
+            base = PackedBase(avail % ring.size, pos.avail_wrap ^ (avail >= ring.size),
+                              used % ring.size, pos.used_wrap ^ (used >= ring.size)).encode()
+        else:
+            base = (ring.base + self.stop_step) & 0xFFFF
         self.stop_bases[index] = base
         self.stop_log.append((index, base))
         return base

@@ -673,7 +673,8 @@ def test_ring_ending_at_a_region_end_without_event_idx(daemon, b, slack):
         region = a.memory.regions[0]
         a.negotiate()
         a.start(queue_pairs=2, queue_size=QSIZE,
-                features=a.backend_features & ~(bit(F.RING_EVENT_IDX) | bit(F.VHOST_LOG_ALL)))
+                features=a.backend_features & ~(bit(F.RING_EVENT_IDX) | bit(F.VHOST_LOG_ALL)
+                                                | bit(F.RING_PACKED)))
         for p in range(2):
             a.post_rx_buffers(p)
         exchange(a, b)

@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 #: What a user testing a vhost-user back-end of their own imports (docs/testing.md).
-TESTING_MODULES = {"__init__", "channel", "frontend", "guest_ram", "ring"}
+TESTING_MODULES = {"__init__", "channel", "frontend", "guest_ram", "packed_ring", "ring"}
 
 #: Environment harnesses (tests/harness): none of these names anywhere in the wheel.
 HARNESSES = {"testpmd", "pmd_backends", "pmd_measure", "ovs", "netns", "qsd", "blkbench",

@@ -15,6 +15,7 @@ from vfe.vhost.memory import GuestMemory, LogRegion
 from vfe.vhost.messages import Inflight, ProtocolError, Request
 from vfe.vhost.protocol import BackendProtocol
 from vfe.vhost.transport import PeerClosed
+from vfe.virtio.constants import F
 
 log = logging.getLogger("vfe.device")
 
@@ -73,10 +74,14 @@ class Session:
         """Run the paused rings again here (the hand-over failed).  The new
         process may have moved them on before it failed, so each resumes at
         the used index in guest memory: between bursts a split ring has
-        answered every chain it took, so that is the next avail index."""
+        answered every chain it took, so that is the next avail index.  A
+        packed ring keeps no index in guest memory: it resumes where it was
+        paused (should the new process have answered descriptors since, the
+        ring finds them used and waits there; it does not answer them twice)."""
         bases = {}
+        packed = self.features >> F.RING_PACKED & 1
         for r in self.protocol.running_rings():
-            if r.index in self.started:
+            if r.index in self.started and not packed:
                 gpa = self.memory.uva_to_gpa(r.used_uva) + 2        # struct vring_used.idx
                 bases[r.index] = int.from_bytes(self.memory.read(gpa, 2), "little")
         self.protocol.rings_paused(bases)
@@ -110,6 +115,8 @@ class Session:
             "inflight": None if self.inflight is None else [
                 keep(self.inflight.fd), self.inflight.size, self.inflight.offset,
                 self.inflight.num_queues, self.inflight.queue_size],
+            # a key of its own: a build before packed rings reads "inflight" as 5 values
+            "inflight_packed": self.inflight is not None and self.inflight.packed,
             "started": sorted(self.started),
             "features": self.features,
             "owner": self.drives_device(),
@@ -133,7 +140,8 @@ class Session:
                 self.log_region = LogRegion(fds[i], size, offset)
             if state.get("inflight") is not None:
                 i, size, offset, nq, qs = state["inflight"]
-                self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs)
+                self.inflight = inflight.InflightRegion(fds[i], size, offset, nq, qs,
+                                                        state.get("inflight_packed", False))
             self.features = state["features"]
             if state["owner"]:
                 self._start_driving()
@@ -243,6 +251,8 @@ class Session:
             case A.Reply():
                 self._send(act)
             case A.SetFeatures(features=f):
+                if (f & ~self.features) >> F.RING_PACKED & 1:
+                    log.info("%s: packed virtqueues (VIRTIO_F_RING_PACKED)", self.name)
                 self.features = f
                 if self.drives_device() or self.device.driving_session is None:
                     rings.set_features(f)
@@ -306,9 +316,9 @@ class Session:
                 self.log_region, old = new, self.log_region
                 if old is not None:
                     old.close()
-            case A.GetInflight(num_queues=nq, queue_size=qs):
+            case A.GetInflight(num_queues=nq, queue_size=qs, packed=packed):
                 try:
-                    fd, size = inflight.allocate(nq, qs)
+                    fd, size = inflight.allocate(nq, qs, packed)
                 except OSError as exc:
                     # the reply is mandatory: size 0 tells QEMU there is no region
                     log.error("%s: cannot allocate an inflight region: %s", self.name, exc)
@@ -319,11 +329,19 @@ class Session:
                                        fds=(fd,)))
                 finally:
                     os.close(fd)          # the front-end keeps the region; it sends it back
-                log.debug("%s: inflight region of %d bytes for %d queues of %d", self.name,
-                          size, nq, qs)
+                log.debug("%s: inflight region of %d bytes for %d %s queues of %d", self.name,
+                          size, nq, "packed" if packed else "split", qs)
+            case A.SetInflight(fd=-1):
+                # dropped (its layout is not the rings'): the engine tracks none until
+                # the next SET_INFLIGHT_FD
+                if self.drives_device():
+                    self._engine_inflight(None)
+                if self.inflight is not None:
+                    self.inflight.close()
+                    self.inflight = None
             case A.SetInflight(fd=fd, mmap_size=size, mmap_offset=off, num_queues=nq,
-                               queue_size=qs):
-                new = inflight.InflightRegion(fd, size, off, nq, qs)
+                               queue_size=qs, packed=packed):
+                new = inflight.InflightRegion(fd, size, off, nq, qs, packed)
                 if self.drives_device():
                     try:
                         self._engine_inflight(new)

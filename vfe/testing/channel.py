@@ -283,11 +283,15 @@ class FrontendChannel:
             self.set_status(current | status)
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
-        """GET_INFLIGHT_FD: (the back-end's description, the region's fd -- ours to close)."""
+        """GET_INFLIGHT_FD: (the back-end's description, the region's fd -- ours
+        to close).  Size 0 without an fd is "no region" (QEMU 7.2 then runs
+        without one): fd -1."""
         reply = self.send_message(Request.GET_INFLIGHT_FD,
                                   Inflight(0, 0, num_queues, queue_size).encode(), keep_fds=True)
         assert reply is not None
         info = Inflight.decode(reply.payload)
+        if info.mmap_size == 0 and not reply.fds:
+            return info, -1
         if len(reply.fds) != 1:
             close_fds(reply.fds)
             raise ProtocolError(f"GET_INFLIGHT_FD reply carries {len(reply.fds)} fds")

@@ -18,7 +18,8 @@ net device.  Every request also has a method of its own (``set_vring_num``
 those come from ``FrontendChannel`` (channel.py), which also checks the
 replies as QEMU does (a non-zero REPLY_ACK raises ``NackError``).  Guest
 memory is a ``GuestRam`` (guest_ram.py); rings are driven with
-``DriverRing`` (ring.py).
+``DriverRing`` (ring.py), or ``PackedDriverRing`` (packed_ring.py) when
+``start(packed=True)`` acks VIRTIO_F_RING_PACKED.
 
 Net helpers take a *queue pair* number: pair ``k`` is RX ring ``2k`` and TX
 ring ``2k+1``.  Protocol helpers take ring indices.
@@ -36,13 +37,15 @@ from vfe.vhost.messages import MEM_TABLE_MAX_REGIONS, Inflight, ProtocolError, P
 from vfe.vhost.transport import Connection, close_fds
 from vfe.virtio.constants import (VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN, VRING_DESC_SIZE, F, Status, bit,
                                   net_hdr_len)
+from vfe.virtio.layouts import PACKED_BASE_RESET
 
 from .channel import FrontendChannel
 from .guest_ram import PAGE, GuestRam, MiB
+from .packed_ring import PackedDriverRing, packed_ring_layout
 from .ring import DriverRing, RingLayout, split_ring_layout
 
-#: Virtio features never acked by default (split rings only, no IOMMU, and
-#: LOG_ALL only while migrating).
+#: Virtio features never acked by default (split rings unless
+#: ``start(packed=True)``, no IOMMU, and LOG_ALL only while migrating).
 NEVER_ACK = bit(F.VHOST_LOG_ALL) | bit(F.RING_PACKED) | bit(F.ACCESS_PLATFORM) | bit(F.IN_ORDER)
 
 
@@ -56,13 +59,14 @@ class FrontRing:
     size: int
     layout: RingLayout
     ring_gpa: int
-    driver: DriverRing
+    driver: DriverRing | PackedDriverRing
     kick_fd: int
     call_fd: int
     buf_gpa: int            # buffer pool: ``size`` slots of ``buf_size`` bytes
     buf_size: int
     free_slots: list[int]
-    base: int = 0           # SET_VRING_BASE at the next start (GET_VRING_BASE's answer)
+    base: int = 0           # SET_VRING_BASE at the next start (GET_VRING_BASE's answer;
+                            # packed: QEMU's 32-bit encoding, vfe/virtio/layouts.py)
     started: bool = True
 
     def slot_gpa(self, slot: int) -> int:
@@ -93,10 +97,13 @@ class Frontend(FrontendChannel):
         and kick fds and the inflight region stay; negotiation starts over
         (call ``start`` again); every ring restarts from the guest's
         used->idx, which is where QEMU 7.2 puts last_avail_idx when
-        GET_VRING_BASE cannot reach the back-end."""
+        GET_VRING_BASE cannot reach the back-end.  A packed ring has no such
+        index in memory: QEMU 7.2 keeps the base it had
+        (virtio_queue_packed_restore_last_avail_idx does nothing), so do we."""
         super().reconnect(path, timeout)
         for ring in self.rings.values():
-            ring.base = ring.driver.used_idx()
+            if not ring.layout.packed:
+                ring.base = ring.driver.used_idx()
             ring.started = False
 
     # -- requests that change the rings' state -----------------------------------
@@ -111,9 +118,12 @@ class Frontend(FrontendChannel):
 
     def setup_inflight(self, num_queues: int, queue_size: int) -> None:
         """What QEMU's vhost-user-blk does at each start: get a region once
-        (it keeps it, also across reconnects), then hand it over."""
+        (it keeps it, also across reconnects), then hand it over.  A
+        back-end that answers "no region" is asked again at the next start."""
         if self.inflight is None:
             info, fd = self.get_inflight_fd(num_queues, queue_size)
+            if fd < 0:
+                return
             self.inflight, self.inflight_fd = info, fd
             self.inflight_map = mmap.mmap(fd, info.mmap_offset + info.mmap_size,
                                           flags=mmap.MAP_SHARED)
@@ -127,7 +137,7 @@ class Frontend(FrontendChannel):
               protocol_features: int | None = None, buf_size: int = 2048,
               enable: bool = True, start_idx: int = 0, used_align: int = 4,
               call_after_kick: bool = False, sync: bool = True,
-              inflight: bool | None = None) -> None:
+              inflight: bool | None = None, packed: bool = False) -> None:
         """Bring rings up the way QEMU 7.2 starts a vhost-user net device.
 
         ``rings`` defaults to ``2 * queue_pairs``.  ``features`` are the
@@ -142,6 +152,8 @@ class Frontend(FrontendChannel):
         everything (rings enabled) when ``start`` returns.  ``inflight``
         (default: when INFLIGHT_SHMFD is negotiated, as QEMU's vhost-user-blk
         does) gets/sets the inflight region before the features.
+        ``packed`` acks VIRTIO_F_RING_PACKED too (when offered): every ring
+        is then a packed one.
         """
         nrings = 2 * queue_pairs if rings is None else rings
         if not self.backend_features:
@@ -156,9 +168,15 @@ class Frontend(FrontendChannel):
             self.set_vring_call(i, self._call_fds[i])
         if inflight is None:
             inflight = self.has_protocol_feature(ProtocolFeature.INFLIGHT_SHMFD)
-        if inflight:
-            self.setup_inflight(nrings, queue_size)
         wanted = (self.backend_features & ~NEVER_ACK) if features is None else features
+        if packed:
+            wanted |= bit(F.RING_PACKED)
+        if inflight:
+            if packed:
+                # QEMU 7.2 acks the features first (vhost_dev_prepare_inflight):
+                # the region's layout may depend on them
+                self.set_features(self.backend_features & wanted)
+            self.setup_inflight(nrings, queue_size)
         self.set_features(self.backend_features & wanted)
         if self.has_protocol_feature(ProtocolFeature.STATUS):
             self.add_status(Status.FEATURES_OK)
@@ -202,10 +220,11 @@ class Frontend(FrontendChannel):
         assert self.memory is not None
         ring = self.rings.get(index)
         event_idx = bool(self.features & bit(F.RING_EVENT_IDX))
-        if ring is None or ring.size != size:
+        packed = bool(self.features & bit(F.RING_PACKED))
+        if ring is None or ring.size != size or ring.layout.packed != packed:
             if ring is not None:
                 ring.driver.release()
-            layout = split_ring_layout(size, used_align)
+            layout = packed_ring_layout(size) if packed else split_ring_layout(size, used_align)
             max_indirect = 16
             # indirect tables start 16-byte aligned, as a driver's kmalloc'd ones do
             indirect_off = (layout.total + 15) & ~15
@@ -213,12 +232,20 @@ class Frontend(FrontendChannel):
             ring_gpa = self.memory.alloc(area, align=PAGE)
             buf_gpa = self.memory.alloc(size * buf_size, align=PAGE)
             region, off = self.memory.region_of(ring_gpa)
-            driver = DriverRing(region.view[off:off + area], size, layout.desc, layout.avail,
-                                layout.used, event_idx=event_idx, gpa_base=ring_gpa,
-                                indirect_off=indirect_off, max_indirect=max_indirect,
-                                start_idx=start_idx)
+            view = region.view[off:off + area]
+            if packed:
+                driver: DriverRing | PackedDriverRing = PackedDriverRing(
+                    view, size, layout.desc, layout.avail, layout.used, event_idx=event_idx,
+                    gpa_base=ring_gpa, indirect_off=indirect_off, max_indirect=max_indirect)
+                base = PACKED_BASE_RESET
+            else:
+                driver = DriverRing(view, size, layout.desc, layout.avail, layout.used,
+                                    event_idx=event_idx, gpa_base=ring_gpa,
+                                    indirect_off=indirect_off, max_indirect=max_indirect,
+                                    start_idx=start_idx)
+                base = start_idx & 0xFFFF
             ring = FrontRing(index, size, layout, ring_gpa, driver, -1, -1, buf_gpa, buf_size,
-                             list(range(size - 1, -1, -1)), base=start_idx & 0xFFFF)
+                             list(range(size - 1, -1, -1)), base=base)
             self.rings[index] = ring
         if ring.kick_fd < 0:
             ring.kick_fd = self._eventfd()

@@ -11,7 +11,7 @@ Shared-memory rules that matter here:
 - x86 keeps stores in order and loads in order, but may move a load before
   an earlier store.  Publishing ``avail->idx`` and then reading the device's
   ``avail_event`` / ``used->flags`` needs a full fence; CPython has no fence
-  primitive, so ``_full_fence()`` takes and releases a lock (a LOCK-prefixed
+  primitive, so ``full_fence()`` takes and releases a lock (a LOCK-prefixed
   instruction, a full barrier on x86).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ _USED_ELEM = struct.Struct("<II")
 _fence_lock = threading.Lock()
 
 
-def _full_fence() -> None:
+def full_fence() -> None:
     with _fence_lock:
         pass
 
@@ -58,25 +58,27 @@ def _align_up(x: int, a: int) -> int:
 
 @dataclass(frozen=True)
 class RingLayout:
-    """Offsets (from the ring area's start) of a split ring's three parts."""
+    """Offsets (from the ring area's start) of a ring's three parts (a
+    packed ring's: descriptor ring, driver and device event areas)."""
 
     size: int
     desc: int
     avail: int
     used: int
     total: int
+    packed: bool = False
 
     @property
     def desc_len(self) -> int:
-        return ring_area_sizes(self.size, event_idx=True).desc
+        return ring_area_sizes(self.size, event_idx=True, packed=self.packed).desc
 
     @property
-    def avail_len(self) -> int:          # flags, idx, ring[size], used_event
-        return ring_area_sizes(self.size, event_idx=True).avail
+    def avail_len(self) -> int:          # split: flags, idx, ring[size], used_event
+        return ring_area_sizes(self.size, event_idx=True, packed=self.packed).avail
 
     @property
-    def used_len(self) -> int:           # flags, idx, ring[size], avail_event
-        return ring_area_sizes(self.size, event_idx=True).used
+    def used_len(self) -> int:           # split: flags, idx, ring[size], avail_event
+        return ring_area_sizes(self.size, event_idx=True, packed=self.packed).used
 
 
 def split_ring_layout(size: int, used_align: int = 4) -> RingLayout:
@@ -242,7 +244,7 @@ class DriverRing:
         self._kicked_idx = new
         if new == old:
             return False
-        _full_fence()          # publish avail->idx before reading the device's hints
+        full_fence()           # publish avail->idx before reading the device's hints
         if self.event_idx:
             avail_event = self._used16[2 + 4 * self.size]
             return need_event(avail_event, new, old)
@@ -261,7 +263,7 @@ class DriverRing:
             self._avail16[2 + self.size] = self._last_used
         else:
             self._avail16[0] = 0
-        _full_fence()
+        full_fence()
 
     # -- used -----------------------------------------------------------------
 

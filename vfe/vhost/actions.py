@@ -29,16 +29,19 @@ class MemRegion:
 
 @dataclass(frozen=True)
 class VringConfig:
-    """Everything the engine needs to run one split ring."""
+    """Everything the engine needs to run one ring (split or packed: the
+    acked features say which, SetFeatures told the engine)."""
 
     index: int
     size: int
     desc_uva: int
     avail_uva: int
     used_uva: int
-    log_guest_addr: int
+    log_guest_addr: int   # the used ring's guest-physical address (packed rings: unused, the
+                          # engine logs the descriptor ring and the device event area)
     log_used: bool        # VHOST_VRING_F_LOG in SET_VRING_ADDR flags
-    base: int             # next avail index to process (SET_VRING_BASE)
+    base: int             # next avail index to process (SET_VRING_BASE; packed: QEMU's
+                          # 32-bit encoding, vfe/virtio/layouts.py PackedBase)
     kick_fd: int          # -1: no kick fd (poll only)
     call_fd: int          # -1: no interrupts
     enabled: bool
@@ -118,22 +121,25 @@ class SetLogBase:
 class GetInflight:
     """GET_INFLIGHT_FD: allocate a new inflight region for ``num_queues``
     rings of ``queue_size`` entries and reply with its description and fd
-    (vfe/vhost/inflight.py)."""
+    (vfe/vhost/inflight.py; ``packed``: the packed layout)."""
 
     num_queues: int
     queue_size: int
+    packed: bool = False
 
 
 @dataclass(frozen=True)
 class SetInflight:
     """SET_INFLIGHT_FD: map the front-end's inflight region (borrowed fd) and
-    track the rings in it from their next start.  ``fd`` -1: drop the region."""
+    track the rings in it from their next start.  ``fd`` -1: drop the region.
+    ``packed``: the region has the packed layout."""
 
     fd: int
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
+    packed: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from vfe.virtio.constants import MAX_QUEUE_SIZE, VIRTIO_NET_MTU_MAX, VIRTIO_NET_MTU_MIN, F
+from vfe.virtio.layouts import PackedBase
 
 from .actions import (
     AddMemRegion,
@@ -128,6 +129,15 @@ def _check_inflight_shape(spec: DeviceSpec, p: Inflight) -> None:
                             f"(power of 2 up to {limit})")
 
 
+def _check_packed_base(index: int, num: int, base: int) -> None:
+    """A packed ring's base names slots of the ring (its index bits below
+    the size: the engine reads and writes descriptors there)."""
+    position = PackedBase.decode(base)
+    if num and not position.fits(num):
+        raise ProtocolError(f"ring {index}: packed base {base:#x} (avail {position.avail_idx}, "
+                            f"used {position.used_idx}) outside a ring of {num}")
+
+
 def _check_fits_inflight(index: int, num: int, p: Inflight | None) -> None:
     """A ring the inflight region tracks (index < its num_queues) must
     fit its queue regions: the engine writes one entry per head there."""
@@ -166,7 +176,19 @@ def set_features(spec: DeviceSpec, s: ConnectionState, msg: Message, p: U64) -> 
         raise ProtocolError(f"features {changed:#x} changed while rings run")
     s.features = features
     s.features_set = True
-    return [SetFeatures(features)]
+    actions: list = [SetFeatures(features)]
+    if s.inflight is not None and s.inflight_packed != s.packed:
+        # The region's layout is the other one (a guest's firmware drove the
+        # rings split, its OS acks RING_PACKED): it goes, and the front-end
+        # gets a new one (QEMU frees its copy at the reset between them and
+        # asks GET_INFLIGHT_FD after these features).  No ring runs: the
+        # features could not have changed.
+        log.info("RING_PACKED %s: the %s inflight region is dropped",
+                 "acked" if s.packed else "no longer acked",
+                 "packed" if s.inflight_packed else "split")
+        s.inflight = None
+        actions.append(SetInflight(-1, 0, 0, 0, 0))
+    return actions
 
 
 def set_owner(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Empty) -> list:
@@ -258,12 +280,18 @@ def set_vring_addr(spec: DeviceSpec, s: ConnectionState, msg: Message, p: VringA
 
 
 def set_vring_base(spec: DeviceSpec, s: ConnectionState, msg: Message, p: VringState) -> list:
-    if p.num > 0xFFFF:
-        raise ProtocolError(f"ring {p.index}: base {p.num} > 65535")
     ring = s.ring(p.index)
+    if s.packed:
+        # 32 bits: avail index and wrap counter, used index and wrap counter
+        _check_packed_base(p.index, ring.num, p.num)
+        base = PackedBase.decode(p.num).encode()
+    elif p.num > 0xFFFF:
+        raise ProtocolError(f"ring {p.index}: base {p.num} > 65535")
+    else:
+        base = p.num
     if ring.started:
         raise ProtocolError(f"ring {p.index}: SET_VRING_BASE while the ring runs")
-    ring.base = p.num
+    ring.base = base
     return []
 
 
@@ -389,24 +417,28 @@ def get_status(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Empty) -> 
 def get_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     # QEMU sends mmap_size/offset 0 and the shape it wants; the reply
     # (with the new region's fd) comes from the caller, which allocates it.
+    # The layout follows the acked features: QEMU 7.2 sends SET_FEATURES
+    # first (vhost_dev_prepare_inflight).
     _check_inflight_shape(spec, p)
-    return [GetInflight(p.num_queues, p.queue_size)]
+    return [GetInflight(p.num_queues, p.queue_size, s.packed)]
 
 
 def set_inflight_fd(spec: DeviceSpec, s: ConnectionState, msg: Message, p: Inflight) -> list:
     _check_inflight_shape(spec, p)
-    need = inflight_region_size(p.num_queues, p.queue_size)
+    need = inflight_region_size(p.num_queues, p.queue_size, s.packed)
     if p.mmap_size < need:
-        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} queues "
-                            f"of {p.queue_size} need {need}")
+        layout = "packed " if s.packed else ""
+        raise ProtocolError(f"inflight region of {p.mmap_size} bytes, {p.num_queues} {layout}"
+                            f"queues of {p.queue_size} need {need}")
     for index, ring in sorted(s.rings.items()):
         if ring.num:
             _check_fits_inflight(index, ring.num, p)
     fd = msg.fds[0]
     s.inflight = p
+    s.inflight_packed = s.packed
     # Rings read the region when they start: running ones restart with it.
     return quiesce(s, s.started_rings(), [
-        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size),
+        SetInflight(fd, p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size, s.packed),
         CloseFds((fd,))])
 
 

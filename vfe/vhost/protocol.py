@@ -33,6 +33,15 @@ areas.  It is enabled if VHOST_USER_F_PROTOCOL_FEATURES was not acked,
 otherwise as SET_VRING_ENABLE said (``EnableRing`` on changes while started).
 The kick fd is not required to be readable: rings start at once.
 
+Packed rings (VIRTIO_F_RING_PACKED acked): the bases of SET_VRING_BASE and
+GET_VRING_BASE carry QEMU's 32-bit encoding (vfe/virtio/layouts.py
+``PackedBase``): avail index and wrap counter, used index and wrap counter.
+SET_VRING_BASE refuses index bits outside the ring; the ring's areas are
+the descriptor ring and the two 4-byte event suppression areas.  The
+inflight region's layout (vfe/vhost/inflight.py) follows the acked
+features when it is made and set; acking or dropping RING_PACKED drops a
+region of the other layout (e.g. a guest's firmware's, split).
+
 Stopping: GET_VRING_BASE on a started ring emits ``StopRing``; the caller
 stops it, then calls ``ring_stopped(index, last_avail_idx)`` and executes what
 that returns (the reply, and ``CloseFds`` of the kick fd) *before* the rest of
@@ -71,6 +80,12 @@ from .readiness import update_rings, vring_config
 log = logging.getLogger("vfe.vhost.protocol")
 
 Action = Any   # one of the dataclasses in actions.py
+
+
+def _ring_base(s: ConnectionState, engine_base: int) -> int:
+    """The base the engine stopped a ring at, as GET_VRING_BASE carries it:
+    split 16 bits; packed 32, the wrap counters and the used index with it."""
+    return engine_base & (0xFFFFFFFF if s.packed else 0xFFFF)
 
 
 class BackendProtocol:
@@ -183,7 +198,7 @@ class BackendProtocol:
             return []
         ring.stopping = False
         ring.started = False
-        ring.base = last_avail_idx & 0xFFFF
+        ring.base = _ring_base(s, last_avail_idx)
         actions: list[Action] = []
         if ring.reply_on_stop:
             ring.reply_on_stop = False
@@ -252,7 +267,7 @@ class BackendProtocol:
         protocol (a hand-over): record where each resumes.  They stay
         "started" -- the front-end was told nothing."""
         for index, base in bases.items():
-            self._state.rings[index].base = base & 0xFFFF
+            self._state.rings[index].base = _ring_base(self._state, base)
 
     # -- checks ---------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vfe.virtio.constants import F
+
 from .actions import MemRegion
 from .messages import Inflight, Log, VringAddr
 
@@ -30,7 +32,8 @@ class RingState:
     index: int
     num: int                      # 0: no SET_VRING_NUM yet
     addr: VringAddr | None
-    base: int                     # next start's last_avail_idx
+    base: int                     # next start's last_avail_idx (packed: with the wrap
+                                  # counters and used index, vfe/virtio/layouts.py PackedBase)
     kick_fd: int                  # -1: none or polling
     kick_set: bool                # SET_VRING_KICK received (fd or no-fd) since last stop
     call_fd: int
@@ -102,6 +105,7 @@ class ConnectionState:
         self.log: Log | None = None
         self.log_fd = -1
         self.inflight: Inflight | None = None
+        self.inflight_packed = False          # the region has the packed layout
         self.status = 0
         self.deferred: list = []              # actions waiting for every stopping ring
 
@@ -111,6 +115,11 @@ class ConnectionState:
         if ring is None:
             ring = self.rings[index] = RingRecord(index)
         return ring
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED acked: every ring of the device is packed."""
+        return bool(self.features >> F.RING_PACKED & 1)
 
     def started_rings(self) -> list[RingRecord]:
         return [r for _, r in sorted(self.rings.items()) if r.started]
@@ -138,6 +147,7 @@ class ConnectionState:
             "inflight": None if self.inflight is None else [
                 self.inflight.mmap_size, self.inflight.mmap_offset, self.inflight.num_queues,
                 self.inflight.queue_size],
+            "inflight_packed": self.inflight_packed,
             "regions": [[r.region.gpa, r.region.size, r.region.uva, r.region.mmap_offset, r.refs]
                         for r in self.regions],
             "rings": [{
@@ -176,6 +186,7 @@ class ConnectionState:
         self.log = None if state["log"] is None else Log(*state["log"])
         self.log_fd = fd(state["log_fd"])
         self.inflight = None if state.get("inflight") is None else Inflight(*state["inflight"])
+        self.inflight_packed = state.get("inflight_packed", False)   # older builds: split only
         self.regions = [RegionRecord(MemRegion(gpa, size, uva, off, -1), refs)
                         for gpa, size, uva, off, refs in state["regions"]]
         for rs in state["rings"]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 from vfe.virtio.constants import F
-from vfe.virtio.layouts import ring_area_sizes
+from vfe.virtio.layouts import PackedBase, ring_area_sizes
 
 from .actions import CloseFds, EnableRing, StartRing, StopRing, VringConfig
 from .protocol_state import ConnectionState, RingRecord
@@ -45,10 +45,28 @@ def _region_for_uva(s: ConnectionState, uva: int, length: int) -> bool:
 def areas_mapped(s: ConnectionState, ring: RingRecord) -> bool:
     """Each of the ring's three areas lies inside one memory region."""
     assert ring.addr is not None
-    areas = ring_area_sizes(ring.num, event_idx=bool(s.features >> F.RING_EVENT_IDX & 1))
+    areas = ring_area_sizes(ring.num, event_idx=bool(s.features >> F.RING_EVENT_IDX & 1),
+                            packed=s.packed)
     return (_region_for_uva(s, ring.addr.desc_uva, areas.desc)
             and _region_for_uva(s, ring.addr.avail_uva, areas.avail)
             and _region_for_uva(s, ring.addr.used_uva, areas.used))
+
+
+def _packed_fits(ring: RingRecord) -> bool:
+    """A packed ring's event suppression areas are 4-aligned (2.8.10;
+    SET_VRING_ADDR's syntax check allows a split avail ring at 2), and its
+    base names slots of the ring (a SET_VRING_NUM may have shrunk it)."""
+    assert ring.addr is not None
+    if ring.addr.avail_uva % 4:
+        log.warning("ring %d: packed driver event area %#x is not 4-aligned; not starting it",
+                    ring.index, ring.addr.avail_uva)
+        return False
+    position = PackedBase.decode(ring.base)
+    if not position.fits(ring.num):
+        log.warning("ring %d: packed base %#x is outside a ring of %d; not starting it",
+                    ring.index, ring.base, ring.num)
+        return False
+    return True
 
 
 def _ready(s: ConnectionState, ring: RingRecord) -> bool:
@@ -58,7 +76,10 @@ def _ready(s: ConnectionState, ring: RingRecord) -> bool:
         log.warning("ring %d: descriptor/avail/used areas are not inside one memory region; "
                     "not starting it", ring.index)
         return False
+    if s.packed and not _packed_fits(ring):
+        return False
     return True
+
 
 
 def vring_config(s: ConnectionState, ring: RingRecord) -> VringConfig:
@@ -69,7 +90,8 @@ def vring_config(s: ConnectionState, ring: RingRecord) -> VringConfig:
         index=ring.index, size=ring.num,
         desc_uva=addr.desc_uva, avail_uva=addr.avail_uva, used_uva=addr.used_uva,
         log_guest_addr=addr.log_guest_addr, log_used=addr.log,
-        base=ring.base, kick_fd=ring.kick_fd, call_fd=ring.call_fd,
+        base=PackedBase.decode(ring.base).encode() if s.packed else ring.base & 0xFFFF,
+        kick_fd=ring.kick_fd, call_fd=ring.call_fd,
         enabled=effective_enabled(s, ring),
     )
 

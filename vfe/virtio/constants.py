@@ -95,6 +95,16 @@ VRING_USED_ELEM_SIZE = 8           # struct virtq_used_elem
 VRING_EVENT_SIZE = 2               # used_event / avail_event after the ring (EVENT_IDX)
 MAX_QUEUE_SIZE = 32768
 
+# Packed virtqueues (virtio 1.2, 2.8): descriptor flags the driver and the
+# device flip with their wrap counters, and the event suppression areas.
+VRING_PACKED_DESC_F_AVAIL = 1 << 7
+VRING_PACKED_DESC_F_USED = 1 << 15
+VRING_PACKED_EVENT_SIZE = 4        # struct pvirtq_event_suppress: desc (off | wrap << 15), flags
+VRING_PACKED_EVENT_F_WRAP_CTR = 15 # bit of the event offset holding the wrap counter
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2          # notify at one descriptor (EVENT_IDX)
+
 # virtio-net header (5.1.6)
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2

@@ -121,7 +121,8 @@ def test_the_handed_over_json_keeps_its_shape(fds):
     state = drv.p.export_state()
     assert sorted(state) == sorted([
         "version", "fds", "features", "features_set", "protocol_features", "owner",
-        "backend_req_fd", "status", "log", "log_fd", "inflight", "regions", "rings"])
+        "backend_req_fd", "status", "log", "log_fd", "inflight", "inflight_packed", "regions",
+        "rings"])
     assert state["version"] == 1 and state["owner"] is True
     assert sorted(state["rings"][0]) == sorted([
         "index", "num", "base", "addr", "kick_fd", "kick_set", "call_fd", "err_fd", "enabled",

@@ -1,0 +1,72 @@
+# A frame into a packed RX ring: netdata.pxd's rx_enqueue for the packed
+# layout (it picks and locks the ring, then hands over here, and breaks the
+# ring on an E_* code or defers the publish on R_OK).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from atomics cimport *
+from vring cimport *
+from virtio cimport *
+from netpath cimport *
+from packed cimport *
+
+
+cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int nsrc,
+                               uint32_t skip, uint32_t frame_len, uint64_t limit) noexcept nogil:
+    """Write w.hdr_out + the frame into the buffers the driver made
+    available (several with mergeable buffers, num_buffers saying how
+    many), and push one used descriptor per buffer (published by the
+    caller).  Returns R_OK, R_DROP (the frame does not fit one buffer
+    without mergeable buffers), R_NO_ROOM (nothing taken: the ring stays
+    as it was) or an E_* code.  Buffers over `limit` bytes are a guest bug."""
+    cdef uint32_t need = t.hdr_len + frame_len, cap = 0, remaining, l
+    cdef uint32_t slot = vq.last_avail_idx, nslots = 0
+    cdef int wrap = vq.avail_wrap
+    cdef int nchains = 0, niov = 0, rc, c
+    cdef uint16_t id, ndesc
+    cdef Iov h
+    cdef Chain buf
+    while cap < need:
+        if nchains > 0 and not t.mrg_rxbuf:
+            vq.dropped += 1          # frame larger than the guest's buffers
+            return R_DROP
+        if nchains >= MAX_IOV:
+            return E_IOV
+        rc = packed_take(vq, &slot, &wrap, ALL_WRITABLE, limit, &w.rx_iov[niov],
+                         MAX_IOV - niov, &buf, &id, &ndesc, NULL)
+        if rc == 0:
+            return R_NO_ROOM
+        if rc < 0:
+            return rc
+        # a driver rewriting flags under us could show us a lap twice
+        nslots += ndesc
+        if nslots > vq.size:
+            return E_LOOP
+        w.rx_head[nchains] = id
+        w.rx_cap[nchains] = <uint32_t>buf.wbytes
+        vq.id_ndesc[nchains] = ndesc          # nchains <= slots taken <= size
+        niov += buf.niov
+        cap += <uint32_t>buf.wbytes
+        nchains += 1
+    if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
+        # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
+        w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
+        w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
+    h.base = w.hdr_out
+    h.len = t.hdr_len
+    sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
+    sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    if t.log.active:
+        vfe_fence()
+        for c in range(niov):
+            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
+    remaining = need
+    for c in range(nchains):
+        l = w.rx_cap[c]
+        if l > remaining:
+            l = remaining
+        packed_used_push(vq, w.rx_head[c], l, vq.id_ndesc[c])
+        remaining -= l
+    vq.last_avail_idx = <uint16_t>slot
+    vq.avail_wrap = wrap
+    vq.packets += 1
+    vq.bytes += frame_len
+    return R_OK

@@ -1,0 +1,65 @@
+# A guest's packed TX ring: netdata.pxd's net_tx_burst for the packed
+# layout, and net_burst, which the worker loop calls for either layout.
+from libc.stdint cimport uint16_t, uint32_t, int64_t
+from vring cimport *
+from netpath cimport *
+from netdata cimport *
+from packed cimport *
+
+
+cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
+    """Take up to BURST chains from a guest's packed TX ring and switch
+    them (or send them to the representor), then publish their used
+    descriptors.  A frame whose destination is full stays in the ring
+    (taken again next time) until it has waited STALL_NS."""
+    cdef NetDev *dev = <NetDev *>vq.dev
+    cdef int k, rc, done = 0
+    cdef uint32_t slot, total
+    cdef int wrap
+    cdef uint16_t id, ndesc
+    cdef int64_t t
+    cdef Chain frame
+    for k in range(BURST):
+        slot = vq.last_avail_idx
+        wrap = vq.avail_wrap
+        rc = packed_take(vq, &slot, &wrap, ALL_READABLE, NET_MAX_CHAIN, w.iov, MAX_IOV,
+                         &frame, &id, &ndesc, NULL)
+        if rc == 0:
+            break
+        total = <uint32_t>frame.rbytes
+        if rc > 0 and total <= <uint32_t>dev.hdr_len:
+            rc = E_LEN
+        if rc < 0:
+            break_ring(w, vq, rc)
+            break
+        if dev.tap_fd >= 0:
+            rc = tap_send(w, dev, w.iov, frame.niov, total)
+        else:
+            rc = switch_frame(w, dev, vq.index >> 1, w.iov, frame.niov, total)
+        if rc == R_NO_ROOM:
+            t = now_ns()
+            if vq.stall_ns == 0:
+                vq.stall_ns = t
+            if t - vq.stall_ns < STALL_NS:
+                w.blocked = 1
+                break
+            vq.dropped += 1
+        elif rc == R_DROP:
+            vq.dropped += 1
+        vq.stall_ns = 0
+        packed_used_push(vq, id, 0, ndesc)
+        vq.last_avail_idx = <uint16_t>slot
+        vq.avail_wrap = wrap
+        vq.packets += 1
+        vq.bytes += total - dev.hdr_len
+        done += 1
+    flush_rx(w)
+    packed_publish(vq)
+    return done
+
+
+cdef inline int net_burst(Worker *w, Vring *vq) noexcept nogil:
+    """One burst of a net TX ring, whichever its layout."""
+    if vq.packed:
+        return packed_tx_burst(w, vq)
+    return net_tx_burst(w, vq)

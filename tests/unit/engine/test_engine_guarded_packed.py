@@ -1,0 +1,444 @@
+"""Hostile packed rings, driven in-process on guarded memory
+(tests/harness/engine_rig.py, packed_ring.py): the descriptor ring and both
+event areas end exactly at a guard page, every buffer sits between guards,
+and each case runs in a forked child (run_forked), so a read or write out
+of bounds fails the case with its signal instead of passing.
+
+TX: chains on device a's packed TX ring, one burst; a good frame is flooded
+to device b's packed RX ring.  RX: b's ring is the hostile one, and a's TX
+ring goes on.  Checked: the ring stops with the right reason (or, for flags
+that do not make a slot available, stays idle and unbroken), nothing is
+forwarded or written, and good chains at the very edge of a region work.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.harness.engine_rig import (
+    F_INDIRECT, F_NEXT, F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, PAGE, Guest, NetRig,
+    RingError,
+)
+from tests.harness import userfault
+from tests.harness.guarded import run_forked
+from tests.harness.packed_ring import (
+    F_AVAIL, F_USED, FEAT_RING_PACKED, FRESH_BASE, PackedRing, avail_flags, packed_at_ends,
+    packed_table,
+)
+
+SIZE = 8
+TXD, TXA, TXU, RXD, RXA, RXU, BUF, BUF2 = range(8)
+REGIONS = [(0x10000, PAGE), (0x20000, PAGE), (0x30000, PAGE), (0x50000, PAGE),
+           (0x60000, PAGE), (0x70000, PAGE), (0x100000, 2 * PAGE), (0x102000, PAGE)]
+HDR = 12
+FRAME = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(range(46))
+PACKED = FEAT_VERSION_1 | FEAT_INDIRECT | FEAT_RING_PACKED
+
+
+class Net:
+    """a's packed TX ring and b's packed RX ring, started (TX at `tx_base`);
+    b has 4 RX buffers of 512 bytes (ids 0-3) unless rx_buffers is False."""
+
+    def __init__(self, features: int = PACKED, tx_base: int = FRESH_BASE,
+                 rx_buffers: bool = True) -> None:
+        self.g = Guest(REGIONS)
+        self.rig = NetRig(self.g, features)
+        self.tx = packed_at_ends(self.g, SIZE, TXD, TXA, TXU)
+        self.rx = packed_at_ends(self.g, SIZE, RXD, RXA, RXU)
+        self.tx.next_avail, self.tx.avail_wrap = tx_base & 0x7FFF, (tx_base >> 15) & 1
+        self.rig.a.start_ring(1, SIZE, *self.tx.addresses, tx_base, -1, -1, True)
+        self.rig.b.start_ring(0, SIZE, *self.rx.addresses, FRESH_BASE, -1, -1, True)
+        self.rx_buf = self.g.start(BUF) + PAGE
+        if rx_buffers:
+            for i in range(4):
+                self.rx.post([(self.rx_buf + 512 * i, 512, F_WRITE)], i)
+
+    def frame_at(self, gpa: int | None = None) -> tuple[int, int]:
+        """HDR + FRAME written at gpa (default: the start of BUF)."""
+        gpa = self.g.start(BUF) if gpa is None else gpa
+        self.g.write(gpa, bytes(HDR) + FRAME)
+        return gpa, HDR + len(FRAME)
+
+    def send(self) -> int:
+        return self.rig.a.run_burst(1)
+
+    def tx_broken(self) -> int:
+        return self.rig.broken(self.rig.a, 1)
+
+    def rx_broken(self) -> int:
+        return self.rig.broken(self.rig.b, 0)
+
+    def delivered(self) -> list[bytes]:
+        return [self.g.read(self.rx_buf + 512 * i, n)[HDR:] for i, n in self.rx.take_used()]
+
+
+# -- TX chains: build(n) -> None; expected RingError, None (delivered) or "idle"
+
+def chain_into_unavailable_slot(n):
+    a, ln = n.frame_at()
+    n.tx.post([(a, 20, 0), (a + 20, ln - 20, 0)], 0)
+    n.tx.set_flags(1, 0)                              # the second slot never made available
+
+
+def chain_into_wrong_lap():
+    """From slot 7 into slot 0 of the next lap, whose flags still say lap 1."""
+    def build(n):
+        a, ln = n.frame_at()
+        n.tx.post([(a, 20, 0), (a + 20, ln - 20, 0)], 0)
+        n.tx.set_flags(0, avail_flags(1))             # should be avail_flags(0)
+    return build
+
+
+def id_is_size(n):
+    a, ln = n.frame_at()
+    n.tx.post([(a, ln, 0)], SIZE)
+
+
+def id_ffff(n):
+    a, ln = n.frame_at()
+    n.tx.post([(a, 20, 0), (a + 20, ln - 20, 0)], 0xFFFF)
+
+
+def chain_longer_than_ring(n):
+    a, _ = n.frame_at()
+    for slot in range(SIZE):
+        n.tx.write_desc(slot, a, 10, 0, F_NEXT | avail_flags(1))
+
+
+def head_flags(value):
+    def build(n):
+        a, ln = n.frame_at()
+        n.tx.write_desc(0, a, ln, 0, value)
+    build.__name__ = f"head_flags_{value:#06x}"
+    return build
+
+
+def garbage_bits_are_ignored(n):
+    a, ln = n.frame_at()
+    n.tx.post([(a, ln, 0x7F08 & ~F_USED)], 0)         # reserved bits: the AVAIL/USED pair decides
+
+
+def writable_in_tx(n):
+    a, ln = n.frame_at()
+    n.tx.post([(a, ln, F_WRITE)], 0)
+
+
+def zero_length(n):
+    n.tx.post([(n.g.start(BUF), 0, 0)], 0)
+
+
+def header_only(n):
+    a, _ = n.frame_at()
+    n.tx.post([(a, HDR, 0)], 0)
+
+
+def ends_at_region_end(n):
+    a, ln = n.frame_at(n.g.end(BUF2) - HDR - len(FRAME))
+    n.tx.post([(a, ln, 0)], 0)
+
+
+def one_past_region_end(n):
+    a, ln = n.frame_at(n.g.end(BUF2) - HDR - len(FRAME))
+    n.tx.post([(a + 1, ln, 0)], 0)
+
+
+def address_wraps(n):
+    n.tx.post([(0xFFFF_FFFF_FFFF_FFF0, 0x40, 0)], 0)
+
+
+def indirect(table: bytes, length: int | None = None, flags: int = F_INDIRECT,
+             where: str = "start", shift: int = 0, prefix: bool = False):
+    """A chain ending in an indirect descriptor to `table` (written at the
+    start of BUF2, or ending at its end), `length` bytes long."""
+    def build(n):
+        a, ln = n.frame_at()
+        tgpa = (n.g.start(BUF2) if where == "start" else n.g.end(BUF2) - len(table)) + shift
+        n.g.write(tgpa - shift, table)
+        descs = [(a, HDR, 0)] if prefix else []
+        n.tx.post(descs + [(tgpa, len(table) if length is None else length, flags)], 0)
+    return build
+
+
+def table_case(make):
+    """An indirect case whose table points at the frame written by frame_at."""
+    def build(n):
+        a, ln = n.frame_at()
+        make(packed_table((a, 20, 0), (a + 20, ln - 20, 0)))(n)
+    return build
+
+
+def direct_then_table(n):
+    """Direct descriptors may precede the indirect one that ends a chain."""
+    a, ln = n.frame_at()
+    n.g.write(n.g.start(BUF2), packed_table((a + HDR, ln - HDR, 0)))
+    n.tx.post([(a, HDR, 0), (n.g.start(BUF2), 16, F_INDIRECT)], 0)
+
+
+def nested_table(n):
+    a, ln = n.frame_at()
+    inner = n.g.start(BUF2) + 256
+    n.g.write(inner, packed_table((a, ln, 0)))
+    n.g.write(n.g.start(BUF2), packed_table((a, 20, 0), (inner, 16, F_INDIRECT)))
+    n.tx.post([(n.g.start(BUF2), 32, F_INDIRECT)], 0)
+
+
+def table_with_flag_garbage(n):
+    """In a table only WRITE counts (2.8.19): NEXT and the AVAIL/USED bits are ignored."""
+    a, ln = n.frame_at()
+    n.g.write(n.g.start(BUF2), packed_table((a, 20, F_NEXT | F_AVAIL | F_USED), (a + 20, ln - 20, F_NEXT)))
+    n.tx.post([(n.g.start(BUF2), 32, F_INDIRECT)], 0)
+
+
+TX_CASES = [
+    (chain_into_unavailable_slot, RingError.PACKED_CHAIN),
+    (id_is_size, RingError.PACKED_ID),
+    (id_ffff, RingError.PACKED_ID),
+    (chain_longer_than_ring, RingError.LOOP),
+    (head_flags(F_AVAIL | F_USED), "idle"),          # a used descriptor of lap 1
+    (head_flags(0), "idle"),                          # a used descriptor of lap 0
+    (head_flags(F_USED), "idle"),                     # made available in lap 0
+    (head_flags(0xFFFF), "idle"),
+    (garbage_bits_are_ignored, None),
+    (writable_in_tx, RingError.DIR),
+    (zero_length, RingError.LEN),
+    (header_only, RingError.LEN),
+    (ends_at_region_end, None),
+    (one_past_region_end, RingError.ADDR),
+    (address_wraps, RingError.ADDR),
+    (table_case(lambda t: indirect(t)), None),
+    (direct_then_table, None),
+    (table_case(lambda t: indirect(t, where="end")), None),
+    (table_case(lambda t: indirect(t, where="end", length=len(t) + 16)), RingError.INDIRECT),
+    (table_case(lambda t: indirect(t, length=20)), RingError.INDIRECT),
+    (table_case(lambda t: indirect(t, length=0)), RingError.INDIRECT),
+    (table_case(lambda t: indirect(t, shift=8)), RingError.INDIRECT),
+    (table_case(lambda t: indirect(t, flags=F_INDIRECT | F_NEXT)), RingError.INDIRECT),
+    (nested_table, RingError.NESTED),
+    (table_with_flag_garbage, None),
+]
+
+
+@pytest.mark.parametrize("build,expected", TX_CASES,
+                         ids=[f"{i}-{getattr(b, '__name__', 'case')}" for i, (b, _) in enumerate(TX_CASES)])
+def test_tx_chain(build, expected):
+    def case():
+        n = Net()
+        build(n)
+        before = n.tx.read_desc(0)
+        n.send()
+        if expected is None:
+            assert n.tx_broken() == 0, RingError(n.tx_broken())
+            assert n.delivered() == [FRAME]
+            assert n.tx.take_used() == [(0, 0)]
+        elif expected == "idle":
+            assert n.tx_broken() == 0 and n.delivered() == []
+            st = n.rig.a.ring_state(1)
+            assert (st["last_avail_idx"], st["last_used_idx"]) == (0, 0)
+            assert n.tx.read_desc(0) == before                # nothing written over it
+        else:
+            assert n.tx_broken() == expected, n.rig.a.ring_state(1)
+            assert n.delivered() == [] and n.tx.take_used() == []
+        assert n.rx_broken() == 0
+    run_forked(case)
+
+
+def test_a_chain_wrapping_into_the_wrong_lap_stops_the_ring():
+    def case():
+        n = Net(tx_base=7 | 1 << 15 | (7 | 1 << 15) << 16)
+        chain_into_wrong_lap()(n)
+        n.send()
+        assert n.tx_broken() == RingError.PACKED_CHAIN
+        assert n.delivered() == []
+    run_forked(case)
+
+
+def test_a_chain_wrapping_into_the_next_lap_is_taken():
+    def case():
+        n = Net(tx_base=7 | 1 << 15 | (7 | 1 << 15) << 16)
+        a, ln = n.frame_at()
+        n.tx.post([(a, 20, 0), (a + 20, ln - 20, 0)], 3)
+        n.send()
+        assert n.tx_broken() == 0 and n.delivered() == [FRAME]
+        st = n.rig.a.ring_state(1)
+        assert (st["last_avail_idx"], st["avail_wrap"]) == (1, 0)
+    run_forked(case)
+
+
+def test_indirect_without_the_feature_stops_the_ring():
+    def case():
+        n = Net(features=FEAT_VERSION_1 | FEAT_RING_PACKED)
+        table_case(lambda t: indirect(t))(n)
+        n.send()
+        assert n.tx_broken() == RingError.INDIRECT and n.delivered() == []
+    run_forked(case)
+
+
+def test_a_descriptor_is_read_once_after_its_flags():
+    """The length and address come from the same read as the decision: a
+    descriptor whose fields the driver rewrites after the burst changes
+    nothing already delivered, and a later burst sees only the new values
+    (here: a used slot, so nothing)."""
+    def case():
+        n = Net()
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        n.send()
+        n.tx.write_desc(0, a, 0xFFFF_FFFF, 0, F_AVAIL)        # rewritten, but not for lap 0
+        n.send()
+        assert n.tx_broken() == 0 and n.delivered() == [FRAME]
+    run_forked(case)
+
+
+# -- the RX ring is the hostile one: it stops, the sender does not
+
+def rx_case(build, expected):
+    def case():
+        n = Net(rx_buffers=False)
+        build(n)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        n.send()
+        assert n.rx_broken() == expected, n.rig.b.ring_state(0)
+        assert n.rx.take_used() == []
+        assert n.tx_broken() == 0 and n.tx.take_used() == [(0, 0)]
+        assert n.rig.a.ring_state(1)["ready"]
+    run_forked(case)
+
+
+def test_rx_buffer_id_out_of_range():
+    rx_case(lambda n: n.rx.post([(n.rx_buf, 512, F_WRITE)], SIZE), RingError.PACKED_ID)
+
+
+def test_rx_readable_buffer():
+    rx_case(lambda n: n.rx.post([(n.rx_buf, 512, 0)], 0), RingError.DIR)
+
+
+def test_rx_chain_into_unavailable_slot():
+    def build(n):
+        n.rx.post([(n.rx_buf, 8, F_WRITE), (n.rx_buf + 8, 504, F_WRITE)], 0)
+        n.rx.set_flags(1, 0)
+    rx_case(build, RingError.PACKED_CHAIN)
+
+
+def test_rx_buffer_past_region_end():
+    rx_case(lambda n: n.rx.post([(n.g.end(BUF2) - 100, 512, F_WRITE)], 0), RingError.ADDR)
+
+
+def test_rx_buffer_ending_at_region_end_is_filled():
+    def case():
+        n = Net(rx_buffers=False)
+        at = n.g.end(BUF2) - HDR - len(FRAME)
+        n.rx.post([(at, HDR + len(FRAME), F_WRITE)], 2)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        n.send()
+        assert n.rx.take_used() == [(2, HDR + len(FRAME))]
+        assert n.g.read(at + HDR, len(FRAME)) == FRAME
+    run_forked(case)
+
+
+# -- ring areas
+
+@pytest.mark.parametrize("shift", [("desc", 16), ("desc", 8), ("driver", 2), ("driver", 4),
+                                   ("device", 4), ("device", 1)])
+def test_ring_areas_outside_memory_or_misaligned_are_refused(shift):
+    area, by = shift
+
+    def case():
+        g = Guest(REGIONS)
+        rig = NetRig(g, PACKED)
+        r = packed_at_ends(g, SIZE, TXD, TXA, TXU)
+        d, drv, dev = r.addresses
+        if area == "desc":
+            d += by
+        elif area == "driver":
+            drv += by
+        else:
+            dev += by
+        with pytest.raises(ValueError, match="not inside guest memory"):
+            rig.a.start_ring(1, SIZE, d, drv, dev, FRESH_BASE, -1, -1, True)
+    run_forked(case)
+
+
+def test_a_broken_packed_ring_leaves_the_others_running():
+    """a's TX ring stops; b's TX ring (in regions of its own) still reaches
+    a's RX ring."""
+    more = [(0x200000 + 0x10000 * k, PAGE) for k in range(6)]
+
+    def case():
+        n = Net.__new__(Net)
+        n.g = Guest(REGIONS + more)
+        n.rig = NetRig(n.g, PACKED)
+        n.tx = packed_at_ends(n.g, SIZE, TXD, TXA, TXU)
+        n.rig.a.start_ring(1, SIZE, *n.tx.addresses, FRESH_BASE, -1, -1, True)
+        b_tx = packed_at_ends(n.g, SIZE, 8, 9, 10)
+        a_rx = packed_at_ends(n.g, SIZE, 11, 12, 13)
+        n.rig.b.start_ring(1, SIZE, *b_tx.addresses, FRESH_BASE, -1, -1, True)
+        n.rig.a.start_ring(0, SIZE, *a_rx.addresses, FRESH_BASE, -1, -1, True)
+        id_is_size(n)
+        n.send()
+        assert n.tx_broken() == RingError.PACKED_ID
+        assert "packed buffer id" in n.rig.a.ring_state(1)["error"]
+        rx_buf = n.g.start(BUF) + PAGE
+        a_rx.post([(rx_buf, 512, F_WRITE)], 0)
+        a, ln = n.frame_at()
+        b_tx.post([(a, ln, 0)], 1)
+        assert n.rig.b.run_burst(1) == 1
+        assert a_rx.take_used() == [(0, HDR + len(FRAME))]
+        assert n.g.read(rx_buf + HDR, len(FRAME)) == FRAME
+        assert n.tx_broken() == RingError.PACKED_ID
+    run_forked(case)
+
+
+def test_a_running_ring_s_layout_cannot_change():
+    """SET_FEATURES flipping RING_PACKED under running rings is refused
+    (nothing applied): they would read one layout as the other.  The
+    rings go on; once stopped, the layout may change."""
+    def case():
+        n = Net()
+        with pytest.raises(RuntimeError, match="layout"):
+            n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert n.rig.a.ring_state(1)["packed"] and n.tx_broken() == 0
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        assert n.send() == 1
+        assert n.delivered() == [FRAME] and n.rx_broken() == 0
+        n.rig.a.stop_ring(1)
+        n.rig.a.set_features(FEAT_VERSION_1 | FEAT_INDIRECT)
+        assert not n.rig.a.ring_state(1)["packed"]
+    run_forked(case)
+
+
+@pytest.mark.skipif(not userfault.available(), reason="needs userfaultfd")
+def test_an_rx_frame_that_would_take_more_slots_than_the_ring_stops_it():
+    """Mergeable buffers, a ring of 8 whose slot 0 ends one page and slots
+    1-7 fill the next, eight 16-byte buffers and a frame needing nine.
+    While the engine reads slot 1 (the page's first touch, userfaultfd)
+    the driver makes slot 0 available again, for the next lap: the walk
+    would take slot 0 twice for one frame (nine chains in a ring of 8).
+    E_LOOP, nothing used."""
+    def case():
+        regions = list(REGIONS)
+        regions[RXD] = (0x50000, 2 * PAGE)
+        g = Guest(regions)
+        rig = NetRig(g, PACKED | FEAT_MRG_RXBUF)
+        tx = packed_at_ends(g, SIZE, TXD, TXA, TXU)
+        rx = PackedRing(g, SIZE, g.start(RXD) + PAGE - 16, g.end(RXA) - 4, g.end(RXU) - 4)
+        rig.a.start_ring(1, SIZE, *tx.addresses, FRESH_BASE, -1, -1, True)
+        rig.b.start_ring(0, SIZE, *rx.addresses, FRESH_BASE, -1, -1, True)
+        rx_buf = g.start(BUF) + PAGE
+        for i in range(SIZE):
+            rx.post([(rx_buf + 16 * i, 16, F_WRITE)], i)
+        a = g.start(BUF)
+        body = FRAME + bytes(SIZE * 16 + 4 - len(FRAME))       # 12 + 132 bytes: 9 buffers
+        g.write(a, bytes(HDR) + body)
+        tx.post([(a, HDR + len(body), 0)], 0)
+        area = g.areas[RXD][1]
+        touch = userfault.FirstTouch(area, 1, area.read(PAGE, PAGE),
+                                     lambda: rx.set_flags(0, F_USED | F_WRITE))
+        rig.a.run_burst(1)
+        touch.close()
+        assert rig.b.ring_state(0)["broken"] == RingError.LOOP
+        assert rx.take_used() == [] and rx.read_desc(0)[3] == F_USED | F_WRITE
+    run_forked(case)
