@@ -738,19 +738,21 @@ def test_the_region_is_committed_before_the_guest_is_interrupted():
 
         def watch():
             deadline = time.monotonic() + 20                  # a bound, not a measurement
-            while time.monotonic() < deadline:
-                with open(f"/proc/self/task/{burst_tid}/syscall") as f:
-                    call = f.read().split()
-                if call[:2] == ["1", hex(w)]:                  # blocked in write(call fd)
-                    hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
-                    seen["inflight"] = area.read(off + 32, 1)[0]
-                    seen["used"] = (hdr[5], hdr[7])
-                    seen["committed"] = (hdr[6], hdr[8])
-                    break
-            os.read(r, 65536)                                  # room: the write goes through
+            try:
+                while time.monotonic() < deadline:
+                    with open(f"/proc/self/task/{burst_tid}/syscall") as f:
+                        call = f.read().split()
+                    if call[:2] == ["1", hex(w)]:              # blocked in write(call fd)
+                        hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
+                        seen["inflight"] = area.read(off + 32, 1)[0]
+                        seen["used"] = (hdr[5], hdr[7])
+                        seen["committed"] = (hdr[6], hdr[8])
+                        break
+            finally:
+                os.read(r, 65536)                              # room: the write goes through
         t = threading.Thread(target=watch)
         t.start()
         assert b.burst() == 1
         t.join()
-        assert seen["inflight"] == 0 and seen["used"] == seen["committed"] == (2, 1), seen
+        assert seen and seen["inflight"] == 0 and seen["used"] == seen["committed"] == (2, 1), seen
     run_forked(case)
