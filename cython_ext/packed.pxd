@@ -247,7 +247,9 @@ cdef inline void packed_used_push(Vring *vq, uint16_t id, uint32_t length,
     the driver's available descriptor, also to a driver looking at it after
     we died: a used descriptor the guest can see is always published.  A
     batch never holds more than the ring: a driver that reposts faster
-    than we publish (net rings) gets the batch so far published first."""
+    than we publish (net rings) gets the batch so far published first (a
+    blk queue never gets there: an id is outstanding until published, so
+    a batch has at most one descriptor per id)."""
     cdef uint8_t *d
     cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
     cdef uint32_t pos

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -710,4 +711,48 @@ def test_dirty_log_of_a_packed_queue():
         assert logged(b.ring.desc_gpa) and logged(into) and logged(st_in) and logged(st_out)
         assert logged(b.ring.device_gpa)
         assert not logged(b.g.start(BUF) + PAGE) and not logged(b.ring.driver_gpa)
+    run_forked(case)
+
+
+def test_the_region_is_committed_before_the_guest_is_interrupted():
+    """The call fd is a full pipe, so the interrupt's write blocks: seen
+    from another thread while it does, the answered request is no longer
+    inflight in the region and the used cursor is committed (a process
+    killed after telling the guest must not have it answered again)."""
+    def case():
+        import fcntl
+        import threading
+        b = PBlk(start=False)
+        area, off, qlen = _region(b)
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+        try:
+            while True:
+                os.write(w, bytes(65536))
+        except BlockingIOError:
+            pass
+        fcntl.fcntl(w, fcntl.F_SETFL, 0)
+        assert b.dev.start_ring(0, SIZE, *b.ring.addresses, FRESH_BASE, -1, w, True) == -1
+        b.request(2, T_FLUSH)
+        burst_tid, seen = threading.get_native_id(), {}
+
+        def watch():
+            deadline = time.monotonic() + 20                  # a bound, not a measurement
+            try:
+                while time.monotonic() < deadline:
+                    with open(f"/proc/self/task/{burst_tid}/syscall") as f:
+                        call = f.read().split()
+                    if call[:2] == ["1", hex(w)]:              # blocked in write(call fd)
+                        hdr = PIF_HEADER.unpack(area.read(off, PIF_HEADER.size))
+                        seen["inflight"] = area.read(off + 32, 1)[0]
+                        seen["used"] = (hdr[5], hdr[7])
+                        seen["committed"] = (hdr[6], hdr[8])
+                        break
+            finally:
+                os.read(r, 65536)                              # room: the write goes through
+        t = threading.Thread(target=watch)
+        t.start()
+        assert b.burst() == 1
+        t.join()
+        assert seen and seen["inflight"] == 0 and seen["used"] == seen["committed"] == (2, 1), seen
     run_forked(case)
