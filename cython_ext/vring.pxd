@@ -62,6 +62,7 @@ ctypedef struct DirtyLog:
 ctypedef struct Vring:
     # hot fields first
     int lock                 # taken by whoever writes the ring from outside its worker (RX delivery)
+    void *publisher          # RX: the Worker that publishes its pushed used entries at its burst's end (under lock)
     int ready                # started: addresses translated, may be processed
     int enabled              # SET_VRING_ENABLE
     int broken               # 0, or -E_* of the error that stopped it
