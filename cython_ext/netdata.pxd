@@ -128,9 +128,9 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         return R_DROP
     need = t.hdr_len + frame_len
     # re-read avail->idx on the first delivery of a run, then trust the
-    # cached value while it lasts
-    n = avail_count_cached(vq, 0x10000 if w.rx_fresh else
-                           ((need + 1499) // 1500 if t.mrg_rxbuf else 1))
+    # cached value while it lasts (a frame needing more buffers re-reads in
+    # the loop below)
+    n = avail_count_cached(vq, 0x10000 if w.rx_fresh else 1)
     if n < 0:
         rx_fail(w, vq, n)
         return R_DROP
