@@ -232,11 +232,12 @@ cdef inline void publish_rx(Worker *w, Vring *vq) noexcept nogil:
 
 cdef inline void flush_rx(Worker *w) noexcept nogil:
     """End of a burst: end the run, publish the RX rings it filled and
-    interrupt their guests, forget what it learned (sw_known)."""
+    interrupt their guests, forget what it learned (sw_known) and looked up."""
     cdef int i
     cdef Vring *held = w.rx_held
     cdef Vring *vq
     w.learn_dev = NULL
+    w.lookup_valid = 0
     if held != NULL:
         publish_rx(w, held)
         rx_unlock(w, held)
@@ -479,6 +480,7 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
         # a burst comes from one source MAC or a few: learn each once
         if not (w.learn_dev == src_dev and w.learn_mac == srcmac and
                 sw_known(w.learn_slot, w.learn_entry)):
+            w.lookup_valid = 0        # the table may change: look destinations up again
             r = sw_learn(sw, src_dev, srcmac, &slot)
             if r == LEARN_OK:
                 if slot != NULL:
@@ -495,7 +497,16 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
                 vfe_add_u64(&src_dev.table_full, 1)
                 notice(w, src_dev, NOTICE_FULL)
     if not (dst >> 40) & 1:
-        p = sw_lookup(sw, dst)
+        # a burst goes to one destination or a few: look each up once (the
+        # table changes only by learning, ours resets this, or another
+        # worker's, as racy per frame as per burst)
+        if w.lookup_valid and w.lookup_mac == dst:
+            p = w.lookup_port
+        else:
+            p = sw_lookup(sw, dst)
+            w.lookup_mac = dst
+            w.lookup_port = p
+            w.lookup_valid = 1
         if p >= 0 and p < MAX_PORTS:
             if p == src_dev.port:
                 return R_OK           # hairpin: the destination is the sender

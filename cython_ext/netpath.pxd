@@ -120,3 +120,7 @@ ctypedef struct Worker:
     uint64_t learn_mac
     uint64_t *learn_slot
     uint64_t learn_entry
+    # the destination MAC this burst looked up last and the port found (-1: none)
+    int lookup_valid
+    int lookup_port
+    uint64_t lookup_mac

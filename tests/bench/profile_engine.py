@@ -52,13 +52,16 @@ BURST = 32
 RING = 256
 
 
-def _frame(size: int) -> bytes:
+def _frame(size: int, unicast: bool = False) -> bytes:
     # broadcast destination: the switch floods it, as it floods testpmd's
-    # never-learned 02:00:00:00:00:0N destinations in the bench
-    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(size - 14)
+    # never-learned 02:00:00:00:00:0N destinations in the bench (--unicast:
+    # such a destination, looked up and missed, then flooded)
+    dst = b"\x02\x00\x00\x00\x00\x0b" if unicast else b"\xff" * 6
+    return dst + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(size - 14)
 
 
-def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int = BURST) -> None:
+def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int = BURST,
+                unicast: bool = False) -> None:
     """The measured workload (runs inside callgrind)."""
     from tests.harness.engine_rig import (F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF,
                                           FEAT_VERSION_1, Guest, NetRig, RawRing)
@@ -73,7 +76,7 @@ def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int =
     rig.start(rig.a, 1, tx)
     rig.start(rig.b, 0, rx)
     buf, rxbuf = 0x200000, 0x200000 + RING * slot
-    frame = _frame(size)
+    frame = _frame(size, unicast)
     for i in range(RING):
         g.write(buf + slot * i, bytes(HDR) + frame)
         tx.set_desc(i, buf + slot * i, HDR + len(frame))
@@ -257,13 +260,14 @@ def _report_functions(path: str, packets: int) -> None:
 def vfe(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cg.vfe.{args.size}{'.nomrg' if args.no_mrg_rxbuf else ''}"
-                                  f"{'' if args.per_burst == BURST else f'.b{args.per_burst}'}")
+                                  f"{'' if args.per_burst == BURST else f'.b{args.per_burst}'}"
+                                  f"{'.uc' if args.unicast else ''}")
     cmd = ["valgrind", "--tool=callgrind", "--toggle-collect=*net_tx_burst",
            f"--callgrind-out-file={path}", sys.executable, "-m", "tests.bench.profile_engine",
            "_vfe_rig", "--size", str(args.size), "--bursts", str(args.bursts)]
     if args.no_mrg_rxbuf:
         cmd.append("--no-mrg-rxbuf")
-    cmd += ["--per-burst", str(args.per_burst)]
+    cmd += ["--per-burst", str(args.per_burst)] + (["--unicast"] if args.unicast else [])
     print("+", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL if not args.verbose else None)
     _report(path, args.bursts * args.per_burst, args.top)
@@ -491,12 +495,14 @@ def main(argv=None) -> None:
     p.add_argument("--per-burst", type=int, default=BURST,
                    help="vfe: frames per burst (the bench's loop gives the poll worker fewer than 32 "
                         "when the front-end is the slower side)")
+    p.add_argument("--unicast", action="store_true",
+                   help="vfe: frames to an unknown unicast MAC (as the bench's) instead of broadcast")
     p.add_argument("--no-mrg-rxbuf", action="store_true",
                    help="mergeable RX buffers off (the rig's devices; testpmd A's mrg_rxbuf=0)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.mode == "_vfe_rig":
-        run_vfe_rig(args.size, args.bursts, not args.no_mrg_rxbuf, args.per_burst)
+        run_vfe_rig(args.size, args.bursts, not args.no_mrg_rxbuf, args.per_burst, args.unicast)
     else:
         {"vfe": vfe, "dpdk": dpdk, "daemon": daemon, "cycles": cycles}[args.mode](args)
 

@@ -295,3 +295,23 @@ def test_source_macs_changing_within_a_burst_are_each_learned():
         assert n.rig.a.switch_stats()["learn_capped"] == 1
         n.rig.close()
     run_forked(case)
+
+
+def test_destination_learned_mid_burst_is_looked_up_again():
+    """One burst: a frame to the unknown MAC X (flooded to b), a broadcast
+    from source X (a learns X), a frame to X again: now a's own MAC, so it
+    is not sent anywhere (hairpin).  A destination remembered from the first
+    lookup would flood it to b."""
+    def case():
+        n = Net()
+        base = n.g.start(RXBUF)
+        n.post_rx(n.rx, base, 4, 512)
+        x = bytes.fromhex("02000000000c")
+        to_x = x + FRAME[6:]
+        from_x = b"\xff" * 6 + x + FRAME[12:]
+        for i, f in enumerate([to_x, from_x, to_x]):
+            n.tx_one_piece(f, i)
+        assert n.rig.a.run_burst(1) == 3
+        assert n.received(n.rx, base, 512) == [(to_x, 1), (from_x, 1)]
+        n.rig.close()
+    run_forked(case)
