@@ -6,7 +6,7 @@
 # Included into the engine module through cimport (cdef inline): one
 # compilation unit, no call across modules on the hot path.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from atomics cimport *
 from linux cimport *
 from vring cimport *
@@ -67,52 +67,93 @@ cdef inline Vring *pick_rx(NetDev *t, int pair) noexcept nogil:
     return NULL
 
 
+cdef inline void rx_release(Worker *w) noexcept nogil:
+    """End the run of deliveries: release the RX ring this thread holds, if any."""
+    if w.rx_held != NULL:
+        rx_unlock(w, w.rx_held)
+
+
+cdef inline Vring *rx_acquire(Worker *w, NetDev *t, int pair) noexcept nogil:
+    """The destination RX ring for a frame to t from queue pair `pair`, locked
+    and usable; NULL if there is none.  Consecutive deliveries to the same
+    (t, pair) are a run that takes the lock once, as DPDK's enqueue locks a
+    ring once per burst: the lock stays held until rx_release (a different
+    destination, a ring error, or flush_rx at the burst's end).  Nothing
+    pick_rx reads changes during a burst except `broken`, which is only set
+    under this lock (break_ring) or when the memory vanished (the guarded
+    section recovers from the fault either way), so the ring stays the one
+    pick_rx would choose.  One ring lock at a time: a held one is released
+    before another is taken."""
+    cdef Vring *vq = w.rx_held
+    if vq != NULL:
+        if w.rx_dev == t and w.rx_pair == pair:
+            w.rx_fresh = 0
+            return vq
+        rx_unlock(w, vq)
+    vq = pick_rx(t, pair)
+    if vq == NULL:
+        return NULL
+    rx_lock(w, vq)
+    if not ring_usable(vq):
+        rx_unlock(w, vq)
+        return NULL
+    w.rx_dev = t
+    w.rx_pair = pair
+    w.rx_fresh = 1
+    return vq
+
+
+cdef inline void rx_fail(Worker *w, Vring *vq, int code) noexcept nogil:
+    """A guest error on the held RX ring: stop it and end the run."""
+    break_ring(w, vq, code)
+    rx_release(w)
+
+
+cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) noexcept nogil:
+    """Whether bytes [skip, skip+length) of the src iovecs lie in src[0]."""
+    return nsrc > 0 and src[0].len >= skip and src[0].len - skip >= length
+
+
 cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
                     uint32_t skip, uint32_t frame_len) noexcept nogil:
     """Write w.hdr_out + the frame into the destination's RX ring (mergeable
-    buffers when negotiated), publish used->idx and interrupt if wanted."""
-    cdef Vring *vq = pick_rx(t, pair)
+    buffers when negotiated); its used->idx is published at the burst's end
+    (flush_rx), with an interrupt if wanted."""
+    cdef Vring *vq = rx_acquire(w, t, pair)
     cdef uint32_t need, cap = 0, remaining, l
     cdef int n, nchains = 0, niov = 0, rc, c
     cdef uint16_t head
+    cdef uint8_t *d
     cdef Iov h
     cdef Chain buf
     if vq == NULL:
         return R_DROP
-    rx_lock(w, vq)
-    if not ring_usable(vq):
-        rx_unlock(w, vq)
-        return R_DROP
     if vq.packed:
         rc = packed_rx_fill(w, t, vq, src, nsrc, skip, frame_len, NET_MAX_CHAIN)
         if rc < 0:
-            break_ring(w, vq, rc)
-        elif rc == R_OK:
+            rx_fail(w, vq, rc)
+            return R_DROP
+        if rc == R_OK:
             defer_publish(w, vq)
-        rx_unlock(w, vq)
-        return R_DROP if rc < 0 else rc
+        return rc
     need = t.hdr_len + frame_len
-    # re-read avail->idx on the ring's first delivery of a burst, then trust
-    # the cached value while it lasts
-    n = avail_count_cached(vq, ((need + 1499) // 1500 if t.mrg_rxbuf else 1)
-                           if in_burst(w, vq) else 0x10000)
+    # re-read avail->idx on the first delivery of a run, then trust the
+    # cached value while it lasts (a frame needing more buffers re-reads in
+    # the loop below)
+    n = avail_count_cached(vq, 0x10000 if w.rx_fresh else 1)
     if n < 0:
-        break_ring(w, vq, n)
-        rx_unlock(w, vq)
+        rx_fail(w, vq, n)
         return R_DROP
     while cap < need:
         if nchains >= n:
             n = avail_count_cached(vq, nchains + 1)     # re-read: the guest may have posted more
             if n < 0:
-                break_ring(w, vq, n)
-                rx_unlock(w, vq)
+                rx_fail(w, vq, n)
                 return R_DROP
             if nchains >= n:
-                rx_unlock(w, vq)
                 return R_NO_ROOM
         if nchains > 0 and not t.mrg_rxbuf:
             vq.dropped += 1          # frame larger than the guest's buffers
-            rx_unlock(w, vq)
             return R_DROP
         # one buffer per chain: w.rx_head/rx_cap hold MAX_IOV (walk_chain's
         # E_IOV stops us first, since a chain is at least one piece)
@@ -122,8 +163,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
             rc = walk_chain(vq, head, ALL_WRITABLE, NET_MAX_CHAIN, &w.rx_iov[niov],
                             MAX_IOV - niov, &buf)
         if rc < 0:
-            break_ring(w, vq, rc)
-            rx_unlock(w, vq)
+            rx_fail(w, vq, rc)
             return R_DROP
         w.rx_head[nchains] = head
         w.rx_cap[nchains] = <uint32_t>buf.wbytes
@@ -134,10 +174,21 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
         w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
         w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
-    h.base = w.hdr_out
-    h.len = t.hdr_len
-    sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
-    sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    if niov == 1 and one_piece(src, nsrc, skip, frame_len):
+        # the common layout: one RX buffer of one piece (cap >= need), the
+        # frame in one source piece; constant-size header stores
+        d = w.rx_iov[0].base
+        if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
+            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_MRG_LEN)
+        else:
+            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_LEN)
+        # memmove: both sides are guest memory and a guest may make them overlap
+        memmove(d + t.hdr_len, src[0].base + skip, frame_len)
+    else:
+        h.base = w.hdr_out
+        h.len = t.hdr_len
+        sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
+        sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
     if t.log.active:
         vfe_fence()
         for c in range(niov):
@@ -153,41 +204,49 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     vq.packets += 1
     vq.bytes += frame_len
     defer_publish(w, vq)
-    rx_unlock(w, vq)
     return R_OK
-
-
-cdef inline bint in_burst(Worker *w, Vring *vq) noexcept nogil:
-    cdef int i
-    for i in range(w.ndirty):
-        if w.dirty[i] == vq:
-            return True
-    return False
 
 
 cdef inline void defer_publish(Worker *w, Vring *vq) noexcept nogil:
     """Publish used->idx of a filled RX ring once per burst, not per packet
-    (called with vq.lock held).  Any worker's publish covers every entry
-    pushed so far, so a ring filled by two workers is never left behind."""
-    if in_burst(w, vq):
+    (called with vq.lock held).  The first worker to fill it since its last
+    publish becomes its publisher; any publish covers every entry pushed so
+    far, so a ring filled by two workers is never left behind."""
+    if vq.publisher != NULL:
         return
     if w.ndirty < 64:
+        vq.publisher = <void *>w
         w.dirty[w.ndirty] = vq
         w.ndirty += 1
     else:
         ring_publish(vq)
 
 
-cdef inline void flush_rx(Worker *w) noexcept nogil:
-    """End of a burst: publish the RX rings it filled and interrupt their guests."""
-    cdef int i
-    cdef Vring *vq
-    for i in range(w.ndirty):
-        vq = w.dirty[i]
-        rx_lock(w, vq)
+cdef inline void publish_rx(Worker *w, Vring *vq) noexcept nogil:
+    """flush_rx's step for one ring, lock held."""
+    if vq.publisher == <void *>w:
+        vq.publisher = NULL
         if vq.ready and not mem_gone(vq):
             ring_publish(vq)
-        rx_unlock(w, vq)
+
+
+cdef inline void flush_rx(Worker *w) noexcept nogil:
+    """End of a burst: end the run, publish the RX rings it filled and
+    interrupt their guests, forget what it learned (sw_known) and looked up."""
+    cdef int i
+    cdef Vring *held = w.rx_held
+    cdef Vring *vq
+    w.learn_dev = NULL
+    w.lookup_valid = 0
+    if held != NULL:
+        publish_rx(w, held)
+        rx_unlock(w, held)
+    for i in range(w.ndirty):
+        vq = w.dirty[i]
+        if vq != held:
+            rx_lock(w, vq)
+            publish_rx(w, vq)
+            rx_unlock(w, vq)
     w.ndirty = 0
 
 
@@ -375,6 +434,16 @@ cdef inline int spoofed(Worker *w, NetDev *dev, uint64_t srcmac) noexcept nogil:
     return R_DROP
 
 
+cdef inline void read_net_hdr(Worker *w, uint8_t *p, uint32_t hl) noexcept nogil:
+    """The sender's virtio-net header (hl bytes at p, one piece) into
+    w.hdr_in: copied once, so what is checked is what is used."""
+    if hl == VIRTIO_NET_HDR_MRG_LEN:
+        memcpy(w.hdr_in, p, VIRTIO_NET_HDR_MRG_LEN)
+    else:
+        memcpy(w.hdr_in, p, VIRTIO_NET_HDR_LEN)
+        memset(w.hdr_in + VIRTIO_NET_HDR_LEN, 0, VIRTIO_NET_HDR_MRG_LEN - VIRTIO_NET_HDR_LEN)
+
+
 cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int nsrc,
                       uint32_t total) noexcept nogil:
     """Check the sender's source MAC (port security), learn it, then
@@ -386,34 +455,58 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
     cdef uint8_t eth[12]
     cdef Iov d
     cdef uint64_t dst, srcmac
+    cdef uint64_t *slot
     cdef int p, r
     cdef NetDev *t
-    d.base = w.hdr_in
-    d.len = hl
-    memset(w.hdr_in, 0, VIRTIO_NET_HDR_MRG_LEN)
-    sg_copy(&d, 1, 0, src, nsrc, 0, hl)
     if frame_len < 14:
         return R_DROP
-    d.base = eth
-    d.len = 12
-    sg_copy(&d, 1, 0, src, nsrc, hl, 12)
-    dst = mac48(eth)
-    srcmac = mac48(eth + 6)
+    if src[0].len >= hl + 12:
+        # the usual layout (testpmd, Linux guests): the header and both MACs
+        # in the chain's first piece, read in place
+        read_net_hdr(w, src[0].base, hl)
+        vfe_eth_macs(src[0].base + hl, &dst, &srcmac)
+    else:
+        d.base = w.hdr_in
+        d.len = hl
+        memset(w.hdr_in, 0, VIRTIO_NET_HDR_MRG_LEN)
+        sg_copy(&d, 1, 0, src, nsrc, 0, hl)
+        d.base = eth
+        d.len = 12
+        sg_copy(&d, 1, 0, src, nsrc, hl, 12)
+        vfe_eth_macs(eth, &dst, &srcmac)
     if src_dev.port_mac != 0 and srcmac != src_dev.port_mac:
         return spoofed(w, src_dev, srcmac)
-    if src_dev.port >= 0 and not (eth[6] & 1):
-        r = sw_learn(sw, src_dev, srcmac)
-        if r != LEARN_OK:
-            if r == LEARN_OWNED:
+    if src_dev.port >= 0 and not (srcmac >> 40) & 1:
+        # a burst comes from one source MAC or a few: learn each once
+        if not (w.learn_dev == src_dev and w.learn_mac == srcmac and
+                sw_known(w.learn_slot, w.learn_entry)):
+            w.lookup_valid = 0        # the table may change: look destinations up again
+            r = sw_learn(sw, src_dev, srcmac, &slot)
+            if r == LEARN_OK:
+                if slot != NULL:
+                    w.learn_dev = src_dev
+                    w.learn_mac = srcmac
+                    w.learn_slot = slot
+                    w.learn_entry = sw_entry(src_dev, srcmac)
+            elif r == LEARN_OWNED:
                 return spoofed(w, src_dev, srcmac)
-            if r == LEARN_CAPPED:
+            elif r == LEARN_CAPPED:
                 vfe_add_u64(&src_dev.learn_capped, 1)
                 notice(w, src_dev, NOTICE_CAPPED)
             else:
                 vfe_add_u64(&src_dev.table_full, 1)
                 notice(w, src_dev, NOTICE_FULL)
-    if not (eth[0] & 1):
-        p = sw_lookup(sw, dst)
+    if not (dst >> 40) & 1:
+        # a burst goes to one destination or a few: look each up once (the
+        # table changes only by learning, ours resets this, or another
+        # worker's, as racy per frame as per burst)
+        if w.lookup_valid and w.lookup_mac == dst:
+            p = w.lookup_port
+        else:
+            p = sw_lookup(sw, dst)
+            w.lookup_mac = dst
+            w.lookup_port = p
+            w.lookup_valid = 1
         if p >= 0 and p < MAX_PORTS:
             if p == src_dev.port:
                 return R_OK           # hairpin: the destination is the sender
@@ -445,6 +538,7 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef int n = avail_count(vq)
     cdef int k, rc, niov = 0, done = 0
     cdef uint32_t total = 0
+    cdef uint64_t nbytes = 0
     cdef uint16_t head
     cdef int64_t t
     cdef Chain frame
@@ -483,9 +577,10 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         vq.stall_ns = 0
         used_push(vq, head, 0)
         vq.last_avail_idx += 1
-        vq.packets += 1
-        vq.bytes += total - dev.hdr_len
+        nbytes += total - dev.hdr_len
         done += 1
+    vq.packets += done
+    vq.bytes += nbytes
     flush_rx(w)
     used_publish(vq)
     return done

@@ -111,3 +111,16 @@ ctypedef struct Worker:
     FaultRegistry *faults     # the engine's guest mappings, to find whose memory vanished
     Vring *cur                # the ring being served (its used entries are published after a fault)
     Vring *rx_held            # the destination RX ring whose lock this thread holds, or NULL
+    # the run of deliveries rx_held serves (netdata.pxd rx_acquire): its destination
+    NetDev *rx_dev
+    int rx_pair
+    int rx_fresh              # the run's first delivery: read avail->idx afresh
+    # the source MAC this burst learned last and the table slot it is in (switch.pxd sw_known)
+    NetDev *learn_dev         # NULL: none yet this burst
+    uint64_t learn_mac
+    uint64_t *learn_slot
+    uint64_t learn_entry
+    # the destination MAC this burst looked up last and the port found (-1: none)
+    int lookup_valid
+    int lookup_port
+    uint64_t lookup_mac

@@ -20,6 +20,7 @@
 # frames, as the throughput loop does) one flag test and one store.  Only
 # a new MAC pays a CAS and the count.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy
 from atomics cimport *
 from netpath cimport Switch, NetDev, SW_TABLE, SW_PROBE, MAX_PORTS
 
@@ -34,9 +35,22 @@ cdef enum:
     LEARN_FULL = 3        # the probe window has no free slot (nothing is evicted)
 
 
-cdef inline uint64_t mac48(uint8_t *p) noexcept nogil:
-    return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
-            (<uint64_t>p[3] << 16) | (<uint64_t>p[4] << 8) | <uint64_t>p[5])
+cdef extern from *:
+    """
+    /* The 48-bit MACs of an Ethernet header's first 12 bytes, big-endian
+     * values (00:11:.. is 0x0011..), from two unaligned 8-byte loads (bytes
+     * 0-7 and 4-11, both inside the 12) instead of twelve byte loads. */
+    static inline void vfe_eth_macs(const uint8_t *eth, uint64_t *dst, uint64_t *src)
+    {
+        uint64_t a, b;
+        memcpy(&a, eth, 8);
+        memcpy(&b, eth + 4, 8);
+        *dst = __builtin_bswap64(a) >> 16;
+        *src = __builtin_bswap64(b) & 0xFFFFFFFFFFFFULL;
+    }
+    """
+    void vfe_eth_macs(const uint8_t *eth, uint64_t *dst, uint64_t *src) noexcept nogil
+
 
 
 cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
@@ -50,20 +64,23 @@ cdef inline uint64_t sw_entry(NetDev *dev, uint64_t mac) noexcept nogil:
     return (mac << 16) | <uint64_t>(dev.port + 1) | (SW_OWNED if mac == dev.port_mac else 0)
 
 
-cdef inline int sw_learn(Switch *sw, NetDev *dev, uint64_t mac) noexcept nogil:
+cdef inline int sw_learn(Switch *sw, NetDev *dev, uint64_t mac, uint64_t **where) noexcept nogil:
     """Lock-free: a slot is one 64-bit word, written by a store (a known MAC
     moving) or a CAS (a new MAC taking the first empty or forgotten slot of
-    its window)."""
+    its window).  *where: the slot found holding mac -> dev (NULL when none
+    was), for sw_known."""
     cdef uint32_t h = mac_hash(mac)
     cdef uint64_t want = sw_entry(dev, mac)
     cdef uint64_t v, free_v = 0
     cdef uint64_t *slot
     cdef uint64_t *free_slot = NULL
     cdef int k
+    where[0] = NULL
     for k in range(SW_PROBE):
         slot = &sw.table[(h + k) & (SW_TABLE - 1)]
         v = vfe_load_acquire_u64(slot)
         if v == want:
+            where[0] = slot
             return LEARN_OK                    # the common case: known, here
         if v == 0:
             if free_slot == NULL:
@@ -74,6 +91,7 @@ cdef inline int sw_learn(Switch *sw, NetDev *dev, uint64_t mac) noexcept nogil:
             if (v & SW_OWNED) and (v & SW_PORT) != <uint64_t>(dev.port + 1):
                 return LEARN_OWNED             # another port's configured MAC
             vfe_store_release_u64(slot, want)  # moved here (or back after being forgotten)
+            where[0] = slot
             return LEARN_OK
         if (v & SW_PORT) == 0 and free_slot == NULL:
             free_slot = slot                   # forgotten: reusable
@@ -89,6 +107,15 @@ cdef inline int sw_learn(Switch *sw, NetDev *dev, uint64_t mac) noexcept nogil:
     else:
         vfe_cas_u64(free_slot, free_v, want)
     return LEARN_OK                            # a lost race is learned by the next frame
+
+
+cdef inline bint sw_known(uint64_t *slot, uint64_t entry) noexcept nogil:
+    """Whether the slot an earlier sw_learn found still holds `entry`: then
+    learning the same MAC for the same port again would find it there too
+    and change nothing (entries are never emptied, so every slot before it
+    in the window is still taken, and no second entry for the MAC is made
+    while one exists), and the hash and probe can be skipped."""
+    return slot != NULL and vfe_load_acquire_u64(slot) == entry
 
 
 cdef inline int sw_lookup(Switch *sw, uint64_t mac) noexcept nogil:

@@ -62,6 +62,7 @@ ctypedef struct DirtyLog:
 ctypedef struct Vring:
     # hot fields first
     int lock                 # taken by whoever writes the ring from outside its worker (RX delivery)
+    void *publisher          # RX: the Worker that publishes its pushed used entries at its burst's end (under lock)
     int ready                # started: addresses translated, may be processed
     int enabled              # SET_VRING_ENABLE
     int broken               # 0, or -E_* of the error that stopped it
@@ -132,8 +133,9 @@ cdef inline uint64_t contig_hva(MemTable *mt, uint64_t addr, uint64_t length, bi
 
 
 cdef inline int map_gpa(MemTable *mt, uint64_t gpa, uint64_t length, Iov *iov,
-                        int max_iov, int *niov) noexcept nogil:
-    """Append iovecs covering [gpa, gpa+length), one per region it spans."""
+                        int max_iov, int *niov, int *last) noexcept nogil:
+    """Append iovecs covering [gpa, gpa+length), one per region it spans;
+    *last: the index of the region of its last byte."""
     cdef int i, found
     cdef Region *r
     cdef uint64_t off, chunk
@@ -158,6 +160,7 @@ cdef inline int map_gpa(MemTable *mt, uint64_t gpa, uint64_t length, Iov *iov,
         iov[niov[0]].len = <uint32_t>chunk
         iov[niov[0]].gpa = gpa
         niov[0] += 1
+        last[0] = i
         gpa += chunk
         length -= chunk
     return 0
@@ -214,6 +217,7 @@ ctypedef struct Chain:
     uint64_t rbytes
     uint64_t wbytes
     int writing              # a writable descriptor seen (a readable one after it is E_DIR)
+    int region               # the memory region tried first for the next descriptor (the last one hit)
 
 
 cdef inline void chain_start(Chain *c) noexcept nogil:
@@ -223,6 +227,7 @@ cdef inline void chain_start(Chain *c) noexcept nogil:
     c.rbytes = 0
     c.wbytes = 0
     c.writing = 0
+    c.region = 0
 
 
 cdef inline int chain_add(MemTable *mt, Chain *c, Iov *iov, int max_iov, ChainDir direction,
@@ -234,6 +239,8 @@ cdef inline int chain_add(MemTable *mt, Chain *c, Iov *iov, int max_iov, ChainDi
     Returns 0 or an E_* code."""
     cdef int rc
     cdef bint writable = (flags & VRING_DESC_F_WRITE) != 0
+    cdef Region *r = &mt.r[c.region]
+    cdef uint64_t off
     if ChainDir is AllReadable:
         if writable:
             return E_DIR
@@ -246,9 +253,20 @@ cdef inline int chain_add(MemTable *mt, Chain *c, Iov *iov, int max_iov, ChainDi
         return E_DIR
     if dlen == 0:
         return 0
-    rc = map_gpa(mt, addr, dlen, iov, max_iov, &c.niov)
-    if rc < 0:
-        return rc
+    off = addr - r.gpa
+    if c.region < mt.n and addr >= r.gpa and off < r.size and dlen <= r.size - off:
+        # the whole descriptor inside the region the last one was in (with
+        # one region, as testpmd's and most guests' buffers are: always)
+        if c.niov >= max_iov:
+            return E_IOV
+        iov[c.niov].base = <uint8_t *>(r.hva + off)
+        iov[c.niov].len = dlen
+        iov[c.niov].gpa = addr
+        c.niov += 1
+    else:
+        rc = map_gpa(mt, addr, dlen, iov, max_iov, &c.niov, &c.region)
+        if rc < 0:
+            return rc
     if writable:
         c.wbytes += dlen
     else:
@@ -288,13 +306,11 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, ChainDir direction, uint64_
     chain_start(c)
     if head >= vq.size:
         return E_HEAD
+    # every descriptor is read once, then checked: idx < table_size and the
+    # step count before each read (the head's hold by the check above)
+    vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
+    steps = 1
     while True:
-        if idx >= table_size:
-            return E_NEXT
-        steps += 1
-        if steps > table_size:
-            return E_LOOP
-        vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
         if flags & VRING_DESC_F_INDIRECT:
             table = indirect_table(vq, addr, dlen, flags, in_indirect, &rc)
             if table == NULL:
@@ -303,13 +319,19 @@ cdef inline int walk_chain(Vring *vq, uint16_t head, ChainDir direction, uint64_
             idx = 0
             steps = 0
             in_indirect = 1
-            continue
-        rc = chain_add(vq.mem, c, iov, max_iov, direction, limit, addr, dlen, flags)
-        if rc < 0:
-            return rc
-        if not (flags & VRING_DESC_F_NEXT):
-            break
-        idx = nxt
+        else:
+            rc = chain_add(vq.mem, c, iov, max_iov, direction, limit, addr, dlen, flags)
+            if rc < 0:
+                return rc
+            if not (flags & VRING_DESC_F_NEXT):
+                break
+            idx = nxt
+        if idx >= table_size:
+            return E_NEXT
+        steps += 1
+        if steps > table_size:
+            return E_LOOP
+        vfe_read_desc(table + VRING_DESC_SIZE * idx, &addr, &dlen, &flags, &nxt)
     return chain_end(c, direction)
 
 

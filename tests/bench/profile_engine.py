@@ -19,9 +19,9 @@ back-end's busiest thread x "cpu MHz" from /proc/cpuinfo / packets A received.
 vfe: runs itself under `valgrind --tool=callgrind --toggle-collect=*net_tx_burst`
 (so only the engine's burst function and what it calls are counted: the code
 the daemon's poll worker runs per iteration, `iter_serve` -> `net_tx_burst`),
-sending N bursts of 32 one-descriptor frames from device A's TX ring through
+sending N bursts of 32 (--per-burst) one-descriptor frames from device A's TX ring through
 the switch (flooded: broadcast destination) to device B's RX ring, mrg_rxbuf
-on, as testpmd's virtio_user lays them out (header and frame in one
+on (--no-mrg-rxbuf: off), as testpmd's virtio_user lays them out (header and frame in one
 descriptor; RX buffers of 2 KiB, one descriptor each).
 
 dpdk: starts testpmd "B" (net_vhost, io forwarding) under callgrind with
@@ -52,13 +52,16 @@ BURST = 32
 RING = 256
 
 
-def _frame(size: int) -> bytes:
+def _frame(size: int, unicast: bool = False) -> bytes:
     # broadcast destination: the switch floods it, as it floods testpmd's
-    # never-learned 02:00:00:00:00:0N destinations in the bench
-    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(size - 14)
+    # never-learned 02:00:00:00:00:0N destinations in the bench (--unicast:
+    # such a destination, looked up and missed, then flooded)
+    dst = b"\x02\x00\x00\x00\x00\x0b" if unicast else b"\xff" * 6
+    return dst + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(size - 14)
 
 
-def run_vfe_rig(size: int, bursts: int) -> None:
+def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int = BURST,
+                unicast: bool = False) -> None:
     """The measured workload (runs inside callgrind)."""
     from tests.harness.engine_rig import (F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF,
                                           FEAT_VERSION_1, Guest, NetRig, RawRing)
@@ -66,14 +69,14 @@ def run_vfe_rig(size: int, bursts: int) -> None:
     # one memory region, as testpmd's virtio_user shares it (the daemon logs
     # "guest memory (1 region(s), 512 MiB)"): rings first, then the buffers
     g = Guest([(0x100000, 0x100000 + 2 * RING * slot)])
-    rig = NetRig(g, FEAT_VERSION_1 | FEAT_INDIRECT | FEAT_MRG_RXBUF)
+    rig = NetRig(g, FEAT_VERSION_1 | FEAT_INDIRECT | (FEAT_MRG_RXBUF if mrg_rxbuf else 0))
     base = 0x100000
     tx = RawRing(g, RING, base, base + 0x4000, base + 0x6000)
     rx = RawRing(g, RING, base + 0x8000, base + 0xC000, base + 0xE000)
     rig.start(rig.a, 1, tx)
     rig.start(rig.b, 0, rx)
     buf, rxbuf = 0x200000, 0x200000 + RING * slot
-    frame = _frame(size)
+    frame = _frame(size, unicast)
     for i in range(RING):
         g.write(buf + slot * i, bytes(HDR) + frame)
         tx.set_desc(i, buf + slot * i, HDR + len(frame))
@@ -82,12 +85,12 @@ def run_vfe_rig(size: int, bursts: int) -> None:
     sent = 0
     t = time.perf_counter()
     for _ in range(bursts):
-        heads = [(sent + j) % RING for j in range(BURST)]
+        heads = [(sent + j) % RING for j in range(per_burst)]
         tx.post(*heads)
-        if rig.a.run_burst(1) != BURST:
-            raise SystemExit("burst forwarded fewer than 32 frames")
+        if rig.a.run_burst(1) != per_burst:
+            raise SystemExit(f"burst forwarded fewer than {per_burst} frames")
         rx.post(*heads)
-        sent += BURST
+        sent += per_burst
     dt = time.perf_counter() - t
     if rig.broken(rig.a, 1) or rig.broken(rig.b, 0):
         raise SystemExit(f"ring broken: {rig.a.ring_state(1)} {rig.b.ring_state(0)}")
@@ -256,15 +259,20 @@ def _report_functions(path: str, packets: int) -> None:
 
 def vfe(args) -> None:
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cg.vfe.{args.size}")
+    path = os.path.join(args.out, f"cg.vfe.{args.size}{'.nomrg' if args.no_mrg_rxbuf else ''}"
+                                  f"{'' if args.per_burst == BURST else f'.b{args.per_burst}'}"
+                                  f"{'.uc' if args.unicast else ''}")
     cmd = ["valgrind", "--tool=callgrind", "--toggle-collect=*net_tx_burst",
            f"--callgrind-out-file={path}", sys.executable, "-m", "tests.bench.profile_engine",
            "_vfe_rig", "--size", str(args.size), "--bursts", str(args.bursts)]
+    if args.no_mrg_rxbuf:
+        cmd.append("--no-mrg-rxbuf")
+    cmd += ["--per-burst", str(args.per_burst)] + (["--unicast"] if args.unicast else [])
     print("+", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL if not args.verbose else None)
-    _report(path, args.bursts * BURST, args.top)
-    _report_functions(path, args.bursts * BURST)
-    _report_lines(path, args.bursts * BURST, args.top)
+    _report(path, args.bursts * args.per_burst, args.top)
+    _report_functions(path, args.bursts * args.per_burst)
+    _report_lines(path, args.bursts * args.per_burst, args.top)
 
 
 def _calls(path: str, fn: str) -> int:
@@ -316,7 +324,7 @@ def dpdk(args) -> None:
     socks = [os.path.join(tmp, "s0"), os.path.join(tmp, "s1")]
     # the wrapper execs valgrind, so testpmd B's pid is valgrind's
     with dpdk_vhost_backend(*socks, testpmd=wrapper, start_timeout=300) as b:
-        a = frontend(socks, mrg_rxbuf=True, start_timeout=300)
+        a = frontend(socks, mrg_rxbuf=not args.no_mrg_rxbuf, start_timeout=300)
         try:
             a.wait_link_up(300)
             # window 1 (dump 1): no traffic -- what one empty poll iteration costs
@@ -372,7 +380,7 @@ def daemon(args) -> None:
         argv += ["--device", f"net,socket={s_}"]
     argv += ["--mode", "poll"]
     with vhost_daemon(argv, socks, cpus=[0], start_timeout=600, log_path=prefix + ".log") as d:
-        a = frontend(socks, mrg_rxbuf=True, start_timeout=300)
+        a = frontend(socks, mrg_rxbuf=not args.no_mrg_rxbuf, start_timeout=300)
         try:
             a.wait_link_up(300)
             a.set_fwd("io")
@@ -462,7 +470,7 @@ def cycles(args) -> None:
             argv = [sys.executable, "-m", "vfe.cli.controller"] + controller_argv(socks)[1:]
             ctx = vhost_daemon(argv, socks, cpus=[0])
         with ctx as b:
-            a = frontend(socks, mrg_rxbuf=True)
+            a = frontend(socks, mrg_rxbuf=not args.no_mrg_rxbuf)
             try:
                 a.wait_link_up()
                 r = _loop_window(a, b.pid, args.size, args.seconds, args.warmup)
@@ -478,16 +486,23 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["vfe", "dpdk", "daemon", "cycles", "_vfe_rig"])
     p.add_argument("--size", type=int, default=64, help="frame bytes (without the virtio header)")
-    p.add_argument("--bursts", type=int, default=400, help="vfe: bursts of 32 frames")
+    p.add_argument("--bursts", type=int, default=400, help="vfe: bursts of --per-burst frames")
     p.add_argument("--seconds", type=float, default=10.0, help="dpdk/daemon: window under callgrind; cycles: timed window")
     p.add_argument("--warmup", type=float, default=3.0, help="dpdk/daemon/cycles: seconds before the window")
     p.add_argument("--rounds", type=int, default=3, help="cycles: alternating rounds")
     p.add_argument("--top", type=int, default=25, help="functions listed")
     p.add_argument("--out", default="/tmp/vfe-profile", help="where the callgrind files go")
+    p.add_argument("--per-burst", type=int, default=BURST,
+                   help="vfe: frames per burst (the bench's loop gives the poll worker fewer than 32 "
+                        "when the front-end is the slower side)")
+    p.add_argument("--unicast", action="store_true",
+                   help="vfe: frames to an unknown unicast MAC (as the bench's) instead of broadcast")
+    p.add_argument("--no-mrg-rxbuf", action="store_true",
+                   help="mergeable RX buffers off (the rig's devices; testpmd A's mrg_rxbuf=0)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.mode == "_vfe_rig":
-        run_vfe_rig(args.size, args.bursts)
+        run_vfe_rig(args.size, args.bursts, not args.no_mrg_rxbuf, args.per_burst, args.unicast)
     else:
         {"vfe": vfe, "dpdk": dpdk, "daemon": daemon, "cycles": cycles}[args.mode](args)
 
