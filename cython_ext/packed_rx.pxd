@@ -55,13 +55,17 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         vfe_fence()
         for c in range(niov):
             log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
-    remaining = need
-    for c in range(nchains):
-        l = w.rx_cap[c]
-        if l > remaining:
-            l = remaining
-        packed_used_push(vq, w.rx_head[c], l, vq.id_ndesc[c])
-        remaining -= l
+    if nchains == 1:
+        # the common case: one buffer, the last one taken (cap >= need)
+        packed_used_push(vq, id, need, ndesc)
+    else:
+        remaining = need
+        for c in range(nchains):
+            l = w.rx_cap[c]
+            if l > remaining:
+                l = remaining
+            packed_used_push(vq, w.rx_head[c], l, vq.id_ndesc[c])
+            remaining -= l
     vq.last_avail_idx = <uint16_t>slot
     vq.avail_wrap = wrap
     vq.packets += 1
