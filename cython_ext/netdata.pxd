@@ -17,6 +17,7 @@ from fault cimport mem_gone
 from guard cimport vfe_signal_fence
 from packed cimport ring_publish
 from packed_rx cimport packed_rx_fill
+from rx_copy cimport rx_copy
 
 cdef enum:
     STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
@@ -109,11 +110,6 @@ cdef inline void rx_fail(Worker *w, Vring *vq, int code) noexcept nogil:
     rx_release(w)
 
 
-cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) noexcept nogil:
-    """Whether bytes [skip, skip+length) of the src iovecs lie in src[0]."""
-    return nsrc > 0 and src[0].len >= skip and src[0].len - skip >= length
-
-
 cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
                     uint32_t skip, uint32_t frame_len) noexcept nogil:
     """Write w.hdr_out + the frame into the destination's RX ring (mergeable
@@ -123,8 +119,6 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     cdef uint32_t need, cap = 0, remaining, l
     cdef int n, nchains = 0, niov = 0, rc, c
     cdef uint16_t head
-    cdef uint8_t *d
-    cdef Iov h
     cdef Chain buf
     if vq == NULL:
         return R_DROP
@@ -174,21 +168,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
         w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
         w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
-    if niov == 1 and one_piece(src, nsrc, skip, frame_len):
-        # the common layout: one RX buffer of one piece (cap >= need), the
-        # frame in one source piece; constant-size header stores
-        d = w.rx_iov[0].base
-        if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
-            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_MRG_LEN)
-        else:
-            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_LEN)
-        # memmove: both sides are guest memory and a guest may make them overlap
-        memmove(d + t.hdr_len, src[0].base + skip, frame_len)
-    else:
-        h.base = w.hdr_out
-        h.len = t.hdr_len
-        sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
-        sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    rx_copy(w, t, niov, src, nsrc, skip, frame_len)      # cap >= need
     if t.log.active:
         vfe_fence()
         for c in range(niov):

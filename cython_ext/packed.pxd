@@ -50,8 +50,9 @@ cdef inline bint packed_is_avail(uint16_t flags, int wrap) noexcept nogil:
     """A descriptor the driver made available in the lap whose wrap counter
     is `wrap`: AVAIL == wrap and USED != wrap.  Anything else (a used one, a
     previous lap's, both bits equal) is not: it never stops the ring."""
-    return (((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == (wrap != 0)
-            and ((flags & VRING_PACKED_DESC_F_USED) != 0) != (wrap != 0))
+    # both bits at once: AVAIL alone in a lap of wrap counter 1, USED alone in one of 0
+    return (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) == (
+        VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED)
 
 
 cdef inline uint16_t *packed_flags_at(Vring *vq, uint32_t slot) noexcept nogil:
@@ -239,6 +240,28 @@ cdef inline void packed_publish(Vring *vq) noexcept nogil:
         packed_signal(vq)
 
 
+cdef inline void packed_used_put(Vring *vq, uint16_t id, uint32_t length,
+                                 uint16_t ndesc) noexcept nogil:
+    """packed_used_push's write, into a batch with room (npending < size):
+    no call, so it inlines into the data path's loops."""
+    cdef uint8_t *d
+    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
+    cdef uint32_t pos = vq.last_used_idx
+    cdef uint32_t n = vq.npending
+    if n == 0:
+        vq.pending_slot = <uint16_t>pos
+    if length:
+        flags |= VRING_DESC_F_WRITE
+    d = vq.desc + VRING_DESC_SIZE * pos
+    vfe_store_u16(<uint16_t *>(d + PACKED_DESC_ID), id)
+    vfe_store_u32(<uint32_t *>(d + 8), length)
+    vq.pending[n] = pos | (<uint32_t>flags << 16)
+    vq.npending = n + 1
+    vq.pending_span += ndesc
+    packed_step(vq, &pos, &vq.used_wrap, ndesc)
+    vq.last_used_idx = <uint16_t>pos
+
+
 cdef inline void packed_used_push(Vring *vq, uint16_t id, uint32_t length,
                                   uint16_t ndesc) noexcept nogil:
     """Write a used descriptor for buffer `id` (a chain of ndesc slots) at
@@ -250,24 +273,9 @@ cdef inline void packed_used_push(Vring *vq, uint16_t id, uint32_t length,
     than we publish (net rings) gets the batch so far published first (a
     blk queue never gets there: an id is outstanding until published, so
     a batch has at most one descriptor per id)."""
-    cdef uint8_t *d
-    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
-    cdef uint32_t pos
     if vq.npending >= vq.size:
         packed_publish(vq)
-    d = vq.desc + VRING_DESC_SIZE * vq.last_used_idx
-    pos = vq.last_used_idx
-    if length:
-        flags |= VRING_DESC_F_WRITE
-    vfe_store_u16(<uint16_t *>(d + PACKED_DESC_ID), id)
-    vfe_store_u32(<uint32_t *>(d + 8), length)
-    if vq.npending == 0:
-        vq.pending_slot = vq.last_used_idx
-    vq.pending[vq.npending] = pos | (<uint32_t>flags << 16)
-    vq.npending += 1
-    vq.pending_span += ndesc
-    packed_step(vq, &pos, &vq.used_wrap, ndesc)
-    vq.last_used_idx = <uint16_t>pos
+    packed_used_put(vq, id, length, ndesc)
 
 
 cdef inline void packed_log_event(Vring *vq) noexcept nogil:

@@ -7,6 +7,7 @@ from vring cimport *
 from virtio cimport *
 from netpath cimport *
 from packed cimport *
+from rx_copy cimport rx_copy
 
 
 cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int nsrc,
@@ -22,7 +23,6 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
     cdef int wrap = vq.avail_wrap
     cdef int nchains = 0, niov = 0, rc, c
     cdef uint16_t id, ndesc
-    cdef Iov h
     cdef Chain buf
     while cap < need:
         if nchains > 0 and not t.mrg_rxbuf:
@@ -50,21 +50,22 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
         w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
         w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
-    h.base = w.hdr_out
-    h.len = t.hdr_len
-    sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
-    sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    rx_copy(w, t, niov, src, nsrc, skip, frame_len)      # cap >= need
     if t.log.active:
         vfe_fence()
         for c in range(niov):
             log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
-    remaining = need
-    for c in range(nchains):
-        l = w.rx_cap[c]
-        if l > remaining:
-            l = remaining
-        packed_used_push(vq, w.rx_head[c], l, vq.id_ndesc[c])
-        remaining -= l
+    if nchains == 1:
+        # the common case: one buffer, the last one taken (cap >= need)
+        packed_used_push(vq, id, need, ndesc)
+    else:
+        remaining = need
+        for c in range(nchains):
+            l = w.rx_cap[c]
+            if l > remaining:
+                l = remaining
+            packed_used_push(vq, w.rx_head[c], l, vq.id_ndesc[c])
+            remaining -= l
     vq.last_avail_idx = <uint16_t>slot
     vq.avail_wrap = wrap
     vq.packets += 1

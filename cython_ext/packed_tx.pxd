@@ -15,6 +15,7 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef NetDev *dev = <NetDev *>vq.dev
     cdef int k, rc, done = 0
     cdef uint32_t slot, total
+    cdef uint64_t nbytes = 0
     cdef int wrap
     cdef uint16_t id, ndesc
     cdef int64_t t
@@ -50,9 +51,10 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         packed_used_push(vq, id, 0, ndesc)
         vq.last_avail_idx = <uint16_t>slot
         vq.avail_wrap = wrap
-        vq.packets += 1
-        vq.bytes += total - dev.hdr_len
+        nbytes += total - dev.hdr_len
         done += 1
+    vq.packets += done
+    vq.bytes += nbytes
     flush_rx(w)
     packed_publish(vq)
     return done

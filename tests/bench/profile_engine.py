@@ -22,7 +22,8 @@ the daemon's poll worker runs per iteration, `iter_serve` -> `net_tx_burst`),
 sending N bursts of 32 (--per-burst) one-descriptor frames from device A's TX ring through
 the switch (flooded: broadcast destination) to device B's RX ring, mrg_rxbuf
 on (--no-mrg-rxbuf: off), as testpmd's virtio_user lays them out (header and frame in one
-descriptor; RX buffers of 2 KiB, one descriptor each).
+descriptor; RX buffers of 2 KiB, one descriptor each); --packed: packed rings, the
+collection toggled on `*packed_tx_burst`.
 
 dpdk: starts testpmd "B" (net_vhost, io forwarding) under callgrind with
 --separate-threads, connects testpmd "A" (virtio_user, mrg on) natively, lets
@@ -61,16 +62,21 @@ def _frame(size: int, unicast: bool = False) -> bytes:
 
 
 def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int = BURST,
-                unicast: bool = False) -> None:
+                unicast: bool = False, packed: bool = False) -> None:
     """The measured workload (runs inside callgrind)."""
     from tests.harness.engine_rig import (F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF,
                                           FEAT_VERSION_1, Guest, NetRig, RawRing)
+    from tests.harness.packed_ring import FEAT_RING_PACKED
     slot = 2048
     # one memory region, as testpmd's virtio_user shares it (the daemon logs
     # "guest memory (1 region(s), 512 MiB)"): rings first, then the buffers
     g = Guest([(0x100000, 0x100000 + 2 * RING * slot)])
-    rig = NetRig(g, FEAT_VERSION_1 | FEAT_INDIRECT | (FEAT_MRG_RXBUF if mrg_rxbuf else 0))
+    rig = NetRig(g, FEAT_VERSION_1 | FEAT_INDIRECT | (FEAT_MRG_RXBUF if mrg_rxbuf else 0)
+                 | (FEAT_RING_PACKED if packed else 0))
     base = 0x100000
+    if packed:
+        _run_packed(rig, g, base, slot, size, bursts, per_burst, unicast)
+        return
     tx = RawRing(g, RING, base, base + 0x4000, base + 0x6000)
     rx = RawRing(g, RING, base + 0x8000, base + 0xC000, base + 0xE000)
     rig.start(rig.a, 1, tx)
@@ -95,6 +101,39 @@ def run_vfe_rig(size: int, bursts: int, mrg_rxbuf: bool = True, per_burst: int =
     if rig.broken(rig.a, 1) or rig.broken(rig.b, 0):
         raise SystemExit(f"ring broken: {rig.a.ring_state(1)} {rig.b.ring_state(0)}")
     print(f"vfe rig: {sent} packets of {size} B, {dt / sent * 1e9:.1f} ns/pkt (wall, under the tool)")
+
+
+def _run_packed(rig, g, base: int, slot: int, size: int, bursts: int, per_burst: int,
+                unicast: bool) -> None:
+    """run_vfe_rig with packed rings (tests/harness/packed_ring.py's driver):
+    buffer id = the slot it was posted in, one descriptor per buffer, as
+    testpmd's virtio_user posts them in order."""
+    from tests.harness.engine_rig import F_WRITE
+    from tests.harness.packed_ring import FRESH_BASE, PackedRing
+    tx = PackedRing(g, RING, base, base + 0x4000, base + 0x6000)
+    rx = PackedRing(g, RING, base + 0x8000, base + 0xC000, base + 0xE000)
+    rig.a.start_ring(1, RING, *tx.addresses, FRESH_BASE, -1, -1, True)
+    rig.b.start_ring(0, RING, *rx.addresses, FRESH_BASE, -1, -1, True)
+    buf, rxbuf = 0x200000, 0x200000 + RING * slot
+    frame = _frame(size, unicast)
+    for i in range(RING):
+        g.write(buf + slot * i, bytes(HDR) + frame)
+        rx.post([(rxbuf + slot * i, slot, F_WRITE)], i)
+    sent = 0
+    t = time.perf_counter()
+    for _ in range(bursts):
+        heads = [(sent + j) % RING for j in range(per_burst)]
+        for h in heads:
+            tx.post([(buf + slot * h, HDR + len(frame), 0)], h)
+        if rig.a.run_burst(1) != per_burst:
+            raise SystemExit(f"burst forwarded fewer than {per_burst} frames")
+        for h in heads:
+            rx.post([(rxbuf + slot * h, slot, F_WRITE)], h)
+        sent += per_burst
+    dt = time.perf_counter() - t
+    if rig.broken(rig.a, 1) or rig.broken(rig.b, 0):
+        raise SystemExit(f"ring broken: {rig.a.ring_state(1)} {rig.b.ring_state(0)}")
+    print(f"vfe rig (packed): {sent} packets of {size} B, {dt / sent * 1e9:.1f} ns/pkt (wall, under the tool)")
 
 
 def _total_ir(path: str) -> int:
@@ -261,13 +300,16 @@ def vfe(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cg.vfe.{args.size}{'.nomrg' if args.no_mrg_rxbuf else ''}"
                                   f"{'' if args.per_burst == BURST else f'.b{args.per_burst}'}"
-                                  f"{'.uc' if args.unicast else ''}")
-    cmd = ["valgrind", "--tool=callgrind", "--toggle-collect=*net_tx_burst",
+                                  f"{'.uc' if args.unicast else ''}{'.packed' if args.packed else ''}")
+    # the burst function the worker loop's net_burst calls for the layout
+    burst_fn = "*packed_tx_burst" if args.packed else "*net_tx_burst"
+    cmd = ["valgrind", "--tool=callgrind", f"--toggle-collect={burst_fn}",
            f"--callgrind-out-file={path}", sys.executable, "-m", "tests.bench.profile_engine",
            "_vfe_rig", "--size", str(args.size), "--bursts", str(args.bursts)]
     if args.no_mrg_rxbuf:
         cmd.append("--no-mrg-rxbuf")
     cmd += ["--per-burst", str(args.per_burst)] + (["--unicast"] if args.unicast else [])
+    cmd += ["--packed"] if args.packed else []
     print("+", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL if not args.verbose else None)
     _report(path, args.bursts * args.per_burst, args.top)
@@ -499,10 +541,13 @@ def main(argv=None) -> None:
                    help="vfe: frames to an unknown unicast MAC (as the bench's) instead of broadcast")
     p.add_argument("--no-mrg-rxbuf", action="store_true",
                    help="mergeable RX buffers off (the rig's devices; testpmd A's mrg_rxbuf=0)")
+    p.add_argument("--packed", action="store_true",
+                   help="vfe: packed rings (VIRTIO_F_RING_PACKED) instead of split ones")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.mode == "_vfe_rig":
-        run_vfe_rig(args.size, args.bursts, not args.no_mrg_rxbuf, args.per_burst, args.unicast)
+        run_vfe_rig(args.size, args.bursts, not args.no_mrg_rxbuf, args.per_burst, args.unicast,
+                    args.packed)
     else:
         {"vfe": vfe, "dpdk": dpdk, "daemon": daemon, "cycles": cycles}[args.mode](args)
 

@@ -442,3 +442,83 @@ def test_an_rx_frame_that_would_take_more_slots_than_the_ring_stops_it():
         assert rig.b.ring_state(0)["broken"] == RingError.LOOP
         assert rx.take_used() == [] and rx.read_desc(0)[3] == F_USED | F_WRITE
     run_forked(case)
+
+
+# -- the RX copy's fast path (header + frame into one one-piece buffer, the
+# frame from one source piece: cython_ext/rx_copy.pxd) and the fallbacks a
+# guest forces with pieces; each piece under test ends at a guard page
+
+def _rx_bytes(n, pieces):
+    return b"".join(n.g.read(a, ln) for a, ln in pieces)
+
+
+def test_rx_fast_path_buffer_exactly_the_frame_at_a_guard_page():
+    def case():
+        n = Net(rx_buffers=False)
+        at = n.g.end(BUF2) - HDR - len(FRAME)
+        n.rx.post([(at, HDR + len(FRAME), F_WRITE)], 1)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        assert n.send() == 1
+        got = n.g.read(at, HDR + len(FRAME))
+        assert got[HDR:] == FRAME and got[10:12] == b"\x01\x00"     # num_buffers 1
+        assert n.rx.take_used() == [(1, HDR + len(FRAME))]
+    run_forked(case)
+
+
+def test_rx_buffer_of_two_pieces_cutting_the_header():
+    """Fallback: one RX buffer as two descriptors, the first 8 bytes (part
+    of the header), the second ending at a guard page."""
+    def case():
+        n = Net(rx_buffers=False)
+        first, rest_len = n.rx_buf, HDR + len(FRAME) - 8
+        rest = n.g.end(BUF2) - rest_len
+        n.rx.post([(first, 8, F_WRITE), (rest, rest_len, F_WRITE)], 0)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        assert n.send() == 1
+        got = _rx_bytes(n, [(first, 8), (rest, rest_len)])
+        assert got[HDR:] == FRAME and got[10:12] == b"\x01\x00"
+        assert n.rx.take_used() == [(0, HDR + len(FRAME))]
+    run_forked(case)
+
+
+def test_tx_frame_in_two_pieces_into_one_buffer():
+    """Fallback on the source side: the frame's second half in its own TX
+    descriptor, ending at a guard page; the RX buffer is one piece."""
+    def case():
+        n = Net()
+        blob = bytes(HDR) + FRAME
+        cut = HDR + 20
+        head = n.g.start(BUF)
+        tail = n.g.end(BUF2) - (len(blob) - cut)
+        n.g.write(head, blob[:cut])
+        n.g.write(tail, blob[cut:])
+        n.tx.post([(head, cut, 0), (tail, len(blob) - cut, 0)], 0)
+        assert n.send() == 1
+        assert n.delivered() == [FRAME]
+    run_forked(case)
+
+
+def test_mergeable_frame_over_several_buffers():
+    """Several buffers (the used descriptors pushed one per buffer, lengths
+    up to what each holds): 16-byte buffers, the last at a guard page;
+    num_buffers says how many and the bytes join up to the frame."""
+    def case():
+        n = Net(features=PACKED | FEAT_MRG_RXBUF, rx_buffers=False)
+        length = 16
+        need = -(-(HDR + len(FRAME)) // length)
+        assert need <= SIZE
+        base = n.g.end(BUF2) - length * need
+        for i in range(need):
+            n.rx.post([(base + length * i, length, F_WRITE)], i)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        assert n.send() == 1
+        used = n.rx.take_used()
+        total = HDR + len(FRAME)
+        assert used == [(i, min(length, total - length * i)) for i in range(need)]
+        got = n.g.read(base, total)
+        assert got[HDR:] == FRAME and got[10:12] == bytes([need, 0])
+        assert n.rx_broken() == 0
+    run_forked(case)

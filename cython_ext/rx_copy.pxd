@@ -1,0 +1,36 @@
+# Writing w.hdr_out + a frame into the RX buffers a ring's filler took: the
+# one step the split (netdata.pxd rx_enqueue) and packed (packed_rx.pxd)
+# layouts share once their buffers are mapped into w.rx_iov.
+from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcpy, memmove
+from vring cimport Iov, sg_copy
+from virtio cimport VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN
+from netpath cimport Worker, NetDev
+
+
+cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) noexcept nogil:
+    """Whether bytes [skip, skip+length) of the src iovecs lie in src[0]."""
+    return nsrc > 0 and src[0].len >= skip and src[0].len - skip >= length
+
+
+cdef inline void rx_copy(Worker *w, NetDev *t, int niov, Iov *src, int nsrc, uint32_t skip,
+                         uint32_t frame_len) noexcept nogil:
+    """t.hdr_len bytes of w.hdr_out, then the frame, into w.rx_iov[0:niov]
+    (whose bytes, the caller checked, hold both)."""
+    cdef uint8_t *d
+    cdef Iov h
+    if niov == 1 and one_piece(src, nsrc, skip, frame_len):
+        # the common layout: one RX buffer of one piece, the frame in one
+        # source piece; constant-size header stores
+        d = w.rx_iov[0].base
+        if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
+            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_MRG_LEN)
+        else:
+            memcpy(d, w.hdr_out, VIRTIO_NET_HDR_LEN)
+        # memmove: both sides are guest memory and a guest may make them overlap
+        memmove(d + t.hdr_len, src[0].base + skip, frame_len)
+    else:
+        h.base = w.hdr_out
+        h.len = t.hdr_len
+        sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
+        sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
