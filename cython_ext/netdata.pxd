@@ -512,6 +512,33 @@ cdef inline int tap_send(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t to
     return tap_out(w, dev, src, nsrc, hl, total - hl)
 
 
+cdef inline bint tx_frame(Worker *w, NetDev *dev, Vring *vq, Iov *iov, int niov,
+                          uint32_t total) noexcept nogil:
+    """Send one guest frame from TX ring vq (either layout) to the
+    representor or the switch.  False: its destination is full and has been
+    for less than STALL_NS -- the frame stays in the ring and the burst
+    stops (w.blocked); True: it is done with, delivered or dropped (and
+    counted on vq)."""
+    cdef int rc
+    cdef int64_t t
+    if dev.tap_fd >= 0:
+        rc = tap_send(w, dev, iov, niov, total)
+    else:
+        rc = switch_frame(w, dev, vq.index >> 1, iov, niov, total)
+    if rc == R_NO_ROOM:
+        t = now_ns()
+        if vq.stall_ns == 0:
+            vq.stall_ns = t
+        if t - vq.stall_ns < STALL_NS:
+            w.blocked = 1
+            return False
+        vq.dropped += 1
+    elif rc == R_DROP:
+        vq.dropped += 1
+    vq.stall_ns = 0
+    return True
+
+
 cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     """Take up to BURST chains from a guest TX ring and switch them."""
     cdef NetDev *dev = <NetDev *>vq.dev
@@ -520,7 +547,6 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef uint32_t total = 0
     cdef uint64_t nbytes = 0
     cdef uint16_t head
-    cdef int64_t t
     cdef Chain frame
     if n <= 0:
         if n < 0:
@@ -540,21 +566,8 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         if rc < 0:
             break_ring(w, vq, rc)
             break
-        if dev.tap_fd >= 0:
-            rc = tap_send(w, dev, w.iov, niov, total)
-        else:
-            rc = switch_frame(w, dev, vq.index >> 1, w.iov, niov, total)
-        if rc == R_NO_ROOM:
-            t = now_ns()
-            if vq.stall_ns == 0:
-                vq.stall_ns = t
-            if t - vq.stall_ns < STALL_NS:
-                w.blocked = 1
-                break
-            vq.dropped += 1
-        elif rc == R_DROP:
-            vq.dropped += 1
-        vq.stall_ns = 0
+        if not tx_frame(w, dev, vq, w.iov, niov, total):
+            break
         used_push(vq, head, 0)
         vq.last_avail_idx += 1
         nbytes += total - dev.hdr_len

@@ -18,7 +18,6 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef uint64_t nbytes = 0
     cdef int wrap
     cdef uint16_t id, ndesc
-    cdef int64_t t
     cdef Chain frame
     for k in range(BURST):
         slot = vq.last_avail_idx
@@ -33,21 +32,8 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         if rc < 0:
             break_ring(w, vq, rc)
             break
-        if dev.tap_fd >= 0:
-            rc = tap_send(w, dev, w.iov, frame.niov, total)
-        else:
-            rc = switch_frame(w, dev, vq.index >> 1, w.iov, frame.niov, total)
-        if rc == R_NO_ROOM:
-            t = now_ns()
-            if vq.stall_ns == 0:
-                vq.stall_ns = t
-            if t - vq.stall_ns < STALL_NS:
-                w.blocked = 1
-                break
-            vq.dropped += 1
-        elif rc == R_DROP:
-            vq.dropped += 1
-        vq.stall_ns = 0
+        if not tx_frame(w, dev, vq, w.iov, frame.niov, total):
+            break
         packed_used_push(vq, id, 0, ndesc)
         vq.last_avail_idx = <uint16_t>slot
         vq.avail_wrap = wrap
