@@ -164,15 +164,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
-        # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
-        w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
-        w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
-    rx_copy(w, t, niov, src, nsrc, skip, frame_len)      # cap >= need
-    if t.log.active:
-        vfe_fence()
-        for c in range(niov):
-            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
+    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     remaining = need
     for c in range(nchains):
         l = w.rx_cap[c]

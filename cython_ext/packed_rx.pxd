@@ -46,15 +46,7 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
-        # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
-        w.hdr_out[VIRTIO_NET_HDR_LEN] = nchains & 0xFF
-        w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nchains >> 8) & 0xFF
-    rx_copy(w, t, niov, src, nsrc, skip, frame_len)      # cap >= need
-    if t.log.active:
-        vfe_fence()
-        for c in range(niov):
-            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
+    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     if nchains == 1:
         # the common case: one buffer, the last one taken (cap >= need)
         packed_used_push(vq, id, need, ndesc)

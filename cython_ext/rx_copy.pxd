@@ -1,9 +1,11 @@
-# Writing w.hdr_out + a frame into the RX buffers a ring's filler took: the
-# one step the split (netdata.pxd rx_enqueue) and packed (packed_rx.pxd)
-# layouts share once their buffers are mapped into w.rx_iov.
+# Writing w.hdr_out + a frame into the RX buffers a ring's filler took, and
+# logging their pages dirty: the one step the split (netdata.pxd rx_enqueue)
+# and packed (packed_rx.pxd) layouts share once their buffers are mapped
+# into w.rx_iov.
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy, memmove
-from vring cimport Iov, sg_copy
+from atomics cimport vfe_fence
+from vring cimport Iov, sg_copy, log_pages
 from virtio cimport VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN
 from netpath cimport Worker, NetDev
 
@@ -13,12 +15,18 @@ cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) n
     return nsrc > 0 and src[0].len >= skip and src[0].len - skip >= length
 
 
-cdef inline void rx_copy(Worker *w, NetDev *t, int niov, Iov *src, int nsrc, uint32_t skip,
-                         uint32_t frame_len) noexcept nogil:
-    """t.hdr_len bytes of w.hdr_out, then the frame, into w.rx_iov[0:niov]
-    (whose bytes, the caller checked, hold both)."""
+cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src, int nsrc,
+                         uint32_t skip, uint32_t frame_len) noexcept nogil:
+    """t.hdr_len bytes of w.hdr_out (num_buffers = nbuffers when the header
+    has it), then the frame, into w.rx_iov[0:niov] (whose bytes, the caller
+    checked, hold both), and their pages marked in the dirty log."""
     cdef uint8_t *d
     cdef Iov h
+    cdef int c
+    if t.hdr_len == VIRTIO_NET_HDR_MRG_LEN:
+        # num_buffers (le16) follows the header's first VIRTIO_NET_HDR_LEN bytes
+        w.hdr_out[VIRTIO_NET_HDR_LEN] = nbuffers & 0xFF
+        w.hdr_out[VIRTIO_NET_HDR_LEN + 1] = (nbuffers >> 8) & 0xFF
     if niov == 1 and one_piece(src, nsrc, skip, frame_len):
         # the common layout: one RX buffer of one piece, the frame in one
         # source piece; constant-size header stores
@@ -34,3 +42,7 @@ cdef inline void rx_copy(Worker *w, NetDev *t, int niov, Iov *src, int nsrc, uin
         h.len = t.hdr_len
         sg_copy(w.rx_iov, niov, 0, &h, 1, 0, t.hdr_len)
         sg_copy(w.rx_iov, niov, t.hdr_len, src, nsrc, skip, frame_len)
+    if t.log.active:
+        vfe_fence()
+        for c in range(niov):
+            log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
