@@ -2,6 +2,12 @@
 # Included by engine.pyx (one compiled module: the worker loop calls these
 # directly, and the device classes share its cdef helpers).
 
+# A blk queue's requests_<type> counters (counters.pxd ReqType)
+REQ_TYPES = {"in": REQ_IN, "out": REQ_OUT, "flush": REQ_FLUSH, "get_id": REQ_GET_ID,
+             "discard": REQ_DISCARD, "write_zeroes": REQ_WRITE_ZEROES,
+             "unsupported": REQ_UNSUPPORTED}
+
+
 cdef class BlkDevice(RingDevice):
     """The engine's side of one virtio-blk device: its request queues, its
     memory table and its backend (null, malloc or file).  Same ring-control
@@ -305,10 +311,18 @@ cdef class BlkDevice(RingDevice):
         return iq.nresubmit - iq.resubmit_pos
 
     def ring_stats(self, int index):
-        """requests (packets), data bytes, failed requests (dropped), ring errors, interrupts."""
+        """Queue `index`'s counters (docs/metrics.md): requests answered
+        (packets), data bytes, failed requests (dropped), ring errors,
+        interrupts, kicks read, requests_<type> taken (ReqType) and the
+        requests at the I/O threads now (inflight, a level)."""
         cdef Vring *vq = self._ring(index)
-        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
-                "dropped": vq.dropped, "interrupts": vq.calls}
+        cdef RingCounters c = self._counted(index)
+        out = {"packets": c.packets, "bytes": c.bytes, "errors": vq.errors,
+               "dropped": c.failed, "interrupts": vq.calls, "kicks": c.kicks,
+               "inflight": self.d.aio[index].pending if self.d.aio != NULL else 0}
+        for name, r in REQ_TYPES.items():
+            out["requests_" + name] = c.by[r]
+        return out
 
     def blk_stats(self):
         """Totals over all queues, per request type."""

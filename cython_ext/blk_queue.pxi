@@ -65,17 +65,20 @@ cdef inline int blk_head_free(Vring *vq, BlkDev *d, uint16_t head) noexcept nogi
     return 0
 
 
-cdef void blk_answer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8_t status,
-                     uint64_t nbytes) noexcept nogil:
+cdef void blk_answer(Worker *w, BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in,
+                     uint8_t status, uint64_t nbytes) noexcept nogil:
     """The request at `head` is done (its status byte written and logged):
-    its used entry, the last-batch list, the ring's counters."""
+    its used entry, the last-batch list, the ring's counters (w's block)."""
+    cdef RingCounters *cnt
     ring_used_push(vq, head, data_in + 1)
     if not vq.packed:                        # a packed ring's entries go back at the publish
         inflight_link(&d.inflight[vq.index], head)
-    vq.packets += 1
-    vq.bytes += nbytes
-    if status != VIRTIO_BLK_S_OK:
-        vq.dropped += 1
+    if VFE_COUNTERS:
+        cnt = &vq.cnt[w.id]
+        cnt.packets += 1
+        cnt.bytes += nbytes
+        if status != VIRTIO_BLK_S_OK:
+            cnt.failed += 1
 
 
 cdef int blk_serve(Worker *w, Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
@@ -108,6 +111,8 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
         return rc
     status = blk_request(d, w.iov, nread, niov - nread, rbytes, wbytes, w.lin, &data_in,
                          &kind, &offset, &nranges)
+    if VFE_COUNTERS:
+        vq.cnt[w.id].by[req_type(kind)] += 1
     if status == BLK_ASYNC:
         status = blk_submit(w, vq, d, head, nread, niov, rbytes, kind, offset, nranges, data_in)
         if status == BLK_ASYNC:
@@ -120,7 +125,7 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
         vfe_fence()
         for c in range(nread, niov):
             log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
-    blk_answer(d, vq, head, data_in, status,
+    blk_answer(w, d, vq, head, data_in, status,
                data_in if data_in else (rbytes - VIRTIO_BLK_REQ_HDR_SIZE if status == VIRTIO_BLK_S_OK else 0))
     return 1
 
@@ -135,8 +140,9 @@ cdef inline void blk_flush_done(Vring *vq, InflightQueue *iq, uint16_t *done, in
     ndone[0] = 0
 
 
-cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nogil:
-    """Answer the ring's requests the I/O threads have finished."""
+cdef int blk_reap(Worker *w, Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nogil:
+    """Answer the ring's requests the I/O threads have finished (w: whose
+    counter block)."""
     cdef AioRing *ar
     cdef AioReq *r
     cdef int k, n = 0
@@ -169,7 +175,7 @@ cdef int blk_reap(Vring *vq, BlkDev *d, uint16_t *done, int *ndone) noexcept nog
             log_pages(&d.log, r.status_gpa, 1)
         if r.status != VIRTIO_BLK_S_OK:
             vfe_add_u64(&d.ioerrs, 1)
-        blk_answer(d, vq, r.head, r.data_in, r.status,
+        blk_answer(w, d, vq, r.head, r.data_in, r.status,
                    r.length if r.status == VIRTIO_BLK_S_OK and r.op <= AIO_WRITE else 0)
         done[ndone[0]] = r.head
         ndone[0] += 1
@@ -243,7 +249,7 @@ cdef int blk_burst(Worker *w, Vring *vq, bint take_new=1) noexcept nogil:
     cdef uint16_t head
     if vq.packed:
         return packed_blk_burst(w, vq, take_new)
-    work = blk_reap(vq, d, done, &ndone)
+    work = blk_reap(w, vq, d, done, &ndone)
     k = 0
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
         head = inflight_next_resubmit(iq)

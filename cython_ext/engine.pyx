@@ -29,6 +29,7 @@ from guard cimport *
 from virtio cimport *
 from packed cimport *
 from packed_tx cimport net_burst
+from counters cimport *
 
 import os
 import threading
@@ -36,6 +37,9 @@ import threading
 from vfe.macaddr import format_mac, parse_mac
 
 ENGINE_ABI = VFE_ENGINE_ABI
+# False in a build with the per-queue counters compiled out (VFE_ENGINE_COUNTERS=0,
+# scripts/bench --counters-ab): every counter then reads 0
+ENGINE_COUNTERS = bool(VFE_COUNTERS)
 
 # Numba kernels, set once at start-up (vfe.kernels); NULL = slow path drops.
 cdef csum_fn_t g_csum = NULL
@@ -197,13 +201,29 @@ cdef int iter_arm(void *arg) noexcept nogil:
 
 
 cdef int iter_disarm(void *arg) noexcept nogil:
-    """Awake again: polling, so no kicks wanted."""
+    """Awake again: polling, so no kicks wanted.  The kicks the sleep read
+    are counted on their rings (count_kicks)."""
     cdef Worker *w = <Worker *>arg
     cdef int i
+    if VFE_COUNTERS:
+        count_kicks(w)
     for i in range(w.nrings):
         if w.rings[i].ready and not mem_gone(w.rings[i]):
             ring_notify_disable(w.rings[i])
     return 0
+
+
+cdef inline void count_kicks(Worker *w) noexcept nogil:
+    """Add the values the sleep read from kick eventfds (each is the number
+    of kicks since the last read) to the rings whose kick fd they were,
+    worker lock held: a ring stopped meanwhile is no longer in w.rings."""
+    cdef int i, j
+    for j in range(w.nwoke):
+        for i in range(w.nrings):
+            if w.rings[i].kick_fd == w.woke_fd[j]:
+                w.rings[i].cnt[w.id].kicks += w.woke_val[j]
+                break
+    w.nwoke = 0
 
 
 cdef int after_fault(void *arg) noexcept nogil:
@@ -283,7 +303,10 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             n = epoll_wait(w.epfd, evs, 64, 1 if w.blocked else 1000)
             for i in range(n if n > 0 else 0):
                 if evs[i].data.fd >= 0:       # kick/wake eventfds; TAP fds are read by tap_in
-                    read(evs[i].data.fd, &val, 8)
+                    if read(evs[i].data.fd, &val, 8) == 8 and evs[i].data.fd != w.wake_fd:
+                        w.woke_fd[w.nwoke] = evs[i].data.fd      # n <= 64 entries
+                        w.woke_val[w.nwoke] = val
+                        w.nwoke += 1
         vfe_spin_lock(&w.lock)
         guarded_run(w, iter_disarm, <void *>w)
         vfe_spin_unlock(&w.lock)
@@ -291,11 +314,12 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         idle_since = 0
 
 
-cdef Worker *worker_new(Switch *sw, int mode, int64_t spin_ns, int event_fd) except NULL:
+cdef Worker *worker_new(int id, Switch *sw, int mode, int64_t spin_ns, int event_fd) except NULL:
     cdef Worker *w = <Worker *>calloc(1, sizeof(Worker))
     cdef epoll_event ev
     if w == NULL:
         raise MemoryError()
+    w.id = id
     w.lin = <uint8_t *>malloc(LIN_CAP)
     w.seg = <uint8_t *>malloc(SEG_CAP)
     w.tap_buf = <uint8_t *>malloc(LIN_CAP + VIRTIO_NET_HDR_MRG_LEN)
@@ -371,10 +395,10 @@ cdef class Engine:
         if self.sw == NULL or self.workers == NULL:
             raise MemoryError()
         for i in range(workers):
-            self.workers[i] = worker_new(self.sw, 0 if mode == "poll" else 1,
+            self.workers[i] = worker_new(i, self.sw, 0 if mode == "poll" else 1,
                                          <int64_t>spin_us * 1000, self.event_fd)
             self.workers[i].faults = &self.faults
-        self.ctl = worker_new(self.sw, 1, 0, self.event_fd)
+        self.ctl = worker_new(workers, self.sw, 1, 0, self.event_fd)
         self.ctl.faults = &self.faults
 
     def __dealloc__(self):

@@ -16,6 +16,15 @@ cdef int _inject(void *arg) noexcept nogil:
     return 0
 
 
+# The drop reasons each ring direction counts (counters.pxd DropReason):
+# a sender's TX ring every fate of its frames, an RX ring what happened
+# to frames on their way into it.
+TX_DROPS = {"short": DROP_SHORT, "spoofed": DROP_SPOOFED, "no_room": DROP_NO_ROOM,
+            "no_ring": DROP_NO_RING, "too_big": DROP_TOO_BIG, "offload": DROP_OFFLOAD,
+            "ring_error": DROP_RING_ERROR, "tap": DROP_TAP}
+RX_DROPS = {"too_big": DROP_TOO_BIG, "offload": DROP_OFFLOAD, "no_room": DROP_NO_ROOM}
+
+
 cdef class NetDevice(RingDevice):
     """The engine's side of one virtio-net device: its rings, its memory
     table and its switch port.  Methods are called by the device adapter
@@ -261,9 +270,21 @@ cdef class NetDevice(RingDevice):
         return {"sw_csum": self.d.sw_csum, "sw_gso": self.d.sw_gso}
 
     def ring_stats(self, int index):
+        """Ring `index`'s counters (docs/metrics.md): frames and bytes, drops
+        (the total and dropped_<reason>, DropReason), ring errors,
+        interrupts; RX rings the buffers used, TX rings the kicks read."""
         cdef Vring *vq = self._ring(index)
-        return {"packets": vq.packets, "bytes": vq.bytes, "errors": vq.errors,
-                "dropped": vq.dropped, "interrupts": vq.calls}
+        cdef RingCounters c = self._counted(index)
+        reasons = RX_DROPS if index % 2 == 0 else TX_DROPS
+        out = {"packets": c.packets, "bytes": c.bytes, "errors": vq.errors,
+               "dropped": sum(c.by[r] for r in reasons.values()), "interrupts": vq.calls}
+        if index % 2 == 0:
+            out["buffers"] = c.buffers
+        else:
+            out["kicks"] = c.kicks
+        for name, r in reasons.items():
+            out["dropped_" + name] = c.by[r]
+        return out
 
     def inject(self, bytes frame, int pair=0):
         """Switch one frame as if the guest had sent it on queue pair `pair`

@@ -17,7 +17,8 @@ from fault cimport mem_gone
 from guard cimport vfe_signal_fence
 from packed cimport ring_publish
 from packed_rx cimport packed_rx_fill
-from rx_copy cimport rx_copy
+from rx_copy cimport rx_copy, rx_drop
+from counters cimport *
 
 cdef enum:
     STALL_NS = 50 * 1000 * 1000   # a full destination may hold a sender this long, then we drop
@@ -104,10 +105,20 @@ cdef inline Vring *rx_acquire(Worker *w, NetDev *t, int pair) noexcept nogil:
     return vq
 
 
-cdef inline void rx_fail(Worker *w, Vring *vq, int code) noexcept nogil:
-    """A guest error on the held RX ring: stop it and end the run."""
+cdef inline int drop(Worker *w, int reason) noexcept nogil:
+    """R_DROP for a frame, noting why (DropReason) for the sender's count
+    (tx_frame); rx_drop also counts it on the receiving ring."""
+    if VFE_COUNTERS:
+        w.drop_reason = reason
+    return R_DROP
+
+
+cdef inline int rx_fail(Worker *w, Vring *vq, int code) noexcept nogil:
+    """A guest error on the held RX ring: stop it and end the run.  The
+    frame is dropped (R_DROP)."""
     break_ring(w, vq, code)
     rx_release(w)
+    return drop(w, DROP_RING_ERROR)
 
 
 cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
@@ -121,12 +132,11 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     cdef uint16_t head
     cdef Chain buf
     if vq == NULL:
-        return R_DROP
+        return drop(w, DROP_NO_RING)
     if vq.packed:
         rc = packed_rx_fill(w, t, vq, src, nsrc, skip, frame_len, NET_MAX_CHAIN)
         if rc < 0:
-            rx_fail(w, vq, rc)
-            return R_DROP
+            return rx_fail(w, vq, rc)
         if rc == R_OK:
             defer_publish(w, vq)
         return rc
@@ -136,19 +146,16 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     # the loop below)
     n = avail_count_cached(vq, 0x10000 if w.rx_fresh else 1)
     if n < 0:
-        rx_fail(w, vq, n)
-        return R_DROP
+        return rx_fail(w, vq, n)
     while cap < need:
         if nchains >= n:
             n = avail_count_cached(vq, nchains + 1)     # re-read: the guest may have posted more
             if n < 0:
-                rx_fail(w, vq, n)
-                return R_DROP
+                return rx_fail(w, vq, n)
             if nchains >= n:
                 return R_NO_ROOM
         if nchains > 0 and not t.mrg_rxbuf:
-            vq.dropped += 1          # frame larger than the guest's buffers
-            return R_DROP
+            return rx_drop(w, vq, DROP_TOO_BIG)     # frame larger than the guest's buffers
         # one buffer per chain: w.rx_head/rx_cap hold MAX_IOV (walk_chain's
         # E_IOV stops us first, since a chain is at least one piece)
         rc = avail_head(vq, <uint16_t>(vq.last_avail_idx + nchains)) if nchains < MAX_IOV else E_IOV
@@ -157,14 +164,13 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
             rc = walk_chain(vq, head, ALL_WRITABLE, NET_MAX_CHAIN, &w.rx_iov[niov],
                             MAX_IOV - niov, &buf)
         if rc < 0:
-            rx_fail(w, vq, rc)
-            return R_DROP
+            return rx_fail(w, vq, rc)
         w.rx_head[nchains] = head
         w.rx_cap[nchains] = <uint32_t>buf.wbytes
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
+    rx_copy(w, t, vq, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     remaining = need
     for c in range(nchains):
         l = w.rx_cap[c]
@@ -173,8 +179,6 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         used_push(vq, w.rx_head[c], l)
         remaining -= l
     vq.last_avail_idx = <uint16_t>(vq.last_avail_idx + nchains)
-    vq.packets += 1
-    vq.bytes += frame_len
     defer_publish(w, vq)
     return R_OK
 
@@ -233,10 +237,13 @@ cdef inline int linearize(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t
     return 0
 
 
-cdef inline void count_drop(NetDev *t, int pair) noexcept nogil:
+cdef inline int rx_dropped(Worker *w, NetDev *t, int pair, int reason) noexcept nogil:
+    """A frame for t from queue pair `pair` dropped for `reason`: counted on
+    the RX ring it would have gone to, if there is one (rx_drop).  R_DROP."""
     cdef Vring *vq = pick_rx(t, pair)
     if vq != NULL:
-        vq.dropped += 1
+        return rx_drop(w, vq, reason)
+    return drop(w, reason)
 
 
 cdef inline int soft_offload(Worker *w, Iov *src, int nsrc, uint32_t skip, uint32_t frame_len,
@@ -289,24 +296,25 @@ cdef inline int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint
     through when t negotiated the offloads it uses; otherwise the checksum is
     finished, or the frame segmented, in software (Numba kernels)."""
     cdef int need_seg = needs_segmentation(w.hdr_in[1], t.guest_tso4, t.guest_tso6, t.guest_ecn)
-    cdef int i, n, result = R_OK
+    cdef int i, n, rc, result = R_OK
     cdef Iov seg
     if not need_seg and not ((w.hdr_in[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) and not t.guest_csum):
         memcpy(w.hdr_out, w.hdr_in, VIRTIO_NET_HDR_LEN)
         return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
     n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
     if n < 0:
-        count_drop(t, pair)
-        return R_DROP
+        return rx_dropped(w, t, pair, DROP_OFFLOAD)
     vfe_add_u64(&t.sw_gso if need_seg else &t.sw_csum, 1)
     memset(w.hdr_out, 0, VIRTIO_NET_HDR_MRG_LEN)
     if t.guest_csum:
         w.hdr_out[0] = VIRTIO_NET_HDR_F_DATA_VALID     # we computed every checksum
     for i in range(n):
         soft_frame(w, i, &seg)
-        if rx_enqueue(w, t, pair, &seg, 1, 0, seg.len) != R_OK:
-            count_drop(t, pair)
-            result = R_DROP
+        rc = rx_enqueue(w, t, pair, &seg, 1, 0, seg.len)
+        if rc == R_NO_ROOM:
+            rx_dropped(w, t, pair, DROP_NO_ROOM)       # a segment is not retried
+        if rc != R_OK:
+            result = R_DROP       # why: noted by the last segment that failed
     return result
 
 
@@ -343,7 +351,7 @@ cdef inline int tap_write_one(Worker *w, int fd, Iov *src, int nsrc, uint32_t sk
         off = 0
         i += 1
     if writev(fd, vec, n) < 0:
-        return R_DROP
+        return drop(w, DROP_TAP)
     return R_OK
 
 
@@ -357,7 +365,7 @@ cdef inline int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t ski
         return tap_write_one(w, dev.tap_fd, src, nsrc, skip, frame_len)
     n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
     if n < 0:
-        return R_DROP
+        return drop(w, DROP_OFFLOAD)
     vfe_add_u64(&dev.sw_gso if need_seg else &dev.sw_csum, 1)
     for i in range(n):
         soft_frame(w, i, &seg)
@@ -368,7 +376,7 @@ cdef inline int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t ski
 
 cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
     """Up to BURST frames from the representor into the guest's RX ring."""
-    cdef int k, done = 0
+    cdef int k, rc, done = 0
     cdef ssize_t n
     cdef Iov frame
     for k in range(BURST):
@@ -378,8 +386,11 @@ cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
         memcpy(w.hdr_in, w.tap_buf, VIRTIO_NET_HDR_MRG_LEN)
         frame.base = w.tap_buf + VIRTIO_NET_HDR_MRG_LEN
         frame.len = <uint32_t>(n - VIRTIO_NET_HDR_MRG_LEN)
-        if deliver(w, dev, 0, &frame, 1, 0, frame.len) != R_OK:
+        rc = deliver(w, dev, 0, &frame, 1, 0, frame.len)
+        if rc != R_OK:
             dev.tap_rx_dropped += 1
+            if rc == R_NO_ROOM:
+                rx_dropped(w, dev, 0, DROP_NO_ROOM)
         done += 1
     if done:
         flush_rx(w)
@@ -403,7 +414,7 @@ cdef inline int spoofed(Worker *w, NetDev *dev, uint64_t srcmac) noexcept nogil:
     if not (dev.notices & NOTICE_SPOOF):
         dev.spoof_src = srcmac    # the log names the first spoofed MAC since the re-arm
     notice(w, dev, NOTICE_SPOOF)
-    return R_DROP
+    return drop(w, DROP_SPOOFED)
 
 
 cdef inline void read_net_hdr(Worker *w, uint8_t *p, uint32_t hl) noexcept nogil:
@@ -431,7 +442,7 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
     cdef int p, r
     cdef NetDev *t
     if frame_len < 14:
-        return R_DROP
+        return drop(w, DROP_SHORT)
     if src[0].len >= hl + 12:
         # the usual layout (testpmd, Linux guests): the header and both MACs
         # in the chain's first piece, read in place
@@ -488,7 +499,8 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
     for p in range(sw.nports):
         t = sw.ports[p]
         if t != NULL and t != src_dev:
-            deliver(w, t, pair, src, nsrc, hl, frame_len)
+            if deliver(w, t, pair, src, nsrc, hl, frame_len) == R_NO_ROOM:
+                rx_dropped(w, t, pair, DROP_NO_ROOM)    # a flood waits for no one
     return R_OK
 
 
@@ -500,7 +512,7 @@ cdef inline int tap_send(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t to
     memset(w.hdr_in, 0, VIRTIO_NET_HDR_MRG_LEN)
     sg_copy(&d, 1, 0, src, nsrc, 0, hl)
     if total - hl < 14:
-        return R_DROP
+        return drop(w, DROP_SHORT)
     return tap_out(w, dev, src, nsrc, hl, total - hl)
 
 
@@ -510,8 +522,9 @@ cdef inline bint tx_frame(Worker *w, NetDev *dev, Vring *vq, Iov *iov, int niov,
     representor or the switch.  False: its destination is full and has been
     for less than STALL_NS -- the frame stays in the ring and the burst
     stops (w.blocked); True: it is done with, delivered or dropped (and
-    counted on vq)."""
-    cdef int rc
+    counted on vq by its reason: the one its drop site noted in
+    w.drop_reason, or DROP_NO_ROOM)."""
+    cdef int rc, reason
     cdef int64_t t
     if dev.tap_fd >= 0:
         rc = tap_send(w, dev, iov, niov, total)
@@ -524,9 +537,9 @@ cdef inline bint tx_frame(Worker *w, NetDev *dev, Vring *vq, Iov *iov, int niov,
         if t - vq.stall_ns < STALL_NS:
             w.blocked = 1
             return False
-        vq.dropped += 1
-    elif rc == R_DROP:
-        vq.dropped += 1
+    if rc != R_OK and VFE_COUNTERS:
+        reason = DROP_NO_ROOM if rc == R_NO_ROOM else w.drop_reason
+        vq.cnt[w.id].by[reason] += 1
     vq.stall_ns = 0
     return True
 
@@ -540,6 +553,7 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef uint64_t nbytes = 0
     cdef uint16_t head
     cdef Chain frame
+    cdef RingCounters *cnt
     if n <= 0:
         if n < 0:
             break_ring(w, vq, n)
@@ -564,8 +578,10 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         vq.last_avail_idx += 1
         nbytes += total - dev.hdr_len
         done += 1
-    vq.packets += done
-    vq.bytes += nbytes
+    if VFE_COUNTERS:
+        cnt = &vq.cnt[w.id]
+        cnt.packets += done
+        cnt.bytes += nbytes
     flush_rx(w)
     used_publish(vq)
     return done

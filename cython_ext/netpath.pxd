@@ -77,6 +77,7 @@ ctypedef int32_t (*gso_fn_t)(uint8_t *frame, int32_t length, int32_t gso_type,
 
 ctypedef struct Worker:
     int lock                  # held for a whole poll iteration; control ops take it to stop the world
+    int id                    # its counter block in every ring (counters.pxd): 0..workers-1, the control scratch after them
     int stop
     int mode                  # 0 poll, 1 adaptive
     int epfd
@@ -97,6 +98,10 @@ ctypedef struct Worker:
     Vring *dirty[64]
     uint64_t iterations
     uint64_t sleeps
+    int drop_reason           # why the frame being sent was dropped (DropReason, for the sender's count)
+    int nwoke                 # kick eventfds the last sleep read: counted on their rings under the lock
+    int woke_fd[64]
+    uint64_t woke_val[64]
     uint8_t hdr_in[VIRTIO_NET_HDR_MRG_LEN]
     uint8_t hdr_out[VIRTIO_NET_HDR_MRG_LEN]
     Iov iov[MAX_IOV]

@@ -230,7 +230,7 @@ cdef inline void packed_signal(Vring *vq) noexcept nogil:
         return
     if vq.call_fd >= 0:
         write(vq.call_fd, &one, 8)
-        vq.calls += 1
+        count_call(vq)
 
 
 cdef inline void packed_publish(Vring *vq) noexcept nogil:

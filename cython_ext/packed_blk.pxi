@@ -114,7 +114,7 @@ cdef int packed_blk_burst(Worker *w, Vring *vq, bint take_new) noexcept nogil:
     cdef int wrap
     cdef uint16_t id, ndesc, num
     cdef Chain req
-    work = blk_reap(vq, d, done, &ndone)
+    work = blk_reap(w, vq, d, done, &ndone)
     while iq.resubmit_pos < iq.nresubmit and k < BURST and not vq.broken:
         num = iq.resubmit_num[iq.resubmit_pos]
         entry = inflight_next_resubmit(iq)

@@ -7,7 +7,8 @@ from vring cimport *
 from virtio cimport *
 from netpath cimport *
 from packed cimport *
-from rx_copy cimport rx_copy
+from rx_copy cimport rx_copy, rx_drop
+from counters cimport DROP_TOO_BIG
 
 
 cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int nsrc,
@@ -26,8 +27,7 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
     cdef Chain buf
     while cap < need:
         if nchains > 0 and not t.mrg_rxbuf:
-            vq.dropped += 1          # frame larger than the guest's buffers
-            return R_DROP
+            return rx_drop(w, vq, DROP_TOO_BIG)     # frame larger than the guest's buffers
         if nchains >= MAX_IOV:
             return E_IOV
         rc = packed_take(vq, &slot, &wrap, ALL_WRITABLE, limit, &w.rx_iov[niov],
@@ -46,7 +46,7 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
+    rx_copy(w, t, vq, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     if nchains == 1:
         # the common case: one buffer, the last one taken (cap >= need)
         packed_used_push(vq, id, need, ndesc)
@@ -60,6 +60,4 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
             remaining -= l
     vq.last_avail_idx = <uint16_t>slot
     vq.avail_wrap = wrap
-    vq.packets += 1
-    vq.bytes += frame_len
     return R_OK

@@ -5,6 +5,7 @@ from vring cimport *
 from netpath cimport *
 from netdata cimport *
 from packed cimport *
+from counters cimport RingCounters, VFE_COUNTERS
 
 
 cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
@@ -19,6 +20,7 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     cdef int wrap
     cdef uint16_t id, ndesc
     cdef Chain frame
+    cdef RingCounters *cnt
     for k in range(BURST):
         slot = vq.last_avail_idx
         wrap = vq.avail_wrap
@@ -39,8 +41,10 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         vq.avail_wrap = wrap
         nbytes += total - dev.hdr_len
         done += 1
-    vq.packets += done
-    vq.bytes += nbytes
+    if VFE_COUNTERS:
+        cnt = &vq.cnt[w.id]
+        cnt.packets += done
+        cnt.bytes += nbytes
     flush_rx(w)
     packed_publish(vq)
     return done

@@ -13,15 +13,33 @@ cdef class RingDevice:
     cdef DirtyLog *log
     cdef uint64_t *features
     cdef FaultDomain *fdom          # its mappings, for the SIGBUS recovery (fault.pxd)
+    cdef RingCounters *counters     # nslots blocks per ring, ring i's at i * nslots (counters.pxd)
+    cdef int nslots                 # the engine's workers + its control scratch
     cdef public int slot
     cdef public object model        # the device model these rings belong to (vfe/devices/), for log lines
 
     def __cinit__(self, *args, **kwargs):
         self.vqs = NULL
         self.fdom = NULL
+        self.counters = NULL
+
+    def __dealloc__(self):
+        # after the subclass's: no ring points at the blocks any more
+        free(self.counters)
 
     cdef int _register_faults(self) except -1:
-        """Called by a subclass once vqs/nvqs/mem/log point at its struct."""
+        """Called by a subclass once vqs/nvqs/mem/log point at its struct;
+        also gives every ring its counter blocks, one per thread that may
+        count on it (Worker.id: each worker, then the control scratch).
+        The device keeps them for its life: they survive reconnects."""
+        cdef int i
+        self.nslots = self.engine.nworkers + 1
+        self.counters = <RingCounters *>vfe_counters_alloc(self.nvqs * self.nslots,
+                                                           sizeof(RingCounters))
+        if self.counters == NULL:
+            raise MemoryError()
+        for i in range(self.nvqs):
+            self.vqs[i].cnt = self.counters + i * self.nslots
         self.fdom = <FaultDomain *>calloc(1, sizeof(FaultDomain))
         if self.fdom == NULL:
             raise MemoryError()
@@ -41,6 +59,13 @@ cdef class RingDevice:
     def memory_fault(self):
         """Where the device's guest memory faulted (our address), 0 if it did not."""
         return self.mem.fault_addr if self.mem != NULL else 0
+
+    cdef RingCounters _counted(self, int index) except *:
+        """Ring `index`'s counters: its blocks summed (read while workers
+        may be counting: each field is a value it had a moment ago)."""
+        cdef RingCounters total
+        count_sum(self._ring(index).cnt, self.nslots, &total)
+        return total
 
     cdef bint _polled(self, int index):
         """Whether a worker polls this ring (net: TX only; blk: every queue)."""

@@ -1,13 +1,14 @@
-# Writing w.hdr_out + a frame into the RX buffers a ring's filler took, and
-# logging their pages dirty: the one step the split (netdata.pxd rx_enqueue)
-# and packed (packed_rx.pxd) layouts share once their buffers are mapped
-# into w.rx_iov.
+# Writing w.hdr_out + a frame into the RX buffers a ring's filler took,
+# logging their pages dirty and counting it: the one step the split
+# (netdata.pxd rx_enqueue) and packed (packed_rx.pxd) layouts share once
+# their buffers are mapped into w.rx_iov; and their drop count.
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy, memmove
 from atomics cimport vfe_fence
-from vring cimport Iov, sg_copy, log_pages
+from vring cimport Vring, Iov, sg_copy, log_pages
 from virtio cimport VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN
-from netpath cimport Worker, NetDev
+from netpath cimport Worker, NetDev, R_DROP
+from counters cimport RingCounters, VFE_COUNTERS
 
 
 cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) noexcept nogil:
@@ -15,11 +16,23 @@ cdef inline bint one_piece(Iov *src, int nsrc, uint32_t skip, uint32_t length) n
     return nsrc > 0 and src[0].len >= skip and src[0].len - skip >= length
 
 
-cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src, int nsrc,
-                         uint32_t skip, uint32_t frame_len) noexcept nogil:
+cdef inline int rx_drop(Worker *w, Vring *vq, int reason) noexcept nogil:
+    """A frame for RX ring vq dropped for `reason` (counters.pxd
+    DropReason): counted on the ring, in this thread's block, and noted
+    for the sender's count (netdata.pxd tx_frame).  Returns R_DROP."""
+    if VFE_COUNTERS:
+        vq.cnt[w.id].by[reason] += 1
+        w.drop_reason = reason
+    return R_DROP
+
+
+cdef inline void rx_copy(Worker *w, NetDev *t, Vring *vq, int niov, int nbuffers, Iov *src,
+                         int nsrc, uint32_t skip, uint32_t frame_len) noexcept nogil:
     """t.hdr_len bytes of w.hdr_out (num_buffers = nbuffers when the header
     has it), then the frame, into w.rx_iov[0:niov] (whose bytes, the caller
-    checked, hold both), and their pages marked in the dirty log."""
+    checked, hold both), their pages marked in the dirty log, and the
+    frame counted on RX ring vq (this thread's block: no other core writes it)."""
+    cdef RingCounters *cnt
     cdef uint8_t *d
     cdef Iov h
     cdef int c
@@ -46,3 +59,8 @@ cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src,
         vfe_fence()
         for c in range(niov):
             log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
+    if VFE_COUNTERS:
+        cnt = &vq.cnt[w.id]
+        cnt.packets += 1
+        cnt.bytes += frame_len
+        cnt.buffers += nbuffers

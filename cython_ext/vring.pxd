@@ -11,6 +11,7 @@ from libc.string cimport memcpy, memmove
 from atomics cimport *
 from linux cimport write
 from virtio cimport *
+from counters cimport RingCounters, VFE_COUNTERS
 
 cdef enum:
     # One dirty-log bit covers this many bytes of guest memory (the vhost-user
@@ -76,6 +77,7 @@ ctypedef struct Vring:
     int indirect
     int notify_enabled       # adaptive mode: guest kicks currently wanted
     int stopping             # a stop is draining the ring: take no new avail entries
+    RingCounters *cnt        # one block per counting thread, [Worker.id] (counters.pxd)
     uint8_t *desc
     uint16_t *avail          # [flags, idx, ring[size], used_event]
     uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
@@ -86,12 +88,8 @@ ctypedef struct Vring:
     int kick_fd
     int call_fd
     int64_t stall_ns
-    uint64_t packets
-    uint64_t bytes
-    uint64_t errors
-    uint64_t dropped
-    uint64_t kicks
-    uint64_t calls
+    uint64_t errors          # ring errors: rare, so not per worker (counters.pxd)
+    uint64_t calls           # interrupts sent: next to call_fd, which the publisher just read
     uint64_t desc_uva
     uint64_t avail_uva
     uint64_t used_uva
@@ -399,6 +397,13 @@ cdef inline void log_used_bytes(Vring *vq, uint64_t off, uint64_t length) noexce
         log_pages(vq.log, vq.log_guest_addr + off, length)
 
 
+cdef inline void count_call(Vring *vq) noexcept nogil:
+    """An interrupt sent (by the ring's owner, or an RX ring's publisher
+    under its lock)."""
+    if VFE_COUNTERS:
+        vq.calls += 1
+
+
 cdef inline void used_push(Vring *vq, uint32_t id, uint32_t length) noexcept nogil:
     cdef uint8_t *e = vq.used + VRING_HEADER_SIZE + VRING_USED_ELEM_SIZE * (vq.last_used_idx & vq.mask)
     vfe_store_u32(<uint32_t *>e, id)
@@ -428,7 +433,7 @@ cdef inline void used_publish(Vring *vq) noexcept nogil:
         return
     if vq.call_fd >= 0:
         write(vq.call_fd, &one, 8)
-        vq.calls += 1
+        count_call(vq)
 
 
 cdef inline void notify_disable(Vring *vq) noexcept nogil:

@@ -107,12 +107,14 @@ static inline void vfe_read_desc(const void *d, uint64_t *addr, uint32_t *len,
 
 /* Build identity of the compiled engine; a live update compares it (read
  * with pyelftools from the .so) before handing over any device. */
-#define VFE_ENGINE_ABI 6   /* 2: Vring.kind, blk devices; 3: BlkDev inflight tracking;
+#define VFE_ENGINE_ABI 7   /* 2: Vring.kind, blk devices; 3: BlkDev inflight tracking;
                               4: Vring.stopping, InflightQueue.ndesc, AioReq.busy/epoch;
                               5: MemTable.fault_addr, Worker fault state, AioRing.reaping,
                                  NetDev port security;
                               6: packed rings (Vring.packed ...), Vring.publisher,
-                                 Worker RX run and learn state */
+                                 Worker RX run and learn state;
+                              7: per-worker counter blocks (Vring.cnt, Worker.id,
+                                 counters.pxd), ring_stats' new keys */
 #define VFE_STR_(x) #x
 #define VFE_STR(x) VFE_STR_(x)
 /* The same identity as a string in .rodata under an exported symbol: a
