@@ -102,6 +102,7 @@ cdef inline Vring *rx_acquire(Worker *w, NetDev *t, int pair) noexcept nogil:
     w.rx_dev = t
     w.rx_pair = pair
     w.rx_fresh = 1
+    w.rx_cnt = &vq.cnt[w.id]
     return vq
 
 
@@ -121,11 +122,20 @@ cdef inline int rx_fail(Worker *w, Vring *vq, int code) noexcept nogil:
     return drop(w, DROP_RING_ERROR)
 
 
+cdef inline int rx_full(Worker *w, Vring *vq, bint final) noexcept nogil:
+    """The RX ring has no room for the frame: R_NO_ROOM to a sender that
+    waits for room (a unicast guest frame, tx_frame); a `final` delivery's
+    frame (flooded, from the representor, a segment) is dropped and counted."""
+    if final:
+        return rx_drop(w, vq, DROP_NO_ROOM)
+    return R_NO_ROOM
+
+
 cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
-                    uint32_t skip, uint32_t frame_len) noexcept nogil:
+                    uint32_t skip, uint32_t frame_len, bint final) noexcept nogil:
     """Write w.hdr_out + the frame into the destination's RX ring (mergeable
     buffers when negotiated); its used->idx is published at the burst's end
-    (flush_rx), with an interrupt if wanted."""
+    (flush_rx), with an interrupt if wanted.  No room: rx_full(final)."""
     cdef Vring *vq = rx_acquire(w, t, pair)
     cdef uint32_t need, cap = 0, remaining, l
     cdef int n, nchains = 0, niov = 0, rc, c
@@ -139,6 +149,8 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
             return rx_fail(w, vq, rc)
         if rc == R_OK:
             defer_publish(w, vq)
+        elif rc == R_NO_ROOM:
+            return rx_full(w, vq, final)
         return rc
     need = t.hdr_len + frame_len
     # re-read avail->idx on the first delivery of a run, then trust the
@@ -153,7 +165,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
             if n < 0:
                 return rx_fail(w, vq, n)
             if nchains >= n:
-                return R_NO_ROOM
+                return rx_full(w, vq, final)
         if nchains > 0 and not t.mrg_rxbuf:
             return rx_drop(w, vq, DROP_TOO_BIG)     # frame larger than the guest's buffers
         # one buffer per chain: w.rx_head/rx_cap hold MAX_IOV (walk_chain's
@@ -170,7 +182,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    rx_copy(w, t, vq, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
+    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     remaining = need
     for c in range(nchains):
         l = w.rx_cap[c]
@@ -291,16 +303,17 @@ cdef inline int needs_segmentation(uint8_t gso, int tso4, int tso6, int ecn) noe
 
 
 cdef inline int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint32_t skip,
-                 uint32_t frame_len) noexcept nogil:
+                 uint32_t frame_len, bint final) noexcept nogil:
     """Hand one frame (header in w.hdr_in) to device t.  The header passes
     through when t negotiated the offloads it uses; otherwise the checksum is
-    finished, or the frame segmented, in software (Numba kernels)."""
+    finished, or the frame segmented, in software (Numba kernels).  `final`:
+    no one retries the frame if t has no room (rx_full)."""
     cdef int need_seg = needs_segmentation(w.hdr_in[1], t.guest_tso4, t.guest_tso6, t.guest_ecn)
-    cdef int i, n, rc, result = R_OK
+    cdef int i, n, result = R_OK
     cdef Iov seg
     if not need_seg and not ((w.hdr_in[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) and not t.guest_csum):
         memcpy(w.hdr_out, w.hdr_in, VIRTIO_NET_HDR_LEN)
-        return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len)
+        return rx_enqueue(w, t, pair, src, nsrc, skip, frame_len, final)
     n = soft_offload(w, src, nsrc, skip, frame_len, need_seg)
     if n < 0:
         return rx_dropped(w, t, pair, DROP_OFFLOAD)
@@ -310,10 +323,7 @@ cdef inline int deliver(Worker *w, NetDev *t, int pair, Iov *src, int nsrc, uint
         w.hdr_out[0] = VIRTIO_NET_HDR_F_DATA_VALID     # we computed every checksum
     for i in range(n):
         soft_frame(w, i, &seg)
-        rc = rx_enqueue(w, t, pair, &seg, 1, 0, seg.len)
-        if rc == R_NO_ROOM:
-            rx_dropped(w, t, pair, DROP_NO_ROOM)       # a segment is not retried
-        if rc != R_OK:
+        if rx_enqueue(w, t, pair, &seg, 1, 0, seg.len, True) != R_OK:   # a segment is not retried
             result = R_DROP       # why: noted by the last segment that failed
     return result
 
@@ -376,7 +386,7 @@ cdef inline int tap_out(Worker *w, NetDev *dev, Iov *src, int nsrc, uint32_t ski
 
 cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
     """Up to BURST frames from the representor into the guest's RX ring."""
-    cdef int k, rc, done = 0
+    cdef int k, done = 0
     cdef ssize_t n
     cdef Iov frame
     for k in range(BURST):
@@ -386,11 +396,8 @@ cdef inline int tap_in(Worker *w, NetDev *dev) noexcept nogil:
         memcpy(w.hdr_in, w.tap_buf, VIRTIO_NET_HDR_MRG_LEN)
         frame.base = w.tap_buf + VIRTIO_NET_HDR_MRG_LEN
         frame.len = <uint32_t>(n - VIRTIO_NET_HDR_MRG_LEN)
-        rc = deliver(w, dev, 0, &frame, 1, 0, frame.len)
-        if rc != R_OK:
+        if deliver(w, dev, 0, &frame, 1, 0, frame.len, True) != R_OK:
             dev.tap_rx_dropped += 1
-            if rc == R_NO_ROOM:
-                rx_dropped(w, dev, 0, DROP_NO_ROOM)
         done += 1
     if done:
         flush_rx(w)
@@ -495,12 +502,11 @@ cdef inline int switch_frame(Worker *w, NetDev *src_dev, int pair, Iov *src, int
                 return R_OK           # hairpin: the destination is the sender
             t = sw.ports[p]
             if t != NULL:
-                return deliver(w, t, pair, src, nsrc, hl, frame_len)
+                return deliver(w, t, pair, src, nsrc, hl, frame_len, False)
     for p in range(sw.nports):
         t = sw.ports[p]
         if t != NULL and t != src_dev:
-            if deliver(w, t, pair, src, nsrc, hl, frame_len) == R_NO_ROOM:
-                rx_dropped(w, t, pair, DROP_NO_ROOM)    # a flood waits for no one
+            deliver(w, t, pair, src, nsrc, hl, frame_len, True)     # a flood waits for no one
     return R_OK
 
 
@@ -530,16 +536,18 @@ cdef inline bint tx_frame(Worker *w, NetDev *dev, Vring *vq, Iov *iov, int niov,
         rc = tap_send(w, dev, iov, niov, total)
     else:
         rc = switch_frame(w, dev, vq.index >> 1, iov, niov, total)
-    if rc == R_NO_ROOM:
-        t = now_ns()
-        if vq.stall_ns == 0:
-            vq.stall_ns = t
-        if t - vq.stall_ns < STALL_NS:
-            w.blocked = 1
-            return False
-    if rc != R_OK and VFE_COUNTERS:
-        reason = DROP_NO_ROOM if rc == R_NO_ROOM else w.drop_reason
-        vq.cnt[w.id].by[reason] += 1
+    if rc != R_OK:
+        reason = w.drop_reason
+        if rc == R_NO_ROOM:
+            t = now_ns()
+            if vq.stall_ns == 0:
+                vq.stall_ns = t
+            if t - vq.stall_ns < STALL_NS:
+                w.blocked = 1
+                return False
+            reason = DROP_NO_ROOM
+        if VFE_COUNTERS:
+            vq.cnt[w.id].by[reason] += 1
     vq.stall_ns = 0
     return True
 
@@ -576,12 +584,12 @@ cdef inline int net_tx_burst(Worker *w, Vring *vq) noexcept nogil:
             break
         used_push(vq, head, 0)
         vq.last_avail_idx += 1
-        nbytes += total - dev.hdr_len
+        nbytes += total           # headers and all: one add (the headers come off below)
         done += 1
     if VFE_COUNTERS:
         cnt = &vq.cnt[w.id]
         cnt.packets += done
-        cnt.bytes += nbytes
+        cnt.bytes += nbytes - <uint64_t>done * dev.hdr_len
     flush_rx(w)
     used_publish(vq)
     return done

@@ -3,6 +3,7 @@
 # live in engine.pyx; this file is the map of what they touch.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from vring cimport Vring, MemTable, Iov, DirtyLog, MAX_IOV
+from counters cimport RingCounters
 from virtio cimport VIRTIO_NET_HDR_MRG_LEN
 from fault cimport FaultRegistry
 
@@ -120,6 +121,7 @@ ctypedef struct Worker:
     NetDev *rx_dev
     int rx_pair
     int rx_fresh              # the run's first delivery: read avail->idx afresh
+    RingCounters *rx_cnt      # this worker's counter block of rx_held (counters.pxd)
     # the source MAC this burst learned last and the table slot it is in (switch.pxd sw_known)
     NetDev *learn_dev         # NULL: none yet this burst
     uint64_t learn_mac

@@ -46,7 +46,7 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
         niov += buf.niov
         cap += <uint32_t>buf.wbytes
         nchains += 1
-    rx_copy(w, t, vq, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
+    rx_copy(w, t, niov, nchains, src, nsrc, skip, frame_len)      # cap >= need
     if nchains == 1:
         # the common case: one buffer, the last one taken (cap >= need)
         packed_used_push(vq, id, need, ndesc)

@@ -39,12 +39,12 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
         packed_used_push(vq, id, 0, ndesc)
         vq.last_avail_idx = <uint16_t>slot
         vq.avail_wrap = wrap
-        nbytes += total - dev.hdr_len
+        nbytes += total           # headers and all: one add (the headers come off below)
         done += 1
     if VFE_COUNTERS:
         cnt = &vq.cnt[w.id]
         cnt.packets += done
-        cnt.bytes += nbytes
+        cnt.bytes += nbytes - <uint64_t>done * dev.hdr_len
     flush_rx(w)
     packed_publish(vq)
     return done

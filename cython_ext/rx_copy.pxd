@@ -26,12 +26,13 @@ cdef inline int rx_drop(Worker *w, Vring *vq, int reason) noexcept nogil:
     return R_DROP
 
 
-cdef inline void rx_copy(Worker *w, NetDev *t, Vring *vq, int niov, int nbuffers, Iov *src,
-                         int nsrc, uint32_t skip, uint32_t frame_len) noexcept nogil:
+cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src, int nsrc,
+                         uint32_t skip, uint32_t frame_len) noexcept nogil:
     """t.hdr_len bytes of w.hdr_out (num_buffers = nbuffers when the header
     has it), then the frame, into w.rx_iov[0:niov] (whose bytes, the caller
     checked, hold both), their pages marked in the dirty log, and the
-    frame counted on RX ring vq (this thread's block: no other core writes it)."""
+    frame counted on the run's RX ring (w.rx_cnt: this thread's block
+    there, which no other core writes)."""
     cdef RingCounters *cnt
     cdef uint8_t *d
     cdef Iov h
@@ -60,7 +61,7 @@ cdef inline void rx_copy(Worker *w, NetDev *t, Vring *vq, int niov, int nbuffers
         for c in range(niov):
             log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
     if VFE_COUNTERS:
-        cnt = &vq.cnt[w.id]
+        cnt = w.rx_cnt
         cnt.packets += 1
         cnt.bytes += frame_len
         cnt.buffers += nbuffers
