@@ -94,6 +94,18 @@ def test_metrics_and_virtnet_stats_follow_guest_traffic(short_root, vm_factory):
                 queue_sum(s0, "vfe_net_bytes_total", vuid, "rx") == g1["rx_bytes"] - g0["rx_bytes"]
             assert queue_sum(s1, "vfe_net_interrupts_total", vuid, "rx") > \
                 queue_sum(s0, "vfe_net_interrupts_total", vuid, "rx")
+            # the guest kicked its TX ring (the controller's default adaptive mode
+            # sleeps on kicks between pings); each frame to it took >= 1 RX buffer;
+            # nothing was dropped, and every drop reason is exported
+            assert queue_sum(s1, "vfe_net_kicks_total", vuid, "tx") > \
+                queue_sum(s0, "vfe_net_kicks_total", vuid, "tx")
+            assert queue_sum(s1, "vfe_net_buffers_total", vuid, "rx") - \
+                queue_sum(s0, "vfe_net_buffers_total", vuid, "rx") >= got
+            assert queue_sum(s1, "vfe_net_dropped_total", vuid, "tx") == \
+                queue_sum(s0, "vfe_net_dropped_total", vuid, "tx")
+            reasons = {dict(labels)["reason"] for n, labels in s1 if n == "vfe_net_drops_total"}
+            assert {"short", "spoofed", "no_room", "no_ring", "too_big", "offload", "ring_error",
+                    "tap"} <= reasons
 
             # virtnet stats: the same numbers, per queue, at the same (quiet) moment
             stats = svc.virtnet_json("stats", "-u", vuid)["devices"][0]
@@ -104,6 +116,9 @@ def test_metrics_and_virtnet_stats_follow_guest_traffic(short_root, vm_factory):
                                     ("direction", q["direction"])})
                 assert s2[("vfe_net_packets_total", labels)] == q["packets"], q
                 assert s2[("vfe_net_bytes_total", labels)] == q["bytes"], q
+                assert s2[("vfe_net_dropped_total", labels)] == q["dropped"], q
+                key = "kicks" if q["direction"] == "tx" else "buffers"
+                assert s2[(f"vfe_net_{key}_total", labels)] == q[key], q
             assert sum(q["packets"] for q in stats["queues"] if q["direction"] == "tx") == \
                 queue_sum(s1, "vfe_net_packets_total", vuid, "tx")
             # the controller's gauges and the process's
