@@ -17,6 +17,13 @@ and range over the runs); --json for programs.  Writes nothing unless
     scripts/bench                        # 3 rounds, 64 and 1518 B, 5 s windows
     scripts/bench --rounds 5 --seconds 10 --json
     scripts/bench --record docs/performance.md
+    scripts/bench --counters-ab          # counters on vs compiled out, 64 B
+
+--counters-ab compares two builds of our engine instead of DPDK and ours:
+this checkout's ("vfe") and a copy built with VFE_ENGINE_COUNTERS=0 in a
+temporary directory ("off": the per-queue counters compiled out,
+cython_ext/counters.pxd), in the same alternating runs; the ratio is
+vfe/off.
 """
 from __future__ import annotations
 
@@ -93,6 +100,10 @@ class DpdkBackend(Backend):
 
 
 class OursBackend(Backend):
+    def __init__(self, name: str, args, env: dict | None = None):
+        super().__init__(name, args)
+        self.env = env                  # the daemon's environment (None: ours)
+
     def serve(self, sockets):
         argv = pmd_backends.controller_argv(sockets, mode=self.args.mode, binary=self.args.controller,
                                   extra=self.args.controller_arg, queues=self.args.queues)
@@ -101,7 +112,7 @@ class OursBackend(Backend):
             os.makedirs(self.args.keep_logs, exist_ok=True)
             log = os.path.join(self.args.keep_logs, f"controller-{int(time.time())}.log")
         cpus = [int(c) for c in self.args.controller_cpus.split(",") if c.strip()] or None
-        d = pmd_backends.vhost_daemon(argv, sockets, cpus=cpus, log_path=log)
+        d = pmd_backends.vhost_daemon(argv, sockets, cpus=cpus, log_path=log, env=self.env)
         return _Wrap(d, lambda dm: [dm.pid])
 
 
@@ -173,11 +184,35 @@ def wait_quiet(own_pids, max_wait: float, threshold: float) -> bool:
             said = True
 
 
-def summarize(runs: dict[str, dict[int, list[measure.LoopResult]]], sizes) -> list[dict]:
+def build_without_counters(workdir: str) -> str:
+    """A copy of this checkout's package and engine sources under workdir,
+    built with VFE_ENGINE_COUNTERS=0; returns the directory to put first on
+    PYTHONPATH.  Raises RuntimeError if the build fails or still counts."""
+    root = os.path.join(workdir, "nocounters")
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.c", "build")
+    for part in ("vfe", "cython_ext"):
+        shutil.copytree(os.path.join(REPO, part), os.path.join(root, part), ignore=skip)
+    for f in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(REPO, f), root)
+    env = dict(os.environ, VFE_ENGINE_COUNTERS="0")
+    b = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=root, env=env,
+                       capture_output=True, text=True)
+    if b.returncode:
+        raise RuntimeError(f"building the engine without counters failed:\n{b.stderr[-2000:]}")
+    check = subprocess.run([sys.executable, "-P", "-c", "import vfe.engine; print(vfe.engine.ENGINE_COUNTERS)"],
+                           env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True)
+    if check.stdout.strip() != "False":
+        raise RuntimeError(f"the build in {root} still counts: {check.stdout}{check.stderr}")
+    return root
+
+
+def summarize(runs: dict[str, dict[int, list[measure.LoopResult]]], sizes,
+              names: tuple[str, str] = ("dpdk", "vfe")) -> list[dict]:
+    """Per frame size: each side's median and range, and the ratio second/first."""
     rows = []
     for size in sizes:
         row = {"frame_size": size}
-        for name in ("dpdk", "vfe"):
+        for name in names:
             rs = runs.get(name, {}).get(size, [])
             if not rs:
                 row[name] = None
@@ -187,19 +222,22 @@ def summarize(runs: dict[str, dict[int, list[measure.LoopResult]]], sizes) -> li
             row[name] = {"mpps": statistics.median(mp), "gbps": statistics.median(gb),
                          "mpps_min": min(mp), "mpps_max": max(mp), "runs": len(rs),
                          "foreign_cpu_max": max(r.foreign_cpu for r in rs)}
-        d, o = row.get("dpdk"), row.get("vfe")
+        d, o = row.get(names[0]), row.get(names[1])
         row["ratio"] = (o["mpps"] / d["mpps"]) if d and o and d["mpps"] > 0 else None
         rows.append(row)
     return rows
 
 
-def fmt_table(rows, vfe_note: str | None, markdown: bool = False) -> str:
-    head = ["frame", "dpdk Mpps", "dpdk Gbit/s", "vfe Mpps", "vfe Gbit/s", "vfe/dpdk"]
+def fmt_table(rows, vfe_note: str | None, markdown: bool = False,
+              names: tuple[str, str] = ("dpdk", "vfe")) -> str:
+    first, second = names
+    head = ["frame", f"{first} Mpps", f"{first} Gbit/s", f"{second} Mpps", f"{second} Gbit/s",
+            f"{second}/{first}"]
     body = []
     for row in rows:
-        d, o = row["dpdk"], row["vfe"]
+        d, o = row[first], row[second]
         cells = [f"{row['frame_size']} B"]
-        for name, x in (("dpdk", d), ("vfe", o)):
+        for name, x in ((first, d), (second, o)):
             if x:
                 cells += [f"{x['mpps']:.2f} ({x['mpps_min']:.2f}-{x['mpps_max']:.2f})",
                           f"{x['gbps']:.2f}"]
@@ -234,7 +272,7 @@ def record(path: str, report: dict, table_md: str) -> None:
     ]
     if report.get("vfe_skipped"):
         lines += [f"vfe: {report['vfe_skipped']}", ""]
-    worst = max((r[k]["foreign_cpu_max"] for r in report["rows"] for k in ("dpdk", "vfe") if r[k]),
+    worst = max((r[k]["foreign_cpu_max"] for r in report["rows"] for k in ("dpdk", "off", "vfe") if r.get(k)),
                 default=0.0)
     lines += [f"Other processes used up to {worst:.2f} cores during the windows"
               + (" (numbers disturbed)." if worst > 0.05 else "."), END]
@@ -253,7 +291,8 @@ def record(path: str, report: dict, table_md: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64,1518", help="frame sizes in bytes (default 64,1518)")
+    ap.add_argument("--sizes", default=None,
+                    help="frame sizes in bytes (default 64,1518; with --counters-ab 64)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--seconds", type=float, default=5.0, help="measurement window (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before the window (default 1)")
@@ -282,10 +321,15 @@ def main(argv=None) -> int:
                     help="pin the controller to these CPUs (default 0; '' = no pinning)")
     ap.add_argument("--mode", default="poll", help="controller --mode (default poll)")
     ap.add_argument("--only", choices=["dpdk", "vfe"], help="run one side only")
+    ap.add_argument("--counters-ab", action="store_true",
+                    help="compare our engine with a build of it with the counters compiled out "
+                         "(instead of DPDK; --sizes defaults to 64)")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep the controller's logs there")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--record", metavar="FILE", help="write the results into FILE (markdown)")
     args = ap.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = "64" if args.counters_ab else "64,1518"
     # SIGTERM unwinds like Ctrl-C: the context managers stop testpmd/the daemon
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -297,7 +341,24 @@ def main(argv=None) -> int:
 
     backends: list[Backend] = []
     vfe_skipped = None
-    if args.only != "vfe":
+    names = ("off", "vfe") if args.counters_ab else ("dpdk", "vfe")
+    workdir = tempfile.mkdtemp(prefix="vfe-bench-")
+    if args.counters_ab:
+        binary = args.controller or shutil.which(pmd_backends.CONTROLLER)
+        if not binary:
+            print(f"{pmd_backends.CONTROLLER} not installed", file=sys.stderr)
+            return 2
+        args.controller = binary
+        progress("building the engine without counters")
+        try:
+            off_root = build_without_counters(workdir)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 2
+        backends = [OursBackend("off", args, env=dict(os.environ, PYTHONPATH=off_root)),
+                    OursBackend("vfe", args)]
+    elif args.only != "vfe":
         backends.append(DpdkBackend("dpdk", args))
     if args.only == "dpdk":
         vfe_skipped = "not run (--only dpdk)"
@@ -313,7 +374,6 @@ def main(argv=None) -> int:
         return 2
 
     runs: dict[str, dict[int, list[measure.LoopResult]]] = {b.name: {} for b in backends}
-    workdir = tempfile.mkdtemp(prefix="vfe-bench-")
     try:
         for rnd in range(args.rounds):
             order = backends if rnd % 2 == 0 else list(reversed(backends))
@@ -335,12 +395,13 @@ def main(argv=None) -> int:
     for b in backends:
         if b.error and b.name == "vfe":
             vfe_skipped = b.error.splitlines()[0]
-    rows = summarize(runs, args.sizes)
+    rows = summarize(runs, args.sizes, names)
     report = {
         "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": git_rev(),
         "machine": machine(),
         "params": {k: getattr(args, k) for k in ("sizes", "rounds", "seconds", "warmup", "bursts",
+                                                  "counters_ab",
                                                   "quiet_threshold", "retries", "wait_quiet",
                                                   "queues", "queue_size", "no_mrg_rxbuf", "packed",
                                                   "frontend_main_lcore", "backend_main_lcore",
@@ -355,16 +416,16 @@ def main(argv=None) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print(fmt_table(rows, vfe_skipped))
+        print(fmt_table(rows, vfe_skipped, names=names))
         if vfe_skipped:
             print(f"vfe: {vfe_skipped}")
-        worst = max((r[k]["foreign_cpu_max"] for r in rows for k in ("dpdk", "vfe") if r[k]),
+        worst = max((r[k]["foreign_cpu_max"] for r in rows for k in names if r[k]),
                     default=0.0)
         if worst > 0.05:
             print(f"warning: other processes used up to {worst:.2f} cores during the windows; "
                   "the numbers are disturbed")
     if args.record:
-        record(args.record, report, fmt_table(rows, vfe_skipped, markdown=True))
+        record(args.record, report, fmt_table(rows, vfe_skipped, markdown=True, names=names))
         progress(f"recorded in {args.record}")
     return 1 if any(b.error for b in backends) else 0
 
