@@ -17,7 +17,7 @@ from fault cimport mem_gone
 from guard cimport vfe_signal_fence
 from packed cimport ring_publish
 from packed_rx cimport packed_rx_fill
-from rx_copy cimport rx_copy, rx_drop
+from rx_copy cimport rx_copy, rx_drop, rx_counted
 from counters cimport *
 
 cdef enum:
@@ -191,6 +191,7 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
         used_push(vq, w.rx_head[c], l)
         remaining -= l
     vq.last_avail_idx = <uint16_t>(vq.last_avail_idx + nchains)
+    rx_counted(w, frame_len, nchains)
     defer_publish(w, vq)
     return R_OK
 

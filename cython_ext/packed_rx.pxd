@@ -7,7 +7,7 @@ from vring cimport *
 from virtio cimport *
 from netpath cimport *
 from packed cimport *
-from rx_copy cimport rx_copy, rx_drop
+from rx_copy cimport rx_copy, rx_drop, rx_counted
 from counters cimport DROP_TOO_BIG
 
 
@@ -60,4 +60,5 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
             remaining -= l
     vq.last_avail_idx = <uint16_t>slot
     vq.avail_wrap = wrap
+    rx_counted(w, frame_len, nchains)
     return R_OK

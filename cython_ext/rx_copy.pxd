@@ -1,7 +1,7 @@
-# Writing w.hdr_out + a frame into the RX buffers a ring's filler took,
-# logging their pages dirty and counting it: the one step the split
-# (netdata.pxd rx_enqueue) and packed (packed_rx.pxd) layouts share once
-# their buffers are mapped into w.rx_iov; and their drop count.
+# Writing w.hdr_out + a frame into the RX buffers a ring's filler took and
+# logging their pages dirty: the one step the split (netdata.pxd
+# rx_enqueue) and packed (packed_rx.pxd) layouts share once their buffers
+# are mapped into w.rx_iov; and the counting both do (counters.pxd).
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy, memmove
 from atomics cimport vfe_fence
@@ -26,14 +26,23 @@ cdef inline int rx_drop(Worker *w, Vring *vq, int reason) noexcept nogil:
     return R_DROP
 
 
+cdef inline void rx_counted(Worker *w, uint32_t frame_len, int nbuffers) noexcept nogil:
+    """A frame delivered into the run's RX ring in nbuffers buffers (its
+    filler's last step): counted in w.rx_cnt, this thread's block there,
+    which no other core writes."""
+    cdef RingCounters *cnt
+    if VFE_COUNTERS:
+        cnt = w.rx_cnt
+        cnt.packets += 1
+        cnt.bytes += frame_len
+        cnt.buffers += nbuffers
+
+
 cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src, int nsrc,
                          uint32_t skip, uint32_t frame_len) noexcept nogil:
     """t.hdr_len bytes of w.hdr_out (num_buffers = nbuffers when the header
     has it), then the frame, into w.rx_iov[0:niov] (whose bytes, the caller
-    checked, hold both), their pages marked in the dirty log, and the
-    frame counted on the run's RX ring (w.rx_cnt: this thread's block
-    there, which no other core writes)."""
-    cdef RingCounters *cnt
+    checked, hold both), and their pages marked in the dirty log."""
     cdef uint8_t *d
     cdef Iov h
     cdef int c
@@ -60,8 +69,3 @@ cdef inline void rx_copy(Worker *w, NetDev *t, int niov, int nbuffers, Iov *src,
         vfe_fence()
         for c in range(niov):
             log_pages(&t.log, w.rx_iov[c].gpa, w.rx_iov[c].len)
-    if VFE_COUNTERS:
-        cnt = w.rx_cnt
-        cnt.packets += 1
-        cnt.bytes += frame_len
-        cnt.buffers += nbuffers
