@@ -10,10 +10,14 @@ import time
 
 import pytest
 
-from tests.harness.engine_rig import F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1
+from tests.harness.engine_rig import (
+    F_WRITE, FEAT_INDIRECT, FEAT_MRG_RXBUF, FEAT_VERSION_1, Guest, NetRig, ring_at_ends,
+)
 from tests.unit.engine.test_engine_guarded_blk import BUF, Blk
-from tests.unit.engine.test_engine_net_fast_paths import FRAME, OTHER_SRC, RXBUF, SRC, Net
-from vfe.engine import ENGINE_COUNTERS
+from tests.unit.engine.test_engine_net_fast_paths import (
+    FRAME, OTHER_SRC, REGIONS, RXBUF, SIZE, SRC, TXA, TXD, TXU, Net,
+)
+from vfe.engine import ENGINE_COUNTERS, Engine
 
 pytestmark = pytest.mark.skipif(not ENGINE_COUNTERS, reason="engine built with VFE_ENGINE_COUNTERS=0")
 
@@ -147,6 +151,36 @@ def test_counters_survive_a_ring_restart(net):
     net.tx_one_piece(FRAME, 1)
     net.rig.a.run_burst(1)
     assert net.rig.a.ring_stats(1)["packets"] == 2 and net.rig.b.ring_stats(0)["packets"] == 2
+
+
+def test_kicks_read_by_a_sleeping_worker():
+    """Adaptive mode: kicks the guest writes while the worker sleeps, or
+    polls, are read by its next sleep and counted on the ring, each one."""
+    g = Guest(REGIONS)
+    rig = NetRig.__new__(NetRig)
+    rig.guest, rig.engine = g, Engine(workers=1, mode="adaptive", spin_us=0)
+    rig.a, rig.b = rig.engine.new_net_device(2), rig.engine.new_net_device(2)
+    rig.a.set_memory(g.table())
+    rig.a.set_features(FEAT_VERSION_1)
+    tx = ring_at_ends(g, SIZE, TXD, TXA, TXU)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    rig.a.start_ring(1, SIZE, *tx.addresses, 0, kick, -1, True)
+    rig.engine.start()
+    try:
+        sent = 0
+        for n in (1, 3):
+            for _ in range(n):
+                os.eventfd_write(kick, 1)
+            sent += n
+            deadline = time.monotonic() + 10
+            while rig.a.ring_stats(1)["kicks"] < sent and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert rig.a.ring_stats(1)["kicks"] == sent
+    finally:
+        rig.engine.stop()
+        rig.close()
+        os.close(kick)
+        g.close()
 
 
 # -- blk
