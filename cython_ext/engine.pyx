@@ -303,8 +303,9 @@ cdef void worker_loop(Worker *w) noexcept nogil:
             n = epoll_wait(w.epfd, evs, 64, 1 if w.blocked else 1000)
             for i in range(n if n > 0 else 0):
                 if evs[i].data.fd >= 0:       # kick/wake eventfds; TAP fds are read by tap_in
-                    if read(evs[i].data.fd, &val, 8) == 8 and evs[i].data.fd != w.wake_fd:
-                        w.woke_fd[w.nwoke] = evs[i].data.fd      # n <= 64 entries
+                    if (read(evs[i].data.fd, &val, 8) == 8 and VFE_COUNTERS
+                            and evs[i].data.fd != w.wake_fd and w.nwoke < 64):
+                        w.woke_fd[w.nwoke] = evs[i].data.fd      # counted by iter_disarm (count_kicks)
                         w.woke_val[w.nwoke] = val
                         w.nwoke += 1
         vfe_spin_lock(&w.lock)
