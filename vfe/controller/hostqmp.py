@@ -50,6 +50,7 @@ class HostQmp:
         self._jobs: queue.Queue = queue.Queue()
         if self.root_ports is None:
             self.root_ports = self._discover_root_ports()
+        self._adopt_plugged()
         self._read_io_windows()
         self._thread = threading.Thread(target=self._run, name="vfe-hostqmp", daemon=True)
         self._thread.start()
@@ -61,6 +62,11 @@ class HostQmp:
     def plug(self, f) -> str:
         if self.root_ports is None:
             raise InventoryError("no pcie-root-port list for the host VM", code=-errno.ENODEV)
+        if f.vuid in self.used:
+            # still in the host VM from before a restart or a live update
+            # (a plain stop leaves hot-plugged NICs where they are)
+            log.info("%s: already plugged into the host VM on %s", f.vuid, self.used[f.vuid])
+            return f"vfe-{f.vuid}"
         port = pick_port(self.root_ports, set(self.used.values()), self.io_ports, bool(f.legacy))
         self.used[f.vuid] = port
         self._submit(self._plug, f.vuid, f.socket, f.mac, f.mtu, port, _pairs(f), bool(f.legacy))
@@ -152,6 +158,21 @@ class HostQmp:
         log.info("host VM %s: pcie-root-ports %s", self.path, ", ".join(found) or "none")
         return sorted(found)
 
+    def _adopt_plugged(self) -> None:
+        """Note which root ports are taken already: our NICs a previous
+        controller plugged (by their vfe-<vuid> id) and anything else there."""
+        try:
+            self.monitor.connect(timeout=2)
+            taken = occupied_ports(self.monitor.command("query-pci", timeout=10), self.root_ports or ())
+        except Exception as exc:
+            log.error("host VM %s: cannot read which root ports are taken: %s", self.path, exc)
+            return
+        for dev_id, port in taken.items():
+            self.used[dev_id[len("vfe-"):] if dev_id.startswith("vfe-") else f"({dev_id or port})"] = port
+        if taken:
+            log.info("host VM %s: root ports taken already: %s", self.path,
+                     ", ".join(f"{p} ({d or 'unnamed'})" for d, p in sorted(taken.items())))
+
     def _read_io_windows(self) -> None:
         try:
             self.monitor.connect(timeout=2)
@@ -210,6 +231,19 @@ def io_window_ports(query_pci: list, ports: Iterable[str]) -> set[str]:
         base, limit = window.get("base"), window.get("limit")
         if isinstance(base, int) and isinstance(limit, int) and base <= limit:
             found.add(dev["qdev_id"])
+    return found
+
+
+def occupied_ports(query_pci: list, ports: Iterable[str]) -> dict[str, str]:
+    """The devices found behind ``ports`` in a query-pci answer: their qdev
+    id -> the port's (one per port: a root port has one slot)."""
+    wanted = set(ports)
+    found = {}
+    for dev in _pci_devices(query_pci):
+        bridge = dev.get("pci_bridge")
+        if dev.get("qdev_id") in wanted and isinstance(bridge, dict):
+            for child in bridge.get("devices") or ():
+                found[str(child.get("qdev_id") or "")] = dev["qdev_id"]
     return found
 
 

@@ -5,11 +5,12 @@ real thing)."""
 from __future__ import annotations
 
 import errno
+import sys
 import time
 
 import pytest
 
-from vfe.controller.hostqmp import io_window_ports, pci_layout, pick_port
+from vfe.controller.hostqmp import io_window_ports, occupied_ports, pci_layout, pick_port
 from vfe.controller.kind import InventoryError
 
 CLOSED = {"base": 0xF000, "limit": 0x0FFF}     # what QEMU 7.2 reports for a port without a window
@@ -98,6 +99,9 @@ def test_pci_layout_transitional_and_modern_only():
 
 # -- HostQmp with a stand-in for QEMU's monitor
 
+PLUGGED_AT_START: dict[str, str] = {}     # what the host VM holds when HostQmp starts
+
+
 class FakeMonitor:
     """Answers what HostQmp asks a host VM with three root ports; only hp1
     has an I/O window until ``windows`` changes."""
@@ -105,6 +109,7 @@ class FakeMonitor:
     def __init__(self, path: str, name: str = "vm"):
         self.commands: list[tuple[str, dict]] = []
         self.windows = {"hp0": CLOSED, "hp1": {"base": 0xD000, "limit": 0xDFFF}, "hp2": CLOSED}
+        self.plugged: dict[str, str] = PLUGGED_AT_START.copy()     # port -> the device's qdev id
 
     def connect(self, timeout: float = 30.0) -> None:
         pass
@@ -115,7 +120,9 @@ class FakeMonitor:
             return [{"name": n, "type": "child<pcie-root-port>"} for n in self.windows] + \
                    [{"name": "type", "type": "string"}]
         if cmd == "query-pci":
-            return answer(*(root_port(n, w) for n, w in self.windows.items()))
+            return answer(*(root_port(n, w, [{"qdev_id": self.plugged[n], "regions": []}]
+                                      if n in self.plugged else None)
+                            for n, w in self.windows.items()))
         if cmd == "query-kvm":
             return {"enabled": False, "present": False}
         return {}
@@ -182,3 +189,33 @@ def test_host_rereads_the_io_windows_while_idle(host):
     host.plug(Fn("T", legacy=True))
     assert host.plug(Fn("T2", legacy=True)) == "vfe-T2"
     assert sorted(a["bus"] for a in device_adds(host)) == ["hp1", "hp2"]
+
+
+def test_occupied_ports_names_what_sits_behind_each_port():
+    q = answer(root_port("hp0", CLOSED, devices=[{"qdev_id": "vfe-A", "regions": []}]),
+               root_port("hp1", CLOSED),
+               root_port("hp2", CLOSED, devices=[{"qdev_id": "", "regions": []}]),
+               root_port("other", CLOSED, devices=[{"qdev_id": "x", "regions": []}]))
+    assert occupied_ports(q, ["hp0", "hp1", "hp2"]) == {"vfe-A": "hp0", "": "hp2"}
+
+
+def test_host_adopts_the_nics_a_previous_controller_plugged(monkeypatch):
+    # after a restart or a live update the host VM still holds vfe-A on hp0
+    # and a device of its own on hp2: a new function must not be sent there,
+    # and A, recovered, is not plugged a second time
+    monkeypatch.setattr(sys.modules[__name__], "PLUGGED_AT_START", {"hp0": "vfe-A", "hp2": "disk0"})
+    import vfe.qmp
+    from vfe.controller import hostqmp
+    monkeypatch.setattr(vfe.qmp, "Monitor", FakeMonitor)
+    h = hostqmp.HostQmp("/run/qmp.sock")
+    try:
+        assert h.plug(Fn("A", legacy=False)) == "vfe-A"
+        assert h.plug(Fn("B", legacy=False)) == "vfe-B"
+        assert [(a["id"], a["bus"]) for a in device_adds(h)] == [("vfe-B", "hp1")]
+        with pytest.raises(InventoryError, match="no free"):
+            h.plug(Fn("C", legacy=False))
+        h.unplug(Fn("A", legacy=False))
+        assert h.plug(Fn("C", legacy=False)) == "vfe-C"
+        assert ("vfe-C", "hp0") in [(a["id"], a["bus"]) for a in device_adds(h)]
+    finally:
+        h.close()
