@@ -12,18 +12,22 @@ is 1558 bytes of IP once OVN encapsulates it (docs/multi-host.md, MTU).
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_migration import free_port, migrate
 from tests.e2e.test_ovs_harness import icmp_echo, is_ip, read_until
 from tests.harness.netns import NetNs
 from tests.harness.ovn import OvnCentral, OvnHost, missing_binaries, underlay
 from tests.harness.service import ControllerService
-from vfe.guest.vm import NetDev
+from vfe.guest.vm import VM, BgJob, NetDev
 from vfe.ports.representor import Representor
 
 pytestmark = [pytest.mark.e2e,
@@ -172,3 +176,156 @@ def test_guests_on_two_hosts_ping_and_stream(fabric, vm_factory):
     # the stream crossed the underlay: host-a's end of the veth sent it (encapsulated)
     sent = fabric.hosts[0].ns.run("cat", "/sys/class/net/ul-host-b/statistics/tx_bytes").stdout
     assert int(sent) > STREAM_MB << 20, sent
+
+
+# -- live migration between the hosts -----------------------------------------------
+
+MIG_PORT, MIG_MAC, MIG_IP = "vm-m", "0C:C4:7A:FF:32:01", "10.31.2.1"
+PEER_PORT, PEER_MAC, PEER_IP = "vm-p", "0C:C4:7A:FF:32:02", "10.31.2.2"
+ROUND_TRIPS = 5
+# QEMU asks the back-end for a RARP after a migration (VHOST_USER_SEND_RARP)
+# only when the guest did not negotiate GUEST_ANNOUNCE; OVN's
+# activation-strategy=rarp waits for exactly that RARP on the new chassis.
+NO_ANNOUNCE = "guest_announce=off"
+# The stream is paced so that it flows through all the migrations.
+PACE_S = 1.5
+PACED_SEND = (f"sleep 1; i=0; while [ $i -lt {STREAM_MB} ]; do "
+              f"dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; sleep {PACE_S}; "
+              f"i=$((i + 1)); done | nc {PEER_IP} 5001")
+
+
+@dataclass
+class Placement:
+    """Where the migrating VM's function is on one host."""
+    host: Host
+    socket: str
+    rep: str
+    release: object            # callable: gives the function back on that host
+
+
+def set_chassis(fabric: Fabric, *chassis: str) -> None:
+    """The logical port's binding: one chassis, or during a move both with
+    the new one held back until the VM's RARP arrives there."""
+    opts = [f"requested-chassis={','.join(chassis)}"]
+    if len(chassis) > 1:
+        opts.append("activation-strategy=rarp")
+    fabric.central.nbctl("lsp-set-options", MIG_PORT, *opts)
+    fabric.central.wait_hv()
+
+
+def wait_activated(fabric: Fabric, chassis: str, timeout: float = 20.0) -> None:
+    """Until the new chassis saw the RARP (ovn-controller marks the binding
+    activated there: options:additional-chassis-activated)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = fabric.central.sbctl("--bare", "--columns=options", "find", "Port_Binding",
+                                   f"logical_port={MIG_PORT}")
+        if f"additional-chassis-activated={chassis}" in out:
+            return
+        assert time.monotonic() < deadline, f"{chassis} never activated {MIG_PORT}: {out}"
+        time.sleep(0.05)
+
+
+def round_trips(fabric, vm_factory, guest_image, tmp_path, place, server: bool = False,
+                connect=None) -> list[dict]:
+    """The migrating VM starts on host-a, a peer VM on host-b streams from it
+    and pings it at 10 Hz; it moves a -> b -> a ... ROUND_TRIPS times.
+    ``place(host)`` provisions the function on a host -> Placement;
+    ``connect(placement)`` (server-mode sockets) attaches the back-end once
+    QEMU listens.  Returns per migration: QEMU's downtime, pings lost."""
+    a, b = fabric.hosts
+    peer_dev = b.hotplug(PEER_MAC)
+    fabric.logical_port(PEER_PORT, PEER_MAC, PEER_IP)
+    b.ovn.bind(peer_dev["sf_rep_net_device"], PEER_PORT)
+    fabric.logical_port(MIG_PORT, MIG_MAC, MIG_IP)
+    cur_place = place(a)
+    a.ovn.bind(cur_place.rep, MIG_PORT)
+    set_chassis(fabric, a.name)
+    peer = vm_factory("peer", nics=[NetDev(b.svc.socket(peer_dev["vuid"]), mac=PEER_MAC)])
+    nic = lambda p: NetDev(p.socket, mac=MIG_MAC, server=server, extra=NO_ANNOUNCE)  # noqa: E731
+    cur = vm_factory("m0", qmp=True, nics=[nic(cur_place)])
+    if connect:
+        connect(cur_place)
+    peer.wait_booted(120)
+    cur.wait_booted(120)
+    assert peer.run(f"vfe-netup eth0 {PEER_IP}/24", timeout=30)[0] == 0
+    assert cur.run(f"vfe-netup eth0 {MIG_IP}/24", timeout=30)[0] == 0
+    rc, out = peer.run(f"ping -c 2 -W 3 {MIG_IP}", timeout=20)
+    assert rc == 0, out
+
+    rc, data_sum = cur.run(f"vfe-mkdata /tmp/data {STREAM_MB * 1024}", timeout=300)
+    assert rc == 0, data_sum
+    recv = peer.run_bg("vfe-recv 5001 /tmp/got")
+    send = cur.run_bg(PACED_SEND)        # connects after 1 s: the receiver listens by then
+    pings = peer.run_bg(f"ping -i 0.1 -w 600 {MIG_IP}")
+    time.sleep(2.5)
+    assert send.running(), "the stream ended before the first migration"
+
+    results = []
+    hosts = [a, b]
+    for i in range(2 * ROUND_TRIPS):
+        src, dst_host = hosts[i % 2], hosts[(i + 1) % 2]
+        seq0 = ping_seqs(pings)
+        dst_place = place(dst_host)
+        dst_host.ovn.bind(dst_place.rep, MIG_PORT)
+        set_chassis(fabric, src.name, dst_host.name)
+        port = free_port()
+        dst = VM(f"m{i + 1}", tmp_path, image=guest_image, qmp=True,
+                 incoming=f"tcp:127.0.0.1:{port}", nics=[nic(dst_place)])
+        try:
+            dst.start()
+            if connect:
+                connect(dst_place)
+            info = migrate(cur, dst, port)
+            wait_activated(fabric, dst_host.name)
+        except BaseException:
+            dst.shutdown()
+            raise
+        cur.shutdown()
+        set_chassis(fabric, dst_host.name)
+        src.ovn.unbind(cur_place.rep)
+        cur_place.release()
+        cur, cur_place = dst, dst_place
+        send = BgJob(cur, send.id, send.pid, send.cmd)      # the sender now lives in the destination
+        time.sleep(1.0)                                      # pings answered from the new host
+        seq1 = ping_seqs(pings)
+        results.append({"to": dst_host.name, "downtime_ms": info.get("downtime", -1),
+                        "pings_lost": lost_between(seq0, seq1)})
+    assert send.wait(timeout=600) == 0, send.output()
+    assert recv.wait(timeout=120) == 0, recv.output()
+    assert recv.output().split() == [data_sum.strip(), str(STREAM_MB << 20)]
+    pings.kill()
+    print(f"\nmigrations across hosts: {results}")
+    return results
+
+
+def ping_seqs(pings) -> set[int]:
+    return {int(x) for x in re.findall(r"seq=(\d+)", pings.output())}
+
+
+def lost_between(before: set[int], after: set[int]) -> int:
+    """Echo requests sent after the last reply seen in ``before`` and up to the
+    last reply in ``after`` that got no reply."""
+    lo = max(before, default=-1) + 1
+    hi = max(after, default=-1)
+    return sum(1 for s in range(lo, hi + 1) if s not in after)
+
+
+def report(kind: str, results: list[dict]) -> None:
+    with open(os.environ.get("VFE_MIGRATION_REPORT", os.devnull), "a") as f:
+        f.write(f"across-hosts {kind}: downtimes_ms={[r['downtime_ms'] for r in results]} "
+                f"pings_lost={[r['pings_lost'] for r in results]}\n")
+
+
+def test_virtnet_function_migrates_between_hosts(fabric, vm_factory, guest_image, tmp_path):
+    """A hot-plugged PF (virtnet): the destination host hot-plugs the same
+    function (same MAC, same options), the source unplugs its own after."""
+
+    def place(host: Host) -> Placement:
+        dev = host.hotplug(MIG_MAC)
+        return Placement(host, host.svc.socket(dev["vuid"]), dev["sf_rep_net_device"],
+                         lambda: host.svc.virtnet("unplug", "-u", dev["vuid"], check=True))
+
+    results = round_trips(fabric, vm_factory, guest_image, tmp_path, place)
+    report("virtnet", results)
+    assert len(results) == 2 * ROUND_TRIPS
