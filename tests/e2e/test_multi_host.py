@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.test_migration import free_port, migrate
 from tests.e2e.test_ovs_harness import icmp_echo, is_ip, read_until
+from tests.e2e.test_vfe_vdpa import PF_BDF, SEED_NV, VF_BDF, Vhostd, sriov
 from tests.harness.netns import NetNs
 from tests.harness.ovn import OvnCentral, OvnHost, missing_binaries, underlay
 from tests.harness.service import ControllerService
@@ -49,9 +50,13 @@ class Host:
     root: Path
     svc: ControllerService | None = None
 
-    def controller(self) -> ControllerService:
+    def controller(self, nv: tuple[str, ...] = ()) -> ControllerService:
+        """The host's controller, started on first use (with NV settings ``nv``)."""
         if self.svc is None:
-            self.svc = ControllerService(self.root, self.ns).start()
+            svc = ControllerService(self.root, self.ns)
+            if nv:
+                svc.mlxconfig("s", *nv)
+            self.svc = svc.start()
         return self.svc
 
     def hotplug(self, mac: str) -> dict:
@@ -328,4 +333,49 @@ def test_virtnet_function_migrates_between_hosts(fabric, vm_factory, guest_image
 
     results = round_trips(fabric, vm_factory, guest_image, tmp_path, place)
     report("virtnet", results)
+    assert len(results) == 2 * ROUND_TRIPS
+
+
+def test_vhostmgmt_vf_migrates_between_hosts(fabric, vm_factory, guest_image, tmp_path):
+    """A VF provisioned with ``vhostmgmt vf -a`` (VFE vDPA: vfe-vhostd relays
+    QEMU's server socket to the VF on the host's controller): the
+    destination host sets the VF's MAC (``virtnet modify``) and provisions
+    it onto the destination QEMU's socket; the source releases it
+    (``vhostmgmt vf -r``).  QEMU listens (server=on, as in the seed), so the
+    back-end attaches once QEMU runs."""
+    # the seed's NV settings, plus a hot-plug port for the peer's PF
+    nv = SEED_NV + ("PCI_SWITCH_EMULATION_ENABLE=1", "PCI_SWITCH_EMULATION_NUM_PORT=2")
+    vhostds: dict[str, Vhostd] = {}
+    sockets = iter(range(100))
+
+    def vhostd(host: Host) -> Vhostd:
+        if host.name not in vhostds:
+            svc = host.controller(nv)
+            sriov(svc, "-p", "0", "1")                     # the host's VF at VF_BDF
+            v = vhostds[host.name] = Vhostd(svc, host.root)
+            fabric.stack.callback(v.stop)
+            v.start()
+            assert v.mgmt_result("mgmtpf", "-a", PF_BDF)["errno"] == 0
+        return vhostds[host.name]
+
+    def place(host: Host) -> Placement:
+        v = vhostd(host)
+        svc = host.svc
+        svc.virtnet("modify", "-p", "0", "-v", "0", "device", "-m", MIG_MAC, check=True)
+        rep = svc.virtnet_json("query", "-p", "0", "-v", "0")["devices"][0]["sf_rep_net_device"]
+        return Placement(host, str(host.root / f"vfe-net{next(sockets)}"), rep,
+                         lambda: release(v))
+
+    def connect(p: Placement) -> None:
+        r = vhostds[p.host.name].mgmt_result("vf", "-a", VF_BDF, "-v", p.socket)
+        assert r == {"errno": 0, "errstr": "Success"}, r
+
+    def release(v: Vhostd) -> None:
+        assert v.mgmt_result("vf", "-r", VF_BDF)["errno"] == 0
+
+    for h in fabric.hosts:
+        vhostd(h)
+    results = round_trips(fabric, vm_factory, guest_image, tmp_path, place, server=True,
+                          connect=connect)
+    report("vhostmgmt", results)
     assert len(results) == 2 * ROUND_TRIPS
