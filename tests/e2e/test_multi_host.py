@@ -192,8 +192,10 @@ ROUND_TRIPS = 5
 # only when the guest did not negotiate GUEST_ANNOUNCE; OVN's
 # activation-strategy=rarp waits for exactly that RARP on the new chassis.
 NO_ANNOUNCE = "guest_announce=off"
-# The stream is paced so that it flows through all the migrations.
-PACE_S = 1.5
+# The stream is paced, a MiB every PACE_S, so that it flows through the
+# migrations (about 4 s each here under TCG: the first several, on a slower
+# machine; each result says whether it ran under the stream).
+PACE_S = 2.5
 PACED_SEND = (f"sleep 1; i=0; while [ $i -lt {STREAM_MB} ]; do "
               f"dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; sleep {PACE_S}; "
               f"i=$((i + 1)); done | nc {PEER_IP} 5001")
@@ -271,6 +273,8 @@ def round_trips(fabric, vm_factory, guest_image, tmp_path, place, server: bool =
     for i in range(2 * ROUND_TRIPS):
         src, dst_host = hosts[i % 2], hosts[(i + 1) % 2]
         seq0 = ping_seqs(pings)
+        under_stream = send.running()
+        t0 = time.monotonic()
         dst_place = place(dst_host)
         dst_host.ovn.bind(dst_place.rep, MIG_PORT)
         set_chassis(fabric, src.name, dst_host.name)
@@ -295,7 +299,9 @@ def round_trips(fabric, vm_factory, guest_image, tmp_path, place, server: bool =
         time.sleep(1.0)                                      # pings answered from the new host
         seq1 = ping_seqs(pings)
         results.append({"to": dst_host.name, "downtime_ms": info.get("downtime", -1),
-                        "pings_lost": lost_between(seq0, seq1)})
+                        "pings_lost": lost_between(seq0, seq1), "under_stream": under_stream,
+                        "move_s": round(time.monotonic() - t0, 1)})
+    assert results[0]["under_stream"]
     assert send.wait(timeout=600) == 0, send.output()
     assert recv.wait(timeout=120) == 0, recv.output()
     assert recv.output().split() == [data_sum.strip(), str(STREAM_MB << 20)]
@@ -319,7 +325,9 @@ def lost_between(before: set[int], after: set[int]) -> int:
 def report(kind: str, results: list[dict]) -> None:
     with open(os.environ.get("VFE_MIGRATION_REPORT", os.devnull), "a") as f:
         f.write(f"across-hosts {kind}: downtimes_ms={[r['downtime_ms'] for r in results]} "
-                f"pings_lost={[r['pings_lost'] for r in results]}\n")
+                f"pings_lost={[r['pings_lost'] for r in results]} "
+                f"under_stream={sum(r['under_stream'] for r in results)} "
+                f"move_s={[r['move_s'] for r in results]}\n")
 
 
 def test_virtnet_function_migrates_between_hosts(fabric, vm_factory, guest_image, tmp_path):
