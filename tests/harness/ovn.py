@@ -321,7 +321,8 @@ def underlay(a: OvnHost, b: OvnHost, *, mtu: int = UNDERLAY_MTU) -> None:
     a.ovs.add_port("br-phy", a_end)
     b.ovs.add_port("br-phy", b_end)
     for src, dst in ((a, b), (b, a)):
-        r = src.netns.run("ping", "-c", "1", "-W", "5", dst.encap_ip, check=False)
+        # one reply within 10 s (-w: ping goes on sending until then)
+        r = src.netns.run("ping", "-c", "1", "-w", "10", dst.encap_ip, check=False, timeout=20)
         if r.returncode != 0:
             raise OvnError(f"underlay {src.encap_ip} -> {dst.encap_ip} does not ping: "
                            f"{r.stdout}{r.stderr}\n{src.logs()}")
