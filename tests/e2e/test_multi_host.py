@@ -4,7 +4,11 @@ representors land in that namespace), its own Open vSwitch (userspace
 datapath) and ovn-controller; one ovn-northd with its NB and SB databases;
 a veth pair between the namespaces as the underlay, Geneve over it.  Each
 function's representor is an OVN logical switch port (``iface-id``); guests
-on different hosts, on one logical switch, talk to each other.
+on different hosts, on one logical switch, talk to each other.  Then a VM
+moves between the hosts, five round trips under a TCP stream and 10 Hz
+pings: once on a PF hot-plugged with `virtnet`, once on a VF provisioned
+with `vhostmgmt vf -a` (VFE vDPA); OVN moves its port binding
+(requested-chassis on both, activation-strategy=rarp, then the new one).
 
 The underlay's MTU is 1600 and the guests keep 1500: a full-size guest frame
 is 1558 bytes of IP once OVN encapsulates it (docs/multi-host.md, MTU).
@@ -19,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -60,7 +65,7 @@ class Host:
         return self.svc
 
     def hotplug(self, mac: str) -> dict:
-        """The seed's hotplug of a PF with ``mac``; its representor is up."""
+        """The seed's hotplug of a PF with ``mac`` -> virtnet's JSON reply."""
         return self.controller().virtnet_json("hotplug", "-i", "mlx5_0", "-f", "0x0", "-m", mac,
                                               "-t", "1500", "-n", "3", "-s", "1024")
 
@@ -93,8 +98,7 @@ class Fabric:
 
     def logical_port(self, lport: str, mac: str, ip: str) -> None:
         """``lsp-add`` on the logical switch (made on first use), "MAC IP" addresses."""
-        if SWITCH not in self.central.nbctl("--bare", "--columns=name", "list", "Logical_Switch").split():
-            self.central.nbctl("ls-add", SWITCH)
+        self.central.nbctl("--may-exist", "ls-add", SWITCH)
         self.central.nbctl("lsp-add", SWITCH, lport, "--", "lsp-set-addresses", lport,
                            f"{mac.lower()} {ip}")
 
@@ -193,8 +197,8 @@ ROUND_TRIPS = 5
 # activation-strategy=rarp waits for exactly that RARP on the new chassis.
 NO_ANNOUNCE = "guest_announce=off"
 # The stream is paced, a MiB every PACE_S, so that it flows through the
-# migrations (about 4 s each here under TCG: the first several, on a slower
-# machine; each result says whether it ran under the stream).
+# migrations (3-4 s each here under TCG; on a slower machine the first
+# several: each result says whether it ran under the stream).
 PACE_S = 2.5
 PACED_SEND = (f"sleep 1; i=0; while [ $i -lt {STREAM_MB} ]; do "
               f"dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; sleep {PACE_S}; "
@@ -207,7 +211,7 @@ class Placement:
     host: Host
     socket: str
     rep: str
-    release: object            # callable: gives the function back on that host
+    release: Callable[[], None]     # gives the function back on that host
 
 
 def set_chassis(fabric: Fabric, *chassis: str) -> None:
@@ -235,8 +239,8 @@ def wait_activated(fabric: Fabric, chassis: str, timeout: float = 20.0) -> None:
 
 def round_trips(fabric, vm_factory, guest_image, tmp_path, place, server: bool = False,
                 connect=None) -> list[dict]:
-    """The migrating VM starts on host-a, a peer VM on host-b streams from it
-    and pings it at 10 Hz; it moves a -> b -> a ... ROUND_TRIPS times.
+    """The migrating VM starts on host-a and streams to a peer VM on host-b,
+    which pings it at 10 Hz; it moves a -> b -> a ... ROUND_TRIPS times.
     ``place(host)`` provisions the function on a host -> Placement;
     ``connect(placement)`` (server-mode sockets) attaches the back-end once
     QEMU listens.  Returns per migration: QEMU's downtime, pings lost."""
