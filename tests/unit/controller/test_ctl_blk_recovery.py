@@ -441,14 +441,20 @@ def test_controller_on_a_bad_bdev_file_is_a_problem_too(store):
     assert "blk/controllers/VBLKS0D0F2VF2.json names bdev Null0, whose recovery file is invalid" in msgs[1]
 
 
-def test_two_controllers_on_one_bdev(store):
+def test_two_controllers_on_one_bdev_are_both_restored(tmp_path, store):
+    """The seed's PF and VF on Null0: both come back, on one storage."""
     write(store, "bdev", "Null0", GOOD_BDEV)
     write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
     write(store, "ctrl", "VBLKS0D0F2", GOOD_CTRL | {"name": "VblkEmu0pf0", "vf_id": None,
                                                    "vuid": "VBLKS0D0F2", "bdf_raw": 0xA000})
     loaded = store.load("blk")
-    assert loaded.controllers == []
-    assert len(loaded.problems) == 2 and all("both use bdev Null0" in p.message for p in loaded.problems)
+    assert loaded.problems == [] and sorted(c.vuid for c in loaded.controllers) == ["VBLKS0D0F2", "VBLKS0D0F2VF2"]
+    daemon = FakeDaemon()
+    reg = registry(tmp_path, store, daemon)
+    assert reg.restore(loaded) == "1 recovered bdev(s) and 2 blk controller(s)"
+    assert sorted(reg.bdevs.by_name["Null0"].users) == ["VblkEmu0pf0", GOOD_CTRL["name"]]
+    first, second = daemon.engine.devices
+    assert first[3]["backend"] is second[3]["backend"] is reg.bdevs.by_name["Null0"].storage
 
 
 def test_temp_files_and_strays_are_ignored(store):
