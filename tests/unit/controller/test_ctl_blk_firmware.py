@@ -145,3 +145,21 @@ def test_the_seeds_pf_and_vf_share_null0(tmp_path):
     blk.controller_virtio_blk_delete({"name": "VblkEmu0pf0vf0"})
     assert blk.bdevs.bdev_get_bdevs({"name": "Null0"})[0]["claimed"] is False
     assert blk.bdevs.delete("null", {"name": "Null0"}) is True
+
+
+def test_recovery_skips_what_the_firmware_no_longer_allows(tmp_path, caplog):
+    store = RecoveryStore(tmp_path / "rec", [BlkCodec()])
+    made = BlkKind(Inventory(), FakeDaemon(), Paths.from_env(run_dir=str(tmp_path)), store,
+                   blk_limits(SEED_NV | {"VIRTIO_BLK_EMULATION_NUM_PF": 2}))
+    made.inventory.register(made)
+    made.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
+    create(made)
+    create(made, pf_id=1)
+    # the firmware now has one blk PF: pf_id 1 is not recreated, its file stays
+    blk = BlkKind(Inventory(), FakeDaemon(), Paths.from_env(run_dir=str(tmp_path)), store, blk_limits(SEED_NV))
+    blk.inventory.register(blk)
+    with caplog.at_level("INFO", logger="vfe.controller.blk"):
+        assert blk.restore(store.load("blk")) == "1 recovered bdev(s) and 1 blk controller(s)"
+    assert [f.name for f in blk.functions()] == ["VblkEmu0pf0"]
+    assert "cannot recover VblkEmu0pf1: no virtio-blk PF with pf_id 1: VIRTIO_BLK_EMULATION_NUM_PF=1" in caplog.text
+    assert (tmp_path / "rec" / "blk" / "controllers" / "VBLKS0D0F3.json").exists()
