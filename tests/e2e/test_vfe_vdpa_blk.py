@@ -21,6 +21,7 @@ controller's own socket.  One guest boot, small I/O:
   read back as zeros;
 - two more VFs (not in the seed) share Malloc0: what the guest writes on one
   it reads back on the other;
+- no blk PF 1 (VIRTIO_BLK_EMULATION_NUM_PF=1): refused by vfe-rpc, naming it;
 - a VF made with --num_queues 1 and a QEMU asking num-queues=4: QEMU stops
   ("The maximum number of queues supported by the backend is 1"), and the
   controller's log says to re-create it with --num_queues;
@@ -35,7 +36,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_vfe_rpc_blk import ok, run
+from tests.e2e.test_vfe_rpc_blk import error, ok, run
 from tests.e2e.test_vfe_vdpa import Vhostd, short_root  # noqa: F401 (fixture)
 from tests.harness.netns import NetNs
 from tests.harness.service import ControllerService
@@ -176,6 +177,13 @@ def test_seed_vfe_vdpa_blk_flow(short_root, vm_factory):  # noqa: F811
             info = vhostd.mgmt_result("vf", "-i", BLK_VF_BDF)["device"]
             assert (info["vf"], info["socket_file"], info["configured"]) == (BLK_VF_BDF, sock, True)
             assert info["device_feature"]["   12"] == "VIRTIO_BLK_F_MQ"
+
+            # the firmware has one blk PF (VIRTIO_BLK_EMULATION_NUM_PF=1): no pf_id 1, for
+            # vfe-rpc nor (it does not exist) for vhostmgmt
+            e = error(svc, "controller_virtio_blk_create", "mlx5_0", "--pf_id", "1", "--bdev_type", "spdk",
+                      "--bdev", "Null0")
+            assert e["code"] == -19 and "VIRTIO_BLK_EMULATION_NUM_PF=1" in e["message"], e
+            assert vhostd.mgmt_result("mgmtpf", "-a", "0000:a1:00.0") == {"errno": -19, "errstr": "No such device"}
 
             # a VF whose --num_queues is smaller than QEMU's num-queues
             small = ok(svc, "controller_virtio_blk_create", "mlx5_0", "--pf_id", "0", "--vf_id", "3",
