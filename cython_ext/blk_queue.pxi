@@ -93,12 +93,11 @@ cdef void blk_defer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8
     blk_order_push(ar, r)
 
 
-cdef int blk_answer_in_order(Vring *vq, BlkDev *d, AioRing *ar, uint16_t *done,
-                             int *ndone) noexcept nogil:
+cdef void blk_answer_in_order(Vring *vq, BlkDev *d, AioRing *ar, uint16_t *done,
+                              int *ndone) noexcept nogil:
     """Answer the finished requests at the front of the order list, in
     order; stop at the first one still at the I/O threads."""
     cdef AioReq *r
-    cdef int n = 0
     while ar.order_first >= 0:
         r = &ar.slots[ar.order_first]
         if not r.finished:
@@ -114,8 +113,6 @@ cdef int blk_answer_in_order(Vring *vq, BlkDev *d, AioRing *ar, uint16_t *done,
         ndone[0] += 1
         if ndone[0] == BURST:
             blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
-        n += 1
-    return n
 
 
 cdef void blk_order_drop(AioRing *ar) noexcept nogil:
