@@ -53,9 +53,10 @@ ctypedef struct BlkDev:
     uint64_t capacity        # 512-byte sectors
     uint32_t block_size      # logical block size (config blk_size)
     int read_only
+    int in_order             # --force_in_order: answer each queue's requests in take order
     int backend              # BACKEND_NULL / BACKEND_MALLOC / BACKEND_FILE
-    uint8_t *data            # malloc: capacity * 512 bytes
-    int fd                   # file backend: the file (-1 otherwise)
+    uint8_t *data            # malloc: capacity * 512 bytes (the BlkBackend's: shared, borrowed)
+    int fd                   # file backend: the file (-1 otherwise; the BlkBackend's)
     AioPool *pool            # file backend: its I/O threads
     AioRing *aio             # file backend: per queue, requests at the pool
     InflightQueue *inflight  # per queue (num_vqs); region NULL until SET_INFLIGHT_FD

@@ -106,6 +106,10 @@ ctypedef struct AioReq:
     int n                        # pieces (read/write) or ranges (discard/write-zeroes)
     int direct                   # use the O_DIRECT fd
     uint8_t *store               # AIO_STORE bytes: Iov[n] or AioRange[n]
+    # --force_in_order (blk_queue.pxi blk_answer_in_order): the worker's only
+    uint8_t finished             # done (status byte written), its used entry not pushed yet
+    uint64_t nbytes              # the ring's byte count when answered
+    int order_next               # the next head taken after this one, or -1
 
 ctypedef struct AioPool:
     pthread_mutex_t mu
@@ -133,6 +137,10 @@ ctypedef struct AioRing:
     AioReq *slots                # [size], by head
     uint8_t *store               # size * AIO_STORE
     uint16_t size
+    # --force_in_order: the heads not answered yet, in the order they were
+    # taken (linked through AioReq.order_next; -1: empty)
+    int order_first
+    int order_last
 
 
 cdef inline Iov *aio_pieces(AioReq *r) noexcept nogil:

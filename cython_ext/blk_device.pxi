@@ -13,29 +13,49 @@ cdef class BlkDevice(RingDevice):
     memory table and its backend (null, malloc or file).  Same ring-control
     methods as NetDevice, so the device adapter's Session drives it alike."""
     cdef BlkDev *d
+    cdef readonly BlkBackend storage    # the bdev's storage (shared with other devices on it)
 
     def __cinit__(self, Engine engine, int num_queues, uint64_t capacity_bytes, int block_size,
-                  str backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
+                  backend, bint read_only, serial, uint32_t max_discard_sectors=65536,
                   uint32_t max_discard_seg=32, uint32_t max_write_zeroes_sectors=65536,
                   uint32_t max_write_zeroes_seg=32, path=None, bint direct=False,
-                  int aio_threads=4, bint grow=False):
-        cdef int i, rc
+                  int aio_threads=4, bint grow=False, bint in_order=False):
+        """`backend`: a BlkBackend (a bdev's storage, maybe served by other
+        devices too), or "null", "malloc" or "file" for storage of this
+        device's own (`path`, `direct`, `grow`: the file's).  `in_order`
+        (--force_in_order): every queue answers its requests in the order
+        it took them, even when the I/O threads finish them out of order."""
+        cdef int i
+        cdef BlkBackend store
         if num_queues < 1 or num_queues > 256:
             raise ValueError("a blk device has 1..256 queues")
         if block_size < 512 or block_size > 65536 or (block_size & (block_size - 1)):
             raise ValueError(f"block size {block_size} is not a power of two in 512..65536")
         if capacity_bytes == 0 or capacity_bytes % block_size:
             raise ValueError(f"capacity {capacity_bytes} is not a positive multiple of the block size")
-        if backend not in ("null", "malloc", "file"):
-            raise ValueError(f"backend {backend!r}: use null, malloc or file")
-        if backend == "file" and not path:
-            raise ValueError("a file backend needs path=")
         sb = serial.encode() if isinstance(serial, str) else bytes(serial)
         if len(sb) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"serial is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         if max_discard_seg > BLK_MAX_RANGES or max_write_zeroes_seg > BLK_MAX_RANGES:
             raise ValueError(f"at most {BLK_MAX_RANGES} discard/write-zeroes ranges per request")
+        if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
+            raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
+        if isinstance(backend, str):
+            store = BlkBackend(backend, capacity_bytes, path, direct, grow, read_only)
+        elif isinstance(backend, BlkBackend):
+            store = backend
+        else:
+            raise TypeError(f"backend must be a BlkBackend or null, malloc, file; not {backend!r}")
+        if capacity_bytes > store.capacity_bytes:
+            raise ValueError(f"capacity {capacity_bytes} is larger than its {store.kind} storage "
+                             f"({store.capacity_bytes} bytes)")
+        if store.read_only and not read_only:
+            raise ValueError(f"{store.path} is open read-only: the device must be read-only too")
+        if store.backend == BACKEND_FILE:
+            from vfe.engine.bdev_file import check_backing_size
+            check_backing_size(store.fd, store.path, capacity_bytes)
         self.engine = engine
+        self.storage = store
         self.d = <BlkDev *>calloc(1, sizeof(BlkDev))
         if self.d == NULL:
             raise MemoryError()
@@ -45,23 +65,16 @@ cdef class BlkDevice(RingDevice):
         if self.d.vqs == NULL or self.d.mem == NULL or self.d.inflight == NULL:
             raise MemoryError()
         self.d.num_vqs = num_queues
-        self.d.fd = -1
-        if backend == "malloc":
-            # calloc of a large block is fresh zero pages: RAM is used as written
-            self.d.data = <uint8_t *>calloc(1, capacity_bytes)
-            if self.d.data == NULL:
-                raise MemoryError(f"cannot allocate a {capacity_bytes}-byte malloc bdev")
-            self.d.backend = BACKEND_MALLOC
-        elif backend == "file":
-            if aio_threads < 1 or aio_threads > AIO_MAX_THREADS:
-                raise ValueError(f"aio_threads must be in 1..{AIO_MAX_THREADS}")
-            self._open_file(path, capacity_bytes, read_only, direct, aio_threads, grow)
-        else:
-            self.d.backend = BACKEND_NULL
-        self.d.num_vqs = num_queues
+        # borrowed from the storage, which outlives us (self.storage)
+        self.d.backend = store.backend
+        self.d.data = store.data
+        self.d.fd = store.fd
+        if store.backend == BACKEND_FILE:
+            self._start_pool(store, aio_threads)
         self.d.capacity = capacity_bytes // VIRTIO_BLK_SECTOR_SIZE
         self.d.block_size = block_size
         self.d.read_only = read_only
+        self.d.in_order = in_order
         memcpy(self.d.serial, <char *>sb, len(sb))
         self.d.max_discard_sectors = max_discard_sectors
         self.d.max_discard_seg = max_discard_seg
@@ -84,37 +97,21 @@ cdef class BlkDevice(RingDevice):
             engine.next_slot += 1
             engine.blk_devices.append(self)
 
-    cdef _open_file(self, path, uint64_t capacity_bytes, bint read_only, bint direct, int nthreads,
-                    bint grow):
-        """The file (a regular file or a block device, never through a
-        symlink; grown to the capacity if shorter only with `grow`), an
-        O_DIRECT fd of the same inode with `direct`, and the I/O threads
-        (blk_aio.pxd).  vfe/engine/bdev_file.py says why each check."""
-        cdef AioPool *pool
+    cdef _start_pool(self, BlkBackend store, int nthreads):
+        """This device's I/O threads (blk_aio.pxd) on the storage's fds:
+        a pool per device, so one device's slow requests never queue
+        behind another's."""
+        cdef AioPool *pool = <AioPool *>calloc(1, sizeof(AioPool))
         cdef int i, rc
-        from vfe.engine.bdev_file import open_backing, open_direct
-        fd, _ = open_backing(path, read_only=read_only, need=capacity_bytes, grow=grow)
-        dfd = -1
-        try:
-            if direct:
-                dfd = open_direct(fd, path, read_only)
-            pool = <AioPool *>calloc(1, sizeof(AioPool))
-            self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
-            if pool == NULL or self.d.aio == NULL:
-                free(pool)
-                raise MemoryError()
-        except BaseException:
-            os.close(fd)
-            if dfd >= 0:
-                os.close(dfd)
-            raise
+        self.d.aio = <AioRing *>calloc(self.d.num_vqs, sizeof(AioRing))
+        if pool == NULL or self.d.aio == NULL:
+            free(pool)
+            raise MemoryError()
         pthread_mutex_init(&pool.mu, NULL)
         pthread_cond_init(&pool.cv, NULL)
-        pool.fd = fd
-        pool.dfd = dfd
+        pool.fd = store.fd
+        pool.dfd = store.dfd
         self.d.pool = pool
-        self.d.fd = fd
-        self.d.backend = BACKEND_FILE
         for i in range(nthreads):
             rc = pthread_create(&pool.threads[i], NULL, aio_thread, <void *>pool)
             if rc != 0:
@@ -145,16 +142,12 @@ cdef class BlkDevice(RingDevice):
                 self._stop_pool()
                 pthread_mutex_destroy(&self.d.pool.mu)
                 pthread_cond_destroy(&self.d.pool.cv)
-                close(self.d.pool.fd)
-                if self.d.pool.dfd >= 0:
-                    close(self.d.pool.dfd)
                 free(self.d.pool)
             if self.d.aio != NULL:
                 for i in range(self.d.num_vqs):
                     free(self.d.aio[i].slots)
                     free(self.d.aio[i].store)
                 free(self.d.aio)
-            free(self.d.data)
             if self.d.inflight != NULL:
                 for i in range(self.d.num_vqs):
                     free(self.d.inflight[i].resubmit)
@@ -187,6 +180,10 @@ cdef class BlkDevice(RingDevice):
         if self.d.backend == BACKEND_FILE:
             return "file"
         return "malloc" if self.d.backend == BACKEND_MALLOC else "null"
+
+    @property
+    def in_order(self):
+        return bool(self.d.in_order)
 
     @property
     def direct(self):
@@ -226,6 +223,8 @@ cdef class BlkDevice(RingDevice):
                 for i in range(size):
                     ar.slots[i].store = ar.store + <size_t>i * AIO_STORE
                 ar.size = size
+            ar.order_first = -1             # a stop answered (or dropped) every taken head
+            ar.order_last = -1
             ar.wake_fd = self.engine.workers[vq.worker].wake_fd
         return RingDevice.start_ring(self, index, size, desc_uva, avail_uva, used_uva, base,
                                      kick_fd, call_fd, enabled, log_used, log_guest_addr)
@@ -313,8 +312,9 @@ cdef class BlkDevice(RingDevice):
     def ring_stats(self, int index):
         """Queue `index`'s counters (docs/metrics.md): requests answered
         (packets), data bytes, failed requests (dropped), ring errors,
-        interrupts, kicks read, requests_<type> taken (ReqType) and the
-        requests at the I/O threads now (inflight, a level)."""
+        interrupts, kicks read, requests_<type> taken (ReqType) and a
+        file bdev's requests taken and not answered now (inflight, a level:
+        at the I/O threads, or in order behind one that is)."""
         cdef Vring *vq = self._ring(index)
         cdef RingCounters c = self._counted(index)
         out = {"packets": c.packets, "bytes": c.bytes, "errors": vq.errors,
@@ -356,8 +356,8 @@ cdef class BlkDevice(RingDevice):
         return out
 
     def close(self):
-        """Stop every queue and leave the engine (the backend's RAM is freed
-        with the object)."""
+        """Stop every queue and leave the engine (the storage is released
+        with the object, and freed once no other device or bdev holds it)."""
         cdef int i
         if self.d == NULL:
             return

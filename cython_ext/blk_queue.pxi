@@ -46,8 +46,91 @@ cdef uint8_t blk_submit(Worker *w, Vring *vq, BlkDev *d, uint16_t head, int nrea
                 break
     r.busy = 1
     r.epoch = ar.epoch
+    if d.in_order:
+        r.finished = 0
+        blk_order_push(ar, r)
     aio_submit(d.pool, r)
     return BLK_ASYNC
+
+
+# --force_in_order.  A file bdev's I/O threads finish requests in any order;
+# with in_order every head a queue takes joins its AioRing's order list, and
+# blk_answer_in_order pushes used entries from the front of that list only,
+# as far as requests there are finished.  A request answered within the
+# burst (null/malloc never get here; for a file: GET_ID, an IOERR, a
+# request we cannot serve) waits in the list too while an earlier one is
+# outstanding (blk_defer).  A waiting head stays `busy` and counted in
+# `pending` until answered: a stop waits for it, and a guest that posts it
+# again stops the ring (E_DUP), as for any outstanding head.
+
+cdef inline void blk_order_push(AioRing *ar, AioReq *r) noexcept nogil:
+    r.order_next = -1
+    if ar.order_last < 0:
+        ar.order_first = r.head
+    else:
+        ar.slots[ar.order_last].order_next = r.head
+    ar.order_last = r.head
+
+
+cdef inline bint blk_must_wait(BlkDev *d, Vring *vq) noexcept nogil:
+    """A request answered now would overtake one taken before it."""
+    return d.in_order and d.aio != NULL and d.aio[vq.index].order_first >= 0
+
+
+cdef void blk_defer(BlkDev *d, Vring *vq, uint16_t head, uint32_t data_in, uint8_t status,
+                    uint64_t nbytes) noexcept nogil:
+    """Keep a request answered within the burst (status byte written) for
+    blk_answer_in_order."""
+    cdef AioRing *ar = &d.aio[vq.index]
+    cdef AioReq *r = &ar.slots[head]         # blk_head_free vouched for head and slot
+    r.head = head
+    r.busy = 1
+    r.finished = 1
+    r.data_in = data_in
+    r.status = status
+    r.nbytes = nbytes
+    ar.pending += 1
+    blk_order_push(ar, r)
+
+
+cdef void blk_answer_in_order(Worker *w, Vring *vq, BlkDev *d, AioRing *ar, uint16_t *done,
+                              int *ndone) noexcept nogil:
+    """Answer the finished requests at the front of the order list, in
+    order; stop at the first one still at the I/O threads (w: whose
+    counter block)."""
+    cdef AioReq *r
+    while ar.order_first >= 0:
+        r = &ar.slots[ar.order_first]
+        if not r.finished:
+            break
+        ar.order_first = r.order_next
+        if ar.order_first < 0:
+            ar.order_last = -1
+        r.finished = 0
+        r.busy = 0
+        ar.pending -= 1
+        blk_answer(w, d, vq, r.head, r.data_in, r.status, r.nbytes)
+        done[ndone[0]] = r.head
+        ndone[0] += 1
+        if ndone[0] == BURST:
+            blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
+
+
+cdef void blk_order_drop(AioRing *ar) noexcept nogil:
+    """Forget the order list (a stop that gives up, or guest memory gone):
+    the finished requests waiting there free their slots; the others are
+    still at the I/O threads and are counted as such."""
+    cdef AioReq *r
+    cdef int h = ar.order_first
+    while h >= 0:
+        r = &ar.slots[h]
+        h = r.order_next
+        if r.finished:
+            r.finished = 0
+            r.busy = 0
+            ar.pending -= 1
+    ar.order_first = -1
+    ar.order_last = -1
 
 
 cdef inline int blk_head_free(Vring *vq, BlkDev *d, uint16_t head) noexcept nogil:
@@ -95,9 +178,10 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
     against the backend, write the status byte, log what we wrote into
     guest memory when migrating, and push its used entry (published by
     the caller).  Returns 1 if answered, 0 if queued for the I/O threads
-    (answered when reaped), or the E_* code that stopped the ring."""
+    (answered when reaped) or, in order, behind one that is, or the E_*
+    code that stopped the ring."""
     cdef int c, niov, nread
-    cdef uint64_t rbytes, wbytes, offset = 0
+    cdef uint64_t rbytes, wbytes, nbytes, offset = 0
     cdef uint32_t data_in, kind = 0, nranges = 0
     cdef uint8_t status
     cdef Iov st
@@ -125,8 +209,11 @@ cdef int blk_serve_chain(Worker *w, Vring *vq, BlkDev *d, uint16_t head, Chain *
         vfe_fence()
         for c in range(nread, niov):
             log_pages(&d.log, w.iov[c].gpa, w.iov[c].len)
-    blk_answer(w, d, vq, head, data_in, status,
-               data_in if data_in else (rbytes - VIRTIO_BLK_REQ_HDR_SIZE if status == VIRTIO_BLK_S_OK else 0))
+    nbytes = data_in if data_in else (rbytes - VIRTIO_BLK_REQ_HDR_SIZE if status == VIRTIO_BLK_S_OK else 0)
+    if blk_must_wait(d, vq):
+        blk_defer(d, vq, head, data_in, status, nbytes)
+        return 0
+    blk_answer(w, d, vq, head, data_in, status, nbytes)
     return 1
 
 
@@ -154,17 +241,23 @@ cdef int blk_reap(Worker *w, Vring *vq, BlkDev *d, uint16_t *done, int *ndone) n
         ar.reaping = aio_take_done(ar)
     r = ar.reaping
     while r != NULL:
-        # off the list and the counts before guest memory is touched: should
-        # that fault (includes/guard.h), the rest stays in ar.reaping
+        # off the list and the counts (in order: marked finished) before
+        # guest memory is touched: should that fault (includes/guard.h),
+        # the rest stays in ar.reaping
         ar.reaping = r.next
-        r.busy = 0
         if r.epoch != ar.epoch:
             # abandoned by a stop that stopped waiting: the ring has moved
             # on (maybe to other memory); only its slot is ours again
+            r.busy = 0
             ar.abandoned -= 1
             r = ar.reaping
             continue
-        ar.pending -= 1
+        r.nbytes = r.length if r.status == VIRTIO_BLK_S_OK and r.op <= AIO_WRITE else 0
+        if d.in_order:
+            r.finished = 1                   # answered by blk_answer_in_order
+        else:
+            r.busy = 0
+            ar.pending -= 1
         vfe_store_u8(r.status_ptr, r.status)
         if d.log.active:
             vfe_fence()
@@ -175,14 +268,16 @@ cdef int blk_reap(Worker *w, Vring *vq, BlkDev *d, uint16_t *done, int *ndone) n
             log_pages(&d.log, r.status_gpa, 1)
         if r.status != VIRTIO_BLK_S_OK:
             vfe_add_u64(&d.ioerrs, 1)
-        blk_answer(w, d, vq, r.head, r.data_in, r.status,
-                   r.length if r.status == VIRTIO_BLK_S_OK and r.op <= AIO_WRITE else 0)
-        done[ndone[0]] = r.head
-        ndone[0] += 1
-        if ndone[0] == BURST:
-            blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
         n += 1
+        if not d.in_order:
+            blk_answer(w, d, vq, r.head, r.data_in, r.status, r.nbytes)
+            done[ndone[0]] = r.head
+            ndone[0] += 1
+            if ndone[0] == BURST:
+                blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
         r = ar.reaping
+    if d.in_order:
+        blk_answer_in_order(w, vq, d, ar, done, ndone)
     return n
 
 
@@ -202,12 +297,14 @@ cdef bint blk_quiesced(Worker *w, Vring *vq) noexcept nogil:
             if ar.reaping == NULL:
                 ar.reaping = aio_take_done(ar)
             while ar.reaping != NULL:
-                ar.reaping.busy = 0
                 if ar.reaping.epoch != ar.epoch:
                     ar.abandoned -= 1
-                else:
+                elif not ar.reaping.finished:    # (a finished one: blk_order_drop's)
                     ar.pending -= 1
+                ar.reaping.busy = 0
+                ar.reaping.finished = 0
                 ar.reaping = ar.reaping.next
+            blk_order_drop(ar)
     else:
         blk_burst(w, vq, 0)
     return ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
@@ -223,6 +320,7 @@ cdef void blk_abandon(Vring *vq) noexcept nogil:
     if d.aio == NULL:
         return
     ar = &d.aio[vq.index]
+    blk_order_drop(ar)                       # what is left is at the I/O threads
     ar.abandoned += ar.pending
     ar.pending = 0
     ar.epoch += 1

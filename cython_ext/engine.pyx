@@ -471,7 +471,7 @@ cdef class Engine:
         return NetDevice(self, num_queues)
 
     def new_blk_device(self, int num_queues, uint64_t capacity_bytes, int block_size=512,
-                       str backend="null", bint read_only=False, serial="", **limits):
+                       backend="null", bint read_only=False, serial="", **limits):
         """A virtio-blk device with `num_queues` request queues over a null
         (reads zeros, drops writes), malloc (RAM) or file backend of
         `capacity_bytes`.  A file backend needs limits["path"]: its requests
@@ -907,4 +907,5 @@ cdef uint32_t ring_stop(Engine e, Vring *vq, bint polled) noexcept:
 
 include "ring_device.pxi"
 include "net_device.pxi"
+include "blk_backend.pxi"
 include "blk_device.pxi"

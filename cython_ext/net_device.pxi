@@ -11,8 +11,14 @@ ctypedef struct _Inject:
 
 cdef int _inject(void *arg) noexcept nogil:
     cdef _Inject *a = <_Inject *>arg
-    switch_frame(a.w, a.dev, a.pair, a.src, 1, a.src.len)
-    flush_rx(a.w)
+    if a.dev.tap_fd >= 0:
+        # a device on a representor is off the switch: the frame leaves
+        # where its guest's frames leave (a RARP after a migration must
+        # reach OVS, which moves the port on it)
+        tap_send(a.w, a.dev, a.src, 1, a.src.len)
+    else:
+        switch_frame(a.w, a.dev, a.pair, a.src, 1, a.src.len)
+        flush_rx(a.w)
     return 0
 
 
@@ -288,7 +294,8 @@ cdef class NetDevice(RingDevice):
 
     def inject(self, bytes frame, int pair=0):
         """Switch one frame as if the guest had sent it on queue pair `pair`
-        (used for SEND_RARP: the switch learns the MAC and floods it)."""
+        (used for SEND_RARP: the switch learns the MAC and floods it); a
+        device on a representor writes it to the representor instead."""
         cdef Engine e = self.engine
         cdef Worker *w = e.ctl
         cdef _Inject inj

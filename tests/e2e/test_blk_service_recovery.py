@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.netns import NetNs
-from tests.harness.service import ControllerService
+from tests.harness.service import BLK_PF_NV, ControllerService
 from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
@@ -78,6 +78,7 @@ def test_blk_function_survives_controller_sigkill_and_guest_reads_its_data(short
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:
+            svc.mlxconfig("s", *BLK_PF_NV)
             svc.start()
             img = short_root / "disk.img"
             made = make_disk(svc, img)
@@ -120,6 +121,7 @@ def test_corrupt_blk_recovery_file_refuses_start_and_loses_nothing(short_root):
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:
+            svc.mlxconfig("s", *BLK_PF_NV)
             svc.start()
             make_disk(svc, short_root / "disk.img")
             vfe_rpc(svc, "bdev_null_create", "Null0", "64", "512")

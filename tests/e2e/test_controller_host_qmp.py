@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 MAC = "0c:c4:7a:ff:22:93"
 NEW_MAC = "0c:c4:7a:ff:22:98"
+SECOND_MAC = "0c:c4:7a:ff:22:9a"
 
 
 @pytest.fixture
@@ -26,6 +27,13 @@ def short_dir():
     d = tempfile.mkdtemp(prefix="vfe-h-", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_for(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
 
 
 def wait_guest(vm, cmd, timeout=30.0, want=0):
@@ -61,6 +69,22 @@ def test_hotplug_into_running_guest_modify_mac_and_unplug(short_dir, vm_factory)
             assert rc == 0, out
             rc, out = vm.run("ping -c 3 -W 3 10.2.0.100", timeout=30)
             assert rc == 0 and "3 packets received" in out, out
+
+            # a restart recovers the function and adopts the NIC still in the
+            # guest: not plugged a second time, its port not handed out again
+            svc.stop()
+            svc.start()
+            wait_for(lambda: hp["vuid"] in {d["vuid"] for d in svc.virtnet_json("list")["devices"]})
+            ns.run("ip", "addr", "replace", "10.2.0.100/24", "dev", rep)   # the SF outlives a restart
+            ns.run("ip", "link", "set", "dev", rep, "up")
+            wait_guest(vm, "ping -c 1 -W 2 10.2.0.100", timeout=60)
+            assert "already plugged into the host VM" in svc.log()
+            assert "host QMP plug" not in svc.log()         # no second device_add of it
+            second = svc.virtnet_json("hotplug", "-i", "mlx5_0", "-f", "0x0", "-m", SECOND_MAC,
+                                      "-t", "1500", "-n", "1", "-s", "256")
+            wait_guest(vm, f"vfe-ifname {SECOND_MAC}")
+            svc.virtnet("unplug", "-u", second["vuid"], check=True)
+            wait_guest(vm, f"vfe-ifname {SECOND_MAC}", want=1)
 
             # modify MAC: refused while the guest's driver is bound ...
             r = svc.virtnet("modify", "-u", hp["vuid"], "device", "-m", NEW_MAC)

@@ -31,7 +31,7 @@ import pytest
 from tests.e2e.test_vfe_vdpa import PF_BDF, SEED_MAC, SEED_NV, VF_BDF, Vhostd, sriov
 from tests.harness.libvirt import GuestDomain, Libvirtd, VhostUserDisk, VhostUserNic, libvirtd_available
 from tests.harness.netns import NetNs
-from tests.harness.service import ControllerService
+from tests.harness.service import BLK_PF_NV, ControllerService
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not libvirtd_available(),
@@ -133,6 +133,7 @@ def test_hotplug_pf_and_blk_function_then_destroy_and_start(libvirtd, domains, s
     with NetNs() as ns:
         svc = ControllerService(short_root, ns)
         try:
+            svc.mlxconfig("s", *BLK_PF_NV)
             svc.start()
             pf = svc.virtnet_json("hotplug", "-i", "mlx5_0", "-f", "0x0", "-m", mac, "-t", "1500",
                                   "-n", "2", "-s", "256")
@@ -201,7 +202,7 @@ def test_seed_vfe_vdpa_commandline_block(libvirtd, domains, short_root):
             vfe_rpc(svc, "bdev_null_create", "Null0", "1024", "512")
             vfe_rpc(svc, "controller_virtio_blk_create", "--pf_id", "0", "--bdev_type", "spdk", "mlx5_0",
                     "--bdev", "Null0", "--num_queues", "1", "--admin_q")
-            vfe_rpc(svc, "bdev_null_create", "Null1", "64", "512")      # a bdev serves one controller here
+            vfe_rpc(svc, "bdev_null_create", "Null1", "64", "512")      # its own bdev (Null0 could serve it too)
             vfe_rpc(svc, "controller_virtio_blk_create", "mlx5_0", "--pf_id", "0", "--vf_id", "0",
                     "--bdev_type", "spdk", "--bdev", "Null1", "--force_in_order", "--num_queues", "4")
 

@@ -34,7 +34,7 @@ import json
 
 from tests.harness.builds import build_dir, engine_of, make_build, set_engine_abi
 from tests.harness.netns import NetNs
-from tests.harness.service import ControllerService
+from tests.harness.service import BLK_PF_NV, ControllerService
 from vfe.guest.vm import BlkDev, NetDev
 
 pytestmark = pytest.mark.e2e
@@ -139,6 +139,7 @@ def test_live_update_ten_times_under_traffic(short_root, builds_root, vm_factory
     with NetNs() as ns:
         svc = ControllerService(short_root / "root", ns)
         try:
+            svc.mlxconfig("s", *BLK_PF_NV)
             svc.start()
             devices = svc.virtnet_json("list")["devices"][:2]
             ns.run("ip", "link", "add", "br0", "type", "bridge")

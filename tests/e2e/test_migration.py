@@ -18,6 +18,18 @@ pytestmark = pytest.mark.e2e
 
 MAC_M, MAC_P = "52:54:00:0e:00:01", "52:54:00:0e:00:02"
 ROUND_TRIPS = 5
+# The stream is paced, a MiB every PACE_S, so that it is still flowing when
+# the migrations start: on a quiet machine two TCG guests move 16 MiB in
+# well under a second, before any migration could begin.
+PACE_S = 0.75
+
+
+def paced_send(dest_ip: str, megabytes: int, port: int = 5001) -> str:
+    """A guest shell line sending /tmp/data to dest_ip:port a MiB at a time;
+    it connects after 1 s, when the receiver started just before listens."""
+    return (f"sleep 1; i=0; while [ $i -lt {megabytes} ]; do "
+            f"dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; sleep {PACE_S}; i=$((i + 1)); "
+            f"done | nc {dest_ip} {port}")
 
 
 def free_port() -> int:
@@ -61,9 +73,10 @@ def test_live_migration_round_trips_with_tcp_and_pings(controller, vm_factory, g
     mb = 16
     rc, data_sum = cur.run(f"vfe-mkdata /tmp/data {mb * 1024}", timeout=300)
     recv = peer.run_bg("vfe-recv 5001 /tmp/got")
-    send = cur.run_bg("vfe-send 10.0.0.2 5001 /tmp/data")
+    send = cur.run_bg(paced_send("10.0.0.2", mb))
     pings = peer.run_bg("ping -i 0.1 -w 300 10.0.0.1")
-    time.sleep(1)
+    time.sleep(2.5)
+    assert send.running(), "the stream ended before the migrations"
 
     sockets = [sa, sa2]
     downtimes = []

@@ -10,20 +10,13 @@ import time
 
 import pytest
 
-from tests.e2e.test_migration import free_port, migrate
+from tests.e2e.test_migration import free_port, migrate, paced_send
 from vfe.guest.vm import VM, BgJob, NetDev
 
 pytestmark = pytest.mark.e2e
 
 MAC_M, MAC_P = "52:54:00:0d:00:01", "52:54:00:0d:00:02"
 STREAM_MB = 16
-# The stream is paced, a MiB every PACE_S, so that it is still flowing when
-# the migration starts and runs: on a quiet machine two TCG guests move
-# 16 MiB in well under a second, before any migration could begin.
-PACE_S = 0.75
-PACED_SEND = (f"sleep 1; i=0; while [ $i -lt {STREAM_MB} ]; do "
-              f"dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; sleep {PACE_S}; i=$((i + 1)); "
-              f"done | nc 10.0.3.2 5001")
 
 
 def test_packed_guest_migrates_with_a_tcp_stream(controller, vm_factory, guest_image, sockdir,
@@ -45,7 +38,7 @@ def test_packed_guest_migrates_with_a_tcp_stream(controller, vm_factory, guest_i
     rc, data_sum = src.run(f"vfe-mkdata /tmp/data {STREAM_MB * 1024}", timeout=300)
     assert rc == 0, data_sum
     recv = peer.run_bg("vfe-recv 5001 /tmp/got")
-    send = src.run_bg(PACED_SEND)        # connects after 1 s: the receiver listens by then
+    send = src.run_bg(paced_send("10.0.3.2", STREAM_MB))   # paced: still flowing at the migration
     time.sleep(2.5)
     assert send.running(), "the stream ended before the migration"
     port = free_port()

@@ -18,7 +18,7 @@ import tempfile
 import pytest
 
 from tests.harness.netns import NetNs
-from tests.harness.service import ControllerService
+from tests.harness.service import BLK_PF_NV, ControllerService
 from vfe.guest.vm import BlkDev
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +61,7 @@ def test_seed_blk_commands_guest_reads_zeros(short_root, vm_factory):
     with NetNs() as ns:
         svc = ControllerService(short_root, ns)
         try:
+            svc.mlxconfig("s", *BLK_PF_NV)
             svc.start()
             r = vfe_rpc(svc, "bdev_get_bdevs")
             assert '"code": -32601' not in r.stderr, WIRE        # the verbs must be served

@@ -21,6 +21,12 @@ from pathlib import Path
 from vfe.guest.controller_process import LoggedProcess
 
 
+# The firmware settings a test's blk PF 0 needs (the seed's VIRTIO_BLK_EMULATION_* values
+# for the PF; VIRTIO_BLK_EMULATION_NUM_VF and SRIOV_EN too for blk VFs):
+# `svc.mlxconfig("s", *BLK_PF_NV)` before the first start.
+BLK_PF_NV = ("VIRTIO_BLK_EMULATION_ENABLE=1", "VIRTIO_BLK_EMULATION_NUM_PF=1", "VIRTIO_BLK_EMULATION_NUM_MSIX=64")
+
+
 class ControllerService(LoggedProcess):
     DEVICE = "/dev/mst/mt41686_pciconf0"
 

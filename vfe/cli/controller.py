@@ -2,7 +2,7 @@
 
     virtio-net-controller --device net,socket=PATH[,client=on][,mac=MAC][,queues=N][,queue-size=N]
                           --device blk,socket=PATH,bdev=null|malloc,size=MB,block-size=512
-                                   [,queues=N][,ro=on][,serial=STR][,client=on]
+                                   [,queues=N][,ro=on][,serial=STR][,client=on][,in-order=on]
                           --device blk,socket=PATH,bdev=file,path=FILE[,size=MB][,direct=on]...
                           [--device ...] [--mode poll|adaptive] [--workers N]
 
@@ -90,7 +90,7 @@ def metrics_address(text: str) -> tuple[str, int]:
 
 def _parse_blk(opts: dict[str, str]) -> BlkConfig:
     known = {"socket", "client", "bdev", "size", "block-size", "queues", "queue-size", "ro",
-             "serial", "name", "incoming", "path", "direct"}
+             "serial", "name", "incoming", "path", "direct", "in-order"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -108,7 +108,8 @@ def _parse_blk(opts: dict[str, str]) -> BlkConfig:
             raise argparse.ArgumentTypeError(f"blk device needs {need}=")
     try:
         cfg = BlkConfig(socket=opts["socket"], name=opts.get("name", ""))
-        for key, attr in (("client", "client"), ("ro", "read_only"), ("direct", "direct")):
+        for key, attr in (("client", "client"), ("ro", "read_only"), ("direct", "direct"),
+                          ("in-order", "in_order")):
             if key in opts:
                 if opts[key].lower() not in _BOOL:
                     raise ValueError(f"{key}={opts[key]!r}: use on or off")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; incoming= is a second socket of the same device for the "
                         "destination QEMU of a live migration), or "
                         "blk,socket=PATH,bdev=null|malloc,size=MB[,block-size=512][,queues=N]"
-                        "[,ro=on][,serial=STR][,client=on], or blk,socket=PATH,bdev=file,path=FILE"
+                        "[,ro=on][,serial=STR][,client=on][,in-order=on], or blk,socket=PATH,bdev=file,path=FILE"
                         "[,size=MB][,direct=on] and the same options (a file bdev is as large as "
                         "its file unless size= says)")
     p.add_argument("--mode", choices=["poll", "adaptive"], default="adaptive",

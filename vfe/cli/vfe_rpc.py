@@ -120,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vf_id", type=_nonneg, help="VF index (a VF of the PF)")
     sp.add_argument("--bdev_type", choices=["spdk"], required=True, help="backend type (spdk)")
     sp.add_argument("--bdev", required=True, help="bdev name")
-    sp.add_argument("--num_queues", type=_positive, help="request queues (default 1)")
+    sp.add_argument("--num_queues", type=_positive, help="request queues (default: as many as the function's MSI-X vectors allow, "
+                                                              "VIRTIO_BLK_EMULATION_NUM_MSIX - 1)")
     sp.add_argument("--queue_size", type=_positive, help="largest ring (default 128)")
     sp.add_argument("--admin_q", action="store_true", help="with an admin queue")
-    sp.add_argument("--force_in_order", action="store_true", help="complete requests in order")
+    sp.add_argument("--force_in_order", action="store_true", help="complete each queue's requests in the order they were taken")
 
     sp = verb("controller_list", "list blk controllers",
               lambda a: {"name": a.name} if a.name else {})

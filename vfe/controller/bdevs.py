@@ -4,8 +4,11 @@ served on the controller's RPC socket (vfe-rpc is the CLI).
 
 `null` reads zeros and drops writes, `malloc` is RAM, `aio` a file served
 asynchronously by I/O threads (FLUSH is fdatasync; `direct` for O_DIRECT).
-A bdev is *claimed* by the one blk function created on it (blk_kind.py); a
-claimed bdev cannot be deleted (-EBUSY) -- delete the function first.
+A bdev's storage (vfe.engine.BlkBackend: the RAM, the open file) is made
+when the bdev is created and shared by every blk function created on it
+(blk_kind.py), as SPDK lets several controllers open one bdev: a PF's and
+a VF's controller on the same Malloc0 see the same data.  A bdev in use by
+a function cannot be deleted (-EBUSY, naming them) -- delete them first.
 Every bdev is recorded in the recovery store when created (blk_recovery.py)
 and its file removed before it is deleted.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vfe.controller.blk_identity import BLOCK_SIZES, MAX_MALLOC_MB, PRODUCT, valid_bdev_name
 from vfe.controller.blk_recovery import BdevRecord
 from vfe.controller.kind import InventoryError, Method, delete_record, save_record
 from vfe.controller.params import int_param, str_param
 from vfe.controller.recovery import RecoveryStore
+from vfe.engine import BlkBackend
 from vfe.engine.bdev_file import probe_backing
 
 log = logging.getLogger("vfe.controller.blk")
@@ -34,19 +38,21 @@ class Bdev:
     block_size: int
     filename: str = ""
     direct: bool = False            # aio: O_DIRECT for aligned reads and writes
-    claimed_by: str | None = None   # the blk function's name
+    storage: BlkBackend | None = field(default=None, repr=False)   # what the functions serve
+    users: list[str] = field(default_factory=list)   # the blk functions on it, by name
 
     @property
     def num_blocks(self) -> int:
         return (self.size_mb << 20) // self.block_size
 
     def info(self) -> dict:
-        """An entry of bdev_get_bdevs, with SPDK's field names."""
+        """An entry of bdev_get_bdevs, with SPDK's field names; "claimed"
+        says it is in use, "claimed_by" by which controllers."""
         out = {"name": self.name, "product_name": PRODUCT[self.bdev_type],
                "block_size": self.block_size, "num_blocks": self.num_blocks,
-               "claimed": self.claimed_by is not None}
-        if self.claimed_by is not None:
-            out["claimed_by"] = self.claimed_by
+               "claimed": bool(self.users)}
+        if self.users:
+            out["claimed_by"] = list(self.users)
         return out
 
 
@@ -104,7 +110,12 @@ class Bdevs:
         if bdev_type == "malloc" and size_mb > MAX_MALLOC_MB:
             raise InventoryError(f"malloc bdev of {size_mb} MiB is too large (at most {MAX_MALLOC_MB} "
                                  f"MiB of RAM)")
-        self._add(Bdev(name, bdev_type, size_mb, bs), save)
+        try:
+            storage = BlkBackend(bdev_type, size_mb << 20)
+        except MemoryError:
+            raise InventoryError(f"cannot allocate the {size_mb} MiB of malloc bdev {name}",
+                                 -errno.ENOMEM) from None
+        self._add(Bdev(name, bdev_type, size_mb, bs, storage=storage), save)
         log.info("bdev %s: %s, %d MiB of %d-byte blocks", name, bdev_type, size_mb, bs)
         return name
 
@@ -132,20 +143,22 @@ class Bdevs:
             raise InventoryError(f"block size {bs} is not one of {', '.join(map(str, BLOCK_SIZES))}",
                                  -errno.EINVAL)
         filename = os.path.abspath(filename)
-        try:                # a regular file or a block device, not through a symlink
-            size = probe_backing(filename)
-        except OSError as exc:
-            raise InventoryError(f"cannot use {exc.strerror}", -(exc.errno or errno.EIO)) from None
-        if size < 1 << 20:
-            raise InventoryError(f"{filename} is smaller than 1 MiB", -errno.EINVAL)
-        if size_mb is not None and size >> 20 < size_mb:
-            raise InventoryError(f"{filename} is {size >> 20} MiB, smaller than the {size_mb} MiB the "
-                                 f"bdev had", -errno.EINVAL)
-        size_mb = size >> 20 if size_mb is None else size_mb
         direct = p.get("direct", False)
         if not isinstance(direct, bool):
             raise InventoryError("direct must be true or false", -errno.EINVAL)
-        self._add(Bdev(name, "aio", size_mb, bs, filename=filename, direct=direct), save)
+        try:                # a regular file or a block device, not through a symlink
+            size = probe_backing(filename)
+            if size < 1 << 20:
+                raise InventoryError(f"{filename} is smaller than 1 MiB", -errno.EINVAL)
+            if size_mb is not None and size >> 20 < size_mb:
+                raise InventoryError(f"{filename} is {size >> 20} MiB, smaller than the {size_mb} MiB "
+                                     f"the bdev had", -errno.EINVAL)
+            size_mb = size >> 20 if size_mb is None else size_mb
+            # opened once, here: every function on the bdev serves this very file
+            storage = BlkBackend("file", size_mb << 20, filename, direct)
+        except OSError as exc:
+            raise InventoryError(f"cannot use {exc.strerror}", -(exc.errno or errno.EIO)) from None
+        self._add(Bdev(name, "aio", size_mb, bs, filename=filename, direct=direct, storage=storage), save)
         log.info("bdev %s: file %s, %d MiB of %d-byte blocks%s", name, filename, size_mb, bs,
                  ", O_DIRECT" if direct else "")
         return name
@@ -169,11 +182,14 @@ class Bdevs:
         if b.bdev_type != bdev_type:
             raise InventoryError(f"bdev {name} is a {b.bdev_type} bdev, not {bdev_type}: use "
                                  f"bdev_{b.bdev_type}_delete", -errno.ENODEV)
-        if b.claimed_by is not None:
-            raise InventoryError(f"bdev {name} is in use by controller {b.claimed_by}; delete it first "
-                                 f"(controller_virtio_blk_delete {b.claimed_by})", -errno.EBUSY)
+        if b.users:
+            what = (f"controller {b.users[0]}; delete it first" if len(b.users) == 1 else
+                    f"controllers {', '.join(b.users)}; delete them first")
+            raise InventoryError(f"bdev {name} is in use by {what} (controller_virtio_blk_delete "
+                                 f"{' / '.join(b.users)})", -errno.EBUSY)
         delete_record(self.store, f"bdev {name}", BdevRecord.of(b))
         del self.by_name[name]
+        b.storage = None            # the RAM is freed, the file closed (no function holds them)
         log.info("bdev %s deleted", name)
         return True
 

@@ -8,9 +8,20 @@ a blk function.
 socket `<run_dir>/<VUID>.sock` through the daemon, like a virtio-net
 function; its identity (VUID, BDF, controller name) is blk_identity.py's.
 The emulation manager (IB_DEV, `mlx5_<n>`) is recorded; (pf_id, vf_id) is
-unique across managers.  A VF does not need a blk PF to exist.
-`--admin_q` and `--force_in_order` are accepted and shown by controller_list;
-the engine's blk queues already complete each queue's requests in order.
+unique across managers.  A VF does not need a blk PF to exist.  Several
+functions may serve one bdev (its storage is shared: bdevs.py).
+
+The firmware decides what may exist (nvconfig.BlkLimits, as for the net
+functions): nothing without VIRTIO_BLK_EMULATION_ENABLE, pf_id below
+VIRTIO_BLK_EMULATION_NUM_PF, vf_id below VIRTIO_BLK_EMULATION_NUM_VF (with
+SRIOV_EN), and as many queues as MSI-X vectors less one
+(VIRTIO_BLK_EMULATION_NUM_MSIX, and NUM_VF_MSIX for a VF) -- which is also
+the default `--num_queues`, so a QEMU asking fewer (the seed's num-queues=4)
+gets them.  A QEMU asking more closes the connection after GET_QUEUE_NUM;
+the function's log line then names `--num_queues` (DeviceSpec.queues_hint).
+`--admin_q` is accepted and shown by controller_list; `--force_in_order`
+makes each queue answer in the order it took requests (a file bdev's I/O
+threads finish them in any order).
 
 In `virtnet`.  A blk function has a `virtnet list` entry (BlkFunction.list_entry:
 the net entries' identity fields, then "type": "virtio_blk" and blk_* fields;
@@ -44,6 +55,7 @@ from vfe.controller.kind import (
     VF_STATE_STATUS, InventoryError, Method, Undo, delete_record, driver_bound, list_head, query_entry,
     save_record,
 )
+from vfe.controller.nvconfig import DEFAULT_DEVICE, BlkLimits
 from vfe.controller.params import bool_param, int_param, str_param
 from vfe.controller.recovery import RecoveryStore
 from vfe.devices.blk import BlkConfig, BlkDeviceModel
@@ -118,16 +130,17 @@ class BlkFunction(PciIdentity):
 class BlkKind:
     """The blk functions (in ``inventory``) and their bdevs (``bdevs``),
     served through ``daemon`` on sockets in ``paths.run_dir``, recorded in
-    ``store``."""
+    ``store``, within the firmware's ``limits``."""
 
     name = "blk"
     numbered_by_virtnet = False
 
-    def __init__(self, inventory, daemon, paths, store: RecoveryStore):
+    def __init__(self, inventory, daemon, paths, store: RecoveryStore, limits: BlkLimits):
         self.inventory = inventory
         self.daemon = daemon
         self.paths = paths
         self.store = store
+        self.limits = limits
         self.codec = BlkCodec()
         self.bdevs = Bdevs(store)
 
@@ -156,7 +169,10 @@ class BlkKind:
         if bdev_type != "spdk":
             raise InventoryError(f"bdev_type {bdev_type!r} is not supported (only spdk)", -errno.EOPNOTSUPP)
         bdev_name = str_param(p, "bdev")
-        nq = int_param(p, "num_queues", 1, lo=1, hi=BLK_MAX_QUEUES)
+        max_nq = self._check_firmware(pf_id, vf_id)
+        nq = max_nq if p.get("num_queues") is None else int_param(p, "num_queues", lo=1)
+        if nq > max_nq:
+            raise InventoryError(self._too_many_queues(nq, max_nq, vf_id), -errno.EINVAL)
         qs = int_param(p, "queue_size", DEFAULT_QUEUE_SIZE, lo=2, hi=BLK_MAX_QUEUE_SIZE)
         if qs & (qs - 1):
             raise InventoryError(f"queue_size must be a power of 2, not {qs}")
@@ -166,9 +182,6 @@ class BlkKind:
         if b is None:
             raise InventoryError(f"bdev {bdev_name} not found (create it with bdev_null_create or "
                                  f"bdev_malloc_create)", -errno.ENODEV)
-        if b.claimed_by is not None:
-            raise InventoryError(f"bdev {bdev_name} is already used by controller {b.claimed_by}",
-                                 -errno.EBUSY)
         for f in self.functions():
             if f.pf_id == pf_id and f.vf_id == vf_id:
                 what = f"pf_id {pf_id}" + (f" vf_id {vf_id}" if vf_id >= 0 else "")
@@ -182,27 +195,67 @@ class BlkKind:
                                  f"use a shorter run dir", -errno.ENAMETOOLONG) from None
         cfg = BlkConfig(socket=sock, bdev="file" if b.bdev_type == "aio" else b.bdev_type, path=b.filename,
                         direct=b.direct, size_mb=b.size_mb, block_size=b.block_size,
-                        queues=nq, queue_size=qs, serial=b.name[:20], name=vuid)
+                        queues=nq, queue_size=qs, serial=b.name[:20], name=vuid, in_order=in_order,
+                        queues_hint=f"controller {name} was created with --num_queues {nq}; delete it "
+                                    f"and create it again with --num_queues N, N at least QEMU's "
+                                    f"num-queues (at most {max_nq} here)")
         f = BlkFunction(name, ib, pf_id, vf_id, vuid, raw, b.name, nq, qs, admin_q, in_order,
                         sock, bdev_type=b.bdev_type, block_size=b.block_size, num_blocks=b.num_blocks)
         undo = Undo()
         try:
-            self._build(f, cfg, undo)
+            self._build(f, cfg, b.storage, undo)
             if save:         # the last step, as for a net function: a failure undoes the rest
                 save_record(self.store, name, BlkControllerRecord.of(f))
         except BaseException:
             undo.run()
             raise
         self.inventory.add(f)
-        b.claimed_by = name
-        log.info("%s: virtio-blk %s %s on bdev %s, %d queue(s) of %d, socket %s",
-                 name, vuid, f.bdf, b.name, nq, qs, sock)
+        b.users.append(name)
+        log.info("%s: virtio-blk %s %s on bdev %s, %d queue(s) of %d%s, socket %s", name, vuid, f.bdf,
+                 b.name, nq, qs, ", in order" if in_order else "", sock)
         return {"name": name, "vuid": vuid, "pci_bdf": f.bdf, "socket": sock}
 
-    def _build(self, f: BlkFunction, cfg: BlkConfig, undo: Undo) -> None:
-        """The device model and its vhost-user endpoint."""
+    def _check_firmware(self, pf_id: int, vf_id: int) -> int:
+        """Refuse a function the NV configuration does not have (as the
+        firmware would not expose it); the most queues it may have."""
+        lim, fix = self.limits, f"vfe-mlxconfig -d {DEFAULT_DEVICE} s"
+        if not lim.enabled:
+            raise InventoryError(f"virtio-blk emulation is disabled: VIRTIO_BLK_EMULATION_ENABLE is False(0) "
+                                 f"({fix} VIRTIO_BLK_EMULATION_ENABLE=1 VIRTIO_BLK_EMULATION_NUM_PF=1, then "
+                                 f"restart the controller)", -errno.ENODEV)
+        if pf_id >= lim.static_pfs:
+            raise InventoryError(f"no virtio-blk PF with pf_id {pf_id}: VIRTIO_BLK_EMULATION_NUM_PF="
+                                 f"{lim.static_pfs} ({fix} VIRTIO_BLK_EMULATION_NUM_PF={pf_id + 1}, then "
+                                 f"restart the controller)", -errno.ENODEV)
+        if vf_id >= 0 and not lim.sriov:
+            raise InventoryError(f"no virtio-blk VFs: SRIOV_EN is False(0) ({fix} SRIOV_EN=1, then restart "
+                                 f"the controller)", -errno.ENODEV)
+        if vf_id >= lim.vfs_per_pf:
+            raise InventoryError(f"no virtio-blk VF with vf_id {vf_id}: VIRTIO_BLK_EMULATION_NUM_VF="
+                                 f"{lim.vfs_per_pf} ({fix} VIRTIO_BLK_EMULATION_NUM_VF={vf_id + 1}, then "
+                                 f"restart the controller)", -errno.ENODEV)
+        max_nq = min(BLK_MAX_QUEUES, lim.pf_max_queues if vf_id < 0 else lim.vf_max_queues)
+        if max_nq < 1:
+            raise InventoryError(f"a virtio-blk {'PF' if vf_id < 0 else 'VF'} has no MSI-X vector for a "
+                                 f"queue: {self._msix_params(vf_id)}", -errno.ENODEV)
+        return max_nq
+
+    def _msix_params(self, vf_id: int) -> str:
+        lim = self.limits
+        if vf_id < 0:
+            return f"VIRTIO_BLK_EMULATION_NUM_MSIX={lim.pf_msix}"
+        return (f"a VF has the lesser of VIRTIO_BLK_EMULATION_NUM_MSIX and NUM_VF_MSIX, "
+                f"{lim.vf_msix} vectors")
+
+    def _too_many_queues(self, nq: int, max_nq: int, vf_id: int) -> str:
+        why = ("the engine's limit" if max_nq == BLK_MAX_QUEUES
+               else f"one MSI-X vector per queue plus one: {self._msix_params(vf_id)}")
+        return f"--num_queues {nq} is more than the {max_nq} this function may have ({why})"
+
+    def _build(self, f: BlkFunction, cfg: BlkConfig, storage, undo: Undo) -> None:
+        """The device model on the bdev's ``storage`` and its vhost-user endpoint."""
         try:
-            f.model = BlkDeviceModel(self.daemon.engine, cfg)
+            f.model = BlkDeviceModel(self.daemon.engine, cfg, storage)
         except OSError as exc:        # its file shrank, was replaced by a symlink or a FIFO...
             raise InventoryError(f"cannot create the blk device on {f.bdev}: {exc.strerror or exc}",
                                  -(exc.errno or errno.EIO)) from None
@@ -259,8 +312,8 @@ class BlkKind:
                 log.exception("%s: closing its device", f.name)
             f.model = None
         b = self.bdevs.by_name.get(f.bdev)
-        if b is not None and b.claimed_by == f.name:
-            b.claimed_by = None
+        if b is not None and f.name in b.users:
+            b.users.remove(f.name)
 
     def shutdown(self) -> None:
         """Close every function (a stop: the recovery files stay)."""

@@ -289,11 +289,11 @@ class BlkCodec:
             rec = read(p, f"controller {p.stem} is then not recreated")
             if rec is not None:
                 controllers.append(rec)
-        # references: every controller's bdev has a (valid) file; one controller per bdev
+        # references: every controller's bdev has a (valid) file (several
+        # controllers may share one, as when they were made)
         names = {b.name for b in bdevs}
         bdev_dir = store.dir / BDEV_DIR
         bad_bdev_files = {Path(p.path).stem for p in problems if Path(p.path).parent == bdev_dir}
-        users: dict[str, list[BlkControllerRecord]] = {}
         good: list[BlkControllerRecord] = []
         for c in controllers:
             path = store.dir / c.file_name
@@ -303,15 +303,5 @@ class BlkCodec:
                 problems.append(problem(path, c.vuid, f"names bdev {c.bdev}, {why}",
                                         f"controller {c.vuid} is then not recreated"))
                 continue
-            users.setdefault(c.bdev, []).append(c)
             good.append(c)
-        for bdev, group in users.items():
-            if len(group) > 1:
-                files = " and ".join(c.file_name for c in group)
-                for c in group:
-                    problems.append(RecoveryProblem(
-                        store.dir / c.file_name, c.vuid,
-                        f"recovery files {files} both use bdev {bdev} (a bdev serves one controller); "
-                        f"delete one of them and restart"))
-                good = [c for c in good if c.bdev != bdev]
         return BlkLoad(bdevs, good, problems)

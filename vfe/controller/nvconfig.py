@@ -196,10 +196,12 @@ PARAMS: tuple[Param, ...] = (
     _i("PF_TOTAL_SF", 64, 0, 2048, port=True,
        help="SFs of this port; every virtio-net function needs one"),
     _i("NUM_OF_VFS", 0, 0, 127, port=True, help="the port's own (non-virtio) VFs; vfe has none"),
-    _b("VIRTIO_BLK_EMULATION_ENABLE", 0, help="virtio-blk emulation (not implemented by vfe)"),
-    _i("VIRTIO_BLK_EMULATION_NUM_PF", 0, 0, MAX_STATIC_PFS, help="static virtio-blk PFs"),
-    _i("VIRTIO_BLK_EMULATION_NUM_VF", 0, 0, MAX_VFS_PER_PF, help="virtio-blk VFs per PF"),
-    _i("VIRTIO_BLK_EMULATION_NUM_MSIX", 2, 0, MAX_MSIX, help="MSI-X vectors per virtio-blk PF"),
+    _b("VIRTIO_BLK_EMULATION_ENABLE", 0, help="virtio-blk emulation; no blk function exists without it"),
+    _i("VIRTIO_BLK_EMULATION_NUM_PF", 0, 0, MAX_STATIC_PFS, help="virtio-blk PFs (pf_id 0..NUM_PF-1)"),
+    _i("VIRTIO_BLK_EMULATION_NUM_VF", 0, 0, MAX_VFS_PER_PF,
+       help="virtio-blk VFs per PF (vf_id 0..NUM_VF-1); only when SRIOV_EN"),
+    _i("VIRTIO_BLK_EMULATION_NUM_MSIX", 2, 0, MAX_MSIX,
+       help="MSI-X vectors per virtio-blk PF; one per queue plus one for config changes"),
     _i("NUM_VF_MSIX", 10, 0, MAX_MSIX, port=True,
        help="MSI-X vectors per VF (a virtio-net VF gets min(this, VIRTIO_NET_EMULATION_NUM_MSIX))"),
     _i("VFE_IO_PORT_SPACE_KB", 64, IO_WINDOW_KB, 64, step=IO_WINDOW_KB, vfe_only=True,
@@ -481,6 +483,41 @@ class Limits:
     @property
     def vf_max_queues(self) -> int:
         return 2 * self.vf_max_queue_pairs
+
+
+@dataclass(frozen=True)
+class BlkLimits:
+    """What the current NV configuration allows virtio-blk functions
+    (controller_virtio_blk_create): nothing without
+    VIRTIO_BLK_EMULATION_ENABLE.  Queue limits are the firmware's (a vector
+    per queue, one for config changes); the blk kind further bounds them by
+    the engine's."""
+
+    enabled: bool              # VIRTIO_BLK_EMULATION_ENABLE
+    static_pfs: int            # VIRTIO_BLK_EMULATION_NUM_PF (0 when disabled)
+    vfs_per_pf: int            # VIRTIO_BLK_EMULATION_NUM_VF, if SRIOV_EN and enabled
+    sriov: bool                # SRIOV_EN
+    pf_msix: int               # VIRTIO_BLK_EMULATION_NUM_MSIX
+    vf_msix: int               # min(NUM_VF_MSIX, VIRTIO_BLK_EMULATION_NUM_MSIX)
+
+    @property
+    def pf_max_queues(self) -> int:
+        return max(0, self.pf_msix - 1)
+
+    @property
+    def vf_max_queues(self) -> int:
+        return max(0, self.vf_msix - 1)
+
+
+def blk_limits(nv) -> BlkLimits:
+    """The virtio-blk limits of port 0's device's current configuration
+    (``nv``: an NvConfig or a mapping of values)."""
+    v = _values(nv)
+    on = bool(v["VIRTIO_BLK_EMULATION_ENABLE"])
+    pf_msix = v["VIRTIO_BLK_EMULATION_NUM_MSIX"]
+    return BlkLimits(enabled=on, static_pfs=v["VIRTIO_BLK_EMULATION_NUM_PF"] if on else 0,
+                     vfs_per_pf=v["VIRTIO_BLK_EMULATION_NUM_VF"] if on and v["SRIOV_EN"] else 0,
+                     sriov=bool(v["SRIOV_EN"]), pf_msix=pf_msix, vf_msix=min(v["NUM_VF_MSIX"], pf_msix))
 
 
 def _values(nv) -> Mapping[str, int]:

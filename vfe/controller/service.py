@@ -85,7 +85,7 @@ def build(daemon, paths: Paths, *, datapath: str = "representor", host_qmp: str 
         NetKind(inventory, daemon, paths, lim, conf, pools, store, representor_factory(takeover),
                 datapath=datapath, host=host,
                 run_time_state=None if takeover is None else takeover.run_time_state),
-        BlkKind(inventory, daemon, paths, store),
+        BlkKind(inventory, daemon, paths, store, nvconfig.blk_limits(nv_port0)),
     ]
     for kind in kinds:
         inventory.register(kind)

@@ -52,6 +52,13 @@ class Session:
 
     def disconnect(self) -> None:
         """The front-end went away: stop everything, unmap, close fds."""
+        spec = self.protocol.spec
+        if spec.queues_hint and self.protocol.left_after_queue_num():
+            # QEMU says only "The maximum number of queues supported by the
+            # backend is N" on its side: say here what to change
+            log.error("%s: the front-end closed the connection right after GET_QUEUE_NUM answered %d: "
+                      "QEMU does that when its num-queues is larger; %s", self.name, spec.queue_num,
+                      spec.queues_hint)
         try:
             self.execute(self.protocol.disconnect())
         finally:

@@ -81,6 +81,10 @@ class BlkConfig:
     max_discard_seg: int = 32
     max_write_zeroes_sectors: int = 65536
     max_write_zeroes_seg: int = 32
+    in_order: bool = False      # --force_in_order: used entries in the order requests were taken
+    # what to change for more queues, logged when a front-end leaves because
+    # it wants more than `queues` (DeviceSpec.queues_hint)
+    queues_hint: str = "serve it with a larger queues= (--device blk,...,queues=N)"
 
     @property
     def capacity_bytes(self) -> int:
@@ -106,19 +110,23 @@ def blk_config_space(cfg: BlkConfig) -> bytes:
 
 
 class BlkDeviceModel:
-    """One virtio-blk device: its offer, its config space and its engine queues."""
+    """One virtio-blk device: its offer, its config space and its engine
+    queues.  ``storage`` (a vfe.engine.BlkBackend) is the bdev it serves,
+    which other devices may serve too; without it the device gets storage
+    of its own as ``config`` describes (bdev, path, direct, grow)."""
 
-    def __init__(self, engine, config: BlkConfig):
+    def __init__(self, engine, config: BlkConfig, storage=None):
         self.config = config
         serial = config.serial or config.name
         self.rings = engine.new_blk_device(
-            config.queues, config.capacity_bytes, config.block_size, backend=config.bdev,
+            config.queues, config.capacity_bytes, config.block_size,
+            backend=config.bdev if storage is None else storage, in_order=config.in_order,
             read_only=config.read_only, serial=serial[:20],
             max_discard_sectors=config.max_discard_sectors, max_discard_seg=config.max_discard_seg,
             max_write_zeroes_sectors=config.max_write_zeroes_sectors,
             max_write_zeroes_seg=config.max_write_zeroes_seg,
             **({"path": config.path, "direct": config.direct, "grow": config.grow}
-               if config.bdev == "file" else {}))
+               if config.bdev == "file" and storage is None else {}))
         self.rings.model = self
         self.features = BLK_FEATURES | (bit(F.BLK_RO) if config.read_only else 0)
         self.config_space = blk_config_space(config)
@@ -134,6 +142,7 @@ class BlkDeviceModel:
             max_queues=self.config.queues,
             max_queue_size=self.config.queue_size,
             config=self.config_space,
+            queues_hint=self.config.queues_hint,
         )
 
     # -- the rest of VhostDevice (vfe/devices/interface.py)

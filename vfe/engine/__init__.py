@@ -2,13 +2,14 @@
 
 `Engine` owns the worker threads and the in-engine switch; `NetDevice` is a
 net device's rings and memory table inside it, `BlkDevice` a virtio-blk
-device's request queues, memory table and backend (null, malloc, or a file
-served by I/O threads).  See cython_ext/engine.pyx.
+device's request queues and memory table, over a `BlkBackend`: a bdev's
+storage (null, malloc, or a file served by I/O threads), which several
+devices may share.  See cython_ext/engine.pyx.
 """
-from vfe._engine import ENGINE_ABI, ENGINE_COUNTERS, ERROR_NAMES, BlkDevice, Engine, NetDevice, set_kernels
+from vfe._engine import ENGINE_ABI, ENGINE_COUNTERS, ERROR_NAMES, BlkBackend, BlkDevice, Engine, NetDevice, set_kernels
 from vfe.kernels import kernel_addresses    # cheap: numba loads on the first call
 
-__all__ = ["ENGINE_ABI", "ENGINE_COUNTERS", "ERROR_NAMES", "BlkDevice", "Engine", "NetDevice", "install_kernels", "set_kernels"]
+__all__ = ["ENGINE_ABI", "ENGINE_COUNTERS", "ERROR_NAMES", "BlkBackend", "BlkDevice", "Engine", "NetDevice", "install_kernels", "set_kernels"]
 
 
 def install_kernels() -> None:

@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 
-__all__ = ["open_backing", "probe_backing", "open_direct", "describe_mode"]
+__all__ = ["open_backing", "check_backing_size", "probe_backing", "open_direct", "describe_mode"]
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISREG, "a regular file"),
@@ -88,15 +88,28 @@ def open_backing(path: str | os.PathLike, *, read_only: bool, need: int = 0,
         size = _size(fd, st)
         if size < need:
             if not grow or read_only or not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, f"{path} is {size} bytes, smaller than the {need} bytes the "
-                                            f"disk serves (it is not grown: extend it yourself, e.g. "
-                                            f"truncate -s {need} {path}, or serve a smaller disk)", path)
+                raise _too_small(path, size, need)
             os.ftruncate(fd, need)
             size = need
     except BaseException:
         os.close(fd)
         raise
     return fd, size
+
+
+def _too_small(path: str, size: int, need: int) -> OSError:
+    return OSError(errno.EINVAL, f"{path} is {size} bytes, smaller than the {need} bytes the disk serves "
+                                 f"(it is not grown: extend it yourself, e.g. truncate -s {need} {path}, or "
+                                 f"serve a smaller disk)", path)
+
+
+def check_backing_size(fd: int, path: str, need: int) -> None:
+    """The open backing file ``fd`` still holds ``need`` bytes: a bdev's
+    file is opened once and served by each function made on it later,
+    and it may have been truncated in between (it is never grown back)."""
+    size = _size(fd, os.fstat(fd))
+    if size < need:
+        raise _too_small(path, size, need)
 
 
 def probe_backing(path: str | os.PathLike) -> int:

@@ -179,3 +179,6 @@ class DeviceSpec:
     max_queue_size: int = MAX_QUEUE_SIZE
     max_mem_slots: int = 32
     config: bytes = b""           # GET_CONFIG space (blk)
+    # how to offer more queues, for the log when a front-end leaves right
+    # after GET_QUEUE_NUM (QEMU's vhost-user-blk does when its num-queues is larger)
+    queues_hint: str = ""

@@ -162,6 +162,7 @@ class BackendProtocol:
             raise ProtocolError(f"{msg.name} after the connection failed ({s.broken})")
         ack = (msg.need_reply and self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
                and msg.request not in MANDATORY_REPLY)
+        s.queue_num_last = msg.request == Request.GET_QUEUE_NUM and not s.session_owned
         try:
             row, payload = self._check(msg)
             actions = row.handler(self.spec, s, msg, payload)
@@ -231,6 +232,13 @@ class BackendProtocol:
         if ring is not None:
             ring.started = False
             ring.told_enabled = False
+
+    def left_after_queue_num(self) -> bool:
+        """Whether the front-end's last message was GET_QUEUE_NUM, before
+        any SET_OWNER: one that leaves then wanted more queues than we
+        offer (QEMU's vhost_user_backend_init checks its num-queues against
+        the answer there, before it takes the session)."""
+        return self._state.queue_num_last
 
     def disconnect(self) -> list[Action]:
         """The front-end went away (or the connection was dropped after a

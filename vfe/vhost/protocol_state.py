@@ -94,6 +94,7 @@ class ConnectionState:
         self.broken: str | None = None        # why the connection failed (a ProtocolError escaped)
         self.protocol_features = 0
         self.session_owned = False            # SET_OWNER: the front-end claimed the session
+        self.queue_num_last = False           # the last message: GET_QUEUE_NUM, before SET_OWNER
         self.backend_req_fd = -1
         self.reset_device()
 

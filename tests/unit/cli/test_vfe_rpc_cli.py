@@ -15,6 +15,7 @@ from vfe.controller.blk_kind import BlkKind
 from vfe.controller.blk_recovery import BlkCodec
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
+from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
 from vfe.rpc import RpcError, RpcServer
@@ -97,6 +98,11 @@ def test_every_verb_has_help(capsys):
 
 # -- the registry behind a real socket ------------------------------------------
 
+# the seed's blk firmware configuration (VIRTIO_BLK_EMULATION_* from its mlxconfig line, SRIOV_EN)
+SEED_BLK_LIMITS = blk_limits({"VIRTIO_BLK_EMULATION_ENABLE": 1, "VIRTIO_BLK_EMULATION_NUM_PF": 4,
+                              "VIRTIO_BLK_EMULATION_NUM_VF": 16, "VIRTIO_BLK_EMULATION_NUM_MSIX": 64,
+                              "NUM_VF_MSIX": 64, "SRIOV_EN": 1})
+
 class FakeRings:
     def __init__(self):
         self.closed = False
@@ -138,7 +144,7 @@ class Service:
         self.daemon = FakeDaemon()
         self.inventory = Inventory()
         self.blk = BlkKind(self.inventory, self.daemon, Paths.from_env(run_dir=run_dir),
-                           RecoveryStore(run_dir, [BlkCodec()], enabled=False))
+                           RecoveryStore(run_dir, [BlkCodec()], enabled=False), SEED_BLK_LIMITS)
         self.inventory.register(self.blk)
         self.handlers = self.inventory.methods()
         self.sel = selectors.DefaultSelector()
@@ -208,7 +214,7 @@ def test_seed_commands_then_delete(capsys, svc, tmp_path):
     sock = str(tmp_path / "run" / "VBLKS0D0F2.sock")
     assert made == {"name": "VblkEmu0pf0", "vuid": "VBLKS0D0F2", "pci_bdf": "a0:00.0", "socket": sock}
     (queues, capacity, block_size, kw) = svc.daemon.engine.devices[0]
-    assert (queues, capacity, block_size, kw["backend"]) == (1, 1 << 30, 512, "null")
+    assert (queues, capacity, block_size, kw["backend"].kind) == (1, 1 << 30, 512, "null")
     assert [ep.path for ep in svc.daemon.endpoints] == [sock]
     listed = ok(capsys, svc, "controller_list")
     assert [(c["name"], c["vuid"], c["pci_bdf"], c["bdev"], c["admin_q"], c["force_in_order"])
@@ -217,10 +223,13 @@ def test_seed_commands_then_delete(capsys, svc, tmp_path):
 
     msg = fails(capsys, svc, "bdev_null_delete Null0", -errno.EBUSY)
     assert "in use by controller VblkEmu0pf0" in msg
-    # one function per bdev
-    msg = fails(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 1 --bdev_type spdk "
-                             "--bdev Null0", -errno.EBUSY)
-    assert "already used" in msg
+    # several functions on one bdev (as SPDK allows): the bdev stays in use until the last goes
+    ok(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 1 --bdev_type spdk --bdev Null0")
+    assert ok(capsys, svc, "bdev_get_bdevs -b Null0")[0]["claimed_by"] == ["VblkEmu0pf0", "VblkEmu0pf1"]
+    assert svc.daemon.engine.devices[1][3]["backend"] is kw["backend"]      # the same storage
+    msg = fails(capsys, svc, "bdev_null_delete Null0", -errno.EBUSY)
+    assert "in use by controllers VblkEmu0pf0, VblkEmu0pf1" in msg
+    assert rpc(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf1") == (0, "", "")
 
     assert rpc(capsys, svc, "controller_virtio_blk_delete VBLKS0D0F2") == (0, "", "")   # by VUID
     assert svc.daemon.endpoints == []
@@ -235,8 +244,8 @@ def test_vf_identity_and_errors(capsys, svc):
     vf = ok(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 0 --vf_id 0 --bdev_type spdk "
                          "--bdev Malloc0 --num_queues 4 --force_in_order")
     assert (vf["name"], vf["vuid"], vf["pci_bdf"]) == ("VblkEmu0pf0vf0", "VBLKS0D0F2VF1", "b0:00.0")
-    pf = ok(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 7 --bdev_type spdk --bdev Malloc1")
-    assert (pf["vuid"], pf["pci_bdf"]) == ("VBLKS0D1F1", "a7:00.0")
+    pf = ok(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 3 --bdev_type spdk --bdev Malloc1")
+    assert (pf["vuid"], pf["pci_bdf"]) == ("VBLKS0D0F5", "a3:00.0")
     fails(capsys, svc, "bdev_malloc_delete Malloc0", -errno.EBUSY)
     assert "bdev_malloc_delete" in fails(capsys, svc, "bdev_null_delete Malloc1", -errno.ENODEV)
     fails(capsys, svc, "bdev_null_delete Nope", -errno.ENODEV)
@@ -253,15 +262,15 @@ def test_vf_identity_and_errors(capsys, svc):
                        "--queue_size 100", -errno.EINVAL)
     ok(capsys, svc, "bdev_null_create X 8 512")
     assert "already exists" in fails(
-        capsys, svc, "controller_virtio_blk_create mlx5_1 --pf_id 7 --bdev_type spdk --bdev X", -errno.EEXIST)
+        capsys, svc, "controller_virtio_blk_create mlx5_1 --pf_id 3 --bdev_type spdk --bdev X", -errno.EEXIST)
     fails(capsys, svc, "controller_virtio_blk_delete VblkEmu9pf9", -errno.ENODEV)
     assert ok(capsys, svc, "controller_list -c VBLKS0D0F2VF1")[0]["num_queues"] == 4
 
     # a bound function needs --force
-    f = svc.blk.find("VblkEmu0pf7")
+    f = svc.blk.find("VblkEmu0pf3")
     f.endpoint.session = types.SimpleNamespace(started=True)
-    assert "in use by a guest" in fails(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf7", -errno.EBUSY)
-    assert rpc(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf7 --force")[0] == 0
+    assert "in use by a guest" in fails(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf3", -errno.EBUSY)
+    assert rpc(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf3 --force")[0] == 0
 
     # shutdown closes every function and frees its bdev
     rings = svc.blk.find("VblkEmu0pf0vf0").model.rings

@@ -17,6 +17,7 @@ from vfe.controller.blk_recovery import (
 from vfe.controller.functions import NetFunction
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
+from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryError, RecoveryStore
 
@@ -25,6 +26,11 @@ PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager
              "blk_num_blocks")
 VF_FIELDS = ("vf_id", "parent_pf_id") + PF_FIELDS[1:]
 
+
+# the seed's blk firmware configuration (VIRTIO_BLK_EMULATION_* from its mlxconfig line, SRIOV_EN)
+SEED_BLK_LIMITS = blk_limits({"VIRTIO_BLK_EMULATION_ENABLE": 1, "VIRTIO_BLK_EMULATION_NUM_PF": 4,
+                              "VIRTIO_BLK_EMULATION_NUM_VF": 16, "VIRTIO_BLK_EMULATION_NUM_MSIX": 64,
+                              "NUM_VF_MSIX": 64, "SRIOV_EN": 1})
 
 class FakeRings:
     num_rings = 1
@@ -77,7 +83,7 @@ def registry(tmp_path, store, daemon=None) -> BlkKind:
     """The blk kind, registered in an inventory of its own."""
     inventory = Inventory()
     blk = BlkKind(inventory, daemon or FakeDaemon(), Paths.from_env(run_dir=str(tmp_path / "run")),
-                  store)
+                  store, SEED_BLK_LIMITS)
     inventory.register(blk)
     return blk
 
@@ -227,7 +233,7 @@ def test_unwritable_store_fails_the_create_and_leaves_nothing(tmp_path, store):
     with pytest.raises(InventoryError) as exc:
         reg.controller_virtio_blk_create({"emu_manager": "mlx5_0", "pf_id": 0, "bdev": "Null0"})
     assert "VblkEmu0pf0: cannot write its recovery file" in str(exc.value)
-    assert reg.functions() == [] and daemon.endpoints == [] and reg.bdevs.by_name["Null0"].claimed_by is None
+    assert reg.functions() == [] and daemon.endpoints == [] and reg.bdevs.by_name["Null0"].users == []
 
 
 def test_a_failed_create_writes_no_file(tmp_path, store):
@@ -321,8 +327,8 @@ def test_restore_brings_back_the_same_functions(tmp_path, store, image, caplog):
     assert files(store) == before                      # restoring rewrites nothing
     assert "bdev M0: recovered EMPTY" in caplog.text   # a malloc bdev's contents are gone: said so
     # the aio bdev serves the same file at the same size
-    kw = [d for d in daemon.engine.devices if d[3].get("backend") == "file"][0]
-    assert kw[1] == 8 << 20 and kw[3]["path"] == str(image)
+    kw = [d for d in daemon.engine.devices if d[3]["backend"].kind == "file"][0]
+    assert kw[1] == 8 << 20 and kw[3]["backend"].path == str(image)
 
 
 def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, store, image, caplog):
@@ -435,14 +441,20 @@ def test_controller_on_a_bad_bdev_file_is_a_problem_too(store):
     assert "blk/controllers/VBLKS0D0F2VF2.json names bdev Null0, whose recovery file is invalid" in msgs[1]
 
 
-def test_two_controllers_on_one_bdev(store):
+def test_two_controllers_on_one_bdev_are_both_restored(tmp_path, store):
+    """The seed's PF and VF on Null0: both come back, on one storage."""
     write(store, "bdev", "Null0", GOOD_BDEV)
     write(store, "ctrl", "VBLKS0D0F2VF2", GOOD_CTRL)
     write(store, "ctrl", "VBLKS0D0F2", GOOD_CTRL | {"name": "VblkEmu0pf0", "vf_id": None,
                                                    "vuid": "VBLKS0D0F2", "bdf_raw": 0xA000})
     loaded = store.load("blk")
-    assert loaded.controllers == []
-    assert len(loaded.problems) == 2 and all("both use bdev Null0" in p.message for p in loaded.problems)
+    assert loaded.problems == [] and sorted(c.vuid for c in loaded.controllers) == ["VBLKS0D0F2", "VBLKS0D0F2VF2"]
+    daemon = FakeDaemon()
+    reg = registry(tmp_path, store, daemon)
+    assert reg.restore(loaded) == "1 recovered bdev(s) and 2 blk controller(s)"
+    assert sorted(reg.bdevs.by_name["Null0"].users) == ["VblkEmu0pf0", GOOD_CTRL["name"]]
+    first, second = daemon.engine.devices
+    assert first[3]["backend"] is second[3]["backend"] is reg.bdevs.by_name["Null0"].storage
 
 
 def test_temp_files_and_strays_are_ignored(store):
@@ -500,7 +512,7 @@ def test_virtnet_methods_see_blk_functions(tmp_path, store, image):
     inv = Inventory()
     net = FakeNetKind()
     inv.register(net)
-    reg = BlkKind(inv, FakeDaemon(), Paths.from_env(run_dir=str(tmp_path / "run")), store)
+    reg = BlkKind(inv, FakeDaemon(), Paths.from_env(run_dir=str(tmp_path / "run")), store, SEED_BLK_LIMITS)
     inv.register(reg)
     inv.add(FakeNetFunction())
     handlers = inv.methods()
@@ -540,7 +552,7 @@ def test_a_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path, store):
     refused before anything is made, saying what to do."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     inventory = Inventory()
-    blk = BlkKind(inventory, FakeDaemon(), Paths.from_env(run_dir=str(deep)), store)
+    blk = BlkKind(inventory, FakeDaemon(), Paths.from_env(run_dir=str(deep)), store, SEED_BLK_LIMITS)
     inventory.register(blk)
     blk.bdevs.bdev_null_create({"name": "Null0", "num_blocks": 2048, "block_size": 512})
     with pytest.raises(InventoryError) as err:

@@ -18,6 +18,7 @@ from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
 from vfe.controller.net_kind import NetKind
 from vfe.controller.net_recovery import NetCodec, RecoveryRecord
+from vfe.controller.nvconfig import blk_limits
 from vfe.controller.recovery import RecoveryError, RecoveryProblem, RecoveryStore
 from vfe.controller.service import ServiceError, restore
 from vfe.rpc.protocol import RpcError
@@ -98,7 +99,7 @@ def test_the_real_kinds_bring_their_verbs(tmp_path):
     inv = Inventory()
     store = RecoveryStore(tmp_path, [NetCodec(), BlkCodec()])
     inv.register(NetKind(inv, None, None, None, None, {}, store, None))
-    inv.register(BlkKind(inv, None, None, store))
+    inv.register(BlkKind(inv, None, None, store, blk_limits({})))
     assert sorted(inv.methods()) == sorted(VIRTNET_VERBS + (
         "hotplug", "sriov_numvfs",
         "bdev_null_create", "bdev_malloc_create", "bdev_aio_create", "bdev_get_bdevs",
