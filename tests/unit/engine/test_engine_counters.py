@@ -211,20 +211,28 @@ def test_blk_requests_by_type_bytes_and_failures():
         b.rig.close()
 
 
-def test_blk_inflight_is_the_requests_at_the_io_threads(tmp_path):
+@pytest.mark.parametrize("in_order", [False, True])
+def test_blk_inflight_is_the_requests_taken_and_not_answered(tmp_path, in_order):
+    """A file bdev: a read goes to the I/O threads and counts as inflight
+    until the worker answers it; in order, a GET_ID answered within the
+    burst waits behind it, inflight too."""
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
-    b = Blk("file", path=str(img))
+    b = Blk("file", path=str(img), in_order=in_order)
     try:
         b.request(0, T_IN, 0, in_len=512)
-        b.ring.post(0)
-        b.burst()                                            # queued at the I/O threads
-        assert b.dev.ring_stats(0)["inflight"] == 1          # until the worker answers it
+        b.request(3, T_GET_ID, in_len=20)
+        b.ring.post(0, 3)
+        b.burst()
+        waiting = 2 if in_order else 1
+        assert b.dev.ring_stats(0)["inflight"] == waiting       # answered at a later burst
+        assert b.dev.ring_stats(0)["packets"] == 2 - waiting
         deadline = time.monotonic() + 10
-        while b.dev.ring_stats(0)["packets"] == 0 and time.monotonic() < deadline:
+        while b.dev.ring_stats(0)["packets"] < 2 and time.monotonic() < deadline:
             b.burst()
             time.sleep(0.01)
         q = b.dev.ring_stats(0)
-        assert (q["packets"], q["inflight"], q["requests_in"], q["bytes"]) == (1, 0, 1, 512)
+        assert (q["packets"], q["inflight"], q["requests_in"], q["requests_get_id"], q["bytes"]) == \
+            (2, 0, 1, 1, 512 + 20)
     finally:
         b.rig.close()

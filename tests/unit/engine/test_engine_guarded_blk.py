@@ -40,9 +40,11 @@ class Blk:
 
     def __init__(self, backend: str = "malloc", path: str | None = None, size: int = SIZE,
                  inflight: bool = False, inflight_entries: int | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, in_order: bool = False) -> None:
         self.g = Guest(REGIONS)
         kw = {"path": path} if path else {}
+        if in_order:
+            kw["in_order"] = True
         self.rig = BlkRig(self.g, backend, **kw)
         self.dev = self.rig.dev
         self.ring = ring_at_ends(self.g, size, DESC, AVAIL, USED)
