@@ -32,7 +32,7 @@ cdef enum:
 # Delivery results
 cdef enum:
     R_OK = 0                  # delivered (or deliberately dropped: nothing to retry)
-    R_DROP = 1                # could not deliver; counted on the destination
+    R_DROP = 1                # could not deliver; why is in Worker.drop_reason (counters.pxd)
     R_NO_ROOM = 2             # destination ring full: the sender may retry later
 
 ctypedef struct NetDev:
