@@ -141,6 +141,7 @@ ctypedef struct AioRing:
     # taken (linked through AioReq.order_next; -1: empty)
     int order_first
     int order_last
+    int order_given_up           # a stop stopped waiting: answer what finished, in any order
 
 
 cdef inline Iov *aio_pieces(AioReq *r) noexcept nogil:

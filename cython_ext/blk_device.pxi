@@ -225,6 +225,7 @@ cdef class BlkDevice(RingDevice):
                 ar.size = size
             ar.order_first = -1             # a stop answered (or dropped) every taken head
             ar.order_last = -1
+            ar.order_given_up = 0
             ar.wake_fd = self.engine.workers[vq.worker].wake_fd
         return RingDevice.start_ring(self, index, size, desc_uva, avail_uva, used_uva, base,
                                      kick_fd, call_fd, enabled, log_used, log_guest_addr)

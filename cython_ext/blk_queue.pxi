@@ -97,8 +97,12 @@ cdef void blk_answer_in_order(Worker *w, Vring *vq, BlkDev *d, AioRing *ar, uint
                               int *ndone) noexcept nogil:
     """Answer the finished requests at the front of the order list, in
     order; stop at the first one still at the I/O threads (w: whose
-    counter block)."""
+    counter block).  Once a stop gave up waiting for that one
+    (order_given_up), every finished request is answered now instead."""
     cdef AioReq *r
+    if ar.order_given_up:
+        blk_answer_finished(w, vq, d, ar, done, ndone)
+        return
     while ar.order_first >= 0:
         r = &ar.slots[ar.order_first]
         if not r.finished:
@@ -106,6 +110,37 @@ cdef void blk_answer_in_order(Worker *w, Vring *vq, BlkDev *d, AioRing *ar, uint
         ar.order_first = r.order_next
         if ar.order_first < 0:
             ar.order_last = -1
+        r.finished = 0
+        r.busy = 0
+        ar.pending -= 1
+        blk_answer(w, d, vq, r.head, r.data_in, r.status, r.nbytes)
+        done[ndone[0]] = r.head
+        ndone[0] += 1
+        if ndone[0] == BURST:
+            blk_flush_done(vq, &d.inflight[vq.index], done, ndone)
+
+
+cdef void blk_answer_finished(Worker *w, Vring *vq, BlkDev *d, AioRing *ar, uint16_t *done,
+                              int *ndone) noexcept nogil:
+    """Answer every finished request on the order list, out of order: a
+    stop that stopped waiting for a request stuck at the I/O threads must
+    not take the finished ones behind it down too (their status bytes are
+    written, and the stop index counts them as consumed)."""
+    cdef AioReq *r
+    cdef int prev = -1
+    cdef int h = ar.order_first
+    while h >= 0:
+        r = &ar.slots[h]
+        h = r.order_next
+        if not r.finished:
+            prev = r.head
+            continue
+        if prev < 0:                         # unlink r, whose successor is h
+            ar.order_first = h
+        else:
+            ar.slots[prev].order_next = h
+        if ar.order_last == r.head:
+            ar.order_last = prev
         r.finished = 0
         r.busy = 0
         ar.pending -= 1
@@ -309,6 +344,16 @@ cdef bint blk_quiesced(Worker *w, Vring *vq) noexcept nogil:
         blk_burst(w, vq, 0)
     return ((iq.resubmit_pos >= iq.nresubmit or vq.broken)
             and (ar == NULL or ar.pending == 0))
+
+
+cdef bint blk_give_up_order(Vring *vq) noexcept nogil:
+    """A stop stops waiting on an in-order queue: from now on its finished
+    requests are answered as they come (True: it was in order)."""
+    cdef BlkDev *d = <BlkDev *>vq.dev
+    if not d.in_order or d.aio == NULL:
+        return False
+    d.aio[vq.index].order_given_up = 1
+    return True
 
 
 cdef void blk_abandon(Vring *vq) noexcept nogil:

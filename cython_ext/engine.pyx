@@ -40,6 +40,12 @@ ENGINE_ABI = VFE_ENGINE_ABI
 # False in a build with the per-queue counters compiled out (VFE_ENGINE_COUNTERS=0,
 # scripts/bench --counters-ab): every counter then reads 0
 ENGINE_COUNTERS = bool(VFE_COUNTERS)
+# What counters.pxd's layout relies on, checked once here since Cython has no
+# static assert: blocks on cache lines of their own, and every ReqType fits
+# the by[] array sized for the DropReasons.
+if sizeof(RingCounters) % 64 or <int>NREQ > <int>NDROP:
+    raise ImportError(f"RingCounters: {sizeof(RingCounters)} bytes, {<int>NREQ} request types, "
+                      f"{<int>NDROP} drop reasons: counters.pxd's layout is broken")
 
 # Numba kernels, set once at start-up (vfe.kernels); NULL = slow path drops.
 cdef csum_fn_t g_csum = NULL
@@ -865,6 +871,10 @@ cdef void blk_drain(Engine e, Vring *vq) noexcept nogil:
         if rc:
             break
         if now_ns() - start > <int64_t>(QUIESCE_BROKEN_MS if vq.broken else QUIESCE_MS) * 1000000:
+            if blk_give_up_order(vq):
+                # --force_in_order: what finished behind the stuck request
+                # is answered first, out of order, by one more pass
+                guarded_run(e.ctl, _stop_quiesced, <void *>&q)
             blk_abandon(vq)
             break
         e.start_world()

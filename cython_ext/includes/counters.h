@@ -1,16 +1,14 @@
 #ifndef VFE_COUNTERS_H
 #define VFE_COUNTERS_H
 /* The per-queue counters' build switch and their storage (counters.pxd).
- * setup.py defines VFE_ENGINE_COUNTERS=0 when built with that environment
- * variable: every counting statement is then `if (0)` and the compiler
+ * setup.py writes counters_build.h from the VFE_ENGINE_COUNTERS environment
+ * variable (default 1); with 0 every counting statement is then `if (0)` and the compiler
  * drops it, so the benchmark can compare the two builds (scripts/bench
  * --counters-ab). */
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef VFE_ENGINE_COUNTERS
-#define VFE_ENGINE_COUNTERS 1
-#endif
+#include "counters_build.h"
 #define VFE_COUNTERS (VFE_ENGINE_COUNTERS != 0)
 
 /* n zeroed blocks of `size` bytes (a multiple of 64), each on cache lines
