@@ -19,6 +19,9 @@ from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
 from vfe.rpc import RpcError, RpcServer
+from tests.unit.blk_fakes import SEED_BLK_LIMITS, FakeDaemon
+
+
 
 
 def req(line: str):
@@ -98,44 +101,6 @@ def test_every_verb_has_help(capsys):
 
 # -- the registry behind a real socket ------------------------------------------
 
-# the seed's blk firmware configuration (VIRTIO_BLK_EMULATION_* from its mlxconfig line, SRIOV_EN)
-SEED_BLK_LIMITS = blk_limits({"VIRTIO_BLK_EMULATION_ENABLE": 1, "VIRTIO_BLK_EMULATION_NUM_PF": 4,
-                              "VIRTIO_BLK_EMULATION_NUM_VF": 16, "VIRTIO_BLK_EMULATION_NUM_MSIX": 64,
-                              "NUM_VF_MSIX": 64, "SRIOV_EN": 1})
-
-class FakeRings:
-    def __init__(self):
-        self.closed = False
-        self.num_rings = 1
-
-    def close(self):
-        self.closed = True
-
-
-class FakeEngine:
-    def __init__(self):
-        self.devices = []
-
-    def new_blk_device(self, queues, capacity, block_size, **kw):
-        self.devices.append((queues, capacity, block_size, kw))
-        return FakeRings()
-
-
-class FakeDaemon:
-    def __init__(self):
-        self.engine = FakeEngine()
-        self.endpoints = []
-        self.on_shutdown = []
-
-    def add_endpoint(self, device, socket_path, client, name):
-        ep = types.SimpleNamespace(device=device, path=socket_path, name=name, session=None)
-        self.endpoints.append(ep)
-        return ep
-
-    def remove_endpoint(self, ep):
-        self.endpoints.remove(ep)
-
-
 class Service:
     """control.py's dispatch of the inventory's method table: methods[method](params),
     InventoryError -> RpcError; no recovery files."""
@@ -213,8 +178,8 @@ def test_seed_commands_then_delete(capsys, svc, tmp_path):
                            "--bdev Null0 --num_queues 1 --admin_q")
     sock = str(tmp_path / "run" / "VBLKS0D0F2.sock")
     assert made == {"name": "VblkEmu0pf0", "vuid": "VBLKS0D0F2", "pci_bdf": "a0:00.0", "socket": sock}
-    (queues, capacity, block_size, kw) = svc.daemon.engine.devices[0]
-    assert (queues, capacity, block_size, kw["backend"].kind) == (1, 1 << 30, 512, "null")
+    dev = svc.daemon.engine.devices[0]
+    assert (dev.queues, dev.capacity, dev.block_size, dev.storage.kind) == (1, 1 << 30, 512, "null")
     assert [ep.path for ep in svc.daemon.endpoints] == [sock]
     listed = ok(capsys, svc, "controller_list")
     assert [(c["name"], c["vuid"], c["pci_bdf"], c["bdev"], c["admin_q"], c["force_in_order"])
@@ -226,7 +191,7 @@ def test_seed_commands_then_delete(capsys, svc, tmp_path):
     # several functions on one bdev (as SPDK allows): the bdev stays in use until the last goes
     ok(capsys, svc, "controller_virtio_blk_create mlx5_0 --pf_id 1 --bdev_type spdk --bdev Null0")
     assert ok(capsys, svc, "bdev_get_bdevs -b Null0")[0]["claimed_by"] == ["VblkEmu0pf0", "VblkEmu0pf1"]
-    assert svc.daemon.engine.devices[1][3]["backend"] is kw["backend"]      # the same storage
+    assert svc.daemon.engine.devices[1].storage is dev.storage      # the same storage
     msg = fails(capsys, svc, "bdev_null_delete Null0", -errno.EBUSY)
     assert "in use by controllers VblkEmu0pf0, VblkEmu0pf1" in msg
     assert rpc(capsys, svc, "controller_virtio_blk_delete VblkEmu0pf1") == (0, "", "")

@@ -16,40 +16,13 @@ from vfe.controller.kind import InventoryError
 from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
+from tests.unit.blk_fakes import FakeDaemon
+
+
 
 SEED_NV = {"VIRTIO_BLK_EMULATION_ENABLE": 1, "VIRTIO_BLK_EMULATION_NUM_PF": 1,
            "VIRTIO_BLK_EMULATION_NUM_VF": 16, "VIRTIO_BLK_EMULATION_NUM_MSIX": 64, "NUM_VF_MSIX": 64,
            "SRIOV_EN": 1}
-
-
-class FakeRings:
-    num_rings = 1
-
-    def close(self):
-        pass
-
-
-class FakeEngine:
-    def __init__(self):
-        self.devices = []
-
-    def new_blk_device(self, queues, capacity, block_size, **kw):
-        self.devices.append(types.SimpleNamespace(queues=queues, storage=kw["backend"], kw=kw))
-        return FakeRings()
-
-
-class FakeDaemon:
-    def __init__(self):
-        self.engine = FakeEngine()
-        self.endpoints = []
-
-    def add_endpoint(self, device, socket_path, client, name):
-        ep = types.SimpleNamespace(device=device, path=socket_path, name=name, session=None)
-        self.endpoints.append(ep)
-        return ep
-
-    def remove_endpoint(self, ep):
-        self.endpoints.remove(ep)
 
 
 def kind(tmp_path, **nv) -> BlkKind:

@@ -20,58 +20,14 @@ from vfe.controller.kind import InventoryError
 from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryError, RecoveryStore
+from tests.unit.blk_fakes import SEED_BLK_LIMITS, FakeDaemon
+
+
 
 PF_FIELDS = ("pf_id", "function_type", "vuid", "bdf", "type", "emulation_manager", "max_queues",
              "max_queues_size", "blk_controller", "blk_bdev", "blk_bdev_type", "blk_block_size",
              "blk_num_blocks")
 VF_FIELDS = ("vf_id", "parent_pf_id") + PF_FIELDS[1:]
-
-
-# the seed's blk firmware configuration (VIRTIO_BLK_EMULATION_* from its mlxconfig line, SRIOV_EN)
-SEED_BLK_LIMITS = blk_limits({"VIRTIO_BLK_EMULATION_ENABLE": 1, "VIRTIO_BLK_EMULATION_NUM_PF": 4,
-                              "VIRTIO_BLK_EMULATION_NUM_VF": 16, "VIRTIO_BLK_EMULATION_NUM_MSIX": 64,
-                              "NUM_VF_MSIX": 64, "SRIOV_EN": 1})
-
-class FakeRings:
-    num_rings = 1
-    logging = False
-
-    def ring_state(self, i):
-        return {"index": i, "size": 0, "broken": False, "error": "", "ready": False, "enabled": False,
-                "last_avail_idx": 0, "last_used_idx": 0}
-
-    def ring_stats(self, i):
-        return {"packets": 0, "bytes": 0, "dropped": 0, "errors": 0}
-
-    def close(self):
-        pass
-
-
-class FakeEngine:
-    def __init__(self):
-        self.devices = []
-
-    def new_blk_device(self, queues, capacity, block_size, **kw):
-        self.devices.append((queues, capacity, block_size, kw))
-        return FakeRings()
-
-
-class FakeDaemon:
-    def __init__(self, fail_listen=None):
-        self.engine = FakeEngine()
-        self.endpoints = []
-        self.on_shutdown = []
-        self.fail_listen = fail_listen
-
-    def add_endpoint(self, device, socket_path, client, name):
-        if self.fail_listen is not None:
-            raise self.fail_listen
-        ep = types.SimpleNamespace(device=device, path=socket_path, name=name, session=None)
-        self.endpoints.append(ep)
-        return ep
-
-    def remove_endpoint(self, ep):
-        self.endpoints.remove(ep)
 
 
 @pytest.fixture
@@ -327,8 +283,8 @@ def test_restore_brings_back_the_same_functions(tmp_path, store, image, caplog):
     assert files(store) == before                      # restoring rewrites nothing
     assert "bdev M0: recovered EMPTY" in caplog.text   # a malloc bdev's contents are gone: said so
     # the aio bdev serves the same file at the same size
-    kw = [d for d in daemon.engine.devices if d[3]["backend"].kind == "file"][0]
-    assert kw[1] == 8 << 20 and kw[3]["backend"].path == str(image)
+    dev = [d for d in daemon.engine.devices if d.storage.kind == "file"][0]
+    assert dev.capacity == 8 << 20 and dev.storage.path == str(image)
 
 
 def test_restore_skips_what_cannot_be_recreated_and_keeps_its_files(tmp_path, store, image, caplog):
@@ -454,7 +410,7 @@ def test_two_controllers_on_one_bdev_are_both_restored(tmp_path, store):
     assert reg.restore(loaded) == "1 recovered bdev(s) and 2 blk controller(s)"
     assert sorted(reg.bdevs.by_name["Null0"].users) == ["VblkEmu0pf0", GOOD_CTRL["name"]]
     first, second = daemon.engine.devices
-    assert first[3]["backend"] is second[3]["backend"] is reg.bdevs.by_name["Null0"].storage
+    assert first.storage is second.storage is reg.bdevs.by_name["Null0"].storage
 
 
 def test_temp_files_and_strays_are_ignored(store):
