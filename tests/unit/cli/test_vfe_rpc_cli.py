@@ -15,7 +15,6 @@ from vfe.controller.blk_kind import BlkKind
 from vfe.controller.blk_recovery import BlkCodec
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
-from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryStore
 from vfe.rpc import RpcError, RpcServer

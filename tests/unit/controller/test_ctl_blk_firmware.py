@@ -5,7 +5,6 @@ whose engine records the devices made."""
 from __future__ import annotations
 
 import errno
-import types
 
 import pytest
 

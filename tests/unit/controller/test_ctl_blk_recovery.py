@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import types
 
 import pytest
 
@@ -17,7 +16,6 @@ from vfe.controller.blk_recovery import (
 from vfe.controller.functions import NetFunction
 from vfe.controller.inventory import Inventory
 from vfe.controller.kind import InventoryError
-from vfe.controller.nvconfig import blk_limits
 from vfe.controller.paths import Paths
 from vfe.controller.recovery import RecoveryError, RecoveryStore
 from tests.unit.blk_fakes import SEED_BLK_LIMITS, FakeDaemon
