@@ -8,18 +8,21 @@ case in a forked child:
   refused; a file that shrank since the storage opened it is refused;
 - in order: a request answered within the burst (GET_ID) waits behind one
   at the I/O threads, and is answered right behind it; without in_order
-  it overtakes it.
+  it overtakes it; a stop that gives up on a request stuck at the I/O
+  threads still answers (out of order) the ones that finished behind it.
 """
 from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 
 import pytest
 
+from tests.harness import userfault
 from tests.harness.engine_rig import (
-    F_NEXT, F_WRITE, PAGE, BlkRig, Guest, blk_header, ring_at_ends,
+    F_NEXT, F_WRITE, PAGE, BlkRig, Guest, RingError, blk_header, ring_at_ends,
 )
 from tests.harness.guarded import run_forked
 from vfe.engine import BlkBackend
@@ -174,4 +177,56 @@ def test_a_stop_answers_what_in_order_held_back(tmp_path):
         d.request(0, T_GET_ID, in_len=20)
         assert d.answered(3)[-1] == 0
         d.rig.close()
+    run_forked(case)
+
+
+@pytest.mark.skipif(not userfault.available(), reason="needs userfaultfd (root or "
+                    "vm.unprivileged_userfaultfd) to hold a read at the I/O threads")
+def test_a_stop_that_gives_up_answers_what_finished_behind_the_stuck_request(tmp_path):
+    """In order, a READ whose data page is missing (userfaultfd) stays at
+    the I/O threads for as long as the test wants; a GET_ID behind it is
+    answered within the burst and held back.  A bad head breaks the ring,
+    so the stop waits QUIESCE_BROKEN_MS (0.5 s), not 10 s, before giving up
+    on the READ: the GET_ID is answered then, out of order, and the stop
+    index counts it; the READ never is.  Before, the GET_ID was dropped
+    with the READ: consumed by the stop index, never in the used ring."""
+    path = _image(tmp_path)
+    with open(path, "r+b") as f:
+        f.write(b"\x33" * 4096)                        # what the stuck READ will read
+
+    def case():
+        d = Disk("file", path=path, in_order=True)
+        release = threading.Event()
+        read_status, id_status = d.g.start(BUF) + 1000, d.g.start(BUF) + 4096 + 1000
+        d.g.write(read_status, b"\xff")
+        area, off = d.g.locate(d.g.start(BUF2), PAGE)   # head 0's data-in page
+        stuck = userfault.FirstTouch(area, off // PAGE, bytes(PAGE),
+                                     lambda: release.wait(20))
+        din = d.read(0, 0, 4096)
+        id_in = d.request(4, T_GET_ID, in_len=20)
+        d.ring.post(SIZE)                              # a bad head: the ring breaks
+        d.dev.run_burst(0)
+        assert d.dev.ring_state(0)["broken"] == RingError.HEAD
+        assert d.ring.used_idx() == 0                  # the GET_ID waits behind the READ
+        assert d.dev.stop_ring(0) == 2                 # gives up on the READ
+        assert d.ring.used_idx() == 1 and d.ring.used(0) == (4, 21)
+        assert d.g.read(id_in, 3) == b"rig" and d.g.read(id_status, 1) == bytes([S_OK])
+        assert d.g.read(read_status, 1) == b"\xff"
+        # the ring restarts and serves head 4 again while the READ is still stuck
+        assert d.dev.start_ring(0, SIZE, *d.ring.addresses, 2, -1, -1, True) is None
+        d.g.write(id_in, bytes(20))
+        d.ring.publish(2)                              # the bad head's avail entry is reused
+        d.request(4, T_GET_ID, in_len=20)
+        assert d.answered(2) == [4, 4] and d.g.read(id_in, 3) == b"rig"
+        # the READ ends: its data lands, nothing answers it; the device closes
+        release.set()
+        assert stuck.touched.wait(10)
+        stuck.close()
+        deadline = time.monotonic() + 10
+        while d.g.read(din, 4096) != b"\x33" * 4096:
+            assert time.monotonic() < deadline, "the released READ never finished"
+            time.sleep(0.01)
+        d.dev.run_burst(0)
+        d.rig.close()                                  # joins the I/O threads
+        assert d.ring.used_idx() == 2 and d.g.read(read_status, 1) == b"\xff"
     run_forked(case)
