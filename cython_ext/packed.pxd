@@ -126,7 +126,8 @@ cdef inline int packed_take_one(Vring *vq, uint32_t *slot, int *wrap, ChainDir d
     addr = vfe_load_u64(<uint64_t *>d)
     dlen = vfe_load_u32(<uint32_t *>(d + 8))
     bid = vfe_load_u16(<uint16_t *>(d + PACKED_DESC_ID))
-    if bid >= vq.size or dlen == 0 or dlen > limit or max_iov < 1:
+    # 0 < dlen <= limit in one compare: 0 - 1 wraps to the largest value
+    if bid >= vq.size or <uint64_t>dlen - 1 >= limit or max_iov < 1:
         return 0
     for i in range(mt.n):
         r = &mt.r[i]
@@ -273,7 +274,7 @@ cdef inline bint packed_expose(Vring *vq) noexcept nogil:
         vfe_store_release_u16(packed_flags_at(vq, p & 0xFFFF), <uint16_t>(p >> 16))
     if vq.log.active and vq.log_used:
         vfe_fence()
-        packed_log_descs(vq, vq.pending_slot, vq.pending_span)
+        packed_log_descs(vq, vq.pending[0] & 0xFFFF, vq.pending_span)     # from the first one's slot
     vq.npending = 0
     vq.pending_span = 0
     return True
@@ -307,11 +308,10 @@ cdef inline void packed_used_put(Vring *vq, uint16_t id, uint32_t length,
     """packed_used_push's write, into a batch with room (npending < size):
     no call, so it inlines into the data path's loops."""
     cdef uint8_t *d
-    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if vq.used_wrap else 0
+    # both AVAIL and USED set to the wrap counter: all ones or all zeros
+    cdef uint16_t flags = <uint16_t>(-vq.used_wrap) & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)
     cdef uint32_t pos = vq.last_used_idx
     cdef uint32_t n = vq.npending
-    if n == 0:
-        vq.pending_slot = <uint16_t>pos
     if length:
         flags |= VRING_DESC_F_WRITE
     d = vq.desc + VRING_DESC_SIZE * pos

@@ -107,7 +107,6 @@ ctypedef struct Vring:
     int flushed_used_wrap    # used_wrap as last published (interrupt decisions)
     uint32_t *pending        # the unpublished batch's used descriptors, slot | flags << 16, in push order
     uint32_t npending        # how many (<= size): no flags are written before the publish
-    uint16_t pending_slot    # the batch's first slot
     uint32_t pending_span    # slots the unpublished batch covers (dirty log)
     uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
     uint8_t *id_out          # blk, per buffer id: taken, its used descriptor not yet published
