@@ -19,12 +19,31 @@ cdef inline int packed_rx_fill(Worker *w, NetDev *t, Vring *vq, Iov *src, int ns
     caller).  Returns R_OK, R_DROP (the frame does not fit one buffer
     without mergeable buffers), R_NO_ROOM (nothing taken: the ring stays
     as it was) or an E_* code.  Buffers over `limit` bytes are a guest bug."""
-    cdef uint32_t need = t.hdr_len + frame_len, cap = 0, remaining, l
-    cdef uint32_t slot = vq.last_avail_idx, nslots = 0
+    cdef uint32_t need = t.hdr_len + frame_len, cap, remaining, l
+    cdef uint32_t slot = vq.last_avail_idx, nslots
     cdef int wrap = vq.avail_wrap
-    cdef int nchains = 0, niov = 0, rc, c
+    cdef int nchains = 1, niov, rc, c
     cdef uint16_t id, ndesc
     cdef Chain buf
+    # the first buffer: with a frame that fits it (every frame without
+    # mergeable buffers, most with) the only one, kept in locals
+    rc = packed_take_one(vq, &slot, &wrap, ALL_WRITABLE, limit, w.rx_iov, MAX_IOV, &buf, &id,
+                         &ndesc)
+    if rc == 0:
+        rc = packed_take(vq, &slot, &wrap, ALL_WRITABLE, limit, w.rx_iov, MAX_IOV, &buf, &id,
+                         &ndesc, NULL)
+    if rc == 0:
+        return R_NO_ROOM
+    if rc < 0:
+        return rc
+    niov = buf.niov
+    cap = <uint32_t>buf.wbytes
+    if cap < need:
+        # more buffers: the first one's too into the arrays
+        w.rx_head[0] = id
+        w.rx_cap[0] = cap
+        vq.id_ndesc[0] = ndesc
+        nslots = ndesc
     while cap < need:
         if nchains > 0 and not t.mrg_rxbuf:
             return rx_drop(w, vq, DROP_TOO_BIG)     # frame larger than the guest's buffers

@@ -24,8 +24,11 @@ cdef inline int packed_tx_burst(Worker *w, Vring *vq) noexcept nogil:
     for k in range(BURST):
         slot = vq.last_avail_idx
         wrap = vq.avail_wrap
-        rc = packed_take(vq, &slot, &wrap, ALL_READABLE, NET_MAX_CHAIN, w.iov, MAX_IOV,
-                         &frame, &id, &ndesc, NULL)
+        rc = packed_take_one(vq, &slot, &wrap, ALL_READABLE, NET_MAX_CHAIN, w.iov, MAX_IOV,
+                             &frame, &id, &ndesc)
+        if rc == 0:
+            rc = packed_take(vq, &slot, &wrap, ALL_READABLE, NET_MAX_CHAIN, w.iov, MAX_IOV,
+                             &frame, &id, &ndesc, NULL)
         if rc == 0:
             break
         total = <uint32_t>frame.rbytes

@@ -60,6 +60,14 @@ ctypedef struct DirtyLog:
     uint64_t size            # bytes
     int active               # VHOST_F_LOG_ALL negotiated and a log mapped
 
+ctypedef struct PackedUsed:
+    # a packed ring's used descriptor waiting for the publish (packed.pxd)
+    uint32_t len
+    uint16_t slot
+    uint16_t id
+    uint16_t flags
+
+
 ctypedef struct Vring:
     # hot fields first
     int lock                 # taken by whoever writes the ring from outside its worker (RX delivery)
@@ -103,9 +111,8 @@ ctypedef struct Vring:
     int avail_wrap           # the wrap counter of last_avail_idx's lap
     int used_wrap            # the wrap counter of last_used_idx's lap
     int flushed_used_wrap    # used_wrap as last published (interrupt decisions)
-    uint32_t *pending        # the unpublished batch's used descriptors, slot | flags << 16, in push order
-    uint32_t npending        # how many (<= size): no flags are written before the publish
-    uint16_t pending_slot    # the batch's first slot
+    PackedUsed *pending      # the unpublished batch's used descriptors, in push order
+    uint32_t npending        # how many (<= size): none is written into the ring before the publish
     uint32_t pending_span    # slots the unpublished batch covers (dirty log)
     uint16_t *id_ndesc       # per buffer id: slots its chain took (blk), then its inflight entry; RX scratch
     uint8_t *id_out          # blk, per buffer id: taken, its used descriptor not yet published

@@ -41,14 +41,17 @@ class Net:
     b has 4 RX buffers of 512 bytes (ids 0-3) unless rx_buffers is False."""
 
     def __init__(self, features: int = PACKED, tx_base: int = FRESH_BASE,
-                 rx_buffers: bool = True) -> None:
-        self.g = Guest(REGIONS)
+                 rx_buffers: bool = True, rx_base: int = FRESH_BASE,
+                 regions: list[tuple[int, int]] = REGIONS) -> None:
+        self.g = Guest(regions)
         self.rig = NetRig(self.g, features)
         self.tx = packed_at_ends(self.g, SIZE, TXD, TXA, TXU)
         self.rx = packed_at_ends(self.g, SIZE, RXD, RXA, RXU)
-        self.tx.next_avail, self.tx.avail_wrap = tx_base & 0x7FFF, (tx_base >> 15) & 1
+        for ring, base in ((self.tx, tx_base), (self.rx, rx_base)):
+            ring.next_avail, ring.avail_wrap = base & 0x7FFF, (base >> 15) & 1
+            ring.next_used, ring.used_wrap = (base >> 16) & 0x7FFF, (base >> 31) & 1
         self.rig.a.start_ring(1, SIZE, *self.tx.addresses, tx_base, -1, -1, True)
-        self.rig.b.start_ring(0, SIZE, *self.rx.addresses, FRESH_BASE, -1, -1, True)
+        self.rig.b.start_ring(0, SIZE, *self.rx.addresses, rx_base, -1, -1, True)
         self.rx_buf = self.g.start(BUF) + PAGE
         if rx_buffers:
             for i in range(4):
@@ -521,4 +524,142 @@ def test_mergeable_frame_over_several_buffers():
         got = n.g.read(base, total)
         assert got[HDR:] == FRAME and got[10:12] == bytes([need, 0])
         assert n.rx_broken() == 0
+    run_forked(case)
+
+
+# -- the one-descriptor fast path (cython_ext/packed.pxd packed_take_one)
+# and the chain walk it leaves everything else to: chains, indirect tables,
+# a descriptor running from one memory region into the next, lengths past
+# the byte limit.  The mixed bursts alternate the two ways across the
+# ring's wrap, so a cursor, wrap counter, buffer id or length they
+# disagreed on would show in what is delivered and used.
+
+NET_MAX_CHAIN = 262144           # netdata.pxd: bytes in one TX chain or RX buffer
+BIG = len(REGIONS)               # a region past the byte limit, for the limit cases
+BIG_REGIONS = REGIONS + [(0x400000, NET_MAX_CHAIN + PAGE)]
+
+
+def _at(slot: int) -> int:
+    """A base (packed_set_base's encoding) with both cursors at `slot`, wrap counters 1."""
+    half = slot | 1 << 15
+    return half | half << 16
+
+
+def _used_last_lap(ring: PackedRing, slot: int) -> None:
+    """Slot `slot` as the previous lap (wrap counter 1) left it: used.  The
+    driver's take_used then stops there, as at a slot the device has not
+    answered yet (an untouched slot of zeros would read as used in lap 0)."""
+    ring.write_desc(slot, 0, 0, 0, F_AVAIL | F_USED)
+
+
+def _numbered(k: int) -> bytes:
+    return FRAME[:-1] + bytes([k])
+
+
+def test_a_tx_burst_mixing_one_descriptor_buffers_with_chains_and_tables():
+    """Slots 5..7, then 0..2 of the next lap: one descriptor, a chain of
+    two, one descriptor (first of the new lap), an indirect table, one
+    descriptor, one descriptor across the BUF/BUF2 boundary (regions
+    adjacent in guest-physical space: mapped as two pieces)."""
+    def case():
+        n = Net(tx_base=_at(5), rx_buffers=False)
+        for i in range(6):
+            n.rx.post([(n.rx_buf + 512 * i, 512, F_WRITE)], i)
+        frames = [_numbered(k) for k in range(6)]
+        at = [n.g.start(BUF) + 128 * k for k in range(5)]
+        for k in range(5):
+            n.g.write(at[k], bytes(HDR) + frames[k])
+        whole = HDR + len(FRAME)
+        table = n.g.start(BUF2) + 512
+        n.g.write(table, packed_table((at[3], 20, 0), (at[3] + 20, whole - 20, 0)))
+        across = n.g.end(BUF) - 30
+        blob = bytes(HDR) + frames[5]
+        n.g.write(across, blob[:30])
+        n.g.write(n.g.start(BUF2), blob[30:])
+        n.tx.post([(at[0], whole, 0)], 7)
+        n.tx.post([(at[1], 20, 0), (at[1] + 20, whole - 20, 0)], 1)
+        n.tx.post([(at[2], whole, 0)], 0)
+        n.tx.post([(table, 32, F_INDIRECT)], 5)
+        n.tx.post([(at[4], whole, 0)], 2)
+        n.tx.post([(across, whole, 0)], 3)
+        _used_last_lap(n.tx, 4)
+        assert n.send() == 6
+        assert n.tx_broken() == 0 and n.rx_broken() == 0
+        assert n.tx.take_used() == [(7, 0), (1, 0), (0, 0), (5, 0), (2, 0), (3, 0)]
+        assert n.delivered() == frames
+        st = n.rig.a.ring_state(1)
+        assert (st["last_avail_idx"], st["avail_wrap"]) == (4, 0)
+        assert (st["last_used_idx"], st["used_wrap"]) == (4, 0)
+    run_forked(case)
+
+
+def test_an_rx_ring_mixing_one_descriptor_buffers_with_chains_and_tables():
+    """b's buffers from slot 6: one descriptor, a chain of two across the
+    wrap (slots 7 and 0), one descriptor (slot 1, the new lap), one across
+    the BUF/BUF2 boundary, an indirect table, one descriptor ending at a
+    guard page; six frames fill them in order."""
+    def case():
+        n = Net(rx_base=_at(6), rx_buffers=False)
+        whole = HDR + len(FRAME)
+        rx = [n.rx_buf + 512 * k for k in range(4)]
+        across = n.g.end(BUF) - 40
+        table = n.g.start(BUF2) + 1024
+        n.g.write(table, packed_table((rx[3], 8, F_WRITE), (rx[3] + 8, 504, F_WRITE)))
+        edge = n.g.end(BUF2) - whole
+        n.rx.post([(rx[0], 512, F_WRITE)], 4)
+        n.rx.post([(rx[1], 8, F_WRITE), (rx[1] + 8, 504, F_WRITE)], 0)
+        n.rx.post([(rx[2], 512, F_WRITE)], 7)
+        n.rx.post([(across, 512, F_WRITE)], 1)
+        n.rx.post([(table, 32, F_INDIRECT)], 2)
+        n.rx.post([(edge, whole, F_WRITE)], 3)
+        _used_last_lap(n.rx, 5)
+        frames = [_numbered(k) for k in range(6)]
+        at = [n.g.start(BUF) + 128 * k for k in range(6)]
+        for k in range(6):
+            n.g.write(at[k], bytes(HDR) + frames[k])
+            n.tx.post([(at[k], whole, 0)], k)
+        assert n.send() == 6
+        assert n.tx_broken() == 0 and n.rx_broken() == 0
+        assert n.rx.take_used() == [(i, whole) for i in (4, 0, 7, 1, 2, 3)]
+        got = [n.g.read(a, whole) for a in rx[:3]]
+        got.append(n.g.read(across, 40) + n.g.read(n.g.start(BUF2), whole - 40))
+        got += [n.g.read(rx[3], whole), n.g.read(edge, whole)]
+        assert [g[HDR:] for g in got] == frames
+        assert all(g[10:12] == b"\x01\x00" for g in got)            # num_buffers 1
+        st = n.rig.b.ring_state(0)
+        assert (st["last_avail_idx"], st["avail_wrap"]) == (5, 0)
+    run_forked(case)
+
+
+@pytest.mark.parametrize("length,expected", [(NET_MAX_CHAIN, None),
+                                             (NET_MAX_CHAIN + 1, RingError.LEN)])
+def test_one_tx_descriptor_at_and_past_the_byte_limit(length, expected):
+    """Taken (and dropped: b's 512-byte buffers cannot hold it) at the
+    limit, E_LEN one byte past it, as for a chain."""
+    def case():
+        n = Net(regions=BIG_REGIONS)
+        n.tx.post([(n.g.start(BIG), length, 0)], 0)
+        n.send()
+        assert n.tx_broken() == (expected or 0), n.rig.a.ring_state(1)
+        assert n.tx.take_used() == ([(0, 0)] if expected is None else [])
+        assert n.delivered() == [] and n.rx_broken() == 0
+    run_forked(case)
+
+
+@pytest.mark.parametrize("length,expected", [(NET_MAX_CHAIN, None),
+                                             (NET_MAX_CHAIN + 1, RingError.LEN)])
+def test_one_rx_descriptor_at_and_past_the_byte_limit(length, expected):
+    def case():
+        n = Net(rx_buffers=False, regions=BIG_REGIONS)
+        n.rx.post([(n.g.start(BIG), length, F_WRITE)], 0)
+        a, ln = n.frame_at()
+        n.tx.post([(a, ln, 0)], 0)
+        n.send()
+        assert n.rx_broken() == (expected or 0), n.rig.b.ring_state(0)
+        if expected is None:
+            assert n.rx.take_used() == [(0, ln)]
+            assert n.g.read(n.g.start(BIG) + HDR, len(FRAME)) == FRAME
+        else:
+            assert n.rx.take_used() == []
+        assert n.tx_broken() == 0 and n.tx.take_used() == [(0, 0)]
     run_forked(case)
