@@ -105,6 +105,7 @@ cdef class NetDevice(RingDevice):
         cdef int mrg = (features >> VIRTIO_NET_F_MRG_RXBUF) & 1
         self.d.features = features
         self.d.mrg_rxbuf = mrg
+        self.d.packed = packed
         self.d.hdr_len = VIRTIO_NET_HDR_MRG_LEN if (v1 or mrg) else VIRTIO_NET_HDR_LEN
         self.d.guest_csum = (features >> VIRTIO_NET_F_GUEST_CSUM) & 1
         self.d.guest_tso4 = (features >> VIRTIO_NET_F_GUEST_TSO4) & 1

@@ -135,7 +135,34 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
                     uint32_t skip, uint32_t frame_len, bint final) noexcept nogil:
     """Write w.hdr_out + the frame into the destination's RX ring (mergeable
     buffers when negotiated); its used->idx is published at the burst's end
-    (flush_rx), with an interrupt if wanted.  No room: rx_full(final)."""
+    (flush_rx), with an interrupt if wanted.  No room: rx_full(final).
+    Each layout fills in a function of its own: compiled into one, the
+    packed fill cost the split one registers (callgrind: 14 Ir/packet)."""
+    if t.packed:
+        return rx_enqueue_packed(w, t, pair, src, nsrc, skip, frame_len, final)
+    return rx_enqueue_split(w, t, pair, src, nsrc, skip, frame_len, final)
+
+
+cdef inline int rx_enqueue_packed(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
+                                  uint32_t skip, uint32_t frame_len, bint final) noexcept nogil:
+    """rx_enqueue on a device with packed rings."""
+    cdef Vring *vq = rx_acquire(w, t, pair)
+    cdef int rc
+    if vq == NULL:
+        return drop(w, DROP_NO_RING)
+    rc = packed_rx_fill(w, t, vq, src, nsrc, skip, frame_len, NET_MAX_CHAIN)
+    if rc < 0:
+        return rx_fail(w, vq, rc)
+    if rc == R_OK:
+        defer_publish(w, vq)
+    elif rc == R_NO_ROOM:
+        return rx_full(w, vq, final)
+    return rc
+
+
+cdef inline int rx_enqueue_split(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
+                                 uint32_t skip, uint32_t frame_len, bint final) noexcept nogil:
+    """rx_enqueue on a device with split rings."""
     cdef Vring *vq = rx_acquire(w, t, pair)
     cdef uint32_t need, cap = 0, remaining, l
     cdef int n, nchains = 0, niov = 0, rc, c
@@ -143,15 +170,6 @@ cdef inline int rx_enqueue(Worker *w, NetDev *t, int pair, Iov *src, int nsrc,
     cdef Chain buf
     if vq == NULL:
         return drop(w, DROP_NO_RING)
-    if vq.packed:
-        rc = packed_rx_fill(w, t, vq, src, nsrc, skip, frame_len, NET_MAX_CHAIN)
-        if rc < 0:
-            return rx_fail(w, vq, rc)
-        if rc == R_OK:
-            defer_publish(w, vq)
-        elif rc == R_NO_ROOM:
-            return rx_full(w, vq, final)
-        return rc
     need = t.hdr_len + frame_len
     # re-read avail->idx on the first delivery of a run, then trust the
     # cached value while it lasts (a frame needing more buffers re-reads in

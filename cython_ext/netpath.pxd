@@ -43,6 +43,7 @@ ctypedef struct NetDev:
     DirtyLog log
     int hdr_len               # 10 or 12 (virtio_net_hdr[_mrg_rxbuf])
     int mrg_rxbuf
+    int packed                # VIRTIO_F_RING_PACKED: every ring of the device is packed (vq.packed)
     int guest_csum
     int guest_tso4
     int guest_tso6

@@ -58,7 +58,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness.ovs import Ovs
+from tests.harness.ovs import Ovs, pid_alive
 
 __all__ = ["OvnCentral", "OvnHost", "OvnError", "UNDERLAY_MTU", "underlay"]
 
@@ -110,13 +110,7 @@ class Daemon:
         raise OvnError(f"{self.name} wrote no pidfile {self.pidfile}\n{self.log_tail()}")
 
     def alive(self) -> bool:
-        if not self.pid:
-            return False
-        try:  # a zombie nobody reaped yet counts as gone
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-            return stat.rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
+        return pid_alive(self.pid)
 
     def stop(self, grace: float = 3.0) -> None:
         """``ovs-appctl -t CTL exit``, then SIGTERM, then SIGKILL, by our PID."""

@@ -55,6 +55,22 @@ __all__ = ["Ovs", "OvsError"]
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
 
+
+def pid_alive(pid: int | None) -> bool:
+    """A detached daemon's process still runs (a zombie nobody reaped yet
+    counts as gone)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
 class OvsError(RuntimeError):
     pass
 
@@ -181,18 +197,7 @@ class Ovs:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _alive(self, daemon: str) -> bool:
-        pid = self.pids.get(daemon)
-        if not pid:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        try:  # a zombie nobody reaped yet counts as gone
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            return stat.rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
+        return pid_alive(self.pids.get(daemon))
 
     def _kill(self, daemon: str, grace: float = 3.0) -> None:
         """Wait for ``daemon`` (our own PID from its pidfile) to exit; SIGTERM, then SIGKILL."""
