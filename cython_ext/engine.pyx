@@ -21,6 +21,7 @@ from vring cimport *
 from netpath cimport *
 from switch cimport *
 from netdata cimport *
+from rx_ring cimport *
 from blk cimport *
 from inflight cimport *
 from blk_aio cimport *

@@ -4,6 +4,7 @@ from libc.stdint cimport uint16_t, uint32_t, int64_t
 from vring cimport *
 from netpath cimport *
 from netdata cimport *
+from rx_ring cimport *
 from packed cimport *
 from counters cimport RingCounters, VFE_COUNTERS
 
